@@ -1,0 +1,149 @@
+// Decoding of FFI attributes and buffers into jaxconv geometry, shared by the CPU and CUDA
+// handlers. Every handler starts here: it reads its integer attributes by name, checks the
+// buffers' ranks and dtypes, rebuilds the geometry with geometry.h and compares every buffer
+// shape against it. Any mismatch becomes an ffi::Error (a Python exception), never a crash.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "geometry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxconv {
+
+namespace ffi = xla::ffi;
+
+inline ffi::Error invalid(const std::string& target, const std::string& msg) {
+  return ffi::Error::InvalidArgument(target + ": " + msg);
+}
+
+inline ffi::Error read_int(const ffi::Dictionary& attrs, const char* name, int64_t* out,
+                           const char* target) {
+  auto v = attrs.get<int64_t>(name);
+  if (!v.has_value()) return invalid(target, std::string("missing int64 attribute '") + name + "'");
+  *out = *v;
+  return ffi::Error::Success();
+}
+
+#define JAXCONV_RETURN_IF_ERROR(expr)             \
+  do {                                            \
+    ffi::Error jaxconv_err_ = (expr);             \
+    if (jaxconv_err_.failure()) return jaxconv_err_; \
+  } while (0)
+
+inline ffi::Error read_conv_params(const ffi::Dictionary& a, ConvParams* p, const char* target) {
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "stride_h", &p->stride_h, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "stride_w", &p->stride_w, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "dilation_h", &p->dilation_h, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "dilation_w", &p->dilation_w, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_top", &p->pad_top, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_bottom", &p->pad_bottom, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_left", &p->pad_left, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_right", &p->pad_right, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "groups", &p->groups, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "layout", &p->layout, target));
+  if (const char* err = check_conv_params(*p)) return invalid(target, err);
+  return ffi::Error::Success();
+}
+
+inline ffi::Error read_pool_params(const ffi::Dictionary& a, PoolParams* p, const char* target) {
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "kernel_h", &p->kernel_h, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "kernel_w", &p->kernel_w, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "stride_h", &p->stride_h, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "stride_w", &p->stride_w, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "dilation_h", &p->dilation_h, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "dilation_w", &p->dilation_w, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_top", &p->pad_top, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_bottom", &p->pad_bottom, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_left", &p->pad_left, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_right", &p->pad_right, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "ceil_mode", &p->ceil_mode, target));
+  JAXCONV_RETURN_IF_ERROR(read_int(a, "layout", &p->layout, target));
+  return ffi::Error::Success();
+}
+
+inline bool is_float_type(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::F64 || t == ffi::DataType::F16 ||
+         t == ffi::DataType::BF16;
+}
+
+// Logical dims of a rank-4 buffer; fails for any other rank.
+inline ffi::Error rank4(const ffi::AnyBuffer& b, const char* what, const char* target,
+                        const int64_t** dims) {
+  auto d = b.dimensions();
+  if (d.size() != 4)
+    return invalid(target, std::string(what) + " must have rank 4, got rank " +
+                               std::to_string(d.size()));
+  *dims = d.begin();
+  return ffi::Error::Success();
+}
+
+inline std::string dims_str(Dims4 d) {
+  return "(" + std::to_string(d.n) + ", " + std::to_string(d.c) + ", " + std::to_string(d.h) +
+         ", " + std::to_string(d.w) + ")";
+}
+
+// Float buffers of one call must share one supported dtype.
+inline ffi::Error same_float_type(const char* target, ffi::DataType t,
+                                  std::initializer_list<ffi::DataType> others) {
+  if (!is_float_type(t)) return invalid(target, "dtype must be float32, float64, float16 or bfloat16");
+  for (auto o : others)
+    if (o != t) return invalid(target, "all floating-point operands must share one dtype");
+  return ffi::Error::Success();
+}
+
+// Bias is either empty (no bias) or a vector with one entry per output channel.
+inline ffi::Error check_bias(const ffi::AnyBuffer& bias, int64_t channels, const char* target) {
+  auto d = bias.dimensions();
+  if (d.size() != 1 || (d[0] != 0 && d[0] != channels))
+    return invalid(target, "bias must be a vector of length 0 or " + std::to_string(channels));
+  return ffi::Error::Success();
+}
+
+// The three conv targets describe the same convolution x (*) w = y from different ends; each
+// rebuilds the geometry from the buffers it has and checks the third shape against it.
+//   fwd:        x, w given; y checked.
+//   bwd_data:   dx (result, plays x), w given; dy (plays y) checked.
+//   bwd_filter: x, dw (result, plays w) given; dy checked.
+inline ffi::Error conv_geometry(const ConvParams& p, const ffi::AnyBuffer& x,
+                                const ffi::AnyBuffer& w, const ffi::AnyBuffer& y,
+                                const char* target, ConvGeometry* g) {
+  const int64_t *xd, *wd, *yd;
+  JAXCONV_RETURN_IF_ERROR(rank4(x, "input", target, &xd));
+  JAXCONV_RETURN_IF_ERROR(rank4(w, "weights", target, &wd));
+  JAXCONV_RETURN_IF_ERROR(rank4(y, "output", target, &yd));
+  JAXCONV_RETURN_IF_ERROR(same_float_type(target, x.element_type(),
+                                          {w.element_type(), y.element_type()}));
+  Dims4 xs = activation_dims(p.layout, xd), ws = weight_dims(p.layout, wd);
+  if (const char* err = make_conv_geometry(p, xs, ws, g)) {
+    return invalid(target, std::string(err) + " (input " + dims_str(xs) + ", weights " +
+                               dims_str(ws) + ")");
+  }
+  Dims4 expect{g->N, g->O, g->OH, g->OW}, got = activation_dims(p.layout, yd);
+  if (!same_dims(expect, got))
+    return invalid(target, "output shape " + dims_str(got) + " does not match the geometry " +
+                               dims_str(expect));
+  return ffi::Error::Success();
+}
+
+inline ffi::Error pool_geometry(const PoolParams& p, const ffi::AnyBuffer& x,
+                                const ffi::AnyBuffer& y, const ffi::AnyBuffer& idx,
+                                const char* target, PoolGeometry* g) {
+  const int64_t *xd, *yd, *id;
+  JAXCONV_RETURN_IF_ERROR(rank4(x, "input", target, &xd));
+  JAXCONV_RETURN_IF_ERROR(rank4(y, "output", target, &yd));
+  JAXCONV_RETURN_IF_ERROR(rank4(idx, "indices", target, &id));
+  JAXCONV_RETURN_IF_ERROR(same_float_type(target, x.element_type(), {y.element_type()}));
+  if (idx.element_type() != ffi::DataType::S32) return invalid(target, "indices must be int32");
+  Dims4 xs = activation_dims(p.layout, xd);
+  if (const char* err = make_pool_geometry(p, xs, g))
+    return invalid(target, std::string(err) + " (input " + dims_str(xs) + ")");
+  Dims4 expect{g->N, g->C, g->OH, g->OW};
+  Dims4 ys = activation_dims(p.layout, yd), is = activation_dims(p.layout, id);
+  if (!same_dims(expect, ys) || !same_dims(expect, is))
+    return invalid(target, "output/indices shapes do not match the geometry " + dims_str(expect));
+  return ffi::Error::Success();
+}
+
+}  // namespace jaxconv

@@ -1,0 +1,170 @@
+"""Argument normalization and validation shared by conv and pool.
+
+Every public function calls into here once, at trace time, and gets back plain Python integers
+in small frozen records. Errors name the argument and the offending values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+LAYOUTS = {"NCHW": 0, "NHWC": 1}
+FLOAT_DTYPES = (jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16)
+
+
+def layout_code(layout: Any) -> int:
+    if not isinstance(layout, str) or layout.upper() not in LAYOUTS:
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    return LAYOUTS[layout.upper()]
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+
+
+def pair(value: Any, name: str, *, minimum: int | None = 1) -> tuple[int, int]:
+    """An int or a length-2 sequence of ints -> (a, b), each >= minimum."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        out = (_int(value[0], name), _int(value[1], name))
+    else:
+        v = _int(value, name)
+        out = (v, v)
+    if minimum is not None and min(out) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def padding(value: Any, name: str, *, in_hw: Sequence[int], kernel_eff: Sequence[int],
+            stride: Sequence[int], allow_string: bool = True) -> Padding:
+    """Normalizes padding to ((top, bottom), (left, right)).
+
+    Accepts an int, (ph, pw), ((top, bottom), (left, right)), or 'SAME'/'VALID' in any case.
+    SAME follows lax: output = ceil(in / stride), total = max((out-1)*stride + k_eff - in, 0),
+    with total // 2 before and the rest after.
+    """
+    if isinstance(value, str):
+        if not allow_string:
+            raise ValueError(f"{name} must be an int or a pair of ints here, got {value!r}")
+        mode = value.upper()
+        if mode == "VALID":
+            return ((0, 0), (0, 0))
+        if mode == "SAME":
+            pads = []
+            for i, k, s in zip(in_hw, kernel_eff, stride):
+                out = -(-i // s)
+                total = max((out - 1) * s + k - i, 0)
+                pads.append((total // 2, total - total // 2))
+            return (pads[0], pads[1])
+        raise ValueError(f"{name} string must be 'SAME' or 'VALID', got {value!r}")
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (list, tuple)) for v in value):
+        top_bottom = pair(value[0], name, minimum=None)
+        left_right = pair(value[1], name, minimum=None)
+        pads = (top_bottom, left_right)
+    else:
+        ph, pw = pair(value, name, minimum=None)
+        pads = ((ph, ph), (pw, pw))
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return pads
+
+
+def check_float(x: Any, name: str) -> np.dtype:
+    dtype = jnp.result_type(x)
+    if not any(dtype == d for d in FLOAT_DTYPES):
+        raise TypeError(
+            f"{name} must have dtype float32, float64, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def check_rank4(x: Any, name: str, what: str) -> tuple[int, ...]:
+    shape = tuple(np.shape(x))
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be a 4-d array {what}, got shape {shape}")
+    return shape
+
+
+def out_size(in_size: int, k: int, stride: int, dilation: int, lo: int, hi: int) -> int:
+    return (in_size + lo + hi - dilation * (k - 1) - 1) // stride + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """One convolution y = x (*) w, described by plain integers.
+
+    in_hw is x's spatial size, kernel_hw w's, out_hw y's. Pads may be negative here only when
+    produced internally (transposed conv with output_padding crops the bottom/right).
+    """
+    layout: int
+    in_hw: tuple[int, int]
+    kernel_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: Padding
+    groups: int
+
+    def attrs(self) -> dict[str, int]:
+        """The FFI attributes of every conv target."""
+        (pt, pb), (pl, pr) = self.pads
+        return dict(stride_h=self.stride[0], stride_w=self.stride[1],
+                    dilation_h=self.dilation[0], dilation_w=self.dilation[1],
+                    pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
+                    groups=self.groups, layout=self.layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolGeometry:
+    layout: int
+    in_hw: tuple[int, int]
+    kernel_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: Padding
+    ceil_mode: bool
+
+    def attrs(self) -> dict[str, int]:
+        (pt, pb), (pl, pr) = self.pads
+        return dict(kernel_h=self.kernel_hw[0], kernel_w=self.kernel_hw[1],
+                    stride_h=self.stride[0], stride_w=self.stride[1],
+                    dilation_h=self.dilation[0], dilation_w=self.dilation[1],
+                    pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
+                    ceil_mode=int(self.ceil_mode), layout=self.layout)
+
+
+# Axis positions of (N, C, H, W) in an activation and of (O, I, KH, KW) in conv weights.
+ACT_AXES = {0: (0, 1, 2, 3), 1: (0, 3, 1, 2)}
+WEIGHT_AXES = {0: (0, 1, 2, 3), 1: (3, 2, 0, 1)}
+
+
+def act_dims(shape: Sequence[int], layout: int) -> tuple[int, int, int, int]:
+    """Logical (N, C, H, W) of an activation shape."""
+    return tuple(shape[a] for a in ACT_AXES[layout])  # type: ignore[return-value]
+
+
+def act_shape(n: int, c: int, h: int, w: int, layout: int) -> tuple[int, int, int, int]:
+    return (n, c, h, w) if layout == 0 else (n, h, w, c)
+
+
+def weight_dims(shape: Sequence[int], layout: int) -> tuple[int, int, int, int]:
+    """Logical (O, I, KH, KW) of a conv weight shape (OIHW or HWIO)."""
+    return tuple(shape[a] for a in WEIGHT_AXES[layout])  # type: ignore[return-value]
+
+
+def weight_shape(o: int, i: int, kh: int, kw: int, layout: int) -> tuple[int, int, int, int]:
+    return (o, i, kh, kw) if layout == 0 else (kh, kw, i, o)

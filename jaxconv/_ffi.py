@@ -1,0 +1,62 @@
+"""Loads the compiled extension modules and registers every FFI target with XLA.
+
+Importing jaxconv is enough: the CPU targets are always registered, the CUDA ones when the CUDA
+extension was built and the CUDA runtime loads. Each module exposes `registrations()`, the single
+table from target name to handler capsule.
+"""
+from __future__ import annotations
+
+import jax
+
+from . import _jaxconv_cpu
+
+TARGETS: tuple[str, ...] = tuple(sorted(_jaxconv_cpu.registrations()))
+
+for _name, _capsule in _jaxconv_cpu.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+try:  # built only where nvcc was found; loading it needs no GPU (the runtime is static)
+    from . import _jaxconv_cuda  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _jaxconv_cuda = None
+
+HAS_CUDA_MODULE: bool = _jaxconv_cuda is not None
+
+if _jaxconv_cuda is not None:
+    for _name, _capsule in _jaxconv_cuda.registrations().items():
+        jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+
+# --- one JAX primitive per FFI target --------------------------------------------------------
+#
+# Each target is wrapped in a primitive whose only parameter is a frozen geometry record (see
+# _args.py). The primitive gives us what a bare ffi_call cannot: our own batching rules (vmap
+# folds into the batch or channel axis instead of looping) and a single lowering that turns the
+# geometry into the integer attributes the handlers read.
+import functools  # noqa: E402
+
+import numpy as np  # noqa: E402
+from jax.extend.core import Primitive  # noqa: E402
+from jax.interpreters import batching, mlir  # noqa: E402
+
+
+def make_primitive(target: str, abstract_eval, batch_rule, *, multiple_results: bool = False):
+    prim = Primitive(target)
+    prim.multiple_results = multiple_results
+
+    @functools.lru_cache(maxsize=None)
+    def _jitted(geom):
+        return jax.jit(lambda *args: prim.bind(*args, geom=geom))
+
+    prim.def_impl(lambda *args, geom: _jitted(geom)(*args))
+    prim.def_abstract_eval(abstract_eval)
+
+    ffi_rule = jax.ffi.ffi_lowering(target)
+
+    def lowering(ctx, *args, geom):
+        attrs = {k: np.int64(v) for k, v in geom.attrs().items()}
+        return ffi_rule(ctx, *args, **attrs)
+
+    mlir.register_lowering(prim, lowering)
+    batching.primitive_batchers[prim] = batch_rule
+    return prim

@@ -1,0 +1,228 @@
+"""max_pool2d and max_unpool2d: argument normalization, primitives and custom_vjp rules.
+
+The forward kernel returns the pooled values and PyTorch's int32 flat indices h * W + w into the
+input plane in one pass. The gradient goes to the first maximum of each window only, through
+the backward kernel; that kernel is linear in dy, and its own VJP gathers the cotangent at the
+saved indices, so second-order gradients work too.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.interpreters import batching
+
+from . import _args
+from ._args import PoolGeometry, act_dims, act_shape
+from ._ffi import make_primitive
+
+
+def _pool_fwd_abstract(x, *, geom: PoolGeometry):
+    n, c = act_dims(x.shape, geom.layout)[:2]
+    shape = act_shape(n, c, *geom.out_hw, geom.layout)
+    return (jax.core.ShapedArray(shape, x.dtype), jax.core.ShapedArray(shape, jnp.int32))
+
+
+def _pool_bwd_abstract(dy, idx, *, geom: PoolGeometry):
+    n, c = act_dims(dy.shape, geom.layout)[:2]
+    return jax.core.ShapedArray(act_shape(n, c, *geom.in_hw, geom.layout), dy.dtype)
+
+
+def _to_front(x, bdim, size):
+    if bdim is batching.not_mapped:
+        return jnp.broadcast_to(x, (size,) + x.shape)
+    return jnp.moveaxis(x, bdim, 0)
+
+
+def _fold(x):
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _unfold(y, size):
+    return y.reshape((size, y.shape[0] // size) + y.shape[1:])
+
+
+# Pooling has no weights: every vmapped axis folds into N.
+def _pool_fwd_batch(args, dims, *, geom):
+    (x,), (xd,) = args, dims
+    size = x.shape[xd]
+    y, idx = max_pool2d_fwd_p.bind(_fold(jnp.moveaxis(x, xd, 0)), geom=geom)
+    return (_unfold(y, size), _unfold(idx, size)), (0, 0)
+
+
+def _pool_bwd_batch(args, dims, *, geom):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    dy, idx = (_fold(_to_front(a, d, size)) for a, d in zip(args, dims))
+    return _unfold(max_pool2d_bwd_p.bind(dy, idx, geom=geom), size), 0
+
+
+max_pool2d_fwd_p = make_primitive("jaxconv_max_pool2d_fwd", _pool_fwd_abstract, _pool_fwd_batch,
+                                   multiple_results=True)
+max_pool2d_bwd_p = make_primitive("jaxconv_max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch)
+
+
+def _empty(x) -> bool:
+    return x.size == 0
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x, geom: PoolGeometry):
+    if _empty(x):
+        y, idx = _pool_fwd_abstract(jax.core.ShapedArray(x.shape, x.dtype), geom=geom)
+        return jnp.zeros(y.shape, y.dtype), jnp.zeros(idx.shape, idx.dtype)
+    return tuple(max_pool2d_fwd_p.bind(x, geom=geom))
+
+
+def _max_pool_vjp_fwd(x, geom):
+    y, idx = _max_pool(x, geom)
+    return (y, idx), idx
+
+
+def _max_pool_vjp_bwd(geom, idx, cts):
+    gy, _ = cts  # the indices output is integer-valued: its cotangent is float0
+    return (max_pool2d_bwd(gy, idx, geom),)
+
+
+_max_pool.defvjp(_max_pool_vjp_fwd, _max_pool_vjp_bwd)
+
+
+def _gather_at_indices(g, idx, layout: int):
+    """out[n, c, oh, ow] = g[n, c, idx[n, c, oh, ow]] (index -1 -> 0): the adjoint of bwd."""
+    if layout == 0:
+        n, c, h, w = g.shape
+        flat_g, flat_i = g.reshape(n, c, h * w), idx.reshape(n, c, -1)
+        axis = 2
+    else:
+        n, h, w, c = g.shape
+        flat_g, flat_i = g.reshape(n, h * w, c), idx.reshape(n, -1, c)
+        axis = 1
+    out = jnp.take_along_axis(flat_g, jnp.maximum(flat_i, 0), axis=axis)
+    return jnp.where(flat_i >= 0, out, jnp.zeros((), g.dtype)).reshape(idx.shape)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def max_pool2d_bwd(dy, idx, geom: PoolGeometry):
+    if _empty(dy):
+        out = _pool_bwd_abstract(dy, idx, geom=geom)
+        return jnp.zeros(out.shape, out.dtype)
+    return max_pool2d_bwd_p.bind(dy, idx, geom=geom)
+
+
+def _max_pool_bwd_vjp_fwd(dy, idx, geom):
+    return max_pool2d_bwd(dy, idx, geom), idx
+
+
+def _max_pool_bwd_vjp_bwd(geom, idx, g):
+    return _gather_at_indices(g, idx, geom.layout), None
+
+
+max_pool2d_bwd.defvjp(_max_pool_bwd_vjp_fwd, _max_pool_bwd_vjp_bwd)
+
+
+def _pool_geometry(x_shape, lc, kernel_size, stride, padding, dilation, ceil_mode):
+    n, c, h, w = act_dims(x_shape, lc)
+    if min(h, w) < 1:
+        raise ValueError(f"x must have non-empty spatial dims, got shape {tuple(x_shape)}")
+    kernel = _args.pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None else _args.pair(stride, "stride")
+    dilation = _args.pair(dilation, "dilation")
+    keff = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    pads = _args.padding(padding, "padding", in_hw=(h, w), kernel_eff=keff, stride=stride)
+    for (lo, hi), ke in zip(pads, keff):
+        if max(lo, hi) > ke // 2:
+            raise ValueError(
+                f"padding must be at most half the effective kernel size, got padding={padding!r} "
+                f"with kernel_size={kernel_size!r}, dilation={dilation} (effective kernel {keff})")
+    if not isinstance(ceil_mode, (bool, int)):
+        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    out_hw = tuple(_pool_out(i, k, s, d, lo, hi, bool(ceil_mode)) for i, k, s, d, (lo, hi) in
+                   zip((h, w), kernel, stride, dilation, pads))
+    if min(out_hw) < 1:
+        raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
+                         f"{kernel}, stride={stride}, dilation={dilation}, padding={pads}")
+    return PoolGeometry(lc, (h, w), kernel, out_hw, stride, dilation, pads, bool(ceil_mode))
+
+
+def _pool_out(i, k, s, d, lo, hi, ceil_mode):
+    """PyTorch's pooled length; mirrors pool_out_size in ffi/geometry.h."""
+    span = i + lo + hi - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and out > 0 and (out - 1) * s >= i + lo:
+        out -= 1
+    return out
+
+
+def max_pool2d(x, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False, layout: str = "NCHW"):
+    """2-d max pooling with PyTorch's semantics.
+
+    Padded cells are -inf and never selected; the first maximum in row-major window order wins
+    and alone receives the gradient; NaN wins. With return_indices=True also returns int32 flat
+    indices h * W + w into each input plane. stride defaults to kernel_size.
+    """
+    lc = _args.layout_code(layout)
+    xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == 0 else "(N, H, W, C)")
+    _args.check_float(x, "x")
+    geom = _pool_geometry(xs, lc, kernel_size, stride, padding, dilation, ceil_mode)
+    y, idx = _max_pool(jnp.asarray(x), geom)
+    return (y, idx) if return_indices else y
+
+
+def max_unpool2d(x, indices, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                 output_size: Any = None, layout: str = "NCHW"):
+    """Inverse of max_pool2d: places each value at its flat index, zeros elsewhere (PyTorch).
+
+    Default output size: (H - 1)*stride - pad_top - pad_bottom + kernel_size. output_size may
+    give (H_out, W_out) or the full output shape. Indices outside the output plane cannot be
+    detected at trace time; their values are dropped.
+    """
+    lc = _args.layout_code(layout)
+    xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == 0 else "(N, H, W, C)")
+    _args.check_float(x, "x")
+    idt = jnp.result_type(indices)
+    if idt not in (jnp.int32, jnp.int64):
+        raise TypeError(f"indices must be int32 or int64, got {idt}")
+    if tuple(jnp.shape(indices)) != xs:
+        raise ValueError(f"indices must have the shape of x {xs}, got {tuple(jnp.shape(indices))}")
+    n, c, h, w = act_dims(xs, lc)
+    kernel = _args.pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None else _args.pair(stride, "stride")
+    pads = _args.padding(padding, "padding", in_hw=(h, w), kernel_eff=kernel, stride=stride,
+                         allow_string=False)
+    default = tuple((i - 1) * s - lo - hi + k for i, s, (lo, hi), k in zip((h, w), stride, pads,
+                                                                         kernel))
+    if output_size is None:
+        out_hw = default
+    else:
+        size = tuple(_args._int(v, "output_size") for v in output_size)
+        if len(size) == 4:
+            size = act_dims(size, lc)[2:]
+        if len(size) != 2:
+            raise ValueError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
+        for got, d, s in zip(size, default, stride):
+            if not d - s < got < d + s:
+                raise ValueError(f"output_size {tuple(size)} must be within stride {stride} of "
+                                 f"the default size {default}")
+        out_hw = size
+    if min(out_hw) < 1:
+        raise ValueError(f"output size would be {out_hw}")
+    plane = out_hw[0] * out_hw[1]
+    x = jnp.asarray(x)
+    indices = jnp.asarray(indices).astype(jnp.int32)
+    # Negative indices would wrap around in jnp indexing; send them out of range to be dropped.
+    indices = jnp.where(indices < 0, plane, indices)
+    # Scatter per (n, c) plane. Windows that overlap can only send one input cell's value to one
+    # index twice, so 'set' is order-independent.
+    if lc == 0:
+        vals, idx = x.reshape(n, c, h * w), indices.reshape(n, c, h * w)
+        out = jnp.zeros((n, c, plane), x.dtype)
+        ni, ci = jnp.arange(n)[:, None, None], jnp.arange(c)[None, :, None]
+        out = out.at[ni, ci, idx].set(vals, mode="drop")
+        return out.reshape(n, c, *out_hw)
+    vals, idx = x.reshape(n, h * w, c), indices.reshape(n, h * w, c)
+    out = jnp.zeros((n, plane, c), x.dtype)
+    ni, ci = jnp.arange(n)[:, None, None], jnp.arange(c)[None, None, :]
+    out = out.at[ni, idx, ci].set(vals, mode="drop")
+    return out.reshape(n, *out_hw, c)
