@@ -1,0 +1,123 @@
+"""Oracles the tests compare against, written independently of jaxconv's own index math.
+
+- conv2d: lax.conv_general_dilated at HIGHEST precision.
+- conv_transpose2d: PyTorch's definition through lax: the input dilated by the stride
+  (lhs_dilation), the kernel flipped and its in/out channels swapped per group, padded by
+  dilation*(k-1) - pad (plus output_padding after).
+- max_pool2d values and indices: a plain NumPy loop over windows (first maximum wins, NaN wins,
+  padded cells never chosen), and lax.reduce_window for values.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+TOL = {  # (rtol, atol) per dtype for results of O(1) inputs summed over O(100) terms
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-4, 1e-4),
+    "float16": (1e-2, 2e-2),
+    "bfloat16": (4e-2, 8e-2),
+}
+
+
+def tol(dtype):
+    return TOL[jnp.dtype(dtype).name]
+
+
+def on(backend: str, *arrays):
+    dev = jax.devices(backend)[0]
+    out = tuple(jax.device_put(a, dev) for a in arrays)
+    return out[0] if len(out) == 1 else out
+
+
+def dimension_numbers(layout: str):
+    return ("NCHW", "OIHW", "NCHW") if layout == "NCHW" else ("NHWC", "HWIO", "NHWC")
+
+
+def ref_conv2d(x, w, bias=None, *, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+               groups=1, layout="NCHW"):
+    """padding: ((top, bottom), (left, right)) or a lax padding string."""
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    y = lax.conv_general_dilated(
+        x.astype(acc), w.astype(acc), stride, padding, rhs_dilation=dilation,
+        feature_group_count=groups, dimension_numbers=dimension_numbers(layout),
+        precision=lax.Precision.HIGHEST)
+    if bias is not None:
+        shape = (1, -1, 1, 1) if layout == "NCHW" else (1, 1, 1, -1)
+        y = y + bias.astype(acc).reshape(shape)
+    return y.astype(x.dtype)
+
+
+def ref_conv_transpose2d(x, w, bias=None, *, stride=(1, 1), padding=((0, 0), (0, 0)),
+                         output_padding=(0, 0), groups=1, dilation=(1, 1), layout="NCHW"):
+    """PyTorch ConvTranspose2d. w: (C_in, C_out/g, KH, KW) (NCHW) or (KH, KW, C_out/g, C_in)."""
+    if layout == "NHWC":
+        x = jnp.transpose(x, (0, 3, 1, 2))
+        w = jnp.transpose(w, (3, 2, 0, 1))
+    c_in, cout_g, kh, kw = w.shape
+    # (g, C_in/g, C_out/g, kh, kw) -> (g, C_out/g, C_in/g, kh, kw) -> OIHW, flipped spatially.
+    wt = w.reshape(groups, c_in // groups, cout_g, kh, kw).transpose(0, 2, 1, 3, 4)
+    wt = wt.reshape(groups * cout_g, c_in // groups, kh, kw)[:, :, ::-1, ::-1]
+    pads = [(d * (k - 1) - lo, d * (k - 1) - hi + op)
+            for d, k, (lo, hi), op in zip(dilation, (kh, kw), padding, output_padding)]
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    y = lax.conv_general_dilated(
+        x.astype(acc), wt.astype(acc), (1, 1), pads, lhs_dilation=stride, rhs_dilation=dilation,
+        feature_group_count=groups, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        precision=lax.Precision.HIGHEST)
+    if bias is not None:
+        y = y + bias.astype(acc).reshape(1, -1, 1, 1)
+    y = y.astype(x.dtype)
+    return jnp.transpose(y, (0, 2, 3, 1)) if layout == "NHWC" else y
+
+
+def pool_out_size(n, k, s, d, lo, hi, ceil_mode):
+    span = n + lo + hi - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= n + lo:
+        out -= 1
+    return out
+
+
+def ref_max_pool2d(x, kernel, stride, padding=((0, 0), (0, 0)), dilation=(1, 1),
+                   ceil_mode=False, layout="NCHW"):
+    """NumPy loop: returns (values, int32 indices) with PyTorch's rules."""
+    x = np.asarray(x.astype(jnp.float64) if x.dtype != jnp.float64 else x)
+    if layout == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    n, c, h, w = x.shape
+    (pt, pb), (pl, pr) = padding
+    oh = pool_out_size(h, kernel[0], stride[0], dilation[0], pt, pb, ceil_mode)
+    ow = pool_out_size(w, kernel[1], stride[1], dilation[1], pl, pr, ceil_mode)
+    vals = np.full((n, c, oh, ow), -np.inf)
+    idx = np.full((n, c, oh, ow), -1, np.int32)
+    for i in range(oh):
+        for j in range(ow):
+            taps = [(i * stride[0] - pt + a * dilation[0], j * stride[1] - pl + b * dilation[1])
+                    for a in range(kernel[0]) for b in range(kernel[1])]
+            taps = [(r, q) for r, q in taps if 0 <= r < h and 0 <= q < w]
+            for ni in range(n):
+                for ci in range(c):
+                    best, arg = None, -1
+                    for r, q in taps:
+                        v = x[ni, ci, r, q]
+                        if best is None or v > best or (np.isnan(v) and not np.isnan(best)):
+                            best, arg = v, r * w + q
+                    if best is not None:
+                        vals[ni, ci, i, j], idx[ni, ci, i, j] = best, arg
+    if layout == "NHWC":
+        vals, idx = vals.transpose(0, 2, 3, 1), idx.transpose(0, 2, 3, 1)
+    return vals, idx
+
+
+def ref_max_pool2d_lax(x, kernel, stride, padding, dilation=(1, 1), layout="NCHW"):
+    """Values only, the way Flax computes them (reduce_window with -inf padding)."""
+    if layout == "NCHW":
+        dims, strides, pads, dil = (1, 1) + tuple(kernel), (1, 1) + tuple(stride), \
+            ((0, 0), (0, 0)) + tuple(padding), (1, 1) + tuple(dilation)
+    else:
+        dims, strides, pads, dil = (1,) + tuple(kernel) + (1,), (1,) + tuple(stride) + (1,), \
+            ((0, 0),) + tuple(padding) + ((0, 0),), (1,) + tuple(dilation) + (1,)
+    return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads, window_dilation=dil)
