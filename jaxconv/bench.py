@@ -1,0 +1,419 @@
+"""Benchmark: jaxconv vs lax, side by side in one process.
+
+    python -m jaxconv.bench [--set lenet|resnet50|mobilenet|pool|all] [--layout NCHW|NHWC|both]
+                            [--dtype float32|bfloat16] [--device cpu|gpu] [--quick] [--json PATH]
+
+For every shape, four functions are jax.jit-compiled: jaxconv and lax, forward and forward+backward
+(jax.grad of the output's sum w.r.t. the input, and the weights for convolutions). The lax
+baselines are what a JAX user would otherwise write: lax.conv_general_dilated, and for max pooling
+lax.reduce_window with -inf init (as flax.linen.max_pool does), whose gradient XLA computes with
+select_and_scatter. Each function is warmed up, then jaxconv and lax are timed alternately (each
+repetition times one call of each, the order flipping every repetition) so that load from other
+processes hits both alike; the reported time is the median, every call ends with
+block_until_ready. The ratio is lax_ms / jaxconv_ms: above 1 means jaxconv is faster.
+
+Work per call: convolutions count 2*N*OH*OW*O*(C/groups)*KH*KW FLOPs forward and three times that
+forward+backward (bwd_data and bwd_filter each cost one forward). Pooling reports GB/s of nominal
+traffic: the input read and output written forward, plus the output-sized cotangent read and
+input-sized gradient written for forward+backward (jaxconv's int32 indices are not counted).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import jaxconv
+
+SETS = ("lenet", "resnet50", "mobilenet", "pool")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmarked layer. Sizes are logical (N, C, H, W); the layout is applied later."""
+    set: str
+    name: str
+    op: str  # "conv" or "pool"
+    n: int
+    c: int
+    h: int
+    w: int
+    out_channels: int = 0  # conv only
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+
+    def out_hw(self) -> tuple[int, int]:
+        return tuple((s + 2 * self.padding - self.kernel) // self.stride + 1
+                     for s in (self.h, self.w))
+
+    def flops(self) -> int:
+        oh, ow = self.out_hw()
+        return (2 * self.n * oh * ow * self.out_channels * (self.c // self.groups)
+                * self.kernel * self.kernel)
+
+    def pool_bytes(self, itemsize: int) -> int:
+        oh, ow = self.out_hw()
+        return (self.n * self.c * (self.h * self.w + oh * ow)) * itemsize
+
+
+def _conv(set_, name, n, c, hw, o, k, stride=1, padding=None, groups=1):
+    pad = k // 2 if padding is None else padding
+    return Case(set_, name, "conv", n, c, hw, hw, o, k, stride, pad, groups)
+
+
+def _pool(set_, name, n, c, hw, k, stride, padding=0):
+    return Case(set_, name, "pool", n, c, hw, hw, 0, k, stride, padding)
+
+
+def cases(set_name: str, device: str) -> list[Case]:
+    """The shape sets. ResNet-50 and MobileNet use batch 8 on CPU and 32 on GPU."""
+    b = 8 if device == "cpu" else 32
+    if set_name == "lenet":  # LeNet-5 on 32x32 inputs, batch 64: C1, C3, C5
+        return [_conv("lenet", "C1 5x5 1->6", 64, 1, 32, 6, 5, padding=0),
+                _conv("lenet", "C3 5x5 6->16", 64, 6, 14, 16, 5, padding=0),
+                _conv("lenet", "C5 5x5 16->120", 64, 16, 5, 120, 5, padding=0)]
+    if set_name == "resnet50":  # stem, then the bottleneck's 3x3 and its 1x1 reduce / expand
+        out = [_conv("resnet50", "stem 7x7/2 3->64", b, 3, 224, 64, 7, stride=2)]
+        for hw, width in ((56, 64), (28, 128), (14, 256), (7, 512)):
+            out.append(_conv("resnet50", f"3x3 {width}->{width} @{hw}", b, width, hw, width, 3))
+        for hw, width in ((56, 64), (28, 128), (14, 256), (7, 512)):
+            out.append(_conv("resnet50", f"1x1 {4 * width}->{width} @{hw}", b, 4 * width, hw,
+                             width, 1))
+            out.append(_conv("resnet50", f"1x1 {width}->{4 * width} @{hw}", b, width, hw,
+                             4 * width, 1))
+        return out
+    if set_name == "mobilenet":  # MobileNet v1 depthwise 3x3 layers (groups = channels)
+        out = []
+        for c, hw, stride in ((32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2),
+                              (256, 28, 1), (256, 28, 2), (512, 14, 1), (512, 14, 2),
+                              (1024, 7, 1)):
+            out.append(_conv("mobilenet", f"dw3x3/{stride} {c} @{hw}", b, c, hw, c, 3,
+                             stride=stride, groups=c))
+        return out
+    if set_name == "pool":
+        return [_pool("pool", "2x2/2 64 @112", b, 64, 112, 2, 2),
+                _pool("pool", "3x3/2 pad1 64 @112", b, 64, 112, 3, 2, padding=1),
+                _pool("pool", "LeNet 2x2/2 6 @28", 64, 6, 28, 2, 2),
+                _pool("pool", "LeNet 2x2/2 16 @10", 64, 16, 10, 2, 2)]
+    raise ValueError(f"unknown set {set_name!r}")
+
+
+def quick_cases(set_name: str, device: str) -> list[Case]:
+    """--quick: the first two layers of each set shrunk to batch 1 and at most 16x16 and 32
+    channels, so that a run takes seconds (a smoke test of the harness, not a measurement)."""
+    out = []
+    for cs in cases(set_name, device)[:2]:
+        c = min(cs.c, 32)
+        o = min(cs.out_channels, 32)
+        groups = c if cs.groups > 1 else 1
+        o = c if cs.groups > 1 else o
+        hw = min(cs.h, 16)
+        out.append(dataclasses.replace(cs, name=cs.name + " [shrunk]", n=1, c=c, h=hw, w=hw,
+                                       out_channels=o, groups=groups))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The functions being compared.
+
+
+def _dims(layout: str):
+    return ("NCHW", "OIHW", "NCHW") if layout == "NCHW" else ("NHWC", "HWIO", "NHWC")
+
+
+def _act_shape(n, c, h, w, layout):
+    return (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+
+
+def _weight_shape(o, i, kh, kw, layout):
+    return (o, i, kh, kw) if layout == "NCHW" else (kh, kw, i, o)
+
+
+def make_functions(cs: Case, layout: str):
+    """(jaxconv_fn, lax_fn, argnums for the gradient) with the same signature."""
+    if cs.op == "conv":
+        pad = ((cs.padding, cs.padding), (cs.padding, cs.padding))
+        stride = (cs.stride, cs.stride)
+
+        def ours(x, w):
+            return jaxconv.conv2d(x, w, stride=stride, padding=pad, groups=cs.groups,
+                                  layout=layout)
+
+        def theirs(x, w):
+            return lax.conv_general_dilated(x, w, stride, pad, feature_group_count=cs.groups,
+                                            dimension_numbers=_dims(layout))
+
+        return ours, theirs, (0, 1)
+
+    k, s, p = cs.kernel, cs.stride, cs.padding
+    if layout == "NCHW":
+        window, strides, pads = (1, 1, k, k), (1, 1, s, s), ((0, 0), (0, 0), (p, p), (p, p))
+    else:
+        window, strides, pads = (1, k, k, 1), (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0))
+
+    def ours(x):
+        return jaxconv.max_pool2d(x, k, s, p, layout=layout)
+
+    def theirs(x):
+        return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
+
+    return ours, theirs, (0,)
+
+
+def make_inputs(cs: Case, layout: str, dtype, device) -> tuple:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(_act_shape(cs.n, cs.c, cs.h, cs.w, layout), dtype=np.float32)
+    args = [x]
+    if cs.op == "conv":
+        fan_in = (cs.c // cs.groups) * cs.kernel * cs.kernel
+        w = rng.standard_normal(
+            _weight_shape(cs.out_channels, cs.c // cs.groups, cs.kernel, cs.kernel, layout),
+            dtype=np.float32) / math.sqrt(fan_in)
+        args.append(w)
+    return tuple(jax.device_put(jnp.asarray(a, dtype=dtype), device) for a in args)
+
+
+def forward_and_backward(fn: Callable, argnums: Sequence[int]) -> Callable:
+    """jax.grad of sum(fn(...)) in float32 w.r.t. argnums (inputs, and weights for conv)."""
+    return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=tuple(argnums))
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing.
+
+
+def _call_ms(fn, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_pair(ours, theirs, args, *, budget_s: float, min_reps: int, max_reps: int):
+    """Warm up both, then alternate timed calls; returns (ours_ms list, theirs_ms list)."""
+    for _ in range(2):  # the first call compiles; the second warms caches and thread pools
+        jax.block_until_ready(ours(*args))
+        jax.block_until_ready(theirs(*args))
+    probe = _call_ms(ours, args) + _call_ms(theirs, args)
+    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(probe, 1e-3))))
+    ours_ms, theirs_ms = [], []
+    for r in range(reps):
+        if r % 2 == 0:
+            ours_ms.append(_call_ms(ours, args))
+            theirs_ms.append(_call_ms(theirs, args))
+        else:
+            theirs_ms.append(_call_ms(theirs, args))
+            ours_ms.append(_call_ms(ours, args))
+    return ours_ms, theirs_ms
+
+
+def _max_abs_diff(a, b) -> float:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+               if x.size else 0.0 for x, y in zip(leaves_a, leaves_b))
+
+
+def _max_abs(a) -> float:
+    return max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) if x.size else 0.0
+               for x in jax.tree.leaves(a))
+
+
+def run_case(cs: Case, layout: str, mode: str, dtype, device, *, budget_s, min_reps, max_reps):
+    ours, theirs, argnums = make_functions(cs, layout)
+    if mode == "fwd+bwd":
+        ours, theirs = forward_and_backward(ours, argnums), forward_and_backward(theirs, argnums)
+    ours, theirs = jax.jit(ours), jax.jit(theirs)
+    args = make_inputs(cs, layout, dtype, device)
+    ours_ms, theirs_ms = time_pair(ours, theirs, args, budget_s=budget_s, min_reps=min_reps,
+                                   max_reps=max_reps)
+    # A sanity check that both compute the same thing (it is not the test suite's job here,
+    # but a fast wrong kernel must not look like a win).
+    ref = theirs(*args)
+    err = _max_abs_diff(ours(*args), ref) / max(_max_abs(ref), 1e-30)
+    j_ms, l_ms = statistics.median(ours_ms), statistics.median(theirs_ms)
+    itemsize = jnp.dtype(dtype).itemsize
+    if cs.op == "conv":
+        work, unit = cs.flops() * (3 if mode == "fwd+bwd" else 1), "GFLOP/s"
+    else:
+        work, unit = cs.pool_bytes(itemsize) * (2 if mode == "fwd+bwd" else 1), "GB/s"
+    oh, ow = cs.out_hw()
+    x_shape = _act_shape(cs.n, cs.c, cs.h, cs.w, layout)
+    y_shape = _act_shape(cs.n, cs.out_channels if cs.op == "conv" else cs.c, oh, ow, layout)
+    w_shape = (_weight_shape(cs.out_channels, cs.c // cs.groups, cs.kernel, cs.kernel, layout)
+               if cs.op == "conv" else None)
+    return {
+        "set": cs.set, "name": cs.name, "op": cs.op, "layout": layout, "mode": mode,
+        "dtype": jnp.dtype(dtype).name,
+        "x_shape": list(x_shape), "w_shape": w_shape and list(w_shape), "y_shape": list(y_shape),
+        "kernel": cs.kernel, "stride": cs.stride, "padding": cs.padding, "groups": cs.groups,
+        "work": work, "unit": unit,
+        "jaxconv_ms": j_ms, "lax_ms": l_ms,
+        "jaxconv_rate": work / (j_ms * 1e-3) / 1e9, "lax_rate": work / (l_ms * 1e-3) / 1e9,
+        "ratio": l_ms / j_ms,
+        "reps": len(ours_ms),
+        "jaxconv_ms_min": min(ours_ms), "lax_ms_min": min(theirs_ms),
+        "max_rel_diff": err,
+    }
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Geometric-mean ratios per (set, layout, mode), plus LeNet+ResNet-50 together (the
+    convolution target) where both were run."""
+    groups: dict[tuple, list[float]] = {}
+    for r in results:
+        groups.setdefault((r["set"], r["layout"], r["mode"]), []).append(r["ratio"])
+        if r["set"] in ("lenet", "resnet50"):
+            groups.setdefault(("lenet+resnet50", r["layout"], r["mode"]), []).append(r["ratio"])
+    return [{"set": s, "layout": lay, "mode": m, "geomean_ratio": geomean(v), "n": len(v),
+             "min_ratio": min(v)} for (s, lay, m), v in groups.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine description for the JSON.
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.machine(),
+            "logical_cpus": os.cpu_count()}
+    try:
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                      if line.startswith("model name")), None)
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), [])
+        info["cpu_model"] = model
+        info["flags"] = {f: f in flags for f in ("avx", "avx2", "fma", "avx512f", "f16c")}
+    except OSError:
+        info["cpu_model"] = platform.processor() or None
+    return info
+
+
+def versions() -> dict:
+    import jaxlib
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "jaxconv": jaxconv.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+
+
+def _fmt_shape(s) -> str:
+    return "x".join(str(v) for v in s) if s else "-"
+
+
+def table(results: list[dict], summary: list[dict]) -> str:
+    head = (f"{'set':<9} {'layer':<31} {'layout':<6} {'mode':<7} {'x':<16} {'w':<14} "
+            f"{'jaxconv ms':>10} {'lax ms':>10} {'jaxconv':>9} {'lax':>9} {'unit':<7} "
+            f"{'ratio':>6}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r['set']:<9} {r['name']:<31} {r['layout']:<6} {r['mode']:<7} "
+            f"{_fmt_shape(r['x_shape']):<16} {_fmt_shape(r['w_shape']):<14} "
+            f"{r['jaxconv_ms']:>10.3f} {r['lax_ms']:>10.3f} {r['jaxconv_rate']:>9.1f} "
+            f"{r['lax_rate']:>9.1f} {r['unit']:<7} {r['ratio']:>5.2f}x")
+    lines += ["", "geometric mean of lax_ms / jaxconv_ms (min in brackets):"]
+    for s in summary:
+        lines.append(f"  {s['set']:<15} {s['layout']:<6} {s['mode']:<7} "
+                     f"{s['geomean_ratio']:5.2f}x  [min {s['min_ratio']:.2f}x, {s['n']} shapes]")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jaxconv.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--set", default="all", choices=SETS + ("all",))
+    p.add_argument("--layout", default="both", choices=("NCHW", "NHWC", "both"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--mode", default="both", choices=("fwd", "fwd+bwd", "both"))
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes and few repetitions: a seconds-long smoke run")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per function and case (default 1.0, quick 0.02)")
+    p.add_argument("--filter", default=None, help="only layers whose name contains this")
+    p.add_argument("--json", dest="json_path", default=None, help="write results here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = jax.devices(args.device)[0]
+    except RuntimeError as e:
+        print(f"no {args.device} device: {e}", file=sys.stderr)
+        return 2
+    dtype = jnp.dtype(args.dtype)
+    sets = SETS if args.set == "all" else (args.set,)
+    layouts = ("NCHW", "NHWC") if args.layout == "both" else (args.layout,)
+    modes = ("fwd", "fwd+bwd") if args.mode == "both" else (args.mode,)
+    pick = quick_cases if args.quick else cases
+    budget = args.budget if args.budget is not None else (0.02 if args.quick else 1.0)
+    min_reps, max_reps = (3, 5) if args.quick else (7, 200)
+    todo = [(cs, lay, m) for s in sets for cs in pick(s, args.device) for lay in layouts
+            for m in modes if args.filter is None or args.filter in cs.name]
+
+    results = []
+    t_start = time.perf_counter()
+    for i, (cs, lay, mode) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {cs.set} {cs.name} {lay} {mode} ...", end="", file=sys.stderr,
+              flush=True)
+        r = run_case(cs, lay, mode, dtype, device, budget_s=budget, min_reps=min_reps,
+                     max_reps=max_reps)
+        results.append(r)
+        print(f" jaxconv {r['jaxconv_ms']:.3f} ms, lax {r['lax_ms']:.3f} ms, "
+              f"{r['ratio']:.2f}x", file=sys.stderr, flush=True)
+    summary = summarize(results)
+    print(table(results, summary))
+    print(f"\n{len(todo)} cases in {time.perf_counter() - t_start:.1f} s on {device.device_kind} "
+          f"({device.platform}); ratio = lax_ms / jaxconv_ms, > 1 means jaxconv is faster")
+
+    if args.json_path:
+        doc = {
+            "schema": 1,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m jaxconv.bench"] + list(sys.argv[1:] if argv is None
+                                                                   else argv)),
+            "machine": machine_info(),
+            "device": {"platform": device.platform, "kind": device.device_kind,
+                       "count": len(jax.devices(args.device))},
+            "versions": versions(),
+            "config": {"sets": list(sets), "layouts": list(layouts), "modes": list(modes),
+                       "dtype": dtype.name, "quick": args.quick, "budget_s": budget,
+                       "min_reps": min_reps, "max_reps": max_reps, "statistic": "median"},
+            "results": results,
+            "summary": summary,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
+        with open(args.json_path, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
