@@ -22,13 +22,32 @@ def layout_code(layout: Any) -> int:
     return LAYOUTS[layout.upper()]
 
 
-def _int(value: Any, name: str) -> int:
+# Every integer argument ends up as an FFI attribute or in int32 index math (pool indices are
+# int32 flat offsets), so all of them must fit in int32; ffi/geometry.h enforces the same bound
+# (kMaxAttr) on the attributes it receives, which keeps its int64 shape arithmetic overflow-free.
+INT32_MAX = 2**31 - 1
+
+
+def _int(value: Any, name: str, what: str = "an int") -> int:
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise TypeError(f"{name} must be {what}, got {value!r}")
     try:
-        return operator.index(value)
+        out = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        raise TypeError(f"{name} must be {what}, got {value!r}") from None
+    if abs(out) > INT32_MAX:
+        raise ValueError(f"{name} must fit in int32, got {value!r}")
+    return out
+
+
+def flag(value: Any, name: str) -> bool:
+    """A Python or NumPy bool (or the ints 0 / 1) -> bool; anything else is a TypeError."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+_PAIR = "an int or a pair of ints"
 
 
 def pair(value: Any, name: str, *, minimum: int | None = 1) -> tuple[int, int]:
@@ -36,9 +55,9 @@ def pair(value: Any, name: str, *, minimum: int | None = 1) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-        out = (_int(value[0], name), _int(value[1], name))
+        out = (_int(value[0], name, _PAIR), _int(value[1], name, _PAIR))
     else:
-        v = _int(value, name)
+        v = _int(value, name, _PAIR)
         out = (v, v)
     if minimum is not None and min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
@@ -70,21 +89,28 @@ def padding(value: Any, name: str, *, in_hw: Sequence[int], kernel_eff: Sequence
                 pads.append((total // 2, total - total // 2))
             return (pads[0], pads[1])
         raise ValueError(f"{name} string must be 'SAME' or 'VALID', got {value!r}")
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, (list, tuple)) for v in value):
-        top_bottom = pair(value[0], name, minimum=None)
-        left_right = pair(value[1], name, minimum=None)
-        pads = (top_bottom, left_right)
-    else:
-        ph, pw = pair(value, name, minimum=None)
-        pads = ((ph, ph), (pw, pw))
+    try:
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (list, tuple)) for v in value):
+            top_bottom = pair(value[0], name, minimum=None)
+            left_right = pair(value[1], name, minimum=None)
+            pads = (top_bottom, left_right)
+        else:
+            ph, pw = pair(value, name, minimum=None)
+            pads = ((ph, ph), (pw, pw))
+    except TypeError:  # name the whole argument, not the element that failed
+        raise TypeError(f"{name} must be an int, (ph, pw), ((top, bottom), (left, right))"
+                        f"{' or SAME/VALID' if allow_string else ''}, got {value!r}") from None
     if min(min(p) for p in pads) < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return pads
 
 
 def check_float(x: Any, name: str) -> np.dtype:
-    dtype = jnp.result_type(x)
+    try:
+        dtype = jnp.result_type(x)
+    except TypeError:  # e.g. a nested Python list
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from None
     if not any(dtype == d for d in FLOAT_DTYPES):
         raise TypeError(
             f"{name} must have dtype float32, float64, float16 or bfloat16, got {dtype}")

@@ -125,6 +125,7 @@ def _pool_geometry(x_shape, lc, kernel_size, stride, padding, dilation, ceil_mod
     n, c, h, w = act_dims(x_shape, lc)
     if min(h, w) < 1:
         raise ValueError(f"x must have non-empty spatial dims, got shape {tuple(x_shape)}")
+    _check_plane(h, w, "x")
     kernel = _args.pair(kernel_size, "kernel_size")
     stride = kernel if stride is None else _args.pair(stride, "stride")
     dilation = _args.pair(dilation, "dilation")
@@ -135,14 +136,20 @@ def _pool_geometry(x_shape, lc, kernel_size, stride, padding, dilation, ceil_mod
             raise ValueError(
                 f"padding must be at most half the effective kernel size, got padding={padding!r} "
                 f"with kernel_size={kernel_size!r}, dilation={dilation} (effective kernel {keff})")
-    if not isinstance(ceil_mode, (bool, int)):
-        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
-    out_hw = tuple(_pool_out(i, k, s, d, lo, hi, bool(ceil_mode)) for i, k, s, d, (lo, hi) in
+    ceil_mode = _args.flag(ceil_mode, "ceil_mode")
+    out_hw = tuple(_pool_out(i, k, s, d, lo, hi, ceil_mode) for i, k, s, d, (lo, hi) in
                    zip((h, w), kernel, stride, dilation, pads))
     if min(out_hw) < 1:
         raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
                          f"{kernel}, stride={stride}, dilation={dilation}, padding={pads}")
-    return PoolGeometry(lc, (h, w), kernel, out_hw, stride, dilation, pads, bool(ceil_mode))
+    return PoolGeometry(lc, (h, w), kernel, out_hw, stride, dilation, pads, ceil_mode)
+
+
+def _check_plane(h: int, w: int, what: str):
+    """Indices are int32 flat offsets h * W + w into a plane, so a plane must fit in int32."""
+    if h * w > _args.INT32_MAX:
+        raise ValueError(f"{what} has a {h}x{w} plane: int32 indices cannot address more than "
+                         f"2**31 - 1 cells")
 
 
 def _pool_out(i, k, s, d, lo, hi, ceil_mode):
@@ -166,6 +173,7 @@ def max_pool2d(x, kernel_size: Any, stride: Any = None, padding: Any = 0, dilati
     xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == 0 else "(N, H, W, C)")
     _args.check_float(x, "x")
     geom = _pool_geometry(xs, lc, kernel_size, stride, padding, dilation, ceil_mode)
+    return_indices = _args.flag(return_indices, "return_indices")
     y, idx = _max_pool(jnp.asarray(x), geom)
     return (y, idx) if return_indices else y
 
@@ -196,6 +204,8 @@ def max_unpool2d(x, indices, kernel_size: Any, stride: Any = None, padding: Any 
     if output_size is None:
         out_hw = default
     else:
+        if not isinstance(output_size, (list, tuple)):
+            raise TypeError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
         size = tuple(_args._int(v, "output_size") for v in output_size)
         if len(size) == 4:
             size = act_dims(size, lc)[2:]
@@ -207,12 +217,16 @@ def max_unpool2d(x, indices, kernel_size: Any, stride: Any = None, padding: Any 
                                  f"the default size {default}")
         out_hw = size
     if min(out_hw) < 1:
-        raise ValueError(f"output size would be {out_hw}")
+        raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
+                         f"{kernel}, stride={stride}, padding={pads}")
+    _check_plane(*out_hw, "the output")
     plane = out_hw[0] * out_hw[1]
     x = jnp.asarray(x)
-    indices = jnp.asarray(indices).astype(jnp.int32)
-    # Negative indices would wrap around in jnp indexing; send them out of range to be dropped.
-    indices = jnp.where(indices < 0, plane, indices)
+    # Out-of-range indices are dropped. Negative ones would wrap around in jnp indexing and int64
+    # ones past int32 would wrap in the cast, so both are mapped to `plane` (out of range, fits
+    # int32) before the cast.
+    indices = jnp.asarray(indices)
+    indices = jnp.where((indices < 0) | (indices >= plane), plane, indices).astype(jnp.int32)
     # Scatter per (n, c) plane. Windows that overlap can only send one input cell's value to one
     # index twice, so 'set' is order-independent.
     if lc == 0:
