@@ -21,7 +21,9 @@ inline ffi::Error invalid(const std::string& target, const std::string& msg) {
 inline ffi::Error read_int(const ffi::Dictionary& attrs, const char* name, int64_t* out,
                            const char* target) {
   auto v = attrs.get<int64_t>(name);
-  if (!v.has_value()) return invalid(target, std::string("missing int64 attribute '") + name + "'");
+  if (!v.has_value())
+    return invalid(target, std::string("missing int64 attribute '") + name +
+                               "' (absent or of another type)");
   *out = *v;
   return ffi::Error::Success();
 }

@@ -146,8 +146,21 @@ JAXCONV_HD Dims4 weight_dims(int64_t layout, const int64_t* d) {
 // Validation returns nullptr when consistent, otherwise a static message naming the problem.
 // Handlers turn the message into an ffi::Error, so a bad call fails cleanly instead of reading
 // out of bounds.
+
+// Bound on the magnitude of every integer attribute (Python's _args.INT32_MAX). With attributes
+// below 2^31 and buffer dims below 2^32, every sum and product the shape math forms (for example
+// in + pad_lo + pad_hi - dilation * (k - 1)) stays far inside int64, so no raw call can make it
+// overflow into a "consistent" geometry.
+constexpr int64_t kMaxAttr = (int64_t(1) << 31) - 1;
+JAXCONV_HD bool attr_in_range(int64_t v) { return v >= -kMaxAttr && v <= kMaxAttr; }
+
 JAXCONV_HD const char* check_conv_params(const ConvParams& p) {
   if (!valid_layout(p.layout)) return "layout must be 0 (NCHW) or 1 (NHWC)";
+  if (!attr_in_range(p.stride_h) || !attr_in_range(p.stride_w) ||
+      !attr_in_range(p.dilation_h) || !attr_in_range(p.dilation_w) ||
+      !attr_in_range(p.pad_top) || !attr_in_range(p.pad_bottom) || !attr_in_range(p.pad_left) ||
+      !attr_in_range(p.pad_right) || !attr_in_range(p.groups))
+    return "integer attributes must fit in int32";
   if (p.stride_h < 1 || p.stride_w < 1) return "stride must be >= 1";
   if (p.dilation_h < 1 || p.dilation_w < 1) return "dilation must be >= 1";
   if (p.groups < 1) return "groups must be >= 1";
@@ -194,12 +207,20 @@ struct PoolGeometry {
 
 JAXCONV_HD const char* make_pool_geometry(const PoolParams& p, Dims4 x, PoolGeometry* g) {
   if (!valid_layout(p.layout)) return "layout must be 0 (NCHW) or 1 (NHWC)";
+  if (!attr_in_range(p.kernel_h) || !attr_in_range(p.kernel_w) || !attr_in_range(p.stride_h) ||
+      !attr_in_range(p.stride_w) || !attr_in_range(p.dilation_h) ||
+      !attr_in_range(p.dilation_w) || !attr_in_range(p.pad_top) ||
+      !attr_in_range(p.pad_bottom) || !attr_in_range(p.pad_left) || !attr_in_range(p.pad_right))
+    return "integer attributes must fit in int32";
   if (p.kernel_h < 1 || p.kernel_w < 1) return "kernel_size must be >= 1";
   if (p.stride_h < 1 || p.stride_w < 1) return "stride must be >= 1";
   if (p.dilation_h < 1 || p.dilation_w < 1) return "dilation must be >= 1";
   if (p.pad_top < 0 || p.pad_bottom < 0 || p.pad_left < 0 || p.pad_right < 0)
     return "padding must be >= 0";
   if (x.n < 0 || x.c < 0 || x.h < 1 || x.w < 1) return "input has an empty spatial dim";
+  // Indices are int32 flat offsets h * W + w into the input plane.
+  if (x.h > kMaxAttr || x.w > kMaxAttr || x.h * x.w > kMaxAttr)
+    return "input plane has more than 2^31 - 1 cells (int32 indices)";
   g->N = x.n; g->C = x.c; g->H = x.h; g->W = x.w;
   g->p = p;
   g->OH = pool_out_size(x.h, p.kernel_h, p.stride_h, p.dilation_h, p.pad_top, p.pad_bottom,
