@@ -1,22 +1,37 @@
 // CPU convolution: forward, bwd_data (= transposed convolution) and bwd_filter, side by side.
 //
-// All three are implicit GEMMs over one convolution y = x (*) w with geometry g (geometry.h):
+// All three are implicit GEMMs on the packed-B engine of gemm.cc (C (+)= A * Bpacked, A read in
+// place, B packed in panels of NR columns). Which operand plays A and which is packed depends on
+// the layout, so that the big operand is read along its contiguous axis and the output tile is
+// written straight into the result where possible:
 //
-//   fwd:        Y[p, o]  = sum_k  Col[p, k]  * Wf[k, o]          p = (oh, ow), k = (ci, kh, kw)
-//   bwd_data:   DX[q, c] = sum_k' ColT[q, k'] * Wd[k', c]        q = (h, w),   k' = (o, kh, kw)
-//   bwd_filter: DW[k, o] = sum_(n,p) Col[p, k] * DY[p, o]
+//   forward NCHW:  y[n][co, pos]   = W[co, k]      * Col^T[k, pos]     A = weights (in place)
+//   forward NHWC:  y[pos, co]      = Col[pos, k]   * W[k, co]          A = im2col rows of x
+//                                                                      (x itself for 1x1)
+//   bwd_filter NCHW: dW^T[k, o]    = Col^T[k, pos] * dY^T[pos, o]      summed over (n, pos)
+//   bwd_filter NHWC: dW^T[o, k]    = dY^T[o, pos]  * Col[pos, k]
 //
-// per image n and group. Col is im2col of x: Col[p, k] = x[n, ci, oh*sh - pt + kh*dh,
-// ow*sw - pl + kw*dw] (zero outside the input). ColT gathers dy for the transposed direction:
-// ColT[q, k'] = dy[n, o, oh, ow] where h = oh*sh - pt + kh*dh (source_of_tap in geometry.h),
-// zero where no output position reads (h, w) through tap (kh, kw). Both are built one tile of
-// rows at a time into per-thread scratch, widened to the accumulation type (float for the half
-// formats), then multiplied with the shared GEMM. Bias is added while the tile is stored.
+// with k = (ci, kh, kw) in NCHW and k = (kh, kw, ci) in NHWC, so that im2col copies contiguous
+// runs: rows of an input plane in NCHW, channel vectors in NHWC. The im2col is never
+// materialized whole: each task packs the K-slice (<= kKC) it is about to multiply, straight
+// into the operand's format, from the tensor.
 //
-// Within a group, the order of the reduction index follows the memory order of the layout so
-// that packing reads contiguous runs: NCHW packs k = (ci*KH + kh)*KW + kw, NHWC packs
-// k = (kh*KW + kw)*Cg + ci (and likewise k' with o for ci).
+// bwd_data is the same engine as forward ("a pass"): dx[h] = sum over taps kh of
+// dy[(h + pt - kh*d) / s] * w[kh], where only taps with (h + pt - kh*d) divisible by s count.
+// Splitting dx rows by phase r = (h + pt) mod s leaves, per phase, a stride-1 correlation of dy
+// with the taps kh*d = r (mod s) only (likewise along w): s^2 small dense convolutions instead
+// of one over a zero-inserted dy, so no multiply-by-zero is ever issued. With stride 1 there is
+// one phase and dx is written in place.
+//
+// Depthwise convolutions (one input and one output channel per group) skip the GEMM: a direct
+// kernel vectorized along the contiguous axis (channels in NHWC, the row in NCHW).
+//
+// Half types (float16, bfloat16) are widened to float32 while packing, accumulate in float32
+// and are rounded once when stored; float64 runs the same code in double. Bias is added in the
+// epilogue (or used to initialize the output tile that the GEMM then accumulates into).
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -33,24 +48,82 @@ A* scratch(size_t n) {
   return buf.data();
 }
 
-// Index of tap (c, kh, kw) in the reduction dimension (see the file comment).
-struct KOrder {
-  int64_t layout, Cg, KH, KW;
-  int64_t operator()(int64_t c, int64_t kh, int64_t kw) const {
-    return layout == kNHWC ? (kh * KW + kw) * Cg + c : (c * KH + kh) * KW + kw;
+// K-slice of one GEMM call: a packed B panel (kKC x NR) stays in L1, an A block in L2.
+constexpr int64_t kKC = 256;
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Copies `len` elements src[i*stride] (widened to the accumulation type) into dst.
+template <typename T, typename Acc>
+inline void copy_widen(Acc* dst, const T* src, int64_t len, int64_t stride) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (stride == 1) {
+      std::memcpy(dst, src, sizeof(Acc) * len);
+      return;
+    }
   }
+  for (int64_t i = 0; i < len; ++i) dst[i] = Num<T>::load(src[i * stride]);
+}
+
+template <typename Acc>
+inline void zero(Acc* dst, int64_t len) {
+  std::memset(dst, 0, sizeof(Acc) * len);
+}
+
+// A run of consecutive positions (n, u, v .. v + len - 1) of a pass grid; `at` is the index of
+// its first position within the block being packed.
+struct Run {
+  int64_t at, n, u, v, len;
 };
 
-// Rows per im2col tile: enough to amortize the weight reads, small enough that the tile
-// (rows x k) stays in L2.
-int64_t tile_rows(int64_t k, int64_t total) {
-  int64_t rows = std::max<int64_t>(32, (128 * 1024 / 4) / std::max<int64_t>(k, 1));
-  return std::min(rows, std::max<int64_t>(total, 1));
+// Positions [q0, q1) of an N x U x V grid flattened as q = (n*U + u)*V + v, split into runs
+// that stay within one grid row.
+inline void grid_runs(int64_t q0, int64_t q1, int64_t U, int64_t V, std::vector<Run>* runs) {
+  runs->clear();
+  int64_t nu = q0 / V, v = q0 % V;
+  for (int64_t q = q0; q < q1;) {
+    int64_t len = std::min(V - v, q1 - q);
+    runs->push_back({q - q0, nu / U, nu % U, v, len});
+    q += len;
+    ++nu;
+    v = 0;
+  }
 }
+
+// One convolution "pass" over activations `in` (N, G*Cin, Hin, Win) into `out`:
+//
+//   out[n, g*Cout + co, h0 + u*hs, w0 + v*ws] = bias + sum over (ci, th, tw) of
+//       in[n, g*Cin + ci, u*step_h + off_h[th], v*step_w + off_w[tw]] * weight(g, co, ci, th, tw)
+//
+// for (u, v) in U x V; taps reading outside the input read zero. Forward: taps = the kernel,
+// off = k*d - pad, step = stride, the grid is all of y. A bwd_data phase: taps = the kernel
+// cells of that phase, step 1, the grid = the dx cells of that phase (hs = ws = stride).
+struct Pass {
+  int64_t N, G, Cin, Hin, Win, Cout, U, V;
+  int64_t h0, hs, w0, ws;
+  int64_t step_h, step_w;
+  std::vector<int64_t> off_h, off_w;  // per tap along h / w
+  std::vector<int64_t> kh_of, kw_of;  // the kernel cell a tap multiplies with
+  Strides4 is, os;
+  int64_t layout;
+  bool dense;  // the grid is the whole output: out[n, c, u, v]
+
+  int64_t TH() const { return int64_t(off_h.size()); }
+  int64_t TW() const { return int64_t(off_w.size()); }
+  int64_t K() const { return Cin * TH() * TW(); }
+  // Valid grid columns of tap tw: 0 <= v*step_w + off_w[tw] < Win  <=>  v in [lo, hi).
+  void v_range(int64_t tw, int64_t* lo, int64_t* hi) const {
+    *lo = std::max<int64_t>(0, ceil_div(-off_w[tw], step_w));
+    *hi = std::min<int64_t>(V, floor_div(Win - 1 - off_w[tw], step_w) + 1);
+    if (*hi < *lo) *hi = *lo;
+  }
+};
 
 template <typename T>
 struct Conv {
   using Acc = typename Num<T>::acc;
+  static constexpr int64_t NR = kPanelWidth<Acc>;
+  static constexpr bool kSame = std::is_same_v<T, Acc>;
   const ConvGeometry& g;
   Strides4 xs, ys, ws;
   int64_t Cg, Og;
@@ -59,174 +132,538 @@ struct Conv {
       : g(geo), xs(geo.x_strides()), ys(geo.y_strides()), ws(geo.w_strides()),
         Cg(geo.in_per_group()), Og(geo.out_per_group()) {}
 
-  KOrder k_fwd() const { return {g.p.layout, Cg, g.KH, g.KW}; }
-  KOrder k_bwd() const { return {g.p.layout, Og, g.KH, g.KW}; }
+  bool nhwc() const { return g.p.layout == kNHWC; }
 
-  // Wf[k, o] for one group: (gemm_k x Og).
-  void pack_weights_fwd(const T* w, int64_t grp, Acc* out) const {
-    KOrder ko = k_fwd();
-    for (int64_t o = 0; o < Og; ++o)
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t kh = 0; kh < g.KH; ++kh)
-          for (int64_t kw = 0; kw < g.KW; ++kw)
-            out[ko(c, kh, kw) * Og + o] =
-                Num<T>::load(w[(grp * Og + o) * ws.n + c * ws.c + kh * ws.h + kw * ws.w]);
+  // ------------------------------------------------------------------------------------------
+  // Pass construction.
+
+  Pass forward_pass() const {
+    Pass ps;
+    ps.N = g.N; ps.G = g.groups(); ps.Cin = Cg; ps.Hin = g.H; ps.Win = g.W; ps.Cout = Og;
+    ps.U = g.OH; ps.V = g.OW; ps.h0 = 0; ps.hs = 1; ps.w0 = 0; ps.ws = 1;
+    ps.step_h = g.p.stride_h; ps.step_w = g.p.stride_w;
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      ps.off_h.push_back(kh * g.p.dilation_h - g.p.pad_top);
+      ps.kh_of.push_back(kh);
+    }
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      ps.off_w.push_back(kw * g.p.dilation_w - g.p.pad_left);
+      ps.kw_of.push_back(kw);
+    }
+    ps.is = xs; ps.os = ys; ps.layout = g.p.layout; ps.dense = true;
+    return ps;
   }
 
-  // Wd[k', c] for one group: (gemm_k_transposed x Cg).
-  void pack_weights_bwd_data(const T* w, int64_t grp, Acc* out) const {
-    KOrder ko = k_bwd();
-    for (int64_t o = 0; o < Og; ++o)
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t kh = 0; kh < g.KH; ++kh)
-          for (int64_t kw = 0; kw < g.KW; ++kw)
-            out[ko(o, kh, kw) * Cg + c] =
-                Num<T>::load(w[(grp * Og + o) * ws.n + c * ws.c + kh * ws.h + kw * ws.w]);
+  // Phase (rh, rw) of bwd_data; see the file comment. Along h: dx row h = s*u' + r - pt for
+  // integer u'; tap kh belongs to phase r when kh*d = r (mod s), and reads dy row
+  // u' - (kh*d - r)/s. The grid starts at the first such row inside dx.
+  Pass bwd_data_phase(int64_t rh, int64_t rw) const {
+    Pass ps;
+    ps.N = g.N; ps.G = g.groups(); ps.Cin = Og; ps.Hin = g.OH; ps.Win = g.OW; ps.Cout = Cg;
+    ps.step_h = 1; ps.step_w = 1;
+    auto axis = [](int64_t r, int64_t s, int64_t pad, int64_t d, int64_t k, int64_t size,
+                   int64_t* first, int64_t* count, std::vector<int64_t>* off,
+                   std::vector<int64_t>* cell) {
+      int64_t u_lo = ceil_div(pad - r, s), u_hi = floor_div(size - 1 + pad - r, s);
+      *first = s * u_lo + r - pad;
+      *count = std::max<int64_t>(0, u_hi - u_lo + 1);
+      for (int64_t t = 0; t < k; ++t) {
+        if (((t * d - r) % s + s) % s != 0) continue;
+        off->push_back(u_lo - (t * d - r) / s);
+        cell->push_back(t);
+      }
+    };
+    axis(rh, g.p.stride_h, g.p.pad_top, g.p.dilation_h, g.KH, g.H, &ps.h0, &ps.U, &ps.off_h,
+         &ps.kh_of);
+    axis(rw, g.p.stride_w, g.p.pad_left, g.p.dilation_w, g.KW, g.W, &ps.w0, &ps.V, &ps.off_w,
+         &ps.kw_of);
+    ps.hs = g.p.stride_h; ps.ws = g.p.stride_w;
+    ps.is = ys; ps.os = xs; ps.layout = g.p.layout;
+    ps.dense = ps.hs == 1 && ps.ws == 1 && ps.h0 == 0 && ps.w0 == 0 && ps.U == g.H &&
+               ps.V == g.W;
+    return ps;
   }
 
-  // Col rows [p0, p1) of image n, group grp, into col (row stride = gemm_k).
-  void pack_cols(const T* x, int64_t n, int64_t grp, int64_t p0, int64_t p1, Acc* col) const {
-    const int64_t K = g.gemm_k();
-    KOrder ko = k_fwd();
-    const T* xn = x + n * xs.n + grp * Cg * xs.c;
-    for (int64_t p = p0; p < p1; ++p) {
-      Acc* row = col + (p - p0) * K;
-      int64_t oh = p / g.OW, ow = p % g.OW;
-      TapRange th = window_taps(oh, g.p.stride_h, g.p.pad_top, g.p.dilation_h, g.KH, g.H);
-      TapRange tw = window_taps(ow, g.p.stride_w, g.p.pad_left, g.p.dilation_w, g.KW, g.W);
-      if (th.hi - th.lo < g.KH || tw.hi - tw.lo < g.KW) std::fill(row, row + K, Acc(0));
-      int64_t ih0 = oh * g.p.stride_h - g.p.pad_top, iw0 = ow * g.p.stride_w - g.p.pad_left;
-      for (int64_t kh = th.lo; kh < th.hi; ++kh) {
-        const T* xr = xn + (ih0 + kh * g.p.dilation_h) * xs.h;
-        for (int64_t kw = tw.lo; kw < tw.hi; ++kw) {
-          const T* xp = xr + (iw0 + kw * g.p.dilation_w) * xs.w;
-          for (int64_t c = 0; c < Cg; ++c) row[ko(c, kh, kw)] = Num<T>::load(xp[c * xs.c]);
-        }
+  // Weight of pass output channel co, pass input channel ci, tap (th, tw), group grp.
+  // forward: w[grp*Og + co, ci, kh, kw]; bwd_data: w[grp*Og + ci, co, kh, kw].
+  Acc weight(const T* w, const Pass& ps, bool transposed, int64_t grp, int64_t co, int64_t ci,
+             int64_t th, int64_t tw) const {
+    int64_t o = transposed ? ci : co, c = transposed ? co : ci;
+    return Num<T>::load(
+        w[(grp * Og + o) * ws.n + c * ws.c + ps.kh_of[th] * ws.h + ps.kw_of[tw] * ws.w]);
+  }
+
+  // Index of (ci, th, tw) in a pass's reduction: NCHW (ci, th, tw), NHWC (th, tw, ci).
+  static int64_t k_index(const Pass& ps, int64_t ci, int64_t th, int64_t tw) {
+    return ps.layout == kNHWC ? (th * ps.TW() + tw) * ps.Cin + ci
+                              : (ci * ps.TH() + th) * ps.TW() + tw;
+  }
+
+  // The pass's weights as the GEMM wants them, for every group:
+  //   NCHW: A[grp][co][k] (rows of the output channels)                 size G*Cout*K
+  //   NHWC: B panels[grp]: panel co/NR holds [k][co % NR]              size G*ceil(Cout/NR)*NR*K
+  void pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w, bool transposed,
+                         std::vector<Acc>* out) const {
+    const int64_t K = ps.K(), G = ps.G, Cout = ps.Cout;
+    if (ps.layout == kNCHW) {
+      out->resize(G * Cout * K);
+      Acc* base = out->data();
+      pr.run(G * Cout, [&](int64_t task) {
+        int64_t grp = task / Cout, co = task % Cout;
+        Acc* row = base + (grp * Cout + co) * K;
+        for (int64_t ci = 0; ci < ps.Cin; ++ci)
+          for (int64_t th = 0; th < ps.TH(); ++th)
+            for (int64_t tw = 0; tw < ps.TW(); ++tw)
+              row[k_index(ps, ci, th, tw)] = weight(w, ps, transposed, grp, co, ci, th, tw);
+      });
+    } else {
+      const int64_t panels = (Cout + NR - 1) / NR;
+      out->resize(G * panels * NR * K);
+      Acc* base = out->data();
+      pr.run(G * panels, [&](int64_t task) {
+        int64_t grp = task / panels, p = task % panels;
+        Acc* panel = base + (grp * panels + p) * K * NR;
+        int64_t c0 = p * NR, nr = std::min(NR, Cout - c0);
+        for (int64_t th = 0; th < ps.TH(); ++th)
+          for (int64_t tw = 0; tw < ps.TW(); ++tw)
+            for (int64_t ci = 0; ci < ps.Cin; ++ci) {
+              Acc* dst = panel + k_index(ps, ci, th, tw) * NR;
+              for (int64_t j = 0; j < nr; ++j)
+                dst[j] = weight(w, ps, transposed, grp, c0 + j, ci, th, tw);
+              for (int64_t j = nr; j < NR; ++j) dst[j] = Acc(0);
+            }
+      });
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Packing straight from the activations.
+
+  // Row run r of input channel plane `plane` (already offset to image n, channel) through tap
+  // (th, tw), into len consecutive elements at dst (NCHW: a row of the input plane).
+  void gather_row_run(const Pass& ps, const T* in_nc, const Run& r, int64_t th, int64_t tw,
+                      int64_t vlo, int64_t vhi, Acc* dst) const {
+    int64_t ih = r.u * ps.step_h + ps.off_h[th];
+    if (ih < 0 || ih >= ps.Hin) {
+      zero(dst, r.len);
+      return;
+    }
+    int64_t a = std::min(std::max(vlo, r.v), r.v + r.len), b = std::max(std::min(vhi, r.v + r.len), a);
+    zero(dst, a - r.v);
+    const T* row = in_nc + ih * ps.is.h + (a * ps.step_w + ps.off_w[tw]) * ps.is.w;
+    copy_widen(dst + (a - r.v), row, b - a, ps.step_w * ps.is.w);
+    zero(dst + (b - r.v), r.v + r.len - b);
+  }
+
+  // NCHW: Col^T rows k in [k0, k0 + kc) for grid positions `runs` (the block's columns), into
+  // B panels (panel stride kc*NR) for group grp.
+  void pack_colT_panels(const Pass& ps, const T* in, int64_t grp, int64_t k0, int64_t kc,
+                        const std::vector<Run>& runs, Acc* Bp) const {
+    const int64_t taps = ps.TH() * ps.TW();
+    const int64_t cols = runs.empty() ? 0 : runs.back().at + runs.back().len;
+    const int64_t full = cols / NR, rest = cols % NR;
+    // Each row k is gathered run by run into a contiguous line (long runs: few bounds checks),
+    // then dealt out to the panels one NR-wide piece at a time.
+    Acc* line = scratch<Acc, 2>(round_up(cols, NR));
+    for (int64_t k = k0; k < k0 + kc; ++k) {
+      int64_t ci = k / taps, th = (k % taps) / ps.TW(), tw = k % ps.TW();
+      int64_t vlo, vhi;
+      ps.v_range(tw, &vlo, &vhi);
+      for (const Run& r : runs)
+        gather_row_run(ps, in + r.n * ps.is.n + (grp * ps.Cin + ci) * ps.is.c, r, th, tw, vlo,
+                       vhi, line + r.at);
+      Acc* dst = Bp + (k - k0) * NR;
+      for (int64_t p = 0; p < full; ++p) std::memcpy(dst + p * kc * NR, line + p * NR, NR * sizeof(Acc));
+      if (rest) {
+        zero(line + cols, NR - rest);  // padding columns of the last panel
+        std::memcpy(dst + full * kc * NR, line + full * NR, NR * sizeof(Acc));
       }
     }
   }
 
-  // ColT rows [q0, q1) of the dx plane of image n, group grp, gathered from dy.
-  void pack_cols_transposed(const T* dy, int64_t n, int64_t grp, int64_t q0, int64_t q1,
-                            Acc* col) const {
-    const int64_t K = g.gemm_k_transposed();
-    KOrder ko = k_bwd();
-    const T* dyn = dy + n * ys.n + grp * Og * ys.c;
-    for (int64_t q = q0; q < q1; ++q) {
-      Acc* row = col + (q - q0) * K;
-      std::fill(row, row + K, Acc(0));
-      int64_t h = q / g.W, w = q % g.W;
-      for (int64_t kh = 0; kh < g.KH; ++kh) {
-        int64_t oh = source_of_tap(h, kh, g.p.stride_h, g.p.pad_top, g.p.dilation_h, g.OH);
-        if (oh < 0) continue;
-        for (int64_t kw = 0; kw < g.KW; ++kw) {
-          int64_t ow = source_of_tap(w, kw, g.p.stride_w, g.p.pad_left, g.p.dilation_w, g.OW);
-          if (ow < 0) continue;
-          const T* src = dyn + oh * ys.h + ow * ys.w;
-          for (int64_t o = 0; o < Og; ++o) row[ko(o, kh, kw)] = Num<T>::load(src[o * ys.c]);
-        }
-      }
-    }
-  }
-
-  // Writes a (rows x channels) tile whose row r is spatial position s0 + r of a plane of width
-  // `width`, channel offset c0, adding bias[c0 + c] when bias is non-null.
-  static void store_tile(const Acc* tile, int64_t rows, int64_t channels, T* out, Strides4 s,
-                         int64_t n, int64_t c0, int64_t s0, int64_t width, const T* bias) {
+  // NHWC: Col rows (grid positions q0 ..) restricted to k in [k0, k0 + kc), row-major with
+  // leading dimension kc; k = (th, tw, ci) so each tap contributes one contiguous channel run.
+  void pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0, int64_t rows,
+                     int64_t k0, int64_t kc, Acc* A) const {
+    const int64_t Cin = ps.Cin, TW = ps.TW();
+    // Taps along w one input column apart (dilation 1) with all channels in this group: the
+    // taps (th, 0 .. TW-1) of a row are TW*Cin consecutive k and, inside the input, TW*Cin
+    // consecutive elements.
+    bool unit_taps = Cin == ps.is.w;
+    for (int64_t t = 1; t < TW; ++t) unit_taps &= ps.off_w[t] == ps.off_w[t - 1] + 1;
+    int64_t n = q0 / (ps.U * ps.V), u = (q0 / ps.V) % ps.U, v = q0 % ps.V;
     for (int64_t r = 0; r < rows; ++r) {
-      int64_t pos = s0 + r;
-      T* dst = out + n * s.n + c0 * s.c + (pos / width) * s.h + (pos % width) * s.w;
-      const Acc* src = tile + r * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        Acc v = src[c];
-        if (bias) v += Num<T>::load(bias[c0 + c]);
-        dst[c * s.c] = Num<T>::store(v);
+      Acc* dst = A + r * kc;
+      const T* in_n = in + n * ps.is.n + grp * Cin;
+      if (unit_taps && k0 == 0 && kc == ps.K()) {
+        const int64_t iw0 = v * ps.step_w + ps.off_w[0];
+        // Taps [tlo, thi) of the row land inside the input.
+        const int64_t tlo = std::min(TW, std::max<int64_t>(0, -iw0));
+        const int64_t thi = std::max(tlo, std::min(TW, ps.Win - iw0));
+        for (int64_t th = 0; th < ps.TH(); ++th) {
+          Acc* d = dst + th * TW * Cin;
+          int64_t ih = u * ps.step_h + ps.off_h[th];
+          if (ih < 0 || ih >= ps.Hin) {
+            zero(d, TW * Cin);
+            continue;
+          }
+          zero(d, tlo * Cin);
+          copy_widen(d + tlo * Cin, in_n + ih * ps.is.h + (iw0 + tlo) * ps.is.w,
+                     (thi - tlo) * Cin, 1);
+          zero(d + thi * Cin, (TW - thi) * Cin);
+        }
+      } else {
+        for (int64_t t = k0 / Cin; t * Cin < k0 + kc; ++t) {
+          int64_t th = t / TW, tw = t % TW;
+          int64_t c_lo = std::max<int64_t>(0, k0 - t * Cin), c_hi = std::min(Cin, k0 + kc - t * Cin);
+          Acc* d = dst + t * Cin + c_lo - k0;
+          int64_t ih = u * ps.step_h + ps.off_h[th], iw = v * ps.step_w + ps.off_w[tw];
+          if (ih < 0 || ih >= ps.Hin || iw < 0 || iw >= ps.Win)
+            zero(d, c_hi - c_lo);
+          else
+            copy_widen(d, in_n + ih * ps.is.h + iw * ps.is.w + c_lo, c_hi - c_lo, 1);
+        }
+      }
+      if (++v == ps.V) {
+        v = 0;
+        if (++u == ps.U) {
+          u = 0;
+          ++n;
+        }
       }
     }
   }
+
+  // ------------------------------------------------------------------------------------------
+  // Epilogues for tiles computed into scratch (half types, bwd_data phases, blocks that
+  // straddle images): convert, add bias, scatter to the pass grid.
+
+  T* out_cell(const Pass& ps, T* out, int64_t n, int64_t c, int64_t u, int64_t v) const {
+    return out + n * ps.os.n + c * ps.os.c + (ps.h0 + u * ps.hs) * ps.os.h +
+           (ps.w0 + v * ps.ws) * ps.os.w;
+  }
+
+  // NCHW tile C[co][col] (ldc) over the block's runs.
+  void store_nchw(const Pass& ps, const Acc* C, int64_t ldc, const std::vector<Run>& runs,
+                  int64_t grp, T* out, const T* bias) const {
+    for (int64_t co = 0; co < ps.Cout; ++co) {
+      Acc b = bias ? Num<T>::load(bias[grp * ps.Cout + co]) : Acc(0);
+      for (const Run& r : runs) {
+        T* dst = out_cell(ps, out, r.n, grp * ps.Cout + co, r.u, r.v);
+        const Acc* src = C + co * ldc + r.at;
+        for (int64_t i = 0; i < r.len; ++i) dst[i * ps.ws * ps.os.w] = Num<T>::store(src[i] + b);
+      }
+    }
+  }
+
+  // NHWC tile C[row][co] (ldc) for grid positions q0 .. q0 + rows.
+  void store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, int64_t rows,
+                  int64_t grp, T* out, const T* bias) const {
+    int64_t n = q0 / (ps.U * ps.V), u = (q0 / ps.V) % ps.U, v = q0 % ps.V;
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = out_cell(ps, out, n, grp * ps.Cout, u, v);
+      const Acc* src = C + r * ldc;
+      for (int64_t co = 0; co < ps.Cout; ++co) {
+        Acc b = bias ? Num<T>::load(bias[grp * ps.Cout + co]) : Acc(0);
+        dst[co] = Num<T>::store(src[co] + b);
+      }
+      if (++v == ps.V) {
+        v = 0;
+        if (++u == ps.U) {
+          u = 0;
+          ++n;
+        }
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Running a pass.
+
+  // NCHW: per task, a block of grid columns (positions) of one group; A = weights.
+  void run_pass_nchw(const ParallelRunner& pr, const Pass& ps, const T* in, const Acc* A,
+                     const T* bias, T* out) const {
+    const int64_t J = ps.U * ps.V, Q = ps.N * J, K = ps.K(), Cout = ps.Cout;
+    if (Q == 0) return;
+    // Blocks of columns: whole images split evenly when an image is large, else blocks that
+    // run across images; halved until there are enough tasks to share.
+    int64_t width = 256;
+    auto count = [&](int64_t wdt) {
+      return J >= 128 ? ps.N * ((J + wdt - 1) / wdt) : (Q + wdt - 1) / wdt;
+    };
+    while (width > 64 && ps.G * count(width) < 4 * pr.num_threads()) width /= 2;
+    const int64_t per_image = J >= 128 ? (J + width - 1) / width : 0;
+    const int64_t blocks = count(width);
+    const int64_t kc_max = K <= kKC + kKC / 2 ? K : kKC;
+    pr.run(ps.G * blocks, [&](int64_t task) {
+      const int64_t grp = task / blocks, b = task % blocks;
+      int64_t q0, q1;
+      if (per_image) {
+        int64_t n = b / per_image, part = b % per_image;
+        int64_t step = round_up((J + per_image - 1) / per_image, NR);
+        q0 = n * J + std::min(J, part * step);
+        q1 = n * J + std::min(J, (part + 1) * step);
+      } else {
+        q0 = b * width;
+        q1 = std::min(Q, q0 + width);
+      }
+      const int64_t cols = q1 - q0;
+      if (cols <= 0) return;
+      thread_local std::vector<Run> runs;
+      grid_runs(q0, q1, ps.U, ps.V, &runs);
+      const bool direct = kSame && ps.dense && q0 / J == (q1 - 1) / J;
+      Acc* C;
+      int64_t ldc;
+      bool acc = false;
+      if (direct) {
+        int64_t n = q0 / J;
+        C = reinterpret_cast<Acc*>(out) + n * ps.os.n + grp * Cout * ps.os.c + (q0 - n * J);
+        ldc = ps.os.c;
+        if (bias) {
+          for (int64_t co = 0; co < Cout; ++co)
+            std::fill(C + co * ldc, C + co * ldc + cols, Num<T>::load(bias[grp * Cout + co]));
+          acc = true;
+        }
+      } else {
+        C = scratch<Acc, 1>(Cout * cols);
+        ldc = cols;
+      }
+      const Acc* Ag = A + grp * Cout * K;
+      Acc* Bp = scratch<Acc, 0>(round_up(cols, NR) * kc_max);
+      if (K == 0) gemm_packed(Cout, cols, 0, Ag, K, Bp, 0, C, ldc, acc);
+      for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, K - k0);
+        pack_colT_panels(ps, in, grp, k0, kc, runs, Bp);
+        gemm_packed(Cout, cols, kc, Ag + k0, K, Bp, kc * NR, C, ldc, acc || k0 > 0);
+      }
+      if (!direct) store_nchw(ps, C, ldc, runs, grp, out, bias);
+    });
+  }
+
+  // NHWC: per task, a block of grid rows (positions, across images) of one group; B = weights.
+  void run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* in, const Acc* Bw,
+                     const T* bias, T* out) const {
+    const int64_t Q = ps.N * ps.U * ps.V, K = ps.K(), Cout = ps.Cout;
+    if (Q == 0) return;
+    const int64_t panels = (Cout + NR - 1) / NR;
+    int64_t rows_per = 96;
+    while (rows_per > 12 && ps.G * ((Q + rows_per - 1) / rows_per) < 4 * pr.num_threads())
+      rows_per /= 2;
+    const int64_t blocks = (Q + rows_per - 1) / rows_per;
+    const int64_t kc_max = K <= kKC + kKC / 2 ? K : kKC;
+    // 1x1 taps at offset 0 with step 1 over a grid equal to the input: the im2col is the input.
+    const bool in_place = kSame && ps.TH() == 1 && ps.TW() == 1 && ps.off_h[0] == 0 &&
+                          ps.off_w[0] == 0 && ps.step_h == 1 && ps.step_w == 1 &&
+                          ps.U == ps.Hin && ps.V == ps.Win;
+    pr.run(ps.G * blocks, [&](int64_t task) {
+      const int64_t grp = task / blocks, b = task % blocks;
+      const int64_t q0 = b * rows_per, rows = std::min(Q, q0 + rows_per) - q0;
+      const bool direct = kSame && ps.dense;
+      Acc* C;
+      int64_t ldc;
+      bool acc = false;
+      if (direct) {
+        C = reinterpret_cast<Acc*>(out) + q0 * ps.os.w + grp * Cout;
+        ldc = ps.os.w;
+        if (bias) {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t co = 0; co < Cout; ++co)
+              C[r * ldc + co] = Num<T>::load(bias[grp * Cout + co]);
+          acc = true;
+        }
+      } else {
+        C = scratch<Acc, 1>(rows * Cout);
+        ldc = Cout;
+      }
+      const Acc* Bg = Bw + grp * panels * NR * K;
+      if (K == 0) gemm_packed(rows, Cout, 0, Bg, 0, Bg, 0, C, ldc, acc);
+      for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, K - k0);
+        const Acc* Ablk;
+        int64_t lda;
+        if (in_place) {
+          Ablk = reinterpret_cast<const Acc*>(in) + q0 * ps.is.w + grp * ps.Cin + k0;
+          lda = ps.is.w;
+        } else {
+          Acc* At = scratch<Acc, 0>(rows_per * kc_max);
+          pack_col_rows(ps, in, grp, q0, rows, k0, kc, At);
+          Ablk = At;
+          lda = kc;
+        }
+        gemm_packed(rows, Cout, kc, Ablk, lda, Bg + k0 * NR, K * NR, C, ldc, acc || k0 > 0);
+      }
+      if (!direct) store_nhwc(ps, C, ldc, q0, rows, grp, out, bias);
+    });
+  }
+
+  void run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, const T* w,
+                bool transposed, const T* bias, T* out) const {
+    if (ps.N * ps.U * ps.V == 0) return;
+    std::vector<Acc> wpack;
+    const Acc* wmat;
+    // Forward NCHW with float weights: OIHW rows are already the A operand.
+    if (kSame && !transposed && ps.layout == kNCHW) {
+      wmat = reinterpret_cast<const Acc*>(w);
+    } else {
+      pack_pass_weights(pr, ps, w, transposed, &wpack);
+      wmat = wpack.data();
+    }
+    if (ps.layout == kNCHW)
+      run_pass_nchw(pr, ps, in, wmat, bias, out);
+    else
+      run_pass_nhwc(pr, ps, in, wmat, bias, out);
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // The three kernels.
 
   // y = conv(x, w) + bias
   void forward(const ParallelRunner& pr, const T* x, const T* w, const T* bias, T* y) const {
-    const int64_t G = g.groups(), K = g.gemm_k(), P = g.OH * g.OW;
-    std::vector<Acc> wpack(G * K * Og);
-    for (int64_t grp = 0; grp < G; ++grp) pack_weights_fwd(w, grp, wpack.data() + grp * K * Og);
-    const int64_t PT = tile_rows(K, P), tiles = (P + PT - 1) / PT;
-    pr.run(g.N * G * tiles, [&](int64_t task) {
-      int64_t t = task % tiles, grp = (task / tiles) % G, n = task / (tiles * G);
-      int64_t p0 = t * PT, p1 = std::min(P, p0 + PT);
-      Acc* col = scratch<Acc, 0>(PT * K);
-      Acc* out = scratch<Acc, 1>(PT * Og);
-      pack_cols(x, n, grp, p0, p1, col);
-      gemm(p1 - p0, Og, K, col, K, wpack.data() + grp * K * Og, Og, out, Og, false);
-      store_tile(out, p1 - p0, Og, y, ys, n, grp * Og, p0, g.OW, bias);
-    });
+    run_pass(pr, forward_pass(), x, w, false, bias, y);
   }
 
-  // dx = conv_transpose(dy, w) + bias
+  // dx = conv_transpose(dy, w) + bias, one pass per stride phase.
   void backward_data(const ParallelRunner& pr, const T* dy, const T* w, const T* bias,
                      T* dx) const {
-    const int64_t G = g.groups(), K = g.gemm_k_transposed(), Q = g.H * g.W;
-    std::vector<Acc> wpack(G * K * Cg);
-    for (int64_t grp = 0; grp < G; ++grp)
-      pack_weights_bwd_data(w, grp, wpack.data() + grp * K * Cg);
-    const int64_t QT = tile_rows(K, Q), tiles = (Q + QT - 1) / QT;
-    pr.run(g.N * G * tiles, [&](int64_t task) {
-      int64_t t = task % tiles, grp = (task / tiles) % G, n = task / (tiles * G);
-      int64_t q0 = t * QT, q1 = std::min(Q, q0 + QT);
-      Acc* col = scratch<Acc, 0>(QT * K);
-      Acc* out = scratch<Acc, 1>(QT * Cg);
-      pack_cols_transposed(dy, n, grp, q0, q1, col);
-      gemm(q1 - q0, Cg, K, col, K, wpack.data() + grp * K * Cg, Cg, out, Cg, false);
-      store_tile(out, q1 - q0, Cg, dx, xs, n, grp * Cg, q0, g.W, bias);
+    for (int64_t rh = 0; rh < g.p.stride_h; ++rh)
+      for (int64_t rw = 0; rw < g.p.stride_w; ++rw)
+        run_pass(pr, bwd_data_phase(rh, rw), dy, w, true, bias, dx);
+  }
+
+  // dw = sum over images and positions of the im2col of x against dy (see the file comment).
+  //
+  // Positions (n, oh, ow), flattened, are cut into slices of at most kKC; dy is first packed
+  // once per slice into the GEMM operand it plays (NCHW: B panels of dY^T; NHWC: A rows of
+  // dY^T). Tasks then own a block of the im2col side (NCHW: rows k of dW^T; NHWC: columns k)
+  // and a contiguous range of slices; when there are too few blocks to keep every thread busy
+  // the slices are split into ranges summed into separate partial buffers, added at the end in
+  // a fixed order, so results never depend on scheduling.
+  void backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T* dw) const {
+    const Pass ps = forward_pass();
+    const int64_t G = ps.G, Kg = ps.K(), J = ps.U * ps.V, Q = ps.N * J;
+    const int64_t slices = (Q + kKC - 1) / kKC;
+    const int64_t opanels = (Og + NR - 1) / NR;
+    const bool cl = !nhwc();
+    // Packed dy, per (group, slice): NCHW opanels*NR x kKC panels; NHWC Og x kKC rows.
+    const int64_t dy_slice = cl ? opanels * NR * kKC : Og * kKC;
+    std::vector<Acc> dyp(G * slices * dy_slice);
+    pr.run(G * slices, [&](int64_t task) {
+      const int64_t grp = task / slices, s = task % slices;
+      const int64_t q0 = s * kKC, q1 = std::min(Q, q0 + kKC), pc = q1 - q0;
+      Acc* dst = dyp.data() + task * dy_slice;
+      if (cl) {
+        // dY^T panels: [o / NR][pos][o % NR]; read along each dy plane (contiguous in pos).
+        for (int64_t o = 0; o < opanels * NR; ++o) {
+          Acc* d = dst + (o / NR) * pc * NR + o % NR;
+          if (o >= Og) {
+            for (int64_t q = 0; q < pc; ++q) d[q * NR] = Acc(0);
+            continue;
+          }
+          for (int64_t q = q0; q < q1;) {
+            int64_t n = q / J, j = q % J, len = std::min(J - j, q1 - q);
+            const T* src = dy + n * ys.n + (grp * Og + o) * ys.c + j;
+            for (int64_t i = 0; i < len; ++i) d[(q - q0 + i) * NR] = Num<T>::load(src[i]);
+            q += len;
+          }
+        }
+      } else {
+        // dY^T rows: [o][pos]; positions of dense NHWC dy are rows of stride ys.w.
+        for (int64_t q = q0; q < q1; ++q) {
+          const T* src = dy + q * ys.w + grp * Og;
+          for (int64_t o = 0; o < Og; ++o) dst[o * pc + (q - q0)] = Num<T>::load(src[o]);
+        }
+      }
+    });
+    // Blocks of the im2col side: NCHW rows of dW^T (multiples of 6), NHWC columns (panels).
+    const int64_t block = cl ? 96 : 8 * NR;
+    const int64_t blocks = (Kg + block - 1) / block;
+    int64_t splits = std::max<int64_t>(1, (2 * pr.num_threads() + G * blocks - 1) / (G * blocks));
+    splits = std::min(splits, slices);
+    const int64_t part_size = Kg * Og;  // NCHW dW^T[k][o], NHWC dW^T[o][k]
+    std::vector<Acc> partial(G * splits * part_size, Acc(0));
+    pr.run(G * blocks * splits, [&](int64_t task) {
+      const int64_t s = task % splits, b = (task / splits) % blocks, grp = task / (splits * blocks);
+      const int64_t k0 = b * block, kn = std::min(Kg, k0 + block) - k0;
+      Acc* part = partial.data() + (grp * splits + s) * part_size;
+      Acc* im = scratch<Acc, 0>(round_up(block, NR) * kKC);
+      thread_local std::vector<Run> runs;
+      for (int64_t sl = slices * s / splits; sl < slices * (s + 1) / splits; ++sl) {
+        const int64_t q0 = sl * kKC, q1 = std::min(Q, q0 + kKC), pc = q1 - q0;
+        const Acc* dyop = dyp.data() + (grp * slices + sl) * dy_slice;
+        if (cl) {
+          // A = im2col rows k0 .. k0+kn over the slice's positions (row length pc).
+          grid_runs(q0, q1, ps.U, ps.V, &runs);
+          const int64_t taps = ps.TH() * ps.TW();
+          for (int64_t k = k0; k < k0 + kn; ++k) {
+            int64_t ci = k / taps, th = (k % taps) / ps.TW(), tw = k % ps.TW();
+            int64_t vlo, vhi;
+            ps.v_range(tw, &vlo, &vhi);
+            for (const Run& r : runs)
+              gather_row_run(ps, x + r.n * xs.n + (grp * Cg + ci) * xs.c, r, th, tw, vlo, vhi,
+                             im + (k - k0) * pc + r.at);
+          }
+          gemm_packed(kn, Og, pc, im, pc, dyop, pc * NR, part + k0 * Og, Og, true);
+        } else {
+          // B = im2col columns k0 .. k0+kn as panels over the slice's positions.
+          pack_col_panels_nhwc(ps, x, grp, q0, pc, k0, kn, im);
+          gemm_packed(Og, kn, pc, dyop, pc, im, pc * NR, part + k0, Kg, true);
+        }
+      }
+    });
+    // Sum the partials in split order and write dw in its layout.
+    const int64_t taps = ps.TH() * ps.TW();
+    pr.run(G * Og, [&](int64_t task) {
+      const int64_t grp = task / Og, o = task % Og;
+      const Acc* base = partial.data() + grp * splits * part_size;
+      for (int64_t k = 0; k < Kg; ++k) {
+        int64_t idx = cl ? k * Og + o : o * Kg + k;
+        Acc v = 0;
+        for (int64_t s = 0; s < splits; ++s) v += base[s * part_size + idx];
+        int64_t ci, kh, kw;
+        if (cl) {
+          ci = k / taps; kh = (k % taps) / g.KW; kw = k % g.KW;
+        } else {
+          ci = k % Cg; kh = (k / Cg) / g.KW; kw = (k / Cg) % g.KW;
+        }
+        dw[(grp * Og + o) * ws.n + ci * ws.c + kh * ws.h + kw * ws.w] = Num<T>::store(v);
+      }
     });
   }
 
-  // dw = sum over images and positions of Col^T * DY. The reduction over (n, tile) units is
-  // split into `splits` contiguous ranges per group, each summed into its own partial buffer;
-  // the partials are then added in a fixed order, so results do not depend on scheduling.
-  void backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T* dw) const {
-    const int64_t G = g.groups(), K = g.gemm_k(), P = g.OH * g.OW;
-    const int64_t PT = tile_rows(K, P), tiles = (P + PT - 1) / PT, units = g.N * tiles;
-    const int64_t partial_size = K * Og;
-    int64_t splits = std::max<int64_t>(1, (2 * pr.num_threads() + G - 1) / G);
-    splits = std::min(splits, std::max<int64_t>(units, 1));
-    const int64_t max_elems = int64_t(64) << 20;  // cap partials at 64M accumulators
-    while (splits > 1 && G * splits * partial_size > max_elems) --splits;
-    std::vector<Acc> partial(G * splits * partial_size, Acc(0));
-    pr.run(G * splits, [&](int64_t task) {
-      int64_t s = task % splits, grp = task / splits;
-      int64_t u0 = units * s / splits, u1 = units * (s + 1) / splits;
-      Acc* acc = partial.data() + task * partial_size;
-      Acc* col = scratch<Acc, 0>(PT * K);
-      Acc* colT = scratch<Acc, 1>(PT * K);
-      Acc* dyt = scratch<Acc, 2>(PT * Og);
-      for (int64_t u = u0; u < u1; ++u) {
-        int64_t n = u / tiles, p0 = (u % tiles) * PT, p1 = std::min(P, p0 + PT);
-        int64_t rows = p1 - p0;
-        pack_cols(x, n, grp, p0, p1, col);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < K; ++k) colT[k * rows + r] = col[r * K + k];
-        const T* dyn = dy + n * ys.n + grp * Og * ys.c;
-        for (int64_t r = 0; r < rows; ++r) {
-          int64_t p = p0 + r;
-          const T* src = dyn + (p / g.OW) * ys.h + (p % g.OW) * ys.w;
-          for (int64_t o = 0; o < Og; ++o) dyt[r * Og + o] = Num<T>::load(src[o * ys.c]);
+  // NHWC bwd_filter: im2col columns [k0, k0 + kn) (k = (kh, kw, ci)) for positions q0 .. q0+pc
+  // as B panels [col / NR][pos][col % NR] (panel stride pc*NR), zero-padded to whole panels.
+  void pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int64_t q0, int64_t pc,
+                            int64_t k0, int64_t kn, Acc* Bp) const {
+    const int64_t Cin = ps.Cin, kpad = round_up(kn, NR);
+    int64_t n = q0 / (ps.U * ps.V), u = (q0 / ps.V) % ps.U, v = q0 % ps.V;
+    for (int64_t r = 0; r < pc; ++r) {
+      const T* in_n = x + n * ps.is.n + grp * Cin;
+      for (int64_t col = 0; col < kpad;) {
+        int64_t k = k0 + col;
+        int64_t lane = col % NR;
+        Acc* dst = Bp + (col / NR) * pc * NR + r * NR + lane;
+        if (col >= kn) {
+          zero(dst, NR - lane);
+          col += NR - lane;
+          continue;
         }
-        gemm(K, Og, rows, colT, rows, dyt, Og, acc, Og, true);
+        int64_t t = k / Cin, ci = k % Cin;
+        int64_t piece = std::min({NR - lane, Cin - ci, kn - col});
+        int64_t ih = u * ps.step_h + ps.off_h[t / ps.TW()];
+        int64_t iw = v * ps.step_w + ps.off_w[t % ps.TW()];
+        if (ih < 0 || ih >= ps.Hin || iw < 0 || iw >= ps.Win)
+          zero(dst, piece);
+        else
+          copy_widen(dst, in_n + ih * ps.is.h + iw * ps.is.w + ci, piece, 1);
+        col += piece;
       }
-    });
-    KOrder ko = k_fwd();
-    for (int64_t grp = 0; grp < G; ++grp) {
-      const Acc* base = partial.data() + grp * splits * partial_size;
-      for (int64_t o = 0; o < Og; ++o)
-        for (int64_t c = 0; c < Cg; ++c)
-          for (int64_t kh = 0; kh < g.KH; ++kh)
-            for (int64_t kw = 0; kw < g.KW; ++kw) {
-              int64_t k = ko(c, kh, kw);
-              Acc v = 0;
-              for (int64_t s = 0; s < splits; ++s) v += base[s * partial_size + k * Og + o];
-              dw[(grp * Og + o) * ws.n + c * ws.c + kh * ws.h + kw * ws.w] = Num<T>::store(v);
-            }
+      if (++v == ps.V) {
+        v = 0;
+        if (++u == ps.U) {
+          u = 0;
+          ++n;
+        }
+      }
     }
   }
 };

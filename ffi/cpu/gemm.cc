@@ -1,120 +1,225 @@
-// Row-major GEMM used by every CPU convolution: C[M x N] (+)= A[M x K] * B[K x N].
+// The GEMM engine behind every CPU convolution: C[M x N] (+)= A[M x K] * B[K x N].
 //
-// Register-blocked: an MR x NR tile of C lives in registers while k runs over the whole
-// reduction, reading one row of A's tile (MR scalars) and one NR-wide strip of B per step.
-// The same source is compiled twice: once for baseline x86-64 and once with AVX2+FMA enabled;
-// `gemm` picks one at run time, so a default build runs on any x86-64 CPU.
+// A is read in place (row-major, leading dimension lda); B arrives packed in panels of NR
+// columns (see cpu_common.h), so the micro-kernel streams it with unit stride. The micro-kernel
+// keeps an MR x NR tile of C in registers (MR = 6 rows x NR = two 256-bit vectors: 12
+// accumulators + 2 B vectors + 1 broadcast A value = 15 of the 16 AVX registers) and runs the
+// whole K of its call, per step loading one B row (2 vectors) and broadcasting MR values of A.
+//
+// Cache blocking is shared between this file and its callers: callers hand in K-slices of at
+// most a few hundred steps, so that one packed B panel (K x NR) stays in L1 while the
+// micro-kernel sweeps down an MC-row block of A held in L2; the loops here are
+//   for each MC-row block of A:  for each B panel:  for each MR-row tile:  micro-kernel.
+//
+// The same source is compiled twice: for baseline x86-64 (GCC's vector extensions become SSE2
+// pairs) and with AVX2+FMA enabled (one ymm register per vector, a*b+c contracted to vfmadd);
+// the entry points choose at run time, so a default build runs on any x86-64 CPU.
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cpu_common.h"
+
+// Vector helpers below pass 32-byte vectors between always-inlined functions; the ABI note GCC
+// emits for that does not apply (nothing crosses a call boundary).
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace jaxconv {
 namespace {
 
-template <typename T, int MR, int NR>
-__attribute__((always_inline)) inline void micro_tile(int64_t K, const T* A, int64_t lda,
-                                                      const T* B, int64_t ldb, T* C, int64_t ldc,
-                                                      bool accumulate) {
-  T acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) acc[r][c] = accumulate ? C[r * ldc + c] : T(0);
+// 32-byte vectors of float or double (GCC vector extensions; arithmetic is element-wise and a
+// scalar operand is broadcast).
+template <typename S>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename S>
+using V = typename Vec<S>::type;
+template <typename S>
+constexpr int kLanes = 32 / sizeof(S);
+
+template <typename S>
+__attribute__((always_inline)) inline V<S> load(const S* p) {
+  V<S> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename S>
+__attribute__((always_inline)) inline void store(S* p, V<S> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+constexpr int kMR = 6;
+
+// One MR x NR tile: C[0:MR, 0:nr] (+)= A[0:MR, 0:K] * Bpanel[0:K, 0:NR]. Rows past `mr` of A are
+// never read: MR is the compile-time row count of this instantiation (mr == MR). Columns past nr
+// are computed (the panel is zero-padded) but not stored.
+template <typename S, int MR>
+__attribute__((always_inline)) inline void micro_kernel(int64_t K, const S* A, int64_t lda,
+                                                        const S* Bp, S* C, int64_t ldc,
+                                                        bool accumulate, int64_t nr) {
+  constexpr int L = kLanes<S>, NR = 2 * L;
+  V<S> c0[MR], c1[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) c0[r] = c1[r] = V<S>{};
+  const S* a[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) a[r] = A + r * lda;
+#pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k) {
-    const T* b = B + k * ldb;
+    V<S> b0 = load(Bp + k * NR), b1 = load(Bp + k * NR + L);
+#pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      T a = A[r * lda + k];
-      for (int c = 0; c < NR; ++c) acc[r][c] += a * b[c];
+      S ar = a[r][k];
+      c0[r] += b0 * ar;
+      c1[r] += b1 * ar;
     }
+  }
+  if (nr == NR) {
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      S* cr = C + r * ldc;
+      if (accumulate) {
+        c0[r] += load(cr);
+        c1[r] += load(cr + L);
+      }
+      store(cr, c0[r]);
+      store(cr + L, c1[r]);
+    }
+    return;
+  }
+  S tile[MR][NR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    store(&tile[r][0], c0[r]);
+    store(&tile[r][L], c1[r]);
   }
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) C[r * ldc + c] = acc[r][c];
+    for (int64_t j = 0; j < nr; ++j) C[r * ldc + j] = (accumulate ? C[r * ldc + j] : S(0)) + tile[r][j];
 }
 
-// Edge tiles (fewer than MR rows or NR columns): same arithmetic, runtime bounds.
-template <typename T>
-__attribute__((always_inline)) inline void edge_tile(int64_t mr, int64_t nr, int64_t K, const T* A,
-                                                     int64_t lda, const T* B, int64_t ldb, T* C,
-                                                     int64_t ldc, bool accumulate) {
-  for (int64_t r = 0; r < mr; ++r) {
-    T* c = C + r * ldc;
+template <typename S>
+__attribute__((always_inline)) inline void gemm_packed_body(int64_t M, int64_t N, int64_t K,
+                                                            const S* A, int64_t lda, const S* Bp,
+                                                            int64_t panel_stride, S* C,
+                                                            int64_t ldc, bool accumulate) {
+  constexpr int64_t NR = 2 * kLanes<S>;
+  // Rows of A per block: MC x K of A (K <= a few hundred) stays in L2 while every panel of B
+  // passes over it.
+  constexpr int64_t MC = 16 * kMR;
+  if (K == 0) {
     if (!accumulate)
-      for (int64_t j = 0; j < nr; ++j) c[j] = T(0);
-    for (int64_t k = 0; k < K; ++k) {
-      T a = A[r * lda + k];
-      const T* b = B + k * ldb;
-      for (int64_t j = 0; j < nr; ++j) c[j] += a * b[j];
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(S) * N);
+    return;
+  }
+  const int64_t panels = (N + NR - 1) / NR;
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t m1 = std::min(M, m0 + MC);
+    for (int64_t p = 0; p < panels; ++p) {
+      const S* bp = Bp + p * panel_stride;
+      const int64_t nr = std::min(NR, N - p * NR);
+      S* cp = C + p * NR;
+      int64_t i = m0;
+      for (; i + kMR <= m1; i += kMR)
+        micro_kernel<S, kMR>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
+      switch (m1 - i) {
+        case 5: micro_kernel<S, 5>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 4: micro_kernel<S, 4>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 3: micro_kernel<S, 3>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 2: micro_kernel<S, 2>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 1: micro_kernel<S, 1>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
+        default: break;
+      }
     }
   }
 }
 
-template <typename T, int MR, int NR>
-__attribute__((always_inline)) inline void gemm_body(int64_t M, int64_t N, int64_t K, const T* A,
-                                                     int64_t lda, const T* B, int64_t ldb, T* C,
-                                                     int64_t ldc, bool accumulate) {
-  // Columns in blocks so that the K x NB strip of B stays in cache across the row tiles.
-  constexpr int64_t NB = 256;
-  for (int64_t j0 = 0; j0 < N; j0 += NB) {
-    int64_t jn = std::min(N, j0 + NB);
-    int64_t i = 0;
-    for (; i + MR <= M; i += MR) {
-      int64_t j = j0;
-      for (; j + NR <= jn; j += NR)
-        micro_tile<T, MR, NR>(K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-      if (j < jn)
-        edge_tile<T>(MR, jn - j, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc,
-                     accumulate);
-    }
-    if (i < M)
-      edge_tile<T>(M - i, jn - j0, K, A + i * lda, lda, B + j0, ldb, C + i * ldc + j0, ldc,
-                   accumulate);
-  }
+void gemm_packed_f32_generic(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                             const float* Bp, int64_t ps, float* C, int64_t ldc, bool acc) {
+  gemm_packed_body<float>(M, N, K, A, lda, Bp, ps, C, ldc, acc);
+}
+__attribute__((target("avx2,fma"))) void gemm_packed_f32_avx2(int64_t M, int64_t N, int64_t K,
+                                                               const float* A, int64_t lda,
+                                                               const float* Bp, int64_t ps,
+                                                               float* C, int64_t ldc, bool acc) {
+  gemm_packed_body<float>(M, N, K, A, lda, Bp, ps, C, ldc, acc);
+}
+void gemm_packed_f64_generic(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                             const double* Bp, int64_t ps, double* C, int64_t ldc, bool acc) {
+  gemm_packed_body<double>(M, N, K, A, lda, Bp, ps, C, ldc, acc);
+}
+__attribute__((target("avx2,fma"))) void gemm_packed_f64_avx2(int64_t M, int64_t N, int64_t K,
+                                                               const double* A, int64_t lda,
+                                                               const double* Bp, int64_t ps,
+                                                               double* C, int64_t ldc, bool acc) {
+  gemm_packed_body<double>(M, N, K, A, lda, Bp, ps, C, ldc, acc);
 }
 
-// 4 x 16 floats = 8 AVX registers of accumulators; 4 x 8 doubles likewise.
-void gemm_f32_generic(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                      const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
-  gemm_body<float, 4, 16>(M, N, K, A, lda, B, ldb, C, ldc, acc);
-}
-__attribute__((target("avx2,fma"))) void gemm_f32_avx2(int64_t M, int64_t N, int64_t K,
-                                                        const float* A, int64_t lda,
-                                                        const float* B, int64_t ldb, float* C,
-                                                        int64_t ldc, bool acc) {
-  gemm_body<float, 4, 16>(M, N, K, A, lda, B, ldb, C, ldc, acc);
-}
-void gemm_f64_generic(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                      const double* B, int64_t ldb, double* C, int64_t ldc, bool acc) {
-  gemm_body<double, 4, 8>(M, N, K, A, lda, B, ldb, C, ldc, acc);
-}
-__attribute__((target("avx2,fma"))) void gemm_f64_avx2(int64_t M, int64_t N, int64_t K,
-                                                        const double* A, int64_t lda,
-                                                        const double* B, int64_t ldb, double* C,
-                                                        int64_t ldc, bool acc) {
-  gemm_body<double, 4, 8>(M, N, K, A, lda, B, ldb, C, ldc, acc);
-}
+}  // namespace
 
+// True where the CPU has AVX2 and FMA, unless JAXCONV_DISABLE_AVX2 is set to a non-empty value
+// other than "0" (read once; lets tests exercise the baseline path on any machine).
 bool cpu_has_avx2_fma() {
   static const bool has = [] {
+    const char* off = std::getenv("JAXCONV_DISABLE_AVX2");
+    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return has;
 }
 
-}  // namespace
+void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
+                 int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
+  if (cpu_has_avx2_fma())
+    gemm_packed_f32_avx2(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+  else
+    gemm_packed_f32_generic(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+}
+
+void gemm_packed(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bp,
+                 int64_t panel_stride, double* C, int64_t ldc, bool accumulate) {
+  if (cpu_has_avx2_fma())
+    gemm_packed_f64_avx2(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+  else
+    gemm_packed_f64_generic(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+}
+
+// Plain row-major B: pack it K-slice by K-slice (so each packed slice stays in cache) and run
+// the packed GEMM on it.
+template <typename S>
+static void gemm_unpacked(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
+                          int64_t ldb, S* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t NR = kPanelWidth<S>;
+  const int64_t KC = 256, panels = (N + NR - 1) / NR;
+  thread_local std::vector<S> packed;
+  if (K == 0) {
+    gemm_packed(M, N, 0, A, lda, nullptr, 0, C, ldc, accumulate);
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min(KC, K - k0);
+    packed.resize(panels * kc * NR);
+    pack_b_panels(kc, N, B + k0 * ldb, ldb, packed.data());
+    gemm_packed(M, N, kc, A + k0, lda, packed.data(), kc * NR, C, ldc, accumulate || k0 > 0);
+  }
+}
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  if (cpu_has_avx2_fma())
-    gemm_f32_avx2(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  else
-    gemm_f32_generic(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_unpacked<float>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
           int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  if (cpu_has_avx2_fma())
-    gemm_f64_avx2(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-  else
-    gemm_f64_generic(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_unpacked<double>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 }  // namespace jaxconv

@@ -1,0 +1,107 @@
+"""The CPU kernels' internal code paths, each forced by a shape, checked against lax.
+
+The fast CPU convolution splits work by shape: K-slices of the reduction (K > 384), column
+blocks that run across images (output planes under 128 cells) or split an image, row blocks,
+in-place 1x1 operands, whole-row im2col copies in NHWC, stride phases of bwd_data (with taps
+that some phases lack), the depthwise kernel, panel and micro-tile edges (channel counts that
+are not multiples of 6 or 16), and the baseline (non-AVX2) build of the GEMM. Every case here is
+small, but chosen so that one of those paths is taken; values, input gradients and weight
+gradients are compared with lax at HIGHEST precision.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxconv
+from reference import ref_conv2d, tol
+
+# (N, C, H, W, O, KH, KW, stride, padding, dilation, groups): the path it takes.
+CASES = {
+    "plain 3x3": (2, 3, 9, 11, 5, 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    "anisotropic strided dilated grouped": (2, 4, 9, 11, 6, 3, 2, (2, 3), ((2, 0), (1, 2)), (1, 2), 2),
+    "K just under one slice": (1, 40, 13, 12, 20, 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    "K sliced, small planes across images": (2, 50, 7, 7, 33, 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+    "1x1 in place, K sliced": (3, 300, 5, 6, 17, 1, 1, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+    "stem-like 7x7/2": (2, 8, 20, 20, 7, 7, 7, (2, 2), ((3, 3), (3, 3)), (1, 1), 1),
+    "depthwise stride 2": (2, 6, 17, 15, 6, 3, 3, (2, 2), ((1, 1), (1, 1)), (1, 1), 6),
+    "depthwise stride 1 dilated": (2, 5, 10, 9, 5, 3, 3, (1, 1), ((2, 2), (2, 2)), (2, 2), 5),
+    "stride 3 phases": (1, 4, 6, 6, 4, 3, 3, (3, 3), ((0, 0), (0, 0)), (1, 1), 1),
+    "strided 1x1 grouped (phases without taps)": (2, 12, 16, 16, 24, 1, 1, (2, 2), ((0, 0), (0, 0)), (1, 1), 3),
+    "1x1 output": (1, 5, 5, 5, 3, 5, 5, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+    "planes >= 128 split, odd channel counts": (2, 3, 12, 40, 130, 2, 2, (1, 1), ((0, 1), (1, 0)), (2, 1), 1),
+}
+
+
+def _operands(case, layout, dtype, seed=0):
+    n, c, h, w, o, kh, kw, *_ = case
+    groups = case[-1]
+    rng = np.random.default_rng(seed)
+    xs = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+    ws = (o, c // groups, kh, kw) if layout == "NCHW" else (kh, kw, c // groups, o)
+    x = jnp.asarray(rng.standard_normal(xs), dtype)
+    wt = jnp.asarray(rng.standard_normal(ws), dtype)
+    b = jnp.asarray(rng.standard_normal(o), dtype)
+    return x, wt, b
+
+
+def _check(case, layout, dtype):
+    *_, stride, padding, dilation, groups = case
+    x, w, b = _operands(case, layout, dtype)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, layout=layout)
+    y, vjp = jax.vjp(lambda x, w, b: jaxconv.conv2d(x, w, b, **kw), x, w, b)
+    y_ref, vjp_ref = jax.vjp(lambda x, w, b: ref_conv2d(x, w, b, **kw), x, w, b)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), dtype)
+    rtol, atol = tol(dtype)
+    for got, want in zip((y,) + vjp(g), (y_ref,) + vjp_ref(g)):
+        scale = float(jnp.max(jnp.abs(want.astype(jnp.float64)))) + 1.0
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                                   rtol=rtol, atol=atol * scale)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_conv_paths_float32(name, layout):
+    _check(CASES[name], layout, jnp.float32)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.bfloat16])
+@pytest.mark.parametrize("name", ["K sliced, small planes across images", "stem-like 7x7/2",
+                                  "depthwise stride 2", "stride 3 phases"])
+def test_conv_paths_other_dtypes(name, dtype, layout):
+    _check(CASES[name], layout, dtype)
+
+
+def test_conv_transpose_with_output_padding_uses_negative_pads():
+    """conv_transpose2d with output_padding is bwd_data with a negative bottom/right pad."""
+    from reference import ref_conv_transpose2d
+    rng = np.random.default_rng(3)
+    for layout in ("NCHW", "NHWC"):
+        xs = (2, 6, 5, 7) if layout == "NCHW" else (2, 5, 7, 6)
+        ws = (6, 4, 3, 3) if layout == "NCHW" else (3, 3, 4, 6)
+        x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
+        kw = dict(stride=(3, 2), padding=((1, 1), (0, 0)), output_padding=(2, 1), layout=layout)
+        got = jaxconv.conv_transpose2d(x, w, **kw)
+        want = ref_conv_transpose2d(x, w, **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_baseline_build_without_avx2():
+    """JAXCONV_DISABLE_AVX2=1 selects the baseline GEMM: same results on a few paths."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests');"
+        "import test_kernel_paths as t, jax.numpy as jnp;"
+        "[t._check(t.CASES[n], lay, jnp.float32) for n in "
+        "('plain 3x3', 'K sliced, small planes across images', 'stride 3 phases') "
+        "for lay in ('NCHW', 'NHWC')]; print('ok')")
+    env = dict(os.environ, JAXCONV_DISABLE_AVX2="1", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
