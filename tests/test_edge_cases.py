@@ -133,14 +133,14 @@ def test_conv_shape_corners(backend, name, layout):
 
     ours = lambda x, w, b: conv2d(x, w, b, layout=layout, **kw)  # noqa: E731
     ref = lambda x, w, b: ref_conv2d(x, w, b, layout=layout, **ref_kw)  # noqa: E731
-    _assert_same_values_and_vjp(ours, ref, (x, w, b), rng)
+    assert_same_values_and_vjp(ours, ref, (x, w, b), rng)
 
 
-def _assert_same_values_and_vjp(ours, ref, args, rng):
+def assert_same_values_and_vjp(ours, ref, args, rng):
     """Outputs and VJPs (a random cotangent) of ours and of the oracle, in one jit each (one
     compilation instead of one per eager op keeps these many small cases fast)."""
-    y_shape = jax.eval_shape(ours, *args).shape
-    g = random_array(rng, y_shape, jnp.float64)
+    y = jax.eval_shape(ours, *args)
+    g = random_array(rng, y.shape, y.dtype)
 
     @jax.jit
     def both(args, g):
@@ -170,7 +170,7 @@ def test_conv_transpose_shape_corners(backend, name, layout):
     two = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
     ref_kw = dict(stride=two(kw.get("stride", 1)), padding=pads(kw.get("padding", 0)),
                   output_padding=two(kw.get("output_padding", 0)))
-    _assert_same_values_and_vjp(
+    assert_same_values_and_vjp(
         lambda x, w: conv_transpose2d(x, w, layout=layout, **kw),
         lambda x, w: ref_conv_transpose2d(x, w, layout=layout, **ref_kw), (x, w), rng)
 
@@ -368,19 +368,26 @@ def test_pool_nonfinite(backend, layout, dtype):
         # Gradient: each output's cotangent lands on its selected cell.
         g = jnp.asarray(np.arange(1, y.size + 1).reshape(y.shape), dtype)
         dx = jax.grad(lambda x: jnp.sum(max_pool2d(x, layout=layout, **kw) * g))(x)
-        _assert_grad_from_indices(dx, g, idx, layout)
+        np.testing.assert_allclose(np.asarray(dx, np.float64),
+                                   pool_grad_oracle(g, idx, x.shape, layout), rtol=1e-3)
 
 
-def _assert_grad_from_indices(dx, g, idx, layout):
-    """dx[n, c, idx[n, c, o]] += g[n, c, o], accumulated in float64."""
+def pool_grad_oracle(g, idx, x_shape, layout):
+    """The max-pool gradient from the oracle's indices: dx[n, c, idx[n, c, o]] += g[n, c, o],
+    accumulated in float64 (an index of -1, an empty window, sends nothing)."""
+    g, idx = np.asarray(g, np.float64), np.asarray(idx)
     if layout == "NHWC":
-        dx, g, idx = (np.moveaxis(np.asarray(a), 3, 1) for a in (dx, g, idx))
-    dx, g, idx = np.asarray(dx, np.float64), np.asarray(g, np.float64), np.asarray(idx)
-    want = np.zeros(dx.shape).reshape(dx.shape[0], dx.shape[1], -1)
-    for n in range(g.shape[0]):
-        for c in range(g.shape[1]):
-            np.add.at(want[n, c], idx[n, c].ravel(), g[n, c].ravel())
-    np.testing.assert_allclose(dx.reshape(want.shape), want.astype(dx.dtype), rtol=1e-3)
+        g, idx = np.moveaxis(g, 3, 1), np.moveaxis(idx, 3, 1)
+        n, h, w, c = x_shape
+    else:
+        n, c, h, w = x_shape
+    dx = np.zeros((n, c, h * w))
+    for ni in range(n):
+        for ci in range(c):
+            keep = idx[ni, ci].ravel() >= 0
+            np.add.at(dx[ni, ci], idx[ni, ci].ravel()[keep], g[ni, ci].ravel()[keep])
+    dx = dx.reshape(n, c, h, w)
+    return np.moveaxis(dx, 1, 3) if layout == "NHWC" else dx
 
 
 # ---------------------------------------------------------------------------------------------
