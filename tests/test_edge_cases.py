@@ -185,6 +185,9 @@ POOL_CASES = {  # (x NCHW shape, max_pool2d keyword arguments)
     "huge_stride": ((2, 2, 5, 6), dict(kernel_size=2, stride=1000)),
     "huge_stride_ceil_mode": ((1, 2, 5, 6), dict(kernel_size=2, stride=(1000, 4),
                                                  ceil_mode=True)),
+    # Taps at -2 and +2 of a 1x1 image: no tap inside, the value is -inf and the index -1.
+    "window_of_only_padding": ((1, 2, 1, 1), dict(kernel_size=2, stride=1, dilation=4,
+                                                  padding=2)),
 }
 
 
@@ -197,11 +200,16 @@ def test_pool_shape_corners(backend, name, layout):
     two = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
     kernel = two(kw["kernel_size"])
     vals, idx = ref_max_pool2d(x, kernel, two(kw.get("stride", kernel)),
-                               pads(kw.get("padding", 0)), (1, 1), kw.get("ceil_mode", False),
-                               layout)
+                               pads(kw.get("padding", 0)), two(kw.get("dilation", 1)),
+                               kw.get("ceil_mode", False), layout)
     y, i = max_pool2d(x, return_indices=True, layout=layout, **kw)
     np.testing.assert_array_equal(np.asarray(i), idx)
     np.testing.assert_array_equal(np.asarray(y, np.float64), vals)
+    # The gradient reaches exactly the selected cells (none for an index of -1).
+    g = random_array(rng, y.shape, jnp.float32)
+    dx = jax.grad(lambda x: jnp.sum(max_pool2d(x, layout=layout, **kw) * g))(x)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), pool_grad_oracle(g, idx, x.shape,
+                                                                           layout), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
