@@ -184,7 +184,8 @@ BAD = {
 # Raw calls that are valid but reach corners Python never produces; the child compares them with
 # lax and reports the largest error.
 GOOD = ["conv_negative_pads", "bwd_data_negative_pads", "pool_bwd_out_of_range_indices",
-        "conv_nhwc_layout_code", "bwd_filter_empty_batch"]
+        "conv_nhwc_layout_code", "bwd_filter_empty_batch", "fuzz_conv_attributes",
+        "fuzz_pool_attributes"]
 
 # Checks the harness itself: this case kills its child with SIGSEGV.
 SELFTEST = ["selftest_segfault"]
@@ -265,7 +266,110 @@ def _run_good(name) -> float:
         dw = call(BWD_FILTER, jax.ShapeDtypeStruct(W, jnp.float32),
                   jnp.ones((0,) + X[1:], jnp.float32), jnp.ones((0,) + Y[1:], jnp.float32), **CONV)
         return float(jnp.max(jnp.abs(dw)))
+    if name == "fuzz_conv_attributes":
+        return _fuzz_conv(rng)
+    if name == "fuzz_pool_attributes":
+        return _fuzz_pool(rng)
     raise KeyError(name)
+
+
+# Seeded fuzzing of attribute combinations Python never produces: pads of either sign on each
+# side (a negative pad crops), any stride/dilation/groups/layout. Whenever lax's convolution has
+# a non-empty output, the three raw targets must match it (fwd) and its VJP (bwd_data,
+# bwd_filter); whenever it has none, fwd must raise.
+FUZZ_CONFIGS = 30
+
+
+def _fuzz_conv(rng) -> float:
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    worst = 0.0
+    for _ in range(FUZZ_CONFIGS):
+        groups = int(rng.integers(1, 3))
+        n, c, o = int(rng.integers(1, 3)), groups * int(rng.integers(1, 3)), \
+            groups * int(rng.integers(1, 3))
+        h, w, kh, kw = (int(v) for v in rng.integers(1, 6, 4))
+        stride, dil = [int(v) for v in rng.integers(1, 4, 2)], [int(v) for v in
+                                                                  rng.integers(1, 3, 2)]
+        pads = [(int(a), int(b)) for a, b in rng.integers(-3, 4, (2, 2))]
+        layout = int(rng.integers(0, 2))
+        dn = ("NCHW", "OIHW", "NCHW") if layout == 0 else ("NHWC", "HWIO", "NHWC")
+        x_shape = (n, c, h, w) if layout == 0 else (n, h, w, c)
+        w_shape = (o, c // groups, kh, kw) if layout == 0 else (kh, kw, c // groups, o)
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float64)
+        wt = jnp.asarray(rng.standard_normal(w_shape), jnp.float64)
+        attrs = dict(CONV, stride_h=stride[0], stride_w=stride[1], dilation_h=dil[0],
+                     dilation_w=dil[1], pad_top=pads[0][0], pad_bottom=pads[0][1],
+                     pad_left=pads[1][0], pad_right=pads[1][1], groups=groups, layout=layout)
+        out_hw = [(i + lo + hi - d * (k - 1) - 1) // s + 1 for i, k, s, d, (lo, hi) in
+                  zip((h, w), (kh, kw), stride, dil, pads)]
+        call = lambda target, shape, *args: jax.ffi.ffi_call(  # noqa: E731
+            target, jax.ShapeDtypeStruct(shape, jnp.float64))(*args, **_attrs(attrs))
+        none = jnp.zeros((0,), jnp.float64)
+        if min(out_hw) < 1:
+            y_shape = (n, o, 1, 1) if layout == 0 else (n, 1, 1, o)
+            try:
+                jax.block_until_ready(call(FWD, y_shape, x, wt, none))
+            except Exception as e:  # noqa: BLE001
+                if "output spatial size would be <= 0" not in str(e):
+                    return float("inf")
+                continue
+            return float("inf")  # an empty convolution must not run
+        ref = lambda x, wt: lax.conv_general_dilated(  # noqa: E731
+            x, wt, stride, pads, rhs_dilation=dil, feature_group_count=groups,
+            dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+        y_ref, vjp = jax.vjp(ref, x, wt)
+        dy = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float64)
+        dx_ref, dw_ref = vjp(dy)
+        y = call(FWD, y_ref.shape, x, wt, none)
+        dx = call(BWD_DATA, x_shape, dy, wt, none)
+        dw = call(BWD_FILTER, w_shape, x, dy)
+        for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+            worst = max(worst, float(jnp.max(jnp.abs(got - want), initial=0.0)))
+    return worst
+
+
+def _fuzz_pool(rng) -> float:
+    """Raw max pool with any non-negative pads (more than half a window included, so windows
+    entirely in padding occur): values and indices against the NumPy loop oracle."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(__file__))
+    from reference import pool_out_size, ref_max_pool2d
+    worst = 0.0
+    for _ in range(FUZZ_CONFIGS):
+        n, c = (int(v) for v in rng.integers(1, 3, 2))
+        h, w = (int(v) for v in rng.integers(1, 7, 2))
+        kernel, stride = [int(v) for v in rng.integers(1, 4, 2)], \
+            [int(v) for v in rng.integers(1, 4, 2)]
+        dil = [int(v) for v in rng.integers(1, 3, 2)]
+        pads = [(int(a), int(b)) for a, b in rng.integers(0, 4, (2, 2))]
+        ceil_mode, layout = int(rng.integers(0, 2)), int(rng.integers(0, 2))
+        out_hw = [pool_out_size(i, k, s, d, lo, hi, ceil_mode) for i, k, s, d, (lo, hi) in
+                  zip((h, w), kernel, stride, dil, pads)]
+        if min(out_hw) < 1:
+            continue
+        names = "NCHW" if layout == 0 else "NHWC"
+        x_shape = (n, c, h, w) if layout == 0 else (n, h, w, c)
+        y_shape = (n, c, *out_hw) if layout == 0 else (n, *out_hw, c)
+        x = jnp.asarray(rng.integers(-3, 4, x_shape), jnp.float32)  # ties on purpose
+        attrs = dict(kernel_h=kernel[0], kernel_w=kernel[1], stride_h=stride[0],
+                     stride_w=stride[1], dilation_h=dil[0], dilation_w=dil[1],
+                     pad_top=pads[0][0], pad_bottom=pads[0][1], pad_left=pads[1][0],
+                     pad_right=pads[1][1], ceil_mode=ceil_mode, layout=layout)
+        y, idx = jax.ffi.ffi_call(POOL_FWD, (jax.ShapeDtypeStruct(y_shape, jnp.float32),
+                                             jax.ShapeDtypeStruct(y_shape, jnp.int32)))(
+            x, **_attrs(attrs))
+        vals, want_idx = ref_max_pool2d(x, kernel, stride, pads, dil, bool(ceil_mode), names)
+        if not np.array_equal(np.asarray(idx), want_idx):
+            return float("inf")
+        worst = max(worst, float(np.max(np.abs(np.asarray(y, np.float64) - vals),
+                                        initial=0.0, where=np.isfinite(vals))))
+        if not np.array_equal(np.isneginf(np.asarray(y)), np.isneginf(vals)):
+            return float("inf")
+    return worst
 
 
 def _child(names):
