@@ -2,7 +2,7 @@
 
 - conv2d: lax.conv_general_dilated at HIGHEST precision.
 - conv_transpose2d: PyTorch's definition through lax: the input dilated by the stride
-  (lhs_dilation), the kernel flipped and its in/out channels swapped per group, padded by
+  (stride - 1 zeros inserted by lax.pad), the kernel flipped and its in/out channels swapped per group, padded by
   dilation*(k-1) - pad (plus output_padding after).
 - max_pool2d values and indices: a plain NumPy loop over windows (first maximum wins, NaN wins,
   padded cells never chosen), and lax.reduce_window for values.
@@ -30,6 +30,32 @@ def on(backend: str, *arrays):
     dev = jax.devices(backend)[0]
     out = tuple(jax.device_put(a, dev) for a in arrays)
     return out[0] if len(out) == 1 else out
+
+
+def random_array(rng: np.random.Generator, shape, dtype):
+    """Standard-normal values drawn in float64 by NumPy, then rounded to dtype."""
+    return jnp.asarray(rng.standard_normal(shape), dtype=dtype)
+
+
+def assert_close(got, want, dtype=None):
+    """Same shape and dtype, values within tol(dtype) (dtype defaults to want's)."""
+    dtype = want.dtype if dtype is None else dtype
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    rtol, atol = tol(dtype)
+    np.testing.assert_allclose(np.asarray(got).astype(np.float64),
+                               np.asarray(want).astype(np.float64), rtol=rtol, atol=atol)
+
+
+def explicit_padding(padding, in_hw, window_eff, stride):
+    """Any public padding form -> ((top, bottom), (left, right)); strings through lax's own rule."""
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(in_hw, window_eff, stride, padding.upper()))
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    if isinstance(padding[0], int):
+        return ((padding[0], padding[0]), (padding[1], padding[1]))
+    return tuple(tuple(p) for p in padding)
 
 
 def dimension_numbers(layout: str):
@@ -63,8 +89,14 @@ def ref_conv_transpose2d(x, w, bias=None, *, stride=(1, 1), padding=((0, 0), (0,
     pads = [(d * (k - 1) - lo, d * (k - 1) - hi + op)
             for d, k, (lo, hi), op in zip(dilation, (kh, kw), padding, output_padding)]
     acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    # Zero insertion (stride - 1 zeros between inputs) and the edge pads as an explicit lax.pad,
+    # then a plain stride-1 correlation. (The same thing as lhs_dilation=stride with these pads,
+    # but XLA's CPU compiler aborts on some of those convolutions, e.g. lhs_dilation (2, 1),
+    # pads ((0, 0), (2, 0)), input 5x2, kernel 2x3, killing the whole test process.)
+    xp = lax.pad(x.astype(acc), jnp.zeros((), acc),
+                 [(0, 0, 0), (0, 0, 0)] + [(lo, hi, s - 1) for (lo, hi), s in zip(pads, stride)])
     y = lax.conv_general_dilated(
-        x.astype(acc), wt.astype(acc), (1, 1), pads, lhs_dilation=stride, rhs_dilation=dilation,
+        xp, wt.astype(acc), (1, 1), ((0, 0), (0, 0)), rhs_dilation=dilation,
         feature_group_count=groups, dimension_numbers=("NCHW", "OIHW", "NCHW"),
         precision=lax.Precision.HIGHEST)
     if bias is not None:
