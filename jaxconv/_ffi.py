@@ -40,6 +40,11 @@ from jax.extend.core import Primitive  # noqa: E402
 from jax.interpreters import batching, mlir  # noqa: E402
 
 
+# How vmap marks an operand that is not mapped (jax removed the batching.not_mapped alias in 0.10;
+# the value has always been None).
+NOT_MAPPED = None
+
+
 def make_primitive(target: str, abstract_eval, batch_rule, *, multiple_results: bool = False):
     prim = Primitive(target)
     prim.multiple_results = multiple_results

@@ -20,11 +20,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import batching
 
 from . import _args
 from ._args import (ConvGeometry, act_dims, act_shape, weight_dims, weight_shape)
-from ._ffi import make_primitive
+from ._ffi import NOT_MAPPED, make_primitive
 
 # ----------------------------------------------------------------------------------------------
 # Abstract evaluation: output shapes from operand shapes and the geometry.
@@ -58,7 +57,7 @@ def _bwd_filter_abstract(x, dy, *, geom: ConvGeometry):
 
 def _to_front(x, bdim, size):
     """Moves the mapped axis to 0, broadcasting unmapped operands."""
-    if bdim is batching.not_mapped:
+    if bdim is NOT_MAPPED:
         return jnp.broadcast_to(x, (size,) + x.shape)
     return jnp.moveaxis(x, bdim, 0)
 
@@ -116,14 +115,14 @@ def _grouped(geom: ConvGeometry, size: int) -> ConvGeometry:
 
 
 def _batch_size(args, dims):
-    return next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not NOT_MAPPED)
 
 
 def _fwd_batch(args, dims, *, geom):
     x, w, b = args
     xd, wd, bd = dims
     size = _batch_size(args, dims)
-    if wd is batching.not_mapped and bd is batching.not_mapped:
+    if wd is NOT_MAPPED and bd is NOT_MAPPED:
         y = conv2d_fwd_p.bind(_fold_batch_into_n(_to_front(x, xd, size)), w, b, geom=geom)
         return _unfold_n(y, size), 0
     x = _fold_batch_into_channels(_to_front(x, xd, size), geom.layout)
@@ -137,7 +136,7 @@ def _bwd_data_batch(args, dims, *, geom):
     dy, w, b = args
     dyd, wd, bd = dims
     size = _batch_size(args, dims)
-    if wd is batching.not_mapped and bd is batching.not_mapped:
+    if wd is NOT_MAPPED and bd is NOT_MAPPED:
         dx = conv2d_bwd_data_p.bind(_fold_batch_into_n(_to_front(dy, dyd, size)), w, b, geom=geom)
         return _unfold_n(dx, size), 0
     dy = _fold_batch_into_channels(_to_front(dy, dyd, size), geom.layout)

@@ -12,11 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import batching
 
 from . import _args
 from ._args import PoolGeometry, act_dims, act_shape
-from ._ffi import make_primitive
+from ._ffi import NOT_MAPPED, make_primitive
 
 
 def _pool_fwd_abstract(x, *, geom: PoolGeometry):
@@ -31,7 +30,7 @@ def _pool_bwd_abstract(dy, idx, *, geom: PoolGeometry):
 
 
 def _to_front(x, bdim, size):
-    if bdim is batching.not_mapped:
+    if bdim is NOT_MAPPED:
         return jnp.broadcast_to(x, (size,) + x.shape)
     return jnp.moveaxis(x, bdim, 0)
 
@@ -53,7 +52,7 @@ def _pool_fwd_batch(args, dims, *, geom):
 
 
 def _pool_bwd_batch(args, dims, *, geom):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not NOT_MAPPED)
     dy, idx = (_fold(_to_front(a, d, size)) for a, d in zip(args, dims))
     return _unfold(max_pool2d_bwd_p.bind(dy, idx, geom=geom), size), 0
 
