@@ -39,13 +39,23 @@ import numpy as np  # noqa: E402
 from jax.extend.core import Primitive  # noqa: E402
 from jax.interpreters import batching, mlir  # noqa: E402
 
+from . import _sharding  # noqa: E402
+
 
 # How vmap marks an operand that is not mapped (jax removed the batching.not_mapped alias in 0.10;
 # the value has always been None).
 NOT_MAPPED = None
 
 
-def make_primitive(target: str, abstract_eval, batch_rule, *, multiple_results: bool = False):
+def make_primitive(target: str, abstract_eval, batch_rule, *, batched_operands, batched_results,
+                   ranks):
+    """The primitive for one FFI target.
+
+    batched_operands / batched_results: which operands and results carry the batch N at axis 0
+    (a result without it is a sum over N, e.g. the weight gradient); ranks: (operand ranks,
+    result ranks). These describe how the op splits over devices (see _sharding.py).
+    """
+    multiple_results = len(batched_results) > 1
     prim = Primitive(target)
     prim.multiple_results = multiple_results
 
@@ -56,12 +66,45 @@ def make_primitive(target: str, abstract_eval, batch_rule, *, multiple_results: 
     prim.def_impl(lambda *args, geom: _jitted(geom)(*args))
     prim.def_abstract_eval(abstract_eval)
 
+    # The kernel on whatever shapes it is given (one device, or one shard): a second primitive
+    # with the plain FFI lowering, which the partitioned lowering below calls.
+    local = Primitive(target + "_local")
+    local.multiple_results = multiple_results
+    local.def_abstract_eval(abstract_eval)
     ffi_rule = jax.ffi.ffi_lowering(target)
 
-    def lowering(ctx, *args, geom):
+    def local_lowering(ctx, *args, geom):
         attrs = {k: np.int64(v) for k, v in geom.attrs().items()}
         return ffi_rule(ctx, *args, **attrs)
 
-    mlir.register_lowering(prim, lowering)
+    mlir.register_lowering(local, local_lowering)
+
+    def local_call(*args_and_geom):
+        *args, geom = args_and_geom
+        out = local.bind(*args, geom=geom)
+        return tuple(out) if multiple_results else (out,)
+
+    operand_ranks, result_ranks = ranks
+    split = _sharding.partitioned(local_call, len(batched_operands), batched_operands,
+                                  batched_results, operand_ranks, result_ranks)
+
+    def lowering(*args, geom):
+        out = split(*args, geom)
+        return tuple(out) if multiple_results else out[0]
+
+    partitioned_lowering = mlir.lower_fun(lowering, multiple_results=multiple_results)
+
+    def lowering_rule(ctx, *args, geom):
+        # jax.export cannot serialize custom_partitioning (its partitioner is a Python
+        # callback), so exported code holds the plain call: correct, and XLA gathers sharded
+        # operands for it. Exporting a shard_map keeps the per-shard calls (see README).
+        if _sharding.for_export(ctx):
+            return local_lowering(ctx, *args, geom=geom)
+        return partitioned_lowering(ctx, *args, geom=geom)
+
+    if _sharding.mark_needs_devices(prim):
+        mlir.register_lowering(prim, lowering_rule)
+    else:  # this jax cannot partition it: correct, but XLA gathers sharded operands first
+        mlir.register_lowering(prim, local_lowering)
     batching.primitive_batchers[prim] = batch_rule
     return prim

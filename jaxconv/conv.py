@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from . import _args
 from ._args import (ConvGeometry, act_dims, act_shape, weight_dims, weight_shape)
 from ._ffi import NOT_MAPPED, make_primitive
+from ._sharding import match_vma, out_aval
 
 # ----------------------------------------------------------------------------------------------
 # Abstract evaluation: output shapes from operand shapes and the geometry.
@@ -32,20 +33,21 @@ from ._ffi import NOT_MAPPED, make_primitive
 def _fwd_abstract(x, w, b, *, geom: ConvGeometry):
     n = act_dims(x.shape, geom.layout)[0]
     o = weight_dims(w.shape, geom.layout)[0]
-    return jax.core.ShapedArray(act_shape(n, o, *geom.out_hw, geom.layout), x.dtype)
+    return out_aval(x, act_shape(n, o, *geom.out_hw, geom.layout), x.dtype, batched=True)
 
 
 def _bwd_data_abstract(dy, w, b, *, geom: ConvGeometry):
     n = act_dims(dy.shape, geom.layout)[0]
     i = weight_dims(w.shape, geom.layout)[1]
-    return jax.core.ShapedArray(act_shape(n, i * geom.groups, *geom.in_hw, geom.layout), dy.dtype)
+    return out_aval(dy, act_shape(n, i * geom.groups, *geom.in_hw, geom.layout), dy.dtype,
+                    batched=True)
 
 
 def _bwd_filter_abstract(x, dy, *, geom: ConvGeometry):
     c = act_dims(x.shape, geom.layout)[1]
     o = act_dims(dy.shape, geom.layout)[1]
-    return jax.core.ShapedArray(
-        weight_shape(o, c // geom.groups, *geom.kernel_hw, geom.layout), x.dtype)
+    return out_aval(x, weight_shape(o, c // geom.groups, *geom.kernel_hw, geom.layout), x.dtype,
+                    batched=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,17 +159,27 @@ def _bwd_filter_batch(args, dims, *, geom):
     return _unfold_o(dw, size, geom.layout), 0
 
 
-conv2d_fwd_p = make_primitive("jaxconv_conv2d_fwd", _fwd_abstract, _fwd_batch)
-conv2d_bwd_data_p = make_primitive("jaxconv_conv2d_bwd_data", _bwd_data_abstract, _bwd_data_batch)
-conv2d_bwd_filter_p = make_primitive("jaxconv_conv2d_bwd_filter", _bwd_filter_abstract,
-                                     _bwd_filter_batch)
+# Sharding: activations carry N at axis 0 in both layouts; the weight gradient sums over N.
+conv2d_fwd_p = make_primitive(
+    "jaxconv_conv2d_fwd", _fwd_abstract, _fwd_batch, batched_operands=(True, False, False),
+    batched_results=(True,), ranks=((4, 4, 1), (4,)))
+conv2d_bwd_data_p = make_primitive(
+    "jaxconv_conv2d_bwd_data", _bwd_data_abstract, _bwd_data_batch,
+    batched_operands=(True, False, False), batched_results=(True,), ranks=((4, 4, 1), (4,)))
+conv2d_bwd_filter_p = make_primitive(
+    "jaxconv_conv2d_bwd_filter", _bwd_filter_abstract, _bwd_filter_batch,
+    batched_operands=(True, True), batched_results=(False,), ranks=((4, 4), (4,)))
 
 
 def _bind(prim, abstract, *args, geom):
-    """Binds a conv primitive; an empty operand gives zeros without launching a kernel."""
+    """Binds a conv primitive; an empty operand gives zeros without launching a kernel.
+
+    Inside shard_map the operands are first cast to vary over the same manual axes (e.g. the
+    empty bias made in a bwd rule is invariant while dy is not), as any lax op would."""
+    args = match_vma(*args)
     if any(a.size == 0 for a in args[:2]):
         out = abstract(*[jax.core.ShapedArray(a.shape, a.dtype) for a in args], geom=geom)
-        return jnp.zeros(out.shape, out.dtype)
+        return match_vma(jnp.zeros(out.shape, out.dtype), *args)[0]
     return prim.bind(*args, geom=geom)
 
 
@@ -311,7 +323,10 @@ def conv2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0, dilation: Any 
             f"{stride}, dilation {dilation}, padding {pads}: the dilated kernel is larger than "
             "the padded input")
     geom = ConvGeometry(lc, (h, wd), (kh, kw), out_hw, stride, dilation, pads, groups)
-    return conv2d_fwd(jnp.asarray(x), jnp.asarray(w), _bias_array(bias, o, dtype), geom)
+    # match_vma outside the custom_vjp: in shard_map a replicated w meeting a sharded x is cast
+    # to varying here, and AD turns that cast into the psum of the per-shard gradients of w.
+    operands = match_vma(jnp.asarray(x), jnp.asarray(w), _bias_array(bias, o, dtype))
+    return conv2d_fwd(*operands, geom)
 
 
 def conv_transpose2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0,
@@ -362,5 +377,6 @@ def conv_transpose2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0,
     # (out + lo + hi - op - d*(k-1) - 1) / s + 1 = h exactly.
     conv_pads = tuple((lo, hi - op) for (lo, hi), op in zip(pads, out_pad))
     geom = ConvGeometry(lc, out_hw, (kh, kw), (h, wd), stride, dilation, conv_pads, groups)
-    return conv2d_bwd_data(jnp.asarray(x), jnp.asarray(w), _bias_array(bias, cout_g * groups, dtype),
-                           geom)
+    operands = match_vma(jnp.asarray(x), jnp.asarray(w),
+                         _bias_array(bias, cout_g * groups, dtype))  # as in conv2d
+    return conv2d_bwd_data(*operands, geom)

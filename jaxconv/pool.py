@@ -16,17 +16,18 @@ import jax.numpy as jnp
 from . import _args
 from ._args import PoolGeometry, act_dims, act_shape
 from ._ffi import NOT_MAPPED, make_primitive
+from ._sharding import match_vma, out_aval
 
 
 def _pool_fwd_abstract(x, *, geom: PoolGeometry):
     n, c = act_dims(x.shape, geom.layout)[:2]
     shape = act_shape(n, c, *geom.out_hw, geom.layout)
-    return (jax.core.ShapedArray(shape, x.dtype), jax.core.ShapedArray(shape, jnp.int32))
+    return (out_aval(x, shape, x.dtype, batched=True), out_aval(x, shape, jnp.int32, batched=True))
 
 
 def _pool_bwd_abstract(dy, idx, *, geom: PoolGeometry):
     n, c = act_dims(dy.shape, geom.layout)[:2]
-    return jax.core.ShapedArray(act_shape(n, c, *geom.in_hw, geom.layout), dy.dtype)
+    return out_aval(dy, act_shape(n, c, *geom.in_hw, geom.layout), dy.dtype, batched=True)
 
 
 def _to_front(x, bdim, size):
@@ -57,9 +58,12 @@ def _pool_bwd_batch(args, dims, *, geom):
     return _unfold(max_pool2d_bwd_p.bind(dy, idx, geom=geom), size), 0
 
 
-max_pool2d_fwd_p = make_primitive("jaxconv_max_pool2d_fwd", _pool_fwd_abstract, _pool_fwd_batch,
-                                   multiple_results=True)
-max_pool2d_bwd_p = make_primitive("jaxconv_max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch)
+max_pool2d_fwd_p = make_primitive(
+    "jaxconv_max_pool2d_fwd", _pool_fwd_abstract, _pool_fwd_batch, batched_operands=(True,),
+    batched_results=(True, True), ranks=((4,), (4, 4)))
+max_pool2d_bwd_p = make_primitive(
+    "jaxconv_max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch,
+    batched_operands=(True, True), batched_results=(True,), ranks=((4, 4), (4,)))
 
 
 def _empty(x) -> bool:
@@ -106,7 +110,7 @@ def max_pool2d_bwd(dy, idx, geom: PoolGeometry):
     if _empty(dy):
         out = _pool_bwd_abstract(dy, idx, geom=geom)
         return jnp.zeros(out.shape, out.dtype)
-    return max_pool2d_bwd_p.bind(dy, idx, geom=geom)
+    return max_pool2d_bwd_p.bind(*match_vma(dy, idx), geom=geom)
 
 
 def _max_pool_bwd_vjp_fwd(dy, idx, geom):
