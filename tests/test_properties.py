@@ -29,7 +29,7 @@ settings.register_profile("jaxconv-deep", max_examples=400, **_COMMON)
 PROFILE_NAME = os.environ.get("JAXCONV_HYPOTHESIS_PROFILE", "fast")
 PROFILE = settings.get_profile(f"jaxconv-{PROFILE_NAME}")
 # Validation properties run no kernel and cost about a millisecond per example.
-CHEAP = settings(PROFILE, max_examples=PROFILE.max_examples * 4)
+CHEAP = settings(PROFILE, max_examples=PROFILE.max_examples * 3)
 
 LAYOUTS = st.sampled_from(["NCHW", "NHWC"])
 DTYPES = st.sampled_from([jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16])
