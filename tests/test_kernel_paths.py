@@ -30,10 +30,15 @@ CASES = {
     "stem-like 7x7/2": (2, 8, 20, 20, 7, 7, 7, (2, 2), ((3, 3), (3, 3)), (1, 1), 1),
     "depthwise stride 2": (2, 6, 17, 15, 6, 3, 3, (2, 2), ((1, 1), (1, 1)), (1, 1), 6),
     "depthwise stride 1 dilated": (2, 5, 10, 9, 5, 3, 3, (1, 1), ((2, 2), (2, 2)), (2, 2), 5),
+    "depthwise anisotropic, channel tail": (2, 37, 9, 8, 37, 3, 2, (3, 1), ((1, 2), (0, 1)), (1, 2), 37),
     "stride 3 phases": (1, 4, 6, 6, 4, 3, 3, (3, 3), ((0, 0), (0, 0)), (1, 1), 1),
     "strided 1x1 grouped (phases without taps)": (2, 12, 16, 16, 24, 1, 1, (2, 2), ((0, 0), (0, 0)), (1, 1), 3),
     "1x1 output": (1, 5, 5, 5, 3, 5, 5, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
     "planes >= 128 split, odd channel counts": (2, 3, 12, 40, 130, 2, 2, (1, 1), ((0, 1), (1, 0)), (2, 1), 1),
+    # bwd_data in scatter form (output much smaller than input):
+    "col2im LeNet-like": (3, 6, 14, 14, 16, 5, 5, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+    "col2im strided grouped padded": (2, 4, 9, 10, 6, 5, 4, (2, 3), ((1, 0), (2, 1)), (1, 1), 2),
+    "col2im output channels sliced": (2, 8, 6, 6, 400, 5, 5, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
 }
 
 
@@ -72,7 +77,7 @@ def test_conv_paths_float32(name, layout):
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.bfloat16])
 @pytest.mark.parametrize("name", ["K sliced, small planes across images", "stem-like 7x7/2",
-                                  "depthwise stride 2", "stride 3 phases"])
+                                  "depthwise stride 2", "stride 3 phases", "col2im LeNet-like"])
 def test_conv_paths_other_dtypes(name, dtype, layout):
     _check(CASES[name], layout, dtype)
 
@@ -92,13 +97,30 @@ def test_conv_transpose_with_output_padding_uses_negative_pads():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_depthwise_conv_transpose_with_bias():
+    """Transposed depthwise convolution is the depthwise bwd_data kernel with a bias."""
+    from reference import ref_conv_transpose2d
+    rng = np.random.default_rng(4)
+    for layout in ("NCHW", "NHWC"):
+        xs = (2, 5, 6, 7) if layout == "NCHW" else (2, 6, 7, 5)
+        ws = (5, 1, 3, 3) if layout == "NCHW" else (3, 3, 1, 5)
+        x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
+        b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+        kw = dict(stride=(2, 2), padding=((1, 1), (1, 1)), output_padding=(1, 1), groups=5,
+                  layout=layout)
+        np.testing.assert_allclose(jaxconv.conv_transpose2d(x, w, b, **kw),
+                                   ref_conv_transpose2d(x, w, b, **kw), rtol=1e-4, atol=1e-4)
+
+
 def test_baseline_build_without_avx2():
     """JAXCONV_DISABLE_AVX2=1 selects the baseline GEMM: same results on a few paths."""
     code = (
         "import sys; sys.path.insert(0, 'tests');"
         "import test_kernel_paths as t, jax.numpy as jnp;"
         "[t._check(t.CASES[n], lay, jnp.float32) for n in "
-        "('plain 3x3', 'K sliced, small planes across images', 'stride 3 phases') "
+        "('plain 3x3', 'K sliced, small planes across images', 'stride 3 phases', "
+        "'col2im strided grouped padded', 'depthwise anisotropic, channel tail') "
         "for lay in ('NCHW', 'NHWC')]; print('ok')")
     env = dict(os.environ, JAXCONV_DISABLE_AVX2="1", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,12 +29,14 @@
 // Half types (float16, bfloat16) are widened to float32 while packing, accumulate in float32
 // and are rounded once when stored; float64 runs the same code in double. Bias is added in the
 // epilogue (or used to initialize the output tile that the GEMM then accumulates into).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
+#include "depthwise.h"
 
 namespace jaxconv {
 namespace {
@@ -54,11 +56,23 @@ constexpr int64_t kKC = 256;
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // Copies `len` elements src[i*stride] (widened to the accumulation type) into dst.
+// Packing copies many short runs (a few channels, a few taps); below 32 elements they are done
+// inline in 16-byte pieces, since a libc call per run costs more than the copy. (The empty asm
+// keeps GCC from turning the tail loop back into a call.)
 template <typename T, typename Acc>
 inline void copy_widen(Acc* dst, const T* src, int64_t len, int64_t stride) {
   if constexpr (std::is_same_v<T, Acc>) {
     if (stride == 1) {
-      std::memcpy(dst, src, sizeof(Acc) * len);
+      if (len > 32) {
+        std::memcpy(dst, src, sizeof(Acc) * len);
+        return;
+      }
+      constexpr int64_t kPiece = 16 / sizeof(Acc);
+      for (; len >= kPiece; len -= kPiece, dst += kPiece, src += kPiece) std::memcpy(dst, src, 16);
+      for (; len > 0; --len) {
+        asm volatile("");
+        *dst++ = *src++;
+      }
       return;
     }
   }
@@ -67,7 +81,16 @@ inline void copy_widen(Acc* dst, const T* src, int64_t len, int64_t stride) {
 
 template <typename Acc>
 inline void zero(Acc* dst, int64_t len) {
-  std::memset(dst, 0, sizeof(Acc) * len);
+  if (len > 32) {
+    std::memset(dst, 0, sizeof(Acc) * len);
+    return;
+  }
+  constexpr int64_t kPiece = 16 / sizeof(Acc);
+  for (; len >= kPiece; len -= kPiece, dst += kPiece) std::memset(dst, 0, 16);
+  for (; len > 0; --len) {
+    asm volatile("");
+    *dst++ = Acc(0);
+  }
 }
 
 // A run of consecutive positions (n, u, v .. v + len - 1) of a pass grid; `at` is the index of
@@ -313,8 +336,9 @@ struct Conv {
           zero(d + thi * Cin, (TW - thi) * Cin);
         }
       } else {
-        for (int64_t t = k0 / Cin; t * Cin < k0 + kc; ++t) {
-          int64_t th = t / TW, tw = t % TW;
+        const int64_t t_lo = k0 / Cin;
+        int64_t th = t_lo / TW, tw = t_lo % TW;
+        for (int64_t t = t_lo; t * Cin < k0 + kc; ++t, (++tw == TW ? (tw = 0, ++th) : 0)) {
           int64_t c_lo = std::max<int64_t>(0, k0 - t * Cin), c_hi = std::min(Cin, k0 + kc - t * Cin);
           Acc* d = dst + t * Cin + c_lo - k0;
           int64_t ih = u * ps.step_h + ps.off_h[th], iw = v * ps.step_w + ps.off_w[tw];
@@ -517,17 +541,181 @@ struct Conv {
   // ------------------------------------------------------------------------------------------
   // The three kernels.
 
+  // The direct depthwise kernels skip taps that fall into the padding, where the GEMM passes
+  // multiply the padded zeros like lax does. The two differ only for a non-finite weight
+  // (inf * 0 = NaN), so such weights take the GEMM passes.
+  bool use_depthwise(const T* w) const {
+    if (!depthwise_applicable(g)) return false;
+    const int64_t count = g.O * Cg * g.KH * g.KW;
+    for (int64_t i = 0; i < count; ++i)
+      if (!std::isfinite(double(Num<T>::load(w[i])))) return false;
+    return true;
+  }
+
   // y = conv(x, w) + bias
   void forward(const ParallelRunner& pr, const T* x, const T* w, const T* bias, T* y) const {
+    if (use_depthwise(w)) return depthwise_forward<T>(pr, g, x, w, bias, y);
     run_pass(pr, forward_pass(), x, w, false, bias, y);
   }
 
-  // dx = conv_transpose(dy, w) + bias, one pass per stride phase.
+  // dx = conv_transpose(dy, w) + bias: one pass per stride phase, or the scatter form below
+  // when dy is much smaller than dx.
   void backward_data(const ParallelRunner& pr, const T* dy, const T* w, const T* bias,
                      T* dx) const {
+    if (use_depthwise(w)) return depthwise_backward_data<T>(pr, g, dy, w, bias, dx);
+    if (prefer_col2im()) {
+      backward_data_col2im(pr, dy, w, bias, dx);
+      return;
+    }
     for (int64_t rh = 0; rh < g.p.stride_h; ++rh)
       for (int64_t rw = 0; rw < g.p.stride_w; ++rw)
         run_pass(pr, bwd_data_phase(rh, rw), dy, w, true, bias, dx);
+  }
+
+  // The phase passes read every dx cell's taps, including those that fall into dy's padding:
+  // about H*W/(sh*sw) cells x all taps, against the forward's OH*OW x all taps. When the ratio
+  // is large (a kernel covering most of a small image: LeNet's 5x5 layers, C5 has a 1x1 output)
+  // the scatter form does exactly the forward's work instead.
+  bool prefer_col2im() const {
+    return 10 * g.H * g.W > 12 * g.p.stride_h * g.p.stride_w * g.OH * g.OW;
+  }
+
+  // Scatter form: dCol[pos, k] = sum_o dY[pos, o] * W[o, k] (a GEMM per block of dy positions),
+  // then every dCol element is added to the dx cell the forward read it from (col2im). Tasks
+  // own whole (image, group) slabs of dx, so no two tasks add into the same cell.
+  void backward_data_col2im(const ParallelRunner& pr, const T* dy, const T* w, const T* bias,
+                            T* dx) const {
+    const Pass ps = forward_pass();
+    const int64_t G = ps.G, Kg = ps.K(), J = g.OH * g.OW, taps = ps.TH() * ps.TW();
+    const bool cl = !nhwc();
+    const int64_t kpanels = (Kg + NR - 1) / NR;
+    // NCHW: A = W^T rows [grp][k][o].  NHWC: B = W panels over k: [grp][k/NR][o][k%NR].
+    std::vector<Acc> wp(cl ? G * Kg * Og : G * kpanels * Og * NR);
+    pr.run(G * Og, [&](int64_t task) {
+      const int64_t grp = task / Og, o = task % Og;
+      for (int64_t ci = 0; ci < Cg; ++ci)
+        for (int64_t th = 0; th < ps.TH(); ++th)
+          for (int64_t tw = 0; tw < ps.TW(); ++tw) {
+            const int64_t k = k_index(ps, ci, th, tw);
+            const Acc v = weight(w, ps, false, grp, o, ci, th, tw);
+            if (cl)
+              wp[(grp * Kg + k) * Og + o] = v;
+            else
+              wp[((grp * kpanels + k / NR) * Og + o) * NR + k % NR] = v;
+          }
+      if (!cl)  // zero the padding columns of the last k panel
+        for (int64_t k = Kg; k < kpanels * NR; ++k)
+          wp[((grp * kpanels + k / NR) * Og + o) * NR + k % NR] = Acc(0);
+    });
+    const Strides4 bs = activation_strides(g.p.layout, Cg, g.H, g.W);  // slab buffer strides
+    const int64_t slab = Cg * g.H * g.W;
+    const int64_t oslice = Og <= kKC + kKC / 2 ? Og : kKC;
+    pr.run(g.N * G, [&](int64_t task) {
+      const int64_t n = task / G, grp = task % G;
+      // Accumulate into dx itself (float types) or into a float slab (half types).
+      Acc* acc;
+      Strides4 as;
+      if constexpr (kSame) {
+        acc = dx + n * xs.n + grp * Cg * xs.c;
+        as = xs;
+      } else {
+        acc = scratch<Acc, 3>(slab);
+        as = bs;
+      }
+      for (int64_t c = 0; c < Cg; ++c) {
+        const Acc b0 = (kSame && bias) ? Num<T>::load(bias[grp * Cg + c]) : Acc(0);
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t x = 0; x < g.W; ++x) acc[c * as.c + h * as.h + x * as.w] = b0;
+      }
+      if (cl) {
+        const int64_t PB = 256, KB = 192;
+        Acc* Bp = scratch<Acc, 0>(round_up(PB, NR) * Og);
+        Acc* C = scratch<Acc, 1>(KB * PB);
+        thread_local std::vector<Run> runs;
+        for (int64_t p0 = 0; p0 < J; p0 += PB) {
+          const int64_t pn = std::min(PB, J - p0), pw = round_up(pn, NR);
+          // dY[n, grp, :, p0 .. p0+pn] as panels over positions: [p/NR][o][p%NR].
+          for (int64_t o = 0; o < Og; ++o) {
+            const T* src = dy + n * ys.n + (grp * Og + o) * ys.c + p0;
+            for (int64_t p = 0; p < pw; ++p)
+              Bp[((p / NR) * Og + o) * NR + p % NR] = p < pn ? Num<T>::load(src[p]) : Acc(0);
+          }
+          grid_runs(p0, p0 + pn, g.OH, g.OW, &runs);
+          for (int64_t k0 = 0; k0 < Kg; k0 += KB) {
+            const int64_t kn = std::min(KB, Kg - k0);
+            for (int64_t o0 = 0; o0 < Og; o0 += oslice)
+              gemm_packed(kn, pn, std::min(oslice, Og - o0), wp.data() + (grp * Kg + k0) * Og + o0,
+                          Og, Bp + o0 * NR, Og * NR, C, pn, o0 > 0);
+            for (int64_t k = k0; k < k0 + kn; ++k) {
+              const int64_t ci = k / taps, th = (k % taps) / ps.TW(), tw = k % ps.TW();
+              int64_t vlo, vhi;
+              ps.v_range(tw, &vlo, &vhi);
+              for (const Run& r : runs) {
+                const int64_t ih = r.u * ps.step_h + ps.off_h[th];
+                if (ih < 0 || ih >= g.H) continue;
+                const int64_t a = std::max(vlo, r.v), b = std::min(vhi, r.v + r.len);
+                Acc* drow = acc + ci * as.c + ih * as.h;
+                const Acc* src = C + (k - k0) * pn + r.at - r.v;
+                for (int64_t v = a; v < b; ++v) drow[(v * ps.step_w + ps.off_w[tw]) * as.w] += src[v];
+              }
+            }
+          }
+        }
+      } else {
+        const int64_t PB = 96, KB = 256;
+        Acc* Ac = scratch<Acc, 0>(PB * Og);
+        Acc* C = scratch<Acc, 1>(PB * KB);
+        for (int64_t p0 = 0; p0 < J; p0 += PB) {
+          const int64_t pn = std::min(PB, J - p0);
+          const Acc* A;
+          int64_t lda;
+          if constexpr (kSame) {
+            A = dy + (n * J + p0) * ys.w + grp * Og;
+            lda = ys.w;
+          } else {
+            for (int64_t p = 0; p < pn; ++p)
+              for (int64_t o = 0; o < Og; ++o)
+                Ac[p * Og + o] = Num<T>::load(dy[(n * J + p0 + p) * ys.w + grp * Og + o]);
+            A = Ac;
+            lda = Og;
+          }
+          for (int64_t k0 = 0; k0 < Kg; k0 += KB) {
+            const int64_t kn = std::min(KB, Kg - k0);
+            for (int64_t o0 = 0; o0 < Og; o0 += oslice)
+              gemm_packed(pn, kn, std::min(oslice, Og - o0), A + o0, lda,
+                          wp.data() + ((grp * kpanels + k0 / NR) * Og + o0) * NR, Og * NR, C, kn,
+                          o0 > 0);
+            for (int64_t p = p0; p < p0 + pn; ++p) {
+              const int64_t oh = p / g.OW, ow = p % g.OW;
+              const Acc* crow = C + (p - p0) * kn;
+              // Taps overlapping this k block, walked with (th, tw) counters (no divisions
+              // in the per-position loop).
+              const int64_t t_lo = k0 / Cg;
+              int64_t th = t_lo / ps.TW(), tw = t_lo % ps.TW();
+              for (int64_t t = t_lo; t * Cg < k0 + kn; ++t, (++tw == ps.TW() ? (tw = 0, ++th) : 0)) {
+                const int64_t ih = oh * ps.step_h + ps.off_h[th];
+                const int64_t iw = ow * ps.step_w + ps.off_w[tw];
+                if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;
+                const int64_t c_lo = std::max<int64_t>(0, k0 - t * Cg);
+                const int64_t c_hi = std::min(Cg, k0 + kn - t * Cg);
+                Acc* d = acc + ih * as.h + iw * as.w;
+                const Acc* src = crow + t * Cg - k0;
+                for (int64_t c = c_lo; c < c_hi; ++c) d[c] += src[c];
+              }
+            }
+          }
+        }
+      }
+      if constexpr (!kSame) {
+        for (int64_t c = 0; c < Cg; ++c) {
+          const Acc b0 = bias ? Num<T>::load(bias[grp * Cg + c]) : Acc(0);
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t x = 0; x < g.W; ++x)
+              dx[n * xs.n + (grp * Cg + c) * xs.c + h * xs.h + x * xs.w] =
+                  Num<T>::store(acc[c * as.c + h * as.h + x * as.w] + b0);
+        }
+      }
+    });
   }
 
   // dw = sum over images and positions of the im2col of x against dy (see the file comment).
@@ -539,6 +727,7 @@ struct Conv {
   // the slices are split into ranges summed into separate partial buffers, added at the end in
   // a fixed order, so results never depend on scheduling.
   void backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T* dw) const {
+    if (depthwise_applicable(g)) return depthwise_backward_filter<T>(pr, g, x, dy, dw);
     const Pass ps = forward_pass();
     const int64_t G = ps.G, Kg = ps.K(), J = ps.U * ps.V, Q = ps.N * J;
     const int64_t slices = (Q + kKC - 1) / kKC;
@@ -635,28 +824,35 @@ struct Conv {
   void pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int64_t q0, int64_t pc,
                             int64_t k0, int64_t kn, Acc* Bp) const {
     const int64_t Cin = ps.Cin, kpad = round_up(kn, NR);
+    // The block's columns cut into pieces that stay within one panel and one tap; the same
+    // cut serves every position.
+    struct Piece {
+      int64_t dst, th, tw, ci, len;  // dst: offset of the piece in a position's panel row
+    };
+    thread_local std::vector<Piece> pieces;
+    pieces.clear();
+    for (int64_t col = 0; col < kn;) {
+      const int64_t k = k0 + col, lane = col % NR, t = k / Cin, ci = k % Cin;
+      const int64_t len = std::min({NR - lane, Cin - ci, kn - col});
+      pieces.push_back({(col / NR) * pc * NR + lane, t / ps.TW(), t % ps.TW(), ci, len});
+      col += len;
+    }
     int64_t n = q0 / (ps.U * ps.V), u = (q0 / ps.V) % ps.U, v = q0 % ps.V;
     for (int64_t r = 0; r < pc; ++r) {
       const T* in_n = x + n * ps.is.n + grp * Cin;
-      for (int64_t col = 0; col < kpad;) {
-        int64_t k = k0 + col;
-        int64_t lane = col % NR;
-        Acc* dst = Bp + (col / NR) * pc * NR + r * NR + lane;
-        if (col >= kn) {
-          zero(dst, NR - lane);
-          col += NR - lane;
-          continue;
-        }
-        int64_t t = k / Cin, ci = k % Cin;
-        int64_t piece = std::min({NR - lane, Cin - ci, kn - col});
-        int64_t ih = u * ps.step_h + ps.off_h[t / ps.TW()];
-        int64_t iw = v * ps.step_w + ps.off_w[t % ps.TW()];
+      Acc* row = Bp + r * NR;
+      for (const Piece& pc_ : pieces) {
+        const int64_t ih = u * ps.step_h + ps.off_h[pc_.th];
+        const int64_t iw = v * ps.step_w + ps.off_w[pc_.tw];
+        Acc* dst = row + pc_.dst;
         if (ih < 0 || ih >= ps.Hin || iw < 0 || iw >= ps.Win)
-          zero(dst, piece);
+          zero(dst, pc_.len);
+        else if (kSame && pc_.len == NR)  // a whole panel row: fixed-size copy, inlined
+          std::memcpy(dst, in_n + ih * ps.is.h + iw * ps.is.w + pc_.ci, NR * sizeof(Acc));
         else
-          copy_widen(dst, in_n + ih * ps.is.h + iw * ps.is.w + ci, piece, 1);
-        col += piece;
+          copy_widen(dst, in_n + ih * ps.is.h + iw * ps.is.w + pc_.ci, pc_.len, 1);
       }
+      if (kn < kpad) zero(row + (kn / NR) * pc * NR + kn % NR, kpad - kn);
       if (++v == ps.V) {
         v = 0;
         if (++u == ps.U) {
