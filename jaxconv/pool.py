@@ -231,15 +231,15 @@ def max_unpool2d(x, indices, kernel_size: Any, stride: Any = None, padding: Any 
     indices = jnp.asarray(indices)
     indices = jnp.where((indices < 0) | (indices >= plane), plane, indices).astype(jnp.int32)
     # Scatter per (n, c) plane. Windows that overlap can only send one input cell's value to one
-    # index twice, so 'set' is order-independent.
+    # index twice, so 'set' is order-independent. The plane scatter is vmapped over N and C so
+    # that they become the scatter's batching dimensions, which XLA's partitioner keeps per
+    # shard when N is sharded (iota index arrays for N and C would make it gather the batch).
+    def unpool_plane(vals, idx):
+        return jnp.zeros((plane,), x.dtype).at[idx].set(vals, mode="drop")
+
     if lc == 0:
-        vals, idx = x.reshape(n, c, h * w), indices.reshape(n, c, h * w)
-        out = jnp.zeros((n, c, plane), x.dtype)
-        ni, ci = jnp.arange(n)[:, None, None], jnp.arange(c)[None, :, None]
-        out = out.at[ni, ci, idx].set(vals, mode="drop")
+        out = jax.vmap(jax.vmap(unpool_plane))(x.reshape(n, c, h * w), indices.reshape(n, c, h * w))
         return out.reshape(n, c, *out_hw)
-    vals, idx = x.reshape(n, h * w, c), indices.reshape(n, h * w, c)
-    out = jnp.zeros((n, plane, c), x.dtype)
-    ni, ci = jnp.arange(n)[:, None, None], jnp.arange(c)[None, None, :]
-    out = out.at[ni, idx, ci].set(vals, mode="drop")
+    per_pixel_c = jax.vmap(unpool_plane, in_axes=1, out_axes=1)  # (h*w, C) -> (plane, C)
+    out = jax.vmap(per_pixel_c)(x.reshape(n, h * w, c), indices.reshape(n, h * w, c))
     return out.reshape(n, *out_hw, c)
