@@ -1,8 +1,9 @@
 """jaxconv: conv2d, conv_transpose2d and max_pool2d for JAX, computed by custom CPU and CUDA
 kernels registered with XLA as FFI targets, differentiable to any order."""
 from . import _ffi  # noqa: F401  (registers the FFI targets on import)
+from ._ffi import export_safety_checks
 from .conv import conv2d, conv_transpose2d
 from .pool import max_pool2d, max_unpool2d
 
-__all__ = ["conv2d", "conv_transpose2d", "max_pool2d", "max_unpool2d"]
+__all__ = ["conv2d", "conv_transpose2d", "max_pool2d", "max_unpool2d", "export_safety_checks"]
 __version__ = "0.1.0"

@@ -15,16 +15,37 @@ TARGETS: tuple[str, ...] = tuple(sorted(_jaxconv_cpu.registrations()))
 for _name, _capsule in _jaxconv_cpu.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
 
-try:  # built only where nvcc was found; loading it needs no GPU (the runtime is static)
-    from . import _jaxconv_cuda  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _jaxconv_cuda = None
+# The CUDA module is built only where nvcc was found. Loading it and registering its targets
+# need no GPU and no driver (the CUDA runtime is linked statically; without a GPU backend XLA
+# keeps the "CUDA" registrations pending). A module that was built but does not load is
+# reported rather than silently dropped.
+import importlib.util as _importlib_util  # noqa: E402
+import warnings as _warnings  # noqa: E402
+
+_jaxconv_cuda = None
+if _importlib_util.find_spec(f"{__name__.rpartition('.')[0]}._jaxconv_cuda") is not None:
+    try:
+        from . import _jaxconv_cuda  # type: ignore[attr-defined]
+    except ImportError as _err:  # pragma: no cover - depends on the build
+        _warnings.warn(f"jaxconv: the CUDA extension was built but does not load ({_err}); "
+                       "only the CPU kernels are registered", RuntimeWarning, stacklevel=2)
 
 HAS_CUDA_MODULE: bool = _jaxconv_cuda is not None
 
 if _jaxconv_cuda is not None:
     for _name, _capsule in _jaxconv_cuda.registrations().items():
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+
+
+def export_safety_checks() -> list:
+    """What `jax.export.export(..., disabled_checks=...)` needs to serialize code using jaxconv.
+
+    jax.export refuses custom calls without a compatibility guarantee; these are jaxconv's
+    targets, whose attributes and operands are the contract in DESIGN.md. The process that
+    deserializes and runs the artifact must `import jaxconv` first (it registers the targets).
+    """
+    from jax import export
+    return [export.DisabledSafetyCheck.custom_call(name) for name in TARGETS]
 
 
 # --- one JAX primitive per FFI target --------------------------------------------------------
