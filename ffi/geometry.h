@@ -231,4 +231,91 @@ JAXCONV_HD const char* make_pool_geometry(const PoolParams& p, Dims4 x, PoolGeom
   return nullptr;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Index math of the CUDA kernels, kept here so CPU tests (tests/test_cuda_build.py) exercise it.
+
+// Mixed-radix digits of a reduction index k = (a * r1 + b) * r2 + c with b < r1, c < r2.
+// The implicit GEMMs walk their reduction in steps of a fixed size; keeping k as digits turns
+// the two divisions per step into two compares:
+//   conv k: NCHW (ci, kh, kw) with radices (KH, KW); NHWC (kh, kw, ci) with radices (KW, Cg)
+//   bwd_filter positions p = (n, oh, ow) with radices (OH, OW).
+struct Digits3 {
+  int64_t a, b, c;
+};
+JAXCONV_HD Digits3 split_index(int64_t k, int64_t r1, int64_t r2) {
+  return {k / (r1 * r2), (k / r2) % r1, k % r2};
+}
+// x + step for step = split_index(s, r1, r2) (each digit of step is below its radix, so each
+// carry is at most one).
+JAXCONV_HD Digits3 add_digits(Digits3 x, Digits3 step, int64_t r1, int64_t r2) {
+  int64_t a = x.a + step.a, b = x.b + step.b, c = x.c + step.c;
+  if (c >= r2) {
+    c -= r2;
+    ++b;
+  }
+  if (b >= r1) {
+    b -= r1;
+    ++a;
+  }
+  return {a, b, c};
+}
+
+JAXCONV_HD int64_t floor_mod(int64_t a, int64_t b) { return a - floor_div(a, b) * b; }
+
+// Inverse of a modulo m (gcd(a, m) == 1, 0 <= a < m); 0 when m == 1. Extended Euclid.
+JAXCONV_HD int64_t inverse_mod(int64_t a, int64_t m) {
+  int64_t r0 = m, r1 = a, t0 = 0, t1 = 1;
+  while (r1 != 0) {
+    int64_t q = r0 / r1, r2 = r0 - q * r1, t2 = t0 - q * t1;
+    r0 = r1; r1 = r2; t0 = t1; t1 = t2;
+  }
+  return floor_mod(t0, m);
+}
+
+// bwd_data split by stride phases (one axis). Input positions i = s*j + rho, 0 <= rho < s, form
+// phase rho. Tap t reaches phase rho when (rho + pad_lo - t*dilation) is divisible by s, and then
+// position i reads output o = j + (rho + pad_lo - t*dilation) / s (in range or not). Those taps
+// are t = first + q*step for q in [0, count) with step = s / gcd(s, dilation): they solve
+// t*d = rho + pad_lo (mod s). count is 0 when no tap in [0, k) reaches the phase.
+struct PhaseTaps {
+  int64_t first, step, count;
+};
+JAXCONV_HD PhaseTaps phase_taps(int64_t rho, int64_t stride, int64_t pad_lo, int64_t dilation,
+                                int64_t k) {
+  int64_t g = stride, b = dilation;  // g = gcd(stride, dilation)
+  while (b != 0) {
+    int64_t t = g % b;
+    g = b;
+    b = t;
+  }
+  int64_t step = stride / g, r = floor_mod(rho + pad_lo, stride);
+  if (r % g != 0) return {0, step, 0};
+  // t*(d/g) = r/g (mod step), and d/g is invertible modulo step. Both factors are < step <
+  // 2^31, so the product fits.
+  int64_t first = (r / g) % step * inverse_mod((dilation / g) % step, step) % step;
+  int64_t count = first < k ? (k - 1 - first) / step + 1 : 0;
+  return {first, step, count};
+}
+
+// Max-pool backward as a gather: the outputs o whose window [o*s - pad_lo, o*s - pad_lo +
+// (k-1)*d] spans input position i are o in [ceil((i + pad_lo - (k-1)*d) / s),
+// floor((i + pad_lo) / s)], clipped to [0, out). A spanning window holds i (has a tap on it)
+// only when (i + pad_lo - o*s) is a multiple of d: see window_holds.
+struct OutputRange {
+  int64_t lo, hi;  // [lo, hi), empty when hi <= lo
+};
+JAXCONV_HD OutputRange covering_outputs(int64_t i, int64_t stride, int64_t pad_lo,
+                                        int64_t dilation, int64_t k, int64_t out) {
+  int64_t lo = ceil_div(i + pad_lo - (k - 1) * dilation, stride);
+  int64_t hi = floor_div(i + pad_lo, stride) + 1;
+  if (lo < 0) lo = 0;
+  if (hi > out) hi = out;
+  if (hi < lo) hi = lo;
+  return {lo, hi};
+}
+JAXCONV_HD bool window_holds(int64_t o, int64_t i, int64_t stride, int64_t pad_lo,
+                             int64_t dilation) {
+  return (i + pad_lo - o * stride) % dilation == 0;
+}
+
 }  // namespace jaxconv
