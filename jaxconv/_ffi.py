@@ -68,15 +68,9 @@ from . import _sharding  # noqa: E402
 NOT_MAPPED = None
 
 
-def make_primitive(target: str, abstract_eval, batch_rule, *, batched_operands, batched_results,
-                   ranks):
-    """The primitive for one FFI target.
-
-    batched_operands / batched_results: which operands and results carry the batch N at axis 0
-    (a result without it is a sum over N, e.g. the weight gradient); ranks: (operand ranks,
-    result ranks). These describe how the op splits over devices (see _sharding.py).
-    """
-    multiple_results = len(batched_results) > 1
+def make_primitive(target: str, abstract_eval, batch_rule, *, n_operands: int,
+                   split: _sharding.Split, multiple_results: bool = False):
+    """The primitive for one FFI target; `split` says how it divides over devices."""
     prim = Primitive(target)
     prim.multiple_results = multiple_results
 
@@ -105,12 +99,10 @@ def make_primitive(target: str, abstract_eval, batch_rule, *, batched_operands, 
         out = local.bind(*args, geom=geom)
         return tuple(out) if multiple_results else (out,)
 
-    operand_ranks, result_ranks = ranks
-    split = _sharding.partitioned(local_call, len(batched_operands), batched_operands,
-                                  batched_results, operand_ranks, result_ranks)
+    partitioned_call = _sharding.partitioned(local_call, n_operands, split)
 
     def lowering(*args, geom):
-        out = split(*args, geom)
+        out = partitioned_call(*args, geom)
         return tuple(out) if multiple_results else out[0]
 
     partitioned_lowering = mlir.lower_fun(lowering, multiple_results=multiple_results)

@@ -4,13 +4,16 @@ Two mechanisms, both public JAX API:
 
 1. Under `jit` with shardings (GSPMD/Shardy), XLA must be told how to split a custom call, or it
    gathers every operand onto every device first. Each primitive therefore lowers through
-   `jax.experimental.custom_partitioning`: a Shardy sharding rule in which only the batch axis N
-   (axis 0 of every activation, in both layouts) is shared between operands and results, and a
-   `partition` callback that keeps N sharded as the operands arrive, replicates everything else
-   (weights, channels, space) and runs the kernel on the local shard. A result without N (the
-   weight gradient, a sum over N) is completed by one `psum` over the mesh axes that shard N:
-   the single all-reduce of data parallelism. On one device, and inside `shard_map` (all axes
-   manual), custom_partitioning inlines the plain FFI call.
+   `jax.experimental.custom_partitioning`: a Shardy sharding rule that ties the batch axis N
+   (axis 0 of every activation, in both layouts) and the channel groups of activations and
+   weights across operands and results, and a `partition` callback that keeps N sharded as the
+   operands arrive, keeps channels sharded when the shards hold whole groups (this is how vmapped
+   weights, folded into groups by the batching rules, stay split: per-example gradients, a batch
+   of models), replicates everything else (space, a channel split that cuts groups) and runs the
+   kernel on the local shard. A result without N (the weight gradient, a sum over N) is completed
+   by one `psum` over the mesh axes that shard N: the single all-reduce of data parallelism. On
+   one device, and inside `shard_map` (all axes manual), custom_partitioning inlines the plain
+   FFI call.
 
 2. Inside `shard_map`, JAX types every value with the manual mesh axes it varies over ("vma").
    A primitive's output must vary over the union of its operands' axes, and a replicated weight
@@ -20,10 +23,14 @@ Two mechanisms, both public JAX API:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+import itertools
+import math
+from typing import Callable
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 # ----------------------------------------------------------------------------------------------
@@ -86,12 +93,19 @@ def for_export(ctx) -> bool:
     return bool(getattr(params, "for_export", False))
 
 
-def _batch_entry(sharding):
-    """The mesh axes (a PartitionSpec entry) that shard axis 0, or None."""
-    spec = getattr(sharding, "spec", None)
-    if not isinstance(sharding, NamedSharding) or spec is None or not len(spec):
-        return None
-    return spec[0]
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How one kernel's operands and results may be split over devices.
+
+    dims(geom) -> (operand dims, result dims): a string per array with a letter per axis,
+    'n' for the batch N, 'g' for channels (which come in whole groups), '.' for anything else.
+    A result without 'n' is a sum over N (the weight gradient).
+    groups(geom): the number of channel groups, or None when every channel is independent
+    (pooling). local(geom, parts): the geometry of one of `parts` equal slices of the groups.
+    """
+    dims: Callable
+    groups: Callable
+    local: Callable
 
 
 def _entry_axes(entry) -> tuple[str, ...]:
@@ -100,56 +114,110 @@ def _entry_axes(entry) -> tuple[str, ...]:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def partitioned(local_call: Callable, n_operands: int, batched_operands: Sequence[bool],
-                batched_results: Sequence[bool], operand_ranks: Sequence[int],
-                result_ranks: Sequence[int]):
-    """Wraps local_call(*operands, geom) -> tuple of results for custom_partitioning.
+def _spec_entry(shape_and_sharding, axis):
+    """The mesh axes (a PartitionSpec entry) that shard `axis` of an operand, or None."""
+    sharding = shape_and_sharding.sharding
+    spec = getattr(sharding, "spec", None)
+    if not isinstance(sharding, NamedSharding) or spec is None or len(spec) <= axis:
+        return None
+    return spec[axis]
 
-    batched_operands[i]: operand i has the batch N at axis 0; batched_results likewise. A result
-    that is not batched is a sum over N and gets a psum over the axes that shard N.
+
+def _parts(mesh, entry) -> int:
+    return math.prod(mesh.shape[a] for a in _entry_axes(entry))
+
+
+def _sharding_rule(split: Split):
+    """Shardy's view (used for propagation): the batch factor n is shared by every array that
+    has it (a reduction factor when a result lacks it); grouped channel axes share the factor g
+    of size `groups` (the rest of the axis is per array); everything else is per array."""
+    def rule(geom, mesh, operand_types, result_types):
+        dims_in, dims_out = split.dims(geom)
+        groups = split.groups(geom)
+        fresh = (f"d{i}" for i in itertools.count())
+        options = {}
+
+        def mapping(dims, ir_type):
+            shape = mlir.ir.RankedTensorType(ir_type).shape
+            out = []
+            for d, size in zip(dims, shape):
+                if d == "n":
+                    out.append("n")
+                elif d == "g" and groups is None:
+                    out.append("c")
+                elif d == "g" and groups > 1 and size == groups:  # one channel per group
+                    out.append("g")
+                elif d == "g" and groups > 1 and size:  # (group, channel within the group)
+                    options["g"] = groups
+                    options[within := next(fresh)] = size // groups
+                    out.append(f"(g {within})")
+                else:  # (Shardy refuses size-1 factors in a compound: no g for one group)
+                    out.append(next(fresh))
+            return " ".join(out)
+
+        text = (f"{', '.join(map(mapping, dims_in, operand_types))} -> "
+                f"{', '.join(map(mapping, dims_out, result_types))}")
+        if not all("n" in d for d in dims_out):
+            options["reduction_factors"] = ("n",)
+        return text, options
+    return rule
+
+
+def partitioned(local_call: Callable, n_operands: int, split: Split):
+    """Wraps local_call(*operands, geom) -> tuple of results in custom_partitioning.
+
+    The partition callback keeps N sharded as the first operand with a sharded N has it, keeps
+    the channels sharded as the first operand with sharded channels has them if that cuts the
+    channel groups into equal whole parts, and replicates everything else; a shard count that
+    does not divide N (or the groups) is not kept either, since XLA would pad the shards and
+    the padding would leak into sums over N. Results without N are psum-ed over N's axes.
     """
-    assert len(batched_operands) == n_operands == len(operand_ranks)
-    letters = iter("abcdefghijklmopqrstuvwxyz")  # 'n' is the batch factor
-
-    def factors(rank, batched):
-        return " ".join(["n" if (batched and d == 0) else next(letters) for d in range(rank)])
-
-    lhs = ", ".join(factors(r, b) for r, b in zip(operand_ranks, batched_operands))
-    rhs = ", ".join(factors(r, b) for r, b in zip(result_ranks, batched_results))
-    summed = not all(batched_results)
-    rule = f"{lhs} -> {rhs}"
-
-    def batch_entry_of(arg_shapes):
-        entries = [_batch_entry(a.sharding) for a, b in zip(arg_shapes, batched_operands) if b]
-        return next((e for e in entries if e is not None), None)
-
-    def shardings(mesh, entry, ranks, batched):
-        return tuple(NamedSharding(mesh, P(entry if b else None, *([None] * (r - 1))))
-                     for r, b in zip(ranks, batched))
-
     def partition(geom, mesh, arg_shapes, result_shape):
-        entry = batch_entry_of(arg_shapes)
-        arg_sh = shardings(mesh, entry, operand_ranks, batched_operands)
-        res_sh = shardings(mesh, entry, result_ranks, batched_results)
-        axes = _entry_axes(entry)
+        dims_in, dims_out = split.dims(geom)
+
+        def first_entry(letter):
+            for shape, dims in zip(arg_shapes, dims_in):
+                if letter in dims:
+                    entry = _spec_entry(shape, dims.index(letter))
+                    if entry is not None:
+                        return entry, shape.shape[dims.index(letter)]
+            return None, 0
+
+        n_entry, n_size = first_entry("n")
+        if n_entry is not None and n_size % _parts(mesh, n_entry):
+            n_entry = None
+        g_entry, channels = first_entry("g")
+        groups = split.groups(geom)
+        groups = channels if groups is None else groups
+        if g_entry is not None and (set(_entry_axes(g_entry)) & set(_entry_axes(n_entry))
+                                    or groups % _parts(mesh, g_entry)):
+            g_entry = None
+        g_parts = _parts(mesh, g_entry)
+        local_geom = split.local(geom, g_parts) if g_parts > 1 else geom
+
+        def sharding(dims, shape):
+            entries = {"n": n_entry, "g": g_entry if math.prod(shape) else None}
+            return NamedSharding(mesh, P(*(entries.get(d) for d in dims)))
+
+        arg_shardings = tuple(sharding(d, a.shape) for d, a in zip(dims_in, arg_shapes))
+        results = result_shape if isinstance(result_shape, (tuple, list)) else (result_shape,)
+        result_shardings = tuple(sharding(d, r.shape) for d, r in zip(dims_out, results))
+        sum_axes = _entry_axes(n_entry)
 
         def lower_fn(*operands):
-            outs = local_call(*operands, geom)
-            if summed and axes:
-                outs = tuple(o if b else jax.lax.psum(o, axes)
-                             for o, b in zip(outs, batched_results))
-            return outs
+            outs = local_call(*operands, local_geom)
+            return tuple(o if "n" in d or not sum_axes else jax.lax.psum(o, sum_axes)
+                         for o, d in zip(outs, dims_out))
 
-        return mesh, lower_fn, res_sh, arg_sh
+        return mesh, lower_fn, result_shardings, arg_shardings
 
-    def infer(geom, mesh, arg_shapes, result_shape):  # GSPMD propagation (Shardy uses `rule`)
-        return shardings(mesh, batch_entry_of(arg_shapes), result_ranks, batched_results)
+    def infer(geom, mesh, arg_shapes, result_shape):  # GSPMD propagation (Shardy uses the rule)
+        return partition(geom, mesh, arg_shapes, result_shape)[2]
 
     def fn(*args):
         return local_call(*args[:-1], args[-1])
 
     cp = custom_partitioning(fn, static_argnums=(n_operands,))
-    kwargs = {"reduction_factors": ("n",)} if summed else {}
     cp.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                     sharding_rule=rule, **kwargs)
+                     sharding_rule=_sharding_rule(split))
     return cp

@@ -15,6 +15,7 @@ is bwd_data of the convolution that it inverts.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from . import _args
 from ._args import (ConvGeometry, act_dims, act_shape, weight_dims, weight_shape)
 from ._ffi import NOT_MAPPED, make_primitive
-from ._sharding import match_vma, out_aval
+from ._sharding import Split, match_vma, out_aval
 
 # ----------------------------------------------------------------------------------------------
 # Abstract evaluation: output shapes from operand shapes and the geometry.
@@ -159,16 +160,27 @@ def _bwd_filter_batch(args, dims, *, geom):
     return _unfold_o(dw, size, geom.layout), 0
 
 
-# Sharding: activations carry N at axis 0 in both layouts; the weight gradient sums over N.
-conv2d_fwd_p = make_primitive(
-    "jaxconv_conv2d_fwd", _fwd_abstract, _fwd_batch, batched_operands=(True, False, False),
-    batched_results=(True,), ranks=((4, 4, 1), (4,)))
-conv2d_bwd_data_p = make_primitive(
-    "jaxconv_conv2d_bwd_data", _bwd_data_abstract, _bwd_data_batch,
-    batched_operands=(True, False, False), batched_results=(True,), ranks=((4, 4, 1), (4,)))
-conv2d_bwd_filter_p = make_primitive(
-    "jaxconv_conv2d_bwd_filter", _bwd_filter_abstract, _bwd_filter_batch,
-    batched_operands=(True, True), batched_results=(False,), ranks=((4, 4), (4,)))
+def _conv_split(operands: str, results: str) -> Split:
+    """How a conv kernel divides over devices, for operands/results made of 'x' (activation:
+    N, and channels in groups), 'w' (weights: output channels in groups) and 'b' (bias). The
+    weight gradient has no N: it is summed over the shards of N. Sharding the channels in whole
+    groups leaves each device a conv with groups / parts groups (e.g. vmapped weights)."""
+    def dims(geom):
+        table = {"x": "ng.." if geom.layout == 0 else "n..g",
+                 "w": "g..." if geom.layout == 0 else "...g", "b": "g"}
+        return tuple(table[k] for k in operands), tuple(table[k] for k in results)
+
+    return Split(dims, groups=lambda geom: geom.groups,
+                 local=lambda geom, parts: dataclasses.replace(geom, groups=geom.groups // parts))
+
+
+conv2d_fwd_p = make_primitive("jaxconv_conv2d_fwd", _fwd_abstract, _fwd_batch, n_operands=3,
+                              split=_conv_split("xwb", "x"))
+conv2d_bwd_data_p = make_primitive("jaxconv_conv2d_bwd_data", _bwd_data_abstract,
+                                   _bwd_data_batch, n_operands=3, split=_conv_split("xwb", "x"))
+conv2d_bwd_filter_p = make_primitive("jaxconv_conv2d_bwd_filter", _bwd_filter_abstract,
+                                     _bwd_filter_batch, n_operands=2,
+                                     split=_conv_split("xx", "w"))
 
 
 def _bind(prim, abstract, *args, geom):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from . import _args
 from ._args import PoolGeometry, act_dims, act_shape
 from ._ffi import NOT_MAPPED, make_primitive
-from ._sharding import match_vma, out_aval
+from ._sharding import Split, match_vma, out_aval
 
 
 def _pool_fwd_abstract(x, *, geom: PoolGeometry):
@@ -58,12 +58,20 @@ def _pool_bwd_batch(args, dims, *, geom):
     return _unfold(max_pool2d_bwd_p.bind(dy, idx, geom=geom), size), 0
 
 
-max_pool2d_fwd_p = make_primitive(
-    "jaxconv_max_pool2d_fwd", _pool_fwd_abstract, _pool_fwd_batch, batched_operands=(True,),
-    batched_results=(True, True), ranks=((4,), (4, 4)))
-max_pool2d_bwd_p = make_primitive(
-    "jaxconv_max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch,
-    batched_operands=(True, True), batched_results=(True,), ranks=((4, 4), (4,)))
+def _pool_split(n_operands: int, n_results: int) -> Split:
+    """Pooling divides over devices along N and along the channels (each channel is its own
+    group), every array being an activation."""
+    def dims(geom):
+        act = "ng.." if geom.layout == 0 else "n..g"
+        return (act,) * n_operands, (act,) * n_results
+
+    return Split(dims, groups=lambda geom: None, local=lambda geom, parts: geom)
+
+
+max_pool2d_fwd_p = make_primitive("jaxconv_max_pool2d_fwd", _pool_fwd_abstract, _pool_fwd_batch,
+                                  n_operands=1, split=_pool_split(1, 2), multiple_results=True)
+max_pool2d_bwd_p = make_primitive("jaxconv_max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch,
+                                  n_operands=2, split=_pool_split(2, 1))
 
 
 def _empty(x) -> bool:
