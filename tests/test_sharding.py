@@ -29,7 +29,9 @@ N = 16  # global batch; each device holds N // DEVICES = 2 examples
 CHECKS = [
     "jit_conv2d_NCHW", "jit_conv2d_NHWC", "jit_conv_transpose2d", "jit_max_pool2d_indices",
     "jit_max_unpool2d", "jit_train_step", "jit_train_step_gspmd", "jit_explicit_mesh",
-    "jit_scan_remat", "shard_map_forward", "shard_map_grad_inside_equals_single_device",
+    "jit_scan_remat", "jit_per_example_grads", "jit_models_sharded", "jit_pool_channels_sharded",
+    "jit_uneven_batch_is_correct", "shard_map_forward",
+    "shard_map_grad_inside_equals_single_device",
     "shard_map_grad_outside_equals_single_device", "shard_map_check_vma_false_like_lax",
     "export_sharded_jit", "export_shard_map_keeps_per_shard_calls",
 ]
@@ -78,11 +80,15 @@ def hlo_facts(hlo: str) -> dict:
     }
 
 
+def assert_no_gathers(facts):
+    for op in ("all-gather", "all-to-all", "collective-permute"):
+        assert facts[op] == 0, (op, facts["evidence"])
+
+
 def assert_per_shard(facts, expected_calls=None, all_reduces=0):
     """No gathering collectives; every kernel sees the per-shard batch and never the global one;
     exactly `all_reduces` all-reduces (an int, or a (low, high) range)."""
-    for op in ("all-gather", "all-to-all", "collective-permute"):
-        assert facts[op] == 0, (op, facts["evidence"])
+    assert_no_gathers(facts)
     low, high = all_reduces if isinstance(all_reduces, tuple) else (all_reduces, all_reduces)
     assert low <= facts["all-reduce"] <= high, facts["evidence"]
     if expected_calls is not None:
@@ -265,6 +271,71 @@ def _main():  # noqa: C901  (one list of checks, each small)
         # The while loop is the scan; inside it the gradient is reduced once per layer.
         assert_per_shard(facts, all_reduces=(1, 2))
         return facts
+
+    # --- jit: vmapped weights and channel sharding (the grouped-conv trick, split by groups) -
+
+    @check
+    def jit_per_example_grads():
+        # Per-example gradients under data parallelism: vmap(grad) over examples puts the
+        # examples into bwd_filter's groups, and the sharded examples are whole groups.
+        def loss(conv, w, x):
+            return jnp.sum(jnp.tanh(conv(x, w, padding=((1, 1), (1, 1)), groups=2)))
+        def per_example(conv):
+            return jax.vmap(jax.grad(partial(loss, conv)), in_axes=(None, 0))
+        examples = x[:, None]  # (16, 1, C, H, W): each example a batch of one
+        got, facts = compiled(per_example(jaxconv.conv2d), ws,
+                              jax.device_put(examples, batch))
+        assert_close(got, jax.jit(per_example(ref_conv2d))(w, examples))
+        assert_no_gathers(facts)
+        assert facts["all-reduce"] == 0, facts["evidence"]  # nothing is summed across examples
+        # bwd_filter computes the 2 local examples' (6, 2, 3, 3) gradients: 12 output channels.
+        assert any(dims[0] == 2 * 6 for dims in facts["leading_dims"]), facts["evidence"]
+        assert got.sharding.spec[0] == "batch"
+        return facts
+
+    @check
+    def jit_models_sharded():
+        # A batch of 16 models (weights sharded over the devices) trained on one shared batch.
+        models = nchw(N, 6, 2, 3, 3)
+        x_small = x[:2]
+
+        def loss(conv, w, x):
+            return jnp.sum(jnp.sin(conv(x, w, padding=((1, 1), (1, 1)), groups=2)))
+        def grads(conv):
+            return jax.vmap(jax.grad(partial(loss, conv)), in_axes=(0, None))
+        got, facts = compiled(grads(jaxconv.conv2d), jax.device_put(models, batch),
+                              jax.device_put(x_small, replicated))
+        assert_close(got, jax.jit(grads(ref_conv2d))(models, x_small))
+        assert_no_gathers(facts)
+        assert facts["all-reduce"] == 0, facts["evidence"]
+        # Each device runs its 2 models: 2 * 6 output channels in the forward kernel.
+        assert all(N * 6 not in dims for dims in facts["leading_dims"]), facts["evidence"]
+        assert got.sharding.spec[0] == "batch"
+        return facts
+
+    @check
+    def jit_pool_channels_sharded():
+        channels = jax.device_put(nchw(2, N, 6, 6), NamedSharding(mesh, P(None, "batch")))
+        pool = partial(jaxconv.max_pool2d, kernel_size=2, return_indices=True)
+        (y, idx), facts = compiled(pool, channels)
+        want_y, want_idx = ref_max_pool2d(channels, (2, 2), (2, 2))
+        np.testing.assert_array_equal(np.asarray(y), want_y)
+        np.testing.assert_array_equal(np.asarray(idx), want_idx)
+        assert_no_gathers(facts)
+        assert facts["leading_dims"] == [[2, 2, 2]], facts["evidence"]  # y, idx, x: 2 channels
+        assert y.sharding.spec[1] == "batch"
+        return facts
+
+    @check
+    def jit_uneven_batch_is_correct():
+        # 12 examples on 8 devices: XLA would pad the shards, and padding must not leak into
+        # the weight gradient (a sum over N), so the kernels take the whole batch here.
+        def loss(conv, w, x):
+            x = jax.lax.with_sharding_constraint(x[:12] * 1.0, batch)
+            return jnp.sum(jnp.tanh(conv(x, w, padding=((1, 1), (1, 1)), groups=2)))
+        got, _ = compiled(jax.grad(partial(loss, jaxconv.conv2d)), ws, xs)
+        assert_close(got, jax.jit(jax.grad(partial(loss, ref_conv2d)))(w, x))
+        return {}
 
     # --- shard_map --------------------------------------------------------------------------
 
