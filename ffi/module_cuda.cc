@@ -1,0 +1,42 @@
+// nanobind module exposing the CUDA FFI handlers: registrations() -> {target name: capsule}.
+// jaxconv/_ffi.py registers each capsule with XLA for platform "CUDA". Importing this module
+// needs no GPU and no driver: the CUDA runtime is linked statically and touches the driver only
+// when a handler first runs.
+#include <nanobind/nanobind.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace nb = nanobind;
+
+namespace jaxconv {
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dFwdCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dBwdDataCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dBwdFilterCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MaxPool2dFwdCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MaxPool2dBwdCuda);
+}  // namespace jaxconv
+
+namespace {
+
+// The single table from FFI target name to CUDA handler (the same names as module_cpu.cc).
+struct Target {
+  const char* name;
+  XLA_FFI_Handler* handler;
+};
+const Target kTargets[] = {
+    {"jaxconv_conv2d_fwd", jaxconv::Conv2dFwdCuda},
+    {"jaxconv_conv2d_bwd_data", jaxconv::Conv2dBwdDataCuda},
+    {"jaxconv_conv2d_bwd_filter", jaxconv::Conv2dBwdFilterCuda},
+    {"jaxconv_max_pool2d_fwd", jaxconv::MaxPool2dFwdCuda},
+    {"jaxconv_max_pool2d_bwd", jaxconv::MaxPool2dBwdCuda},
+};
+
+}  // namespace
+
+NB_MODULE(_jaxconv_cuda, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    for (const Target& t : kTargets) d[t.name] = nb::capsule(reinterpret_cast<void*>(t.handler));
+    return d;
+  });
+}

@@ -1,0 +1,140 @@
+// CUDA convolution handlers: forward, bwd_data (= transposed convolution) and bwd_filter.
+//
+// Same targets, attributes and validation as ffi/cpu/conv2d.cc (ffi_common.h rebuilds and checks
+// the geometry); the kernels are in conv2d_kernels.cuh. Work is enqueued on the stream XLA
+// gives the call and never synchronized here.
+#include <cstdint>
+
+#include "conv2d_kernels.cuh"
+#include "cuda_ffi.h"
+
+namespace jaxconv::cuda {
+namespace {
+
+// SM count of the current device (XLA makes the stream's device current when it calls a
+// handler); only the bwd_filter split count depends on it. A failed query falls back to a
+// typical count instead of failing the call.
+int64_t sm_count() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      count < 1) {
+    cudaGetLastError();
+    return 108;
+  }
+  return count;
+}
+
+ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                         ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                         ffi::Dictionary attrs) {
+  static constexpr char kTarget[] = "jaxconv_conv2d_fwd";
+  ConvParams p;
+  ConvGeometry g;
+  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
+  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, x, w, *y, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, kTarget));
+  JAXCONV_RETURN_IF_ERROR(same_float_type(kTarget, x.element_type(), {bias.element_type()}));
+  if (g.N == 0) return ffi::Error::Success();
+  return dispatch_float(x.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return check_cuda(kTarget, conv2d_forward<T>(g, static_cast<const T*>(x.untyped_data()),
+                                                 static_cast<const T*>(w.untyped_data()),
+                                                 bias_or_null<T>(bias),
+                                                 static_cast<T*>(y->untyped_data()), stream));
+  });
+}
+
+ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w,
+                             ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
+                             ffi::Dictionary attrs) {
+  static constexpr char kTarget[] = "jaxconv_conv2d_bwd_data";
+  ConvParams p;
+  ConvGeometry g;
+  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
+  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, *dx, w, dy, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, kTarget));
+  JAXCONV_RETURN_IF_ERROR(same_float_type(kTarget, dy.element_type(), {bias.element_type()}));
+  if (g.N == 0) return ffi::Error::Success();
+  return dispatch_float(dy.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return check_cuda(kTarget,
+                      conv2d_backward_data<T>(g, static_cast<const T*>(dy.untyped_data()),
+                                              static_cast<const T*>(w.untyped_data()),
+                                              bias_or_null<T>(bias),
+                                              static_cast<T*>(dx->untyped_data()), stream));
+  });
+}
+
+ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                               ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                               ffi::Result<ffi::AnyBuffer> dw, ffi::Dictionary attrs) {
+  static constexpr char kTarget[] = "jaxconv_conv2d_bwd_filter";
+  ConvParams p;
+  ConvGeometry g;
+  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
+  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, x, *dw, dy, kTarget, &g));
+  if (g.N == 0) {
+    // A sum over no positions: zero bits are 0.0 in all four float formats.
+    cudaError_t err = cudaMemsetAsync(dw->untyped_data(), 0, dw->size_bytes(), stream);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return cuda_error(kTarget, "cudaMemsetAsync failed", err);
+    }
+    return ffi::Error::Success();
+  }
+  return dispatch_float(x.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = typename Num<T>::acc;
+    FilterLauncher<T> launcher(g, sm_count());
+    Acc* workspace = nullptr;
+    if (int64_t bytes = launcher.workspace_bytes()) {
+      // Device memory from XLA's allocator, released when this call returns; XLA orders later
+      // users of it after the work enqueued here on the same stream.
+      auto mem = scratch.Allocate(size_t(bytes), 256);
+      if (mem.has_value())
+        workspace = static_cast<Acc*>(*mem);
+      else
+        launcher.drop_splits();  // still correct: each block reduces over every position
+    }
+    return check_cuda(kTarget, launcher.run(static_cast<const T*>(x.untyped_data()),
+                                            static_cast<const T*>(dy.untyped_data()),
+                                            static_cast<T*>(dw->untyped_data()), workspace,
+                                            stream));
+  });
+}
+
+}  // namespace
+}  // namespace jaxconv::cuda
+
+namespace jaxconv {
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv2dFwdCuda, cuda::Conv2dFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // w
+                                  .Arg<ffi::AnyBuffer>()  // bias, (O,) or (0,)
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attrs());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv2dBwdDataCuda, cuda::Conv2dBwdDataImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<ffi::AnyBuffer>()  // w
+                                  .Arg<ffi::AnyBuffer>()  // bias, (C,) or (0,)
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Attrs());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv2dBwdFilterCuda, cuda::Conv2dBwdFilterImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()  // bwd_filter partial sums
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Ret<ffi::AnyBuffer>()  // dw
+                                  .Attrs());
+
+}  // namespace jaxconv

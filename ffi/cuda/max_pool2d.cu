@@ -1,0 +1,67 @@
+// CUDA max-pooling handlers: forward (values + int32 indices) and backward.
+//
+// Same targets, attributes and validation as ffi/cpu/max_pool2d.cc; the kernels are in
+// max_pool2d_kernels.cuh.
+#include <cstdint>
+
+#include "cuda_ffi.h"
+#include "max_pool2d_kernels.cuh"
+
+namespace jaxconv::cuda {
+namespace {
+
+ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                            ffi::Result<ffi::AnyBuffer> idx, ffi::Dictionary attrs) {
+  static constexpr char kTarget[] = "jaxconv_max_pool2d_fwd";
+  PoolParams p;
+  PoolGeometry g;
+  JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, kTarget));
+  JAXCONV_RETURN_IF_ERROR(pool_geometry(p, x, *y, *idx, kTarget, &g));
+  return dispatch_float(x.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return check_cuda(kTarget, max_pool2d_forward<T>(g, static_cast<const T*>(x.untyped_data()),
+                                                     static_cast<T*>(y->untyped_data()),
+                                                     static_cast<int32_t*>(idx->untyped_data()),
+                                                     stream));
+  });
+}
+
+ffi::Error MaxPool2dBwdImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer idx,
+                            ffi::Result<ffi::AnyBuffer> dx, ffi::Dictionary attrs) {
+  static constexpr char kTarget[] = "jaxconv_max_pool2d_bwd";
+  PoolParams p;
+  PoolGeometry g;
+  JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, kTarget));
+  JAXCONV_RETURN_IF_ERROR(pool_geometry(p, *dx, dy, idx, kTarget, &g));
+  return dispatch_float(dy.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return check_cuda(kTarget,
+                      max_pool2d_backward<T>(g, static_cast<const T*>(dy.untyped_data()),
+                                             static_cast<const int32_t*>(idx.untyped_data()),
+                                             static_cast<T*>(dx->untyped_data()), stream));
+  });
+}
+
+}  // namespace
+}  // namespace jaxconv::cuda
+
+namespace jaxconv {
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPool2dFwdCuda, cuda::MaxPool2dFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::AnyBuffer>()  // indices (int32)
+                                  .Attrs());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPool2dBwdCuda, cuda::MaxPool2dBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<ffi::AnyBuffer>()  // indices (int32)
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Attrs());
+
+}  // namespace jaxconv
