@@ -56,6 +56,10 @@ def _bwd_filter_abstract(x, dy, *, geom: ConvGeometry):
 # weights too uses the grouped-convolution trick: example b's channels become groups
 # b*G .. b*G + G-1 of one convolution with B*G groups, so per-example weights still run as a
 # single launch. Activations: (B, N, C, H, W) -> (N, B*C, H, W) (NCHW) or (N, H, W, B*C) (NHWC).
+# An unmapped x meeting mapped weights (a batch of models on one batch of data) is broadcast
+# into the groups too. Stacking the models' filters as extra output channels instead would
+# spare that copy, but only the first layer has an unmapped input, and with the examples kept
+# in whole groups the groups can be split over devices (_sharding.py) for any G.
 
 
 def _to_front(x, bdim, size):
