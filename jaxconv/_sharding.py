@@ -1,6 +1,6 @@
 """How jaxconv's primitives behave when arrays are spread over several devices.
 
-Two mechanisms, both public JAX API:
+Two mechanisms, both built on public JAX API (plus one registry hook, see mark_needs_devices):
 
 1. Under `jit` with shardings (GSPMD/Shardy), XLA must be told how to split a custom call, or it
    gathers every operand onto every device first. Each primitive therefore lowers through
@@ -18,8 +18,9 @@ Two mechanisms, both public JAX API:
 2. Inside `shard_map`, JAX types every value with the manual mesh axes it varies over ("vma").
    A primitive's output must vary over the union of its operands' axes, and a replicated weight
    that meets a batch-sharded input must be cast to varying *outside* the custom_vjp, so that AD
-   transposes that cast into the psum which sums the per-shard weight gradients (without it the
-   gradient of a replicated weight silently stays per-shard). `match_vma` does that cast.
+   transposes that cast into the psum which sums the per-shard weight gradients. (Without the
+   cast JAX rejects the custom_vjp's varying weight cotangent; an FFI call whose result drops
+   the varying axes altogether leaves that gradient per-shard.) `match_vma` does the cast.
 """
 from __future__ import annotations
 
