@@ -1,0 +1,77 @@
+// Host emulation of the little of CUDA that jaxconv's kernels use, so that the kernels in
+// ffi/cuda/*_kernels.cuh can run on a machine without a GPU (tests/test_cuda_build.py).
+//
+// A launch runs its blocks one after another; the threads of a block are real std::threads, so
+// __syncthreads is a real barrier and a missing one shows up as a race. `__shared__` becomes
+// `static`: one array per kernel instantiation, shared by the threads of the running block,
+// which is exactly CUDA's scope since only one block runs at a time. The grid is capped at
+// emu::max_blocks blocks (the kernels' grid-stride loops then give each block several tiles).
+//
+// What this cannot check: timing, coalescing, occupancy, register limits, warp behaviour (the
+// kernels use no warp intrinsics), and device numerics such as FMA contraction.
+#pragma once
+
+#define JAXCONV_CUDA_EMULATION 1
+
+#include <cuda_bf16.h>  // host-side __half / __nv_bfloat16 and dim3, cudaStream_t, cudaError_t
+#include <cuda_fp16.h>
+
+#include <barrier>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+// CUDA's headers, compiled by a host compiler, define these as nothing; the kernels need
+// __shared__ to mean "one per block".
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__ static
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+namespace emu {
+struct Index {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local Index thread_index, block_index;
+inline Index grid_size;
+inline std::barrier<>* block_barrier = nullptr;
+inline unsigned max_blocks = 3;
+}  // namespace emu
+
+#define threadIdx (::emu::thread_index)
+#define blockIdx (::emu::block_index)
+#define gridDim (::emu::grid_size)
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+namespace jaxconv::cuda {
+
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t,
+                   Args... args) {
+  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x == 0 ||
+      grid.x == 0)
+    return cudaErrorInvalidConfiguration;  // the kernels only use 1-d launches
+  const unsigned blocks = grid.x < emu::max_blocks ? grid.x : emu::max_blocks;
+  emu::grid_size = {blocks, 1, 1};
+  std::barrier<> barrier(block.x);
+  emu::block_barrier = &barrier;
+  for (unsigned b = 0; b < blocks; ++b) {
+    std::vector<std::thread> threads;
+    threads.reserve(block.x);
+    for (unsigned t = 0; t < block.x; ++t)
+      threads.emplace_back([&, b, t] {
+        emu::block_index = {b, 0, 0};
+        emu::thread_index = {t, 0, 0};
+        kernel(args...);
+      });
+    for (std::thread& th : threads) th.join();
+  }
+  emu::block_barrier = nullptr;
+  return cudaSuccess;
+}
+
+}  // namespace jaxconv::cuda

@@ -1,0 +1,118 @@
+// C entry points that run jaxconv's CUDA kernels (ffi/cuda/*_kernels.cuh) under the host
+// emulation of emulate.h, for tests/test_cuda_build.py (loaded with ctypes). Each entry point
+// builds the geometry with geometry.h exactly as the FFI handlers do, then calls the same
+// host-side planning and launch code as ffi/cuda/conv2d.cu and max_pool2d.cu.
+//
+// Buffer dims are the arrays' own shapes (layout order); dtype codes: 0 float32, 1 float64,
+// 2 float16, 3 bfloat16. Return value: 0 on success, 1 for an invalid geometry, 2 for a launch
+// error.
+#include "emulate.h"
+
+#include <cstring>
+#include <vector>
+
+#include "cuda/conv2d_kernels.cuh"
+#include "cuda/max_pool2d_kernels.cuh"
+
+namespace {
+
+using namespace jaxconv;
+using namespace jaxconv::cuda;
+
+template <typename F>
+int dispatch(int dtype, F&& fn) {
+  switch (dtype) {
+    case 0: return fn(float{});
+    case 1: return fn(double{});
+    case 2: return fn(__half{});
+    case 3: return fn(__nv_bfloat16{});
+    default: return 1;
+  }
+}
+
+int status(cudaError_t err) { return err == cudaSuccess ? 0 : 2; }
+
+}  // namespace
+
+extern "C" {
+
+// which: 0 forward (a = x, b = w, out = y), 1 bwd_data (a = dy, b = w, out = dx),
+// 2 bwd_filter (a = x, b = dy, out = dw). x_dims / w_dims: the shapes of x (dx for bwd_data)
+// and w (dw for bwd_filter). attrs: stride_h, stride_w, dilation_h, dilation_w, pad_top,
+// pad_bottom, pad_left, pad_right, groups, layout. bias may be null. sm_count feeds the
+// bwd_filter split plan; unsplit != 0 takes the no-workspace fallback.
+int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
+             const int64_t* attrs, const void* a, const void* b, const void* bias, void* out,
+             int64_t sm_count, int unsplit, unsigned max_blocks) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return 1;
+  emu::max_blocks = max_blocks;
+  return dispatch(dtype, [&](auto zero) -> int {
+    using T = decltype(zero);
+    using Acc = typename Num<T>::acc;
+    const T* ta = static_cast<const T*>(a);
+    const T* tb = static_cast<const T*>(b);
+    const T* tbias = static_cast<const T*>(bias);
+    T* tout = static_cast<T*>(out);
+    if (which == 0) return g.N == 0 ? 0 : status(conv2d_forward<T>(g, ta, tb, tbias, tout, nullptr));
+    if (which == 1)
+      return g.N == 0 ? 0 : status(conv2d_backward_data<T>(g, ta, tb, tbias, tout, nullptr));
+    if (g.N == 0) {  // the handler zeroes dw with cudaMemsetAsync
+      std::memset(out, 0, size_t(g.O * g.gemm_k()) * sizeof(T));
+      return 0;
+    }
+    FilterLauncher<T> launcher(g, sm_count);
+    std::vector<Acc> workspace;
+    if (unsplit)
+      launcher.drop_splits();
+    else
+      workspace.resize(size_t(launcher.workspace_bytes() / int64_t(sizeof(Acc))));
+    return status(launcher.run(ta, tb, tout, workspace.empty() ? nullptr : workspace.data(),
+                               nullptr));
+  });
+}
+
+// The bwd_filter plan for a geometry: {splits, chunk, tiles, workspace bytes}.
+int emu_filter_plan(const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs,
+                    int dtype, int64_t sm_count, int64_t* plan) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return 1;
+  return dispatch(dtype, [&](auto zero) -> int {
+    FilterLauncher<decltype(zero)> launcher(g, sm_count);
+    plan[0] = launcher.p.splits;
+    plan[1] = launcher.p.chunk;
+    plan[2] = launcher.p.tiles;
+    plan[3] = launcher.workspace_bytes();
+    return 0;
+  });
+}
+
+// which: 0 forward (a = x, out0 = y, out1 = int32 indices), 1 backward (a = dy, b = int32
+// indices, out0 = dx). x_dims: the shape of x (dx for backward). attrs: kernel_h, kernel_w,
+// stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_bottom, pad_left, pad_right,
+// ceil_mode, layout.
+int emu_pool(int which, int dtype, const int64_t* x_dims, const int64_t* attrs, const void* a,
+             const void* b, void* out0, void* out1, unsigned max_blocks) {
+  PoolParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],  attrs[5],
+               attrs[6], attrs[7], attrs[8], attrs[9], attrs[10], attrs[11]};
+  PoolGeometry g;
+  if (make_pool_geometry(p, activation_dims(p.layout, x_dims), &g)) return 1;
+  emu::max_blocks = max_blocks;
+  return dispatch(dtype, [&](auto zero) -> int {
+    using T = decltype(zero);
+    if (which == 0)
+      return status(max_pool2d_forward<T>(g, static_cast<const T*>(a), static_cast<T*>(out0),
+                                          static_cast<int32_t*>(out1), nullptr));
+    return status(max_pool2d_backward<T>(g, static_cast<const T*>(a),
+                                         static_cast<const int32_t*>(b), static_cast<T*>(out0),
+                                         nullptr));
+  });
+}
+
+}  // extern "C"
