@@ -127,3 +127,77 @@ def test_baseline_build_without_avx2():
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Max pooling: rows wide enough for the vectorized interior (16 outputs per block in NCHW,
+# 16 channels per block in NHWC) plus border windows, with ties, NaN and -inf inside.
+
+POOLS = {
+    # (C, H, W, kernel, stride, padding, dilation)
+    "2x2/2": (3, 6, 70, (2, 2), (2, 2), ((0, 0), (0, 0)), (1, 1)),
+    "3x3/2 pad 1": (3, 7, 69, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),
+    "3x3/1 pad 1": (2, 5, 41, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    "anisotropic stride 3 dilated": (2, 9, 80, (2, 3), (1, 3), ((1, 0), (2, 1)), (2, 2)),
+    "37 channels": (37, 5, 6, (3, 2), (2, 1), ((1, 1), (0, 1)), (1, 1)),
+}
+
+
+def _pool_input(shape_nchw, layout, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, shape_nchw).astype(np.float64)  # many ties
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, size=6, replace=False)
+    flat[picks] = [np.nan, np.nan, -np.inf, -np.inf, np.inf, 7]
+    if layout == "NHWC":
+        x = x.transpose(0, 2, 3, 1)
+    return jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", list(POOLS))
+def test_pool_paths(name, layout, dtype):
+    from reference import ref_max_pool2d
+    c, h, w, kernel, stride, padding, dilation = POOLS[name]
+    x = _pool_input((2, c, h, w), layout, dtype, seed=len(name))
+    y, idx = jaxconv.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True,
+                                layout=layout)
+    want, want_idx = ref_max_pool2d(x, kernel, stride, padding, dilation, layout=layout)
+    np.testing.assert_array_equal(np.asarray(idx), want_idx)
+    np.testing.assert_array_equal(np.asarray(y, np.float64), want)
+    # The gradient lands on the selected cells: a scatter-add of the cotangent at the indices.
+    g = jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), dtype)
+    acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    dx = jax.grad(lambda x: jnp.sum(
+        jaxconv.max_pool2d(x, kernel, stride, padding, dilation, layout=layout).astype(acc)
+        * g.astype(acc)))(x)
+    gi, ii = np.asarray(g, np.float64), want_idx
+    xs = np.asarray(x).shape
+    if layout == "NHWC":
+        gi, ii = gi.transpose(0, 3, 1, 2), ii.transpose(0, 3, 1, 2)
+        n_, h_, w_, c_ = xs
+    else:
+        n_, c_, h_, w_ = xs
+    expect = np.zeros((n_, c_, h_ * w_))
+    for ni in range(n_):
+        for ci in range(c_):
+            np.add.at(expect[ni, ci], ii[ni, ci].reshape(-1), gi[ni, ci].reshape(-1))
+    expect = expect.reshape(n_, c_, h_, w_)
+    if layout == "NHWC":
+        expect = expect.transpose(0, 2, 3, 1)
+    rtol, atol = tol(dtype)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), expect, rtol=rtol, atol=atol)
+
+
+def test_pool_baseline_build_without_avx2():
+    code = (
+        "import sys; sys.path.insert(0, 'tests');"
+        "import test_kernel_paths as t, jax.numpy as jnp;"
+        "[t.test_pool_paths(n, lay, jnp.float32) for n in ('3x3/2 pad 1', '37 channels') "
+        "for lay in ('NCHW', 'NHWC')]; print('ok')")
+    env = dict(os.environ, JAXCONV_DISABLE_AVX2="1", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
