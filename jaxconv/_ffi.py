@@ -6,9 +6,20 @@ table from target name to handler capsule.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 
-from . import _jaxconv_cpu
+try:
+    from . import _jaxconv_cpu
+except ImportError as _err:
+    # The usual cause: Python found a source checkout (e.g. the current directory, which
+    # `python -m` and `python -c` put first on sys.path) instead of the installed package.
+    raise ImportError(
+        f"jaxconv's compiled CPU extension (_jaxconv_cpu) is missing from "
+        f"{os.path.dirname(os.path.abspath(__file__))}: this looks like an unbuilt source "
+        "checkout. Install it in place with `pip install -e .`, or run from outside the "
+        "checkout after `pip install .`") from _err
 
 TARGETS: tuple[str, ...] = tuple(sorted(_jaxconv_cpu.registrations()))
 

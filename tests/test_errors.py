@@ -1,6 +1,9 @@
 """Bad arguments fail at trace time with ValueError / TypeError messages that name the argument
 and the offending values, before any kernel runs (so also under jit, on abstract values)."""
 import re
+import shutil
+import site
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxconv
+from child import run_python
 from jaxconv import conv2d, conv_transpose2d, max_pool2d, max_unpool2d
 
 F32 = jnp.float32
@@ -214,3 +218,21 @@ def test_unpool_out_of_range_indices_are_dropped(jit, layout):
     f = lambda v, i: max_unpool2d(v, i, 2, layout=layout)  # noqa: E731
     got = (jax.jit(f) if jit else f)(jnp.asarray(vals), jnp.asarray(idx))
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_unbuilt_source_checkout_says_how_to_install(tmp_path):
+    """A source checkout without its compiled extension (what `python -m` finds first when run
+    from the repository root after a plain `pip install .`) fails to import with an ImportError
+    that says how to install, not with a riddle about a circular import."""
+    shutil.copytree(Path(jaxconv.__file__).parent, tmp_path / "jaxconv",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    # -S: no site hooks, so neither an installed jaxconv nor an editable install's import
+    # redirect can step in; jax itself is still found on the plain site-packages paths.
+    code = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}]; "
+            f"sys.path += {site.getsitepackages()!r}; import jaxconv")
+    proc = run_python("-S", "-c", code, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: jaxconv's compiled CPU extension (_jaxconv_cpu) is "
+                           f"missing from {tmp_path / 'jaxconv'}"), proc.stderr[-2000:]
+    assert "pip install -e ." in last
