@@ -8,13 +8,12 @@ agreeing with lax's on every benchmarked case.
 """
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
 
 from jaxconv import bench
+from child import run_python
 
 SETS = ("lenet", "resnet50", "mobilenet", "pool")
 
@@ -22,10 +21,8 @@ SETS = ("lenet", "resnet50", "mobilenet", "pool")
 @pytest.fixture(scope="module")
 def quick_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "quick.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxconv.bench", "--quick", "--json", str(path)],
-        capture_output=True, text=True, timeout=300, env=env)
+    proc = run_python("-m", "jaxconv.bench", "--quick", "--json", str(path),
+                      env={"JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Progress goes to stderr, the table to stdout.
     assert "[1/" in proc.stderr

@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 import pytest
 
 from jaxconv import _ffi
+from child import run_python
 from reference import assert_close, ref_conv2d, ref_max_pool2d, tol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,7 @@ def test_import_registers_targets_without_a_gpu():
         "y = jaxconv.conv2d(x, jnp.ones((4, 3, 3, 3), jnp.float32), padding=1)\n"
         "assert y.shape == (2, 4, 5, 5), y.shape\n"
         "print(_ffi.HAS_CUDA_MODULE)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=str(Path(__file__).resolve().parent))
+    out = run_python("-c", code, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(_cuda_module_built())
 

@@ -6,8 +6,6 @@ jaxconv's kernels are custom calls without JAX's compatibility guarantee, so exp
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from functools import partial
 
@@ -18,6 +16,7 @@ import pytest
 from jax import export
 
 import jaxconv
+from child import run_python
 from reference import (assert_close, random_array, ref_conv2d, ref_conv_transpose2d,
                        ref_max_pool2d_lax)
 
@@ -152,9 +151,7 @@ def test_artifact_runs_in_a_fresh_process_after_import_jaxconv(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), data["want"])
         print("after import: ok")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ,
-                                                       "JAX_PLATFORMS": "cpu"})
+    proc = run_python("-c", script, cwd=tmp_path, env={"JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("before import:") and "jaxconv_" in lines[0], lines

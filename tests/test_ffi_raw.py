@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from child import run_python
 
 F32, F16, F64 = "float32", "float16", "float64"
 
@@ -403,9 +404,7 @@ def _run_isolated(names, timeout=240):
     """Runs the cases in child processes; a case whose child dies is recorded as a crash."""
     results, pending = {}, list(names)
     while pending:
-        proc = subprocess.run([sys.executable, __file__, *pending], capture_output=True,
-                              text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONFAULTHANDLER": ""})
+        proc = run_python(__file__, *pending, timeout=timeout, env={"PYTHONFAULTHANDLER": ""})
         started = None
         for line in proc.stdout.splitlines():
             if line.startswith("START "):

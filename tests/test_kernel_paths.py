@@ -8,9 +8,6 @@ are not multiples of 6 or 16), and the baseline (non-AVX2) build of the GEMM. Ev
 small, but chosen so that one of those paths is taken; values, input gradients and weight
 gradients are compared with lax at HIGHEST precision.
 """
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 
 import jaxconv
+from child import run_python
 from reference import ref_conv2d, tol
 
 # (N, C, H, W, O, KH, KW, stride, padding, dilation, groups): the path it takes.
@@ -113,20 +111,21 @@ def test_depthwise_conv_transpose_with_bias():
                                    ref_conv_transpose2d(x, w, b, **kw), rtol=1e-4, atol=1e-4)
 
 
+def _run_without_avx2(code):
+    """Runs `code` in a child process whose kernels take the baseline (non-AVX2) paths."""
+    proc = run_python("-c", code, env={"JAXCONV_DISABLE_AVX2": "1", "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_baseline_build_without_avx2():
     """JAXCONV_DISABLE_AVX2=1 selects the baseline GEMM: same results on a few paths."""
     code = (
-        "import sys; sys.path.insert(0, 'tests');"
         "import test_kernel_paths as t, jax.numpy as jnp;"
         "[t._check(t.CASES[n], lay, jnp.float32) for n in "
         "('plain 3x3', 'K sliced, small planes across images', 'stride 3 phases', "
         "'col2im strided grouped padded', 'depthwise anisotropic, channel tail') "
         "for lay in ('NCHW', 'NHWC')]; print('ok')")
-    env = dict(os.environ, JAXCONV_DISABLE_AVX2="1", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    _run_without_avx2(code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +191,7 @@ def test_pool_paths(name, layout, dtype):
 
 def test_pool_baseline_build_without_avx2():
     code = (
-        "import sys; sys.path.insert(0, 'tests');"
         "import test_kernel_paths as t, jax.numpy as jnp;"
         "[t.test_pool_paths(n, lay, jnp.float32) for n in ('3x3/2 pad 1', '37 channels') "
         "for lay in ('NCHW', 'NHWC')]; print('ok')")
-    env = dict(os.environ, JAXCONV_DISABLE_AVX2="1", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    _run_without_avx2(code)

@@ -13,15 +13,15 @@ single-device lax references.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import traceback
 from functools import partial
 from pathlib import Path
 
 import pytest
+
+from child import run_python
 
 DEVICES = 8
 N = 16  # global batch; each device holds N // DEVICES = 2 examples
@@ -39,10 +39,8 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).parent)
+    proc = run_python(__file__, timeout=600, env={
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
