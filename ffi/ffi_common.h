@@ -95,12 +95,19 @@ inline ffi::Error same_float_type(const char* target, ffi::DataType t,
   return ffi::Error::Success();
 }
 
-// Bias is either empty (no bias) or a vector with one entry per output channel.
-inline ffi::Error check_bias(const ffi::AnyBuffer& bias, int64_t channels, const char* target) {
+// Bias is either empty (no bias) or a vector with one entry per channel of the result, in the
+// dtype of the other operands.
+inline ffi::Error check_bias(const ffi::AnyBuffer& bias, int64_t channels, ffi::DataType dtype,
+                             const char* target) {
   auto d = bias.dimensions();
   if (d.size() != 1 || (d[0] != 0 && d[0] != channels))
     return invalid(target, "bias must be a vector of length 0 or " + std::to_string(channels));
-  return ffi::Error::Success();
+  return same_float_type(target, dtype, {bias.element_type()});
+}
+
+template <typename T>
+const T* bias_or_null(const ffi::AnyBuffer& bias) {
+  return bias.element_count() ? static_cast<const T*>(bias.untyped_data()) : nullptr;
 }
 
 // The three conv targets describe the same convolution x (*) w = y from different ends; each
@@ -129,6 +136,16 @@ inline ffi::Error conv_geometry(const ConvParams& p, const ffi::AnyBuffer& x,
   return ffi::Error::Success();
 }
 
+// What every conv handler checks before it computes (CPU and CUDA alike): its attributes, then
+// its three buffers against the geometry they describe.
+inline ffi::Error decode_conv_call(const ffi::Dictionary& attrs, const ffi::AnyBuffer& x,
+                                   const ffi::AnyBuffer& w, const ffi::AnyBuffer& y,
+                                   const char* target, ConvGeometry* g) {
+  ConvParams p;
+  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, target));
+  return conv_geometry(p, x, w, y, target, g);
+}
+
 inline ffi::Error pool_geometry(const PoolParams& p, const ffi::AnyBuffer& x,
                                 const ffi::AnyBuffer& y, const ffi::AnyBuffer& idx,
                                 const char* target, PoolGeometry* g) {
@@ -146,6 +163,33 @@ inline ffi::Error pool_geometry(const PoolParams& p, const ffi::AnyBuffer& x,
   if (!same_dims(expect, ys) || !same_dims(expect, is))
     return invalid(target, "output/indices shapes do not match the geometry " + dims_str(expect));
   return ffi::Error::Success();
+}
+
+// The same for the pool handlers: fwd passes (x, y, indices), bwd (dx, dy, indices).
+inline ffi::Error decode_pool_call(const ffi::Dictionary& attrs, const ffi::AnyBuffer& x,
+                                   const ffi::AnyBuffer& y, const ffi::AnyBuffer& idx,
+                                   const char* target, PoolGeometry* g) {
+  PoolParams p;
+  JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, target));
+  return pool_geometry(p, x, y, idx, target, g);
+}
+
+// Calls fn(TypeTag<T>{}) with T the storage type of a float dtype (checked by the caller); each
+// platform names its own 16-bit types (CPU: bit wrappers, CUDA: __half / __nv_bfloat16).
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename Half, typename BFloat16, typename F>
+ffi::Error dispatch_float_as(ffi::DataType t, F&& fn) {
+  switch (t) {
+    case ffi::DataType::F32: return fn(TypeTag<float>{});
+    case ffi::DataType::F64: return fn(TypeTag<double>{});
+    case ffi::DataType::F16: return fn(TypeTag<Half>{});
+    case ffi::DataType::BF16: return fn(TypeTag<BFloat16>{});
+    default: return ffi::Error::InvalidArgument("unsupported dtype");
+  }
 }
 
 }  // namespace jaxconv

@@ -864,21 +864,13 @@ struct Conv {
   }
 };
 
-template <typename T>
-const T* bias_or_null(const ffi::AnyBuffer& bias) {
-  return bias.element_count() ? static_cast<const T*>(bias.untyped_data()) : nullptr;
-}
-
 ffi::Error Conv2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_conv2d_fwd";
-  ConvParams p;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, x, w, *y, kTarget, &g));
-  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, kTarget));
-  JAXCONV_RETURN_IF_ERROR(same_float_type(kTarget, x.element_type(), {bias.element_type()}));
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, x.element_type(), kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
@@ -894,12 +886,9 @@ ffi::Error Conv2dBwdDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBu
                              ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
                              ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_conv2d_bwd_data";
-  ConvParams p;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, *dx, w, dy, kTarget, &g));
-  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, kTarget));
-  JAXCONV_RETURN_IF_ERROR(same_float_type(kTarget, dy.element_type(), {bias.element_type()}));
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, *dx, w, dy, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, dy.element_type(), kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
   return dispatch_float(dy.element_type(), [&](auto tag) {
@@ -914,10 +903,8 @@ ffi::Error Conv2dBwdDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBu
 ffi::Error Conv2dBwdFilterImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                ffi::Result<ffi::AnyBuffer> dw, ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_conv2d_bwd_filter";
-  ConvParams p;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, x, *dw, dy, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, *dw, dy, kTarget, &g));
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../ffi_common.h"
@@ -100,21 +101,9 @@ struct Num<bf16_t> {
   static bf16_t store(float v) { return {float_to_bf16(v)}; }
 };
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<T>{}) for the storage type of a float dtype (checked by the caller).
 template <typename F>
 ffi::Error dispatch_float(ffi::DataType t, F&& fn) {
-  switch (t) {
-    case ffi::DataType::F32: return fn(TypeTag<float>{});
-    case ffi::DataType::F64: return fn(TypeTag<double>{});
-    case ffi::DataType::F16: return fn(TypeTag<f16_t>{});
-    case ffi::DataType::BF16: return fn(TypeTag<bf16_t>{});
-    default: return ffi::Error::InvalidArgument("unsupported dtype");
-  }
+  return dispatch_float_as<f16_t, bf16_t>(t, std::forward<F>(fn));
 }
 
 // ---------------------------------------------------------------------------------------------

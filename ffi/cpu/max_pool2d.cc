@@ -62,10 +62,8 @@ ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                             ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> idx,
                             ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_max_pool2d_fwd";
-  PoolParams p;
   PoolGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(pool_geometry(p, x, *y, *idx, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -79,10 +77,8 @@ ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 ffi::Error MaxPool2dBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer idx,
                             ffi::Result<ffi::AnyBuffer> dx, ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_max_pool2d_bwd";
-  PoolParams p;
   PoolGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(pool_geometry(p, *dx, dy, idx, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, *dx, dy, idx, kTarget, &g));
   ParallelRunner pr(&pool);
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -29,12 +29,9 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_conv2d_fwd";
-  ConvParams p;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, x, w, *y, kTarget, &g));
-  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, kTarget));
-  JAXCONV_RETURN_IF_ERROR(same_float_type(kTarget, x.element_type(), {bias.element_type()}));
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, x.element_type(), kTarget));
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -49,12 +46,9 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
                              ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
                              ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_conv2d_bwd_data";
-  ConvParams p;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, *dx, w, dy, kTarget, &g));
-  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, kTarget));
-  JAXCONV_RETURN_IF_ERROR(same_float_type(kTarget, dy.element_type(), {bias.element_type()}));
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, *dx, w, dy, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, dy.element_type(), kTarget));
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -70,10 +64,8 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
                                ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                ffi::Result<ffi::AnyBuffer> dw, ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_conv2d_bwd_filter";
-  ConvParams p;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_conv_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(conv_geometry(p, x, *dw, dy, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, *dw, dy, kTarget, &g));
   if (g.N == 0) {
     // A sum over no positions: zero bits are 0.0 in all four float formats.
     cudaError_t err = cudaMemsetAsync(dw->untyped_data(), 0, dw->size_bytes(), stream);

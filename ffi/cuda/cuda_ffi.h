@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <utility>
 
 #include "../ffi_common.h"
 
@@ -14,21 +15,9 @@ namespace jaxconv::cuda {
 
 namespace ffi = xla::ffi;
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<T>{}) for the storage type of a float dtype (checked by the caller).
 template <typename F>
 ffi::Error dispatch_float(ffi::DataType t, F&& fn) {
-  switch (t) {
-    case ffi::DataType::F32: return fn(TypeTag<float>{});
-    case ffi::DataType::F64: return fn(TypeTag<double>{});
-    case ffi::DataType::F16: return fn(TypeTag<__half>{});
-    case ffi::DataType::BF16: return fn(TypeTag<__nv_bfloat16>{});
-    default: return ffi::Error::InvalidArgument("unsupported dtype");
-  }
+  return dispatch_float_as<__half, __nv_bfloat16>(t, std::forward<F>(fn));
 }
 
 inline ffi::Error cuda_error(const char* target, const char* what, cudaError_t err) {
@@ -43,11 +32,6 @@ inline ffi::Error cuda_error(const char* target, const char* what, cudaError_t e
 inline ffi::Error check_cuda(const char* target, cudaError_t err) {
   if (err != cudaSuccess) return cuda_error(target, "kernel launch failed", err);
   return ffi::Error::Success();
-}
-
-template <typename T>
-const T* bias_or_null(const ffi::AnyBuffer& bias) {
-  return bias.element_count() ? static_cast<const T*>(bias.untyped_data()) : nullptr;
 }
 
 }  // namespace jaxconv::cuda

@@ -13,10 +13,8 @@ namespace {
 ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                             ffi::Result<ffi::AnyBuffer> idx, ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_max_pool2d_fwd";
-  PoolParams p;
   PoolGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(pool_geometry(p, x, *y, *idx, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return check_cuda(kTarget, max_pool2d_forward<T>(g, static_cast<const T*>(x.untyped_data()),
@@ -29,10 +27,8 @@ ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<f
 ffi::Error MaxPool2dBwdImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer idx,
                             ffi::Result<ffi::AnyBuffer> dx, ffi::Dictionary attrs) {
   static constexpr char kTarget[] = "jaxconv_max_pool2d_bwd";
-  PoolParams p;
   PoolGeometry g;
-  JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, kTarget));
-  JAXCONV_RETURN_IF_ERROR(pool_geometry(p, *dx, dy, idx, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, *dx, dy, idx, kTarget, &g));
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return check_cuda(kTarget,
