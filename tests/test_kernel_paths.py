@@ -139,6 +139,10 @@ POOLS = {
     "3x3/1 pad 1": (2, 5, 41, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
     "anisotropic stride 3 dilated": (2, 9, 80, (2, 3), (1, 3), ((1, 0), (2, 1)), (2, 2)),
     "37 channels": (37, 5, 6, (3, 2), (2, 1), ((1, 1), (0, 1)), (1, 1)),
+    # Stride 2 with dilated columns (no tap pairs), 27 interior outputs: 3 float / 4 double
+    # registers side by side, the last step overlapping.
+    "stride 2 dilated columns": (3, 6, 60, (2, 3), (2, 2), ((0, 0), (1, 1)), (1, 2)),
+    "2 registers of outputs, 11 channels": (11, 4, 40, (2, 2), (2, 2), ((0, 0), (0, 0)), (1, 1)),
 }
 
 
