@@ -11,8 +11,9 @@
 // deterministic; half types accumulate in float32.
 //
 // The kernels (max_pool2d_kernels.inc) are compiled twice, for baseline x86-64 and with
-// AVX2+FMA, and chosen at run time. Forward vectorizes one register of outputs of a row at a
-// time (NCHW) or of channels of a cell (NHWC); windows touching the border take a scalar scan.
+// AVX2+FMA, and chosen at run time. Forward vectorizes registers of consecutive outputs of a
+// row (NCHW) or of channels of a cell (NHWC), up to four side by side; windows that cross the
+// left/right border take a scalar scan.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
