@@ -6,6 +6,7 @@ table from target name to handler capsule.
 """
 from __future__ import annotations
 
+import importlib.util as _importlib_util
 import os
 
 import jax
@@ -13,8 +14,10 @@ import jax
 try:
     from . import _jaxconv_cpu
 except ImportError as _err:
-    # The usual cause: Python found a source checkout (e.g. the current directory, which
-    # `python -m` and `python -c` put first on sys.path) instead of the installed package.
+    if _importlib_util.find_spec(f"{__package__}._jaxconv_cpu") is not None:
+        raise  # the extension is there but does not load: its own error says why
+    # Not there: Python found a source checkout (e.g. the current directory, which `python -m`
+    # and `python -c` put first on sys.path) instead of the installed package.
     raise ImportError(
         f"jaxconv's compiled CPU extension (_jaxconv_cpu) is missing from "
         f"{os.path.dirname(os.path.abspath(__file__))}: this looks like an unbuilt source "
@@ -30,11 +33,10 @@ for _name, _capsule in _jaxconv_cpu.registrations().items():
 # need no GPU and no driver (the CUDA runtime is linked statically; without a GPU backend XLA
 # keeps the "CUDA" registrations pending). A module that was built but does not load is
 # reported rather than silently dropped.
-import importlib.util as _importlib_util  # noqa: E402
 import warnings as _warnings  # noqa: E402
 
 _jaxconv_cuda = None
-if _importlib_util.find_spec(f"{__name__.rpartition('.')[0]}._jaxconv_cuda") is not None:
+if _importlib_util.find_spec(f"{__package__}._jaxconv_cuda") is not None:
     try:
         from . import _jaxconv_cuda  # type: ignore[attr-defined]
     except ImportError as _err:  # pragma: no cover - depends on the build

@@ -1,5 +1,6 @@
 """Bad arguments fail at trace time with ValueError / TypeError messages that name the argument
 and the offending values, before any kernel runs (so also under jit, on abstract values)."""
+import importlib.machinery
 import re
 import shutil
 import site
@@ -220,19 +221,36 @@ def test_unpool_out_of_range_indices_are_dropped(jit, layout):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_unbuilt_source_checkout_says_how_to_install(tmp_path):
-    """A source checkout without its compiled extension (what `python -m` finds first when run
-    from the repository root after a plain `pip install .`) fails to import with an ImportError
-    that says how to install, not with a riddle about a circular import."""
+def _import_copied_checkout(tmp_path, extension_bytes=None):
+    """Imports a copy of jaxconv's Python files in a fresh interpreter, with no compiled CPU
+    extension or with `extension_bytes` in its place; returns the child's last stderr line."""
     shutil.copytree(Path(jaxconv.__file__).parent, tmp_path / "jaxconv",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    if extension_bytes is not None:
+        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+        (tmp_path / "jaxconv" / f"_jaxconv_cpu{suffix}").write_bytes(extension_bytes)
     # -S: no site hooks, so neither an installed jaxconv nor an editable install's import
     # redirect can step in; jax itself is still found on the plain site-packages paths.
     code = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}]; "
             f"sys.path += {site.getsitepackages()!r}; import jaxconv")
     proc = run_python("-S", "-c", code, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_unbuilt_source_checkout_says_how_to_install(tmp_path):
+    """A source checkout without its compiled extension (what `python -m` finds first when run
+    from the repository root after a plain `pip install .`) fails to import with an ImportError
+    that says how to install, not with a riddle about a circular import."""
+    last = _import_copied_checkout(tmp_path)
     assert last.startswith("ImportError: jaxconv's compiled CPU extension (_jaxconv_cpu) is "
-                           f"missing from {tmp_path / 'jaxconv'}"), proc.stderr[-2000:]
+                           f"missing from {tmp_path / 'jaxconv'}"), last
     assert "pip install -e ." in last
+
+
+def test_extension_that_does_not_load_keeps_its_own_error(tmp_path):
+    """An extension file that is there but cannot be loaded is not blamed on the checkout:
+    the loader's own message comes through."""
+    last = _import_copied_checkout(tmp_path, extension_bytes=b"not a shared object")
+    assert last.startswith("ImportError: "), last
+    assert "missing from" not in last and "_jaxconv_cpu" in last, last
