@@ -6,20 +6,28 @@ in small frozen records. Errors name the argument and the offending values.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import operator
 from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-LAYOUTS = {"NCHW": 0, "NHWC": 1}
 FLOAT_DTYPES = (jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16)
 
 
-def layout_code(layout: Any) -> int:
-    if not isinstance(layout, str) or layout.upper() not in LAYOUTS:
+class Layout(enum.IntEnum):
+    """Where the channels sit in an activation. The values are the `layout` FFI attribute and
+    match C++'s `enum Layout` in ffi/geometry.h (kNCHW = 0, kNHWC = 1)."""
+    NCHW = 0
+    NHWC = 1
+
+
+def layout_code(layout: Any) -> Layout:
+    """The public `layout` argument ('NCHW' / 'NHWC', any case) -> Layout."""
+    if not isinstance(layout, str) or layout.upper() not in Layout.__members__:
         raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
-    return LAYOUTS[layout.upper()]
+    return Layout[layout.upper()]
 
 
 # Every integer argument ends up as an FFI attribute or in int32 index math (pool indices are
@@ -28,7 +36,8 @@ def layout_code(layout: Any) -> int:
 INT32_MAX = 2**31 - 1
 
 
-def _int(value: Any, name: str, what: str = "an int") -> int:
+def integer(value: Any, name: str, what: str = "an int") -> int:
+    """A Python or NumPy integer (not a bool) that fits in int32 -> int."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be {what}, got {value!r}")
     try:
@@ -55,9 +64,9 @@ def pair(value: Any, name: str, *, minimum: int | None = 1) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-        out = (_int(value[0], name, _PAIR), _int(value[1], name, _PAIR))
+        out = (integer(value[0], name, _PAIR), integer(value[1], name, _PAIR))
     else:
-        v = _int(value, name, _PAIR)
+        v = integer(value, name, _PAIR)
         out = (v, v)
     if minimum is not None and min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
@@ -135,7 +144,7 @@ class ConvGeometry:
     in_hw is x's spatial size, kernel_hw w's, out_hw y's. Pads may be negative here only when
     produced internally (transposed conv with output_padding crops the bottom/right).
     """
-    layout: int
+    layout: Layout
     in_hw: tuple[int, int]
     kernel_hw: tuple[int, int]
     out_hw: tuple[int, int]
@@ -150,12 +159,12 @@ class ConvGeometry:
         return dict(stride_h=self.stride[0], stride_w=self.stride[1],
                     dilation_h=self.dilation[0], dilation_w=self.dilation[1],
                     pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
-                    groups=self.groups, layout=self.layout)
+                    groups=self.groups, layout=int(self.layout))
 
 
 @dataclasses.dataclass(frozen=True)
 class PoolGeometry:
-    layout: int
+    layout: Layout
     in_hw: tuple[int, int]
     kernel_hw: tuple[int, int]
     out_hw: tuple[int, int]
@@ -170,27 +179,42 @@ class PoolGeometry:
                     stride_h=self.stride[0], stride_w=self.stride[1],
                     dilation_h=self.dilation[0], dilation_w=self.dilation[1],
                     pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
-                    ceil_mode=int(self.ceil_mode), layout=self.layout)
+                    ceil_mode=int(self.ceil_mode), layout=int(self.layout))
 
 
 # Axis positions of (N, C, H, W) in an activation and of (O, I, KH, KW) in conv weights.
-ACT_AXES = {0: (0, 1, 2, 3), 1: (0, 3, 1, 2)}
-WEIGHT_AXES = {0: (0, 1, 2, 3), 1: (3, 2, 0, 1)}
+ACT_AXES = {Layout.NCHW: (0, 1, 2, 3), Layout.NHWC: (0, 3, 1, 2)}
+WEIGHT_AXES = {Layout.NCHW: (0, 1, 2, 3), Layout.NHWC: (3, 2, 0, 1)}
 
 
-def act_dims(shape: Sequence[int], layout: int) -> tuple[int, int, int, int]:
+def act_dims(shape: Sequence[int], layout: Layout) -> tuple[int, int, int, int]:
     """Logical (N, C, H, W) of an activation shape."""
     return tuple(shape[a] for a in ACT_AXES[layout])  # type: ignore[return-value]
 
 
-def act_shape(n: int, c: int, h: int, w: int, layout: int) -> tuple[int, int, int, int]:
-    return (n, c, h, w) if layout == 0 else (n, h, w, c)
+def act_shape(n: int, c: int, h: int, w: int, layout: Layout) -> tuple[int, int, int, int]:
+    return (n, c, h, w) if layout == Layout.NCHW else (n, h, w, c)
 
 
-def weight_dims(shape: Sequence[int], layout: int) -> tuple[int, int, int, int]:
+def weight_dims(shape: Sequence[int], layout: Layout) -> tuple[int, int, int, int]:
     """Logical (O, I, KH, KW) of a conv weight shape (OIHW or HWIO)."""
     return tuple(shape[a] for a in WEIGHT_AXES[layout])  # type: ignore[return-value]
 
 
-def weight_shape(o: int, i: int, kh: int, kw: int, layout: int) -> tuple[int, int, int, int]:
-    return (o, i, kh, kw) if layout == 0 else (kh, kw, i, o)
+def weight_shape(o: int, i: int, kh: int, kw: int, layout: Layout) -> tuple[int, int, int, int]:
+    return (o, i, kh, kw) if layout == Layout.NCHW else (kh, kw, i, o)
+
+
+def act_channel_axis(layout: Layout) -> int:
+    """Axis of C in an activation."""
+    return 1 if layout == Layout.NCHW else 3
+
+
+def act_spatial_axes(layout: Layout) -> tuple[int, int]:
+    """Axes of H and W in an activation."""
+    return (2, 3) if layout == Layout.NCHW else (1, 2)
+
+
+def weight_out_axis(layout: Layout) -> int:
+    """Axis of O in conv weights (OIHW or HWIO)."""
+    return 0 if layout == Layout.NCHW else 3

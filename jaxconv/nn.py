@@ -72,7 +72,7 @@ def _conv_padding(padding: Any):
     if isinstance(padding, (list, tuple)) and len(padding) == 2:
         per_dim = tuple(p if isinstance(p, (list, tuple)) else (p, p) for p in padding)
         return tuple(_args.pair(p, "padding", minimum=0) for p in per_dim)
-    pad = _args._int(padding, "padding",
+    pad = _args.integer(padding, "padding",
                      "an int, a pair, a pair of (low, high) pairs, or 'SAME'/'VALID'")
     return ((pad, pad), (pad, pad))
 
@@ -99,7 +99,7 @@ def _pad_spatial(x, pads, layout: str, **pad_kwargs):
 
 
 def _check_layout(layout: str) -> str:
-    return "NCHW" if _args.layout_code(layout) == 0 else "NHWC"
+    return _args.layout_code(layout).name
 
 
 def _channels(x_shape: Sequence[int], layout: str) -> int:

@@ -14,122 +14,93 @@ import jax
 import jax.numpy as jnp
 
 from . import _args
-from ._args import PoolGeometry, act_dims, act_shape
-from ._ffi import NOT_MAPPED, make_primitive
-from ._sharding import Split, match_vma, out_aval
+from ._args import Layout, PoolGeometry, act_dims, act_shape
+from ._primitive import batch_over_n, make_kernel
+from ._sharding import Split, out_aval
+
+# ----------------------------------------------------------------------------------------------
+# Public API.
 
 
-def _pool_fwd_abstract(x, *, geom: PoolGeometry):
-    n, c = act_dims(x.shape, geom.layout)[:2]
-    shape = act_shape(n, c, *geom.out_hw, geom.layout)
-    return (out_aval(x, shape, x.dtype, batched=True), out_aval(x, shape, jnp.int32, batched=True))
+def max_pool2d(x, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+               ceil_mode: bool = False, return_indices: bool = False, layout: str = "NCHW"):
+    """2-d max pooling with PyTorch's semantics.
+
+    Padded cells are -inf and never selected; the first maximum in row-major window order wins
+    and alone receives the gradient; NaN wins. With return_indices=True also returns int32 flat
+    indices h * W + w into each input plane. stride defaults to kernel_size.
+    """
+    lc = _args.layout_code(layout)
+    xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == Layout.NCHW else "(N, H, W, C)")
+    _args.check_float(x, "x")
+    geom = _pool_geometry(xs, lc, kernel_size, stride, padding, dilation, ceil_mode)
+    return_indices = _args.flag(return_indices, "return_indices")
+    y, idx = _max_pool(jnp.asarray(x), geom)
+    return (y, idx) if return_indices else y
 
 
-def _pool_bwd_abstract(dy, idx, *, geom: PoolGeometry):
-    n, c = act_dims(dy.shape, geom.layout)[:2]
-    return out_aval(dy, act_shape(n, c, *geom.in_hw, geom.layout), dy.dtype, batched=True)
+def max_unpool2d(x, indices, kernel_size: Any, stride: Any = None, padding: Any = 0,
+                 output_size: Any = None, layout: str = "NCHW"):
+    """Inverse of max_pool2d: places each value at its flat index, zeros elsewhere (PyTorch).
 
-
-def _to_front(x, bdim, size):
-    if bdim is NOT_MAPPED:
-        return jnp.broadcast_to(x, (size,) + x.shape)
-    return jnp.moveaxis(x, bdim, 0)
-
-
-def _fold(x):
-    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
-def _unfold(y, size):
-    return y.reshape((size, y.shape[0] // size) + y.shape[1:])
-
-
-# Pooling has no weights: every vmapped axis folds into N.
-def _pool_fwd_batch(args, dims, *, geom):
-    (x,), (xd,) = args, dims
-    size = x.shape[xd]
-    y, idx = max_pool2d_fwd_p.bind(_fold(jnp.moveaxis(x, xd, 0)), geom=geom)
-    return (_unfold(y, size), _unfold(idx, size)), (0, 0)
-
-
-def _pool_bwd_batch(args, dims, *, geom):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not NOT_MAPPED)
-    dy, idx = (_fold(_to_front(a, d, size)) for a, d in zip(args, dims))
-    return _unfold(max_pool2d_bwd_p.bind(dy, idx, geom=geom), size), 0
-
-
-def _pool_split(n_operands: int, n_results: int) -> Split:
-    """Pooling divides over devices along N and along the channels (each channel is its own
-    group), every array being an activation."""
-    def dims(geom):
-        act = "ng.." if geom.layout == 0 else "n..g"
-        return (act,) * n_operands, (act,) * n_results
-
-    return Split(dims, groups=lambda geom: None, local=lambda geom, parts: geom)
-
-
-max_pool2d_fwd_p = make_primitive("jaxconv_max_pool2d_fwd", _pool_fwd_abstract, _pool_fwd_batch,
-                                  n_operands=1, split=_pool_split(1, 2), multiple_results=True)
-max_pool2d_bwd_p = make_primitive("jaxconv_max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch,
-                                  n_operands=2, split=_pool_split(2, 1))
-
-
-def _empty(x) -> bool:
-    return x.size == 0
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool(x, geom: PoolGeometry):
-    if _empty(x):
-        y, idx = _pool_fwd_abstract(jax.core.ShapedArray(x.shape, x.dtype), geom=geom)
-        return jnp.zeros(y.shape, y.dtype), jnp.zeros(idx.shape, idx.dtype)
-    return tuple(max_pool2d_fwd_p.bind(x, geom=geom))
-
-
-def _max_pool_vjp_fwd(x, geom):
-    y, idx = _max_pool(x, geom)
-    return (y, idx), idx
-
-
-def _max_pool_vjp_bwd(geom, idx, cts):
-    gy, _ = cts  # the indices output is integer-valued: its cotangent is float0
-    return (max_pool2d_bwd(gy, idx, geom),)
-
-
-_max_pool.defvjp(_max_pool_vjp_fwd, _max_pool_vjp_bwd)
-
-
-def _gather_at_indices(g, idx, layout: int):
-    """out[n, c, oh, ow] = g[n, c, idx[n, c, oh, ow]] (index -1 -> 0): the adjoint of bwd."""
-    if layout == 0:
-        n, c, h, w = g.shape
-        flat_g, flat_i = g.reshape(n, c, h * w), idx.reshape(n, c, -1)
-        axis = 2
+    Default output size: (H - 1)*stride - pad_top - pad_bottom + kernel_size. output_size may
+    give (H_out, W_out) or the full output shape. Indices outside the output plane cannot be
+    detected at trace time; their values are dropped.
+    """
+    lc = _args.layout_code(layout)
+    xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == Layout.NCHW else "(N, H, W, C)")
+    _args.check_float(x, "x")
+    idt = jnp.result_type(indices)
+    if idt not in (jnp.int32, jnp.int64):
+        raise TypeError(f"indices must be int32 or int64, got {idt}")
+    if tuple(jnp.shape(indices)) != xs:
+        raise ValueError(f"indices must have the shape of x {xs}, got {tuple(jnp.shape(indices))}")
+    n, c, h, w = act_dims(xs, lc)
+    kernel = _args.pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None else _args.pair(stride, "stride")
+    pads = _args.padding(padding, "padding", in_hw=(h, w), kernel_eff=kernel, stride=stride,
+                         allow_string=False)
+    default = tuple((i - 1) * s - lo - hi + k for i, s, (lo, hi), k in zip((h, w), stride, pads,
+                                                                         kernel))
+    if output_size is None:
+        out_hw = default
     else:
-        n, h, w, c = g.shape
-        flat_g, flat_i = g.reshape(n, h * w, c), idx.reshape(n, -1, c)
-        axis = 1
-    out = jnp.take_along_axis(flat_g, jnp.maximum(flat_i, 0), axis=axis)
-    return jnp.where(flat_i >= 0, out, jnp.zeros((), g.dtype)).reshape(idx.shape)
+        if not isinstance(output_size, (list, tuple)):
+            raise TypeError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
+        size = tuple(_args.integer(v, "output_size") for v in output_size)
+        if len(size) == 4:
+            size = act_dims(size, lc)[2:]
+        if len(size) != 2:
+            raise ValueError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
+        for got, d, s in zip(size, default, stride):
+            if not d - s < got < d + s:
+                raise ValueError(f"output_size {tuple(size)} must be within stride {stride} of "
+                                 f"the default size {default}")
+        out_hw = size
+    if min(out_hw) < 1:
+        raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
+                         f"{kernel}, stride={stride}, padding={pads}")
+    _check_plane(*out_hw, "the output")
+    plane = out_hw[0] * out_hw[1]
+    x = jnp.asarray(x)
+    # Out-of-range indices are dropped. Negative ones would wrap around in jnp indexing and int64
+    # ones past int32 would wrap in the cast, so both are mapped to `plane` (out of range, fits
+    # int32) before the cast.
+    indices = jnp.asarray(indices)
+    indices = jnp.where((indices < 0) | (indices >= plane), plane, indices).astype(jnp.int32)
+    # Scatter per (n, c) plane. Windows that overlap can only send one input cell's value to one
+    # index twice, so 'set' is order-independent. The plane scatter is vmapped over N and C so
+    # that they become the scatter's batching dimensions, which XLA's partitioner keeps per
+    # shard when N is sharded (iota index arrays for N and C would make it gather the batch).
+    def unpool_plane(vals, idx):
+        return jnp.zeros((plane,), x.dtype).at[idx].set(vals, mode="drop")
 
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def max_pool2d_bwd(dy, idx, geom: PoolGeometry):
-    if _empty(dy):
-        out = _pool_bwd_abstract(dy, idx, geom=geom)
-        return jnp.zeros(out.shape, out.dtype)
-    return max_pool2d_bwd_p.bind(*match_vma(dy, idx), geom=geom)
-
-
-def _max_pool_bwd_vjp_fwd(dy, idx, geom):
-    return max_pool2d_bwd(dy, idx, geom), idx
-
-
-def _max_pool_bwd_vjp_bwd(geom, idx, g):
-    return _gather_at_indices(g, idx, geom.layout), None
-
-
-max_pool2d_bwd.defvjp(_max_pool_bwd_vjp_fwd, _max_pool_bwd_vjp_bwd)
+    if lc == Layout.NCHW:
+        out = jax.vmap(jax.vmap(unpool_plane))(x.reshape(n, c, h * w), indices.reshape(n, c, h * w))
+        return out.reshape(n, c, *out_hw)
+    per_pixel_c = jax.vmap(unpool_plane, in_axes=1, out_axes=1)  # (h*w, C) -> (plane, C)
+    out = jax.vmap(per_pixel_c)(x.reshape(n, h * w, c), indices.reshape(n, h * w, c))
+    return out.reshape(n, *out_hw, c)
 
 
 def _pool_geometry(x_shape, lc, kernel_size, stride, padding, dilation, ceil_mode):
@@ -172,82 +143,97 @@ def _pool_out(i, k, s, d, lo, hi, ceil_mode):
     return out
 
 
-def max_pool2d(x, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-               ceil_mode: bool = False, return_indices: bool = False, layout: str = "NCHW"):
-    """2-d max pooling with PyTorch's semantics.
-
-    Padded cells are -inf and never selected; the first maximum in row-major window order wins
-    and alone receives the gradient; NaN wins. With return_indices=True also returns int32 flat
-    indices h * W + w into each input plane. stride defaults to kernel_size.
-    """
-    lc = _args.layout_code(layout)
-    xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == 0 else "(N, H, W, C)")
-    _args.check_float(x, "x")
-    geom = _pool_geometry(xs, lc, kernel_size, stride, padding, dilation, ceil_mode)
-    return_indices = _args.flag(return_indices, "return_indices")
-    y, idx = _max_pool(jnp.asarray(x), geom)
-    return (y, idx) if return_indices else y
+# ----------------------------------------------------------------------------------------------
+# custom_vjp rules: the forward kernel, and the backward kernel whose own VJP gathers.
 
 
-def max_unpool2d(x, indices, kernel_size: Any, stride: Any = None, padding: Any = 0,
-                 output_size: Any = None, layout: str = "NCHW"):
-    """Inverse of max_pool2d: places each value at its flat index, zeros elsewhere (PyTorch).
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x, geom: PoolGeometry):
+    return max_pool2d_fwd_kernel(x, geom=geom)
 
-    Default output size: (H - 1)*stride - pad_top - pad_bottom + kernel_size. output_size may
-    give (H_out, W_out) or the full output shape. Indices outside the output plane cannot be
-    detected at trace time; their values are dropped.
-    """
-    lc = _args.layout_code(layout)
-    xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == 0 else "(N, H, W, C)")
-    _args.check_float(x, "x")
-    idt = jnp.result_type(indices)
-    if idt not in (jnp.int32, jnp.int64):
-        raise TypeError(f"indices must be int32 or int64, got {idt}")
-    if tuple(jnp.shape(indices)) != xs:
-        raise ValueError(f"indices must have the shape of x {xs}, got {tuple(jnp.shape(indices))}")
-    n, c, h, w = act_dims(xs, lc)
-    kernel = _args.pair(kernel_size, "kernel_size")
-    stride = kernel if stride is None else _args.pair(stride, "stride")
-    pads = _args.padding(padding, "padding", in_hw=(h, w), kernel_eff=kernel, stride=stride,
-                         allow_string=False)
-    default = tuple((i - 1) * s - lo - hi + k for i, s, (lo, hi), k in zip((h, w), stride, pads,
-                                                                         kernel))
-    if output_size is None:
-        out_hw = default
+
+def _max_pool_vjp_fwd(x, geom):
+    y, idx = _max_pool(x, geom)
+    return (y, idx), idx
+
+
+def _max_pool_vjp_bwd(geom, idx, cts):
+    gy, _ = cts  # the indices output is integer-valued: its cotangent is float0
+    return (max_pool2d_bwd(gy, idx, geom),)
+
+
+_max_pool.defvjp(_max_pool_vjp_fwd, _max_pool_vjp_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def max_pool2d_bwd(dy, idx, geom: PoolGeometry):
+    return max_pool2d_bwd_kernel(dy, idx, geom=geom)
+
+
+def _max_pool_bwd_vjp_fwd(dy, idx, geom):
+    return max_pool2d_bwd(dy, idx, geom), idx
+
+
+def _max_pool_bwd_vjp_bwd(geom, idx, g):
+    return _gather_at_indices(g, idx, geom.layout), None
+
+
+max_pool2d_bwd.defvjp(_max_pool_bwd_vjp_fwd, _max_pool_bwd_vjp_bwd)
+
+
+def _gather_at_indices(g, idx, layout: Layout):
+    """out[n, c, oh, ow] = g[n, c, idx[n, c, oh, ow]] (index -1 -> 0): the adjoint of bwd."""
+    if layout == Layout.NCHW:
+        n, c, h, w = g.shape
+        flat_g, flat_i = g.reshape(n, c, h * w), idx.reshape(n, c, -1)
+        axis = 2
     else:
-        if not isinstance(output_size, (list, tuple)):
-            raise TypeError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
-        size = tuple(_args._int(v, "output_size") for v in output_size)
-        if len(size) == 4:
-            size = act_dims(size, lc)[2:]
-        if len(size) != 2:
-            raise ValueError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
-        for got, d, s in zip(size, default, stride):
-            if not d - s < got < d + s:
-                raise ValueError(f"output_size {tuple(size)} must be within stride {stride} of "
-                                 f"the default size {default}")
-        out_hw = size
-    if min(out_hw) < 1:
-        raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
-                         f"{kernel}, stride={stride}, padding={pads}")
-    _check_plane(*out_hw, "the output")
-    plane = out_hw[0] * out_hw[1]
-    x = jnp.asarray(x)
-    # Out-of-range indices are dropped. Negative ones would wrap around in jnp indexing and int64
-    # ones past int32 would wrap in the cast, so both are mapped to `plane` (out of range, fits
-    # int32) before the cast.
-    indices = jnp.asarray(indices)
-    indices = jnp.where((indices < 0) | (indices >= plane), plane, indices).astype(jnp.int32)
-    # Scatter per (n, c) plane. Windows that overlap can only send one input cell's value to one
-    # index twice, so 'set' is order-independent. The plane scatter is vmapped over N and C so
-    # that they become the scatter's batching dimensions, which XLA's partitioner keeps per
-    # shard when N is sharded (iota index arrays for N and C would make it gather the batch).
-    def unpool_plane(vals, idx):
-        return jnp.zeros((plane,), x.dtype).at[idx].set(vals, mode="drop")
+        n, h, w, c = g.shape
+        flat_g, flat_i = g.reshape(n, h * w, c), idx.reshape(n, -1, c)
+        axis = 1
+    out = jnp.take_along_axis(flat_g, jnp.maximum(flat_i, 0), axis=axis)
+    return jnp.where(flat_i >= 0, out, jnp.zeros((), g.dtype)).reshape(idx.shape)
 
-    if lc == 0:
-        out = jax.vmap(jax.vmap(unpool_plane))(x.reshape(n, c, h * w), indices.reshape(n, c, h * w))
-        return out.reshape(n, c, *out_hw)
-    per_pixel_c = jax.vmap(unpool_plane, in_axes=1, out_axes=1)  # (h*w, C) -> (plane, C)
-    out = jax.vmap(per_pixel_c)(x.reshape(n, h * w, c), indices.reshape(n, h * w, c))
-    return out.reshape(n, *out_hw, c)
+
+# ----------------------------------------------------------------------------------------------
+# Abstract evaluation.
+
+
+def _pool_fwd_abstract(x, *, geom: PoolGeometry):
+    n, c = act_dims(x.shape, geom.layout)[:2]
+    shape = act_shape(n, c, *geom.out_hw, geom.layout)
+    return (out_aval(x, shape, x.dtype, batched=True), out_aval(x, shape, jnp.int32, batched=True))
+
+
+def _pool_bwd_abstract(dy, idx, *, geom: PoolGeometry):
+    n, c = act_dims(dy.shape, geom.layout)[:2]
+    return out_aval(dy, act_shape(n, c, *geom.in_hw, geom.layout), dy.dtype, batched=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching: pooling has no weights, so every vmapped axis folds into N (one launch).
+
+
+def _pool_fwd_batch(args, dims, *, geom):
+    return batch_over_n(max_pool2d_fwd_kernel, args, dims, geom=geom, n_activations=1)
+
+
+def _pool_bwd_batch(args, dims, *, geom):
+    return batch_over_n(max_pool2d_bwd_kernel, args, dims, geom=geom, n_activations=2)
+
+
+def _pool_split(n_operands: int, n_results: int) -> Split:
+    """Pooling divides over devices along N and along the channels (each channel is its own
+    group), every array being an activation."""
+    def dims(geom):
+        act = "ng.." if geom.layout == Layout.NCHW else "n..g"
+        return (act,) * n_operands, (act,) * n_results
+
+    return Split(dims, groups=lambda geom: None, local=lambda geom, parts: geom)
+
+
+max_pool2d_fwd_kernel = make_kernel("max_pool2d_fwd", _pool_fwd_abstract, _pool_fwd_batch,
+                                    n_operands=1, split=_pool_split(1, 2),
+                                    multiple_results=True)
+max_pool2d_bwd_kernel = make_kernel("max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch,
+                                    n_operands=2, split=_pool_split(2, 1))
