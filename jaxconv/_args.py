@@ -133,6 +133,32 @@ def check_rank4(x: Any, name: str, what: str) -> tuple[int, ...]:
     return shape
 
 
+# PyTorch's unbatched inputs: one example without its N axis, (C, H, W) for NCHW and (H, W, C)
+# for NHWC. The public functions run them as a batch of one and drop the axis again, so
+# gradients and vmap need nothing of their own.
+
+
+def unbatched(x: Any) -> bool:
+    """Whether an activation is a single example without its N axis (3-d)."""
+    return np.ndim(x) == 3
+
+
+def add_batch_axis(x: Any):
+    return jnp.asarray(x)[None]
+
+
+def drop_batch_axis(out: Any):
+    """Removes the N axis of one result or of each of a tuple of results."""
+    return tuple(a[0] for a in out) if isinstance(out, tuple) else out[0]
+
+
+def activation_form(layout: "Layout", channels: str = "C") -> str:
+    """How an activation is described in errors: '(N, C, H, W) or unbatched (C, H, W)'."""
+    if layout == Layout.NCHW:
+        return f"(N, {channels}, H, W) or 3-d ({channels}, H, W)"
+    return f"(N, H, W, {channels}) or 3-d (H, W, {channels})"
+
+
 def out_size(in_size: int, k: int, stride: int, dilation: int, lo: int, hi: int) -> int:
     return (in_size + lo + hi - dilation * (k - 1) - 1) // stride + 1
 

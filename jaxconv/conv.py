@@ -38,12 +38,17 @@ def conv2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0, dilation: Any 
 
     x: (N, C, H, W) with w: (O, C/groups, KH, KW) for layout="NCHW";
     x: (N, H, W, C) with w: (KH, KW, C/groups, O) for layout="NHWC". The output follows x's layout.
+    An unbatched x ((C, H, W), or (H, W, C) for NHWC) gives an unbatched output, as in PyTorch.
     padding: int, (ph, pw), ((top, bottom), (left, right)), or "SAME" / "VALID".
     """
+    if _args.unbatched(x):
+        return _args.drop_batch_axis(conv2d(
+            _args.add_batch_axis(x), w, bias, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, layout=layout))
     lc = _args.layout_code(layout)
     xs, ws, dtype = _check_operands(
         x, w, bias, layout=lc,
-        x_what="(N, C, H, W)" if lc == Layout.NCHW else "(N, H, W, C)",
+        x_what=_args.activation_form(lc),
         w_what="(O, I, KH, KW)" if lc == Layout.NCHW else "(KH, KW, I, O)")
     n, c, h, wd = act_dims(xs, lc)
     o, i, kh, kw = weight_dims(ws, lc)
@@ -88,11 +93,16 @@ def conv_transpose2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0,
     x: (N, C_in, H, W) with w: (C_in, C_out/groups, KH, KW) for layout="NCHW";
     x: (N, H, W, C_in) with w: (KH, KW, C_out/groups, C_in) for layout="NHWC".
     Output size: (H - 1)*stride - pad_top - pad_bottom + dilation*(KH - 1) + output_padding + 1.
+    An unbatched x ((C_in, H, W), or (H, W, C_in) for NHWC) gives an unbatched output.
     """
+    if _args.unbatched(x):
+        return _args.drop_batch_axis(conv_transpose2d(
+            _args.add_batch_axis(x), w, bias, stride=stride, padding=padding,
+            output_padding=output_padding, groups=groups, dilation=dilation, layout=layout))
     lc = _args.layout_code(layout)
     xs, ws, dtype = _check_operands(
         x, w, bias, layout=lc,
-        x_what="(N, C_in, H, W)" if lc == Layout.NCHW else "(N, H, W, C_in)",
+        x_what=_args.activation_form(lc, "C_in"),
         w_what="(C_in, C_out/groups, KH, KW)" if lc == Layout.NCHW else "(KH, KW, C_out/groups, C_in)")
     n, c_in, h, wd = act_dims(xs, lc)
     # In the equivalent convolution, w's "O" is our C_in and its "I" is C_out / groups.

@@ -28,10 +28,15 @@ def max_pool2d(x, kernel_size: Any, stride: Any = None, padding: Any = 0, dilati
 
     Padded cells are -inf and never selected; the first maximum in row-major window order wins
     and alone receives the gradient; NaN wins. With return_indices=True also returns int32 flat
-    indices h * W + w into each input plane. stride defaults to kernel_size.
+    indices h * W + w into each input plane. stride defaults to kernel_size. An unbatched x
+    ((C, H, W), or (H, W, C) for NHWC) gives unbatched outputs, as in PyTorch.
     """
+    if _args.unbatched(x):
+        return _args.drop_batch_axis(max_pool2d(
+            _args.add_batch_axis(x), kernel_size, stride, padding, dilation, ceil_mode,
+            return_indices, layout))
     lc = _args.layout_code(layout)
-    xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == Layout.NCHW else "(N, H, W, C)")
+    xs = _args.check_rank4(x, "x", _args.activation_form(lc))
     _args.check_float(x, "x")
     geom = _pool_geometry(xs, lc, kernel_size, stride, padding, dilation, ceil_mode)
     return_indices = _args.flag(return_indices, "return_indices")
@@ -45,10 +50,20 @@ def max_unpool2d(x, indices, kernel_size: Any, stride: Any = None, padding: Any 
 
     Default output size: (H - 1)*stride - pad_top - pad_bottom + kernel_size. output_size may
     give (H_out, W_out) or the full output shape. Indices outside the output plane cannot be
-    detected at trace time; their values are dropped.
+    detected at trace time; their values are dropped. An unbatched x with unbatched indices
+    ((C, H, W), or (H, W, C) for NHWC) gives an unbatched output (output_size may then be (H, W) or 3-d).
     """
+    if _args.unbatched(x):
+        if jnp.ndim(indices) != 3:
+            raise ValueError(f"indices must have the shape of x {tuple(jnp.shape(x))}, got "
+                             f"{tuple(jnp.shape(indices))}")
+        if isinstance(output_size, (list, tuple)) and len(output_size) == 3:
+            output_size = (1, *output_size)  # the full shape of one example
+        return _args.drop_batch_axis(max_unpool2d(
+            _args.add_batch_axis(x), _args.add_batch_axis(indices), kernel_size, stride, padding,
+            output_size, layout))
     lc = _args.layout_code(layout)
-    xs = _args.check_rank4(x, "x", "(N, C, H, W)" if lc == Layout.NCHW else "(N, H, W, C)")
+    xs = _args.check_rank4(x, "x", _args.activation_form(lc))
     _args.check_float(x, "x")
     idt = jnp.result_type(indices)
     if idt not in (jnp.int32, jnp.int64):

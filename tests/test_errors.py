@@ -47,7 +47,10 @@ def unpool(x=X, idx=IDX, kernel_size=2, **kw):
 # (call, exception type, regex the message must match)
 CASES = {
     # rank and layout
-    "conv_x_rank3": (conv(x=sds((4, 5, 5))), ValueError, r"x must be a 4-d array .*\(4, 5, 5\)"),
+    # 3-d x is PyTorch's unbatched form (tests/test_unbatched.py); 2-d and 5-d are errors
+    "conv_x_rank2": (conv(x=sds((5, 5))), ValueError,
+                     r"x must be a 4-d array \(N, C, H, W\) or 3-d \(C, H, W\), got shape \(5, 5\)"),
+    "conv_x_rank5": (conv(x=sds((1, 2, 4, 5, 5))), ValueError, r"x must be a 4-d array .*\(1, 2, 4, 5, 5\)"),
     "conv_w_rank5": (conv(w=sds((6, 4, 3, 3, 1))), ValueError, r"w must be a 4-d array"),
     "conv_layout": (conv(layout="NHCW"), ValueError, r"layout must be 'NCHW' or 'NHWC', got 'NHCW'"),
     "conv_layout_int": (conv(layout=0), ValueError, r"layout .* got 0"),
@@ -115,7 +118,7 @@ CASES = {
     "tconv_empty_out": (tconv(w=sds((4, 0, 3, 3))), ValueError, r"non-empty dims"),
     "tconv_mixed": (tconv(w=sds((4, 2, 3, 3), jnp.float64)), TypeError, r"same dtype"),
     # max pooling
-    "pool_rank": (pool(x=sds((4, 5, 5))), ValueError, r"x must be a 4-d array"),
+    "pool_rank": (pool(x=sds((5, 5))), ValueError, r"x must be a 4-d array .* or 3-d"),
     "pool_kernel_0": (pool(kernel_size=0), ValueError, r"kernel_size must be >= 1, got 0"),
     "pool_kernel_none": (pool(kernel_size=None), TypeError, r"kernel_size must be .* None"),
     "pool_stride_0": (pool(stride=0), ValueError, r"stride must be >= 1, got 0"),
