@@ -10,8 +10,10 @@ import enum
 import operator
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 FLOAT_DTYPES = (jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16)
 
@@ -159,6 +161,55 @@ def activation_form(layout: "Layout", channels: str = "C") -> str:
     return f"(N, H, W, {channels}) or 3-d (H, W, {channels})"
 
 
+# `precision` has lax's meaning and accepted values. jaxconv turns it into one bit, the
+# `allow_tf32` attribute of every conv target: whether float32 operands may be rounded to TF32
+# on tensor cores. XLA's GPU convolutions allow TF32 exactly when every operand precision is at
+# most HIGH (its conv autotuner: `precision <= PrecisionConfig::HIGH`), so DEFAULT and HIGH
+# ('fastest', 'bfloat16', 'tensorfloat32', 'bfloat16_3x', ...) give 1 and HIGHEST ('highest',
+# 'float32') gives 0. None follows jax.default_matmul_precision at trace time, as lax does. The
+# CPU kernels ignore the bit and always compute in full float32.
+def allow_tf32(precision: Any) -> int:
+    """The `precision` argument (None, a string, a lax.Precision, or a pair of them, one per
+    operand) -> the allow_tf32 attribute (1 or 0)."""
+    if precision is None:
+        default = jax.config.jax_default_matmul_precision
+        if default is None:
+            return 1
+        try:
+            levels = [_precision_level(default)]
+        except ValueError:
+            raise ValueError(f"jax_default_matmul_precision must be None or one of "
+                             f"{_PRECISION_NAMES} for jaxconv's convolutions, got {default!r}"
+                             ) from None
+    elif isinstance(precision, (list, tuple)):
+        if len(precision) != 2:
+            raise ValueError(_precision_error(precision))
+        levels = [_precision_level(p, precision) for p in precision]
+    else:
+        levels = [_precision_level(precision)]
+    return int(all(level.value <= lax.Precision.HIGH.value for level in levels))
+
+
+_PRECISION_NAMES = ("default", "fastest", "bfloat16", "high", "tensorfloat32", "bfloat16_3x",
+                    "highest", "float32")
+
+
+def _precision_level(value: Any, whole: Any = None) -> lax.Precision:
+    if isinstance(value, lax.Precision):
+        return value
+    if whole is None and value is lax.DotAlgorithmPreset.DEFAULT:
+        return lax.Precision.DEFAULT  # lax accepts it for convolutions: the backend's default
+    if isinstance(value, str) and value in _PRECISION_NAMES:
+        return lax.Precision(value)
+    raise ValueError(_precision_error(value if whole is None else whole))
+
+
+def _precision_error(value: Any) -> str:
+    return (f"precision must be None, one of {_PRECISION_NAMES}, a lax.Precision, or a pair of "
+            f"them (one per operand), got {value!r} (of the dot algorithms only "
+            "lax.DotAlgorithmPreset.DEFAULT applies to jaxconv's convolutions)")
+
+
 def out_size(in_size: int, k: int, stride: int, dilation: int, lo: int, hi: int) -> int:
     return (in_size + lo + hi - dilation * (k - 1) - 1) // stride + 1
 
@@ -178,6 +229,7 @@ class ConvGeometry:
     dilation: tuple[int, int]
     pads: Padding
     groups: int
+    allow_tf32: int  # 1: float32 operands may be rounded to TF32 (see allow_tf32 below)
 
     def attrs(self) -> dict[str, int]:
         """The FFI attributes of every conv target."""
@@ -185,7 +237,7 @@ class ConvGeometry:
         return dict(stride_h=self.stride[0], stride_w=self.stride[1],
                     dilation_h=self.dilation[0], dilation_w=self.dilation[1],
                     pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
-                    groups=self.groups, layout=int(self.layout))
+                    groups=self.groups, layout=int(self.layout), allow_tf32=self.allow_tf32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,18 +33,22 @@ from ._sharding import Split, match_vma, out_aval
 
 
 def conv2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
-           groups: int = 1, layout: str = "NCHW"):
+           groups: int = 1, layout: str = "NCHW", precision: Any = None):
     """2-d convolution (cross-correlation, as in PyTorch and lax), computed by jaxconv kernels.
 
     x: (N, C, H, W) with w: (O, C/groups, KH, KW) for layout="NCHW";
     x: (N, H, W, C) with w: (KH, KW, C/groups, O) for layout="NHWC". The output follows x's layout.
     An unbatched x ((C, H, W), or (H, W, C) for NHWC) gives an unbatched output, as in PyTorch.
     padding: int, (ph, pw), ((top, bottom), (left, right)), or "SAME" / "VALID".
+    precision: as lax's (None, a string such as "highest", a lax.Precision, or a pair of them).
+    It only decides whether a GPU may multiply float32 operands on TF32 tensor cores (None and
+    DEFAULT follow jax.default_matmul_precision; HIGHEST never does); the CPU always computes in
+    full float32.
     """
     if _args.unbatched(x):
         return _args.drop_batch_axis(conv2d(
             _args.add_batch_axis(x), w, bias, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, layout=layout))
+            groups=groups, layout=layout, precision=precision))
     lc = _args.layout_code(layout)
     xs, ws, dtype = _check_operands(
         x, w, bias, layout=lc,
@@ -78,7 +82,8 @@ def conv2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0, dilation: Any 
             f"output size would be {out_hw} for input {(h, wd)}, kernel {(kh, kw)}, stride "
             f"{stride}, dilation {dilation}, padding {pads}: the dilated kernel is larger than "
             "the padded input")
-    geom = ConvGeometry(lc, (h, wd), (kh, kw), out_hw, stride, dilation, pads, groups)
+    geom = ConvGeometry(lc, (h, wd), (kh, kw), out_hw, stride, dilation, pads, groups,
+                        _args.allow_tf32(precision))
     # match_vma outside the custom_vjp: in shard_map a replicated w meeting a sharded x is cast
     # to varying here, and AD turns that cast into the psum of the per-shard gradients of w.
     operands = match_vma(jnp.asarray(x), jnp.asarray(w), _bias_array(bias, o, dtype))
@@ -87,18 +92,20 @@ def conv2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0, dilation: Any 
 
 def conv_transpose2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0,
                      output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
-                     layout: str = "NCHW"):
+                     layout: str = "NCHW", precision: Any = None):
     """Transposed 2-d convolution with PyTorch's semantics (the gradient of conv2d w.r.t. x).
 
     x: (N, C_in, H, W) with w: (C_in, C_out/groups, KH, KW) for layout="NCHW";
     x: (N, H, W, C_in) with w: (KH, KW, C_out/groups, C_in) for layout="NHWC".
     Output size: (H - 1)*stride - pad_top - pad_bottom + dilation*(KH - 1) + output_padding + 1.
     An unbatched x ((C_in, H, W), or (H, W, C_in) for NHWC) gives an unbatched output.
+    precision: as in conv2d.
     """
     if _args.unbatched(x):
         return _args.drop_batch_axis(conv_transpose2d(
             _args.add_batch_axis(x), w, bias, stride=stride, padding=padding,
-            output_padding=output_padding, groups=groups, dilation=dilation, layout=layout))
+            output_padding=output_padding, groups=groups, dilation=dilation, layout=layout,
+            precision=precision))
     lc = _args.layout_code(layout)
     xs, ws, dtype = _check_operands(
         x, w, bias, layout=lc,
@@ -137,7 +144,8 @@ def conv_transpose2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0,
     # The convolution this inverts reads an out_hw input with pads (lo, hi - output_padding):
     # (out + lo + hi - op - d*(k-1) - 1) / s + 1 = h exactly.
     conv_pads = tuple((lo, hi - op) for (lo, hi), op in zip(pads, out_pad))
-    geom = ConvGeometry(lc, out_hw, (kh, kw), (h, wd), stride, dilation, conv_pads, groups)
+    geom = ConvGeometry(lc, out_hw, (kh, kw), (h, wd), stride, dilation, conv_pads, groups,
+                        _args.allow_tf32(precision))
     operands = match_vma(jnp.asarray(x), jnp.asarray(w),
                          _bias_array(bias, cout_g * groups, dtype))  # as in conv2d
     return conv2d_bwd_data(*operands, geom)
@@ -289,8 +297,7 @@ def _unfold_o(w, size: int, layout: Layout):
 
 
 def _grouped(geom: ConvGeometry, size: int) -> ConvGeometry:
-    return ConvGeometry(geom.layout, geom.in_hw, geom.kernel_hw, geom.out_hw, geom.stride,
-                        geom.dilation, geom.pads, geom.groups * size)
+    return dataclasses.replace(geom, groups=geom.groups * size)
 
 
 def _batch_weights_into_groups(kernel, args, dims, *, geom):

@@ -4,7 +4,9 @@ Drop-in replacements for Flax's layers (Flax is an optional extra: ``pip install
 
     flax.nnx.Conv(...)            ->  jaxconv.nn.Conv2d(...)         same arguments, params, init
     flax.nnx.max_pool / linen.max_pool  ->  jaxconv.nn.max_pool   (or the MaxPool2d modules)
+    flax.nnx.ConvTranspose(...)   ->  jaxconv.nn.ConvTranspose2d(...)
     flax.linen.Conv(...)          ->  jaxconv.nn.LinenConv2d(...)
+    flax.linen.ConvTranspose(...) ->  jaxconv.nn.LinenConvTranspose2d(...)
                                       jaxconv.nn.LinenMaxPool2d(...)
 
 The convolution modules create their parameters exactly as Flax does (same names ``kernel`` and
@@ -15,11 +17,13 @@ takes (N, C, H, W) inputs with the same HWIO kernel (transposed for the kernel a
 so checkpoints do not depend on the layout.
 
 Differences from Flax: two spatial dims only, so an int ``kernel_size`` means (k, k) here (Flax
-would read it as a 1-d kernel); no ``input_dilation``, ``precision`` or unshared weights;
-padding must be >= 0; integer inputs to pooling are not supported.
+would read it as a 1-d kernel); no ``input_dilation`` or unshared weights; ``precision`` only
+decides whether a GPU may use TF32 (the CPU always computes in full float32); Conv2d's padding
+must be >= 0; integer inputs to pooling are not supported.
 """
 from __future__ import annotations
 
+import functools
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
@@ -119,16 +123,17 @@ def _channels(x_shape: Sequence[int], layout: str) -> int:
     return x_shape[-3] if layout == "NCHW" else x_shape[-1]
 
 
-def _jaxconv_conv(x, kernel_hwio, bias, *, stride, padding, dilation, groups, layout):
+def _jaxconv_conv(x, kernel_hwio, bias, *, stride, padding, dilation, groups, layout, precision):
     """One jaxconv conv2d with a Flax (HWIO) kernel; the bias is fused into the kernel."""
     w = kernel_hwio if layout == "NHWC" else jnp.transpose(kernel_hwio, (3, 2, 0, 1))  # -> OIHW
     return conv2d(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                  layout=layout)
+                  layout=layout, precision=precision)
 
 
 def _apply_conv(convolve: Callable, inputs, kernel, bias, mask, *, strides, padding,
-                kernel_dilation, feature_group_count, layout, promote):
+                kernel_dilation, feature_group_count, layout, promote, precision):
     """Flax's Conv.__call__ in order: batch dims, wrap/reflect padding, mask, dtype, conv."""
+    _args.allow_tf32(precision)  # refuses what lax refuses, also where the output is empty
     x, batch_shape = _flatten_batch(inputs)
     k_eff = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:2], kernel_dilation)]
     if isinstance(padding, str) and padding in _PAD_MODES:
@@ -181,7 +186,7 @@ def _lax_transpose_pads(k_eff: int, stride: int, padding: str) -> tuple[int, int
 
 
 def _apply_conv_transpose(inputs, kernel, bias, mask, *, strides, padding, kernel_dilation,
-                          transpose_kernel: bool, layout: str, promote):
+                          transpose_kernel: bool, layout: str, promote, precision):
     """Flax's ConvTranspose.__call__ on jaxconv's conv_transpose2d.
 
     lax.conv_transpose correlates the stride-dilated input, padded by (lo, hi), with the kernel
@@ -192,6 +197,7 @@ def _apply_conv_transpose(inputs, kernel, bias, mask, *, strides, padding, kerne
     is K flipped and swapped, which is K itself with transpose_kernel=True. Where lax pads more
     than k_eff - 1 the extra output rows see only zeros: they are added here as zeros (+ bias).
     """
+    _args.allow_tf32(precision)  # refuses what lax refuses, also where the output is empty
     x, batch_shape = _flatten_batch(inputs)
     _check_mask(mask, kernel.shape)
     if mask is not None:
@@ -221,7 +227,8 @@ def _apply_conv_transpose(inputs, kernel, bias, mask, *, strides, padding, kerne
     else:
         w = kernel if layout == "NHWC" else jnp.transpose(kernel, (3, 2, 0, 1))  # -> (I, O, KH, KW)
         y = conv_transpose2d(x, w, bias if fuse_bias else None, stride=strides,
-                             padding=torch_pads, dilation=kernel_dilation, layout=layout)
+                             padding=torch_pads, dilation=kernel_dilation, layout=layout,
+                             precision=precision)
         y = _pad_spatial(y, extra, layout)
     if padding == "CIRCULAR":
         y = _wrap_circular(y, in_hw, strides, transpose_kernel, layout)
@@ -311,7 +318,8 @@ class LinenMaxPool2d(linen.Module):
 class Conv2d(nnx.Module):
     """flax.nnx.Conv for 2-d inputs, computed by jaxconv.
 
-    Same constructor as ``nnx.Conv`` (minus ``input_dilation`` and the lax hooks) plus
+    Same constructor as ``nnx.Conv`` (minus ``input_dilation`` and the lax hooks; ``precision``
+    as lax's, see conv2d) plus
     ``layout``; ``kernel_metadata`` / ``bias_metadata`` annotate the parameters as in Flax. Parameters: ``kernel`` (KH, KW, in_features // feature_group_count,
     out_features) and ``bias`` (out_features,), drawn from ``rngs.params()`` in Flax's order.
     """
@@ -320,8 +328,8 @@ class Conv2d(nnx.Module):
                  strides: int | Sequence[int] | None = 1, *, padding: Any = "SAME",
                  kernel_dilation: int | Sequence[int] | None = 1, feature_group_count: int = 1,
                  use_bias: bool = True, mask=None, dtype=None, param_dtype=jnp.float32,
-                 kernel_init=default_kernel_init, bias_init=default_bias_init,
-                 layout: str = "NHWC", rngs: nnx.Rngs,
+                 precision: Any = None, kernel_init=default_kernel_init,
+                 bias_init=default_bias_init, layout: str = "NHWC", rngs: nnx.Rngs,
                  kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
                  bias_metadata: Mapping[str, Any] = MappingProxyType({})):
         kernel_size = _spatial_pair(kernel_size, "kernel_size")
@@ -345,11 +353,12 @@ class Conv2d(nnx.Module):
         self.mask = nnx.data(mask)
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.precision = precision
         self.layout = _check_layout(layout)
 
     def _convolve(self, x, kernel_hwio, bias, **geometry):
         """The convolution itself (a subclass may compute it differently, e.g. with lax)."""
-        return _jaxconv_conv(x, kernel_hwio, bias, **geometry)
+        return _jaxconv_conv(x, kernel_hwio, bias, precision=self.precision, **geometry)
 
     def __call__(self, inputs):
         bias = None if self.bias is None else self.bias[...]
@@ -357,7 +366,7 @@ class Conv2d(nnx.Module):
             self._convolve, inputs, self.kernel[...], bias, self.mask, strides=self.strides,
             padding=self.padding, kernel_dilation=self.kernel_dilation,
             feature_group_count=self.feature_group_count, layout=self.layout,
-            promote=lambda *a: _nnx_promote_dtype(a, dtype=self.dtype))
+            promote=lambda *a: _nnx_promote_dtype(a, dtype=self.dtype), precision=self.precision)
 
 
 class LinenConv2d(linen.Module):
@@ -375,6 +384,7 @@ class LinenConv2d(linen.Module):
     mask: Any = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    precision: Any = None
     kernel_init: Callable = default_kernel_init
     bias_init: Callable = default_bias_init
     layout: str = "NHWC"
@@ -392,11 +402,13 @@ class LinenConv2d(linen.Module):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         return _apply_conv(
-            _jaxconv_conv, inputs, kernel, bias, self.mask,
+            functools.partial(_jaxconv_conv, precision=self.precision), inputs, kernel, bias,
+            self.mask,
             strides=_spatial_pair(self.strides, "strides"), padding=_conv_padding(self.padding),
             kernel_dilation=_spatial_pair(self.kernel_dilation, "kernel_dilation"),
             feature_group_count=self.feature_group_count, layout=layout,
-            promote=lambda *a: tuple(_linen_promote_dtype(*a, dtype=self.dtype)))
+            promote=lambda *a: tuple(_linen_promote_dtype(*a, dtype=self.dtype)),
+            precision=self.precision)
 
 
 def _make_params(rngs, kernel_shape, out_features, use_bias, param_dtype, kernel_init,
@@ -428,7 +440,7 @@ class ConvTranspose2d(nnx.Module):
     def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
                  strides: int | Sequence[int] | None = None, *, padding: Any = "SAME",
                  kernel_dilation: int | Sequence[int] | None = None, use_bias: bool = True,
-                 mask=None, dtype=None, param_dtype=jnp.float32,
+                 mask=None, dtype=None, param_dtype=jnp.float32, precision: Any = None,
                  kernel_init=default_kernel_init, bias_init=default_bias_init,
                  transpose_kernel: bool = False, promote_dtype=_nnx_promote_dtype,
                  preferred_element_type=None, layout: str = "NHWC", rngs: nnx.Rngs,
@@ -451,6 +463,7 @@ class ConvTranspose2d(nnx.Module):
         self.mask = nnx.data(mask)
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.precision = precision
         self.transpose_kernel = _args.flag(transpose_kernel, "transpose_kernel")
         self.promote_dtype = promote_dtype
         self.preferred_element_type = preferred_element_type
@@ -462,7 +475,7 @@ class ConvTranspose2d(nnx.Module):
             inputs, self.kernel[...], bias, self.mask, strides=self.strides,
             padding=self.padding, kernel_dilation=self.kernel_dilation,
             transpose_kernel=self.transpose_kernel, layout=self.layout,
-            promote=lambda *a: self.promote_dtype(a, dtype=self.dtype))
+            promote=lambda *a: self.promote_dtype(a, dtype=self.dtype), precision=self.precision)
 
 
 class LinenConvTranspose2d(linen.Module):
@@ -477,6 +490,7 @@ class LinenConvTranspose2d(linen.Module):
     mask: Any = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    precision: Any = None
     kernel_init: Callable = default_kernel_init
     bias_init: Callable = default_bias_init
     transpose_kernel: bool = False
@@ -502,4 +516,5 @@ class LinenConvTranspose2d(linen.Module):
             kernel_dilation=_spatial_pair(self.kernel_dilation, "kernel_dilation"),
             transpose_kernel=_args.flag(self.transpose_kernel, "transpose_kernel"),
             layout=layout,
-            promote=lambda *a: tuple(self.promote_dtype(*a, dtype=self.dtype)))
+            promote=lambda *a: tuple(self.promote_dtype(*a, dtype=self.dtype)),
+            precision=self.precision)
