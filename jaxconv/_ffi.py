@@ -63,6 +63,8 @@ HAS_CUDA_MODULE: bool = _jaxconv_cuda is not None
 if _jaxconv_cuda is not None:
     for _name, _capsule in _jaxconv_cuda.registrations().items():
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+    from ._cuda_driver import warn_if_driver_too_old  # noqa: E402
+    warn_if_driver_too_old(_jaxconv_cuda)  # a driver too old for the module's runtime: say so
 
 
 def export_safety_checks() -> list:

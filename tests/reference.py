@@ -9,6 +9,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +34,11 @@ def on(backend: str, *arrays):
     dev = jax.devices(backend)[0]
     out = tuple(jax.device_put(a, dev) for a in arrays)
     return out[0] if len(out) == 1 else out
+
+
+def lowering_platform(backend: str) -> str:
+    """The platform name that jax.export and JAX_PLATFORMS use for a `backend` fixture value."""
+    return "cuda" if backend == "gpu" else backend
 
 
 def random_array(rng: np.random.Generator, shape, dtype):
@@ -153,3 +162,97 @@ def ref_max_pool2d_lax(x, kernel, stride, padding, dilation=(1, 1), layout="NCHW
         dims, strides, pads, dil = (1,) + tuple(kernel) + (1,), (1,) + tuple(stride) + (1,), \
             ((0, 0),) + tuple(padding) + ((0, 0),), (1,) + tuple(dilation) + (1,)
     return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads, window_dilation=dil)
+
+
+def _two(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+    """One conv2d call (transpose=False) or conv_transpose2d call (transpose=True), the single
+    description of a convolution test case across test files, in NCHW terms.
+
+    x is (n, c, h, w); the output has o channels. Weights: conv2d (o, c/groups, *kernel)
+    (NHWC: (*kernel, c/groups, o)); conv_transpose2d (c, o/groups, *kernel) (NHWC: (*kernel,
+    o/groups, c)). stride, padding, dilation and output_padding take any public form.
+    """
+    n: int = 2
+    c: int = 3
+    h: int = 6
+    w: int = 7
+    o: int = 4
+    kernel: tuple[int, int] = (3, 3)
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    groups: int = 1
+    output_padding: Any = 0  # conv_transpose2d only
+    transpose: bool = False
+
+    def x_shape(self, layout):
+        return (self.n, self.c, self.h, self.w) if layout == "NCHW" else \
+            (self.n, self.h, self.w, self.c)
+
+    def w_shape(self, layout):
+        if self.transpose:
+            io = (self.c, self.o // self.groups)
+        else:
+            io = (self.o, self.c // self.groups)
+        return io + tuple(self.kernel) if layout == "NCHW" else \
+            tuple(self.kernel) + io[::-1]
+
+    def operands(self, layout, dtype, seed=0, bias=True):
+        """(x, w, bias or None), standard-normal values rounded to dtype."""
+        rng = np.random.default_rng(seed)
+        x = random_array(rng, self.x_shape(layout), dtype)
+        w = random_array(rng, self.w_shape(layout), dtype)
+        b = random_array(rng, (self.o,), dtype) if bias else None
+        return x, w, b
+
+    def keywords(self):
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                  groups=self.groups)
+        if self.transpose:
+            kw["output_padding"] = self.output_padding
+        return kw
+
+    def ref_keywords(self):
+        """The same call for the oracle: explicit pairs, padding strings resolved by lax."""
+        stride, dilation = _two(self.stride), _two(self.dilation)
+        if self.transpose:
+            return dict(stride=stride, padding=explicit_padding(self.padding, None, None, None),
+                        output_padding=_two(self.output_padding), dilation=dilation,
+                        groups=self.groups)
+        k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dilation, self.kernel))
+        pads = explicit_padding(self.padding, (self.h, self.w), k_eff, stride)
+        return dict(stride=stride, padding=pads, dilation=dilation, groups=self.groups)
+
+    def function(self, layout="NCHW"):
+        """jaxconv's function with this case's keywords bound."""
+        import jaxconv
+        op = jaxconv.conv_transpose2d if self.transpose else jaxconv.conv2d
+        return partial(op, **self.keywords(), layout=layout)
+
+    def reference(self, layout="NCHW"):
+        """The oracle with the same call bound."""
+        op = ref_conv_transpose2d if self.transpose else ref_conv2d
+        return partial(op, **self.ref_keywords(), layout=layout)
+
+    def out_hw(self):
+        """Output height and width. conv2d: (H + pads - dilation*(K - 1) - 1) // stride + 1;
+        conv_transpose2d (PyTorch): (H - 1)*stride - pads + dilation*(K - 1) + output_padding + 1."""
+        kw = self.ref_keywords()
+        if self.transpose:
+            return tuple((i - 1) * s - lo - hi + d * (k - 1) + op + 1
+                         for i, s, (lo, hi), d, k, op in
+                         zip((self.h, self.w), kw["stride"], kw["padding"], kw["dilation"],
+                             self.kernel, kw["output_padding"]))
+        return tuple((i + lo + hi - d * (k - 1) - 1) // s + 1
+                     for i, s, (lo, hi), d, k in
+                     zip((self.h, self.w), kw["stride"], kw["padding"], kw["dilation"],
+                         self.kernel))
+
+    def y_shape(self, layout):
+        oh, ow = self.out_hw()
+        return (self.n, self.o, oh, ow) if layout == "NCHW" else (self.n, oh, ow, self.o)

@@ -6,9 +6,7 @@ loop covers combinations nobody thought of.
 """
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,93 +14,54 @@ import numpy as np
 import pytest
 
 import jaxconv
-from reference import (assert_close, explicit_padding, on, random_array, ref_conv2d)
+from reference import ConvCase, assert_close, on, ref_conv2d
 
 DTYPES = [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16]
 LAYOUTS = ["NCHW", "NHWC"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Conv:
-    """One conv2d call: x (n, c, h, w), weights (o, c/groups, *kernel), plus the keywords."""
-    n: int = 2
-    c: int = 3
-    h: int = 6
-    w: int = 7
-    o: int = 4
-    kernel: tuple[int, int] = (3, 3)
-    stride: Any = 1
-    padding: Any = 0
-    dilation: Any = 1
-    groups: int = 1
-
-    def operands(self, layout, dtype, seed=0, bias=True):
-        rng = np.random.default_rng(seed)
-        x_shape = (self.n, self.c, self.h, self.w)
-        w_shape = (self.o, self.c // self.groups) + tuple(self.kernel)
-        if layout == "NHWC":
-            x_shape = (self.n, self.h, self.w, self.c)
-            w_shape = tuple(self.kernel) + (self.c // self.groups, self.o)
-        x = random_array(rng, x_shape, dtype)
-        w = random_array(rng, w_shape, dtype)
-        b = random_array(rng, (self.o,), dtype) if bias else None
-        return x, w, b
-
-    def keywords(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=self.groups)
-
-    def ref_keywords(self):
-        """The same call for lax: explicit pairs, padding strings resolved by lax itself."""
-        two = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-        stride, dilation = two(self.stride), two(self.dilation)
-        k_eff = tuple(d * (k - 1) + 1 for d, k in zip(dilation, self.kernel))
-        pads = explicit_padding(self.padding, (self.h, self.w), k_eff, stride)
-        return dict(stride=stride, padding=pads, dilation=dilation, groups=self.groups)
-
-
-def check(case: Conv, backend, layout, dtype, bias=True, seed=0, jit=False):
+def check(case: ConvCase, backend, layout, dtype, bias=True, seed=0, jit=False):
     x, w, b = case.operands(layout, dtype, seed, bias)
     x, w = on(backend, x, w)
     b = None if b is None else on(backend, b)
-    fn = partial(jaxconv.conv2d, **case.keywords(), layout=layout)
+    fn = case.function(layout)
     got = jax.jit(fn)(x, w, b) if jit else fn(x, w, b)
     # jit: one XLA compilation for the whole reference instead of one per op (faster suite).
-    want = jax.jit(partial(ref_conv2d, **case.ref_keywords(), layout=layout))(x, w, b)
+    want = jax.jit(case.reference(layout))(x, w, b)
     assert_close(got, want)
     return got
 
 
 GEOMETRIES = {
-    "plain_3x3": Conv(),
-    "padding_int": Conv(padding=1),
-    "padding_pair": Conv(kernel=(3, 5), padding=(1, 2)),
-    "padding_asymmetric": Conv(padding=((0, 2), (1, 0))),
-    "padding_asymmetric_wide": Conv(kernel=(2, 3), padding=((2, 1), (0, 3))),
-    "padding_SAME": Conv(padding="SAME"),
-    "padding_same_lowercase_stride2": Conv(h=7, w=8, stride=2, padding="same"),
-    "padding_VALID_stride_pair": Conv(stride=(2, 1), padding="VALID"),
-    "padding_valid_lowercase": Conv(padding="valid"),
-    "stride2_padded": Conv(stride=2, padding=1),
-    "stride_anisotropic": Conv(h=9, w=10, stride=(2, 3)),
-    "dilation2": Conv(h=7, dilation=2, padding=2),
-    "dilation_anisotropic": Conv(kernel=(3, 2), dilation=(1, 3)),
-    "groups2": Conv(c=4, o=6, groups=2),
-    "depthwise": Conv(c=4, o=4, groups=4, padding=1),
-    "depthwise_channel_multiplier": Conv(c=3, o=6, groups=3, padding=1),
-    "groups_with_everything": Conv(c=6, o=4, groups=2, kernel=(3, 2), stride=(2, 1),
+    "plain_3x3": ConvCase(),
+    "padding_int": ConvCase(padding=1),
+    "padding_pair": ConvCase(kernel=(3, 5), padding=(1, 2)),
+    "padding_asymmetric": ConvCase(padding=((0, 2), (1, 0))),
+    "padding_asymmetric_wide": ConvCase(kernel=(2, 3), padding=((2, 1), (0, 3))),
+    "padding_SAME": ConvCase(padding="SAME"),
+    "padding_same_lowercase_stride2": ConvCase(h=7, w=8, stride=2, padding="same"),
+    "padding_VALID_stride_pair": ConvCase(stride=(2, 1), padding="VALID"),
+    "padding_valid_lowercase": ConvCase(padding="valid"),
+    "stride2_padded": ConvCase(stride=2, padding=1),
+    "stride_anisotropic": ConvCase(h=9, w=10, stride=(2, 3)),
+    "dilation2": ConvCase(h=7, dilation=2, padding=2),
+    "dilation_anisotropic": ConvCase(kernel=(3, 2), dilation=(1, 3)),
+    "groups2": ConvCase(c=4, o=6, groups=2),
+    "depthwise": ConvCase(c=4, o=4, groups=4, padding=1),
+    "depthwise_channel_multiplier": ConvCase(c=3, o=6, groups=3, padding=1),
+    "groups_with_everything": ConvCase(c=6, o=4, groups=2, kernel=(3, 2), stride=(2, 1),
                                    padding=((1, 0), (2, 1)), dilation=(2, 1)),
-    "anisotropic_everything": Conv(h=8, w=5, kernel=(2, 3), stride=(1, 2), dilation=(2, 1),
+    "anisotropic_everything": ConvCase(h=8, w=5, kernel=(2, 3), stride=(1, 2), dilation=(2, 1),
                                    padding=((0, 1), (2, 0))),
-    "pointwise_1x1": Conv(kernel=(1, 1)),
+    "pointwise_1x1": ConvCase(kernel=(1, 1)),
     # Edge cases listed in DESIGN.md.
-    "image_1x1_kernel_1x1": Conv(h=1, w=1, kernel=(1, 1)),
-    "image_1x1_kernel_3x3_padded": Conv(h=1, w=1, padding=1),
-    "kernel_larger_than_input_padded": Conv(h=2, w=3, kernel=(4, 5), padding=2),
-    "stride_leaves_remainder": Conv(h=8, w=7, stride=3),
-    "even_kernel_SAME": Conv(kernel=(2, 4), padding="SAME"),
-    "even_kernel_SAME_stride2": Conv(h=7, w=6, kernel=(4, 2), stride=2, padding="SAME"),
-    "batch_of_one_wide_channels": Conv(n=1, c=8, o=5, h=3, w=3, padding=1),
+    "image_1x1_kernel_1x1": ConvCase(h=1, w=1, kernel=(1, 1)),
+    "image_1x1_kernel_3x3_padded": ConvCase(h=1, w=1, padding=1),
+    "kernel_larger_than_input_padded": ConvCase(h=2, w=3, kernel=(4, 5), padding=2),
+    "stride_leaves_remainder": ConvCase(h=8, w=7, stride=3),
+    "even_kernel_SAME": ConvCase(kernel=(2, 4), padding="SAME"),
+    "even_kernel_SAME_stride2": ConvCase(h=7, w=6, kernel=(4, 2), stride=2, padding="SAME"),
+    "batch_of_one_wide_channels": ConvCase(n=1, c=8, o=5, h=3, w=3, padding=1),
 }
 
 
@@ -129,13 +88,13 @@ def test_dtypes(backend, name, dtype, layout):
 # image (images split across tasks), 1x1 kernels (NHWC reads x in place as the GEMM operand),
 # and wide depthwise convolutions whose channel count is not a multiple of the vector width.
 MEDIUM = {
-    "K432_O100_182_positions": Conv(n=2, c=48, h=14, w=13, o=100, padding=1),
-    "K288_strided": Conv(n=2, c=32, h=15, w=16, o=20, stride=2, padding=1),
-    "K600_groups2": Conv(n=1, c=48, h=9, w=9, o=18, kernel=(5, 5), groups=2, padding=2),
-    "pointwise_1x1": Conv(n=2, c=40, h=9, w=10, o=33, kernel=(1, 1)),
-    "depthwise_multiplier_wide": Conv(n=1, c=20, h=9, w=10, o=40, groups=20, dilation=2,
+    "K432_O100_182_positions": ConvCase(n=2, c=48, h=14, w=13, o=100, padding=1),
+    "K288_strided": ConvCase(n=2, c=32, h=15, w=16, o=20, stride=2, padding=1),
+    "K600_groups2": ConvCase(n=1, c=48, h=9, w=9, o=18, kernel=(5, 5), groups=2, padding=2),
+    "pointwise_1x1": ConvCase(n=2, c=40, h=9, w=10, o=33, kernel=(1, 1)),
+    "depthwise_multiplier_wide": ConvCase(n=1, c=20, h=9, w=10, o=40, groups=20, dilation=2,
                                       padding="SAME"),
-    "depthwise_wide": Conv(n=2, c=40, h=11, w=12, o=40, groups=40, stride=2, padding=1),
+    "depthwise_wide": ConvCase(n=2, c=40, h=11, w=12, o=40, groups=40, stride=2, padding=1),
 }
 
 
@@ -153,7 +112,7 @@ def test_medium_shapes(backend, name, dtype):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_zero_size_batch(backend, layout):
-    case = Conv(n=0, padding=1)
+    case = ConvCase(n=0, padding=1)
     got = check(case, backend, layout, jnp.float32)
     assert got.shape == ((0, 4, 6, 7) if layout == "NCHW" else (0, 6, 7, 4))
 
@@ -181,7 +140,7 @@ def test_nan_and_inf_propagate_like_lax(backend, layout):
 
 def test_many_channels_accumulate(backend):
     # A long reduction (C*KH*KW = 288 terms) in float16: accumulation must not be in float16.
-    case = Conv(n=1, c=32, o=3, h=5, w=5, padding=1)
+    case = ConvCase(n=1, c=32, o=3, h=5, w=5, padding=1)
     check(case, backend, "NCHW", jnp.float16)
 
 
@@ -201,7 +160,7 @@ def test_jit_with_python_scalars_and_tracers(backend):
         assert_close(fn(x, w, b), ref_conv2d(x, w, b, **case.ref_keywords()))
 
 
-def random_conv(rng: np.random.Generator) -> Conv:
+def random_conv(rng: np.random.Generator) -> ConvCase:
     """Small random geometry whose output is non-empty; every padding form is drawn."""
     while True:
         groups = int(rng.choice([1, 1, 2, 3]))
@@ -218,7 +177,7 @@ def random_conv(rng: np.random.Generator) -> Conv:
             padding = tuple(tuple(int(p) for p in rng.integers(0, 3, 2)) for _ in range(2))
         else:
             padding = str(rng.choice(["SAME", "VALID", "same"]))
-        case = Conv(n=int(rng.integers(1, 3)), c=groups * int(rng.integers(1, 4)), h=h, w=w,
+        case = ConvCase(n=int(rng.integers(1, 3)), c=groups * int(rng.integers(1, 4)), h=h, w=w,
                     o=groups * int(rng.integers(1, 4)), kernel=kernel,
                     stride=stride if rng.random() < 0.7 else stride[0],
                     padding=padding, dilation=dilation if rng.random() < 0.7 else dilation[0],

@@ -216,12 +216,10 @@ def _conv_attrs(c):
             c["groups"], LAYOUT_CODES[c["layout"]]]
 
 
-def _emu_conv(lib, which, c, x_shape, w_shape, a, b, bias, out_shape, dtype, *, sm_count=132,
-              unsplit=False):
+def _emu_conv(lib, which, c, x_shape, w_shape, a, b, bias, out_shape, dtype):
     out = _sentinel(out_shape, dtype)
     rc = lib.emu_conv(which, DTYPE_CODES[dtype], _vec(x_shape), _vec(w_shape),
-                      _vec(_conv_attrs(c)), _ptr(a), _ptr(b), _ptr(bias), _ptr(out),
-                      ctypes.c_int64(sm_count), int(unsplit), MAX_BLOCKS)
+                      _vec(_conv_attrs(c)), _ptr(a), _ptr(b), _ptr(bias), _ptr(out), MAX_BLOCKS)
     assert rc == 0, f"emu_conv returned {rc}"
     return out
 
@@ -310,25 +308,22 @@ def test_emulated_conv_kernels(emu, name, layout):
         assert_close(jnp.asarray(got), y.astype(dtype), dtype)
         got = _emu_conv(emu, 1, c, x.shape, w.shape, dya, wa, bxa, x.shape, dtype)
         assert_close(jnp.asarray(got), dx.astype(dtype), dtype)
-        for unsplit in (False, True):
-            got = _emu_conv(emu, 2, c, x.shape, w.shape, xa, dya, None, w.shape, dtype,
-                            unsplit=unsplit)
-            assert_close(jnp.asarray(got), dw.astype(dtype), dtype)
+        got = _emu_conv(emu, 2, c, x.shape, w.shape, xa, dya, None, w.shape, dtype)
+        assert_close(jnp.asarray(got), dw.astype(dtype), dtype)
 
 
 @pytest.mark.parametrize("name, tile_bk, split", [("1x1_many_positions", 64, True),
                                                   ("3x3_many_positions", 16, True),
                                                   ("3x3_pad1", 16, False)])
 def test_emulated_bwd_filter_split_plan(emu, name, tile_bk, split):
-    """At an H100's SM count the *_many_positions cases above do split bwd_filter's reduction
-    (small and wide tile) into partial sums covering the positions exactly, each at least 4
-    steps long; 3x3_pad1 has too few positions to split."""
+    """The *_many_positions cases above do split bwd_filter's reduction (small and wide tile)
+    into partial sums covering the positions exactly, each at least 4 steps long; 3x3_pad1 has
+    too few positions to split."""
     c = dict(CONV_CASES[name], layout="NCHW")
     xs, ws = (c["n"], c["c"], c["h"], c["w"]), (c["o"], c["c"]) + c["k"]
     positions = c["n"] * c["h"] * c["w"]  # stride 1, "same" padding
     plan = (ctypes.c_int64 * 4)()
-    assert emu.emu_filter_plan(_vec(xs), _vec(ws), _vec(_conv_attrs(c)), 1, ctypes.c_int64(132),
-                               plan) == 0
+    assert emu.emu_filter_plan(_vec(xs), _vec(ws), _vec(_conv_attrs(c)), 1, plan) == 0
     splits, chunk, tiles, ws_bytes = tuple(plan)
     assert (splits > 1) == split, tuple(plan)
     assert chunk % tile_bk == 0 and (chunk >= 4 * tile_bk or not split)

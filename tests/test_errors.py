@@ -14,6 +14,7 @@ import pytest
 import jaxconv
 from child import run_python
 from jaxconv import conv2d, conv_transpose2d, max_pool2d, max_unpool2d
+from reference import on
 
 F32 = jnp.float32
 X = jax.ShapeDtypeStruct((2, 4, 5, 5), F32)          # NCHW activations
@@ -163,15 +164,17 @@ CASES = {
 }
 
 
+@pytest.mark.cpu_only("trace-time validation of abstract values: no device is involved")
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_argument(name):
+def test_bad_argument(backend, name):
     call, exc, pattern = CASES[name]
     with pytest.raises(exc) as info:
         call()
     assert re.search(pattern, str(info.value)), str(info.value)
 
 
-def test_errors_raise_at_trace_time_under_jit():
+@pytest.mark.cpu_only("trace-time validation of abstract values: no device is involved")
+def test_errors_raise_at_trace_time_under_jit(backend):
     """Validation runs on abstract shapes: nothing is compiled or executed before it fails."""
     f = jax.jit(lambda x, w: conv2d(x, w, stride=0))
     with pytest.raises(ValueError, match="stride must be >= 1"):
@@ -181,18 +184,19 @@ def test_errors_raise_at_trace_time_under_jit():
         g.trace(X)
 
 
-def test_python_list_input_is_named():
+@pytest.mark.cpu_only("trace-time validation of abstract values: no device is involved")
+def test_python_list_input_is_named(backend):
     with pytest.raises(TypeError, match="x must be an array, got list"):
         conv2d(np.ones((1, 1, 3, 3)).tolist(), jnp.ones((1, 1, 1, 1)))
 
 
-def test_accepted_spellings():
+def test_accepted_spellings(backend):
     """The forms the errors above reject have accepted neighbours that give the same geometry."""
-    x = jnp.arange(2 * 4 * 5 * 5, dtype=F32).reshape(2, 4, 5, 5)
+    x = on(backend, jnp.arange(2 * 4 * 5 * 5, dtype=F32).reshape(2, 4, 5, 5))
     a = max_pool2d(x, 2, ceil_mode=np.bool_(True))
     b = max_pool2d(x, (2, 2), stride=[2, 2], ceil_mode=1)
     np.testing.assert_array_equal(a, b)
-    w = jnp.ones((6, 4, 3, 3), F32)
+    w = on(backend, jnp.ones((6, 4, 3, 3), F32))
     y1 = conv2d(x, w, stride=np.int64(2), padding="same", layout="nchw")
     y2 = conv2d(x, w, stride=(2, 2), padding=((1, 1), (1, 1)))
     np.testing.assert_array_equal(y1, y2)
@@ -206,7 +210,7 @@ def test_accepted_spellings():
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_unpool_out_of_range_indices_are_dropped(jit, layout):
+def test_unpool_out_of_range_indices_are_dropped(backend, jit, layout):
     n, c, h, w = 1, 2, 2, 2
     vals = jnp.arange(1, n * c * h * w + 1, dtype=F32).reshape(n, c, h, w)
     plane = 4 * 4  # kernel 2, stride 2 -> a 4x4 output plane
@@ -220,7 +224,7 @@ def test_unpool_out_of_range_indices_are_dropped(jit, layout):
     if layout == "NHWC":
         vals, idx, want = (np.moveaxis(np.asarray(a), 1, 3) for a in (vals, idx, want))
     f = lambda v, i: max_unpool2d(v, i, 2, layout=layout)  # noqa: E731
-    got = (jax.jit(f) if jit else f)(jnp.asarray(vals), jnp.asarray(idx))
+    got = (jax.jit(f) if jit else f)(*on(backend, jnp.asarray(vals), jnp.asarray(idx)))
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
@@ -241,7 +245,8 @@ def _import_copied_checkout(tmp_path, extension_bytes=None):
     return proc.stderr.strip().splitlines()[-1]
 
 
-def test_unbuilt_source_checkout_says_how_to_install(tmp_path):
+@pytest.mark.cpu_only("imports a copied checkout in a child process; no device is involved")
+def test_unbuilt_source_checkout_says_how_to_install(backend, tmp_path):
     """A source checkout without its compiled extension (what `python -m` finds first when run
     from the repository root after a plain `pip install .`) fails to import with an ImportError
     that says how to install, not with a riddle about a circular import."""
@@ -251,7 +256,8 @@ def test_unbuilt_source_checkout_says_how_to_install(tmp_path):
     assert "pip install -e ." in last
 
 
-def test_extension_that_does_not_load_keeps_its_own_error(tmp_path):
+@pytest.mark.cpu_only("imports a copied checkout in a child process; no device is involved")
+def test_extension_that_does_not_load_keeps_its_own_error(backend, tmp_path):
     """An extension file that is there but cannot be loaded is not blamed on the checkout:
     the loader's own message comes through."""
     last = _import_copied_checkout(tmp_path, extension_bytes=b"not a shared object")

@@ -17,8 +17,8 @@ from jax import export
 
 import jaxconv
 from child import run_python
-from reference import (assert_close, random_array, ref_conv2d, ref_conv_transpose2d,
-                       ref_max_pool2d_lax)
+from reference import (assert_close, lowering_platform, on, random_array, ref_conv2d,
+                       ref_conv_transpose2d, ref_max_pool2d_lax)
 
 LAYOUTS = ["NCHW", "NHWC"]
 
@@ -35,7 +35,7 @@ def _ref_pool(x, layout):
     return ref_max_pool2d_lax(x, (2, 2), (2, 2), ((0, 0), (0, 0)), layout=layout)
 
 
-def operands(layout, dtype, n=2):
+def operands(backend, layout, dtype, n=2):
     rng = np.random.default_rng(0)
     x = random_array(rng, (n, 3, 8, 8), dtype)
     w = random_array(rng, (4, 3, 3, 3), dtype)
@@ -44,7 +44,7 @@ def operands(layout, dtype, n=2):
     if layout == "NHWC":
         x = jnp.transpose(x, (0, 2, 3, 1))
         w, w_t = (jnp.transpose(a, (2, 3, 1, 0)) for a in (w, w_t))
-    return x, w, b, w_t
+    return on(backend, x, w, b, w_t)
 
 
 def ours(layout):
@@ -56,15 +56,28 @@ def ref(layout):
     return network(ref_conv2d, ref_conv_transpose2d, _ref_pool, layout)
 
 
-def roundtrip(fn, *args, **serialize_kw):
-    exp = export.export(jax.jit(fn), disabled_checks=jaxconv.export_safety_checks())(*args)
+def exporter(fn, backend):
+    """export.export for `backend`'s platform (by default export targets the default backend,
+    which is the gpu wherever one is visible)."""
+    return export.export(jax.jit(fn), platforms=[lowering_platform(backend)],
+                         disabled_checks=jaxconv.export_safety_checks())
+
+
+def specs(*args):
+    """Shapes and dtypes only: exporting from arrays placed with device_put (committed) makes
+    serialize(vjp_order=1) fail inside jax 0.10 ("empty NamedSharding")."""
+    return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+
+
+def roundtrip(fn, backend, *args, **serialize_kw):
+    exp = exporter(fn, backend)(*specs(*args))
     return export.deserialize(exp.serialize(**serialize_kw))
 
 
 @pytest.mark.parametrize("layout, dtype", [("NCHW", jnp.float32), ("NHWC", jnp.float64)])
-def test_export_serialize_deserialize_run(layout, dtype):
-    args = operands(layout, dtype)
-    restored = roundtrip(ours(layout), *args)
+def test_export_serialize_deserialize_run(backend, layout, dtype):
+    args = operands(backend, layout, dtype)
+    restored = roundtrip(ours(layout), backend, *args)
     got = restored.call(*args)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(ours(layout))(*args)))
     assert_close(got, jax.jit(ref(layout))(*args))
@@ -74,22 +87,22 @@ def test_export_serialize_deserialize_run(layout, dtype):
         assert module.count(f"stablehlo.custom_call @jaxconv_{target}(") == 1, target
 
 
-def test_export_without_safety_checks_names_our_target():
+def test_export_without_safety_checks_names_our_target(backend):
     """What a user sees without export_safety_checks() (quoted in the README)."""
-    args = operands("NCHW", jnp.float32)
+    args = operands(backend, "NCHW", jnp.float32)
     with pytest.raises(ValueError, match="Cannot serialize code with custom calls whose targets "
                                          "have no compatibility guarantees") as info:
-        export.export(jax.jit(ours("NCHW")))(*args)
+        export.export(jax.jit(ours("NCHW")), platforms=[lowering_platform(backend)])(*args)
     assert "jaxconv_conv2d_fwd" in str(info.value)
 
 
-def test_export_of_a_training_gradient():
+def test_export_of_a_training_gradient(backend):
     """jit(grad) exports too: the artifact holds the backward kernels."""
     layout = "NHWC"
-    args = operands(layout, jnp.float64)
+    args = operands(backend, layout, jnp.float64)
     loss = lambda f: lambda *a: jnp.sum(jnp.tanh(f(*a)))  # noqa: E731
     grads = lambda f: jax.grad(loss(f), argnums=(0, 1, 2, 3))  # noqa: E731
-    restored = roundtrip(grads(ours(layout)), *args)
+    restored = roundtrip(grads(ours(layout)), backend, *args)
     for g, r in zip(restored.call(*args), jax.jit(grads(ref(layout)))(*args)):
         assert_close(g, r)
     module = restored.mlir_module()
@@ -97,11 +110,11 @@ def test_export_of_a_training_gradient():
         assert f"@jaxconv_{target}(" in module, target
 
 
-def test_deserialized_function_is_differentiable():
+def test_deserialized_function_is_differentiable(backend):
     """serialize(vjp_order=1) carries the VJP: grad of the restored function equals ours."""
     layout = "NCHW"
-    args = operands(layout, jnp.float64)
-    restored = roundtrip(ours(layout), *args, vjp_order=1)
+    args = operands(backend, layout, jnp.float64)
+    restored = roundtrip(ours(layout), backend, *args, vjp_order=1)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
     got = jax.jit(jax.grad(loss(restored.call), argnums=(0, 1, 2, 3)))(*args)
     want = jax.jit(jax.grad(loss(ref(layout)), argnums=(0, 1, 2, 3)))(*args)
@@ -109,28 +122,25 @@ def test_deserialized_function_is_differentiable():
         assert_close(g, r)
 
 
-def test_export_with_symbolic_batch_size():
+def test_export_with_symbolic_batch_size(backend):
     """Shape polymorphism over N: the geometry never depends on N, so one artifact serves
     every batch size (H, W and channels stay fixed)."""
     layout = "NCHW"
-    x, w, b, w_t = operands(layout, jnp.float32)
+    x, w, b, w_t = operands(backend, layout, jnp.float32)
     (n,) = export.symbolic_shape("n")
-    specs = [jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype)] + [
-        jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (w, b, w_t)]
-    exp = export.export(jax.jit(ours(layout)), disabled_checks=jaxconv.export_safety_checks())(
-        *specs)
+    exp = exporter(ours(layout), backend)(
+        jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype), *specs(w, b, w_t))
     restored = export.deserialize(exp.serialize())
     for batch in (1, 5):
-        args = operands(layout, jnp.float32, n=batch)
+        args = operands(backend, layout, jnp.float32, n=batch)
         assert_close(restored.call(*args), jax.jit(ref(layout))(*args))
 
 
-def test_artifact_runs_in_a_fresh_process_after_import_jaxconv(tmp_path):
+def test_artifact_runs_in_a_fresh_process_after_import_jaxconv(backend, tmp_path):
     """A new process can deserialize the artifact, but running it needs `import jaxconv`
     first: before, XLA knows no jaxconv_* target."""
-    args = operands("NCHW", jnp.float32)
-    exp = export.export(jax.jit(ours("NCHW")), disabled_checks=jaxconv.export_safety_checks())(
-        *args)
+    args = operands(backend, "NCHW", jnp.float32)
+    exp = exporter(ours("NCHW"), backend)(*specs(*args))
     (tmp_path / "net.bin").write_bytes(exp.serialize())
     np.savez(tmp_path / "io.npz", *[np.asarray(a) for a in args],
              want=np.asarray(jax.jit(ours("NCHW"))(*args)))
@@ -151,7 +161,8 @@ def test_artifact_runs_in_a_fresh_process_after_import_jaxconv(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), data["want"])
         print("after import: ok")
     """)
-    proc = run_python("-c", script, cwd=tmp_path, env={"JAX_PLATFORMS": "cpu"})
+    proc = run_python("-c", script, cwd=tmp_path,
+                      env={"JAX_PLATFORMS": lowering_platform(backend)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("before import:") and "jaxconv_" in lines[0], lines

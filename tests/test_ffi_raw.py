@@ -376,6 +376,9 @@ def _fuzz_pool(rng) -> float:
 def _child(names):
     import jax
     jax.config.update("jax_enable_x64", True)
+    # Raw calls run on the parent's `backend`: the inputs are uncommitted, so they and the call
+    # go to the default device.
+    jax.config.update("jax_default_device", jax.devices(os.environ["JAXCONV_TEST_BACKEND"])[0])
     import jaxconv  # noqa: F401  (registers the targets)
     for name in names:
         print(f"START {name}", flush=True)
@@ -400,11 +403,13 @@ def _child(names):
 # Parent side.
 
 
-def _run_isolated(names, timeout=240):
-    """Runs the cases in child processes; a case whose child dies is recorded as a crash."""
+def _run_isolated(names, backend, timeout=240):
+    """Runs the cases on `backend` in child processes; a case whose child dies is recorded as a
+    crash."""
     results, pending = {}, list(names)
     while pending:
-        proc = run_python(__file__, *pending, timeout=timeout, env={"PYTHONFAULTHANDLER": ""})
+        proc = run_python(__file__, *pending, timeout=timeout,
+                          env={"PYTHONFAULTHANDLER": "", "JAXCONV_TEST_BACKEND": backend})
         started = None
         for line in proc.stdout.splitlines():
             if line.startswith("START "):
@@ -422,10 +427,15 @@ def _run_isolated(names, timeout=240):
     return results
 
 
-@pytest.fixture(scope="module")
-def raw_results():
+_RESULTS: dict[str, dict] = {}  # backend -> results of every case, run once per backend
+
+
+@pytest.fixture
+def raw_results(backend):
     # The self-test goes first so that everything after it needs the restarted child.
-    return _run_isolated(SELFTEST + sorted(BAD) + GOOD)
+    if backend not in _RESULTS:
+        _RESULTS[backend] = _run_isolated(SELFTEST + sorted(BAD) + GOOD, backend)
+    return _RESULTS[backend]
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

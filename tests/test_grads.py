@@ -15,10 +15,10 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxconv
-from reference import (assert_close, on, random_array, ref_conv2d, ref_conv_transpose2d,
+from reference import (ConvCase, assert_close, on, random_array,
                        ref_max_pool2d, ref_max_pool2d_lax)
-from test_conv import GEOMETRIES as CONV, MEDIUM, Conv, random_conv
-from test_conv_transpose import GEOMETRIES as CONVT, ConvT, random_convt
+from test_conv import GEOMETRIES as CONV, MEDIUM, random_conv
+from test_conv_transpose import GEOMETRIES as CONVT, random_convt, transposed
 from test_pool import Pool, to_layout
 
 LAYOUTS = ["NCHW", "NHWC"]
@@ -36,15 +36,11 @@ def dtype_name(dtype):
     return jnp.dtype(dtype).name
 
 
-def conv_pair(case: Conv, layout):
-    """(ours, reference) as functions of (x, w, b) with the case's geometry fixed."""
-    return (partial(jaxconv.conv2d, **case.keywords(), layout=layout),
-            partial(ref_conv2d, **case.ref_keywords(), layout=layout))
+def conv_pair(case: ConvCase, layout):
+    """(ours, reference) as functions of (x, w, b) with the case's geometry fixed; conv2d or
+    conv_transpose2d as the case says."""
+    return case.function(layout), case.reference(layout)
 
-
-def convt_pair(case, layout):
-    return (partial(jaxconv.conv_transpose2d, **case.keywords(), layout=layout),
-            partial(ref_conv_transpose2d, **case.ref_keywords(), layout=layout))
 
 
 def placed_operands(case, backend, layout, dtype, seed=0):
@@ -102,8 +98,8 @@ def test_conv2d_vjp_medium_shapes(backend, name, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_conv_transpose2d_vjp_medium_shape(backend, layout):
-    case = ConvT(n=2, c_in=40, c_out=100, h=8, w=9, kernel=(4, 4), stride=2, padding=1)
-    assert_vjp_matches(*convt_pair(case, layout), placed_operands(case, backend, layout,
+    case = transposed(n=2, c=40, o=100, h=8, w=9, kernel=(4, 4), stride=2, padding=1)
+    assert_vjp_matches(*conv_pair(case, layout), placed_operands(case, backend, layout,
                                                                    jnp.float32))
 
 
@@ -114,14 +110,14 @@ CONVT_GRAD_CASES = ["anisotropic_everything", "stride2_output_padding1", "depthw
 @pytest.mark.parametrize("name, layout", alternating_layouts(CONVT_GRAD_CASES))
 def test_conv_transpose2d_vjp_float64(backend, name, layout):
     case = CONVT[name]
-    assert_vjp_matches(*convt_pair(case, layout), placed_operands(case, backend, layout,
+    assert_vjp_matches(*conv_pair(case, layout), placed_operands(case, backend, layout,
                                                                    jnp.float64))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_conv_transpose2d_vjp_dtypes(backend, dtype):
     case = CONVT["anisotropic_everything"]
-    assert_vjp_matches(*convt_pair(case, "NHWC"), placed_operands(case, backend, "NHWC", dtype),
+    assert_vjp_matches(*conv_pair(case, "NHWC"), placed_operands(case, backend, "NHWC", dtype),
                        jit=dtype != jnp.float32)
 
 
@@ -131,7 +127,7 @@ def test_conv_transpose2d_vjp_dtypes(backend, dtype):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_check_grads_conv2d(backend, layout):
-    case = Conv(n=1, c=4, o=2, h=5, w=4, kernel=(3, 2), stride=(2, 1),
+    case = ConvCase(n=1, c=4, o=2, h=5, w=4, kernel=(3, 2), stride=(2, 1),
                 padding=((1, 0), (0, 1)), dilation=(1, 2), groups=2)
     ours, _ = conv_pair(case, layout)
     # NHWC under jit (compiled once, faster); NCHW op by op.
@@ -142,7 +138,7 @@ def test_check_grads_conv2d(backend, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_check_grads_conv_transpose2d(backend, layout):
     case = CONVT["anisotropic_everything"]
-    ours, _ = convt_pair(case, layout)
+    ours, _ = conv_pair(case, layout)
     check_grads(jax.jit(ours) if layout == "NHWC" else ours,
                 placed_operands(case, backend, layout, jnp.float64), order=2, modes=("rev",))
 
@@ -188,7 +184,7 @@ def test_jit_grad_conv2d(backend, layout):
 
 def test_jit_grad_conv_transpose2d_and_pool(backend):
     case = CONVT["stride2_output_padding1"]
-    ours, ref = convt_pair(case, "NCHW")
+    ours, ref = conv_pair(case, "NCHW")
     args = placed_operands(case, backend, "NCHW", jnp.float64)
 
     def pipeline(up, pool):
@@ -237,7 +233,7 @@ def test_second_order_conv2d(backend, name, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_second_order_conv_transpose2d(backend, layout):
     case = CONVT["anisotropic_everything"]
-    assert_second_order_matches(*convt_pair(case, layout),
+    assert_second_order_matches(*conv_pair(case, layout),
                                 placed_operands(case, backend, layout, jnp.float64), seed=9)
 
 
@@ -332,14 +328,14 @@ def test_conv2d_vjp_random_configurations(backend, seed):
 def test_conv_transpose2d_vjp_random_configurations(backend, seed):
     case = random_convt(np.random.default_rng(4000 + seed))
     layout = LAYOUTS[seed % 2]
-    assert_vjp_matches(*convt_pair(case, layout),
+    assert_vjp_matches(*conv_pair(case, layout),
                        placed_operands(case, backend, layout, jnp.float64, seed=seed))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_zero_size_batch_gradients(backend, layout):
     # No examples: dx is empty, and dw and d(bias) are sums over nothing, i.e. zeros.
-    case = Conv(n=0, padding=1)
+    case = ConvCase(n=0, padding=1)
     ours, ref = conv_pair(case, layout)
     assert_vjp_matches(ours, ref, placed_operands(case, backend, layout, jnp.float32))
     x, w, b = placed_operands(case, backend, layout, jnp.float32)

@@ -1,4 +1,5 @@
-"""The CPU kernels' internal code paths, each forced by a shape, checked against lax.
+"""The kernels' internal code paths, each forced by a shape, checked against lax (on every
+backend; the paths named are the CPU's, and the same shapes reach the CUDA tiles' edges).
 
 The fast CPU convolution splits work by shape: K-slices of the reduction (K > 384), column
 blocks that run across images (output planes under 128 cells) or split an image, row blocks,
@@ -16,49 +17,43 @@ import pytest
 
 import jaxconv
 from child import run_python
-from reference import ref_conv2d, tol
+from reference import ConvCase, on, tol
 
-# (N, C, H, W, O, KH, KW, stride, padding, dilation, groups): the path it takes.
+# conv2d cases and the path each takes; padding ((top, bottom), (left, right)) where asymmetric.
+C = ConvCase
 CASES = {
-    "plain 3x3": (2, 3, 9, 11, 5, 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
-    "anisotropic strided dilated grouped": (2, 4, 9, 11, 6, 3, 2, (2, 3), ((2, 0), (1, 2)), (1, 2), 2),
-    "K just under one slice": (1, 40, 13, 12, 20, 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
-    "K sliced, small planes across images": (2, 50, 7, 7, 33, 3, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
-    "1x1 in place, K sliced": (3, 300, 5, 6, 17, 1, 1, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
-    "stem-like 7x7/2": (2, 8, 20, 20, 7, 7, 7, (2, 2), ((3, 3), (3, 3)), (1, 1), 1),
-    "depthwise stride 2": (2, 6, 17, 15, 6, 3, 3, (2, 2), ((1, 1), (1, 1)), (1, 1), 6),
-    "depthwise stride 1 dilated": (2, 5, 10, 9, 5, 3, 3, (1, 1), ((2, 2), (2, 2)), (2, 2), 5),
-    "depthwise anisotropic, channel tail": (2, 37, 9, 8, 37, 3, 2, (3, 1), ((1, 2), (0, 1)), (1, 2), 37),
-    "stride 3 phases": (1, 4, 6, 6, 4, 3, 3, (3, 3), ((0, 0), (0, 0)), (1, 1), 1),
-    "strided 1x1 grouped (phases without taps)": (2, 12, 16, 16, 24, 1, 1, (2, 2), ((0, 0), (0, 0)), (1, 1), 3),
-    "1x1 output": (1, 5, 5, 5, 3, 5, 5, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
-    "planes >= 128 split, odd channel counts": (2, 3, 12, 40, 130, 2, 2, (1, 1), ((0, 1), (1, 0)), (2, 1), 1),
+    "plain 3x3": C(n=2, c=3, h=9, w=11, o=5, padding=1),
+    "anisotropic strided dilated grouped": C(n=2, c=4, h=9, w=11, o=6, kernel=(3, 2),
+                                             stride=(2, 3), padding=((2, 0), (1, 2)),
+                                             dilation=(1, 2), groups=2),
+    "K just under one slice": C(n=1, c=40, h=13, w=12, o=20, padding=1),
+    "K sliced, small planes across images": C(n=2, c=50, h=7, w=7, o=33, padding=1),
+    "1x1 in place, K sliced": C(n=3, c=300, h=5, w=6, o=17, kernel=(1, 1)),
+    "stem-like 7x7/2": C(n=2, c=8, h=20, w=20, o=7, kernel=(7, 7), stride=2, padding=3),
+    "depthwise stride 2": C(n=2, c=6, h=17, w=15, o=6, stride=2, padding=1, groups=6),
+    "depthwise stride 1 dilated": C(n=2, c=5, h=10, w=9, o=5, padding=2, dilation=2, groups=5),
+    "depthwise anisotropic, channel tail": C(n=2, c=37, h=9, w=8, o=37, kernel=(3, 2),
+                                             stride=(3, 1), padding=((1, 2), (0, 1)),
+                                             dilation=(1, 2), groups=37),
+    "stride 3 phases": C(n=1, c=4, h=6, w=6, o=4, stride=3),
+    "strided 1x1 grouped (phases without taps)": C(n=2, c=12, h=16, w=16, o=24, kernel=(1, 1),
+                                                   stride=2, groups=3),
+    "1x1 output": C(n=1, c=5, h=5, w=5, o=3, kernel=(5, 5)),
+    "planes >= 128 split, odd channel counts": C(n=2, c=3, h=12, w=40, o=130, kernel=(2, 2),
+                                                 padding=((0, 1), (1, 0)), dilation=(2, 1)),
     # bwd_data in scatter form (output much smaller than input):
-    "col2im LeNet-like": (3, 6, 14, 14, 16, 5, 5, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
-    "col2im strided grouped padded": (2, 4, 9, 10, 6, 5, 4, (2, 3), ((1, 0), (2, 1)), (1, 1), 2),
-    "col2im output channels sliced": (2, 8, 6, 6, 400, 5, 5, (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+    "col2im LeNet-like": C(n=3, c=6, h=14, w=14, o=16, kernel=(5, 5)),
+    "col2im strided grouped padded": C(n=2, c=4, h=9, w=10, o=6, kernel=(5, 4), stride=(2, 3),
+                                       padding=((1, 0), (2, 1)), groups=2),
+    "col2im output channels sliced": C(n=2, c=8, h=6, w=6, o=400, kernel=(5, 5)),
 }
 
 
-def _operands(case, layout, dtype, seed=0):
-    n, c, h, w, o, kh, kw, *_ = case
-    groups = case[-1]
-    rng = np.random.default_rng(seed)
-    xs = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
-    ws = (o, c // groups, kh, kw) if layout == "NCHW" else (kh, kw, c // groups, o)
-    x = jnp.asarray(rng.standard_normal(xs), dtype)
-    wt = jnp.asarray(rng.standard_normal(ws), dtype)
-    b = jnp.asarray(rng.standard_normal(o), dtype)
-    return x, wt, b
-
-
-def _check(case, layout, dtype):
-    *_, stride, padding, dilation, groups = case
-    x, w, b = _operands(case, layout, dtype)
-    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, layout=layout)
-    y, vjp = jax.vjp(lambda x, w, b: jaxconv.conv2d(x, w, b, **kw), x, w, b)
-    y_ref, vjp_ref = jax.vjp(lambda x, w, b: ref_conv2d(x, w, b, **kw), x, w, b)
-    g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), dtype)
+def _check(case: ConvCase, backend, layout, dtype):
+    x, w, b = on(backend, *case.operands(layout, dtype))
+    y, vjp = jax.vjp(case.function(layout), x, w, b)
+    y_ref, vjp_ref = jax.vjp(case.reference(layout), x, w, b)
+    g = on(backend, jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), dtype))
     rtol, atol = tol(dtype)
     for got, want in zip((y,) + vjp(g), (y_ref,) + vjp_ref(g)):
         scale = float(jnp.max(jnp.abs(want.astype(jnp.float64)))) + 1.0
@@ -68,43 +63,43 @@ def _check(case, layout, dtype):
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_conv_paths_float32(name, layout):
-    _check(CASES[name], layout, jnp.float32)
+def test_conv_paths_float32(backend, name, layout):
+    _check(CASES[name], backend, layout, jnp.float32)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.bfloat16])
 @pytest.mark.parametrize("name", ["K sliced, small planes across images", "stem-like 7x7/2",
                                   "depthwise stride 2", "stride 3 phases", "col2im LeNet-like"])
-def test_conv_paths_other_dtypes(name, dtype, layout):
-    _check(CASES[name], layout, dtype)
+def test_conv_paths_other_dtypes(backend, name, dtype, layout):
+    _check(CASES[name], backend, layout, dtype)
 
 
-def test_conv_transpose_with_output_padding_uses_negative_pads():
+def test_conv_transpose_with_output_padding_uses_negative_pads(backend):
     """conv_transpose2d with output_padding is bwd_data with a negative bottom/right pad."""
     from reference import ref_conv_transpose2d
     rng = np.random.default_rng(3)
     for layout in ("NCHW", "NHWC"):
         xs = (2, 6, 5, 7) if layout == "NCHW" else (2, 5, 7, 6)
         ws = (6, 4, 3, 3) if layout == "NCHW" else (3, 3, 4, 6)
-        x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
-        w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
+        x, w = on(backend, jnp.asarray(rng.standard_normal(xs), jnp.float32),
+                  jnp.asarray(rng.standard_normal(ws), jnp.float32))
         kw = dict(stride=(3, 2), padding=((1, 1), (0, 0)), output_padding=(2, 1), layout=layout)
         got = jaxconv.conv_transpose2d(x, w, **kw)
         want = ref_conv_transpose2d(x, w, **kw)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_depthwise_conv_transpose_with_bias():
+def test_depthwise_conv_transpose_with_bias(backend):
     """Transposed depthwise convolution is the depthwise bwd_data kernel with a bias."""
     from reference import ref_conv_transpose2d
     rng = np.random.default_rng(4)
     for layout in ("NCHW", "NHWC"):
         xs = (2, 5, 6, 7) if layout == "NCHW" else (2, 6, 7, 5)
         ws = (5, 1, 3, 3) if layout == "NCHW" else (3, 3, 1, 5)
-        x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
-        w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
-        b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+        x, w, b = on(backend, jnp.asarray(rng.standard_normal(xs), jnp.float32),
+                     jnp.asarray(rng.standard_normal(ws), jnp.float32),
+                     jnp.asarray(rng.standard_normal(5), jnp.float32))
         kw = dict(stride=(2, 2), padding=((1, 1), (1, 1)), output_padding=(1, 1), groups=5,
                   layout=layout)
         np.testing.assert_allclose(jaxconv.conv_transpose2d(x, w, b, **kw),
@@ -117,11 +112,12 @@ def _run_without_avx2(code):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_baseline_build_without_avx2():
+@pytest.mark.cpu_only("the baseline (non-AVX2) GEMM is a CPU kernel")
+def test_baseline_build_without_avx2(backend):
     """JAXCONV_DISABLE_AVX2=1 selects the baseline GEMM: same results on a few paths."""
     code = (
         "import test_kernel_paths as t, jax.numpy as jnp;"
-        "[t._check(t.CASES[n], lay, jnp.float32) for n in "
+        "[t._check(t.CASES[n], 'cpu', lay, jnp.float32) for n in "
         "('plain 3x3', 'K sliced, small planes across images', 'stride 3 phases', "
         "'col2im strided grouped padded', 'depthwise anisotropic, channel tail') "
         "for lay in ('NCHW', 'NHWC')]; print('ok')")
@@ -160,17 +156,17 @@ def _pool_input(shape_nchw, layout, dtype, seed):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.float64])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("name", list(POOLS))
-def test_pool_paths(name, layout, dtype):
+def test_pool_paths(backend, name, layout, dtype):
     from reference import ref_max_pool2d
     c, h, w, kernel, stride, padding, dilation = POOLS[name]
-    x = _pool_input((2, c, h, w), layout, dtype, seed=len(name))
+    x = on(backend, _pool_input((2, c, h, w), layout, dtype, seed=len(name)))
     y, idx = jaxconv.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True,
                                 layout=layout)
     want, want_idx = ref_max_pool2d(x, kernel, stride, padding, dilation, layout=layout)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     np.testing.assert_array_equal(np.asarray(y, np.float64), want)
     # The gradient lands on the selected cells: a scatter-add of the cotangent at the indices.
-    g = jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), dtype)
+    g = on(backend, jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), dtype))
     acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
     dx = jax.grad(lambda x: jnp.sum(
         jaxconv.max_pool2d(x, kernel, stride, padding, dilation, layout=layout).astype(acc)
@@ -193,9 +189,10 @@ def test_pool_paths(name, layout, dtype):
     np.testing.assert_allclose(np.asarray(dx, np.float64), expect, rtol=rtol, atol=atol)
 
 
-def test_pool_baseline_build_without_avx2():
+@pytest.mark.cpu_only("the baseline (non-AVX2) pool kernels are CPU kernels")
+def test_pool_baseline_build_without_avx2(backend):
     code = (
         "import test_kernel_paths as t, jax.numpy as jnp;"
-        "[t.test_pool_paths(n, lay, jnp.float32) for n in ('3x3/2 pad 1', '37 channels') "
+        "[t.test_pool_paths('cpu', n, lay, jnp.float32) for n in ('3x3/2 pad 1', '37 channels') "
         "for lay in ('NCHW', 'NHWC')]; print('ok')")
     _run_without_avx2(code)

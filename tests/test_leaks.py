@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxconv import conv2d, conv_transpose2d, max_pool2d
+from reference import on
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
                                 reason="resident set size is read from /proc (Linux)")
@@ -42,8 +43,7 @@ def test_jit_forward_backward_is_flat(backend):
     # x: 2*8*24*24 float32 = 36 KiB; a leaked copy of x (or of dx, y, ...) per call would grow
     # the RSS by 2000 * 36 KiB = 70 MiB.
     rng = np.random.default_rng(0)
-    dev = jax.devices(backend)[0]
-    x = jax.device_put(jnp.asarray(rng.standard_normal((2, 8, 24, 24)), jnp.float32), dev)
+    x = on(backend, jnp.asarray(rng.standard_normal((2, 8, 24, 24)), jnp.float32))
     w = jnp.asarray(rng.standard_normal((8, 8, 3, 3)), jnp.float32)
     wt = jnp.asarray(rng.standard_normal((8, 4, 2, 2)), jnp.float32)
     b = jnp.zeros((8,), jnp.float32)
@@ -61,7 +61,7 @@ def test_jit_forward_backward_is_flat(backend):
     assert grown < BOUND, f"RSS grew by {grown / MIB:.1f} MiB over 2000 calls"
 
 
-def test_eager_calls_every_dtype_and_layout_are_flat():
+def test_eager_calls_every_dtype_and_layout_are_flat(backend):
     """Eager calls go through each primitive's cached jit; the half types and NHWC run other
     packing code and scratch buffers. Per step the 8 conv outputs hold 2 * (24 + 12 + 6 + 6) KiB
     (float64, float32, float16, bfloat16; both layouts), so leaking just those would grow the
@@ -74,7 +74,7 @@ def test_eager_calls_every_dtype_and_layout_are_flat():
             x = jnp.asarray(rng.standard_normal(shape), dtype)
             w = jnp.asarray(rng.standard_normal((6, 6, 3, 3) if layout == "NCHW"
                                                 else (3, 3, 6, 6)), dtype)
-            variants.append((x, w, layout))
+            variants.append((*on(backend, x, w), layout))
 
     def step():
         for x, w, layout in variants:
@@ -85,7 +85,7 @@ def test_eager_calls_every_dtype_and_layout_are_flat():
     assert grown < BOUND, f"RSS grew by {grown / MIB:.1f} MiB over 2400 eager calls"
 
 
-def test_handler_error_path_is_flat():
+def test_handler_error_path_is_flat(backend):
     """A compiled raw call whose handler rejects its operands (the message is built on every
     call) fails the same way 1000 times without growing; its declared output is 192 KiB, so
     leaking that buffer on the error path would grow the RSS by 188 MiB."""
@@ -96,8 +96,8 @@ def test_handler_error_path_is_flat():
     bad = jax.jit(lambda x, w, b: jax.ffi.ffi_call(
         "jaxconv_conv2d_fwd", jax.ShapeDtypeStruct((2, 6, 64, 64), jnp.float32))(
             x, w, b, **attrs))
-    x, w = jnp.ones((2, 4, 5, 5), jnp.float32), jnp.ones((6, 4, 3, 3), jnp.float32)
-    b = jnp.zeros((0,), jnp.float32)
+    x, w, b = on(backend, jnp.ones((2, 4, 5, 5), jnp.float32),
+                 jnp.ones((6, 4, 3, 3), jnp.float32), jnp.zeros((0,), jnp.float32))
 
     def step():
         with pytest.raises(Exception, match="does not match the geometry"):

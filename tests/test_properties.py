@@ -16,13 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxconv import conv2d, conv_transpose2d, max_pool2d, max_unpool2d
-from reference import (explicit_padding, pool_out_size, random_array, ref_conv2d,
+from reference import (explicit_padding, on, pool_out_size, random_array, ref_conv2d,
                        ref_conv_transpose2d, ref_max_pool2d, tol)
 from test_edge_cases import (assert_same_values_and_vjp, pool_grad_oracle, to_layout,
                              w_to_layout)
 
 _COMMON = dict(deadline=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      # `backend` is a plain string: nothing to reset
+                                      HealthCheck.function_scoped_fixture])
 settings.register_profile("jaxconv-fast", max_examples=25, derandomize=True, database=None,
                           **_COMMON)
 settings.register_profile("jaxconv-deep", max_examples=400, **_COMMON)
@@ -90,13 +92,15 @@ def conv_configs(draw):
 
 @PROFILE
 @given(conv_configs())
-def test_conv2d_matches_lax(cfg):
+def test_conv2d_matches_lax(backend, cfg):
     rng = np.random.default_rng(cfg["seed"])
     layout, dtype = cfg["layout"], cfg["dtype"]
     x = to_layout(random_array(rng, (cfg["n"], cfg["c"], *cfg["hw"]), dtype), layout)
     w = w_to_layout(random_array(rng, (cfg["o"], cfg["c"] // cfg["groups"], *cfg["kernel"]),
                                  dtype), layout)
     b = random_array(rng, (cfg["o"],), dtype) if cfg["bias"] else None
+    x, w = on(backend, x, w)
+    b = None if b is None else on(backend, b)
     kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=cfg["groups"],
               layout=layout)
     # Strings through lax's own SAME/VALID rule, the other forms spelled out.
@@ -133,7 +137,7 @@ def conv_transpose_configs(draw):
 
 @PROFILE
 @given(conv_transpose_configs())
-def test_conv_transpose2d_matches_reference(cfg):
+def test_conv_transpose2d_matches_reference(backend, cfg):
     rng = np.random.default_rng(cfg["seed"])
     layout, dtype = cfg["layout"], cfg["dtype"]
     x = to_layout(random_array(rng, (cfg["n"], cfg["c_in"], *cfg["hw"]), dtype), layout)
@@ -142,6 +146,7 @@ def test_conv_transpose2d_matches_reference(cfg):
     args = (x, w)
     if cfg["bias"]:
         args += (random_array(rng, (cfg["cout_g"] * cfg["groups"],), dtype),)
+    args = tuple(on(backend, a) for a in args)
     kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=cfg["groups"],
               output_padding=cfg["output_padding"], layout=layout)
     assert_same_values_and_vjp(
@@ -180,7 +185,7 @@ def pool_configs(draw):
 
 @PROFILE
 @given(pool_configs())
-def test_max_pool2d_matches_reference(cfg):
+def test_max_pool2d_matches_reference(backend, cfg):
     rng = np.random.default_rng(cfg["seed"])
     layout, dtype = cfg["layout"], cfg["dtype"]
     shape = (cfg["n"], cfg["c"], *cfg["hw"])
@@ -188,7 +193,7 @@ def test_max_pool2d_matches_reference(cfg):
         x = jnp.asarray(rng.integers(-2, 3, shape), dtype)
     else:
         x = random_array(rng, shape, dtype)
-    x = to_layout(x, layout)
+    x = on(backend, to_layout(x, layout))
     stride = cfg["stride"] or cfg["kernel"]
     pads = explicit_padding(cfg["padding"], cfg["hw"],
                             [d * (k - 1) + 1 for k, d in zip(cfg["kernel"], cfg["dilation"])],
@@ -203,7 +208,7 @@ def test_max_pool2d_matches_reference(cfg):
         return
     vals, idx = ref_max_pool2d(x, cfg["kernel"], stride, pads, cfg["dilation"],
                                cfg["ceil_mode"], layout)
-    g = random_array(rng, vals.shape, dtype)
+    g = on(backend, random_array(rng, vals.shape, dtype))
 
     @jax.jit
     def run(x, g):
@@ -246,9 +251,10 @@ def _broken(draw, value, options):
     return draw(st.one_of(st.just(value), st.sampled_from(options)))
 
 
+@pytest.mark.cpu_only("trace-time validation of abstract shapes: no device is involved")
 @CHEAP
 @given(st.data())
-def test_conv2d_validation_is_exact(data):
+def test_conv2d_validation_is_exact(backend, data):
     draw = data.draw
     groups = draw(st.integers(1, 3))
     c, o = groups * draw(st.integers(1, 3)), groups * draw(st.integers(0, 2))
@@ -287,9 +293,10 @@ def test_conv2d_validation_is_exact(data):
     assert jax.eval_shape(f, x, w).shape == to_layout(np.zeros((1, o, *out)), layout).shape
 
 
+@pytest.mark.cpu_only("trace-time validation of abstract shapes: no device is involved")
 @CHEAP
 @given(st.data())
-def test_max_pool2d_validation_is_exact(data):
+def test_max_pool2d_validation_is_exact(backend, data):
     draw = data.draw
     kernel, stride, dilation = draw(pair_of(1, 4)), draw(pair_of(1, 3)), draw(pair_of(1, 2))
     k_eff = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]

@@ -443,7 +443,8 @@ def test_reverse_over_reverse_hessian_matches_lax(backend):
     lambda f, *a: jax.jacfwd(f)(*a),
     lambda f, *a: jax.linearize(f, *a)[1](*a),
 ], ids=["jvp", "jacfwd", "linearize"])
-def test_forward_mode_is_refused_with_the_documented_error(transform):
+@pytest.mark.cpu_only("refused while tracing: no kernel runs")
+def test_forward_mode_is_refused_with_the_documented_error(backend, transform):
     """The README quotes this error; custom_vjp functions have no forward-mode rule."""
     x, w = jnp.ones((1, 1, 4, 4)), jnp.ones((1, 1, 3, 3))
     for fn in (lambda x: jaxconv.conv2d(x, w), lambda x: jaxconv.max_pool2d(x, 2)):

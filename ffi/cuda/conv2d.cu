@@ -11,20 +11,6 @@
 namespace jaxconv::cuda {
 namespace {
 
-// SM count of the current device (XLA makes the stream's device current when it calls a
-// handler); only the bwd_filter split count depends on it. A failed query falls back to a
-// typical count instead of failing the call.
-int64_t sm_count() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      count < 1) {
-    cudaGetLastError();
-    return 108;
-  }
-  return count;
-}
-
 ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Dictionary attrs) {
@@ -78,16 +64,17 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = typename Num<T>::acc;
-    FilterLauncher<T> launcher(g, sm_count());
+    FilterLauncher<T> launcher(g);  // the split plan: a function of the shape only
     Acc* workspace = nullptr;
     if (int64_t bytes = launcher.workspace_bytes()) {
       // Device memory from XLA's allocator, released when this call returns; XLA orders later
-      // users of it after the work enqueued here on the same stream.
+      // users of it after the work enqueued here on the same stream. Without it, fail: another
+      // plan would sum in another order (conv2d_kernels.cuh, "split plan").
       auto mem = scratch.Allocate(size_t(bytes), 256);
-      if (mem.has_value())
-        workspace = static_cast<Acc*>(*mem);
-      else
-        launcher.drop_splits();  // still correct: each block reduces over every position
+      if (!mem.has_value())
+        return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                          filter_workspace_error(kTarget, bytes, launcher.p.splits));
+      workspace = static_cast<Acc*>(*mem);
     }
     return check_cuda(kTarget, launcher.run(static_cast<const T*>(x.untyped_data()),
                                             static_cast<const T*>(dy.untyped_data()),

@@ -27,6 +27,8 @@
 // memory, accumulate in float32, and are rounded once when stored; float64 stays double.
 #pragma once
 
+#include <string>
+
 #include "kernel_common.cuh"
 
 #if defined(__CUDACC__)
@@ -538,20 +540,39 @@ inline FilterParams filter_params(const ConvGeometry& g) {
   return p;
 }
 
-// Workspace cap for the partial sums of bwd_filter.
+// ---- bwd_filter's split plan: a function of the problem's shape only -----------------------
+// The reduction over positions p is cut into `splits` contiguous chunks whose partial sums are
+// added in split order by sum_partials_kernel, so the plan fixes the summation order. It must
+// therefore not depend on the GPU (SM count, MIG slice) nor on how much memory is free: the
+// same shape, dtype and layout give the same bits on every GPU that runs the same build.
+// kFilterSplitTargetBlocks stands in for "about 4 blocks per SM" on a typical large GPU (132
+// SMs: an H100 SXM); smaller GPUs simply run the blocks in more waves. When the workspace for
+// the partial sums cannot be had, the handler fails with an error instead of changing order.
+constexpr int64_t kFilterSplitTargetBlocks = 4 * 132;
+// Workspace cap for the partial sums of bwd_filter (bounds the splits of very large filters).
 constexpr int64_t kMaxFilterWorkspaceBytes = int64_t(256) << 20;
 
-// Splits the reduction of bwd_filter so that tiles * splits fills the GPU (about 4 blocks per
-// SM) while each split keeps at least 4 steps of work and the partials fit the workspace cap.
-// Fills m/n tiles, splits, chunk, tiles. Depends only on the shapes and the SM count, so a
-// given problem on a given GPU always sums in the same order.
+// The handler's error when XLA's scratch allocator cannot give the workspace (here so that the
+// emulation tests check the same text).
+inline std::string filter_workspace_error(const char* target, int64_t bytes, int64_t splits) {
+  return std::string(target) + ": could not allocate " + std::to_string(bytes) +
+         " bytes of device scratch for the partial sums of its " + std::to_string(splits) +
+         "-way split reduction. The split is fixed by the problem's shape so that results are "
+         "reproducible, hence no fallback to another summation order; free device memory "
+         "(smaller batch, fewer live arrays) or give XLA's allocator more "
+         "(XLA_PYTHON_CLIENT_MEM_FRACTION)";
+}
+
+// Splits the reduction so that tiles * splits reaches kFilterSplitTargetBlocks, while each
+// split keeps at least 4 steps of work and the partials fit the workspace cap. Fills m/n tiles,
+// splits, chunk, tiles.
 template <typename Cfg>
-void plan_filter(FilterParams* p, int64_t sm_count, int64_t acc_bytes) {
+void plan_filter(FilterParams* p, int64_t acc_bytes) {
   p->m_tiles = ceil_div_pos(p->Og, Cfg::BM);
   p->n_tiles = ceil_div_pos(p->Kg, Cfg::BN);
   const int64_t base = p->G * p->m_tiles * p->n_tiles;
   const int64_t steps = ceil_div_pos(p->P, Cfg::BK);
-  int64_t splits = ceil_div_pos(4 * (sm_count > 0 ? sm_count : 1), base);
+  int64_t splits = ceil_div_pos(kFilterSplitTargetBlocks, base);
   if (splits > 64) splits = 64;
   if (splits > steps / 4) splits = steps / 4;
   const int64_t fit = kMaxFilterWorkspaceBytes / (p->dw_elems * acc_bytes);
@@ -563,48 +584,34 @@ void plan_filter(FilterParams* p, int64_t sm_count, int64_t acc_bytes) {
   p->tiles = base * p->splits;
 }
 
-template <typename Cfg>
-void plan_filter_unsplit(FilterParams* p) {
-  p->m_tiles = ceil_div_pos(p->Og, Cfg::BM);
-  p->n_tiles = ceil_div_pos(p->Kg, Cfg::BN);
-  p->chunk = ceil_div_pos(p->P, Cfg::BK) * Cfg::BK;
-  p->splits = 1;
-  p->tiles = p->G * p->m_tiles * p->n_tiles;
-}
-
 // Host side of bwd_filter, in two calls so that the caller can allocate the workspace between
-// them: plan() says how many bytes of partial sums it needs (0: none), run() launches.
+// them: workspace_bytes() says how many bytes of partial sums the plan needs (0: none), run()
+// launches.
 template <typename T>
 struct FilterLauncher {
   using Acc = typename Num<T>::acc;
   FilterParams p;
   FilterTileKind kind;
 
-  FilterLauncher(const ConvGeometry& g, int64_t sm_count) : p(filter_params(g)) {
+  explicit FilterLauncher(const ConvGeometry& g) : p(filter_params(g)) {
     kind = choose_filter_tile(p.Og, p.Kg);
     if (p.P == 0) return;
     if (kind == FilterTileKind::kSmall)
-      plan_filter<SmallFilterTile>(&p, sm_count, sizeof(Acc));
+      plan_filter<SmallFilterTile>(&p, sizeof(Acc));
     else
-      plan_filter<FilterTile>(&p, sm_count, sizeof(Acc));
+      plan_filter<FilterTile>(&p, sizeof(Acc));
   }
 
   int64_t workspace_bytes() const {
     return p.P > 0 && p.splits > 1 ? p.splits * p.dw_elems * int64_t(sizeof(Acc)) : 0;
   }
 
-  // Falls back to one split (each block reduces over all positions) when no workspace could
-  // be had.
-  void drop_splits() {
-    if (kind == FilterTileKind::kSmall)
-      plan_filter_unsplit<SmallFilterTile>(&p);
-    else
-      plan_filter_unsplit<FilterTile>(&p);
-  }
-
   // Expects p.P > 0 (the caller zeroes dw for an empty reduction) and, when splits > 1, a
   // workspace of workspace_bytes().
   cudaError_t run(const T* x, const T* dy, T* dw, Acc* workspace, cudaStream_t stream) const {
+    // No workspace where the plan needs one: refuse (the handler reports the failed allocation
+    // before getting here) rather than write partial sums through a null pointer.
+    if (workspace == nullptr && workspace_bytes() > 0) return cudaErrorInvalidValue;
     void (*kernel)(FilterParams, const T*, const T*, T*, Acc*);
     int threads;
     if (kind == FilterTileKind::kSmall) {

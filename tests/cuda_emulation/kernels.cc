@@ -39,11 +39,10 @@ extern "C" {
 // which: 0 forward (a = x, b = w, out = y), 1 bwd_data (a = dy, b = w, out = dx),
 // 2 bwd_filter (a = x, b = dy, out = dw). x_dims / w_dims: the shapes of x (dx for bwd_data)
 // and w (dw for bwd_filter). attrs: stride_h, stride_w, dilation_h, dilation_w, pad_top,
-// pad_bottom, pad_left, pad_right, groups, layout. bias may be null. sm_count feeds the
-// bwd_filter split plan; unsplit != 0 takes the no-workspace fallback.
+// pad_bottom, pad_left, pad_right, groups, layout. bias may be null.
 int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
              const int64_t* attrs, const void* a, const void* b, const void* bias, void* out,
-             int64_t sm_count, int unsplit, unsigned max_blocks) {
+             unsigned max_blocks) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   ConvGeometry g;
@@ -64,12 +63,8 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
       std::memset(out, 0, size_t(g.O * g.gemm_k()) * sizeof(T));
       return 0;
     }
-    FilterLauncher<T> launcher(g, sm_count);
-    std::vector<Acc> workspace;
-    if (unsplit)
-      launcher.drop_splits();
-    else
-      workspace.resize(size_t(launcher.workspace_bytes() / int64_t(sizeof(Acc))));
+    FilterLauncher<T> launcher(g);
+    std::vector<Acc> workspace(size_t(launcher.workspace_bytes() / int64_t(sizeof(Acc))));
     return status(launcher.run(ta, tb, tout, workspace.empty() ? nullptr : workspace.data(),
                                nullptr));
   });
@@ -77,14 +72,14 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
 
 // The bwd_filter plan for a geometry: {splits, chunk, tiles, workspace bytes}.
 int emu_filter_plan(const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs,
-                    int dtype, int64_t sm_count, int64_t* plan) {
+                    int dtype, int64_t* plan) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   ConvGeometry g;
   if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
     return 1;
   return dispatch(dtype, [&](auto zero) -> int {
-    FilterLauncher<decltype(zero)> launcher(g, sm_count);
+    FilterLauncher<decltype(zero)> launcher(g);
     plan[0] = launcher.p.splits;
     plan[1] = launcher.p.chunk;
     plan[2] = launcher.p.tiles;
