@@ -13,6 +13,8 @@ import warnings as _warnings
 
 import jax
 
+from ._cuda_driver import warn_if_driver_too_old
+
 try:
     from . import _jaxconv_cpu
 except ImportError as _err:
@@ -63,7 +65,6 @@ HAS_CUDA_MODULE: bool = _jaxconv_cuda is not None
 if _jaxconv_cuda is not None:
     for _name, _capsule in _jaxconv_cuda.registrations().items():
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
-    from ._cuda_driver import warn_if_driver_too_old  # noqa: E402
     warn_if_driver_too_old(_jaxconv_cuda)  # a driver too old for the module's runtime: say so
 
 

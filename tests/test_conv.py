@@ -54,7 +54,7 @@ GEOMETRIES = {
     "anisotropic_everything": ConvCase(h=8, w=5, kernel=(2, 3), stride=(1, 2), dilation=(2, 1),
                                    padding=((0, 1), (2, 0))),
     "pointwise_1x1": ConvCase(kernel=(1, 1)),
-    # Edge cases listed in DESIGN.md.
+    # Edge cases the first plan listed (1x1 images, kernels larger than the input, ...).
     "image_1x1_kernel_1x1": ConvCase(h=1, w=1, kernel=(1, 1)),
     "image_1x1_kernel_3x3_padded": ConvCase(h=1, w=1, padding=1),
     "kernel_larger_than_input_padded": ConvCase(h=2, w=3, kernel=(4, 5), padding=2),
