@@ -15,8 +15,8 @@
 // checks it against `/` over random and boundary numerators.
 //
 // Divider<I> gives the kernels one interface for both index widths: Divider<int32_t> uses
-// FastDivmod (numerators must be in [0, 2^31)), Divider<int64_t> the plain division of the
-// path for tensors of 2^31 elements or more.
+// FastDivmod (numerators in [0, 2^31)), Divider<int64_t> FastDivmod64 (numerators in
+// [0, 2^62)) on the path for tensors of 2^30 elements or more.
 #pragma once
 
 #include <cstdint>
@@ -55,6 +55,41 @@ struct FastDivmod {
   }
 };
 
+// The same for 64-bit numerators in [0, 2^62) and divisors in [1, 2^31): a power of two is a
+// shift; otherwise l = ceil(log2 d), p = 62 + l, m = ceil(2^p / d) < 2^63 and
+// q = umulhi64(n, m) >> (p - 64) (l >= 2 here), exact by the argument above with 2^62 for 2^31.
+// Used by the path for tensors of 2^31 elements or more, where int64 `/` would be a subroutine
+// call whose saved registers spill.
+JAXCONV_HD uint64_t mul_hi_u64(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b);
+#else
+  return uint64_t((static_cast<unsigned __int128>(a) * b) >> 64);
+#endif
+}
+
+struct FastDivmod64 {
+  uint64_t divisor = 1, multiplier = 0;
+  uint32_t shift = 0;  // right shift of a power-of-two divisor (multiplier 0), else p - 64
+
+  FastDivmod64() = default;
+  explicit FastDivmod64(uint64_t d) : divisor(d) {
+    uint32_t l = 0;
+    while ((uint64_t(1) << l) < d) ++l;  // ceil(log2 d)
+    if ((uint64_t(1) << l) == d) {
+      shift = l;
+      return;
+    }
+    const uint32_t p = 62 + l;
+    const unsigned __int128 two_p = static_cast<unsigned __int128>(1) << p;
+    multiplier = uint64_t((two_p + d - 1) / d);
+    shift = p - 64;
+  }
+  JAXCONV_HD uint64_t div(uint64_t n) const {
+    return multiplier == 0 ? (n >> shift) : (mul_hi_u64(n, multiplier) >> shift);
+  }
+};
+
 template <typename I>
 struct Divider;
 
@@ -74,14 +109,14 @@ struct Divider<int32_t> {
 
 template <>
 struct Divider<int64_t> {
-  int64_t d = 1;
+  FastDivmod64 f;
   Divider() = default;
-  explicit Divider(int64_t d_) : d(d_) {}
-  JAXCONV_HD int64_t div(int64_t n) const { return n / d; }
-  JAXCONV_HD int64_t mod(int64_t n) const { return n % d; }
+  explicit Divider(int64_t d) : f(uint64_t(d)) {}
+  JAXCONV_HD int64_t div(int64_t n) const { return int64_t(f.div(uint64_t(n))); }
+  JAXCONV_HD int64_t mod(int64_t n) const { return n - div(n) * int64_t(f.divisor); }
   JAXCONV_HD int64_t divmod(int64_t n, int64_t& r) const {
-    const int64_t q = n / d;
-    r = n - q * d;
+    const int64_t q = div(n);
+    r = n - q * int64_t(f.divisor);
     return q;
   }
 };

@@ -202,7 +202,7 @@ __device__ __forceinline__ void store_index_lanes(int32_t* __restrict__ dst, int
 }
 
 template <typename T, int kLayout, typename I>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 1)
     max_pool_fwd_kernel(PoolPlan<I> p, const T* __restrict__ x, T* __restrict__ y,
                         int32_t* __restrict__ idx) {
   using Acc = typename Num<T>::acc;
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(256)
 }
 
 template <typename T, int kLayout, typename I>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 1)
     max_pool_bwd_kernel(PoolPlan<I> p, const T* __restrict__ dy, const int32_t* __restrict__ idx,
                         T* __restrict__ dx) {
   using Acc = typename Num<T>::acc;
