@@ -116,6 +116,21 @@ def test_fast_divmod_matches_division(emu, d):
     np.testing.assert_array_equal(r, n % np.uint32(d))
 
 
+@pytest.mark.parametrize("d", DIVISORS)
+def test_fast_divmod64_matches_division(emu, d):
+    rng = np.random.default_rng(d + 1)
+    top = (1 << 62) - 1
+    edges = [0, 1, d - 1, d, d + 1, top, top - 1, (top // d) * d, (top // d) * d - 1,
+             (1 << 31) * d, (1 << 31) * d - 1]
+    n = np.concatenate([np.array([e for e in edges if 0 <= e <= top], np.uint64),
+                        rng.integers(0, top, 20000, dtype=np.uint64, endpoint=True),
+                        rng.integers(0, 1 << 33, 2000, dtype=np.uint64)])
+    q = np.zeros_like(n)
+    u64 = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))  # noqa: E731
+    assert emu.emu_fast_divmod64(ctypes.c_uint64(d), u64(n), ctypes.c_int64(n.size), u64(q)) == 0
+    np.testing.assert_array_equal(q, n // np.uint64(d))
+
+
 def test_tap_helpers_match_brute_force(emu):
     out = (ctypes.c_int64 * 4)()
     for s in range(1, 5):
@@ -214,7 +229,9 @@ def _check_pool(emu, case, layout, dtypes, index_bits_list, seed=1):
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("name", sorted(POOL_CASES))
 def test_emulated_pool_vector_kernels(emu, name, layout):
-    _check_pool(emu, POOL_CASES[name], layout, DTYPES, (32, 64))
+    """Every dtype on the int32 path; the int64 path in one full and one half type."""
+    _check_pool(emu, POOL_CASES[name], layout, DTYPES, (32,))
+    _check_pool(emu, POOL_CASES[name], layout, ["float32", "float16"], (64,))
 
 
 def test_pool_picks_the_32_bit_path_for_small_tensors(emu):
@@ -243,3 +260,135 @@ def test_emulated_pool_fuzz(emu):
         layout = ["NCHW", "NHWC"][draw % 2]
         dtype = DTYPES[draw % 4]
         _check_pool(emu, case, layout, [dtype], (32, 64)[draw % 2:draw % 2 + 1], seed=draw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct convolution: depthwise (groups == C, channel multiplier M = O / C) and few channels
+# (C <= 4).
+
+def conv_case(n, c, h, w, o, k, *, stride=1, dilation=1, pads=0, groups=1):
+    two = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    if isinstance(pads, int):
+        pads = (pads, pads)
+    pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pads)
+    return dict(n=n, c=c, h=h, w=w, o=o, k=two(k), stride=two(stride), dilation=two(dilation),
+                pads=pads, groups=groups)
+
+
+# jax#26266 (dilated grouped/depthwise convolutions wrong on H100) is the *_dilated cases.
+DIRECT_CASES = {
+    "dw_3x3_pad1": conv_case(2, 6, 7, 7, 6, 3, pads=1, groups=6),
+    "dw_multiplier2_stride2": conv_case(2, 5, 8, 7, 10, 3, stride=2, pads=1, groups=5),
+    "dw_multiplier3_dilated": conv_case(1, 4, 9, 10, 12, 3, dilation=2, pads=2, groups=4),
+    "dw_dilated_anisotropic": conv_case(2, 3, 11, 9, 3, (3, 2), stride=(1, 2), dilation=(3, 2),
+                                        pads=((3, 1), (2, 0)), groups=3),
+    "dw_5x5_stride2_dilated": conv_case(1, 8, 12, 12, 8, 5, stride=2, dilation=2, pads=4,
+                                        groups=8),
+    "dw_negative_pads": conv_case(1, 4, 7, 8, 8, 3, pads=((-1, 2), (1, -2)), groups=4),
+    "dw_many_channels": conv_case(1, 40, 4, 4, 40, 3, pads=1, groups=40),
+    "lenet_c1_5x5": conv_case(2, 1, 12, 12, 6, 5),
+    "stem_c3_7x7_stride2": conv_case(1, 3, 13, 12, 8, 7, stride=2, pads=3),
+    "c4_groups2": conv_case(2, 4, 6, 6, 6, 3, stride=(2, 1), pads=((1, 0), (0, 1)), groups=2),
+    "c2_dilated_stride3": conv_case(1, 2, 11, 10, 3, 3, stride=3, dilation=2, pads=(2, 1)),
+    "kernel_larger_than_image": conv_case(1, 2, 2, 2, 4, 5, pads=2, groups=2),
+}
+
+
+def _conv_attrs(c, layout):
+    (pt, pb), (pl, pr) = c["pads"]
+    return [c["stride"][0], c["stride"][1], c["dilation"][0], c["dilation"][1], pt, pb, pl, pr,
+            c["groups"], LAYOUT_CODES[layout]]
+
+
+def _grid_values(rng, shape):
+    """Quarter-integers in [-1, 1]: exact in every dtype, so one float64 oracle serves all four."""
+    return jnp.asarray(rng.integers(-4, 5, shape) / 4.0, jnp.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_oracle(key):
+    """lax's results (NCHW, float64): y = conv(x, w) + bias, and at dy the VJP of the bias-free
+    convolution, dx (plus bias_dx) and dw."""
+    import jax
+
+    from reference import ref_conv2d
+
+    c, seed = dict(key[0]), key[1]
+    rng = np.random.default_rng(seed)
+    x = _grid_values(rng, (c["n"], c["c"], c["h"], c["w"]))
+    w = _grid_values(rng, (c["o"], c["c"] // c["groups"]) + c["k"])
+    bias, bias_dx = _grid_values(rng, (c["o"],)), _grid_values(rng, (c["c"],))
+    kw = dict(stride=c["stride"], padding=c["pads"], dilation=c["dilation"], groups=c["groups"])
+    y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), x, w)
+    dy = _grid_values(rng, y.shape)
+    dx, dw = vjp(dy)
+    return dict(x=x, w=w, bias=bias, bias_dx=bias_dx, dy=dy, y=y + bias.reshape(1, -1, 1, 1),
+                dx=dx + bias_dx.reshape(1, -1, 1, 1), dw=dw)
+
+
+def _check_direct(emu, c, layout, dtypes, index_bits_list, seed=0):
+    from reference import assert_close
+
+    r = _direct_oracle((tuple(sorted(c.items())), seed))
+    acts = (lambda a: np.asarray(a)) if layout == "NCHW" else (
+        lambda a: np.asarray(a).transpose(0, 2, 3, 1))
+    wgts = (lambda a: np.asarray(a)) if layout == "NCHW" else (
+        lambda a: np.asarray(a).transpose(2, 3, 1, 0))
+    x, dy, y, dx = (acts(r[k]) for k in ("x", "dy", "y", "dx"))
+    w, dw = wgts(r["w"]), wgts(r["dw"])
+    attrs = _vec(_conv_attrs(c, layout))
+    for dtype in dtypes:
+        code = DTYPE_CODES[dtype]
+        cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(NP_DTYPES[dtype]))  # noqa
+        xa, wa, ba, bxa, dya = (cast(a) for a in (x, w, r["bias"], r["bias_dx"], dy))
+        for bits in index_bits_list:
+            tag = f"{dtype} index_bits={bits}"
+            for which, a, b, bias, want in ((0, xa, wa, ba, y), (1, dya, wa, bxa, dx),
+                                            (2, xa, dya, None, dw)):
+                got = np.full(want.shape, np.nan, NP_DTYPES[dtype])
+                rc = emu.emu_direct_conv(which, code, _vec(x.shape), _vec(w.shape), attrs,
+                                         _ptr(a), _ptr(b), _ptr(bias), _ptr(got), bits,
+                                         MAX_BLOCKS)
+                assert rc == 0, (tag, which, rc)
+                assert_close(jnp.asarray(got), jnp.asarray(want).astype(dtype), dtype)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", sorted(DIRECT_CASES))
+def test_emulated_direct_conv_kernels(emu, name, layout):
+    """Every dtype on the int32 path; the int64 path (same kernels, other index width) in one
+    full and one half type to keep the emulation's thread count down."""
+    _check_direct(emu, DIRECT_CASES[name], layout, DTYPES, (32,))
+    _check_direct(emu, DIRECT_CASES[name], layout, ["float32", "bfloat16"], (64,))
+
+
+def test_direct_conv_takes_only_depthwise_and_few_channels(emu):
+    """conv2d.cu sends a geometry to the direct kernels only when groups == C or C <= 4."""
+    attrs = _vec(_conv_attrs(conv_case(1, 8, 5, 5, 8, 3, groups=2), "NCHW"))
+    x = np.zeros((1, 8, 5, 5), np.float32)
+    w = np.zeros((8, 4, 3, 3), np.float32)
+    y = np.zeros((1, 8, 3, 3), np.float32)
+    assert emu.emu_direct_conv(0, 0, _vec(x.shape), _vec(w.shape), attrs, _ptr(x), _ptr(w),
+                               None, _ptr(y), 0, MAX_BLOCKS) == 3
+
+
+def test_emulated_direct_conv_fuzz(emu):
+    """Seeded random depthwise / few-channel geometries (layout, dtype and index width vary)."""
+    rng = np.random.default_rng(26266)
+    for draw in range(16):
+        depthwise = draw % 2 == 0
+        ch = int(rng.integers(1, 9)) if depthwise else int(rng.integers(1, 5))
+        groups = ch if depthwise else int(rng.choice([g for g in (1, 2, 4) if ch % g == 0]))
+        o = groups * int(rng.integers(1, 4))
+        k = tuple(int(v) for v in rng.integers(1, 5, 2))
+        s = tuple(int(v) for v in rng.integers(1, 4, 2))
+        d = tuple(int(v) for v in rng.integers(1, 4, 2))
+        pads = tuple((int(rng.integers(0, 4)), int(rng.integers(0, 4))) for _ in range(2))
+        eff = [d[i] * (k[i] - 1) + 1 for i in range(2)]
+        h = max(int(rng.integers(1, 12)), eff[0] - sum(pads[0]))
+        w = max(int(rng.integers(1, 12)), eff[1] - sum(pads[1]))
+        c = conv_case(int(rng.integers(1, 3)), ch, h, w, o, k, stride=s, dilation=d, pads=pads,
+                      groups=groups)
+        layout = ["NCHW", "NHWC"][(draw // 2) % 2]
+        _check_direct(emu, c, layout, [DTYPES[draw % 4]], ((32, 64)[(draw // 4) % 2],),
+                      seed=draw)

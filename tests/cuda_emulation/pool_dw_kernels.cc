@@ -8,6 +8,7 @@
 
 #include <cstring>
 
+#include "cuda/depthwise_kernels.cuh"
 #include "cuda/max_pool2d_kernels.cuh"
 
 namespace {
@@ -37,6 +38,17 @@ int emu_fast_divmod(uint32_t d, const uint32_t* n, int64_t count, uint32_t* q, u
   if (d == 0 || d >= (uint32_t(1) << 31)) return 1;
   const FastDivmod f(d);
   for (int64_t i = 0; i < count; ++i) f.divmod(n[i], q[i], r[i]);
+  return 0;
+}
+
+// FastDivmod64(d) applied to n[0..count) (numerators below 2^62).
+int emu_fast_divmod64(uint64_t d, const uint64_t* n, int64_t count, uint64_t* q) {
+  if (d == 0 || d >= (uint64_t(1) << 31)) return 1;
+  const FastDivmod64 f(d);
+  for (int64_t i = 0; i < count; ++i) {
+    if (n[i] >= (uint64_t(1) << 62)) return 1;
+    q[i] = f.div(n[i]);
+  }
   return 0;
 }
 
@@ -93,6 +105,35 @@ int emu_pool_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* 
     if (g.p.layout == kNHWC)
       return index_bits == 32 ? run(NHWC{}, int32_t{}) : run(NHWC{}, int64_t{});
     return index_bits == 32 ? run(NCHW{}, int32_t{}) : run(NCHW{}, int64_t{});
+  });
+}
+
+// The direct (depthwise / few-channel) convolution kernels. which: 0 forward (a = x, b = w,
+// out = y), 1 bwd_data (a = dy, b = w, out = dx), 2 bwd_filter (a = x, b = dy, out = dw).
+// x_dims / w_dims: the shapes of x (dx) and w (dw); attrs: stride_h, stride_w, dilation_h,
+// dilation_w, pad_top, pad_bottom, pad_left, pad_right, groups, layout. bias may be null.
+// index_bits: 0 as the handler picks, 32 or 64 forced. Returns 3 when conv2d.cu would not
+// send this geometry to the direct kernels.
+int emu_direct_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
+                    const int64_t* attrs, const void* a, const void* b, const void* bias,
+                    void* out, int index_bits, unsigned max_blocks) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return 1;
+  if (!direct_conv_applies(g)) return 3;
+  if (index_bits == 32 && !direct_fits_int32(g)) return 1;
+  emu::max_blocks = max_blocks;
+  return dispatch(dtype, [&](auto zero) -> int {
+    using T = decltype(zero);
+    if (g.N == 0) {  // the handlers return early (bwd_filter zeroes dw)
+      if (which == 2) std::memset(out, 0, size_t(g.O * g.gemm_k()) * sizeof(T));
+      return 0;
+    }
+    return status(direct_conv<T>(g, which, static_cast<const T*>(a), static_cast<const T*>(b),
+                                 static_cast<const T*>(bias), static_cast<T*>(out), nullptr,
+                                 index_bits));
   });
 }
 
