@@ -7,6 +7,7 @@
 
 #include "conv2d_kernels.cuh"
 #include "cuda_ffi.h"
+#include "depthwise_kernels.cuh"
 
 namespace jaxconv::cuda {
 namespace {
@@ -21,6 +22,11 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
+    if (direct_conv_applies(g))  // depthwise or <= 4 input channels: depthwise_kernels.cuh
+      return check_cuda(kTarget, direct_conv<T>(g, 0, static_cast<const T*>(x.untyped_data()),
+                                                static_cast<const T*>(w.untyped_data()),
+                                                bias_or_null<T>(bias),
+                                                static_cast<T*>(y->untyped_data()), stream));
     return check_cuda(kTarget, conv2d_forward<T>(g, static_cast<const T*>(x.untyped_data()),
                                                  static_cast<const T*>(w.untyped_data()),
                                                  bias_or_null<T>(bias),
@@ -38,6 +44,11 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
+    if (direct_conv_applies(g))
+      return check_cuda(kTarget, direct_conv<T>(g, 1, static_cast<const T*>(dy.untyped_data()),
+                                                static_cast<const T*>(w.untyped_data()),
+                                                bias_or_null<T>(bias),
+                                                static_cast<T*>(dx->untyped_data()), stream));
     return check_cuda(kTarget,
                       conv2d_backward_data<T>(g, static_cast<const T*>(dy.untyped_data()),
                                               static_cast<const T*>(w.untyped_data()),
@@ -64,6 +75,11 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using Acc = typename Num<T>::acc;
+    if (direct_conv_applies(g))
+      return check_cuda(kTarget, direct_conv<T>(g, 2, static_cast<const T*>(x.untyped_data()),
+                                                static_cast<const T*>(dy.untyped_data()),
+                                                nullptr, static_cast<T*>(dw->untyped_data()),
+                                                stream));
     FilterLauncher<T> launcher(g);  // the split plan: a function of the shape only
     Acc* workspace = nullptr;
     if (int64_t bytes = launcher.workspace_bytes()) {
