@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         JAXCONV_UNROLL
         for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
-    const int64_t steps = ceil_div_pos(p.K, BK);
+    const int64_t steps = (p.K + BK - 1) / BK;
     load_stage(0, 0);
     cp_async_commit();
     for (int64_t s = 0; s < steps; ++s) {

@@ -99,6 +99,14 @@ inline int64_t ceil_div_pos(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // l/4, columns 2(l%4) and 2(l%4)+1 of matrix j (.trans: rows 2(l%4), 2(l%4)+1 of column l/4).
 // Applied to rows of 32-bit values it hands lane l the word [l/4][l%4]: the tf32 layout above.
 
+// The PTX below needs sm_80 (mma.sync bf16/tf32, cp.async); device code compiled for an older
+// architecture traps instead, and the handlers never launch it there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define JAXCONV_SM80 1
+#else
+#define JAXCONV_SM80 0
+#endif
+
 __device__ __forceinline__ int lane_index() { return int(threadIdx.x) & 31; }
 
 #if defined(__CUDA_ARCH__)
@@ -112,7 +120,7 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 template <int kMatrices, bool kTrans = false>
 __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const void* row) {
   static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4, "ldmatrix .x1/.x2/.x4");
-#if defined(__CUDA_ARCH__)
+#if JAXCONV_SM80
   const uint32_t a = shared_address(row);
   if constexpr (kMatrices == 1) {
     if constexpr (kTrans)
@@ -135,6 +143,8 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const void* r
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                    : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched below sm_80 (the host checks the compute capability)
 #elif defined(JAXCONV_CUDA_EMULATION)
   emu::warp_ldmatrix(r, kMatrices, kTrans, row);
 #endif
@@ -146,7 +156,7 @@ enum class MmaKind { kBf16, kF16, kTf32 };
 // accumulation.
 template <MmaKind kKind>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__)
+#if JAXCONV_SM80
   if constexpr (kKind == MmaKind::kBf16)
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
@@ -165,6 +175,8 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched below sm_80 (the host checks the compute capability)
 #elif defined(JAXCONV_CUDA_EMULATION)
   emu::warp_mma(d, a, b, int(kKind));
 #endif
@@ -173,7 +185,7 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const
 // float32 bits -> tf32 (round to nearest, ties away from zero, as cuBLAS does), still in a
 // 32-bit register with the 13 low mantissa bits zero.
 __device__ __forceinline__ uint32_t to_tf32(uint32_t f32_bits) {
-#if defined(__CUDA_ARCH__)
+#if JAXCONV_SM80
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(f32_bits)));
   return r;
@@ -188,17 +200,21 @@ __device__ __forceinline__ uint32_t to_tf32(uint32_t f32_bits) {
 // it was committed in; its shared bytes must not be read before that (and a __syncthreads for
 // other threads).
 __device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src, bool full) {
-#if defined(__CUDA_ARCH__)
+#if JAXCONV_SM80
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared_dst)),
                "l"(global_src), "r"(full ? 16 : 0));
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched below sm_80 (the host checks the compute capability)
 #elif defined(JAXCONV_CUDA_EMULATION)
   emu::cp_async(shared_dst, global_src, full ? 16 : 0);
 #endif
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__)
+#if JAXCONV_SM80
   asm volatile("cp.async.commit_group;\n" ::);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched below sm_80 (the host checks the compute capability)
 #elif defined(JAXCONV_CUDA_EMULATION)
   emu::cp_async_commit();
 #endif
@@ -207,8 +223,10 @@ __device__ __forceinline__ void cp_async_commit() {
 // Waits until at most kPending of this thread's committed groups are still in flight.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__)
+#if JAXCONV_SM80
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched below sm_80 (the host checks the compute capability)
 #elif defined(JAXCONV_CUDA_EMULATION)
   emu::cp_async_wait(kPending);
 #endif
