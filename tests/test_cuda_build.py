@@ -8,8 +8,11 @@
 - The CUDA kernels themselves (ffi/cuda/*_kernels.cuh, with the same host-side planning the
   handlers use) run under a host emulation of CUDA (tests/cuda_emulation/emulate.h: blocks in
   turn, threads as real threads, __syncthreads a real barrier, grid capped so each block loops
-  over several tiles) against the oracles of reference.py. Needs a C++20 compiler and CUDA's
-  headers (for the half types); skipped without them.
+  over several tiles) against the oracles of reference.py. Warps are 32 of those threads that
+  meet in every warp-level operation (tests/cuda_emulation/warp.h: mma.sync, ldmatrix,
+  shuffles with the PTX ISA layouts, cp.async landing at its wait), so the tensor-core pass runs
+  there too, and a build with a wrong fragment layout must fail. Needs a C++20 compiler and
+  CUDA's headers (for the half types); skipped without them.
 
 On a GPU the same kernels run for real in every other test file through the `backend` fixture.
 """
