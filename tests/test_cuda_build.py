@@ -8,8 +8,11 @@
 - The CUDA kernels themselves (ffi/cuda/*_kernels.cuh, with the same host-side planning the
   handlers use) run under a host emulation of CUDA (tests/cuda_emulation/emulate.h: blocks in
   turn, threads as real threads, __syncthreads a real barrier, grid capped so each block loops
-  over several tiles) against the oracles of reference.py. Needs a C++20 compiler and CUDA's
-  headers (for the half types); skipped without them.
+  over several tiles) against the oracles of reference.py. Warps are 32 of those threads that
+  meet in every warp-level operation (tests/cuda_emulation/warp.h: mma.sync, ldmatrix,
+  shuffles with the PTX ISA layouts, cp.async landing at its wait), so the tensor-core pass runs
+  there too, and a build with a wrong fragment layout must fail. Needs a C++20 compiler and
+  CUDA's headers (for the half types); skipped without them.
 
 On a GPU the same kernels run for real in every other test file through the `backend` fixture.
 """
@@ -216,10 +219,15 @@ def _conv_attrs(c):
             c["groups"], LAYOUT_CODES[c["layout"]]]
 
 
-def _emu_conv(lib, which, c, x_shape, w_shape, a, b, bias, out_shape, dtype):
+def _emu_conv(lib, which, c, x_shape, w_shape, a, b, bias, out_shape, dtype, *,
+              tensor_cores=False, allow_tf32=False, force_tile=0):
+    """tensor_cores / allow_tf32: the handlers' PassOptions (sm_80+, the allow_tf32
+    attribute); force_tile MMA_LARGE / MMA_SMALL runs forward or bwd_data on that
+    tensor-core tile whatever the shape."""
     out = _sentinel(out_shape, dtype)
     rc = lib.emu_conv(which, DTYPE_CODES[dtype], _vec(x_shape), _vec(w_shape),
-                      _vec(_conv_attrs(c)), _ptr(a), _ptr(b), _ptr(bias), _ptr(out), MAX_BLOCKS)
+                      _vec(_conv_attrs(c)), _ptr(a), _ptr(b), _ptr(bias), _ptr(out),
+                      MAX_BLOCKS, int(tensor_cores), int(allow_tf32), int(force_tile))
     assert rc == 0, f"emu_conv returned {rc}"
     return out
 
@@ -274,7 +282,7 @@ def _hwio(w):
 def _conv_oracle(name):
     """Inputs and lax's results (NCHW, float64): y = conv(x, w) + bias, and at dy the VJP of
     the bias-free convolution, dx (plus bias_dx, the transposed convolution's bias) and dw."""
-    c = CONV_CASES[name]
+    c = ALL_CONV_CASES[name]
     rng = np.random.default_rng(0)
     x = _grid_values(rng, (c["n"], c["c"], c["h"], c["w"]))
     w = _grid_values(rng, (c["o"], c["c"] // c["groups"]) + c["k"])
@@ -296,6 +304,7 @@ def _conv_oracle(name):
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("name", sorted(CONV_CASES))
 def test_emulated_conv_kernels(emu, name, layout):
+    """The kernels as a device without tensor cores runs them (every dtype on SIMT)."""
     c = dict(CONV_CASES[name], layout=layout)
     r = _conv_oracle(name)
     acts = (lambda a: a) if layout == "NCHW" else _nhwc
@@ -336,6 +345,310 @@ def test_emulated_bwd_filter_empty_batch(emu):
     xs, ws = (0, 3, 7, 7), (5, 3, 3, 3)
     dw = _emu_conv(emu, 2, c, xs, ws, np.zeros(xs), np.zeros((0, 5, 7, 7)), None, ws, "float64")
     assert np.array_equal(dw, np.zeros(ws))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core pass (ffi/cuda/conv2d_mma.cuh) under the warp-level emulation (warp.h).
+
+MMA_LARGE, MMA_SMALL = 2, 3  # emu_pass_kernel codes: 0 SIMT wide, 1 SIMT tall
+MMA_DTYPES = ["float32", "float16", "bfloat16"]  # float32 as TF32
+
+# Each case names the load paths it reaches (16-byte cp.async where a chunk's 8 (16-bit) or 4
+# (float32) elements are consecutive, element gathers otherwise) and has partial tiles in m and
+# n, several k stages and, through bwd_data, stride phases. Channel counts: 16 and 24 are
+# multiples of both vectors, 20 only of the float32 one, 70 and 6 of neither.
+MMA_CASES = {
+    # NHWC: A vector; forward B k-major (HWIO along channels) vector; bwd_data B vector.
+    "mma_c16_o24_3x3": conv_case(2, 16, 5, 7, 24, 3, pads=1),
+    # NHWC: A vector for float32 only; B k-major gathered (70 channels): several n tiles.
+    "mma_c20_o70_stride2": conv_case(1, 20, 9, 8, 70, 3, stride=2, pads=((1, 0), (0, 1))),
+    # groups of 16 in / 24 out channels, dilation and negative pads; bwd_data phases with gcd 1.
+    "mma_groups_dilated": conv_case(2, 32, 7, 8, 48, (3, 2), stride=(2, 1), dilation=(1, 2),
+                                    pads=((-1, 2), (1, -2)), groups=2),
+    # stride 3 with dilation 2: bwd_data phases with 2 tap slots; odd channels: all gathered.
+    "mma_odd_channels_phases": conv_case(1, 6, 11, 10, 18, 3, stride=3, dilation=2,
+                                         pads=(2, 1)),
+    # 1x1 over many positions: several m tiles of both sizes; NCHW forward B vector (K = 40).
+    "mma_1x1_many_rows": conv_case(3, 40, 9, 9, 16, 1),
+}
+ALL_CONV_CASES = {**CONV_CASES, **MMA_CASES}
+
+
+def _conv_inputs(name, layout):
+    r = _conv_oracle(name)
+    acts = (lambda a: a) if layout == "NCHW" else _nhwc
+    wgts = (lambda a: a) if layout == "NCHW" else _hwio
+    return r, acts, wgts
+
+
+@pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", sorted(MMA_CASES))
+def test_emulated_mma_pass(emu, name, layout, tile):
+    """Forward and bwd_data on both tensor-core tiles, every mma dtype, against lax. Values
+    are quarter-integers, exact in bf16/f16/TF32, so only the final rounding may differ."""
+    c = dict(MMA_CASES[name], layout=layout)
+    r, acts, wgts = _conv_inputs(name, layout)
+    x, dy, y, dx = (acts(r[k]) for k in ("x", "dy", "y", "dx"))
+    w = wgts(r["w"])
+    for dtype in MMA_DTYPES:
+        xa, wa, ba, bxa, dya = (_np(a, dtype) for a in (x, w, r["bias"], r["bias_dx"], dy))
+        got = _emu_conv(emu, 0, c, x.shape, w.shape, xa, wa, ba, y.shape, dtype,
+                        force_tile=tile)
+        assert_close(jnp.asarray(got), y.astype(dtype), dtype)
+        got = _emu_conv(emu, 1, c, x.shape, w.shape, dya, wa, bxa, x.shape, dtype,
+                        force_tile=tile)
+        assert_close(jnp.asarray(got), dx.astype(dtype), dtype)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", ["long_reduction_wide", "wide_two_n_tiles_stride2",
+                                  "depthwise_stride2", "mma_c16_o24_3x3"])
+def test_emulated_conv_on_a_tensor_core_device(emu, name, layout):
+    """The handlers' dispatch on sm_80+ with TF32 allowed: every dtype through
+    choose_pass_kernel (tensor cores where the shape class qualifies, SIMT for the rest and
+    for float64)."""
+    c = dict(ALL_CONV_CASES[name], layout=layout)
+    r, acts, wgts = _conv_inputs(name, layout)
+    x, dy, y, dx = (acts(r[k]) for k in ("x", "dy", "y", "dx"))
+    w = wgts(r["w"])
+    for dtype in DTYPES:
+        xa, wa, ba, bxa, dya = (_np(a, dtype) for a in (x, w, r["bias"], r["bias_dx"], dy))
+        got = _emu_conv(emu, 0, c, x.shape, w.shape, xa, wa, ba, y.shape, dtype,
+                        tensor_cores=True, allow_tf32=True)
+        assert_close(jnp.asarray(got), y.astype(dtype), dtype)
+        got = _emu_conv(emu, 1, c, x.shape, w.shape, dya, wa, bxa, x.shape, dtype,
+                        tensor_cores=True, allow_tf32=True)
+        assert_close(jnp.asarray(got), dx.astype(dtype), dtype)
+
+
+def _pass_kernel(lib, which, c, dtype, *, tensor_cores=True, allow_tf32=True):
+    xs = (c["n"], c["c"], c["h"], c["w"])
+    ws = (c["o"], c["c"] // c["groups"]) + c["k"]
+    return lib.emu_pass_kernel(which, DTYPE_CODES[dtype], _vec(xs), _vec(ws),
+                               _vec(_conv_attrs(dict(c, layout="NCHW"))), int(tensor_cores),
+                               int(allow_tf32))
+
+
+def test_pass_kernel_choice_by_shape_class(emu):
+    big = conv_case(64, 256, 56, 56, 256, 3, pads=1)  # 1568 tiles of 128 x 128
+    small = CONV_CASES["long_reduction_wide"]
+    depthwise = CONV_CASES["depthwise_stride2"]
+    assert _pass_kernel(emu, 0, big, "bfloat16") == MMA_LARGE
+    assert _pass_kernel(emu, 1, big, "float16") == MMA_LARGE
+    assert _pass_kernel(emu, 0, small, "bfloat16") == MMA_SMALL
+    assert _pass_kernel(emu, 0, big, "float32") == MMA_LARGE  # TF32 allowed
+    assert _pass_kernel(emu, 0, big, "float32", allow_tf32=False) == 0  # full float32: SIMT
+    assert _pass_kernel(emu, 0, big, "float64") == 0
+    assert _pass_kernel(emu, 0, big, "bfloat16", tensor_cores=False) == 0  # before sm_80
+    assert _pass_kernel(emu, 0, depthwise, "bfloat16") == 1  # 1 channel per group: SIMT tall
+
+
+def test_emulated_tf32_rounds_float32_operands(emu):
+    """With allow_tf32 the float32 forward multiplies TF32-rounded operands (errors far above
+    float32's, within TF32's); without it the same call is float32-exact to rounding."""
+    c = dict(MMA_CASES["mma_c16_o24_3x3"], layout="NHWC")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((c["n"], c["h"], c["w"], c["c"])).astype(np.float32)
+    w = rng.standard_normal(c["k"] + (c["c"], c["o"])).astype(np.float32)
+    want = np.asarray(ref_conv2d(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64),
+                                 padding=c["pads"], layout="NHWC"))
+    tf32 = _emu_conv(emu, 0, c, x.shape, w.shape, x, w, None, want.shape, "float32",
+                     tensor_cores=True, allow_tf32=True)
+    full = _emu_conv(emu, 0, c, x.shape, w.shape, x, w, None, want.shape, "float32",
+                     tensor_cores=True, allow_tf32=False)
+    scale = np.abs(want).max()
+    tf32_err, full_err = np.abs(tf32 - want).max() / scale, np.abs(full - want).max() / scale
+    assert full_err < 1e-5, full_err
+    assert 1e-5 < tf32_err < 5e-3, tf32_err
+
+
+def test_emulated_mma_fuzz(emu):
+    """Seeded random geometries (channels, groups, kernel, stride, dilation, pads, layout,
+    dtype, tile) through forward and bwd_data on tensor cores."""
+    rng = np.random.default_rng(12)
+    for trial in range(10):
+        groups = int(rng.choice([1, 1, 2, 3]))
+        cin, cout = (groups * int(rng.integers(1, 20)) for _ in range(2))
+        k = tuple(int(v) for v in rng.integers(1, 4, 2))
+        stride = tuple(int(v) for v in rng.integers(1, 4, 2))
+        dilation = tuple(int(v) for v in rng.integers(1, 3, 2))
+        pads = tuple(tuple(int(v) for v in rng.integers(0, 3, 2)) for _ in range(2))
+        h, wd = (int(v) for v in rng.integers(max(k) * 2, 12, 2))
+        c = conv_case(int(rng.integers(1, 3)), cin, h, wd, cout, k, stride=stride,
+                      dilation=dilation, pads=pads, groups=groups)
+        layout = str(rng.choice(["NCHW", "NHWC"]))
+        dtype = str(rng.choice(MMA_DTYPES))
+        tile = int(rng.choice([MMA_LARGE, MMA_SMALL]))
+        kw = dict(stride=c["stride"], padding=c["pads"], dilation=c["dilation"],
+                  groups=groups)
+        x = _grid_values(rng, (c["n"], cin, h, wd))
+        w = _grid_values(rng, (cout, cin // groups) + k)
+        y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), x, w)
+        dy = _grid_values(rng, y.shape)
+        dx = vjp(dy)[0]
+        acts, wgts = ((lambda a: a), (lambda a: a)) if layout == "NCHW" else (_nhwc, _hwio)
+        c = dict(c, layout=layout)
+        xs, ws = acts(x).shape, wgts(w).shape
+        msg = f"trial {trial}: {c} {dtype} tile {tile}"
+        got = _emu_conv(emu, 0, c, xs, ws, _np(acts(x), dtype), _np(wgts(w), dtype), None,
+                        acts(y).shape, dtype, force_tile=tile)
+        assert_close(jnp.asarray(got), acts(y).astype(dtype), dtype), msg
+        got = _emu_conv(emu, 1, c, xs, ws, _np(acts(dy), dtype), _np(wgts(w), dtype), None,
+                        xs, dtype, force_tile=tile)
+        assert_close(jnp.asarray(got), acts(dx).astype(dtype), dtype), msg
+
+
+def test_wrong_fragment_layout_is_caught(tmp_path):
+    """The same kernels built against an emulation whose 16-bit A fragment swaps registers 1
+    and 2 (rows g+8 <-> columns +8) compute wrong convolutions: the emulated layouts matter,
+    so the tests above would catch a kernel that disagreed with the PTX ISA."""
+    inc = _cuda_include()
+    if inc is None:
+        pytest.skip("CUDA headers not found (cuda_bf16.h)")
+    lib = _compile([EMU_DIR / "kernels.cc"], tmp_path / "wrong.so",
+                   ["-std=c++20", "-O1", "-pthread", "-I", inc,
+                    "-DJAXCONV_EMU_WRONG_FRAGMENT_LAYOUT"])
+    c = dict(MMA_CASES["mma_c16_o24_3x3"], layout="NHWC")
+    r, acts, wgts = _conv_inputs("mma_c16_o24_3x3", "NHWC")
+    x, y, w = acts(r["x"]), acts(r["y"]), wgts(r["w"])
+    for dtype in ("bfloat16", "float16"):
+        got = _emu_conv(lib, 0, c, x.shape, w.shape, _np(x, dtype), _np(w, dtype),
+                        _np(r["bias"], dtype), y.shape, dtype, force_tile=MMA_SMALL)
+        assert not np.allclose(got.astype(np.float64), np.asarray(y), rtol=0.05, atol=0.05)
+    # float32 (TF32, whose layout the switch leaves alone) still matches.
+    got = _emu_conv(lib, 0, c, x.shape, w.shape, _np(x, "float32"), _np(w, "float32"),
+                    _np(r["bias"], "float32"), y.shape, "float32", force_tile=MMA_SMALL)
+    assert_close(jnp.asarray(got), y.astype("float32"), "float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# The warp-level operations themselves (warp_probe.cc: one emulated warp), against the PTX ISA's
+# layouts written out here independently of warp.h.
+
+
+@pytest.fixture(scope="module")
+def warp_probe(tmp_path_factory):
+    inc = _cuda_include()
+    if inc is None:
+        pytest.skip("CUDA headers not found (cuda_bf16.h); the emulation needs the half types")
+    return _compile([EMU_DIR / "warp_probe.cc"], tmp_path_factory.mktemp("warp") / "w.so",
+                    ["-std=c++20", "-O1", "-pthread", "-I", inc])
+
+
+def _u32(n):
+    return np.zeros(n, np.uint32)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("matrices", [1, 2, 4])
+def test_emulated_ldmatrix(warp_probe, matrices, trans):
+    rows = np.arange(32 * 8, dtype=np.uint16).reshape(32, 8) * 3 + 1
+    row_step = 5  # lane l points at row 5l % 32: addresses need not be in lane order
+    out = _u32(32 * 4)
+    assert warp_probe.probe_ldmatrix(matrices, int(trans), row_step, _ptr(rows), _ptr(out)) == 0
+    out = out.reshape(32, 4)
+    for lane in range(32):
+        for j in range(4):
+            if j >= matrices:
+                assert out[lane, j] == 0
+                continue
+            # Matrix j: row i is the row whose address lane 8j + i gave.
+            mat = rows[[((8 * j + i) * row_step) % 32 for i in range(8)]]
+            g, t = lane // 4, lane % 4
+            lo, hi = ((mat[2 * t, g], mat[2 * t + 1, g]) if trans
+                      else (mat[g, 2 * t], mat[g, 2 * t + 1]))
+            assert out[lane, j] == int(lo) | (int(hi) << 16), (lane, j)
+
+
+def _fragments_16bit(a, b):
+    """a (16 x 16), b (16 x 8) as 16-bit values -> per-lane registers (PTX ISA m16n8k16)."""
+    ra, rb = _u32(32 * 4).reshape(32, 4), _u32(32 * 2).reshape(32, 2)
+    pack = lambda lo, hi: int(lo) | (int(hi) << 16)  # noqa: E731
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for reg, (r, c) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8),
+                                      (g + 8, 2 * t + 8)]):
+            ra[lane, reg] = pack(a[r, c], a[r, c + 1])
+        for reg, k in enumerate([2 * t, 2 * t + 8]):
+            rb[lane, reg] = pack(b[k, g], b[k + 1, g])
+    return ra, rb
+
+
+def _fragments_tf32(a, b):
+    ra, rb = _u32(32 * 4).reshape(32, 4), _u32(32 * 2).reshape(32, 2)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for reg, (r, c) in enumerate([(g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)]):
+            ra[lane, reg] = a[r, c]
+        for reg, k in enumerate([t, t + 4]):
+            rb[lane, reg] = b[k, g]
+    return ra, rb
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float16", "tf32"])
+def test_emulated_mma(warp_probe, kind):
+    rng = np.random.default_rng(5)
+    k = 8 if kind == "tf32" else 16
+    a = rng.integers(-8, 9, (16, k)) / 8.0
+    b = rng.integers(-8, 9, (k, 8)) / 8.0
+    c = rng.integers(-8, 9, (16, 8)) / 4.0
+    if kind == "tf32":
+        ra, rb = _fragments_tf32(a.astype(np.float32).view(np.uint32),
+                                 b.astype(np.float32).view(np.uint32))
+    else:
+        dt = ml_dtypes.bfloat16 if kind == "bfloat16" else np.float16
+        ra, rb = _fragments_16bit(a.astype(dt).view(np.uint16), b.astype(dt).view(np.uint16))
+    rc = np.zeros((32, 4), np.float32)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        rc[lane] = [c[g, 2 * t], c[g, 2 * t + 1], c[g + 8, 2 * t], c[g + 8, 2 * t + 1]]
+    rd = np.zeros((32, 4), np.float32)
+    code = {"bfloat16": 0, "float16": 1, "tf32": 2}[kind]
+    ra, rb = np.ascontiguousarray(ra), np.ascontiguousarray(rb)
+    assert warp_probe.probe_mma(code, _ptr(ra), _ptr(rb), _ptr(rc), _ptr(rd)) == 0
+    want = a @ b + c
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        assert list(rd[lane]) == [want[g, 2 * t], want[g, 2 * t + 1], want[g + 8, 2 * t],
+                                  want[g + 8, 2 * t + 1]], lane
+
+
+@pytest.mark.parametrize("mask", [1, 6, 16, 31])
+def test_emulated_shuffles(warp_probe, mask):
+    v = np.arange(32, dtype=np.float32) * 1.5 - 7
+    out = np.zeros(64, np.float32)
+    assert warp_probe.probe_shfl(mask, _ptr(v), _ptr(out)) == 0
+    lanes = np.arange(32)
+    np.testing.assert_array_equal(out[:32], v[lanes ^ mask])
+    np.testing.assert_array_equal(out[32:], v[(lanes * 7 + 3) % 32])
+
+
+def test_emulated_warp_operation_needs_a_full_warp(warp_probe):
+    v, out = np.zeros(48, np.float32), np.zeros(96, np.float32)
+    assert warp_probe.probe_partial_warp(_ptr(v), _ptr(out)) == 2
+
+
+def test_emulated_cp_async_groups(warp_probe):
+    """Copies land at the wait that releases their group, not before: a kernel that reads its
+    stage early sees the old shared contents; wait_group 1 leaves the newest group in flight;
+    a zero-fill copy writes zeros."""
+    src = np.arange(32 * 8, dtype=np.float32) + 100
+    out = np.zeros(32 * 24, np.float32)
+    assert warp_probe.probe_cp_async(_ptr(src), _ptr(out)) == 0
+    out, src = out.reshape(32, 3, 8), src.reshape(32, 8)
+    for lane in range(32):
+        before, after1, after0 = out[lane]
+        np.testing.assert_array_equal(before, -1)
+        np.testing.assert_array_equal(after1[:4], src[lane, :4])
+        np.testing.assert_array_equal(after1[4:], -1)
+        np.testing.assert_array_equal(after0[:4], src[lane, :4])
+        np.testing.assert_array_equal(after0[4:], src[lane, 4:] if lane % 2 == 0 else 0)
+
+
+def test_emulated_cp_async_left_in_flight_fails_the_launch(warp_probe):
+    src, out = np.zeros(128, np.float32), np.zeros(32, np.float32)
+    assert warp_probe.probe_cp_async_unwaited(_ptr(src), _ptr(out)) == 2
 
 
 # Pooling: (N, C, H, W), kernel, stride, pads, dilation, ceil_mode.

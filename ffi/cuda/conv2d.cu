@@ -12,6 +12,33 @@
 namespace jaxconv::cuda {
 namespace {
 
+// Whether the current device has mma.sync/cp.async (sm_80+), for the tensor-core pass. A failed
+// query keeps the SIMT kernels.
+bool has_tensor_cores() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major >= 8;
+}
+
+// The conv's allow_tf32 attribute (float32 operands may be rounded to TF32 on tensor cores),
+// read as 0 while ConvParams has no such field (before the attribute decoder provides it).
+template <typename P>
+auto allow_tf32_of(const P& p, int) -> decltype(bool(p.allow_tf32)) {
+  return p.allow_tf32 != 0;
+}
+template <typename P>
+bool allow_tf32_of(const P&, long) {
+  return false;
+}
+
+PassOptions pass_options(const ConvGeometry& g) {
+  return PassOptions{has_tensor_cores(), allow_tf32_of(g.p, 0)};
+}
+
 ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Dictionary attrs) {
@@ -30,7 +57,8 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
     return check_cuda(kTarget, conv2d_forward<T>(g, static_cast<const T*>(x.untyped_data()),
                                                  static_cast<const T*>(w.untyped_data()),
                                                  bias_or_null<T>(bias),
-                                                 static_cast<T*>(y->untyped_data()), stream));
+                                                 static_cast<T*>(y->untyped_data()), stream,
+                                                 pass_options(g)));
   });
 }
 
@@ -53,7 +81,8 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
                       conv2d_backward_data<T>(g, static_cast<const T*>(dy.untyped_data()),
                                               static_cast<const T*>(w.untyped_data()),
                                               bias_or_null<T>(bias),
-                                              static_cast<T*>(dx->untyped_data()), stream));
+                                              static_cast<T*>(dx->untyped_data()), stream,
+                                              pass_options(g)));
   });
 }
 

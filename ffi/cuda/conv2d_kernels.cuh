@@ -67,8 +67,9 @@ using SmallFilterTile = TileConfig<16, 16, 64>;  // bwd_filter with a tiny dW pe
 enum class PassTile { kWide, kTall };
 enum class FilterTileKind { kWide, kSmall };
 
-// The one place that picks a pass tile: by the number of output channels per group (the
-// GEMM's N); a 64-wide tile would mostly compute padding below 16 channels.
+// The SIMT pass tile, by the number of output channels per group (the GEMM's N); a 64-wide
+// tile would mostly compute padding below 16 channels. choose_pass_kernel below decides first
+// whether the pass runs on tensor cores at all.
 inline PassTile choose_pass_tile(int64_t cout_per_group) {
   return cout_per_group <= 16 ? PassTile::kTall : PassTile::kWide;
 }
@@ -314,6 +315,45 @@ inline PassParams bwd_data_pass(const ConvGeometry& g) {
   return p;
 }
 
+}  // namespace jaxconv::cuda
+
+// The tensor-core pass kernel reads PassParams and the axis helpers above.
+#include "conv2d_mma.cuh"
+
+namespace jaxconv::cuda {
+
+// How a pass may run on the current device: tensor cores present (sm_80+, mma.sync), and
+// float32 operands allowed to be rounded to TF32 (the conv's allow_tf32 attribute).
+struct PassOptions {
+  bool tensor_cores = false;
+  bool allow_tf32 = false;
+};
+
+enum class PassKernel { kSimtWide, kSimtTall, kMmaLarge, kMmaSmall };
+
+// Output tiles of 128 x 128 below which the large tensor-core tile would leave SMs idle: about
+// two waves of one block per SM on an H100 (132 SMs).
+constexpr int64_t kMmaLargeMinTiles = 256;
+
+// The one place that picks the pass kernel and its tile, by shape class:
+//   - tensor cores for 16-bit types (and float32 with TF32 allowed) when both GEMM sides have
+//     at least 16 values per group (output channels and reduction); below that (depthwise,
+//     tiny heads) a 16 x 8 x 16 mma would mostly multiply padding and the SIMT tall tile wins;
+//   - the 128 x 128 tile where it still yields kMmaLargeMinTiles blocks, else 64 x 64;
+//   - float64, and float32 without TF32, stay on the SIMT kernel.
+template <typename T>
+PassKernel choose_pass_kernel(const PassParams& p, const PassOptions& opts) {
+  const bool mma_type = sizeof(T) == 2 || (sizeof(T) == 4 && opts.allow_tf32);
+  if (opts.tensor_cores && mma_type && p.Cout >= 16 && p.K >= 16) {
+    const int64_t large_tiles =
+        p.phases_h * p.phases_w * p.G * ceil_div_pos(p.M, 128) * ceil_div_pos(p.Cout, 128);
+    return large_tiles >= kMmaLargeMinTiles && p.Cout > 64 ? PassKernel::kMmaLarge
+                                                           : PassKernel::kMmaSmall;
+  }
+  return choose_pass_tile(p.Cout) == PassTile::kTall ? PassKernel::kSimtTall
+                                                     : PassKernel::kSimtWide;
+}
+
 template <typename T, typename Cfg>
 cudaError_t launch_pass(PassParams p, const T* in, const T* w, const T* bias, T* out,
                         cudaStream_t stream) {
@@ -333,11 +373,20 @@ cudaError_t launch_pass(PassParams p, const T* in, const T* w, const T* bias, T*
 
 template <typename T>
 cudaError_t run_pass(const PassParams& p, const T* in, const T* w, const T* bias, T* out,
-                     cudaStream_t stream) {
+                     const PassOptions& opts, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
-  switch (choose_pass_tile(p.Cout)) {
-    case PassTile::kTall: return launch_pass<T, TallTile>(p, in, w, bias, out, stream);
-    case PassTile::kWide: break;
+  if constexpr (sizeof(T) <= 4) {  // float64 has no tensor-core path
+    switch (choose_pass_kernel<T>(p, opts)) {
+      case PassKernel::kMmaLarge:
+        return launch_pass_mma<T, MmaLargeTile>(p, in, w, bias, out, stream);
+      case PassKernel::kMmaSmall:
+        return launch_pass_mma<T, MmaSmallTile>(p, in, w, bias, out, stream);
+      default: break;
+    }
+  }
+  switch (choose_pass_kernel<T>(p, opts)) {
+    case PassKernel::kSimtTall: return launch_pass<T, TallTile>(p, in, w, bias, out, stream);
+    default: break;
   }
   return launch_pass<T, WideTile>(p, in, w, bias, out, stream);
 }
@@ -345,15 +394,15 @@ cudaError_t run_pass(const PassParams& p, const T* in, const T* w, const T* bias
 // y = conv(x, w) + bias (bias may be null)
 template <typename T>
 cudaError_t conv2d_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
-                           cudaStream_t stream) {
-  return run_pass(forward_pass(g), x, w, bias, y, stream);
+                           cudaStream_t stream, const PassOptions& opts = {}) {
+  return run_pass(forward_pass(g), x, w, bias, y, opts, stream);
 }
 
 // dx = conv_transpose(dy, w) + bias (bias over dx channels, may be null)
 template <typename T>
 cudaError_t conv2d_backward_data(const ConvGeometry& g, const T* dy, const T* w, const T* bias,
-                                 T* dx, cudaStream_t stream) {
-  return run_pass(bwd_data_pass(g), dy, w, bias, dx, stream);
+                                 T* dx, cudaStream_t stream, const PassOptions& opts = {}) {
+  return run_pass(bwd_data_pass(g), dy, w, bias, dx, opts, stream);
 }
 
 // ---------------------------------------------------------------------------------------------

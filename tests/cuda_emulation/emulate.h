@@ -7,8 +7,13 @@
 // which is exactly CUDA's scope since only one block runs at a time. The grid is capped at
 // emu::max_blocks blocks (the kernels' grid-stride loops then give each block several tiles).
 //
-// What this cannot check: timing, coalescing, occupancy, register limits, warp behaviour (the
-// kernels use no warp intrinsics), and device numerics such as FMA contraction.
+// Warp-level operations (mma.sync, ldmatrix, cp.async, shuffles) are emulated in warp.h: the
+// threads t = 32w .. 32w + 31 of a block form warp w and meet at a per-warp barrier in each
+// such operation.
+//
+// What this cannot check: timing, coalescing, bank conflicts, occupancy, register limits,
+// divergence within a warp outside the warp operations, and device numerics such as FMA
+// contraction or the tensor cores' internal summation order.
 #pragma once
 
 #define JAXCONV_CUDA_EMULATION 1
@@ -18,8 +23,11 @@
 
 #include <barrier>
 #include <cstdint>
+#include <memory>
 #include <thread>
 #include <vector>
+
+#include "warp.h"
 
 // CUDA's headers, compiled by a host compiler, define these as nothing; the kernels need
 // __shared__ to mean "one per block".
@@ -59,19 +67,27 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   emu::grid_size = {blocks, 1, 1};
   std::barrier<> barrier(block.x);
   emu::block_barrier = &barrier;
+  emu::kernel_errors = 0;
   for (unsigned b = 0; b < blocks; ++b) {
+    std::vector<std::unique_ptr<emu::Warp>> warps;
+    for (unsigned first = 0; first < block.x; first += emu::kWarpSize)
+      warps.push_back(std::make_unique<emu::Warp>(
+          int(block.x - first < unsigned(emu::kWarpSize) ? block.x - first : emu::kWarpSize)));
     std::vector<std::thread> threads;
     threads.reserve(block.x);
     for (unsigned t = 0; t < block.x; ++t)
       threads.emplace_back([&, b, t] {
         emu::block_index = {b, 0, 0};
         emu::thread_index = {t, 0, 0};
+        emu::this_warp = warps[t / emu::kWarpSize].get();
+        emu::this_lane = int(t % emu::kWarpSize);
         kernel(args...);
+        emu::end_thread();
       });
     for (std::thread& th : threads) th.join();
   }
   emu::block_barrier = nullptr;
-  return cudaSuccess;
+  return emu::kernel_errors ? cudaErrorLaunchFailure : cudaSuccess;
 }
 
 }  // namespace jaxconv::cuda

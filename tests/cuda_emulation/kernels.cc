@@ -40,9 +40,13 @@ extern "C" {
 // 2 bwd_filter (a = x, b = dy, out = dw). x_dims / w_dims: the shapes of x (dx for bwd_data)
 // and w (dw for bwd_filter). attrs: stride_h, stride_w, dilation_h, dilation_w, pad_top,
 // pad_bottom, pad_left, pad_right, groups, layout. bias may be null.
+// tensor_cores / allow_tf32:
+// the PassOptions of forward and bwd_data (the handlers set tensor_cores on sm_80+);
+// force_mma_tile (2 or 3, else ignored) runs forward or bwd_data on that tensor-core tile.
 int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
              const int64_t* attrs, const void* a, const void* b, const void* bias, void* out,
-             unsigned max_blocks) {
+             unsigned max_blocks, int tensor_cores,
+             int allow_tf32, int force_mma_tile) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   ConvGeometry g;
@@ -56,9 +60,24 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
     const T* tb = static_cast<const T*>(b);
     const T* tbias = static_cast<const T*>(bias);
     T* tout = static_cast<T*>(out);
-    if (which == 0) return g.N == 0 ? 0 : status(conv2d_forward<T>(g, ta, tb, tbias, tout, nullptr));
+    const PassOptions opts{tensor_cores != 0, allow_tf32 != 0};
+    if constexpr (sizeof(T) <= 4) {
+      // force_mma_tile 2 / 3: the 128 x 128 / 64 x 64 tensor-core tile whatever the shape (the
+      // large tile is chosen only for layers too big to emulate).
+      if (force_mma_tile == 2 || force_mma_tile == 3) {
+        if (g.N == 0 || which == 2) return 1;
+        const PassParams pp = which == 0 ? forward_pass(g) : bwd_data_pass(g);
+        if (pp.M == 0) return 0;
+        return status(force_mma_tile == 2
+                          ? launch_pass_mma<T, MmaLargeTile>(pp, ta, tb, tbias, tout, nullptr)
+                          : launch_pass_mma<T, MmaSmallTile>(pp, ta, tb, tbias, tout, nullptr));
+      }
+    }
+    if (which == 0)
+      return g.N == 0 ? 0 : status(conv2d_forward<T>(g, ta, tb, tbias, tout, nullptr, opts));
     if (which == 1)
-      return g.N == 0 ? 0 : status(conv2d_backward_data<T>(g, ta, tb, tbias, tout, nullptr));
+      return g.N == 0 ? 0
+                      : status(conv2d_backward_data<T>(g, ta, tb, tbias, tout, nullptr, opts));
     if (g.N == 0) {  // the handler zeroes dw with cudaMemsetAsync
       std::memset(out, 0, size_t(g.O * g.gemm_k()) * sizeof(T));
       return 0;
@@ -86,6 +105,25 @@ int emu_filter_plan(const int64_t* x_dims, const int64_t* w_dims, const int64_t*
     plan[3] = launcher.workspace_bytes();
     return 0;
   });
+}
+
+// The pass kernel forward (which = 0) or bwd_data (1) would use: 0 SIMT wide, 1 SIMT tall,
+// 2 tensor cores 128 x 128, 3 tensor cores 64 x 64; -1 for an invalid geometry.
+int emu_pass_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
+                    const int64_t* attrs, int tensor_cores, int allow_tf32) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return -1;
+  const PassParams pp = which == 0 ? forward_pass(g) : bwd_data_pass(g);
+  const PassOptions opts{tensor_cores != 0, allow_tf32 != 0};
+  int kind = -1;
+  dispatch(dtype, [&](auto zero) -> int {
+    kind = int(choose_pass_kernel<decltype(zero)>(pp, opts));
+    return 0;
+  });
+  return kind;
 }
 
 // which: 0 forward (a = x, out0 = y, out1 = int32 indices), 1 backward (a = dy, b = int32
