@@ -127,10 +127,7 @@ def test_simt_kernels_stay_simt():
 
 @pytest.mark.parametrize("family", [
     "conv_pass_mma_kernel", "conv_pass_kernel<", "conv_filter_kernel", "sum_partials_kernel",
-    # max_pool_bwd keeps a stack frame (int64 division in its index helpers) until the pooling
-    # rework of issue 12 lands; strict, so the mark must go when it does.
-    pytest.param("pool", marks=pytest.mark.xfail(
-        strict=True, reason="max_pool_bwd_kernel uses local memory (issue 12, pooling)")),
+    "max_pool_fwd_kernel", "max_pool_bwd_kernel", "direct_conv_",
 ])
 def test_no_local_memory(family):
     """No spills or stack frames: no STL/LDL instruction, LOCAL:0 and STACK:0."""
