@@ -32,6 +32,7 @@ from typing import Callable
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
+from jax.extend.core import Primitive
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 # ----------------------------------------------------------------------------------------------
@@ -47,13 +48,19 @@ def varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))  # jax 0.7 - 0.9
 
 
+def _cast_to_varying(x, axes: tuple):
+    if hasattr(jax.lax, "pcast"):  # jax >= 0.9
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)  # jax 0.6 - 0.8 (deprecated from 0.9 on)
+
+
 def match_vma(*args):
     """Casts every array to vary over the union of the manual axes any of them varies over."""
     union = frozenset().union(*(varying_axes(a) for a in args))
     if not union:
         return args
     return tuple(a if varying_axes(a) == union else
-                 jax.lax.pcast(a, tuple(sorted(union - varying_axes(a))), to="varying")
+                 _cast_to_varying(a, tuple(sorted(union - varying_axes(a))))
                  for a in args)
 
 
@@ -66,7 +73,10 @@ def out_aval(like, shape, dtype, *, batched: bool):
     spec = getattr(sharding, "spec", None)
     if spec is not None:
         lead = spec[0] if batched and len(spec) else None
-        sharding = sharding.update(spec=P(lead, *([None] * (len(shape) - 1))))
+        spec = P(lead, *([None] * (len(shape) - 1)))
+        # NamedSharding.update arrived in jax 0.6; 0.5 has with_spec.
+        sharding = (sharding.update(spec=spec) if hasattr(sharding, "update")
+                    else sharding.with_spec(spec))
     return like.update(shape=tuple(shape), dtype=dtype, sharding=sharding)
 
 
@@ -85,7 +95,13 @@ def mark_needs_devices(prim) -> bool:
         dispatch.prim_requires_devices_during_lowering.add(prim)
     except (ImportError, AttributeError):  # pragma: no cover - depends on the jax version
         return False
+    PARTITIONED.append(prim)
     return True
+
+
+# The primitives mark_needs_devices registered (all of them unless this jax lacks the hook):
+# tests/test_versions.py fails when one is missing, so a jax without the hook is noticed.
+PARTITIONED: list = []
 
 
 def for_export(ctx) -> bool:
@@ -164,6 +180,36 @@ def _sharding_rule(split: Split):
     return rule
 
 
+# The psum that completes a sum over N inside the partitioned lowering, lowered with no mesh
+# in context.
+#
+# XLA calls the partition callback while compiling, so its lower_fn is traced and lowered under
+# whatever mesh is current then. Under an Explicit mesh (jax.set_mesh; make_mesh's default) a
+# psum lowered there builds its reduction body from ops typed with that mesh: the add comes
+# wrapped in `Sharding` custom calls, which an all-reduce cannot run (jax 0.12: "UNIMPLEMENTED:
+# Unsupported reduction computation"). Everything in lower_fn is already per shard, placed by
+# the shardings the callback returns, so the psum needs no mesh: this primitive lowers the very
+# same psum with the empty mesh current.
+_psum_p = Primitive("jaxconv_psum")
+_psum_p.def_abstract_eval(lambda x, *, axes: x)
+
+
+def _psum_lowering(ctx, x, *, axes):
+    lower_psum = mlir.lower_fun(lambda v: jax.lax.psum(v, axes), multiple_results=False)
+    use_abstract_mesh = getattr(jax.sharding, "use_abstract_mesh", None)  # jax >= 0.6
+    if use_abstract_mesh is None:
+        return lower_psum(ctx, x)
+    with use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return lower_psum(ctx, x)
+
+
+mlir.register_lowering(_psum_p, _psum_lowering)
+
+
+def _psum_without_mesh(x, axes: tuple):
+    return _psum_p.bind(x, axes=tuple(axes))
+
+
 def partitioned(local_call: Callable, n_operands: int, split: Split):
     """Wraps local_call(*operands, geom) -> tuple of results in custom_partitioning.
 
@@ -207,7 +253,7 @@ def partitioned(local_call: Callable, n_operands: int, split: Split):
 
         def lower_fn(*operands):
             outs = local_call(*operands, local_geom)
-            return tuple(o if "n" in d or not sum_axes else jax.lax.psum(o, sum_axes)
+            return tuple(o if "n" in d or not sum_axes else _psum_without_mesh(o, sum_axes)
                          for o, d in zip(outs, dims_out))
 
         return mesh, lower_fn, result_shardings, arg_shardings

@@ -2,6 +2,8 @@
 
     python -m jaxconv.bench [--set lenet|resnet50|mobilenet|pool|all] [--layout NCHW|NHWC|both]
                             [--dtype float32|bfloat16] [--device cpu|gpu] [--quick] [--json PATH]
+                            [--plot PNG]
+    python -m jaxconv.bench --from-json RESULTS.json --plot PNG    (redraw a saved run)
 
 For every shape, four functions are jax.jit-compiled: jaxconv and lax, forward and forward+backward
 (jax.grad of the output's sum w.r.t. the input, and the weights for convolutions). The lax
@@ -344,6 +346,86 @@ def table(results: list[dict], summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Colours per (mode, layout): forward in blues, forward+backward in oranges, the layouts a light
+# and a dark shade of each, so that the eye groups by mode first.
+SERIES_COLOURS = {("fwd", "NCHW"): "#1f77b4", ("fwd", "NHWC"): "#9ecae1",
+                  ("fwd+bwd", "NCHW"): "#d95f02", ("fwd+bwd", "NHWC"): "#fdae6b"}
+
+
+def plot(doc: dict, path: str):
+    """Draws doc's results (a --json document) to the image `path` and returns the figure.
+
+    Left: one row per layer (sets in the order run, a gap between sets), the ratio lax_ms /
+    jaxconv_ms on a log axis with the parity line at 1 (right of it jaxconv is faster); one
+    colour per (mode, layout), the series slightly offset within a row so that none hides
+    another. Right: the table of geometric means. The title records machine, device, versions
+    and date, so the picture cannot be separated from what it measured.
+    """
+    import matplotlib
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    results = doc["results"]
+    layers: list[tuple[str, str]] = []  # (set, name) in the order first seen
+    for r in results:
+        if (r["set"], r["name"]) not in layers:
+            layers.append((r["set"], r["name"]))
+    row, y, prev = {}, 0.0, None
+    for key in layers:
+        if prev is not None and key[0] != prev:
+            y += 0.6  # a gap between shape sets
+        row[key], prev, y = y, key[0], y + 1.0
+    series = [k for k in SERIES_COLOURS if any((r["mode"], r["layout"]) == k for r in results)]
+    series += sorted({(r["mode"], r["layout"]) for r in results} - set(series))
+
+    height = max(3.0, 0.28 * y + 1.6)
+    fig, (ax, ax_table) = plt.subplots(1, 2, figsize=(13, height),
+                                       gridspec_kw={"width_ratios": [3, 2]})
+    for i, key in enumerate(series):
+        rs = [r for r in results if (r["mode"], r["layout"]) == key]
+        offset = (i - (len(series) - 1) / 2) * 0.8 / max(len(series), 1)
+        ax.scatter([r["ratio"] for r in rs], [row[(r["set"], r["name"])] + offset for r in rs],
+                   s=22, color=SERIES_COLOURS.get(key), label=f"{key[0]} {key[1]}", zorder=3,
+                   edgecolors="black", linewidths=0.3)
+    ax.set_xscale("log")
+    from matplotlib import ticker
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.axvline(1.0, color="black", linewidth=1.0, zorder=2, label="parity (1x)")
+    ax.set_yticks([row[k] for k in layers], [f"{s}: {n}" for s, n in layers], fontsize=7)
+    ax.set_ylim(y - 0.4, -0.6)  # first layer on top
+    ax.set_xlabel("lax_ms / jaxconv_ms  (log scale; > 1: jaxconv faster)")
+    ax.grid(axis="x", which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+    ax_table.axis("off")
+    summary = doc.get("summary") or summarize(results)
+    cells = [[s["set"], s["layout"], s["mode"], f"{s['geomean_ratio']:.2f}x",
+              f"{s['min_ratio']:.2f}x", str(s["n"])] for s in summary]
+    if cells:
+        tab = ax_table.table(cellText=cells, colLabels=["set", "layout", "mode", "geomean",
+                                                        "min", "shapes"],
+                             loc="upper center", cellLoc="left")
+        tab.auto_set_font_size(False)
+        tab.set_fontsize(7)
+        tab.auto_set_column_width(list(range(6)))
+        tab.scale(1.0, 1.2)
+    ax_table.set_title("geometric mean of the ratio", fontsize=9)
+
+    machine, versions_, device = doc.get("machine", {}), doc.get("versions", {}), doc.get("device", {})
+    fig.suptitle(f"jaxconv vs lax, {results[0]['dtype'] if results else ''}: "
+                 f"{machine.get('cpu_model') or machine.get('processor', '?')} "
+                 f"({machine.get('usable_cpus', machine.get('logical_cpus', '?'))} CPUs), "
+                 f"{device.get('kind', '?')}; jax {versions_.get('jax', '?')}; "
+                 f"{doc.get('date', '?')[:10]}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jaxconv.bench", description=__doc__.split("\n")[0])
     p.add_argument("--set", default="all", choices=SETS + ("all",))
@@ -357,11 +439,23 @@ def parse_args(argv=None):
                    help="seconds of timed calls per function and case (default 1.0, quick 0.02)")
     p.add_argument("--filter", default=None, help="only layers whose name contains this")
     p.add_argument("--json", dest="json_path", default=None, help="write results here")
+    p.add_argument("--plot", dest="plot_path", default=None,
+                   help="draw the ratio per layer to this image (needs matplotlib)")
+    p.add_argument("--from-json", dest="from_json", default=None,
+                   help="run nothing: print the table (and --plot) of a saved --json file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            doc = json.load(f)
+        print(table(doc["results"], doc.get("summary") or summarize(doc["results"])))
+        if args.plot_path:
+            plot(doc, args.plot_path)
+            print(f"wrote {args.plot_path}", file=sys.stderr)
+        return 0
     try:
         device = jax.devices(args.device)[0]
     except RuntimeError as e:
@@ -392,26 +486,29 @@ def main(argv=None) -> int:
     print(f"\n{len(todo)} cases in {time.perf_counter() - t_start:.1f} s on {device.device_kind} "
           f"({device.platform}); ratio = lax_ms / jaxconv_ms, > 1 means jaxconv is faster")
 
+    doc = {
+        "schema": 1,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m jaxconv.bench"] + list(sys.argv[1:] if argv is None
+                                                               else argv)),
+        "machine": machine_info(),
+        "device": {"platform": device.platform, "kind": device.device_kind,
+                   "count": len(jax.devices(args.device))},
+        "versions": versions(),
+        "config": {"sets": list(sets), "layouts": list(layouts), "modes": list(modes),
+                   "dtype": dtype.name, "quick": args.quick, "budget_s": budget,
+                   "min_reps": min_reps, "max_reps": max_reps, "statistic": "median"},
+        "results": results,
+        "summary": summary,
+    }
     if args.json_path:
-        doc = {
-            "schema": 1,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m jaxconv.bench"] + list(sys.argv[1:] if argv is None
-                                                                   else argv)),
-            "machine": machine_info(),
-            "device": {"platform": device.platform, "kind": device.device_kind,
-                       "count": len(jax.devices(args.device))},
-            "versions": versions(),
-            "config": {"sets": list(sets), "layouts": list(layouts), "modes": list(modes),
-                       "dtype": dtype.name, "quick": args.quick, "budget_s": budget,
-                       "min_reps": min_reps, "max_reps": max_reps, "statistic": "median"},
-            "results": results,
-            "summary": summary,
-        }
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"wrote {args.json_path}", file=sys.stderr)
+    if args.plot_path:
+        plot(doc, args.plot_path)
+        print(f"wrote {args.plot_path}", file=sys.stderr)
     return 0
 
 

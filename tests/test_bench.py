@@ -19,15 +19,22 @@ SETS = ("lenet", "resnet50", "mobilenet", "pool")
 
 
 @pytest.fixture(scope="module")
-def quick_json(tmp_path_factory):
+def quick_run(tmp_path_factory):
+    """One --quick run writing both the JSON and the picture: (json path, png path)."""
     path = tmp_path_factory.mktemp("bench") / "quick.json"
-    proc = run_python("-m", "jaxconv.bench", "--quick", "--json", str(path),
+    png = path.with_suffix(".png")
+    proc = run_python("-m", "jaxconv.bench", "--quick", "--json", str(path), "--plot", str(png),
                       env={"JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Progress goes to stderr, the table to stdout.
     assert "[1/" in proc.stderr
     assert "ratio" in proc.stdout and "geometric mean" in proc.stdout
-    with open(path) as f:
+    return path, png
+
+
+@pytest.fixture(scope="module")
+def quick_json(quick_run):
+    with open(quick_run[0]) as f:
         return json.load(f)
 
 
@@ -115,3 +122,65 @@ def test_full_shape_sets_match_the_issue():
     for c in resnet + lenet:
         assert c.out_hw() == tuple((s + 2 * c.padding - c.kernel) // c.stride + 1
                                    for s in (c.h, c.w))
+
+
+# ----------------------------------------------------------------------------------------------
+# --plot and --from-json.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png_with_content(path):
+    import matplotlib.image
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 600, pixels.shape
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_plot_option_writes_a_picture_of_the_run(quick_run):
+    assert_png_with_content(quick_run[1])
+
+
+def test_plot_draws_every_ratio_on_a_log_axis_with_a_parity_line(quick_json, tmp_path):
+    import matplotlib.colors
+
+    doc = quick_json
+    fig = bench.plot(doc, str(tmp_path / "p.png"))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert any(list(line.get_xdata()) == [1.0, 1.0] for line in ax.get_lines())  # axvline(1)
+    # One scatter series per (mode, layout), each its own colour, holding exactly that
+    # series' ratios (x), one point per layer row.
+    layers = [t.get_text() for t in ax.get_yticklabels()]
+    assert layers == list(dict.fromkeys(f"{r['set']}: {r['name']}" for r in doc["results"]))
+    colours = set()
+    for key in [("fwd", "NCHW"), ("fwd", "NHWC"), ("fwd+bwd", "NCHW"), ("fwd+bwd", "NHWC")]:
+        label = f"{key[0]} {key[1]}"
+        (series,) = [c for c in ax.collections if c.get_label() == label]
+        want = sorted(r["ratio"] for r in doc["results"] if (r["mode"], r["layout"]) == key)
+        assert sorted(series.get_offsets()[:, 0].tolist()) == pytest.approx(want)
+        colours.add(matplotlib.colors.to_hex(series.get_facecolor()[0]))
+    assert len(colours) == 4
+    # The summary table beside the plot lists every geometric mean.
+    text = " ".join(cell.get_text().get_text()
+                    for cell in fig.axes[1].tables[0].get_celld().values())
+    for s in doc["summary"]:
+        assert f"{s['geomean_ratio']:.2f}x" in text
+
+
+def test_from_json_redraws_a_saved_run_without_timing_anything(quick_run, tmp_path,
+                                                               monkeypatch, capsys):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("--from-json must not run the benchmark")
+    monkeypatch.setattr(bench, "run_case", no_timing)
+    png = tmp_path / "again.png"
+    assert bench.main(["--from-json", str(quick_run[0]), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    with open(quick_run[0]) as f:
+        doc = json.load(f)
+    for r in doc["results"]:
+        assert r["name"] in out
+    assert "geometric mean" in out
+    assert_png_with_content(png)
