@@ -62,7 +62,7 @@ struct Pool {
 ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                             ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> idx,
                             ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_max_pool2d_fwd";
+  constexpr const char* kTarget = targets::kMaxPool2dFwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
   ParallelRunner pr(&pool);
@@ -77,7 +77,7 @@ ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 
 ffi::Error MaxPool2dBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer idx,
                             ffi::Result<ffi::AnyBuffer> dx, ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_max_pool2d_bwd";
+  constexpr const char* kTarget = targets::kMaxPool2dBwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, *dx, dy, idx, kTarget, &g));
   ParallelRunner pr(&pool);
