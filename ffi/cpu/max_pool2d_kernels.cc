@@ -1,6 +1,5 @@
-// Max-pooling kernels, included by max_pool2d.cc once per instruction set inside its own
-// namespace (see max_pool2d.cc for the semantics). The selection rule is written branch-free,
-// element-wise over a block of lanes, so the compiler vectorizes it:
+// Max-pooling kernels (see max_pool2d.cc for the semantics). The selection rule is written
+// branch-free, element-wise over a block of lanes, so the compiler vectorizes it:
 //   keep the best m over candidate v  <=>  v <= m  or  m is NaN
 // (so v wins when v > m or v is NaN and m is not), and the first in-bounds tap of a window
 // initializes (m, index) unconditionally.
@@ -8,6 +7,27 @@
 // A lane's running maximum is a chain of dependent compare+blend steps, one per tap. One such
 // chain per register leaves the vector units idle most of the time, so the kernels scan up to
 // kChains registers side by side (consecutive output blocks in NCHW, channel blocks in NHWC).
+//
+// The kernels are compiled once per capability (kernel_table.h) and chosen at load time. Forward
+// vectorizes registers of consecutive outputs of a row (NCHW) or of channels of a cell (NHWC), up
+// to four side by side; windows that cross the left/right border take a scalar scan.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_common.h"
+#include "kernel_table.h"
+
+// The kernels pass GCC vectors between inlined helpers; GCC's note about the ABI for passing
+// them does not apply to anything that crosses a call boundary here.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace jaxconv::JAXCONV_CPU_CAPABILITY {
+namespace {
 
 // One 256-bit register of lanes as GCC vectors: values (8 floats or 4 doubles) and the signed
 // integer vectors of the same width that comparisons return and that carry the indices.
@@ -503,3 +523,30 @@ struct PoolK {
     });
   }
 };
+
+template <typename T>
+void forward(const ParallelRunner& pr, const PoolGeometry& g, const T* x, T* y, int32_t* idx) {
+  PoolK<T>(g).forward(pr, x, y, idx);
+}
+
+template <typename T>
+void backward(const ParallelRunner& pr, const PoolGeometry& g, const T* dy, const int32_t* idx,
+              T* dx) {
+  PoolK<T>(g).backward(pr, dy, idx, dx);
+}
+
+template <typename T>
+PoolKernels<T> pool_kernels() {
+  return {forward<T>, backward<T>};
+}
+
+}  // namespace
+
+void add_pool_kernels(KernelTable* table) {
+  table->pool_f32 = pool_kernels<float>();
+  table->pool_f64 = pool_kernels<double>();
+  table->pool_f16 = pool_kernels<f16_t>();
+  table->pool_bf16 = pool_kernels<bf16_t>();
+}
+
+}  // namespace jaxconv::JAXCONV_CPU_CAPABILITY
