@@ -1,7 +1,8 @@
 // Decoding of FFI attributes and buffers into jaxconv geometry, shared by the CPU and CUDA
 // handlers. Every handler starts here: it reads its integer attributes by name (one table per
 // params struct), checks the buffers' ranks and dtypes, rebuilds the geometry with geometry.h
-// and compares every buffer shape against it. Any mismatch becomes an ffi::Error (a Python exception), never a crash.
+// and compares every buffer shape against it. Any mismatch becomes an ffi::Error (a Python
+// exception), never a crash.
 #pragma once
 
 #include <cstddef>

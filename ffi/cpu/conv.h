@@ -128,8 +128,8 @@ struct Conv {
   // straddle images): convert, add bias, scatter to the pass grid.
 
   T* out_cell(const Pass& ps, T* out, int64_t n, int64_t c, int64_t u, int64_t v) const {
-    return out + n * ps.os.n + c * ps.os.c + (ps.h0 + u * ps.hs) * ps.os.h +
-           (ps.w0 + v * ps.ws) * ps.os.w;
+    return out + n * ps.os.n + c * ps.os.c + (ps.h0 + u * ps.h_spacing) * ps.os.h +
+           (ps.w0 + v * ps.w_spacing) * ps.os.w;
   }
 
   // NCHW tile C[co][col] (ldc) over the block's runs.

@@ -32,10 +32,10 @@ void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const 
                                    T* dx) const {
   const Pass ps = forward_pass();
   const int64_t G = ps.G, Kg = ps.K(), J = g.OH * g.OW, taps = ps.TH() * ps.TW();
-  const bool cl = !nhwc();
+  const bool nchw = !nhwc();
   const int64_t kpanels = (Kg + NR - 1) / NR;
   // NCHW: A = W^T rows [grp][k][o].  NHWC: B = W panels over k: [grp][k/NR][o][k%NR].
-  std::vector<Acc> wp(cl ? G * Kg * Og : G * kpanels * Og * NR);
+  std::vector<Acc> wp(nchw ? G * Kg * Og : G * kpanels * Og * NR);
   pr.run(G * Og, [&](int64_t task) {
     const int64_t grp = task / Og, o = task % Og;
     for (int64_t ci = 0; ci < Cg; ++ci)
@@ -43,12 +43,12 @@ void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const 
         for (int64_t tw = 0; tw < ps.TW(); ++tw) {
           const int64_t k = k_index(ps, ci, th, tw);
           const Acc v = weight(w, ps, false, grp, o, ci, th, tw);
-          if (cl)
+          if (nchw)
             wp[(grp * Kg + k) * Og + o] = v;
           else
             wp[((grp * kpanels + k / NR) * Og + o) * NR + k % NR] = v;
         }
-    if (!cl)  // zero the padding columns of the last k panel
+    if (!nchw)  // zero the padding columns of the last k panel
       for (int64_t k = Kg; k < kpanels * NR; ++k)
         wp[((grp * kpanels + k / NR) * Og + o) * NR + k % NR] = Acc(0);
   });
@@ -72,7 +72,7 @@ void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const 
       for (int64_t h = 0; h < g.H; ++h)
         for (int64_t x = 0; x < g.W; ++x) acc[c * as.c + h * as.h + x * as.w] = b0;
     }
-    if (cl) {
+    if (nchw) {
       const int64_t PB = 256, KB = 192;
       Acc* Bp = scratch<Acc, kPackedOperand>(round_up(PB, NR) * Og);
       Acc* C = scratch<Acc, kTile>(KB * PB);

@@ -23,15 +23,15 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
   const int64_t G = ps.G, Kg = ps.K(), J = ps.U * ps.V, Q = ps.N * J;
   const int64_t slices = (Q + kKC - 1) / kKC;
   const int64_t opanels = (Og + NR - 1) / NR;
-  const bool cl = !nhwc();
+  const bool nchw = !nhwc();
   // Packed dy, per (group, slice): NCHW opanels*NR x kKC panels; NHWC Og x kKC rows.
-  const int64_t dy_slice = cl ? opanels * NR * kKC : Og * kKC;
+  const int64_t dy_slice = nchw ? opanels * NR * kKC : Og * kKC;
   std::vector<Acc> dyp(G * slices * dy_slice);
   pr.run(G * slices, [&](int64_t task) {
     const int64_t grp = task / slices, s = task % slices;
     const int64_t q0 = s * kKC, q1 = std::min(Q, q0 + kKC), pc = q1 - q0;
     Acc* dst = dyp.data() + task * dy_slice;
-    if (cl) {
+    if (nchw) {
       // dY^T panels: [o / NR][pos][o % NR]; read along each dy plane (contiguous in pos).
       for (int64_t o = 0; o < opanels * NR; ++o) {
         Acc* d = dst + (o / NR) * pc * NR + o % NR;
@@ -55,7 +55,7 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
     }
   });
   // Blocks of the im2col side: NCHW rows of dW^T (multiples of 6), NHWC columns (panels).
-  const int64_t block = cl ? 96 : 8 * NR;
+  const int64_t block = nchw ? 96 : 8 * NR;
   const int64_t blocks = (Kg + block - 1) / block;
   int64_t splits = std::max<int64_t>(1, (2 * pr.num_threads() + G * blocks - 1) / (G * blocks));
   splits = std::min(splits, slices);
@@ -70,7 +70,7 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
     for (int64_t sl = slices * s / splits; sl < slices * (s + 1) / splits; ++sl) {
       const int64_t q0 = sl * kKC, q1 = std::min(Q, q0 + kKC), pc = q1 - q0;
       const Acc* dyop = dyp.data() + (grp * slices + sl) * dy_slice;
-      if (cl) {
+      if (nchw) {
         // A = im2col rows k0 .. k0+kn over the slice's positions (row length pc).
         grid_runs(q0, q1, ps.U, ps.V, &runs);
         const int64_t taps = ps.TH() * ps.TW();
@@ -96,11 +96,11 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
     const int64_t grp = task / Og, o = task % Og;
     const Acc* base = partial.data() + grp * splits * part_size;
     for (int64_t k = 0; k < Kg; ++k) {
-      int64_t idx = cl ? k * Og + o : o * Kg + k;
+      int64_t idx = nchw ? k * Og + o : o * Kg + k;
       Acc v = 0;
       for (int64_t s = 0; s < splits; ++s) v += base[s * part_size + idx];
       int64_t ci, kh, kw;
-      if (cl) {
+      if (nchw) {
         ci = k / taps; kh = (k % taps) / g.KW; kw = k % g.KW;
       } else {
         ci = k % Cg; kh = (k / Cg) / g.KW; kw = (k / Cg) % g.KW;

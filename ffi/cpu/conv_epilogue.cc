@@ -18,7 +18,7 @@ void Conv<T>::store_nchw(const Pass& ps, const Acc* C, int64_t ldc, const std::v
     for (const Run& r : runs) {
       T* dst = out_cell(ps, out, r.n, grp * ps.Cout + co, r.u, r.v);
       const Acc* src = C + co * ldc + r.at;
-      for (int64_t i = 0; i < r.len; ++i) dst[i * ps.ws * ps.os.w] = Num<T>::store(src[i] + b);
+      for (int64_t i = 0; i < r.len; ++i) dst[i * ps.w_spacing * ps.os.w] = Num<T>::store(src[i] + b);
     }
   }
 }
@@ -35,13 +35,7 @@ void Conv<T>::store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, 
       Acc b = bias ? Num<T>::load(bias[grp * ps.Cout + co]) : Acc(0);
       dst[co] = Num<T>::store(src[co] + b);
     }
-    if (++v == ps.V) {
-      v = 0;
-      if (++u == ps.U) {
-        u = 0;
-        ++n;
-      }
-    }
+    ps.next_position(&n, &u, &v);
   }
 }
 

@@ -17,7 +17,7 @@ template <typename T>
 Pass Conv<T>::forward_pass() const {
   Pass ps;
   ps.N = g.N; ps.G = g.groups(); ps.Cin = Cg; ps.Hin = g.H; ps.Win = g.W; ps.Cout = Og;
-  ps.U = g.OH; ps.V = g.OW; ps.h0 = 0; ps.hs = 1; ps.w0 = 0; ps.ws = 1;
+  ps.U = g.OH; ps.V = g.OW; ps.h0 = 0; ps.h_spacing = 1; ps.w0 = 0; ps.w_spacing = 1;
   ps.step_h = g.p.stride_h; ps.step_w = g.p.stride_w;
   for (int64_t kh = 0; kh < g.KH; ++kh) {
     ps.off_h.push_back(kh * g.p.dilation_h - g.p.pad_top);
@@ -45,8 +45,10 @@ Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
     int64_t u_lo = ceil_div(pad - r, s), u_hi = floor_div(size - 1 + pad - r, s);
     *first = s * u_lo + r - pad;
     *count = std::max<int64_t>(0, u_hi - u_lo + 1);
-    for (int64_t t = 0; t < k; ++t) {
-      if (((t * d - r) % s + s) % s != 0) continue;
+    // The taps of phase r: t*d = r (mod s), in increasing t (geometry.h's phase_taps).
+    const PhaseTaps taps = phase_taps(r, s, 0, d, k);
+    for (int64_t q = 0; q < taps.count; ++q) {
+      const int64_t t = taps.first + q * taps.step;
       off->push_back(u_lo - (t * d - r) / s);
       cell->push_back(t);
     }
@@ -55,9 +57,9 @@ Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
        &ps.kh_of);
   axis(rw, g.p.stride_w, g.p.pad_left, g.p.dilation_w, g.KW, g.W, &ps.w0, &ps.V, &ps.off_w,
        &ps.kw_of);
-  ps.hs = g.p.stride_h; ps.ws = g.p.stride_w;
+  ps.h_spacing = g.p.stride_h; ps.w_spacing = g.p.stride_w;
   ps.is = ys; ps.os = xs; ps.layout = g.p.layout;
-  ps.dense = ps.hs == 1 && ps.ws == 1 && ps.h0 == 0 && ps.w0 == 0 && ps.U == g.H &&
+  ps.dense = ps.h_spacing == 1 && ps.w_spacing == 1 && ps.h0 == 0 && ps.w0 == 0 && ps.U == g.H &&
              ps.V == g.W;
   return ps;
 }
@@ -172,13 +174,7 @@ void Conv<T>::pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0
           copy_widen(d, in_n + ih * ps.is.h + iw * ps.is.w + c_lo, c_hi - c_lo, 1);
       }
     }
-    if (++v == ps.V) {
-      v = 0;
-      if (++u == ps.U) {
-        u = 0;
-        ++n;
-      }
-    }
+    ps.next_position(&n, &u, &v);
   }
 }
 
@@ -217,13 +213,7 @@ void Conv<T>::pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int6
         copy_widen(dst, in_n + ih * ps.is.h + iw * ps.is.w + pc_.ci, pc_.len, 1);
     }
     if (kn < kpad) zero(row + (kn / NR) * pc * NR + kn % NR, kpad - kn);
-    if (++v == ps.V) {
-      v = 0;
-      if (++u == ps.U) {
-        u = 0;
-        ++n;
-      }
-    }
+    ps.next_position(&n, &u, &v);
   }
 }
 

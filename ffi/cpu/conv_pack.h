@@ -93,15 +93,15 @@ inline void grid_runs(int64_t q0, int64_t q1, int64_t U, int64_t V, std::vector<
 
 // One convolution "pass" over activations `in` (N, G*Cin, Hin, Win) into `out`:
 //
-//   out[n, g*Cout + co, h0 + u*hs, w0 + v*ws] = bias + sum over (ci, th, tw) of
+//   out[n, g*Cout + co, h0 + u*h_spacing, w0 + v*w_spacing] = bias + sum over (ci, th, tw) of
 //       in[n, g*Cin + ci, u*step_h + off_h[th], v*step_w + off_w[tw]] * weight(g, co, ci, th, tw)
 //
 // for (u, v) in U x V; taps reading outside the input read zero. Forward: taps = the kernel,
 // off = k*d - pad, step = stride, the grid is all of y. A bwd_data phase: taps = the kernel
-// cells of that phase, step 1, the grid = the dx cells of that phase (hs = ws = stride).
+// cells of that phase, step 1, the grid = the dx cells of that phase (spacing = stride).
 struct Pass {
   int64_t N, G, Cin, Hin, Win, Cout, U, V;
-  int64_t h0, hs, w0, ws;
+  int64_t h0, h_spacing, w0, w_spacing;  // output cell (h0 + u*h_spacing, w0 + v*w_spacing)
   int64_t step_h, step_w;
   std::vector<int64_t> off_h, off_w;  // per tap along h / w
   std::vector<int64_t> kh_of, kw_of;  // the kernel cell a tap multiplies with
@@ -109,6 +109,16 @@ struct Pass {
   int64_t layout;
   bool dense;  // the grid is the whole output: out[n, c, u, v]
 
+  // The grid position after (n, u, v) in the flattened order q = (n*U + u)*V + v.
+  void next_position(int64_t* n, int64_t* u, int64_t* v) const {
+    if (++*v == V) {
+      *v = 0;
+      if (++*u == U) {
+        *u = 0;
+        ++*n;
+      }
+    }
+  }
   int64_t TH() const { return int64_t(off_h.size()); }
   int64_t TW() const { return int64_t(off_w.size()); }
   int64_t K() const { return Cin * TH() * TW(); }

@@ -30,8 +30,8 @@ constexpr int64_t kCB = 32;  // NHWC channels per register block (4 AVX vectors 
 template <typename T>
 using AccOf = typename Num<T>::acc;
 
-// Where the taps of output row u (or column) read: for each kernel tap t, the input index or -1.
-// Forward: i = u*s - pad + t*d. These lists are tiny (<= KH entries), built per row.
+// The taps of one output row u (or column) that land inside the input, and where they read:
+// forward i = u*s - pad + t*d. These lists are tiny (<= KH entries), built per row.
 struct TapList {
   int64_t n = 0;
   int64_t in[64], tap[64];
@@ -41,12 +41,10 @@ struct TapList {
 inline void forward_taps(int64_t o, int64_t s, int64_t pad, int64_t d, int64_t k, int64_t size,
                          TapList* out) {
   out->n = 0;
-  for (int64_t t = 0; t < k; ++t) {
-    int64_t i = o * s - pad + t * d;
-    if (i >= 0 && i < size) {
-      out->in[out->n] = i;
-      out->tap[out->n++] = t;
-    }
+  const TapRange taps = window_taps(o, s, pad, d, k, size);
+  for (int64_t t = taps.lo; t < taps.hi; ++t) {
+    out->in[out->n] = o * s - pad + t * d;
+    out->tap[out->n++] = t;
   }
 }
 
@@ -54,10 +52,13 @@ inline void forward_taps(int64_t o, int64_t s, int64_t pad, int64_t d, int64_t k
 inline void backward_taps(int64_t i, int64_t s, int64_t pad, int64_t d, int64_t k,
                           int64_t out_size, TapList* out) {
   out->n = 0;
-  for (int64_t t = 0; t < k; ++t) {
-    int64_t num = i + pad - t * d;
-    if (num < 0 || num % s) continue;
-    int64_t o = num / s;
+  // Only the taps of i's stride phase divide exactly (geometry.h's phase_taps).
+  const PhaseTaps taps = phase_taps(i, s, pad, d, k);
+  for (int64_t q = 0; q < taps.count; ++q) {
+    const int64_t t = taps.first + q * taps.step;
+    const int64_t num = i + pad - t * d;
+    if (num < 0) continue;
+    const int64_t o = num / s;
     if (o < out_size) {
       out->in[out->n] = o;
       out->tap[out->n++] = t;
