@@ -1,13 +1,16 @@
 // Decoding of FFI attributes and buffers into jaxconv geometry, shared by the CPU and CUDA
-// handlers. Every handler starts here: it reads its integer attributes by name, checks the
-// buffers' ranks and dtypes, rebuilds the geometry with geometry.h and compares every buffer
-// shape against it. Any mismatch becomes an ffi::Error (a Python exception), never a crash.
+// handlers. Every handler starts here: it reads its integer attributes by name (one table per
+// params struct), checks the buffers' ranks and dtypes, rebuilds the geometry with geometry.h
+// and compares every buffer shape against it. Any mismatch becomes an ffi::Error (a Python
+// exception), never a crash.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
 #include "geometry.h"
+#include "targets.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxconv {
@@ -18,51 +21,74 @@ inline ffi::Error invalid(const std::string& target, const std::string& msg) {
   return ffi::Error::InvalidArgument(target + ": " + msg);
 }
 
-inline ffi::Error read_int(const ffi::Dictionary& attrs, const char* name, int64_t* out,
-                           const char* target) {
-  auto v = attrs.get<int64_t>(name);
-  if (!v.has_value())
-    return invalid(target, std::string("missing int64 attribute '") + name +
-                               "' (absent or of another type)");
-  *out = *v;
-  return ffi::Error::Success();
-}
-
 #define JAXCONV_RETURN_IF_ERROR(expr)             \
   do {                                            \
     ffi::Error jaxconv_err_ = (expr);             \
     if (jaxconv_err_.failure()) return jaxconv_err_; \
   } while (0)
 
+// One int64 attribute of a params struct: its FFI name and the member it fills. A table of these
+// per struct is the whole decoder, so adding an attribute is one line. An optional attribute
+// that is absent keeps `fallback`.
+//
+// (XLA FFI can decode attributes straight into a struct, XLA_FFI_REGISTER_STRUCT_ATTR_DECODING,
+// but that decoder wants exactly the struct's attributes, no optional ones, and reports
+// failures without naming the target; a table keeps jaxconv's "target: attribute" messages.)
+template <typename Params>
+struct IntAttr {
+  const char* name;
+  int64_t Params::*member;
+  bool required = true;
+  int64_t fallback = 0;
+};
+
+template <typename Params, size_t N>
+ffi::Error read_int_attrs(const ffi::Dictionary& attrs, const IntAttr<Params> (&table)[N],
+                          Params* p, const char* target) {
+  for (const IntAttr<Params>& a : table) {
+    auto v = attrs.get<int64_t>(a.name);
+    if (v.has_value()) {
+      p->*a.member = *v;
+    } else if (!a.required && !attrs.contains(a.name)) {
+      p->*a.member = a.fallback;
+    } else {
+      return invalid(target, std::string("missing int64 attribute '") + a.name +
+                                 "' (absent or of another type)");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// The conv targets' attributes (every conv target gets all of them). allow_tf32 (1: float32
+// operands may be multiplied on TF32 tensor cores) is read by the CUDA kernels only; the CPU
+// always computes in full float32. It is optional so that a caller that predates it gets full
+// float32.
+inline constexpr IntAttr<ConvParams> kConvAttrs[] = {
+    {"stride_h", &ConvParams::stride_h},     {"stride_w", &ConvParams::stride_w},
+    {"dilation_h", &ConvParams::dilation_h}, {"dilation_w", &ConvParams::dilation_w},
+    {"pad_top", &ConvParams::pad_top},       {"pad_bottom", &ConvParams::pad_bottom},
+    {"pad_left", &ConvParams::pad_left},     {"pad_right", &ConvParams::pad_right},
+    {"groups", &ConvParams::groups},         {"layout", &ConvParams::layout},
+    {"allow_tf32", &ConvParams::allow_tf32, false, 0},
+};
+
+inline constexpr IntAttr<PoolParams> kPoolAttrs[] = {
+    {"kernel_h", &PoolParams::kernel_h},     {"kernel_w", &PoolParams::kernel_w},
+    {"stride_h", &PoolParams::stride_h},     {"stride_w", &PoolParams::stride_w},
+    {"dilation_h", &PoolParams::dilation_h}, {"dilation_w", &PoolParams::dilation_w},
+    {"pad_top", &PoolParams::pad_top},       {"pad_bottom", &PoolParams::pad_bottom},
+    {"pad_left", &PoolParams::pad_left},     {"pad_right", &PoolParams::pad_right},
+    {"ceil_mode", &PoolParams::ceil_mode},   {"layout", &PoolParams::layout},
+};
+
 inline ffi::Error read_conv_params(const ffi::Dictionary& a, ConvParams* p, const char* target) {
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "stride_h", &p->stride_h, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "stride_w", &p->stride_w, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "dilation_h", &p->dilation_h, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "dilation_w", &p->dilation_w, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_top", &p->pad_top, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_bottom", &p->pad_bottom, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_left", &p->pad_left, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_right", &p->pad_right, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "groups", &p->groups, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "layout", &p->layout, target));
+  JAXCONV_RETURN_IF_ERROR(read_int_attrs(a, kConvAttrs, p, target));
   if (const char* err = check_conv_params(*p)) return invalid(target, err);
   return ffi::Error::Success();
 }
 
 inline ffi::Error read_pool_params(const ffi::Dictionary& a, PoolParams* p, const char* target) {
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "kernel_h", &p->kernel_h, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "kernel_w", &p->kernel_w, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "stride_h", &p->stride_h, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "stride_w", &p->stride_w, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "dilation_h", &p->dilation_h, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "dilation_w", &p->dilation_w, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_top", &p->pad_top, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_bottom", &p->pad_bottom, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_left", &p->pad_left, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "pad_right", &p->pad_right, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "ceil_mode", &p->ceil_mode, target));
-  JAXCONV_RETURN_IF_ERROR(read_int(a, "layout", &p->layout, target));
-  return ffi::Error::Success();
+  return read_int_attrs(a, kPoolAttrs, p, target);
 }
 
 inline bool is_float_type(ffi::DataType t) {

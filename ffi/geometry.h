@@ -70,17 +70,6 @@ JAXCONV_HD TapRange window_taps(int64_t o, int64_t stride, int64_t pad_lo, int64
   return {lo, hi};
 }
 
-// Transposed direction (bwd_data): input position i receives from output position
-//   o = (i + pad_lo - t*dilation) / stride   for each tap t where the division is exact and
-//   0 <= o < out. Returns that o, or -1 when tap t does not touch position i.
-JAXCONV_HD int64_t source_of_tap(int64_t i, int64_t t, int64_t stride, int64_t pad_lo,
-                                 int64_t dilation, int64_t out) {
-  int64_t num = i + pad_lo - t * dilation;
-  if (num < 0 || num % stride != 0) return -1;
-  int64_t o = num / stride;
-  return o < out ? o : -1;
-}
-
 // Element strides of a 4-d activation tensor addressed as (n, c, h, w), whatever its layout.
 struct Strides4 {
   int64_t n, c, h, w;
@@ -97,11 +86,14 @@ JAXCONV_HD Strides4 weight_strides(int64_t layout, int64_t O, int64_t I, int64_t
   return {I * KH * KW, KH * KW, KW, 1};
 }
 
-// The integer attributes every conv target receives (names match the FFI attributes).
+// The integer attributes every conv target receives (names match the FFI attributes; the
+// decoding table is kConvAttrs in ffi_common.h). allow_tf32 is 1 when float32 operands may be
+// multiplied on TF32 tensor cores (CUDA only; the CPU always computes in full float32).
 struct ConvParams {
   int64_t stride_h, stride_w, dilation_h, dilation_w;
   int64_t pad_top, pad_bottom, pad_left, pad_right;
   int64_t groups, layout;
+  int64_t allow_tf32;
 };
 
 // Full geometry of one convolution y = conv(x, w): every size the kernels index with.
@@ -120,8 +112,6 @@ struct ConvGeometry {
   // Implicit-GEMM reduction length for forward and bwd_filter: k runs over (ci, kh, kw) within
   // a group (the kernels order it to follow the layout's memory order).
   JAXCONV_HD int64_t gemm_k() const { return in_per_group() * KH * KW; }
-  // Reduction length of bwd_data viewed as a GEMM: k' = (o, kh, kw) within a group.
-  JAXCONV_HD int64_t gemm_k_transposed() const { return out_per_group() * KH * KW; }
   JAXCONV_HD Strides4 x_strides() const { return activation_strides(p.layout, C, H, W); }
   JAXCONV_HD Strides4 y_strides() const { return activation_strides(p.layout, O, OH, OW); }
   JAXCONV_HD Strides4 w_strides() const {
@@ -164,6 +154,7 @@ JAXCONV_HD const char* check_conv_params(const ConvParams& p) {
   if (p.stride_h < 1 || p.stride_w < 1) return "stride must be >= 1";
   if (p.dilation_h < 1 || p.dilation_w < 1) return "dilation must be >= 1";
   if (p.groups < 1) return "groups must be >= 1";
+  if (p.allow_tf32 != 0 && p.allow_tf32 != 1) return "allow_tf32 must be 0 or 1";
   return nullptr;
 }
 

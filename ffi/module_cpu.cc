@@ -2,6 +2,7 @@
 // jaxconv/_ffi.py registers each capsule with XLA for platform "cpu".
 #include <nanobind/nanobind.h>
 
+#include "targets.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -27,11 +28,11 @@ struct Target {
   XLA_FFI_Handler* handler;
 };
 const Target kTargets[] = {
-    {"jaxconv_conv2d_fwd", jaxconv::Conv2dFwdCpu},
-    {"jaxconv_conv2d_bwd_data", jaxconv::Conv2dBwdDataCpu},
-    {"jaxconv_conv2d_bwd_filter", jaxconv::Conv2dBwdFilterCpu},
-    {"jaxconv_max_pool2d_fwd", jaxconv::MaxPool2dFwdCpu},
-    {"jaxconv_max_pool2d_bwd", jaxconv::MaxPool2dBwdCpu},
+    {jaxconv::targets::kConv2dFwd, jaxconv::Conv2dFwdCpu},
+    {jaxconv::targets::kConv2dBwdData, jaxconv::Conv2dBwdDataCpu},
+    {jaxconv::targets::kConv2dBwdFilter, jaxconv::Conv2dBwdFilterCpu},
+    {jaxconv::targets::kMaxPool2dFwd, jaxconv::MaxPool2dFwdCpu},
+    {jaxconv::targets::kMaxPool2dBwd, jaxconv::MaxPool2dBwdCpu},
 };
 
 }  // namespace

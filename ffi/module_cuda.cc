@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 #include <nanobind/nanobind.h>
 
+#include "targets.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -29,11 +30,11 @@ struct Target {
   XLA_FFI_Handler* handler;
 };
 const Target kTargets[] = {
-    {"jaxconv_conv2d_fwd", jaxconv::Conv2dFwdCuda},
-    {"jaxconv_conv2d_bwd_data", jaxconv::Conv2dBwdDataCuda},
-    {"jaxconv_conv2d_bwd_filter", jaxconv::Conv2dBwdFilterCuda},
-    {"jaxconv_max_pool2d_fwd", jaxconv::MaxPool2dFwdCuda},
-    {"jaxconv_max_pool2d_bwd", jaxconv::MaxPool2dBwdCuda},
+    {jaxconv::targets::kConv2dFwd, jaxconv::Conv2dFwdCuda},
+    {jaxconv::targets::kConv2dBwdData, jaxconv::Conv2dBwdDataCuda},
+    {jaxconv::targets::kConv2dBwdFilter, jaxconv::Conv2dBwdFilterCuda},
+    {jaxconv::targets::kMaxPool2dFwd, jaxconv::MaxPool2dFwdCuda},
+    {jaxconv::targets::kMaxPool2dBwd, jaxconv::MaxPool2dBwdCuda},
 };
 
 }  // namespace

@@ -1,5 +1,5 @@
-// CPU building blocks: storage types for the half formats, dtype dispatch, a parallel loop over
-// XLA's intra-op thread pool, and the GEMM that the implicit-GEMM convolutions reduce to.
+// CPU building blocks: storage types for the half formats, dtype dispatch and a parallel loop over
+// XLA's intra-op thread pool.
 #pragma once
 
 #include <algorithm>
@@ -158,44 +158,5 @@ class ParallelRunner {
  private:
   ffi::ThreadPool* pool_;
 };
-
-// ---------------------------------------------------------------------------------------------
-// GEMM: C[M x N] (+)= A[M x K] * B[K x N], row-major with leading dimensions. Implemented in
-// gemm.cc with a run-time dispatch to an AVX2/FMA micro-kernel where the CPU has it.
-
-bool cpu_has_avx2_fma();
-
-// B packed for the micro-kernel: panels of kPanelWidth<S> columns; panel j holds
-// B[k, j*NR + c] at Bp[j * panel_stride + k * NR + c] for k in [0, K), zeros past column N.
-// (NR = two 256-bit vectors: 16 floats or 8 doubles.) The convolutions pack B themselves
-// straight from their tensors (that packing is the im2col); A is always read in place.
-template <typename S>
-constexpr int64_t kPanelWidth = 64 / sizeof(S);
-
-void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
-                 int64_t panel_stride, float* C, int64_t ldc, bool accumulate);
-void gemm_packed(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bp,
-                 int64_t panel_stride, double* C, int64_t ldc, bool accumulate);
-
-// Packs rows [0, K) of a row-major B (K x N, leading dimension ldb) into panels of stride K*NR.
-template <typename S>
-void pack_b_panels(int64_t K, int64_t N, const S* B, int64_t ldb, S* Bp) {
-  constexpr int64_t NR = kPanelWidth<S>;
-  for (int64_t j0 = 0, p = 0; j0 < N; j0 += NR, ++p) {
-    const int64_t nr = std::min(NR, N - j0);
-    S* dst = Bp + p * K * NR;
-    for (int64_t k = 0; k < K; ++k) {
-      const S* src = B + k * ldb + j0;
-      for (int64_t c = 0; c < nr; ++c) dst[k * NR + c] = src[c];
-      for (int64_t c = nr; c < NR; ++c) dst[k * NR + c] = S(0);
-    }
-  }
-}
-
-// Unpacked convenience form: packs B slice by slice and calls gemm_packed.
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-          int64_t ldb, float* C, int64_t ldc, bool accumulate);
-void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
-          int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
 }  // namespace jaxconv

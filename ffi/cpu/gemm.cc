@@ -11,20 +11,21 @@
 // micro-kernel sweeps down an MC-row block of A held in L2; the loops here are
 //   for each MC-row block of A:  for each B panel:  for each MR-row tile:  micro-kernel.
 //
-// The same source is compiled twice: for baseline x86-64 (GCC's vector extensions become SSE2
-// pairs) and with AVX2+FMA enabled (one ymm register per vector, a*b+c contracted to vfmadd);
-// the entry points choose at run time, so a default build runs on any x86-64 CPU.
+// Compiled once per capability (kernel_table.h): for baseline x86-64 GCC's vector extensions
+// become SSE2 pairs; with AVX2+FMA one ymm register per vector, a*b+c contracted to vfmadd.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
 #include "cpu_common.h"
+#include "gemm.h"
+#include "kernel_table.h"
 
 // Vector helpers below pass 32-byte vectors between always-inlined functions; the ABI note GCC
 // emits for that does not apply (nothing crosses a call boundary).
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-namespace jaxconv {
+namespace jaxconv::JAXCONV_CPU_CAPABILITY {
 namespace {
 
 // 32-byte vectors of float or double (GCC vector extensions; arithmetic is element-wise and a
@@ -106,10 +107,8 @@ __attribute__((always_inline)) inline void micro_kernel(int64_t K, const S* A, i
 }
 
 template <typename S>
-__attribute__((always_inline)) inline void gemm_packed_body(int64_t M, int64_t N, int64_t K,
-                                                            const S* A, int64_t lda, const S* Bp,
-                                                            int64_t panel_stride, S* C,
-                                                            int64_t ldc, bool accumulate) {
+void gemm_packed_kernel(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* Bp,
+                        int64_t panel_stride, S* C, int64_t ldc, bool accumulate) {
   constexpr int64_t NR = 2 * kLanes<S>;
   // Rows of A per block: MC x K of A (K <= a few hundred) stays in L2 while every panel of B
   // passes over it.
@@ -141,85 +140,11 @@ __attribute__((always_inline)) inline void gemm_packed_body(int64_t M, int64_t N
   }
 }
 
-void gemm_packed_f32_generic(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                             const float* Bp, int64_t ps, float* C, int64_t ldc, bool acc) {
-  gemm_packed_body<float>(M, N, K, A, lda, Bp, ps, C, ldc, acc);
-}
-__attribute__((target("avx2,fma"))) void gemm_packed_f32_avx2(int64_t M, int64_t N, int64_t K,
-                                                               const float* A, int64_t lda,
-                                                               const float* Bp, int64_t ps,
-                                                               float* C, int64_t ldc, bool acc) {
-  gemm_packed_body<float>(M, N, K, A, lda, Bp, ps, C, ldc, acc);
-}
-void gemm_packed_f64_generic(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                             const double* Bp, int64_t ps, double* C, int64_t ldc, bool acc) {
-  gemm_packed_body<double>(M, N, K, A, lda, Bp, ps, C, ldc, acc);
-}
-__attribute__((target("avx2,fma"))) void gemm_packed_f64_avx2(int64_t M, int64_t N, int64_t K,
-                                                               const double* A, int64_t lda,
-                                                               const double* Bp, int64_t ps,
-                                                               double* C, int64_t ldc, bool acc) {
-  gemm_packed_body<double>(M, N, K, A, lda, Bp, ps, C, ldc, acc);
-}
-
 }  // namespace
 
-// True where the CPU has AVX2 and FMA, unless JAXCONV_DISABLE_AVX2 is set to a non-empty value
-// other than "0" (read once; lets tests exercise the baseline path on any machine).
-bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    const char* off = std::getenv("JAXCONV_DISABLE_AVX2");
-    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
+void add_gemm_kernels(KernelTable* table) {
+  table->gemm_f32 = gemm_packed_kernel<float>;
+  table->gemm_f64 = gemm_packed_kernel<double>;
 }
 
-void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
-                 int64_t panel_stride, float* C, int64_t ldc, bool accumulate) {
-  if (cpu_has_avx2_fma())
-    gemm_packed_f32_avx2(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
-  else
-    gemm_packed_f32_generic(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
-}
-
-void gemm_packed(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bp,
-                 int64_t panel_stride, double* C, int64_t ldc, bool accumulate) {
-  if (cpu_has_avx2_fma())
-    gemm_packed_f64_avx2(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
-  else
-    gemm_packed_f64_generic(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
-}
-
-// Plain row-major B: pack it K-slice by K-slice (so each packed slice stays in cache) and run
-// the packed GEMM on it.
-template <typename S>
-static void gemm_unpacked(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
-                          int64_t ldb, S* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t NR = kPanelWidth<S>;
-  const int64_t KC = 256, panels = (N + NR - 1) / NR;
-  thread_local std::vector<S> packed;
-  if (K == 0) {
-    gemm_packed(M, N, 0, A, lda, nullptr, 0, C, ldc, accumulate);
-    return;
-  }
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kc = std::min(KC, K - k0);
-    packed.resize(panels * kc * NR);
-    pack_b_panels(kc, N, B + k0 * ldb, ldb, packed.data());
-    gemm_packed(M, N, kc, A + k0, lda, packed.data(), kc * NR, C, ldc, accumulate || k0 > 0);
-  }
-}
-
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  gemm_unpacked<float>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-
-void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
-          int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  gemm_unpacked<double>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-
-}  // namespace jaxconv
+}  // namespace jaxconv::JAXCONV_CPU_CAPABILITY

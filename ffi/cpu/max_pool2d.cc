@@ -10,82 +10,42 @@
 // (n, channel-block) slabs and walks its outputs in a fixed order, so the result is
 // deterministic; half types accumulate in float32.
 //
-// The kernels (max_pool2d_kernels.inc) are compiled twice, for baseline x86-64 and with
-// AVX2+FMA, and chosen at run time. Forward vectorizes registers of consecutive outputs of a
-// row (NCHW) or of channels of a cell (NHWC), up to four side by side; windows that cross the
-// left/right border take a scalar scan.
-#include <cmath>
+// The kernels are max_pool2d_kernels.cc, from the table chosen for this CPU (kernel_table.h).
 #include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <vector>
 
 #include "cpu_common.h"
-
-// The kernels pass GCC vectors between inlined helpers; GCC's note about the ABI for passing
-// them does not apply to anything that crosses a call boundary here.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "kernel_table.h"
 
 namespace jaxconv {
-namespace pool_generic {
-#include "max_pool2d_kernels.inc"
-}  // namespace pool_generic
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace pool_avx2 {
-#include "max_pool2d_kernels.inc"
-}  // namespace pool_avx2
-#pragma GCC pop_options
-
 namespace {
-
-template <typename T>
-struct Pool {
-  const PoolGeometry& g;
-  explicit Pool(const PoolGeometry& geo) : g(geo) {}
-  void forward(const ParallelRunner& pr, const T* x, T* y, int32_t* idx) const {
-    if (cpu_has_avx2_fma())
-      pool_avx2::PoolK<T>(g).forward(pr, x, y, idx);
-    else
-      pool_generic::PoolK<T>(g).forward(pr, x, y, idx);
-  }
-  void backward(const ParallelRunner& pr, const T* dy, const int32_t* idx, T* dx) const {
-    if (cpu_has_avx2_fma())
-      pool_avx2::PoolK<T>(g).backward(pr, dy, idx, dx);
-    else
-      pool_generic::PoolK<T>(g).backward(pr, dy, idx, dx);
-  }
-};
 
 ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                             ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> idx,
                             ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_max_pool2d_fwd";
+  constexpr const char* kTarget = targets::kMaxPool2dFwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    Pool<T>(g).forward(pr, static_cast<const T*>(x.untyped_data()),
-                       static_cast<T*>(y->untyped_data()),
-                       static_cast<int32_t*>(idx->untyped_data()));
+    kernels().pool<T>().forward(pr, g, static_cast<const T*>(x.untyped_data()),
+                                static_cast<T*>(y->untyped_data()),
+                                static_cast<int32_t*>(idx->untyped_data()));
     return ffi::Error::Success();
   });
 }
 
 ffi::Error MaxPool2dBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer idx,
                             ffi::Result<ffi::AnyBuffer> dx, ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_max_pool2d_bwd";
+  constexpr const char* kTarget = targets::kMaxPool2dBwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, *dx, dy, idx, kTarget, &g));
   ParallelRunner pr(&pool);
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    Pool<T>(g).backward(pr, static_cast<const T*>(dy.untyped_data()),
-                        static_cast<const int32_t*>(idx.untyped_data()),
-                        static_cast<T*>(dx->untyped_data()));
+    kernels().pool<T>().backward(pr, g, static_cast<const T*>(dy.untyped_data()),
+                                 static_cast<const int32_t*>(idx.untyped_data()),
+                                 static_cast<T*>(dx->untyped_data()));
     return ffi::Error::Success();
   });
 }

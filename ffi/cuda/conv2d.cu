@@ -42,7 +42,7 @@ PassOptions pass_options(const ConvGeometry& g) {
 ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_conv2d_fwd";
+  constexpr const char* kTarget = targets::kConv2dFwd;
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, x.element_type(), kTarget));
@@ -65,7 +65,7 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
 ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w,
                              ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
                              ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_conv2d_bwd_data";
+  constexpr const char* kTarget = targets::kConv2dBwdData;
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, *dx, w, dy, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, dy.element_type(), kTarget));
@@ -89,7 +89,7 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
 ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
                                ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                ffi::Result<ffi::AnyBuffer> dw, ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_conv2d_bwd_filter";
+  constexpr const char* kTarget = targets::kConv2dBwdFilter;
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, *dw, dy, kTarget, &g));
   if (g.N == 0) {

@@ -12,7 +12,7 @@ namespace {
 
 ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                             ffi::Result<ffi::AnyBuffer> idx, ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_max_pool2d_fwd";
+  constexpr const char* kTarget = targets::kMaxPool2dFwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
   return dispatch_float(x.element_type(), [&](auto tag) {
@@ -26,7 +26,7 @@ ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<f
 
 ffi::Error MaxPool2dBwdImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer idx,
                             ffi::Result<ffi::AnyBuffer> dx, ffi::Dictionary attrs) {
-  static constexpr char kTarget[] = "jaxconv_max_pool2d_bwd";
+  constexpr const char* kTarget = targets::kMaxPool2dBwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, *dx, dy, idx, kTarget, &g));
   return dispatch_float(dy.element_type(), [&](auto tag) {

@@ -1,6 +1,5 @@
-// Max-pooling kernels, included by max_pool2d.cc once per instruction set inside its own
-// namespace (see max_pool2d.cc for the semantics). The selection rule is written branch-free,
-// element-wise over a block of lanes, so the compiler vectorizes it:
+// Max-pooling kernels (see max_pool2d.cc for the semantics). The selection rule is written
+// branch-free, element-wise over a block of lanes, so the compiler vectorizes it:
 //   keep the best m over candidate v  <=>  v <= m  or  m is NaN
 // (so v wins when v > m or v is NaN and m is not), and the first in-bounds tap of a window
 // initializes (m, index) unconditionally.
@@ -8,6 +7,27 @@
 // A lane's running maximum is a chain of dependent compare+blend steps, one per tap. One such
 // chain per register leaves the vector units idle most of the time, so the kernels scan up to
 // kChains registers side by side (consecutive output blocks in NCHW, channel blocks in NHWC).
+//
+// The kernels are compiled once per capability (kernel_table.h) and chosen at load time. Forward
+// vectorizes registers of consecutive outputs of a row (NCHW) or of channels of a cell (NHWC), up
+// to four side by side; windows that cross the left/right border take a scalar scan.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_common.h"
+#include "kernel_table.h"
+
+// The kernels pass GCC vectors between inlined helpers; GCC's note about the ABI for passing
+// them does not apply to anything that crosses a call boundary here.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace jaxconv::JAXCONV_CPU_CAPABILITY {
+namespace {
 
 // One 256-bit register of lanes as GCC vectors: values (8 floats or 4 doubles) and the signed
 // integer vectors of the same width that comparisons return and that carry the indices.
@@ -43,12 +63,12 @@ struct PoolK {
   static constexpr int kChains = 4;  // registers scanned side by side
   const PoolGeometry& g;
   Strides4 xs, ys;
-  int64_t KH, KW, sh, sw, dh, dw, pt, pl;
+  int64_t KH, KW, sh, sw, dil_h, dil_w, pt, pl;
 
   explicit PoolK(const PoolGeometry& geo)
       : g(geo), xs(geo.x_strides()), ys(geo.y_strides()), KH(geo.p.kernel_h),
-        KW(geo.p.kernel_w), sh(geo.p.stride_h), sw(geo.p.stride_w), dh(geo.p.dilation_h),
-        dw(geo.p.dilation_w), pt(geo.p.pad_top), pl(geo.p.pad_left) {}
+        KW(geo.p.kernel_w), sh(geo.p.stride_h), sw(geo.p.stride_w), dil_h(geo.p.dilation_h),
+        dil_w(geo.p.dilation_w), pt(geo.p.pad_top), pl(geo.p.pad_left) {}
 
   using V = typename Lanes<Acc>::V;
   using I = typename Lanes<Acc>::I;
@@ -106,18 +126,18 @@ struct PoolK {
   void scan_taps(int64_t oh, int64_t ow, TapRange th, TapRange tw, First&& first,
                  Rest&& rest) const {
     const int64_t ih0 = oh * sh - pt, iw0 = ow * sw - pl;
-    first(ih0 + th.lo * dh, iw0 + tw.lo * dw);
+    first(ih0 + th.lo * dil_h, iw0 + tw.lo * dil_w);
     for (int64_t kh = th.lo; kh < th.hi; ++kh)
       for (int64_t kw = kh == th.lo ? tw.lo + 1 : tw.lo; kw < tw.hi; ++kw)
-        rest(ih0 + kh * dh, iw0 + kw * dw);
+        rest(ih0 + kh * dil_h, iw0 + kw * dil_w);
   }
 
   // Scalar window scan for one output cell of one plane (border cells, small planes); `plane`
   // points at the cell's channel, st gives the strides.
   void scan_cell(const T* plane, Strides4 st, int64_t oh, int64_t ow, Acc* best,
                  int32_t* arg) const {
-    const TapRange th = taps(oh, sh, pt, dh, KH, g.H);
-    const TapRange tw = taps(ow, sw, pl, dw, KW, g.W);
+    const TapRange th = taps(oh, sh, pt, dil_h, KH, g.H);
+    const TapRange tw = taps(ow, sw, pl, dil_w, KW, g.W);
     if (th.lo >= th.hi || tw.lo >= tw.hi) {  // only padding (dilation): -inf, index -1
       *best = -std::numeric_limits<Acc>::infinity();
       *arg = -1;
@@ -160,13 +180,13 @@ struct PoolK {
   // ---- NCHW -----------------------------------------------------------------------------
   //
   // Interior columns (windows inside the input horizontally) go kLanes outputs per register.
-  // The input column of tap kw for output ow is ow*sw + kw*dw - pl, so consecutive outputs read
+  // The input column of tap kw for output ow is ow*sw + kw*dil_w - pl, so consecutive outputs read
   //   kStride1:       a contiguous run,
   //   kStride2:       the even columns of two registers (see Lanes),
   //   kStride2Pairs:  the same, and the odd columns are tap kw + 1 (dilation 1),
   //   kPhaseRows:     larger strides and the half types: a contiguous run of a phase row
   //                   P[h][r][j] = x[h][j*sw + r] built per plane, tap kw reading phase
-  //                   r = off mod sw at j = ow + off div sw, off = kw*dw - pl.
+  //                   r = off mod sw at j = ow + off div sw, off = kw*dil_w - pl.
   // Border columns go through scan_cell.
   enum class Cols { kStride1, kStride2, kStride2Pairs, kPhaseRows };
 
@@ -187,7 +207,7 @@ struct PoolK {
       return load_acc(ps.P + (ih * sw + ps.tap_r[kw]) * ps.L + ow + ps.tap_q[kw]);
     } else {
       const Acc* row = reinterpret_cast<const Acc*>(ps.x) + ih * xs.h;
-      const int64_t col = ow * sw + kw * dw - pl;
+      const int64_t col = ow * sw + kw * dil_w - pl;
       if constexpr (mode == Cols::kStride1) {
         return load_acc(row + col);
       } else {
@@ -212,7 +232,7 @@ struct PoolK {
 
   // NB registers of consecutive outputs ow .. ow + NB*kLanes - 1 of output row oh, whose
   // windows are in-bounds horizontally and have the in-bounds rows th. While scanning, the
-  // index registers hold the tap's offset kh*dh*W + kw*dw from the window's origin (the same
+  // index registers hold the tap's offset kh*dil_h*W + kw*dil_w from the window's origin (the same
   // for every lane and register, so one broadcast per tap); the origin is added at the store.
   template <Cols mode, int NB>
   void interior_blocks(const PlaneScan& ps, int64_t oh, int64_t ow, TapRange th, T* yrow,
@@ -225,8 +245,8 @@ struct PoolK {
     const int64_t ih0 = oh * sh - pt;
     // The first in-bounds tap (row th.lo, column 0) starts every lane's scan.
     {
-      const int64_t ih = ih0 + th.lo * dh;
-      const I off = I{} + IS(th.lo * dh * g.W);
+      const int64_t ih = ih0 + th.lo * dil_h;
+      const I off = I{} + IS(th.lo * dil_h * g.W);
 #pragma GCC unroll 4
       for (int b = 0; b < NB; ++b) {
         m[b] = tap_lanes<mode>(ps, ih, 0, ow + b * kLanes, &next);
@@ -236,8 +256,8 @@ struct PoolK {
     }
     // The other taps in row-major order; with pairs, a last tap of odd KW goes alone.
     auto tap = [&](int64_t kh, int64_t kw, auto with_next) {
-      const I off = I{} + IS(kh * dh * g.W + kw * dw);
-      const int64_t ih = ih0 + kh * dh;
+      const I off = I{} + IS(kh * dil_h * g.W + kw * dil_w);
+      const int64_t ih = ih0 + kh * dil_h;
 #pragma GCC unroll 4
       for (int b = 0; b < NB; ++b) {
         update(tap_lanes<mode>(ps, ih, kw, ow + b * kLanes, &next), off, &m[b], &a[b]);
@@ -284,19 +304,19 @@ struct PoolK {
   void forward_plane_nchw(const T* x, T* y, int32_t* idx, Acc* P) const {
     const int64_t L = (g.W + sw - 1) / sw;
     int64_t ow_lo = ceil_div(pl, sw);                                   // ow*sw - pl >= 0
-    int64_t ow_hi = floor_div(g.W - 1 + pl - (KW - 1) * dw, sw) + 1;    // last tap < W
+    int64_t ow_hi = floor_div(g.W - 1 + pl - (KW - 1) * dil_w, sw) + 1;    // last tap < W
     ow_lo = std::min(std::max<int64_t>(ow_lo, 0), g.OW);
     ow_hi = std::max(std::min(ow_hi, g.OW), ow_lo);
     if (KW > 64 || ow_hi - ow_lo < kLanes) ow_hi = ow_lo;  // no vector blocks: all scalar
     Cols mode = Cols::kPhaseRows;
     if constexpr (std::is_same_v<T, Acc>) {
       if (sw == 1) mode = Cols::kStride1;
-      if (sw == 2) mode = dw == 1 ? Cols::kStride2Pairs : Cols::kStride2;
+      if (sw == 2) mode = dil_w == 1 ? Cols::kStride2Pairs : Cols::kStride2;
     }
     int64_t tap_r[64], tap_q[64];
     if (ow_hi > ow_lo && mode == Cols::kPhaseRows) {
       for (int64_t kw = 0; kw < KW; ++kw) {
-        const int64_t off = kw * dw - pl;
+        const int64_t off = kw * dil_w - pl;
         tap_q[kw] = floor_div(off, sw);
         tap_r[kw] = off - tap_q[kw] * sw;
       }
@@ -321,7 +341,7 @@ struct PoolK {
       scan_cells(0, ow_lo);  // border columns
       scan_cells(ow_hi, g.OW);
       if (ow_hi == ow_lo) continue;
-      const TapRange th = taps(oh, sh, pt, dh, KH, g.H);
+      const TapRange th = taps(oh, sh, pt, dil_h, KH, g.H);
       if (th.lo >= th.hi) {  // a window of padding rows only (dilation): -inf, index -1
         for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
           yrow[ow] = Num<T>::store(-std::numeric_limits<Acc>::infinity());
@@ -403,9 +423,9 @@ struct PoolK {
   }
 
   void forward_row_nhwc(const T* x, T* y, int32_t* idx, int64_t oh) const {
-    const TapRange th = taps(oh, sh, pt, dh, KH, g.H);
+    const TapRange th = taps(oh, sh, pt, dil_h, KH, g.H);
     for (int64_t ow = 0; ow < g.OW; ++ow) {
-      const TapRange tw = taps(ow, sw, pl, dw, KW, g.W);
+      const TapRange tw = taps(ow, sw, pl, dil_w, KW, g.W);
       T* yc = y + oh * ys.h + ow * ys.w;
       int32_t* ic = idx + oh * ys.h + ow * ys.w;
       if (th.lo >= th.hi || tw.lo >= tw.hi) {
@@ -503,3 +523,30 @@ struct PoolK {
     });
   }
 };
+
+template <typename T>
+void forward(const ParallelRunner& pr, const PoolGeometry& g, const T* x, T* y, int32_t* idx) {
+  PoolK<T>(g).forward(pr, x, y, idx);
+}
+
+template <typename T>
+void backward(const ParallelRunner& pr, const PoolGeometry& g, const T* dy, const int32_t* idx,
+              T* dx) {
+  PoolK<T>(g).backward(pr, dy, idx, dx);
+}
+
+template <typename T>
+PoolKernels<T> pool_kernels() {
+  return {forward<T>, backward<T>};
+}
+
+}  // namespace
+
+void add_pool_kernels(KernelTable* table) {
+  table->pool_f32 = pool_kernels<float>();
+  table->pool_f64 = pool_kernels<double>();
+  table->pool_f16 = pool_kernels<f16_t>();
+  table->pool_bf16 = pool_kernels<bf16_t>();
+}
+
+}  // namespace jaxconv::JAXCONV_CPU_CAPABILITY

@@ -1,13 +1,37 @@
-// Depthwise kernels, included by depthwise.cc once per instruction set inside its own
-// namespace (see depthwise.cc for what they compute and why).
+// Depthwise convolution (one input and one output channel per group: groups = C = O), the three
+// kernels computed directly instead of as degenerate GEMMs (a GEMM per channel would have a
+// single row or column).
+//
+//   y[n, c, oh, ow]  = bias[c] + sum_{kh, kw} x[n, c, oh*s - pt + kh*d, ow*s - pl + kw*d] * w[c, kh, kw]
+//   dx[n, c, h, w]   = bias[c] + sum of dy[n, c, oh, ow] * w[c, kh, kw] over the (oh, ow, kh, kw)
+//                      whose forward tap reads (h, w)
+//   dw[c, kh, kw]    = sum_{n, oh, ow} dy[n, c, oh, ow] * x[n, c, oh*s - pt + kh*d, ...]
+//
+// NHWC vectorizes across channels (contiguous): a block of kCB channels of one output cell is
+// accumulated in registers over the taps. NCHW vectorizes along a row: each input plane is
+// first copied, zero-padded, into s "phase" rows per input row, so that the columns a tap reads
+// for consecutive outputs (ow*s + kw*d) become consecutive elements of one phase row; every
+// kernel is then a sequence of contiguous multiply-adds (or dot products, for dw).
+//
+// Compiled once per capability (kernel_table.h); depthwise.h calls the table chosen for this CPU.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_common.h"
+#include "kernel_table.h"
+
+namespace jaxconv::JAXCONV_CPU_CAPABILITY {
+namespace {
 
 constexpr int64_t kCB = 32;  // NHWC channels per register block (4 AVX vectors of floats)
 
 template <typename T>
 using AccOf = typename Num<T>::acc;
 
-// Where the taps of output row u (or column) read: for each kernel tap t, the input index or -1.
-// Forward: i = u*s - pad + t*d. These lists are tiny (<= KH entries), built per row.
+// The taps of one output row u (or column) that land inside the input, and where they read:
+// forward i = u*s - pad + t*d. These lists are tiny (<= KH entries), built per row.
 struct TapList {
   int64_t n = 0;
   int64_t in[64], tap[64];
@@ -17,12 +41,10 @@ struct TapList {
 inline void forward_taps(int64_t o, int64_t s, int64_t pad, int64_t d, int64_t k, int64_t size,
                          TapList* out) {
   out->n = 0;
-  for (int64_t t = 0; t < k; ++t) {
-    int64_t i = o * s - pad + t * d;
-    if (i >= 0 && i < size) {
-      out->in[out->n] = i;
-      out->tap[out->n++] = t;
-    }
+  const TapRange taps = window_taps(o, s, pad, d, k, size);
+  for (int64_t t = taps.lo; t < taps.hi; ++t) {
+    out->in[out->n] = o * s - pad + t * d;
+    out->tap[out->n++] = t;
   }
 }
 
@@ -30,10 +52,13 @@ inline void forward_taps(int64_t o, int64_t s, int64_t pad, int64_t d, int64_t k
 inline void backward_taps(int64_t i, int64_t s, int64_t pad, int64_t d, int64_t k,
                           int64_t out_size, TapList* out) {
   out->n = 0;
-  for (int64_t t = 0; t < k; ++t) {
-    int64_t num = i + pad - t * d;
-    if (num < 0 || num % s) continue;
-    int64_t o = num / s;
+  // Only the taps of i's stride phase divide exactly (geometry.h's phase_taps).
+  const PhaseTaps taps = phase_taps(i, s, pad, d, k);
+  for (int64_t q = 0; q < taps.count; ++q) {
+    const int64_t t = taps.first + q * taps.step;
+    const int64_t num = i + pad - t * d;
+    if (num < 0) continue;
+    const int64_t o = num / s;
     if (o < out_size) {
       out->in[out->n] = o;
       out->tap[out->n++] = t;
@@ -343,3 +368,37 @@ struct DW {
   }
 };
 
+
+template <typename T>
+void forward(const ParallelRunner& pr, const ConvGeometry& g, const T* x, const T* w,
+             const T* bias, T* y) {
+  DW<T>(g).forward(pr, x, w, bias, y);
+}
+
+template <typename T>
+void backward_data(const ParallelRunner& pr, const ConvGeometry& g, const T* dy, const T* w,
+                   const T* bias, T* dx) {
+  DW<T>(g).backward_data(pr, dy, w, bias, dx);
+}
+
+template <typename T>
+void backward_filter(const ParallelRunner& pr, const ConvGeometry& g, const T* x, const T* dy,
+                     T* dw) {
+  DW<T>(g).backward_filter(pr, x, dy, dw);
+}
+
+template <typename T>
+DepthwiseKernels<T> depthwise_kernels() {
+  return {forward<T>, backward_data<T>, backward_filter<T>};
+}
+
+}  // namespace
+
+void add_depthwise_kernels(KernelTable* table) {
+  table->depthwise_f32 = depthwise_kernels<float>();
+  table->depthwise_f64 = depthwise_kernels<double>();
+  table->depthwise_f16 = depthwise_kernels<f16_t>();
+  table->depthwise_bf16 = depthwise_kernels<bf16_t>();
+}
+
+}  // namespace jaxconv::JAXCONV_CPU_CAPABILITY

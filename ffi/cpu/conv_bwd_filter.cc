@@ -1,0 +1,119 @@
+// bwd_filter: dw = sum over images and positions of the im2col of x against dy.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "conv.h"
+
+namespace jaxconv {
+
+// dw = sum over images and positions of the im2col of x against dy (see the file comment).
+//
+// Positions (n, oh, ow), flattened, are cut into slices of at most kKC; dy is first packed
+// once per slice into the GEMM operand it plays (NCHW: B panels of dY^T; NHWC: A rows of
+// dY^T). Tasks then own a block of the im2col side (NCHW: rows k of dW^T; NHWC: columns k)
+// and a contiguous range of slices; when there are too few blocks to keep every thread busy
+// the slices are split into ranges summed into separate partial buffers, added at the end in
+// a fixed order, so results never depend on scheduling.
+template <typename T>
+void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T* dw) const {
+  if (depthwise_applicable(g)) return depthwise_backward_filter<T>(pr, g, x, dy, dw);
+  const Pass ps = forward_pass();
+  const int64_t G = ps.G, Kg = ps.K(), J = ps.U * ps.V, Q = ps.N * J;
+  const int64_t slices = (Q + kKC - 1) / kKC;
+  const int64_t opanels = (Og + NR - 1) / NR;
+  const bool nchw = !nhwc();
+  // Packed dy, per (group, slice): NCHW opanels*NR x kKC panels; NHWC Og x kKC rows.
+  const int64_t dy_slice = nchw ? opanels * NR * kKC : Og * kKC;
+  std::vector<Acc> dyp(G * slices * dy_slice);
+  pr.run(G * slices, [&](int64_t task) {
+    const int64_t grp = task / slices, s = task % slices;
+    const int64_t q0 = s * kKC, q1 = std::min(Q, q0 + kKC), pc = q1 - q0;
+    Acc* dst = dyp.data() + task * dy_slice;
+    if (nchw) {
+      // dY^T panels: [o / NR][pos][o % NR]; read along each dy plane (contiguous in pos).
+      for (int64_t o = 0; o < opanels * NR; ++o) {
+        Acc* d = dst + (o / NR) * pc * NR + o % NR;
+        if (o >= Og) {
+          for (int64_t q = 0; q < pc; ++q) d[q * NR] = Acc(0);
+          continue;
+        }
+        for (int64_t q = q0; q < q1;) {
+          int64_t n = q / J, j = q % J, len = std::min(J - j, q1 - q);
+          const T* src = dy + n * ys.n + (grp * Og + o) * ys.c + j;
+          for (int64_t i = 0; i < len; ++i) d[(q - q0 + i) * NR] = Num<T>::load(src[i]);
+          q += len;
+        }
+      }
+    } else {
+      // dY^T rows: [o][pos]; positions of dense NHWC dy are rows of stride ys.w.
+      for (int64_t q = q0; q < q1; ++q) {
+        const T* src = dy + q * ys.w + grp * Og;
+        for (int64_t o = 0; o < Og; ++o) dst[o * pc + (q - q0)] = Num<T>::load(src[o]);
+      }
+    }
+  });
+  // Blocks of the im2col side: NCHW rows of dW^T (multiples of 6), NHWC columns (panels).
+  const int64_t block = nchw ? 96 : 8 * NR;
+  const int64_t blocks = (Kg + block - 1) / block;
+  int64_t splits = std::max<int64_t>(1, (2 * pr.num_threads() + G * blocks - 1) / (G * blocks));
+  splits = std::min(splits, slices);
+  const int64_t part_size = Kg * Og;  // NCHW dW^T[k][o], NHWC dW^T[o][k]
+  std::vector<Acc> partial(G * splits * part_size, Acc(0));
+  pr.run(G * blocks * splits, [&](int64_t task) {
+    const int64_t s = task % splits, b = (task / splits) % blocks, grp = task / (splits * blocks);
+    const int64_t k0 = b * block, kn = std::min(Kg, k0 + block) - k0;
+    Acc* part = partial.data() + (grp * splits + s) * part_size;
+    Acc* im = scratch<Acc, kPackedOperand>(round_up(block, NR) * kKC);
+    thread_local std::vector<Run> runs;
+    for (int64_t sl = slices * s / splits; sl < slices * (s + 1) / splits; ++sl) {
+      const int64_t q0 = sl * kKC, q1 = std::min(Q, q0 + kKC), pc = q1 - q0;
+      const Acc* dyop = dyp.data() + (grp * slices + sl) * dy_slice;
+      if (nchw) {
+        // A = im2col rows k0 .. k0+kn over the slice's positions (row length pc).
+        grid_runs(q0, q1, ps.U, ps.V, &runs);
+        const int64_t taps = ps.TH() * ps.TW();
+        for (int64_t k = k0; k < k0 + kn; ++k) {
+          int64_t ci = k / taps, th = (k % taps) / ps.TW(), tw = k % ps.TW();
+          int64_t vlo, vhi;
+          ps.v_range(tw, &vlo, &vhi);
+          for (const Run& r : runs)
+            gather_row_run(ps, x + r.n * xs.n + (grp * Cg + ci) * xs.c, r, th, tw, vlo, vhi,
+                           im + (k - k0) * pc + r.at);
+        }
+        gemm_packed(kn, Og, pc, im, pc, dyop, pc * NR, part + k0 * Og, Og, true);
+      } else {
+        // B = im2col columns k0 .. k0+kn as panels over the slice's positions.
+        pack_col_panels_nhwc(ps, x, grp, q0, pc, k0, kn, im);
+        gemm_packed(Og, kn, pc, dyop, pc, im, pc * NR, part + k0, Kg, true);
+      }
+    }
+  });
+  // Sum the partials in split order and write dw in its layout.
+  const int64_t taps = ps.TH() * ps.TW();
+  pr.run(G * Og, [&](int64_t task) {
+    const int64_t grp = task / Og, o = task % Og;
+    const Acc* base = partial.data() + grp * splits * part_size;
+    for (int64_t k = 0; k < Kg; ++k) {
+      int64_t idx = nchw ? k * Og + o : o * Kg + k;
+      Acc v = 0;
+      for (int64_t s = 0; s < splits; ++s) v += base[s * part_size + idx];
+      int64_t ci, kh, kw;
+      if (nchw) {
+        ci = k / taps; kh = (k % taps) / g.KW; kw = k % g.KW;
+      } else {
+        ci = k % Cg; kh = (k / Cg) / g.KW; kw = (k / Cg) % g.KW;
+      }
+      dw[(grp * Og + o) * ws.n + ci * ws.c + kh * ws.h + kw * ws.w] = Num<T>::store(v);
+    }
+  });
+}
+
+#define JAXCONV_INSTANTIATE(T) \
+  template void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T*   \
+      dw) const;
+JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
+#undef JAXCONV_INSTANTIATE
+
+}  // namespace jaxconv

@@ -1,0 +1,171 @@
+// Running a convolution pass (conv.h): the forward convolution is one pass over y; each stride
+// phase of bwd_data (conv_bwd_data.cc) is one pass over the dx cells of that phase.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "conv.h"
+
+namespace jaxconv {
+
+// ------------------------------------------------------------------------------------------
+// Running a pass.
+
+// NCHW: per task, a block of grid columns (positions) of one group; A = weights.
+template <typename T>
+void Conv<T>::run_pass_nchw(const ParallelRunner& pr, const Pass& ps, const T* in, const Acc* A,
+                            const T* bias, T* out) const {
+  const int64_t J = ps.U * ps.V, Q = ps.N * J, K = ps.K(), Cout = ps.Cout;
+  if (Q == 0) return;
+  // Blocks of columns: whole images split evenly when an image is large, else blocks that
+  // run across images; halved until there are enough tasks to share.
+  int64_t width = 256;
+  auto count = [&](int64_t wdt) {
+    return J >= 128 ? ps.N * ((J + wdt - 1) / wdt) : (Q + wdt - 1) / wdt;
+  };
+  while (width > 64 && ps.G * count(width) < 4 * pr.num_threads()) width /= 2;
+  const int64_t per_image = J >= 128 ? (J + width - 1) / width : 0;
+  const int64_t blocks = count(width);
+  const int64_t kc_max = K <= kKC + kKC / 2 ? K : kKC;
+  pr.run(ps.G * blocks, [&](int64_t task) {
+    const int64_t grp = task / blocks, b = task % blocks;
+    int64_t q0, q1;
+    if (per_image) {
+      int64_t n = b / per_image, part = b % per_image;
+      int64_t step = round_up((J + per_image - 1) / per_image, NR);
+      q0 = n * J + std::min(J, part * step);
+      q1 = n * J + std::min(J, (part + 1) * step);
+    } else {
+      q0 = b * width;
+      q1 = std::min(Q, q0 + width);
+    }
+    const int64_t cols = q1 - q0;
+    if (cols <= 0) return;
+    thread_local std::vector<Run> runs;
+    grid_runs(q0, q1, ps.U, ps.V, &runs);
+    const bool direct = kSame && ps.dense && q0 / J == (q1 - 1) / J;
+    Acc* C;
+    int64_t ldc;
+    bool acc = false;
+    if (direct) {
+      int64_t n = q0 / J;
+      C = reinterpret_cast<Acc*>(out) + n * ps.os.n + grp * Cout * ps.os.c + (q0 - n * J);
+      ldc = ps.os.c;
+      if (bias) {
+        for (int64_t co = 0; co < Cout; ++co)
+          std::fill(C + co * ldc, C + co * ldc + cols, Num<T>::load(bias[grp * Cout + co]));
+        acc = true;
+      }
+    } else {
+      C = scratch<Acc, kTile>(Cout * cols);
+      ldc = cols;
+    }
+    const Acc* Ag = A + grp * Cout * K;
+    Acc* Bp = scratch<Acc, kPackedOperand>(round_up(cols, NR) * kc_max);
+    if (K == 0) gemm_packed(Cout, cols, 0, Ag, K, Bp, 0, C, ldc, acc);
+    for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, K - k0);
+      pack_colT_panels(ps, in, grp, k0, kc, runs, Bp);
+      gemm_packed(Cout, cols, kc, Ag + k0, K, Bp, kc * NR, C, ldc, acc || k0 > 0);
+    }
+    if (!direct) store_nchw(ps, C, ldc, runs, grp, out, bias);
+  });
+}
+
+// NHWC: per task, a block of grid rows (positions, across images) of one group; B = weights.
+template <typename T>
+void Conv<T>::run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* in, const Acc* Bw,
+                            const T* bias, T* out) const {
+  const int64_t Q = ps.N * ps.U * ps.V, K = ps.K(), Cout = ps.Cout;
+  if (Q == 0) return;
+  const int64_t panels = (Cout + NR - 1) / NR;
+  int64_t rows_per = 96;
+  while (rows_per > 12 && ps.G * ((Q + rows_per - 1) / rows_per) < 4 * pr.num_threads())
+    rows_per /= 2;
+  const int64_t blocks = (Q + rows_per - 1) / rows_per;
+  const int64_t kc_max = K <= kKC + kKC / 2 ? K : kKC;
+  // 1x1 taps at offset 0 with step 1 over a grid equal to the input: the im2col is the input.
+  const bool in_place = kSame && ps.TH() == 1 && ps.TW() == 1 && ps.off_h[0] == 0 &&
+                        ps.off_w[0] == 0 && ps.step_h == 1 && ps.step_w == 1 &&
+                        ps.U == ps.Hin && ps.V == ps.Win;
+  pr.run(ps.G * blocks, [&](int64_t task) {
+    const int64_t grp = task / blocks, b = task % blocks;
+    const int64_t q0 = b * rows_per, rows = std::min(Q, q0 + rows_per) - q0;
+    const bool direct = kSame && ps.dense;
+    Acc* C;
+    int64_t ldc;
+    bool acc = false;
+    if (direct) {
+      C = reinterpret_cast<Acc*>(out) + q0 * ps.os.w + grp * Cout;
+      ldc = ps.os.w;
+      if (bias) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t co = 0; co < Cout; ++co)
+            C[r * ldc + co] = Num<T>::load(bias[grp * Cout + co]);
+        acc = true;
+      }
+    } else {
+      C = scratch<Acc, kTile>(rows * Cout);
+      ldc = Cout;
+    }
+    const Acc* Bg = Bw + grp * panels * NR * K;
+    if (K == 0) gemm_packed(rows, Cout, 0, Bg, 0, Bg, 0, C, ldc, acc);
+    for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, K - k0);
+      const Acc* Ablk;
+      int64_t lda;
+      if (in_place) {
+        Ablk = reinterpret_cast<const Acc*>(in) + q0 * ps.is.w + grp * ps.Cin + k0;
+        lda = ps.is.w;
+      } else {
+        Acc* At = scratch<Acc, kPackedOperand>(rows_per * kc_max);
+        pack_col_rows(ps, in, grp, q0, rows, k0, kc, At);
+        Ablk = At;
+        lda = kc;
+      }
+      gemm_packed(rows, Cout, kc, Ablk, lda, Bg + k0 * NR, K * NR, C, ldc, acc || k0 > 0);
+    }
+    if (!direct) store_nhwc(ps, C, ldc, q0, rows, grp, out, bias);
+  });
+}
+
+template <typename T>
+void Conv<T>::run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, const T* w,
+                       bool transposed, const T* bias, T* out) const {
+  if (ps.N * ps.U * ps.V == 0) return;
+  std::vector<Acc> wpack;
+  const Acc* wmat;
+  // Forward NCHW with float weights: OIHW rows are already the A operand.
+  if (kSame && !transposed && ps.layout == kNCHW) {
+    wmat = reinterpret_cast<const Acc*>(w);
+  } else {
+    pack_pass_weights(pr, ps, w, transposed, &wpack);
+    wmat = wpack.data();
+  }
+  if (ps.layout == kNCHW)
+    run_pass_nchw(pr, ps, in, wmat, bias, out);
+  else
+    run_pass_nhwc(pr, ps, in, wmat, bias, out);
+}
+
+// y = conv(x, w) + bias
+template <typename T>
+void Conv<T>::forward(const ParallelRunner& pr, const T* x, const T* w, const T* bias, T* y) const {
+  if (use_depthwise(w)) return depthwise_forward<T>(pr, g, x, w, bias, y);
+  run_pass(pr, forward_pass(), x, w, false, bias, y);
+}
+
+#define JAXCONV_INSTANTIATE(T) \
+  template void Conv<T>::run_pass_nchw(const ParallelRunner& pr, const Pass& ps, const T* in,    \
+      const Acc* A, const T* bias, T* out) const;                                                \
+  template void Conv<T>::run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* in,    \
+      const Acc* Bw, const T* bias, T* out) const;                                               \
+  template void Conv<T>::run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, const   \
+      T* w, bool transposed, const T* bias, T* out) const;                                       \
+  template void Conv<T>::forward(const ParallelRunner& pr, const T* x, const T* w, const T*      \
+      bias, T* y) const;
+JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
+#undef JAXCONV_INSTANTIATE
+
+}  // namespace jaxconv

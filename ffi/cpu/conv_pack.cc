@@ -1,0 +1,234 @@
+// Packing the GEMM operands of a convolution pass straight from the tensors: the pass model
+// (which taps a pass reads, conv.h), the weights as A rows or B panels, and the im2col slices
+// (never materialized whole) as B panels (NCHW) or A rows (NHWC).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "conv.h"
+
+namespace jaxconv {
+
+// ------------------------------------------------------------------------------------------
+// Pass construction.
+
+template <typename T>
+Pass Conv<T>::forward_pass() const {
+  Pass ps;
+  ps.N = g.N; ps.G = g.groups(); ps.Cin = Cg; ps.Hin = g.H; ps.Win = g.W; ps.Cout = Og;
+  ps.U = g.OH; ps.V = g.OW; ps.h0 = 0; ps.h_spacing = 1; ps.w0 = 0; ps.w_spacing = 1;
+  ps.step_h = g.p.stride_h; ps.step_w = g.p.stride_w;
+  for (int64_t kh = 0; kh < g.KH; ++kh) {
+    ps.off_h.push_back(kh * g.p.dilation_h - g.p.pad_top);
+    ps.kh_of.push_back(kh);
+  }
+  for (int64_t kw = 0; kw < g.KW; ++kw) {
+    ps.off_w.push_back(kw * g.p.dilation_w - g.p.pad_left);
+    ps.kw_of.push_back(kw);
+  }
+  ps.is = xs; ps.os = ys; ps.layout = g.p.layout; ps.dense = true;
+  return ps;
+}
+
+// Phase (rh, rw) of bwd_data; see the file comment. Along h: dx row h = s*u' + r - pt for
+// integer u'; tap kh belongs to phase r when kh*d = r (mod s), and reads dy row
+// u' - (kh*d - r)/s. The grid starts at the first such row inside dx.
+template <typename T>
+Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
+  Pass ps;
+  ps.N = g.N; ps.G = g.groups(); ps.Cin = Og; ps.Hin = g.OH; ps.Win = g.OW; ps.Cout = Cg;
+  ps.step_h = 1; ps.step_w = 1;
+  auto axis = [](int64_t r, int64_t s, int64_t pad, int64_t d, int64_t k, int64_t size,
+                 int64_t* first, int64_t* count, std::vector<int64_t>* off,
+                 std::vector<int64_t>* cell) {
+    int64_t u_lo = ceil_div(pad - r, s), u_hi = floor_div(size - 1 + pad - r, s);
+    *first = s * u_lo + r - pad;
+    *count = std::max<int64_t>(0, u_hi - u_lo + 1);
+    // The taps of phase r: t*d = r (mod s), in increasing t (geometry.h's phase_taps).
+    const PhaseTaps taps = phase_taps(r, s, 0, d, k);
+    for (int64_t q = 0; q < taps.count; ++q) {
+      const int64_t t = taps.first + q * taps.step;
+      off->push_back(u_lo - (t * d - r) / s);
+      cell->push_back(t);
+    }
+  };
+  axis(rh, g.p.stride_h, g.p.pad_top, g.p.dilation_h, g.KH, g.H, &ps.h0, &ps.U, &ps.off_h,
+       &ps.kh_of);
+  axis(rw, g.p.stride_w, g.p.pad_left, g.p.dilation_w, g.KW, g.W, &ps.w0, &ps.V, &ps.off_w,
+       &ps.kw_of);
+  ps.h_spacing = g.p.stride_h; ps.w_spacing = g.p.stride_w;
+  ps.is = ys; ps.os = xs; ps.layout = g.p.layout;
+  ps.dense = ps.h_spacing == 1 && ps.w_spacing == 1 && ps.h0 == 0 && ps.w0 == 0 && ps.U == g.H &&
+             ps.V == g.W;
+  return ps;
+}
+
+// The pass's weights as the GEMM wants them, for every group:
+//   NCHW: A[grp][co][k] (rows of the output channels)                 size G*Cout*K
+//   NHWC: B panels[grp]: panel co/NR holds [k][co % NR]              size G*ceil(Cout/NR)*NR*K
+template <typename T>
+void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w, bool transposed,
+                                std::vector<Acc>* out) const {
+  const int64_t K = ps.K(), G = ps.G, Cout = ps.Cout;
+  if (ps.layout == kNCHW) {
+    out->resize(G * Cout * K);
+    Acc* base = out->data();
+    pr.run(G * Cout, [&](int64_t task) {
+      int64_t grp = task / Cout, co = task % Cout;
+      Acc* row = base + (grp * Cout + co) * K;
+      for (int64_t ci = 0; ci < ps.Cin; ++ci)
+        for (int64_t th = 0; th < ps.TH(); ++th)
+          for (int64_t tw = 0; tw < ps.TW(); ++tw)
+            row[k_index(ps, ci, th, tw)] = weight(w, ps, transposed, grp, co, ci, th, tw);
+    });
+  } else {
+    const int64_t panels = (Cout + NR - 1) / NR;
+    out->resize(G * panels * NR * K);
+    Acc* base = out->data();
+    pr.run(G * panels, [&](int64_t task) {
+      int64_t grp = task / panels, p = task % panels;
+      Acc* panel = base + (grp * panels + p) * K * NR;
+      int64_t c0 = p * NR, nr = std::min(NR, Cout - c0);
+      for (int64_t th = 0; th < ps.TH(); ++th)
+        for (int64_t tw = 0; tw < ps.TW(); ++tw)
+          for (int64_t ci = 0; ci < ps.Cin; ++ci) {
+            Acc* dst = panel + k_index(ps, ci, th, tw) * NR;
+            for (int64_t j = 0; j < nr; ++j)
+              dst[j] = weight(w, ps, transposed, grp, c0 + j, ci, th, tw);
+            for (int64_t j = nr; j < NR; ++j) dst[j] = Acc(0);
+          }
+    });
+  }
+}
+
+// NCHW: Col^T rows k in [k0, k0 + kc) for grid positions `runs` (the block's columns), into
+// B panels (panel stride kc*NR) for group grp.
+template <typename T>
+void Conv<T>::pack_colT_panels(const Pass& ps, const T* in, int64_t grp, int64_t k0, int64_t kc,
+                               const std::vector<Run>& runs, Acc* Bp) const {
+  const int64_t taps = ps.TH() * ps.TW();
+  const int64_t cols = runs.empty() ? 0 : runs.back().at + runs.back().len;
+  const int64_t full = cols / NR, rest = cols % NR;
+  // Each row k is gathered run by run into a contiguous line (long runs: few bounds checks),
+  // then dealt out to the panels one NR-wide piece at a time.
+  Acc* line = scratch<Acc, kGatherLine>(round_up(cols, NR));
+  for (int64_t k = k0; k < k0 + kc; ++k) {
+    int64_t ci = k / taps, th = (k % taps) / ps.TW(), tw = k % ps.TW();
+    int64_t vlo, vhi;
+    ps.v_range(tw, &vlo, &vhi);
+    for (const Run& r : runs)
+      gather_row_run(ps, in + r.n * ps.is.n + (grp * ps.Cin + ci) * ps.is.c, r, th, tw, vlo,
+                     vhi, line + r.at);
+    Acc* dst = Bp + (k - k0) * NR;
+    for (int64_t p = 0; p < full; ++p) std::memcpy(dst + p * kc * NR, line + p * NR, NR * sizeof(Acc));
+    if (rest) {
+      zero(line + cols, NR - rest);  // padding columns of the last panel
+      std::memcpy(dst + full * kc * NR, line + full * NR, NR * sizeof(Acc));
+    }
+  }
+}
+
+// NHWC: Col rows (grid positions q0 ..) restricted to k in [k0, k0 + kc), row-major with
+// leading dimension kc; k = (th, tw, ci) so each tap contributes one contiguous channel run.
+template <typename T>
+void Conv<T>::pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0, int64_t rows,
+                            int64_t k0, int64_t kc, Acc* A) const {
+  const int64_t Cin = ps.Cin, TW = ps.TW();
+  // Taps along w one input column apart (dilation 1) with all channels in this group: the
+  // taps (th, 0 .. TW-1) of a row are TW*Cin consecutive k and, inside the input, TW*Cin
+  // consecutive elements.
+  bool unit_taps = Cin == ps.is.w;
+  for (int64_t t = 1; t < TW; ++t) unit_taps &= ps.off_w[t] == ps.off_w[t - 1] + 1;
+  int64_t n = q0 / (ps.U * ps.V), u = (q0 / ps.V) % ps.U, v = q0 % ps.V;
+  for (int64_t r = 0; r < rows; ++r) {
+    Acc* dst = A + r * kc;
+    const T* in_n = in + n * ps.is.n + grp * Cin;
+    if (unit_taps && k0 == 0 && kc == ps.K()) {
+      const int64_t iw0 = v * ps.step_w + ps.off_w[0];
+      // Taps [tlo, thi) of the row land inside the input.
+      const int64_t tlo = std::min(TW, std::max<int64_t>(0, -iw0));
+      const int64_t thi = std::max(tlo, std::min(TW, ps.Win - iw0));
+      for (int64_t th = 0; th < ps.TH(); ++th) {
+        Acc* d = dst + th * TW * Cin;
+        int64_t ih = u * ps.step_h + ps.off_h[th];
+        if (ih < 0 || ih >= ps.Hin) {
+          zero(d, TW * Cin);
+          continue;
+        }
+        zero(d, tlo * Cin);
+        copy_widen(d + tlo * Cin, in_n + ih * ps.is.h + (iw0 + tlo) * ps.is.w,
+                   (thi - tlo) * Cin, 1);
+        zero(d + thi * Cin, (TW - thi) * Cin);
+      }
+    } else {
+      const int64_t t_lo = k0 / Cin;
+      int64_t th = t_lo / TW, tw = t_lo % TW;
+      for (int64_t t = t_lo; t * Cin < k0 + kc; ++t, (++tw == TW ? (tw = 0, ++th) : 0)) {
+        int64_t c_lo = std::max<int64_t>(0, k0 - t * Cin), c_hi = std::min(Cin, k0 + kc - t * Cin);
+        Acc* d = dst + t * Cin + c_lo - k0;
+        int64_t ih = u * ps.step_h + ps.off_h[th], iw = v * ps.step_w + ps.off_w[tw];
+        if (ih < 0 || ih >= ps.Hin || iw < 0 || iw >= ps.Win)
+          zero(d, c_hi - c_lo);
+        else
+          copy_widen(d, in_n + ih * ps.is.h + iw * ps.is.w + c_lo, c_hi - c_lo, 1);
+      }
+    }
+    ps.next_position(&n, &u, &v);
+  }
+}
+
+// NHWC bwd_filter: im2col columns [k0, k0 + kn) (k = (kh, kw, ci)) for positions q0 .. q0+pc
+// as B panels [col / NR][pos][col % NR] (panel stride pc*NR), zero-padded to whole panels.
+template <typename T>
+void Conv<T>::pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int64_t q0, int64_t pc,
+                                   int64_t k0, int64_t kn, Acc* Bp) const {
+  const int64_t Cin = ps.Cin, kpad = round_up(kn, NR);
+  // The block's columns cut into pieces that stay within one panel and one tap; the same
+  // cut serves every position.
+  struct Piece {
+    int64_t dst, th, tw, ci, len;  // dst: offset of the piece in a position's panel row
+  };
+  thread_local std::vector<Piece> pieces;
+  pieces.clear();
+  for (int64_t col = 0; col < kn;) {
+    const int64_t k = k0 + col, lane = col % NR, t = k / Cin, ci = k % Cin;
+    const int64_t len = std::min({NR - lane, Cin - ci, kn - col});
+    pieces.push_back({(col / NR) * pc * NR + lane, t / ps.TW(), t % ps.TW(), ci, len});
+    col += len;
+  }
+  int64_t n = q0 / (ps.U * ps.V), u = (q0 / ps.V) % ps.U, v = q0 % ps.V;
+  for (int64_t r = 0; r < pc; ++r) {
+    const T* in_n = x + n * ps.is.n + grp * Cin;
+    Acc* row = Bp + r * NR;
+    for (const Piece& pc_ : pieces) {
+      const int64_t ih = u * ps.step_h + ps.off_h[pc_.th];
+      const int64_t iw = v * ps.step_w + ps.off_w[pc_.tw];
+      Acc* dst = row + pc_.dst;
+      if (ih < 0 || ih >= ps.Hin || iw < 0 || iw >= ps.Win)
+        zero(dst, pc_.len);
+      else if (kSame && pc_.len == NR)  // a whole panel row: fixed-size copy, inlined
+        std::memcpy(dst, in_n + ih * ps.is.h + iw * ps.is.w + pc_.ci, NR * sizeof(Acc));
+      else
+        copy_widen(dst, in_n + ih * ps.is.h + iw * ps.is.w + pc_.ci, pc_.len, 1);
+    }
+    if (kn < kpad) zero(row + (kn / NR) * pc * NR + kn % NR, kpad - kn);
+    ps.next_position(&n, &u, &v);
+  }
+}
+
+#define JAXCONV_INSTANTIATE(T) \
+  template Pass Conv<T>::forward_pass() const;                                                   \
+  template Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const;                           \
+  template void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T*    \
+      w, bool transposed, std::vector<Acc>* out) const;                                          \
+  template void Conv<T>::pack_colT_panels(const Pass& ps, const T* in, int64_t grp, int64_t      \
+      k0, int64_t kc, const std::vector<Run>& runs, Acc* Bp) const;                              \
+  template void Conv<T>::pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0,     \
+      int64_t rows, int64_t k0, int64_t kc, Acc* A) const;                                       \
+  template void Conv<T>::pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int64_t   \
+      q0, int64_t pc, int64_t k0, int64_t kn, Acc* Bp) const;
+JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
+#undef JAXCONV_INSTANTIATE
+
+}  // namespace jaxconv

@@ -1,0 +1,31 @@
+// The GEMM that the implicit-GEMM convolutions reduce to: C[M x N] (+)= A[M x K] * Bp, A read
+// in place (row-major, leading dimension lda), B packed. The kernel is gemm.cc, compiled once
+// per capability; these entry points call the one chosen for this CPU (kernel_table.h).
+#pragma once
+
+#include <cstdint>
+
+#include "kernel_table.h"
+
+namespace jaxconv {
+
+// B packed for the micro-kernel: panels of kPanelWidth<S> columns; panel j holds
+// B[k, j*NR + c] at Bp[j * panel_stride + k * NR + c] for k in [0, K), zeros past column N.
+// (NR = two 256-bit vectors: 16 floats or 8 doubles.) The convolutions pack B themselves
+// straight from their tensors (that packing is the im2col); A is always read in place.
+template <typename S>
+constexpr int64_t kPanelWidth = 64 / sizeof(S);
+
+inline void gemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                        const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
+                        bool accumulate) {
+  kernels().gemm_f32(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+}
+
+inline void gemm_packed(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                        const double* Bp, int64_t panel_stride, double* C, int64_t ldc,
+                        bool accumulate) {
+  kernels().gemm_f64(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+}
+
+}  // namespace jaxconv

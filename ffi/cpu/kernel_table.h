@@ -1,0 +1,99 @@
+// One table of the CPU kernels that have vector code, chosen once at load time.
+//
+// Each kernel file with vector code (gemm.cc, depthwise_kernels.cc, max_pool2d_kernels.cc,
+// kernel_table.cc) is compiled once per instruction-set capability by CMake, as its own object
+// library with flags for that capability and JAXCONV_CPU_CAPABILITY set to a namespace name:
+//
+//   capability    namespace      flags
+//   baseline      cpu_baseline   (x86-64 / the compiler's default)
+//   AVX2 + FMA    cpu_avx2       -mavx2 -mfma
+//
+// so every function is defined once per capability, in that namespace. Each capability's
+// kernel_table() fills a KernelTable with its own functions; kernels() (kernel_select.cc,
+// compiled for the baseline only) asks cpuid once which table this CPU can run. Nothing is
+// compiled with -march=native, so one build runs on any x86-64 CPU. Adding a capability (say
+// AVX-512) is one more row in CMakeLists.txt's JAXCONV_CPU_CAPABILITIES and one branch in
+// kernel_select.cc.
+//
+// Everything else (packing, epilogues, handlers) is compiled once for the baseline. Inline
+// functions from shared headers (Num<T>, std::vector, ...) are emitted by every object; the
+// linker keeps the first copy, so CMake links the baseline objects before any capability's.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_common.h"
+
+namespace jaxconv {
+
+// The direct depthwise kernels of one storage type (depthwise_kernels.cc).
+template <typename T>
+struct DepthwiseKernels {
+  void (*forward)(const ParallelRunner&, const ConvGeometry&, const T* x, const T* w,
+                  const T* bias, T* y);
+  void (*backward_data)(const ParallelRunner&, const ConvGeometry&, const T* dy, const T* w,
+                        const T* bias, T* dx);
+  void (*backward_filter)(const ParallelRunner&, const ConvGeometry&, const T* x, const T* dy,
+                          T* dw);
+};
+
+// The max-pool kernels of one storage type (max_pool2d_kernels.cc).
+template <typename T>
+struct PoolKernels {
+  void (*forward)(const ParallelRunner&, const PoolGeometry&, const T* x, T* y, int32_t* idx);
+  void (*backward)(const ParallelRunner&, const PoolGeometry&, const T* dy, const int32_t* idx,
+                   T* dx);
+};
+
+// The packed GEMM of gemm.cc (see cpu_common.h for the operand formats).
+template <typename S>
+using GemmPacked = void (*)(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
+                            const S* Bp, int64_t panel_stride, S* C, int64_t ldc,
+                            bool accumulate);
+
+struct KernelTable {
+  const char* capability;  // "baseline", "avx2"
+  GemmPacked<float> gemm_f32;
+  GemmPacked<double> gemm_f64;
+  DepthwiseKernels<float> depthwise_f32;
+  DepthwiseKernels<double> depthwise_f64;
+  DepthwiseKernels<f16_t> depthwise_f16;
+  DepthwiseKernels<bf16_t> depthwise_bf16;
+  PoolKernels<float> pool_f32;
+  PoolKernels<double> pool_f64;
+  PoolKernels<f16_t> pool_f16;
+  PoolKernels<bf16_t> pool_bf16;
+
+  template <typename T>
+  const DepthwiseKernels<T>& depthwise() const {
+    if constexpr (std::is_same_v<T, float>) return depthwise_f32;
+    else if constexpr (std::is_same_v<T, double>) return depthwise_f64;
+    else if constexpr (std::is_same_v<T, f16_t>) return depthwise_f16;
+    else return depthwise_bf16;
+  }
+  template <typename T>
+  const PoolKernels<T>& pool() const {
+    if constexpr (std::is_same_v<T, float>) return pool_f32;
+    else if constexpr (std::is_same_v<T, double>) return pool_f64;
+    else if constexpr (std::is_same_v<T, f16_t>) return pool_f16;
+    else return pool_bf16;
+  }
+};
+
+// Each capability's table and the parts its kernel files fill in.
+#define JAXCONV_DECLARE_CAPABILITY(cap)     \
+  namespace cap {                           \
+  const KernelTable& kernel_table();        \
+  void add_gemm_kernels(KernelTable*);      \
+  void add_depthwise_kernels(KernelTable*); \
+  void add_pool_kernels(KernelTable*);      \
+  }
+JAXCONV_DECLARE_CAPABILITY(cpu_baseline)
+JAXCONV_DECLARE_CAPABILITY(cpu_avx2)
+#undef JAXCONV_DECLARE_CAPABILITY
+
+// The table for this CPU: AVX2+FMA where cpuid reports both, unless JAXCONV_DISABLE_AVX2 is set
+// to a non-empty value other than "0" (tests use it to run the baseline kernels anywhere).
+const KernelTable& kernels();
+
+}  // namespace jaxconv
