@@ -37,6 +37,7 @@
 
 #include "cpu_common.h"
 #include "depthwise.h"
+#include "winograd.h"
 
 namespace jaxconv {
 namespace {
@@ -555,6 +556,7 @@ struct Conv {
   // y = conv(x, w) + bias
   void forward(const ParallelRunner& pr, const T* x, const T* w, const T* bias, T* y) const {
     if (use_depthwise(w)) return depthwise_forward<T>(pr, g, x, w, bias, y);
+    if (winograd_forward<T>(pr, g, x, w, bias, y)) return;  // 3x3 stride 1 (winograd.cc)
     run_pass(pr, forward_pass(), x, w, false, bias, y);
   }
 
@@ -563,6 +565,7 @@ struct Conv {
   void backward_data(const ParallelRunner& pr, const T* dy, const T* w, const T* bias,
                      T* dx) const {
     if (use_depthwise(w)) return depthwise_backward_data<T>(pr, g, dy, w, bias, dx);
+    if (winograd_backward_data<T>(pr, g, dy, w, bias, dx)) return;  // 3x3 stride 1 (winograd.cc)
     if (prefer_col2im()) {
       backward_data_col2im(pr, dy, w, bias, dx);
       return;
@@ -871,6 +874,7 @@ ffi::Error Conv2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, x.element_type(), kTarget));
+  JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
@@ -889,6 +893,7 @@ ffi::Error Conv2dBwdDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBu
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, *dx, w, dy, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, dy.element_type(), kTarget));
+  JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
   return dispatch_float(dy.element_type(), [&](auto tag) {

@@ -1,0 +1,494 @@
+// Winograd F(m x m, 3x3) convolution (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+// Networks", 2016) for 3x3 stride-1 dilation-1 layers, m = 2 or 4.
+//
+// Both kernels handled here are one stride-1 3x3 correlation
+//
+//   out[n, grp*Cout + co, u, v] = bias + sum over (ci, th, tw) of
+//       in[n, grp*Cin + ci, u + th - pad_h, v + tw - pad_w] * f[grp][co][ci][th][tw]
+//
+// (reads outside the input are zero). Forward: in = x, f = w, pad = (pad_top, pad_left).
+// bwd_data: dx[h] = sum over kh of dy[h + pt - kh] * w[kh]; with th = 2 - kh that is
+// dy[h + th - (2 - pt)] * w[2 - th]: in = dy, f[co = c][ci = o] = w[o][c] flipped, pad = 2 - pt.
+//
+// The output is cut into m x m tiles; tile (n, tu, tv) needs the a x a input patch (a = m + 2)
+// starting at (tu*m - pad_h, tv*m - pad_w). Per tile and channel, with the constant matrices
+// B (a x a), G (a x 3), A (a x m) of the chosen m:
+//
+//   V = B^T d B  (input transform)   U = G f G^T  (filter transform)   Y = A^T M A  (output)
+//   M[e][tile][co] = sum over ci of V[e][tile][ci] * U[e][ci][co]     for each of the a^2 e
+//
+// so the multiplications are a^2 GEMMs (tiles x Cin) * (Cin x Cout): (m+2)^2 / m^2 products
+// per output instead of 9 (2.25x fewer for m = 2, 4x fewer for m = 4). The GEMMs run on the
+// packed micro-kernel of gemm.cc: V read in place as A, U packed once per call into its B
+// panels. The transforms are additions and multiplications by small constants, done on
+// 8-channel vectors (the channel is the lane: contiguous in NHWC, a plane apart in NCHW).
+//
+// Precision: the filter transform is computed in double and rounded once; the input and output
+// transforms in float. F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses about
+// one more decimal digit than F(2x2,3x3); tests/test_winograd.py states and checks the bounds.
+// Half types are widened to float32 when the input patch is loaded and rounded once when the
+// output is stored. A non-finite input or weight spreads differently through the transforms
+// (inf - inf = NaN across a whole tile), so such calls take the direct algorithm.
+#include "winograd.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+// Vector helpers pass 32-byte vectors between always-inlined functions (see gemm.cc).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace jaxconv {
+namespace {
+
+typedef float V8 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+enum class Algo { kAuto, kDirect, kWinograd, kWinograd2, kWinograd4, kInvalid };
+
+constexpr char kAlgoEnv[] = "JAXCONV_CPU_CONV_ALGO";
+
+// Read on every call (a getenv is a short scan of the environment), so a test or a user can
+// switch algorithms between calls of one jitted function.
+Algo conv_algo() {
+  const char* s = std::getenv(kAlgoEnv);
+  if (s == nullptr || s[0] == '\0' || std::strcmp(s, "auto") == 0) return Algo::kAuto;
+  if (std::strcmp(s, "direct") == 0) return Algo::kDirect;
+  if (std::strcmp(s, "winograd") == 0) return Algo::kWinograd;
+  if (std::strcmp(s, "winograd2") == 0) return Algo::kWinograd2;
+  if (std::strcmp(s, "winograd4") == 0) return Algo::kWinograd4;
+  return Algo::kInvalid;
+}
+
+// Per-thread scratch that grows but is never freed between calls.
+template <int Slot>
+float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The 1-d transforms. A 2-d transform X^T d X applies the 1-d one down every column, then along
+// every row. `S` is V8 (input and output transforms) or double (filter transform).
+
+template <int M>
+struct Wino;
+
+// F(2x2,3x3):  B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+//              G   = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+//              A^T = [1 1 1 0; 0 1 -1 -1]
+template <>
+struct Wino<2> {
+  static constexpr int kA = 4;
+  template <typename S>
+  __attribute__((always_inline)) static void input(const S* d, int ds, S* o, int os) {
+    const S d0 = d[0], d1 = d[ds], d2 = d[2 * ds], d3 = d[3 * ds];
+    o[0] = d0 - d2;
+    o[os] = d1 + d2;
+    o[2 * os] = d2 - d1;
+    o[3 * os] = d1 - d3;
+  }
+  static void filter(const double* g, int gs, double* o, int os) {
+    const double g0 = g[0], g1 = g[gs], g2 = g[2 * gs];
+    o[0] = g0;
+    o[os] = 0.5 * (g0 + g1 + g2);
+    o[2 * os] = 0.5 * (g0 - g1 + g2);
+    o[3 * os] = g2;
+  }
+  template <typename S>
+  __attribute__((always_inline)) static void output(const S* m, int ms, S* o, int os) {
+    const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms];
+    o[0] = m0 + m1 + m2;
+    o[os] = m1 - m2 - m3;
+  }
+};
+
+// F(4x4,3x3), interpolation points 0, +-1, +-2, inf:
+//   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
+//          0 4 0 -5 0 1]
+//   G   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+template <>
+struct Wino<4> {
+  static constexpr int kA = 6;
+  template <typename S>
+  __attribute__((always_inline)) static void input(const S* d, int ds, S* o, int os) {
+    const S d0 = d[0], d1 = d[ds], d2 = d[2 * ds], d3 = d[3 * ds], d4 = d[4 * ds],
+            d5 = d[5 * ds];
+    // Shared partial sums: rows 1/2 and 3/4 differ only in the sign of one term.
+    const S a = d4 - 4.0f * d2, b = d3 - 4.0f * d1;  // rows 1, 2: a +- b
+    const S c = d4 - d2, e = 2.0f * (d3 - d1);        // rows 3, 4: c +- e
+    o[0] = 4.0f * d0 - 5.0f * d2 + d4;
+    o[os] = a + b;
+    o[2 * os] = a - b;
+    o[3 * os] = c + e;
+    o[4 * os] = c - e;
+    o[5 * os] = 4.0f * d1 - 5.0f * d3 + d5;
+  }
+  static void filter(const double* g, int gs, double* o, int os) {
+    const double g0 = g[0], g1 = g[gs], g2 = g[2 * gs];
+    o[0] = g0 / 4;
+    o[os] = -(g0 + g1 + g2) / 6;
+    o[2 * os] = -(g0 - g1 + g2) / 6;
+    o[3 * os] = g0 / 24 + g1 / 12 + g2 / 6;
+    o[4 * os] = g0 / 24 - g1 / 12 + g2 / 6;
+    o[5 * os] = g2;
+  }
+  template <typename S>
+  __attribute__((always_inline)) static void output(const S* m, int ms, S* o, int os) {
+    const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms],
+            m5 = m[5 * ms];
+    const S p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;
+    o[0] = m0 + p12 + p34;
+    o[os] = n12 + 2.0f * n34;
+    o[2 * os] = p12 + 4.0f * p34;
+    o[3 * os] = n12 + 8.0f * n34 + m5;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// One call: the correlation above, its transformed filter, and how its tiles are blocked.
+
+template <typename T>
+struct Job {
+  int64_t N, G, Cin, Cout, Hin, Win, U, V, pad_h, pad_w;
+  int64_t TU, TV, Q;  // tiles along u, v; Q = N*TU*TV tiles in all
+  Strides4 is, os;
+  const T* in;
+  T* out;
+  const T* bias;
+  const float* filt;  // U packed: [grp][e][Cout/NR panel][ci][NR]
+  int64_t panels;     // ceil(Cout / NR)
+  int64_t tblk;       // tiles per task (a multiple of the micro-kernel's 6 rows)
+};
+
+constexpr int64_t NR = kPanelWidth<float>;
+constexpr int64_t kKC = 256;  // K-slice per GEMM call (see conv2d.cc)
+
+// `lanes` channels starting at p, a channel `stride` apart, widened to float; zero past lanes.
+template <typename T>
+__attribute__((always_inline)) inline V8 load_lanes(const T* p, int64_t stride, int lanes) {
+  V8 v;
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && lanes == kLanes) {
+      std::memcpy(&v, p, sizeof(v));
+      return v;
+    }
+  }
+  float tmp[kLanes] = {};
+  for (int l = 0; l < lanes; ++l) tmp[l] = Num<T>::load(p[l * stride]);
+  std::memcpy(&v, tmp, sizeof(v));
+  return v;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void store_lanes(T* p, int64_t stride, int lanes, V8 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && lanes == kLanes) {
+      std::memcpy(p, &v, sizeof(v));
+      return;
+    }
+  }
+  float tmp[kLanes];
+  std::memcpy(tmp, &v, sizeof(v));
+  for (int l = 0; l < lanes; ++l) p[l * stride] = Num<T>::store(tmp[l]);
+}
+
+// One task: tiles [q0, q0 + nt) of group grp, all three stages. V and M live in per-thread
+// scratch: V[e][tile][ci] (the GEMMs' A, lda = Cin), M[e][tile][co] (their C, ldc = Cout).
+template <typename T, int M>
+__attribute__((always_inline)) inline void block_body(const Job<T>& jb, int64_t grp, int64_t q0,
+                                                      int64_t nt) {
+  using W = Wino<M>;
+  constexpr int A = W::kA, A2 = A * A;
+  const int64_t Cin = jb.Cin, Cout = jb.Cout;
+  float* Vb = scratch<0>(A2 * nt * Cin);
+  float* Mb = scratch<1>(A2 * nt * Cout);
+
+  // Input transform, 8 channels at a time.
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t q = q0 + t, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
+    const int64_t ih0 = tu * M - jb.pad_h, iw0 = tv * M - jb.pad_w;
+    const T* base = jb.in + n * jb.is.n + grp * Cin * jb.is.c;
+    // Rows/columns of the patch inside the input: [ilo, ihi) x [jlo, jhi).
+    const int ilo = int(std::max<int64_t>(0, -ih0)), ihi = int(std::min<int64_t>(A, jb.Hin - ih0));
+    const int jlo = int(std::max<int64_t>(0, -iw0)), jhi = int(std::min<int64_t>(A, jb.Win - iw0));
+    for (int64_t c0 = 0; c0 < Cin; c0 += kLanes) {
+      const int lanes = int(std::min<int64_t>(kLanes, Cin - c0));
+      V8 d[A][A], tmp[A][A], v[A][A];
+      for (int i = 0; i < A; ++i)
+        for (int j = 0; j < A; ++j) {
+          if (i < ilo || i >= ihi || j < jlo || j >= jhi) {
+            d[i][j] = V8{};
+          } else {
+            d[i][j] = load_lanes(base + c0 * jb.is.c + (ih0 + i) * jb.is.h + (iw0 + j) * jb.is.w,
+                                 jb.is.c, lanes);
+          }
+        }
+#pragma GCC unroll 6
+      for (int j = 0; j < A; ++j) W::input(&d[0][j], A, &tmp[0][j], A);
+#pragma GCC unroll 6
+      for (int i = 0; i < A; ++i) W::input(&tmp[i][0], 1, &v[i][0], 1);
+      float* dst = Vb + t * Cin + c0;
+      if (lanes == kLanes) {
+        for (int e = 0; e < A2; ++e) std::memcpy(dst + e * nt * Cin, &v[e / A][e % A], sizeof(V8));
+      } else {
+        for (int e = 0; e < A2; ++e) {
+          float lane_vals[kLanes];
+          std::memcpy(lane_vals, &v[e / A][e % A], sizeof(V8));
+          std::memcpy(dst + e * nt * Cin, lane_vals, lanes * sizeof(float));
+        }
+      }
+    }
+  }
+
+  // a^2 GEMMs: M[e] (nt x Cout) = V[e] (nt x Cin) * U[e] (Cin x Cout), K sliced for the cache.
+  for (int e = 0; e < A2; ++e) {
+    const float* Ue = jb.filt + (grp * A2 + e) * jb.panels * Cin * NR;
+    for (int64_t k0 = 0; k0 < Cin; k0 += kKC) {
+      const int64_t kc = std::min(kKC, Cin - k0);
+      gemm_packed(nt, Cout, kc, Vb + e * nt * Cin + k0, Cin, Ue + k0 * NR, Cin * NR,
+                  Mb + e * nt * Cout, Cout, k0 > 0);
+    }
+  }
+
+  // Output transform, 8 output channels at a time; cells past the output's edge are dropped.
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t q = q0 + t, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
+    const int64_t u0 = tu * M, v0 = tv * M;
+    const int iu = int(std::min<int64_t>(M, jb.U - u0)), iv = int(std::min<int64_t>(M, jb.V - v0));
+    T* base = jb.out + n * jb.os.n + grp * Cout * jb.os.c + u0 * jb.os.h + v0 * jb.os.w;
+    for (int64_t c0 = 0; c0 < Cout; c0 += kLanes) {
+      const int lanes = int(std::min<int64_t>(kLanes, Cout - c0));
+      V8 m[A][A], tmp[M][A], y[M][M];
+      const float* src = Mb + t * Cout + c0;
+      for (int e = 0; e < A2; ++e) {
+        if (lanes == kLanes) {
+          std::memcpy(&m[e / A][e % A], src + e * nt * Cout, sizeof(V8));
+        } else {
+          float lane_vals[kLanes] = {};
+          std::memcpy(lane_vals, src + e * nt * Cout, lanes * sizeof(float));
+          std::memcpy(&m[e / A][e % A], lane_vals, sizeof(V8));
+        }
+      }
+#pragma GCC unroll 6
+      for (int j = 0; j < A; ++j) W::output(&m[0][j], A, &tmp[0][j], A);
+#pragma GCC unroll 4
+      for (int i = 0; i < M; ++i) W::output(&tmp[i][0], 1, &y[i][0], 1);
+      V8 b = jb.bias ? load_lanes(jb.bias + grp * Cout + c0, 1, lanes) : V8{};
+      T* dst = base + c0 * jb.os.c;
+      for (int i = 0; i < iu; ++i)
+        for (int j = 0; j < iv; ++j)
+          store_lanes(dst + i * jb.os.h + j * jb.os.w, jb.os.c, lanes, y[i][j] + b);
+    }
+  }
+}
+
+// The task body compiled for baseline x86-64 and with AVX2+FMA (chosen at run time like gemm.cc).
+template <typename T, int M>
+void block_generic(const Job<T>& jb, int64_t grp, int64_t q0, int64_t nt) {
+  block_body<T, M>(jb, grp, q0, nt);
+}
+template <typename T, int M>
+__attribute__((target("avx2,fma"))) void block_avx2(const Job<T>& jb, int64_t grp, int64_t q0,
+                                                    int64_t nt) {
+  block_body<T, M>(jb, grp, q0, nt);
+}
+
+// Packs U[e] = G f G^T for every group and e into B panels, from f(grp, co, ci, th, tw).
+template <int M, typename F>
+void pack_filter(const ParallelRunner& pr, int64_t G, int64_t Cin, int64_t Cout, int64_t panels,
+                 const F& f, float* out) {
+  using W = Wino<M>;
+  constexpr int A = W::kA, A2 = A * A;
+  const int64_t cols = panels * NR;
+  pr.run(G * cols, [&](int64_t task) {
+    const int64_t grp = task / cols, co = task % cols;
+    float* base = out + grp * A2 * panels * Cin * NR + (co / NR) * Cin * NR + co % NR;
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      double u[A][A];
+      if (co < Cout) {
+        double g[3][3], tmp[A][3];
+        for (int th = 0; th < 3; ++th)
+          for (int tw = 0; tw < 3; ++tw) g[th][tw] = f(grp, co, ci, th, tw);
+        for (int j = 0; j < 3; ++j) W::filter(&g[0][j], 3, &tmp[0][j], 3);
+        for (int i = 0; i < A; ++i) W::filter(&tmp[i][0], 1, &u[i][0], 1);
+      } else {
+        for (int i = 0; i < A; ++i)
+          for (int j = 0; j < A; ++j) u[i][j] = 0;  // padding columns of the last panel
+      }
+      for (int e = 0; e < A2; ++e) base[e * panels * Cin * NR + ci * NR] = float(u[e / A][e % A]);
+    }
+  });
+}
+
+template <typename T>
+bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  std::vector<char> bad(chunks, 0);
+  pr.run(chunks, [&](int64_t c) {
+    const int64_t lo = c * kChunk, hi = std::min(count, lo + kChunk);
+    if constexpr (std::is_same_v<T, float>) {
+      // Exponent all ones: inf or NaN. Integer OR-reduction, so the loop vectorizes.
+      uint32_t any = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        uint32_t u;
+        std::memcpy(&u, p + i, 4);
+        any |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+      }
+      bad[c] = any != 0;
+    } else {
+      for (int64_t i = lo; i < hi; ++i)
+        if (!std::isfinite(Num<T>::load(p[i]))) {
+          bad[c] = 1;
+          return;
+        }
+    }
+  });
+  for (char b : bad)
+    if (b) return false;
+  return true;
+}
+
+// Tile size for a correlation of this shape, or 0 for the direct algorithm.
+//
+// Auto: Winograd needs enough channels on both sides for its a^2 GEMMs to run near the
+// micro-kernel's peak and for the transforms (O(Cin + Cout) per tile) to be small next to them
+// (O(Cin * Cout) per tile). F(4x4) does 1.78x fewer multiplications than F(2x2) but wastes
+// more of its last tile row/column on planes that are not a multiple of 4; both choices and
+// thresholds come from side-by-side timings recorded in tests/test_winograd.py's module
+// docstring.
+int choose_tile(Algo algo, int64_t Cin, int64_t Cout, int64_t U, int64_t V) {
+  if (algo == Algo::kDirect) return 0;
+  if (algo == Algo::kWinograd2) return 2;
+  if (algo == Algo::kWinograd4) return 4;
+  auto waste = [](int64_t n, int64_t m) { return double((n + m - 1) / m * m) / double(n); };
+  const int by_shape = waste(U, 4) * waste(V, 4) <= 1.3 ? 4 : 2;
+  if (algo == Algo::kWinograd) return by_shape;
+  if (Cin < 32 || Cout < 32) return 0;
+  return by_shape;
+}
+
+template <typename T, int M>
+void run(const ParallelRunner& pr, Job<T> jb) {
+  constexpr int A2 = (M + 2) * (M + 2);
+  // Tiles per task: V and M scratch (a^2 * tiles * (Cin + Cout) floats) within ~1.5 MB, a
+  // multiple of the micro-kernel's 6 rows, 12 to 96; fewer when there would not be two tasks
+  // per thread.
+  const int64_t per_tile = A2 * (jb.Cin + jb.Cout) * int64_t(sizeof(float));
+  int64_t tblk = std::max<int64_t>(12, std::min<int64_t>(96, (3 << 19) / per_tile / 6 * 6));
+  while (tblk > 12 && jb.G * ((jb.Q + tblk - 1) / tblk) < 2 * pr.num_threads()) tblk -= 6;
+  jb.tblk = tblk;
+  const int64_t blocks = (jb.Q + tblk - 1) / tblk;
+  const bool avx2 = cpu_has_avx2_fma();
+  pr.run(jb.G * blocks, [&](int64_t task) {
+    const int64_t grp = task / blocks, b = task % blocks;
+    const int64_t q0 = b * tblk, nt = std::min(jb.Q, q0 + tblk) - q0;
+    if (avx2)
+      block_avx2<T, M>(jb, grp, q0, nt);
+    else
+      block_generic<T, M>(jb, grp, q0, nt);
+  });
+}
+
+// Shared by both kernels: the correlation (see the file comment) with filter f.
+template <typename T, typename F>
+bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int64_t Cout,
+               int64_t Hin, int64_t Win, int64_t U, int64_t V, int64_t pad_h, int64_t pad_w,
+               int64_t layout, const T* in, const T* w, int64_t w_count, const F& f,
+               const T* bias, T* out) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;  // float64 stays on the direct algorithm (Winograd would lose precision)
+  } else {
+    const Algo algo = conv_algo();
+    if (algo == Algo::kInvalid || algo == Algo::kDirect) return false;
+    const int tile = choose_tile(algo, Cin, Cout, U, V);
+    if (tile == 0 || N * U * V == 0 || Cin == 0) return false;
+    const Strides4 is = activation_strides(layout, G * Cin, Hin, Win);
+    if (!all_finite(pr, w, w_count) || !all_finite(pr, in, N * is.n)) return false;
+    Job<T> jb;
+    jb.N = N; jb.G = G; jb.Cin = Cin; jb.Cout = Cout; jb.Hin = Hin; jb.Win = Win;
+    jb.U = U; jb.V = V; jb.pad_h = pad_h; jb.pad_w = pad_w;
+    jb.TU = (U + tile - 1) / tile; jb.TV = (V + tile - 1) / tile; jb.Q = N * jb.TU * jb.TV;
+    jb.is = is;
+    jb.os = activation_strides(layout, G * Cout, U, V);
+    jb.in = in; jb.out = out; jb.bias = bias;
+    jb.panels = (Cout + NR - 1) / NR;
+    const int64_t A2 = (tile + 2) * (tile + 2);
+    std::unique_ptr<float[]> filt(new float[G * A2 * jb.panels * Cin * NR]);
+    jb.filt = filt.get();
+    if (tile == 2) {
+      pack_filter<2>(pr, G, Cin, Cout, jb.panels, f, filt.get());
+      run<T, 2>(pr, jb);
+    } else {
+      pack_filter<4>(pr, G, Cin, Cout, jb.panels, f, filt.get());
+      run<T, 4>(pr, jb);
+    }
+    return true;
+  }
+}
+
+// 3x3, stride 1, dilation 1, more than one channel on each side of a group (depthwise layers
+// have their own kernel).
+bool applicable(const ConvGeometry& g) {
+  return g.KH == 3 && g.KW == 3 && g.p.stride_h == 1 && g.p.stride_w == 1 &&
+         g.p.dilation_h == 1 && g.p.dilation_w == 1 && g.in_per_group() > 1 &&
+         g.out_per_group() > 1;
+}
+
+}  // namespace
+
+ffi::Error check_conv_algo_env(const char* target) {
+  if (conv_algo() != Algo::kInvalid) return ffi::Error::Success();
+  return invalid(target, std::string("environment variable ") + kAlgoEnv + "='" +
+                             std::getenv(kAlgoEnv) +
+                             "' is not one of auto, direct, winograd, winograd2, winograd4");
+}
+
+template <typename T>
+bool winograd_forward(const ParallelRunner& pr, const ConvGeometry& g, const T* x, const T* w,
+                      const T* bias, T* y) {
+  if (!applicable(g)) return false;
+  const Strides4 ws = g.w_strides();
+  const int64_t Og = g.out_per_group();
+  auto f = [&](int64_t grp, int64_t co, int64_t ci, int th, int tw) {
+    return double(Num<T>::load(w[(grp * Og + co) * ws.n + ci * ws.c + th * ws.h + tw * ws.w]));
+  };
+  return correlate<T>(pr, g.N, g.groups(), g.in_per_group(), Og, g.H, g.W, g.OH, g.OW,
+                      g.p.pad_top, g.p.pad_left, g.p.layout, x, w, g.O * g.in_per_group() * 9,
+                      f, bias, y);
+}
+
+template <typename T>
+bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, const T* dy,
+                            const T* w, const T* bias, T* dx) {
+  if (!applicable(g)) return false;
+  const Strides4 ws = g.w_strides();
+  const int64_t Og = g.out_per_group();
+  // Correlation input channel ci = conv output channel o; output channel co = conv input c.
+  auto f = [&](int64_t grp, int64_t co, int64_t ci, int th, int tw) {
+    return double(Num<T>::load(
+        w[(grp * Og + ci) * ws.n + co * ws.c + (2 - th) * ws.h + (2 - tw) * ws.w]));
+  };
+  return correlate<T>(pr, g.N, g.groups(), Og, g.in_per_group(), g.OH, g.OW, g.H, g.W,
+                      2 - g.p.pad_top, 2 - g.p.pad_left, g.p.layout, dy, w,
+                      g.O * g.in_per_group() * 9, f, bias, dx);
+}
+
+#define JAXCONV_WINOGRAD_INSTANTIATE(T)                                                        \
+  template bool winograd_forward<T>(const ParallelRunner&, const ConvGeometry&, const T*,      \
+                                    const T*, const T*, T*);                                   \
+  template bool winograd_backward_data<T>(const ParallelRunner&, const ConvGeometry&, const T*, \
+                                          const T*, const T*, T*);
+JAXCONV_WINOGRAD_INSTANTIATE(float)
+JAXCONV_WINOGRAD_INSTANTIATE(double)
+JAXCONV_WINOGRAD_INSTANTIATE(f16_t)
+JAXCONV_WINOGRAD_INSTANTIATE(bf16_t)
+#undef JAXCONV_WINOGRAD_INSTANTIATE
+
+}  // namespace jaxconv
