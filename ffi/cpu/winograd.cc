@@ -23,8 +23,14 @@
 // panels. The transforms are additions and multiplications by small constants, done on
 // 8-channel vectors (the channel is the lane: contiguous in NHWC, a plane apart in NCHW).
 //
-// Precision: the filter transform is computed in double and rounded once; the input and output
-// transforms in float. F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses about
+// Schedules: "blocked" runs each block of tiles through all three stages in per-thread scratch
+// (V and M stay in L2) against U transformed once for all e; "whole" transforms every tile's
+// input first, then gives each task one e (its U[e] made in L2 right before its GEMM over all
+// tiles), then transforms every output. Blocked re-reads all of U per block, whole moves V and
+// M through memory once: the smaller traffic is chosen (see run()).
+//
+// Precision: the transforms run in float32 (U[e] as 9 multiply-adds with coefficients formed
+// in double and rounded once). F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses about
 // one more decimal digit than F(2x2,3x3); tests/test_winograd.py states and checks the bounds.
 // Half types are widened to float32 when the input patch is loaded and rounded once when the
 // output is stored. A non-finite input or weight spreads differently through the transforms
@@ -92,13 +98,7 @@ struct Wino<2> {
     o[2 * os] = d2 - d1;
     o[3 * os] = d1 - d3;
   }
-  static void filter(const double* g, int gs, double* o, int os) {
-    const double g0 = g[0], g1 = g[gs], g2 = g[2 * gs];
-    o[0] = g0;
-    o[os] = 0.5 * (g0 + g1 + g2);
-    o[2 * os] = 0.5 * (g0 - g1 + g2);
-    o[3 * os] = g2;
-  }
+  static constexpr double kG[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
   template <typename S>
   __attribute__((always_inline)) static void output(const S* m, int ms, S* o, int os) {
     const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms];
@@ -129,15 +129,12 @@ struct Wino<4> {
     o[4 * os] = c - e;
     o[5 * os] = 4.0f * d1 - 5.0f * d3 + d5;
   }
-  static void filter(const double* g, int gs, double* o, int os) {
-    const double g0 = g[0], g1 = g[gs], g2 = g[2 * gs];
-    o[0] = g0 / 4;
-    o[os] = -(g0 + g1 + g2) / 6;
-    o[2 * os] = -(g0 - g1 + g2) / 6;
-    o[3 * os] = g0 / 24 + g1 / 12 + g2 / 6;
-    o[4 * os] = g0 / 24 - g1 / 12 + g2 / 6;
-    o[5 * os] = g2;
-  }
+  static constexpr double kG[6][3] = {{1.0 / 4, 0, 0},
+                                      {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                      {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                      {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                      {0, 0, 1}};
   template <typename S>
   __attribute__((always_inline)) static void output(const S* m, int ms, S* o, int os) {
     const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms],
@@ -151,7 +148,7 @@ struct Wino<4> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// One call: the correlation above, its transformed filter, and how its tiles are blocked.
+// One call: the correlation above, its filter, and how its tiles are blocked.
 
 template <typename T>
 struct Job {
@@ -161,9 +158,8 @@ struct Job {
   const T* in;
   T* out;
   const T* bias;
-  const float* filt;  // U packed: [grp][e][Cout/NR panel][ci][NR]
-  int64_t panels;     // ceil(Cout / NR)
-  int64_t tblk;       // tiles per task (a multiple of the micro-kernel's 6 rows)
+  const float* wt;  // the filter as [grp][ci][th*3 + tw][co], co padded to panels*NR with zeros
+  int64_t panels;   // ceil(Cout / NR)
 };
 
 constexpr int64_t NR = kPanelWidth<float>;
@@ -198,18 +194,15 @@ __attribute__((always_inline)) inline void store_lanes(T* p, int64_t stride, int
   for (int l = 0; l < lanes; ++l) p[l * stride] = Num<T>::store(tmp[l]);
 }
 
-// One task: tiles [q0, q0 + nt) of group grp, all three stages. V and M live in per-thread
-// scratch: V[e][tile][ci] (the GEMMs' A, lda = Cin), M[e][tile][co] (their C, ldc = Cout).
+// Input transform of tiles [q0, q0 + nt) of group grp, 8 channels at a time, into
+// V[e][row0 + t][ci] (e planes `plane` rows apart, rows Cin apart: the GEMMs' A operands).
 template <typename T, int M>
-__attribute__((always_inline)) inline void block_body(const Job<T>& jb, int64_t grp, int64_t q0,
-                                                      int64_t nt) {
+__attribute__((always_inline)) inline void input_stage(const Job<T>& jb, int64_t grp, int64_t q0,
+                                                       int64_t nt, float* Vb, int64_t plane,
+                                                       int64_t row0) {
   using W = Wino<M>;
   constexpr int A = W::kA, A2 = A * A;
-  const int64_t Cin = jb.Cin, Cout = jb.Cout;
-  float* Vb = scratch<0>(A2 * nt * Cin);
-  float* Mb = scratch<1>(A2 * nt * Cout);
-
-  // Input transform, 8 channels at a time.
+  const int64_t Cin = jb.Cin;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t q = q0 + t, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
     const int64_t ih0 = tu * M - jb.pad_h, iw0 = tv * M - jb.pad_w;
@@ -233,30 +226,25 @@ __attribute__((always_inline)) inline void block_body(const Job<T>& jb, int64_t 
       for (int j = 0; j < A; ++j) W::input(&d[0][j], A, &tmp[0][j], A);
 #pragma GCC unroll 6
       for (int i = 0; i < A; ++i) W::input(&tmp[i][0], 1, &v[i][0], 1);
-      float* dst = Vb + t * Cin + c0;
-      if (lanes == kLanes) {
-        for (int e = 0; e < A2; ++e) std::memcpy(dst + e * nt * Cin, &v[e / A][e % A], sizeof(V8));
-      } else {
-        for (int e = 0; e < A2; ++e) {
-          float lane_vals[kLanes];
-          std::memcpy(lane_vals, &v[e / A][e % A], sizeof(V8));
-          std::memcpy(dst + e * nt * Cin, lane_vals, lanes * sizeof(float));
-        }
+      float* dst = Vb + (row0 + t) * Cin + c0;
+      for (int e = 0; e < A2; ++e) {
+        float lane_vals[kLanes];
+        std::memcpy(lane_vals, &v[e / A][e % A], sizeof(V8));
+        std::memcpy(dst + e * plane * Cin, lane_vals, lanes * sizeof(float));
       }
     }
   }
+}
 
-  // a^2 GEMMs: M[e] (nt x Cout) = V[e] (nt x Cin) * U[e] (Cin x Cout), K sliced for the cache.
-  for (int e = 0; e < A2; ++e) {
-    const float* Ue = jb.filt + (grp * A2 + e) * jb.panels * Cin * NR;
-    for (int64_t k0 = 0; k0 < Cin; k0 += kKC) {
-      const int64_t kc = std::min(kKC, Cin - k0);
-      gemm_packed(nt, Cout, kc, Vb + e * nt * Cin + k0, Cin, Ue + k0 * NR, Cin * NR,
-                  Mb + e * nt * Cout, Cout, k0 > 0);
-    }
-  }
-
-  // Output transform, 8 output channels at a time; cells past the output's edge are dropped.
+// Output transform of tiles [q0, q0 + nt) from M[e][row0 + t][co] (e planes `plane` rows
+// apart), plus bias, 8 output channels at a time; cells past the output's edge are dropped.
+template <typename T, int M>
+__attribute__((always_inline)) inline void output_stage(const Job<T>& jb, int64_t grp, int64_t q0,
+                                                        int64_t nt, const float* Mb,
+                                                        int64_t plane, int64_t row0) {
+  using W = Wino<M>;
+  constexpr int A = W::kA, A2 = A * A;
+  const int64_t Cout = jb.Cout;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t q = q0 + t, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
     const int64_t u0 = tu * M, v0 = tv * M;
@@ -265,15 +253,11 @@ __attribute__((always_inline)) inline void block_body(const Job<T>& jb, int64_t 
     for (int64_t c0 = 0; c0 < Cout; c0 += kLanes) {
       const int lanes = int(std::min<int64_t>(kLanes, Cout - c0));
       V8 m[A][A], tmp[M][A], y[M][M];
-      const float* src = Mb + t * Cout + c0;
+      const float* src = Mb + (row0 + t) * Cout + c0;
       for (int e = 0; e < A2; ++e) {
-        if (lanes == kLanes) {
-          std::memcpy(&m[e / A][e % A], src + e * nt * Cout, sizeof(V8));
-        } else {
-          float lane_vals[kLanes] = {};
-          std::memcpy(lane_vals, src + e * nt * Cout, lanes * sizeof(float));
-          std::memcpy(&m[e / A][e % A], lane_vals, sizeof(V8));
-        }
+        float lane_vals[kLanes] = {};
+        std::memcpy(lane_vals, src + e * plane * Cout, lanes * sizeof(float));
+        std::memcpy(&m[e / A][e % A], lane_vals, sizeof(V8));
       }
 #pragma GCC unroll 6
       for (int j = 0; j < A; ++j) W::output(&m[0][j], A, &tmp[0][j], A);
@@ -288,42 +272,87 @@ __attribute__((always_inline)) inline void block_body(const Job<T>& jb, int64_t 
   }
 }
 
-// The task body compiled for baseline x86-64 and with AVX2+FMA (chosen at run time like gemm.cc).
-template <typename T, int M>
-void block_generic(const Job<T>& jb, int64_t grp, int64_t q0, int64_t nt) {
-  block_body<T, M>(jb, grp, q0, nt);
-}
-template <typename T, int M>
-__attribute__((target("avx2,fma"))) void block_avx2(const Job<T>& jb, int64_t grp, int64_t q0,
-                                                    int64_t nt) {
-  block_body<T, M>(jb, grp, q0, nt);
+// U[e] = (G f G^T)[i][j] for e = (i, j) = sum over (a, b) of G[i][a] G[j][b] f[a][b], for all
+// (ci, co) of group grp, as B panels (panel stride Cin*NR): 9 multiply-adds per element on
+// 16-channel rows of wt. The coefficients are formed in double and rounded once.
+template <int M>
+__attribute__((always_inline)) inline void filter_stage(const float* wt_grp, int64_t Cin,
+                                                        int64_t panels, int e, float* Up) {
+  constexpr int A = Wino<M>::kA;
+  float c[9];
+  for (int a = 0; a < 3; ++a)
+    for (int b = 0; b < 3; ++b)
+      c[a * 3 + b] = float(Wino<M>::kG[e / A][a] * Wino<M>::kG[e % A][b]);
+  const int64_t cols = panels * NR;
+  for (int64_t ci = 0; ci < Cin; ++ci) {
+    const float* src = wt_grp + ci * 9 * cols;
+    for (int64_t p = 0; p < panels; ++p) {
+      V8 u0{}, u1{};
+      for (int k = 0; k < 9; ++k) {
+        V8 w0, w1;
+        std::memcpy(&w0, src + k * cols + p * NR, sizeof(V8));
+        std::memcpy(&w1, src + k * cols + p * NR + kLanes, sizeof(V8));
+        u0 += c[k] * w0;
+        u1 += c[k] * w1;
+      }
+      float* dst = Up + p * Cin * NR + ci * NR;
+      std::memcpy(dst, &u0, sizeof(V8));
+      std::memcpy(dst + kLanes, &u1, sizeof(V8));
+    }
+  }
 }
 
-// Packs U[e] = G f G^T for every group and e into B panels, from f(grp, co, ci, th, tw).
-template <int M, typename F>
-void pack_filter(const ParallelRunner& pr, int64_t G, int64_t Cin, int64_t Cout, int64_t panels,
-                 const F& f, float* out) {
-  using W = Wino<M>;
-  constexpr int A = W::kA, A2 = A * A;
-  const int64_t cols = panels * NR;
-  pr.run(G * cols, [&](int64_t task) {
-    const int64_t grp = task / cols, co = task % cols;
-    float* base = out + grp * A2 * panels * Cin * NR + (co / NR) * Cin * NR + co % NR;
-    for (int64_t ci = 0; ci < Cin; ++ci) {
-      double u[A][A];
-      if (co < Cout) {
-        double g[3][3], tmp[A][3];
-        for (int th = 0; th < 3; ++th)
-          for (int tw = 0; tw < 3; ++tw) g[th][tw] = f(grp, co, ci, th, tw);
-        for (int j = 0; j < 3; ++j) W::filter(&g[0][j], 3, &tmp[0][j], 3);
-        for (int i = 0; i < A; ++i) W::filter(&tmp[i][0], 1, &u[i][0], 1);
-      } else {
-        for (int i = 0; i < A; ++i)
-          for (int j = 0; j < A; ++j) u[i][j] = 0;  // padding columns of the last panel
-      }
-      for (int e = 0; e < A2; ++e) base[e * panels * Cin * NR + ci * NR] = float(u[e / A][e % A]);
-    }
-  });
+// M[e] (rows x Cout) = V[e] (rows x Cin) * U[e] (Cin x Cout), K sliced for the cache.
+inline void gemm_stage(int64_t rows, int64_t Cin, int64_t Cout, const float* Ve, const float* Up,
+                       float* Me) {
+  for (int64_t k0 = 0; k0 < Cin; k0 += kKC) {
+    const int64_t kc = std::min(kKC, Cin - k0);
+    gemm_packed(rows, Cout, kc, Ve + k0, Cin, Up + k0 * NR, Cin * NR, Me, Cout, k0 > 0);
+  }
+}
+
+// Blocked schedule, one task = one block of tiles through all three stages, with V and M in
+// per-thread scratch (V[e][tile][ci], M[e][tile][co]) and the transformed filter of all e
+// (`filt`, [grp][e][panels][ci][NR]) shared.
+template <typename T, int M>
+__attribute__((always_inline)) inline void block_body(const Job<T>& jb, const float* filt,
+                                                      int64_t grp, int64_t q0, int64_t nt) {
+  constexpr int A2 = (M + 2) * (M + 2);
+  float* Vb = scratch<0>(A2 * nt * jb.Cin);
+  float* Mb = scratch<1>(A2 * nt * jb.Cout);
+  input_stage<T, M>(jb, grp, q0, nt, Vb, nt, 0);
+  for (int e = 0; e < A2; ++e)
+    gemm_stage(nt, jb.Cin, jb.Cout, Vb + e * nt * jb.Cin,
+               filt + (grp * A2 + e) * jb.panels * jb.Cin * NR, Mb + e * nt * jb.Cout);
+  output_stage<T, M>(jb, grp, q0, nt, Mb, nt, 0);
+}
+
+// Every stage compiled for baseline x86-64 and with AVX2+FMA, chosen at run time (as gemm.cc).
+#define JAXCONV_WINOGRAD_TARGETS(name, params, args)                                  \
+  template <typename T, int M>                                                        \
+  void name##_generic params { name<T, M> args; }                                     \
+  template <typename T, int M>                                                        \
+  __attribute__((target("avx2,fma"))) void name##_avx2 params { name<T, M> args; }
+JAXCONV_WINOGRAD_TARGETS(block_body,
+                         (const Job<T>& jb, const float* filt, int64_t grp, int64_t q0, int64_t nt),
+                         (jb, filt, grp, q0, nt))
+JAXCONV_WINOGRAD_TARGETS(input_stage,
+                         (const Job<T>& jb, int64_t grp, int64_t q0, int64_t nt, float* Vb,
+                          int64_t plane, int64_t row0),
+                         (jb, grp, q0, nt, Vb, plane, row0))
+JAXCONV_WINOGRAD_TARGETS(output_stage,
+                         (const Job<T>& jb, int64_t grp, int64_t q0, int64_t nt, const float* Mb,
+                          int64_t plane, int64_t row0),
+                         (jb, grp, q0, nt, Mb, plane, row0))
+#undef JAXCONV_WINOGRAD_TARGETS
+template <int M>
+void filter_stage_generic(const float* wt, int64_t Cin, int64_t panels, int e, float* Up) {
+  filter_stage<M>(wt, Cin, panels, e, Up);
+}
+template <int M>
+__attribute__((target("avx2,fma"))) void filter_stage_avx2(const float* wt, int64_t Cin,
+                                                           int64_t panels, int e, float* Up) {
+  filter_stage<M>(wt, Cin, panels, e, Up);
 }
 
 template <typename T>
@@ -359,41 +388,98 @@ bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
 //
 // Auto: Winograd needs enough channels on both sides for its a^2 GEMMs to run near the
 // micro-kernel's peak and for the transforms (O(Cin + Cout) per tile) to be small next to them
-// (O(Cin * Cout) per tile). F(4x4) does 1.78x fewer multiplications than F(2x2) but wastes
-// more of its last tile row/column on planes that are not a multiple of 4; both choices and
-// thresholds come from side-by-side timings recorded in tests/test_winograd.py's module
-// docstring.
-int choose_tile(Algo algo, int64_t Cin, int64_t Cout, int64_t U, int64_t V) {
+// (O(Cin * Cout) per tile), and enough tiles to amortize the filter transform and the reading
+// of U (a^2 * Cin * Cout per call). F(4x4) does 1.78x fewer multiplications than F(2x2) but
+// has 36/16 as much filter and wastes more of its last tile row/column on planes that are not
+// a multiple of 4. Thresholds from side-by-side timings (see tests/test_winograd.py).
+int choose_tile(Algo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, int64_t V) {
   if (algo == Algo::kDirect) return 0;
   if (algo == Algo::kWinograd2) return 2;
   if (algo == Algo::kWinograd4) return 4;
+  auto tiles = [&](int64_t m) { return N * ((U + m - 1) / m) * ((V + m - 1) / m); };
   auto waste = [](int64_t n, int64_t m) { return double((n + m - 1) / m * m) / double(n); };
-  const int by_shape = waste(U, 4) * waste(V, 4) <= 1.3 ? 4 : 2;
-  if (algo == Algo::kWinograd) return by_shape;
-  if (Cin < 32 || Cout < 32) return 0;
-  return by_shape;
+  const int64_t C = std::max(Cin, Cout);
+  int tile = 2;
+  if (waste(U, 4) * waste(V, 4) <= 1.3 && tiles(4) >= 2 * C) tile = 4;
+  if (algo == Algo::kWinograd) return tile;
+  if (std::min(Cin, Cout) < 32 || tiles(tile) < C) return 0;
+  return tile;
 }
 
 template <typename T, int M>
-void run(const ParallelRunner& pr, Job<T> jb) {
+void run(const ParallelRunner& pr, const Job<T>& jb) {
   constexpr int A2 = (M + 2) * (M + 2);
-  // Tiles per task: V and M scratch (a^2 * tiles * (Cin + Cout) floats) within ~1.5 MB, a
-  // multiple of the micro-kernel's 6 rows, 12 to 96; fewer when there would not be two tasks
-  // per thread.
-  const int64_t per_tile = A2 * (jb.Cin + jb.Cout) * int64_t(sizeof(float));
-  int64_t tblk = std::max<int64_t>(12, std::min<int64_t>(96, (3 << 19) / per_tile / 6 * 6));
-  while (tblk > 12 && jb.G * ((jb.Q + tblk - 1) / tblk) < 2 * pr.num_threads()) tblk -= 6;
-  jb.tblk = tblk;
-  const int64_t blocks = (jb.Q + tblk - 1) / tblk;
   const bool avx2 = cpu_has_avx2_fma();
-  pr.run(jb.G * blocks, [&](int64_t task) {
-    const int64_t grp = task / blocks, b = task % blocks;
-    const int64_t q0 = b * tblk, nt = std::min(jb.Q, q0 + tblk) - q0;
-    if (avx2)
-      block_avx2<T, M>(jb, grp, q0, nt);
-    else
-      block_generic<T, M>(jb, grp, q0, nt);
-  });
+  const int64_t Cin = jb.Cin, Cout = jb.Cout, U_size = jb.panels * Cin * NR;
+  // Tiles per block: V and M scratch (a^2 * tiles * (Cin + Cout) floats) within ~1.5 MB, a
+  // multiple of the micro-kernel's 6 rows, 12 to 96.
+  const int64_t per_tile = A2 * (Cin + Cout) * int64_t(sizeof(float));
+  int64_t tblk = std::max<int64_t>(12, std::min<int64_t>(96, (3 << 19) / per_tile / 6 * 6));
+  // The blocked schedule reads all of U once per block; the whole schedule writes and reads V
+  // and M for all tiles once. Take the one that moves fewer bytes (U re-read per block vs.
+  // 2 (V + M)), i.e. blocked when Cin*Cout <= 2 * tblk * (Cin + Cout), or when U fits in L2.
+  const bool blocked = Cin * Cout <= 2 * tblk * (Cin + Cout) ||
+                       A2 * U_size * int64_t(sizeof(float)) <= (512 << 10);
+  if (blocked) {
+    while (tblk > 12 && jb.G * ((jb.Q + tblk - 1) / tblk) < 2 * pr.num_threads()) tblk -= 6;
+    thread_local std::vector<float> filt;  // kept between calls: no page faults per call
+    filt.resize(std::max<size_t>(filt.size(), jb.G * A2 * U_size));
+    // (Thread-local buffers are reached through plain pointers inside the tasks: there, the
+    // name would mean the worker thread's own instance.)
+    float* const fp = filt.data();
+    pr.run(jb.G * A2, [&](int64_t task) {
+      const int64_t grp = task / A2;
+      const int e = int(task % A2);
+      const float* wt = jb.wt + grp * Cin * 9 * jb.panels * NR;
+      float* dst = fp + task * U_size;
+      if (avx2)
+        filter_stage_avx2<M>(wt, Cin, jb.panels, e, dst);
+      else
+        filter_stage_generic<M>(wt, Cin, jb.panels, e, dst);
+    });
+    const int64_t blocks = (jb.Q + tblk - 1) / tblk;
+    pr.run(jb.G * blocks, [&](int64_t task) {
+      const int64_t grp = task / blocks, b = task % blocks;
+      const int64_t q0 = b * tblk, nt = std::min(jb.Q, q0 + tblk) - q0;
+      if (avx2)
+        block_body_avx2<T, M>(jb, fp, grp, q0, nt);
+      else
+        block_body_generic<T, M>(jb, fp, grp, q0, nt);
+    });
+    return;
+  }
+  // Whole schedule, per group: all tiles' V, then one task per e (its U[e] transformed into
+  // per-thread scratch, which stays in L2 for its GEMM), then all tiles' output.
+  thread_local std::vector<float> vm;
+  vm.resize(std::max<size_t>(vm.size(), A2 * jb.Q * (Cin + Cout)));
+  float* Vb = vm.data();
+  float* Mb = Vb + A2 * jb.Q * Cin;
+  const int64_t blk = 48, blocks = (jb.Q + blk - 1) / blk;
+  for (int64_t grp = 0; grp < jb.G; ++grp) {
+    pr.run(blocks, [&](int64_t b) {
+      const int64_t q0 = b * blk, nt = std::min(jb.Q, q0 + blk) - q0;
+      if (avx2)
+        input_stage_avx2<T, M>(jb, grp, q0, nt, Vb, jb.Q, q0);
+      else
+        input_stage_generic<T, M>(jb, grp, q0, nt, Vb, jb.Q, q0);
+    });
+    pr.run(A2, [&](int64_t e) {
+      float* Up = scratch<2>(U_size);
+      const float* wt = jb.wt + grp * Cin * 9 * jb.panels * NR;
+      if (avx2)
+        filter_stage_avx2<M>(wt, Cin, jb.panels, int(e), Up);
+      else
+        filter_stage_generic<M>(wt, Cin, jb.panels, int(e), Up);
+      gemm_stage(jb.Q, Cin, Cout, Vb + e * jb.Q * Cin, Up, Mb + e * jb.Q * Cout);
+    });
+    pr.run(blocks, [&](int64_t b) {
+      const int64_t q0 = b * blk, nt = std::min(jb.Q, q0 + blk) - q0;
+      if (avx2)
+        output_stage_avx2<T, M>(jb, grp, q0, nt, Mb, jb.Q, q0);
+      else
+        output_stage_generic<T, M>(jb, grp, q0, nt, Mb, jb.Q, q0);
+    });
+  }
 }
 
 // Shared by both kernels: the correlation (see the file comment) with filter f.
@@ -407,7 +493,7 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
   } else {
     const Algo algo = conv_algo();
     if (algo == Algo::kInvalid || algo == Algo::kDirect) return false;
-    const int tile = choose_tile(algo, Cin, Cout, U, V);
+    const int tile = choose_tile(algo, N, Cin, Cout, U, V);
     if (tile == 0 || N * U * V == 0 || Cin == 0) return false;
     const Strides4 is = activation_strides(layout, G * Cin, Hin, Win);
     if (!all_finite(pr, w, w_count) || !all_finite(pr, in, N * is.n)) return false;
@@ -419,16 +505,27 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
     jb.os = activation_strides(layout, G * Cout, U, V);
     jb.in = in; jb.out = out; jb.bias = bias;
     jb.panels = (Cout + NR - 1) / NR;
-    const int64_t A2 = (tile + 2) * (tile + 2);
-    std::unique_ptr<float[]> filt(new float[G * A2 * jb.panels * Cin * NR]);
-    jb.filt = filt.get();
-    if (tile == 2) {
-      pack_filter<2>(pr, G, Cin, Cout, jb.panels, f, filt.get());
+    // The filter in float as [grp][ci][tap][co] (co contiguous, zero-padded to whole panels),
+    // whatever the layout and direction: the filter transforms then read whole vectors.
+    const int64_t cols = jb.panels * NR;
+    thread_local std::vector<float> wt;
+    wt.resize(std::max<size_t>(wt.size(), G * Cin * 9 * cols));
+    float* const wtp = wt.data();  // not `wt` inside the tasks: that is each worker's own
+    pr.run(G * Cin, [&](int64_t task) {
+      const int64_t grp = task / Cin, ci = task % Cin;
+      float* dst = wtp + task * 9 * cols;
+      for (int th = 0; th < 3; ++th)
+        for (int tw = 0; tw < 3; ++tw) {
+          float* row = dst + (th * 3 + tw) * cols;
+          for (int64_t co = 0; co < Cout; ++co) row[co] = f(grp, co, ci, th, tw);
+          for (int64_t co = Cout; co < cols; ++co) row[co] = 0.0f;
+        }
+    });
+    jb.wt = wtp;
+    if (tile == 2)
       run<T, 2>(pr, jb);
-    } else {
-      pack_filter<4>(pr, G, Cin, Cout, jb.panels, f, filt.get());
+    else
       run<T, 4>(pr, jb);
-    }
     return true;
   }
 }
