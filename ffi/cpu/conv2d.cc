@@ -4,6 +4,7 @@
 
 #include "conv.h"
 #include "cpu_common.h"
+#include "winograd.h"
 
 namespace jaxconv {
 namespace {
@@ -15,6 +16,7 @@ ffi::Error Conv2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, x.element_type(), kTarget));
+  JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
@@ -33,6 +35,7 @@ ffi::Error Conv2dBwdDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBu
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, *dx, w, dy, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, dy.element_type(), kTarget));
+  JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
   return dispatch_float(dy.element_type(), [&](auto tag) {

@@ -15,6 +15,7 @@ template <typename T>
 void Conv<T>::backward_data(const ParallelRunner& pr, const T* dy, const T* w, const T* bias,
                             T* dx) const {
   if (use_depthwise(w)) return depthwise_backward_data<T>(pr, g, dy, w, bias, dx);
+  if (kernels().winograd<T>().backward_data(pr, g, dy, w, bias, dx)) return;  // 3x3 stride 1
   if (prefer_col2im()) {
     backward_data_col2im(pr, dy, w, bias, dx);
     return;

@@ -153,6 +153,7 @@ void Conv<T>::run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, co
 template <typename T>
 void Conv<T>::forward(const ParallelRunner& pr, const T* x, const T* w, const T* bias, T* y) const {
   if (use_depthwise(w)) return depthwise_forward<T>(pr, g, x, w, bias, y);
+  if (kernels().winograd<T>().forward(pr, g, x, w, bias, y)) return;  // 3x3 stride 1
   run_pass(pr, forward_pass(), x, w, false, bias, y);
 }
 

@@ -18,6 +18,7 @@ const KernelTable& kernel_table() {
     add_gemm_kernels(&t);
     add_depthwise_kernels(&t);
     add_pool_kernels(&t);
+    add_winograd_kernels(&t);
     return t;
   }();
   return table;

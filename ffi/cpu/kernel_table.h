@@ -1,7 +1,7 @@
 // One table of the CPU kernels that have vector code, chosen once at load time.
 //
 // Each kernel file with vector code (gemm.cc, depthwise_kernels.cc, max_pool2d_kernels.cc,
-// kernel_table.cc) is compiled once per instruction-set capability by CMake, as its own object
+// winograd.cc, kernel_table.cc) is compiled once per instruction-set capability by CMake, as its own object
 // library with flags for that capability and JAXCONV_CPU_CAPABILITY set to a namespace name:
 //
 //   capability    namespace      flags
@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "cpu_common.h"
+#include "winograd.h"
 
 namespace jaxconv {
 
@@ -63,6 +64,10 @@ struct KernelTable {
   PoolKernels<double> pool_f64;
   PoolKernels<f16_t> pool_f16;
   PoolKernels<bf16_t> pool_bf16;
+  WinogradKernels<float> winograd_f32;
+  WinogradKernels<double> winograd_f64;
+  WinogradKernels<f16_t> winograd_f16;
+  WinogradKernels<bf16_t> winograd_bf16;
 
   template <typename T>
   const DepthwiseKernels<T>& depthwise() const {
@@ -70,6 +75,13 @@ struct KernelTable {
     else if constexpr (std::is_same_v<T, double>) return depthwise_f64;
     else if constexpr (std::is_same_v<T, f16_t>) return depthwise_f16;
     else return depthwise_bf16;
+  }
+  template <typename T>
+  const WinogradKernels<T>& winograd() const {
+    if constexpr (std::is_same_v<T, float>) return winograd_f32;
+    else if constexpr (std::is_same_v<T, double>) return winograd_f64;
+    else if constexpr (std::is_same_v<T, f16_t>) return winograd_f16;
+    else return winograd_bf16;
   }
   template <typename T>
   const PoolKernels<T>& pool() const {
@@ -87,6 +99,7 @@ struct KernelTable {
   void add_gemm_kernels(KernelTable*);      \
   void add_depthwise_kernels(KernelTable*); \
   void add_pool_kernels(KernelTable*);      \
+  void add_winograd_kernels(KernelTable*);  \
   }
 JAXCONV_DECLARE_CAPABILITY(cpu_baseline)
 JAXCONV_DECLARE_CAPABILITY(cpu_avx2)

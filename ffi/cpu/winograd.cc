@@ -1,0 +1,524 @@
+// Winograd F(m x m, 3x3) convolution (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+// Networks", 2016) for 3x3 stride-1 dilation-1 layers, m = 2 or 4.
+//
+// Both kernels handled here are one stride-1 3x3 correlation
+//
+//   out[n, grp*Cout + co, u, v] = bias + sum over (ci, th, tw) of
+//       in[n, grp*Cin + ci, u + th - pad_h, v + tw - pad_w] * f[grp][co][ci][th][tw]
+//
+// (reads outside the input are zero). Forward: in = x, f = w, pad = (pad_top, pad_left).
+// bwd_data: dx[h] = sum over kh of dy[h + pt - kh] * w[kh]; with th = 2 - kh that is
+// dy[h + th - (2 - pt)] * w[2 - th]: in = dy, f[co = c][ci = o] = w[o][c] flipped, pad = 2 - pt.
+//
+// The output is cut into m x m tiles; tile (n, tu, tv) needs the a x a input patch (a = m + 2)
+// starting at (tu*m - pad_h, tv*m - pad_w). Per tile and channel, with the constant matrices
+// B (a x a), G (a x 3), A (a x m) of the chosen m:
+//
+//   V = B^T d B  (input transform)   U = G f G^T  (filter transform)   Y = A^T M A  (output)
+//   M[e][tile][co] = sum over ci of V[e][tile][ci] * U[e][ci][co]     for each of the a^2 e
+//
+// so the multiplications are a^2 GEMMs (tiles x Cin) * (Cin x Cout): (m+2)^2 / m^2 products
+// per output instead of 9 (2.25x fewer for m = 2, 4x fewer for m = 4). The GEMMs run on the
+// packed micro-kernel of gemm.cc: V read in place as A, U packed once per call into its B
+// panels. The transforms are additions and multiplications by small constants, done on
+// 8-channel vectors (the channel is the lane: contiguous in NHWC, a plane apart in NCHW).
+//
+// Schedules: "blocked" runs each block of tiles through all three stages in per-thread scratch
+// (V and M stay in L2) against U transformed once for all e; "whole" transforms every tile's
+// input first, then gives each task one e (its U[e] made in L2 right before its GEMM over all
+// tiles), then transforms every output. Blocked re-reads all of U per block, whole moves V and
+// M through memory once: the smaller traffic is chosen (see run()).
+//
+// Precision: the transforms run in float32 (U[e] as 9 multiply-adds with coefficients formed
+// in double and rounded once). F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses about
+// one more decimal digit than F(2x2,3x3); tests/test_winograd.py states and checks the bounds.
+// Half types are widened to float32 when the input patch is loaded and rounded once when the
+// output is stored. A non-finite input or weight spreads differently through the transforms
+// (inf - inf = NaN across a whole tile), so such calls take the direct algorithm.
+#include "winograd.h"
+
+#include "gemm.h"
+#include "kernel_table.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+// Vector helpers pass 32-byte vectors between always-inlined functions (see gemm.cc).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace jaxconv::JAXCONV_CPU_CAPABILITY {
+namespace {
+
+typedef float V8 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+// Per-thread scratch that grows but is never freed between calls.
+template <int Slot>
+float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The 1-d transforms. A 2-d transform X^T d X applies the 1-d one down every column, then along
+// every row. `S` is V8 (input and output transforms) or double (filter transform).
+
+template <int M>
+struct Wino;
+
+// F(2x2,3x3):  B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
+//              G   = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
+//              A^T = [1 1 1 0; 0 1 -1 -1]
+template <>
+struct Wino<2> {
+  static constexpr int kA = 4;
+  template <typename S>
+  __attribute__((always_inline)) static void input(const S* d, int ds, S* o, int os) {
+    const S d0 = d[0], d1 = d[ds], d2 = d[2 * ds], d3 = d[3 * ds];
+    o[0] = d0 - d2;
+    o[os] = d1 + d2;
+    o[2 * os] = d2 - d1;
+    o[3 * os] = d1 - d3;
+  }
+  static constexpr double kG[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  template <typename S>
+  __attribute__((always_inline)) static void output(const S* m, int ms, S* o, int os) {
+    const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms];
+    o[0] = m0 + m1 + m2;
+    o[os] = m1 - m2 - m3;
+  }
+};
+
+// F(4x4,3x3), interpolation points 0, +-1, +-2, inf:
+//   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
+//          0 4 0 -5 0 1]
+//   G   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+template <>
+struct Wino<4> {
+  static constexpr int kA = 6;
+  template <typename S>
+  __attribute__((always_inline)) static void input(const S* d, int ds, S* o, int os) {
+    const S d0 = d[0], d1 = d[ds], d2 = d[2 * ds], d3 = d[3 * ds], d4 = d[4 * ds],
+            d5 = d[5 * ds];
+    // Shared partial sums: rows 1/2 and 3/4 differ only in the sign of one term.
+    const S a = d4 - 4.0f * d2, b = d3 - 4.0f * d1;  // rows 1, 2: a +- b
+    const S c = d4 - d2, e = 2.0f * (d3 - d1);        // rows 3, 4: c +- e
+    o[0] = 4.0f * d0 - 5.0f * d2 + d4;
+    o[os] = a + b;
+    o[2 * os] = a - b;
+    o[3 * os] = c + e;
+    o[4 * os] = c - e;
+    o[5 * os] = 4.0f * d1 - 5.0f * d3 + d5;
+  }
+  static constexpr double kG[6][3] = {{1.0 / 4, 0, 0},
+                                      {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                      {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                      {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                      {0, 0, 1}};
+  template <typename S>
+  __attribute__((always_inline)) static void output(const S* m, int ms, S* o, int os) {
+    const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms],
+            m5 = m[5 * ms];
+    const S p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;
+    o[0] = m0 + p12 + p34;
+    o[os] = n12 + 2.0f * n34;
+    o[2 * os] = p12 + 4.0f * p34;
+    o[3 * os] = n12 + 8.0f * n34 + m5;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// One call: the correlation above, its filter, and how its tiles are blocked.
+
+template <typename T>
+struct Job {
+  int64_t N, G, Cin, Cout, Hin, Win, U, V, pad_h, pad_w;
+  int64_t TU, TV, Q;  // tiles along u, v; Q = N*TU*TV tiles in all
+  Strides4 is, os;
+  const T* in;
+  T* out;
+  const T* bias;
+  const float* wt;  // the filter as [grp][ci][th*3 + tw][co], co padded to panels*NR with zeros
+  int64_t panels;   // ceil(Cout / NR)
+};
+
+constexpr int64_t NR = kPanelWidth<float>;
+constexpr int64_t kKC = 256;  // K-slice per GEMM call (see conv2d.cc)
+
+// `lanes` channels starting at p, a channel `stride` apart, widened to float; zero past lanes.
+template <typename T>
+__attribute__((always_inline)) inline V8 load_lanes(const T* p, int64_t stride, int lanes) {
+  V8 v;
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && lanes == kLanes) {
+      std::memcpy(&v, p, sizeof(v));
+      return v;
+    }
+  }
+  float tmp[kLanes] = {};
+  for (int l = 0; l < lanes; ++l) tmp[l] = Num<T>::load(p[l * stride]);
+  std::memcpy(&v, tmp, sizeof(v));
+  return v;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void store_lanes(T* p, int64_t stride, int lanes, V8 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && lanes == kLanes) {
+      std::memcpy(p, &v, sizeof(v));
+      return;
+    }
+  }
+  float tmp[kLanes];
+  std::memcpy(tmp, &v, sizeof(v));
+  for (int l = 0; l < lanes; ++l) p[l * stride] = Num<T>::store(tmp[l]);
+}
+
+// Input transform of tiles [q0, q0 + nt) of group grp, 8 channels at a time, into
+// V[e][row0 + t][ci] (e planes `plane` rows apart, rows Cin apart: the GEMMs' A operands).
+template <typename T, int M>
+__attribute__((always_inline)) inline void input_stage(const Job<T>& jb, int64_t grp, int64_t q0,
+                                                       int64_t nt, float* Vb, int64_t plane,
+                                                       int64_t row0) {
+  using W = Wino<M>;
+  constexpr int A = W::kA, A2 = A * A;
+  const int64_t Cin = jb.Cin;
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t q = q0 + t, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
+    const int64_t ih0 = tu * M - jb.pad_h, iw0 = tv * M - jb.pad_w;
+    const T* base = jb.in + n * jb.is.n + grp * Cin * jb.is.c;
+    // Rows/columns of the patch inside the input: [ilo, ihi) x [jlo, jhi).
+    const int ilo = int(std::max<int64_t>(0, -ih0)), ihi = int(std::min<int64_t>(A, jb.Hin - ih0));
+    const int jlo = int(std::max<int64_t>(0, -iw0)), jhi = int(std::min<int64_t>(A, jb.Win - iw0));
+    for (int64_t c0 = 0; c0 < Cin; c0 += kLanes) {
+      const int lanes = int(std::min<int64_t>(kLanes, Cin - c0));
+      V8 d[A][A], tmp[A][A], v[A][A];
+      for (int i = 0; i < A; ++i)
+        for (int j = 0; j < A; ++j) {
+          if (i < ilo || i >= ihi || j < jlo || j >= jhi) {
+            d[i][j] = V8{};
+          } else {
+            d[i][j] = load_lanes(base + c0 * jb.is.c + (ih0 + i) * jb.is.h + (iw0 + j) * jb.is.w,
+                                 jb.is.c, lanes);
+          }
+        }
+#pragma GCC unroll 6
+      for (int j = 0; j < A; ++j) W::input(&d[0][j], A, &tmp[0][j], A);
+#pragma GCC unroll 6
+      for (int i = 0; i < A; ++i) W::input(&tmp[i][0], 1, &v[i][0], 1);
+      float* dst = Vb + (row0 + t) * Cin + c0;
+      for (int e = 0; e < A2; ++e) {
+        float lane_vals[kLanes];
+        std::memcpy(lane_vals, &v[e / A][e % A], sizeof(V8));
+        std::memcpy(dst + e * plane * Cin, lane_vals, lanes * sizeof(float));
+      }
+    }
+  }
+}
+
+// Output transform of tiles [q0, q0 + nt) from M[e][row0 + t][co] (e planes `plane` rows
+// apart), plus bias, 8 output channels at a time; cells past the output's edge are dropped.
+template <typename T, int M>
+__attribute__((always_inline)) inline void output_stage(const Job<T>& jb, int64_t grp, int64_t q0,
+                                                        int64_t nt, const float* Mb,
+                                                        int64_t plane, int64_t row0) {
+  using W = Wino<M>;
+  constexpr int A = W::kA, A2 = A * A;
+  const int64_t Cout = jb.Cout;
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t q = q0 + t, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
+    const int64_t u0 = tu * M, v0 = tv * M;
+    const int iu = int(std::min<int64_t>(M, jb.U - u0)), iv = int(std::min<int64_t>(M, jb.V - v0));
+    T* base = jb.out + n * jb.os.n + grp * Cout * jb.os.c + u0 * jb.os.h + v0 * jb.os.w;
+    for (int64_t c0 = 0; c0 < Cout; c0 += kLanes) {
+      const int lanes = int(std::min<int64_t>(kLanes, Cout - c0));
+      V8 m[A][A], tmp[M][A], y[M][M];
+      const float* src = Mb + (row0 + t) * Cout + c0;
+      for (int e = 0; e < A2; ++e) {
+        float lane_vals[kLanes] = {};
+        std::memcpy(lane_vals, src + e * plane * Cout, lanes * sizeof(float));
+        std::memcpy(&m[e / A][e % A], lane_vals, sizeof(V8));
+      }
+#pragma GCC unroll 6
+      for (int j = 0; j < A; ++j) W::output(&m[0][j], A, &tmp[0][j], A);
+#pragma GCC unroll 4
+      for (int i = 0; i < M; ++i) W::output(&tmp[i][0], 1, &y[i][0], 1);
+      V8 b = jb.bias ? load_lanes(jb.bias + grp * Cout + c0, 1, lanes) : V8{};
+      T* dst = base + c0 * jb.os.c;
+      for (int i = 0; i < iu; ++i)
+        for (int j = 0; j < iv; ++j)
+          store_lanes(dst + i * jb.os.h + j * jb.os.w, jb.os.c, lanes, y[i][j] + b);
+    }
+  }
+}
+
+// U[e] = (G f G^T)[i][j] for e = (i, j) = sum over (a, b) of G[i][a] G[j][b] f[a][b], for all
+// (ci, co) of group grp, as B panels (panel stride Cin*NR): 9 multiply-adds per element on
+// 16-channel rows of wt. The coefficients are formed in double and rounded once.
+template <int M>
+__attribute__((always_inline)) inline void filter_stage(const float* wt_grp, int64_t Cin,
+                                                        int64_t panels, int e, float* Up) {
+  constexpr int A = Wino<M>::kA;
+  float c[9];
+  for (int a = 0; a < 3; ++a)
+    for (int b = 0; b < 3; ++b)
+      c[a * 3 + b] = float(Wino<M>::kG[e / A][a] * Wino<M>::kG[e % A][b]);
+  const int64_t cols = panels * NR;
+  for (int64_t ci = 0; ci < Cin; ++ci) {
+    const float* src = wt_grp + ci * 9 * cols;
+    for (int64_t p = 0; p < panels; ++p) {
+      V8 u0{}, u1{};
+      for (int k = 0; k < 9; ++k) {
+        V8 w0, w1;
+        std::memcpy(&w0, src + k * cols + p * NR, sizeof(V8));
+        std::memcpy(&w1, src + k * cols + p * NR + kLanes, sizeof(V8));
+        u0 += c[k] * w0;
+        u1 += c[k] * w1;
+      }
+      float* dst = Up + p * Cin * NR + ci * NR;
+      std::memcpy(dst, &u0, sizeof(V8));
+      std::memcpy(dst + kLanes, &u1, sizeof(V8));
+    }
+  }
+}
+
+// M[e] (rows x Cout) = V[e] (rows x Cin) * U[e] (Cin x Cout), K sliced for the cache.
+inline void gemm_stage(int64_t rows, int64_t Cin, int64_t Cout, const float* Ve, const float* Up,
+                       float* Me) {
+  for (int64_t k0 = 0; k0 < Cin; k0 += kKC) {
+    const int64_t kc = std::min(kKC, Cin - k0);
+    gemm_packed(rows, Cout, kc, Ve + k0, Cin, Up + k0 * NR, Cin * NR, Me, Cout, k0 > 0);
+  }
+}
+
+// Blocked schedule, one task = one block of tiles through all three stages, with V and M in
+// per-thread scratch (V[e][tile][ci], M[e][tile][co]) and the transformed filter of all e
+// (`filt`, [grp][e][panels][ci][NR]) shared.
+template <typename T, int M>
+__attribute__((always_inline)) inline void block_body(const Job<T>& jb, const float* filt,
+                                                      int64_t grp, int64_t q0, int64_t nt) {
+  constexpr int A2 = (M + 2) * (M + 2);
+  float* Vb = scratch<0>(A2 * nt * jb.Cin);
+  float* Mb = scratch<1>(A2 * nt * jb.Cout);
+  input_stage<T, M>(jb, grp, q0, nt, Vb, nt, 0);
+  for (int e = 0; e < A2; ++e)
+    gemm_stage(nt, jb.Cin, jb.Cout, Vb + e * nt * jb.Cin,
+               filt + (grp * A2 + e) * jb.panels * jb.Cin * NR, Mb + e * nt * jb.Cout);
+  output_stage<T, M>(jb, grp, q0, nt, Mb, nt, 0);
+}
+
+template <typename T>
+bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  std::vector<char> bad(chunks, 0);
+  pr.run(chunks, [&](int64_t c) {
+    const int64_t lo = c * kChunk, hi = std::min(count, lo + kChunk);
+    if constexpr (std::is_same_v<T, float>) {
+      // Exponent all ones: inf or NaN. Integer OR-reduction, so the loop vectorizes.
+      uint32_t any = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        uint32_t u;
+        std::memcpy(&u, p + i, 4);
+        any |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+      }
+      bad[c] = any != 0;
+    } else {
+      for (int64_t i = lo; i < hi; ++i)
+        if (!std::isfinite(Num<T>::load(p[i]))) {
+          bad[c] = 1;
+          return;
+        }
+    }
+  });
+  for (char b : bad)
+    if (b) return false;
+  return true;
+}
+
+// Tile size for a correlation of this shape, or 0 for the direct algorithm.
+//
+// Auto: Winograd needs enough channels on both sides for its a^2 GEMMs to run near the
+// micro-kernel's peak and for the transforms (O(Cin + Cout) per tile) to be small next to them
+// (O(Cin * Cout) per tile), and enough tiles to amortize the filter transform and the reading
+// of U (a^2 * Cin * Cout per call). F(4x4) does 1.78x fewer multiplications than F(2x2) but
+// has 36/16 as much filter and wastes more of its last tile row/column on planes that are not
+// a multiple of 4. Thresholds from side-by-side timings (see tests/test_winograd.py).
+int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, int64_t V) {
+  if (algo == ConvAlgo::kDirect) return 0;
+  if (algo == ConvAlgo::kWinograd2) return 2;
+  if (algo == ConvAlgo::kWinograd4) return 4;
+  auto tiles = [&](int64_t m) { return N * ((U + m - 1) / m) * ((V + m - 1) / m); };
+  auto waste = [](int64_t n, int64_t m) { return double((n + m - 1) / m * m) / double(n); };
+  const int64_t C = std::max(Cin, Cout);
+  int tile = 2;
+  if (waste(U, 4) * waste(V, 4) <= 1.3 && tiles(4) >= 2 * C) tile = 4;
+  if (algo == ConvAlgo::kWinograd) return tile;
+  if (std::min(Cin, Cout) < 32 || tiles(tile) < C) return 0;
+  return tile;
+}
+
+template <typename T, int M>
+void run(const ParallelRunner& pr, const Job<T>& jb) {
+  constexpr int A2 = (M + 2) * (M + 2);
+  const int64_t Cin = jb.Cin, Cout = jb.Cout, U_size = jb.panels * Cin * NR;
+  // Tiles per block: V and M scratch (a^2 * tiles * (Cin + Cout) floats) within ~1.5 MB, a
+  // multiple of the micro-kernel's 6 rows, 12 to 96.
+  const int64_t per_tile = A2 * (Cin + Cout) * int64_t(sizeof(float));
+  int64_t tblk = std::max<int64_t>(12, std::min<int64_t>(96, (3 << 19) / per_tile / 6 * 6));
+  // The blocked schedule reads all of U once per block; the whole schedule writes and reads V
+  // and M for all tiles once. Take the one that moves fewer bytes (U re-read per block vs.
+  // 2 (V + M)), i.e. blocked when Cin*Cout <= 2 * tblk * (Cin + Cout), or when U fits in L2.
+  const bool blocked = Cin * Cout <= 2 * tblk * (Cin + Cout) ||
+                       A2 * U_size * int64_t(sizeof(float)) <= (512 << 10);
+  if (blocked) {
+    while (tblk > 12 && jb.G * ((jb.Q + tblk - 1) / tblk) < 2 * pr.num_threads()) tblk -= 6;
+    thread_local std::vector<float> filt;  // kept between calls: no page faults per call
+    filt.resize(std::max<size_t>(filt.size(), jb.G * A2 * U_size));
+    // (Thread-local buffers are reached through plain pointers inside the tasks: there, the
+    // name would mean the worker thread's own instance.)
+    float* const fp = filt.data();
+    pr.run(jb.G * A2, [&](int64_t task) {
+      const int64_t grp = task / A2;
+      const int e = int(task % A2);
+      const float* wt = jb.wt + grp * Cin * 9 * jb.panels * NR;
+      float* dst = fp + task * U_size;
+      filter_stage<M>(wt, Cin, jb.panels, e, dst);
+    });
+    const int64_t blocks = (jb.Q + tblk - 1) / tblk;
+    pr.run(jb.G * blocks, [&](int64_t task) {
+      const int64_t grp = task / blocks, b = task % blocks;
+      const int64_t q0 = b * tblk, nt = std::min(jb.Q, q0 + tblk) - q0;
+      block_body<T, M>(jb, fp, grp, q0, nt);
+    });
+    return;
+  }
+  // Whole schedule, per group: all tiles' V, then one task per e (its U[e] transformed into
+  // per-thread scratch, which stays in L2 for its GEMM), then all tiles' output.
+  thread_local std::vector<float> vm;
+  vm.resize(std::max<size_t>(vm.size(), A2 * jb.Q * (Cin + Cout)));
+  float* Vb = vm.data();
+  float* Mb = Vb + A2 * jb.Q * Cin;
+  const int64_t blk = 48, blocks = (jb.Q + blk - 1) / blk;
+  for (int64_t grp = 0; grp < jb.G; ++grp) {
+    pr.run(blocks, [&](int64_t b) {
+      const int64_t q0 = b * blk, nt = std::min(jb.Q, q0 + blk) - q0;
+      input_stage<T, M>(jb, grp, q0, nt, Vb, jb.Q, q0);
+    });
+    pr.run(A2, [&](int64_t e) {
+      float* Up = scratch<2>(U_size);
+      const float* wt = jb.wt + grp * Cin * 9 * jb.panels * NR;
+      filter_stage<M>(wt, Cin, jb.panels, int(e), Up);
+      gemm_stage(jb.Q, Cin, Cout, Vb + e * jb.Q * Cin, Up, Mb + e * jb.Q * Cout);
+    });
+    pr.run(blocks, [&](int64_t b) {
+      const int64_t q0 = b * blk, nt = std::min(jb.Q, q0 + blk) - q0;
+      output_stage<T, M>(jb, grp, q0, nt, Mb, jb.Q, q0);
+    });
+  }
+}
+
+// Shared by both kernels: the correlation (see the file comment) with filter f.
+template <typename T, typename F>
+bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int64_t Cout,
+               int64_t Hin, int64_t Win, int64_t U, int64_t V, int64_t pad_h, int64_t pad_w,
+               int64_t layout, const T* in, const T* w, int64_t w_count, const F& f,
+               const T* bias, T* out) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;  // float64 stays on the direct algorithm (Winograd would lose precision)
+  } else {
+    const ConvAlgo algo = conv_algo();
+    if (algo == ConvAlgo::kInvalid || algo == ConvAlgo::kDirect) return false;
+    const int tile = choose_tile(algo, N, Cin, Cout, U, V);
+    if (tile == 0 || N * U * V == 0 || Cin == 0) return false;
+    const Strides4 is = activation_strides(layout, G * Cin, Hin, Win);
+    if (!all_finite(pr, w, w_count) || !all_finite(pr, in, N * is.n)) return false;
+    Job<T> jb;
+    jb.N = N; jb.G = G; jb.Cin = Cin; jb.Cout = Cout; jb.Hin = Hin; jb.Win = Win;
+    jb.U = U; jb.V = V; jb.pad_h = pad_h; jb.pad_w = pad_w;
+    jb.TU = (U + tile - 1) / tile; jb.TV = (V + tile - 1) / tile; jb.Q = N * jb.TU * jb.TV;
+    jb.is = is;
+    jb.os = activation_strides(layout, G * Cout, U, V);
+    jb.in = in; jb.out = out; jb.bias = bias;
+    jb.panels = (Cout + NR - 1) / NR;
+    // The filter in float as [grp][ci][tap][co] (co contiguous, zero-padded to whole panels),
+    // whatever the layout and direction: the filter transforms then read whole vectors.
+    const int64_t cols = jb.panels * NR;
+    thread_local std::vector<float> wt;
+    wt.resize(std::max<size_t>(wt.size(), G * Cin * 9 * cols));
+    float* const wtp = wt.data();  // not `wt` inside the tasks: that is each worker's own
+    pr.run(G * Cin, [&](int64_t task) {
+      const int64_t grp = task / Cin, ci = task % Cin;
+      float* dst = wtp + task * 9 * cols;
+      for (int th = 0; th < 3; ++th)
+        for (int tw = 0; tw < 3; ++tw) {
+          float* row = dst + (th * 3 + tw) * cols;
+          for (int64_t co = 0; co < Cout; ++co) row[co] = f(grp, co, ci, th, tw);
+          for (int64_t co = Cout; co < cols; ++co) row[co] = 0.0f;
+        }
+    });
+    jb.wt = wtp;
+    if (tile == 2)
+      run<T, 2>(pr, jb);
+    else
+      run<T, 4>(pr, jb);
+    return true;
+  }
+}
+
+// 3x3, stride 1, dilation 1, more than one channel on each side of a group (depthwise layers
+// have their own kernel).
+bool applicable(const ConvGeometry& g) {
+  return g.KH == 3 && g.KW == 3 && g.p.stride_h == 1 && g.p.stride_w == 1 &&
+         g.p.dilation_h == 1 && g.p.dilation_w == 1 && g.in_per_group() > 1 &&
+         g.out_per_group() > 1;
+}
+
+template <typename T>
+bool winograd_forward(const ParallelRunner& pr, const ConvGeometry& g, const T* x, const T* w,
+                      const T* bias, T* y) {
+  if (!applicable(g)) return false;
+  const Strides4 ws = g.w_strides();
+  const int64_t Og = g.out_per_group();
+  auto f = [&](int64_t grp, int64_t co, int64_t ci, int th, int tw) {
+    return double(Num<T>::load(w[(grp * Og + co) * ws.n + ci * ws.c + th * ws.h + tw * ws.w]));
+  };
+  return correlate<T>(pr, g.N, g.groups(), g.in_per_group(), Og, g.H, g.W, g.OH, g.OW,
+                      g.p.pad_top, g.p.pad_left, g.p.layout, x, w, g.O * g.in_per_group() * 9,
+                      f, bias, y);
+}
+
+template <typename T>
+bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, const T* dy,
+                            const T* w, const T* bias, T* dx) {
+  if (!applicable(g)) return false;
+  const Strides4 ws = g.w_strides();
+  const int64_t Og = g.out_per_group();
+  // Correlation input channel ci = conv output channel o; output channel co = conv input c.
+  auto f = [&](int64_t grp, int64_t co, int64_t ci, int th, int tw) {
+    return double(Num<T>::load(
+        w[(grp * Og + ci) * ws.n + co * ws.c + (2 - th) * ws.h + (2 - tw) * ws.w]));
+  };
+  return correlate<T>(pr, g.N, g.groups(), Og, g.in_per_group(), g.OH, g.OW, g.H, g.W,
+                      2 - g.p.pad_top, 2 - g.p.pad_left, g.p.layout, dy, w,
+                      g.O * g.in_per_group() * 9, f, bias, dx);
+}
+
+}  // namespace
+
+// forward / backward_data for every storage type (float64 always declines: see correlate).
+void add_winograd_kernels(KernelTable* t) {
+  t->winograd_f32 = {winograd_forward<float>, winograd_backward_data<float>};
+  t->winograd_f64 = {winograd_forward<double>, winograd_backward_data<double>};
+  t->winograd_f16 = {winograd_forward<f16_t>, winograd_backward_data<f16_t>};
+  t->winograd_bf16 = {winograd_forward<bf16_t>, winograd_backward_data<bf16_t>};
+}
+
+}  // namespace jaxconv::JAXCONV_CPU_CAPABILITY

@@ -1,0 +1,179 @@
+"""Winograd F(2x2,3x3) and F(4x4,3x3) on the CPU (ffi/cpu/winograd.cc).
+
+3x3 stride-1 dilation-1 convolutions (forward, and bwd_data = the input gradient and
+conv_transpose2d) may run on Winograd; JAXCONV_CPU_CONV_ALGO picks the algorithm per call:
+auto (default), direct, winograd (tile by shape), winograd2, winograd4.
+
+Error bounds, as max |got - ref| / max |ref| against a float64 lax reference, standard-normal
+inputs, float32 (measured on these shapes: direct <= 7.6e-7, F(2x2) <= 3.4e-7, F(4x4) <= 4.5e-6):
+F(4x4)'s larger transform constants (up to 8 in A^T, 5 in B^T) cost about one decimal digit.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxconv
+from reference import on, random_array, ref_conv2d, ref_conv_transpose2d, tol
+
+ALGO_ENV = "JAXCONV_CPU_CONV_ALGO"
+# Relative bound per algorithm: max abs error over max abs reference value.
+BOUND = {"direct": 2e-6, "winograd2": 2e-6, "winograd4": 2e-5}
+
+# (N, C, O, H, W, padding, groups): odd planes (partial last tiles), asymmetric and large
+# padding (tiles starting outside the input, pad > kernel), groups, channel counts that are not
+# multiples of the 8-channel vectors or the 16-column GEMM panels.
+SHAPES = [
+    (2, 16, 24, 9, 11, ((1, 1), (1, 1)), 1),
+    (1, 40, 36, 14, 14, ((1, 1), (1, 1)), 1),
+    (2, 12, 20, 7, 10, ((0, 2), (3, 1)), 2),
+    (2, 32, 32, 6, 5, ((0, 0), (0, 0)), 1),
+    (1, 5, 3, 5, 7, ((4, 3), (0, 5)), 1),
+]
+
+
+def _layout_arrays(x, w, layout):
+    if layout == "NHWC":
+        return x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0)
+    return x, w
+
+
+def _rel_err(got, want):
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+@pytest.mark.parametrize("algo", ["direct", "winograd2", "winograd4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"_g{s[6]}")
+def test_forward_and_input_gradient_within_bound(backend, monkeypatch, shape, layout, algo):
+    n, c, o, h, w_, pad, groups = shape
+    rng = np.random.default_rng(hash((shape, layout)) % 2**32)
+    x64 = rng.standard_normal((n, c, h, w_))
+    w64 = rng.standard_normal((o, c // groups, 3, 3))
+    b64 = rng.standard_normal(o)
+    x64, w64 = _layout_arrays(x64, w64, layout)
+    x64, w64, b64 = (jnp.asarray(a, jnp.float64) for a in (x64, w64, b64))
+    x, w, b = on(backend, *(a.astype(jnp.float32) for a in (x64, w64, b64)))
+    monkeypatch.setenv(ALGO_ENV, algo)
+
+    y = jax.jit(lambda x, w, b: jaxconv.conv2d(x, w, b, padding=pad, groups=groups,
+                                               layout=layout))(x, w, b)
+    y_ref = ref_conv2d(x64, w64, b64, padding=pad, groups=groups, layout=layout)
+    assert y.dtype == jnp.float32 and y.shape == y_ref.shape
+    assert _rel_err(y, y_ref) <= BOUND[algo]
+
+    # The input gradient of sum(y * r) is bwd_data(r): a 3x3 conv with the flipped filter.
+    r = random_array(rng, y_ref.shape, jnp.float64)
+    dx = jax.jit(jax.grad(lambda x, w: jnp.sum(
+        jaxconv.conv2d(x, w, padding=pad, groups=groups, layout=layout) * r.astype(jnp.float32))))(x, w)
+    dx_ref = jax.grad(lambda x: jnp.sum(
+        ref_conv2d(x, w64, padding=pad, groups=groups, layout=layout) * r))(x64)
+    assert _rel_err(dx, dx_ref) <= BOUND[algo]
+
+
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_conv_transpose_stride1_within_bound(backend, monkeypatch, layout, algo):
+    # conv_transpose2d is the bwd_data target: with stride 1 and a 3x3 kernel it is Winograd's.
+    rng = np.random.default_rng(7)
+    x64 = jnp.asarray(rng.standard_normal((2, 24, 9, 8)))
+    w64 = jnp.asarray(rng.standard_normal((24, 20, 3, 3)))  # (I, O, KH, KW) as in PyTorch
+    b64 = jnp.asarray(rng.standard_normal(20))
+    if layout == "NHWC":
+        x64, w64 = x64.transpose(0, 2, 3, 1), w64.transpose(2, 3, 1, 0)  # HWIO for NHWC
+    x, w, b = on(backend, *(a.astype(jnp.float32) for a in (x64, w64, b64)))
+    monkeypatch.setenv(ALGO_ENV, algo)
+    y = jaxconv.conv_transpose2d(x, w, b, padding=1, layout=layout)
+    y_ref = ref_conv_transpose2d(x64, w64, b64, padding=((1, 1), (1, 1)), layout=layout)
+    assert y.shape == y_ref.shape
+    assert _rel_err(y, y_ref) <= BOUND[algo]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+def test_half_types_through_float32(backend, monkeypatch, dtype, algo):
+    rng = np.random.default_rng(3)
+    x = random_array(rng, (2, 16, 10, 10), dtype)
+    w = random_array(rng, (16, 16, 3, 3), dtype)
+    x, w = on(backend, x, w)
+    monkeypatch.setenv(ALGO_ENV, algo)
+    y = jaxconv.conv2d(x, w, padding=1)
+    y_ref = ref_conv2d(x, w, padding=((1, 1), (1, 1)))
+    assert y.dtype == jnp.dtype(dtype)
+    rtol, atol = tol(dtype)
+    # Values of O(sqrt(144)) = O(12): the half type's relative tolerance, scaled.
+    np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(y_ref, np.float64),
+                               rtol=rtol, atol=12 * atol)
+
+
+def _cpu_only(backend):
+    if backend != "cpu":
+        pytest.skip("the algorithm choice is the CPU kernel's")
+
+
+def test_forcing_changes_the_algorithm_only_where_applicable(backend, monkeypatch):
+    """Winograd rounds differently from the direct GEMM, so forcing it must change the bits of a
+    3x3 stride-1 float32 result, and must not change those of a float64 or stride-2 one."""
+    _cpu_only(backend)
+    rng = np.random.default_rng(11)
+    x = random_array(rng, (2, 16, 12, 12), jnp.float32)
+    w = random_array(rng, (16, 16, 3, 3), jnp.float32)
+    conv = jax.jit(lambda x, w, s: jaxconv.conv2d(x, w, stride=s, padding=1), static_argnums=2)
+
+    def run(algo, x, w, s=1):
+        monkeypatch.setenv(ALGO_ENV, algo)
+        return np.asarray(conv(x, w, s))
+
+    direct = run("direct", x, w)
+    for algo in ("winograd2", "winograd4"):
+        assert not np.array_equal(run(algo, x, w), direct), algo
+    np.testing.assert_array_equal(run("winograd4", x, w, 2), run("direct", x, w, 2))
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    np.testing.assert_array_equal(run("winograd4", x64, w64), run("direct", x64, w64))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("where", ["x", "w"])
+def test_non_finite_values_take_the_direct_path(backend, monkeypatch, bad, where):
+    """An inf in a Winograd tile would become inf - inf = NaN across the tile; such calls fall
+    back to the direct algorithm, so inf and NaN land where lax puts them."""
+    rng = np.random.default_rng(5)
+    x = np.asarray(rng.standard_normal((1, 8, 8, 8)), np.float32)
+    w = np.asarray(rng.standard_normal((8, 8, 3, 3)), np.float32)
+    if where == "x":
+        x[0, 3, 4, 4] = bad
+    else:
+        w[2, 1, 1, 1] = bad
+    monkeypatch.setenv(ALGO_ENV, "winograd4")
+    y = np.asarray(jaxconv.conv2d(*on(backend, jnp.asarray(x), jnp.asarray(w)), padding=1))
+    y_ref = np.asarray(ref_conv2d(jnp.asarray(x), jnp.asarray(w), padding=((1, 1), (1, 1))))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
+    np.testing.assert_array_equal(np.isposinf(y), np.isposinf(y_ref))
+    np.testing.assert_array_equal(np.isneginf(y), np.isneginf(y_ref))
+    finite = np.isfinite(y_ref)
+    np.testing.assert_allclose(y[finite], y_ref[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["fast", "Direct", "winograd8"])
+def test_unknown_algorithm_is_an_error(backend, monkeypatch, value):
+    _cpu_only(backend)
+    x = jnp.ones((1, 4, 6, 6), jnp.float32)
+    w = jnp.ones((4, 4, 3, 3), jnp.float32)
+    monkeypatch.setenv(ALGO_ENV, value)
+    with pytest.raises(Exception, match=f"{ALGO_ENV}='{value}' is not one of auto, direct"):
+        jax.block_until_ready(jaxconv.conv2d(x, w, padding=1))
+
+
+@pytest.mark.parametrize("algo", ["", "auto", "winograd"])
+def test_default_and_auto_choices_within_bound(backend, monkeypatch, algo):
+    # Big enough in channels and tiles for auto to pick Winograd (F(4x4) on a 16x16 plane).
+    rng = np.random.default_rng(9)
+    x64 = jnp.asarray(rng.standard_normal((4, 32, 16, 16)))
+    w64 = jnp.asarray(rng.standard_normal((32, 32, 3, 3)))
+    x, w = on(backend, x64.astype(jnp.float32), w64.astype(jnp.float32))
+    monkeypatch.setenv(ALGO_ENV, algo)
+    y = jaxconv.conv2d(x, w, padding=1)
+    assert _rel_err(y, ref_conv2d(x64, w64, padding=((1, 1), (1, 1)))) <= BOUND["winograd4"]
