@@ -339,8 +339,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
 // Whether k-major B (ldmatrix.trans) applies: 16-bit weights contiguous along output channels.
 template <typename T>
 bool mma_b_k_major(const PassParams& p) {

@@ -39,6 +39,9 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 
 namespace jaxconv::cuda {
 
+// Host side: whether a buffer may be read and written with 16-byte (128-bit) vector accesses.
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
 // Num<T>: the accumulation type of storage type T and conversions in and out of it. Half types
 // accumulate in float32 and round once, to nearest even, when stored.
 template <typename T>

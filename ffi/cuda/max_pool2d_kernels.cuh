@@ -81,8 +81,6 @@ inline bool pool_fits_int32(const PoolGeometry& g) {
                          q.pad_right);
 }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 // backward: the items cover dx (spatial H x W) instead of y (OH x OW).
 template <typename I, int V>
 PoolPlan<I> make_pool_plan(const PoolGeometry& g, bool backward, bool buffers_aligned) {
