@@ -172,6 +172,18 @@ inline ffi::Error decode_conv_call(const ffi::Dictionary& attrs, const ffi::AnyB
   return conv_geometry(p, x, w, y, target, g);
 }
 
+// The conv handlers that take a bias (forward, bwd_data): the call as above, then the bias, one
+// value per channel of the result they write (O for forward's y, C for bwd_data's dx) or none.
+enum class ConvBias { kForward, kBwdData };
+inline ffi::Error decode_conv_call(const ffi::Dictionary& attrs, const ffi::AnyBuffer& x,
+                                   const ffi::AnyBuffer& w, const ffi::AnyBuffer& y,
+                                   const ffi::AnyBuffer& bias, ConvBias which,
+                                   const char* target, ConvGeometry* g) {
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, y, target, g));
+  return which == ConvBias::kForward ? check_bias(bias, g->O, x.element_type(), target)
+                                     : check_bias(bias, g->C, y.element_type(), target);
+}
+
 inline ffi::Error pool_geometry(const PoolParams& p, const ffi::AnyBuffer& x,
                                 const ffi::AnyBuffer& y, const ffi::AnyBuffer& idx,
                                 const char* target, PoolGeometry* g) {

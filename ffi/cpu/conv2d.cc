@@ -14,8 +14,8 @@ ffi::Error Conv2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
                          ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dFwd;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, kTarget, &g));
-  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, x.element_type(), kTarget));
+  JAXCONV_RETURN_IF_ERROR(
+      decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
@@ -33,8 +33,8 @@ ffi::Error Conv2dBwdDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBu
                              ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dBwdData;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, *dx, w, dy, kTarget, &g));
-  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, dy.element_type(), kTarget));
+  JAXCONV_RETURN_IF_ERROR(
+      decode_conv_call(attrs, *dx, w, dy, bias, ConvBias::kBwdData, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);

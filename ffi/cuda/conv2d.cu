@@ -24,19 +24,8 @@ bool has_tensor_cores() {
   return major >= 8;
 }
 
-// The conv's allow_tf32 attribute (float32 operands may be rounded to TF32 on tensor cores),
-// read as 0 while ConvParams has no such field (before the attribute decoder provides it).
-template <typename P>
-auto allow_tf32_of(const P& p, int) -> decltype(bool(p.allow_tf32)) {
-  return p.allow_tf32 != 0;
-}
-template <typename P>
-bool allow_tf32_of(const P&, long) {
-  return false;
-}
-
 PassOptions pass_options(const ConvGeometry& g) {
-  return PassOptions{has_tensor_cores(), allow_tf32_of(g.p, 0)};
+  return PassOptions{has_tensor_cores(), g.p.allow_tf32 != 0};
 }
 
 ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -44,8 +33,8 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
                          ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dFwd;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, kTarget, &g));
-  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.O, x.element_type(), kTarget));
+  JAXCONV_RETURN_IF_ERROR(
+      decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -67,8 +56,8 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
                              ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dBwdData;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, *dx, w, dy, kTarget, &g));
-  JAXCONV_RETURN_IF_ERROR(check_bias(bias, g.C, dy.element_type(), kTarget));
+  JAXCONV_RETURN_IF_ERROR(
+      decode_conv_call(attrs, *dx, w, dy, bias, ConvBias::kBwdData, kTarget, &g));
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
