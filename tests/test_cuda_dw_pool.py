@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -22,10 +18,8 @@ import numpy as np
 import pytest
 
 from reference import ref_max_pool2d, ref_max_pool2d_lax, tol
+from test_cuda_build import EMU_DIR, _compile, _cuda_include, _ptr, _vec
 
-ROOT = Path(__file__).resolve().parents[1]
-FFI_DIR = ROOT / "ffi"
-EMU_DIR = Path(__file__).resolve().parent / "cuda_emulation"
 
 DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 NP_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16,
@@ -36,46 +30,14 @@ VECTOR_WIDTH = {"float32": 4, "float64": 2, "float16": 8, "bfloat16": 8}  # 16 b
 MAX_BLOCKS = 3  # each emulated launch runs at most 3 blocks; their grid-stride loops do the rest
 
 
-def _cxx():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cuda_include():
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.insert(0, str(Path(nvcc).resolve().parents[1]))
-    for c in candidates:
-        if c and (Path(c) / "include" / "cuda_bf16.h").exists():
-            return str(Path(c) / "include")
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx, inc = _cxx(), _cuda_include()
-    if cxx is None:
-        pytest.skip("no C++ compiler")
+    inc = _cuda_include()
     if inc is None:
         pytest.skip("CUDA headers not found (cuda_bf16.h); the emulation needs the half types")
-    out = tmp_path_factory.mktemp("emu_dw_pool") / "k.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-I", str(FFI_DIR), "-I",
-           inc, str(EMU_DIR / "pool_dw_kernels.cc"), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
-    lib = ctypes.CDLL(str(out))
-    return lib
-
-
-def _vec(values):
-    return (ctypes.c_int64 * len(values))(*values)
-
-
-def _ptr(a):
-    return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
+    return _compile([EMU_DIR / "pool_dw_kernels.cc"],
+                    tmp_path_factory.mktemp("emu_dw_pool") / "k.so",
+                    ["-std=c++20", "-O1", "-pthread", "-I", inc])
 
 
 def _buffer(shape, dtype, fill, misalign):
