@@ -309,4 +309,17 @@ JAXCONV_HD bool window_holds(int64_t o, int64_t i, int64_t stride, int64_t pad_l
   return (i + pad_lo - o * stride) % dilation == 0;
 }
 
+// The outputs o whose tap t lands inside the input, 0 <= o*stride - pad_lo + t*dilation < in:
+// o in [ceil((pad_lo - t*d) / s), floor((in - 1 + pad_lo - t*d) / s)], clipped to [0, out). The
+// inverse of window_taps: o is in tap_outputs(t) exactly when t is in window_taps(o).
+JAXCONV_HD OutputRange tap_outputs(int64_t t, int64_t stride, int64_t pad_lo, int64_t dilation,
+                                   int64_t in, int64_t out) {
+  int64_t lo = ceil_div(pad_lo - t * dilation, stride);
+  int64_t hi = floor_div(in - 1 + pad_lo - t * dilation, stride) + 1;
+  if (lo < 0) lo = 0;
+  if (hi > out) hi = out;
+  if (hi < lo) hi = lo;
+  return {lo, hi};
+}
+
 }  // namespace jaxconv

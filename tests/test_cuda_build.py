@@ -190,6 +190,30 @@ def test_covering_outputs_are_the_windows_holding_a_cell(probe):
                         assert got == want, (i, s, d, k, pad)
 
 
+def test_window_taps_and_tap_outputs_are_inverse(probe):
+    # window_taps(o): the taps of output o inside the input; tap_outputs(t): the outputs whose
+    # tap t is inside. Both against brute force, padding on both sides, strides, dilations.
+    for s in range(1, 4):
+        for d in range(1, 4):
+            for k in range(1, 5):
+                for pad_lo, pad_hi in ((0, 0), (1, 2), (3, 0), (2, 2)):
+                    n_in = 8
+                    n_out = (n_in + pad_lo + pad_hi - d * (k - 1) - 1) // s + 1
+                    if n_out <= 0:
+                        continue
+                    inside = {(o, t) for o in range(n_out) for t in range(k)
+                              if 0 <= o * s - pad_lo + t * d < n_in}
+                    for o in range(n_out):
+                        lo, hi = _call(probe.probe_window_taps, o, s, pad_lo, d, k, n_in,
+                                       n_out=2)
+                        assert list(range(lo, hi)) == [t for t in range(k) if (o, t) in inside]
+                    for t in range(k):
+                        lo, hi = _call(probe.probe_tap_outputs, t, s, pad_lo, d, n_in, n_out,
+                                       n_out=2)
+                        assert list(range(lo, hi)) == [o for o in range(n_out)
+                                                       if (o, t) in inside], (t, s, d, k, pad_lo)
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernels under emulation.
 

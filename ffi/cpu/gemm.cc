@@ -20,42 +20,10 @@
 #include "cpu_common.h"
 #include "gemm.h"
 #include "kernel_table.h"
-
-// Vector helpers below pass 32-byte vectors between always-inlined functions; the ABI note GCC
-// emits for that does not apply (nothing crosses a call boundary).
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "simd.h"
 
 namespace jaxconv::JAXCONV_CPU_CAPABILITY {
 namespace {
-
-// 32-byte vectors of float or double (GCC vector extensions; arithmetic is element-wise and a
-// scalar operand is broadcast).
-template <typename S>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
-template <typename S>
-using V = typename Vec<S>::type;
-template <typename S>
-constexpr int kLanes = 32 / sizeof(S);
-
-template <typename S>
-__attribute__((always_inline)) inline V<S> load(const S* p) {
-  V<S> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename S>
-__attribute__((always_inline)) inline void store(S* p, V<S> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
 
 constexpr int kMR = 6;
 

@@ -39,6 +39,7 @@
 
 #include "gemm.h"
 #include "kernel_table.h"
+#include "simd.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -47,14 +48,10 @@
 #include <string>
 #include <vector>
 
-// Vector helpers pass 32-byte vectors between always-inlined functions (see gemm.cc).
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace jaxconv::JAXCONV_CPU_CAPABILITY {
 namespace {
 
-typedef float V8 __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
+using V8 = V<float>;
 
 // Per-thread scratch that grows but is never freed between calls.
 template <int Slot>
@@ -152,35 +149,6 @@ struct Job {
 constexpr int64_t NR = kPanelWidth<float>;
 constexpr int64_t kKC = 256;  // K-slice per GEMM call (see conv2d.cc)
 
-// `lanes` channels starting at p, a channel `stride` apart, widened to float; zero past lanes.
-template <typename T>
-__attribute__((always_inline)) inline V8 load_lanes(const T* p, int64_t stride, int lanes) {
-  V8 v;
-  if constexpr (std::is_same_v<T, float>) {
-    if (stride == 1 && lanes == kLanes) {
-      std::memcpy(&v, p, sizeof(v));
-      return v;
-    }
-  }
-  float tmp[kLanes] = {};
-  for (int l = 0; l < lanes; ++l) tmp[l] = Num<T>::load(p[l * stride]);
-  std::memcpy(&v, tmp, sizeof(v));
-  return v;
-}
-
-template <typename T>
-__attribute__((always_inline)) inline void store_lanes(T* p, int64_t stride, int lanes, V8 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (stride == 1 && lanes == kLanes) {
-      std::memcpy(p, &v, sizeof(v));
-      return;
-    }
-  }
-  float tmp[kLanes];
-  std::memcpy(tmp, &v, sizeof(v));
-  for (int l = 0; l < lanes; ++l) p[l * stride] = Num<T>::store(tmp[l]);
-}
-
 // Input transform of tiles [q0, q0 + nt) of group grp, 8 channels at a time, into
 // V[e][row0 + t][ci] (e planes `plane` rows apart, rows Cin apart: the GEMMs' A operands).
 template <typename T, int M>
@@ -197,8 +165,8 @@ __attribute__((always_inline)) inline void input_stage(const Job<T>& jb, int64_t
     // Rows/columns of the patch inside the input: [ilo, ihi) x [jlo, jhi).
     const int ilo = int(std::max<int64_t>(0, -ih0)), ihi = int(std::min<int64_t>(A, jb.Hin - ih0));
     const int jlo = int(std::max<int64_t>(0, -iw0)), jhi = int(std::min<int64_t>(A, jb.Win - iw0));
-    for (int64_t c0 = 0; c0 < Cin; c0 += kLanes) {
-      const int lanes = int(std::min<int64_t>(kLanes, Cin - c0));
+    for (int64_t c0 = 0; c0 < Cin; c0 += kLanes<float>) {
+      const int lanes = int(std::min<int64_t>(kLanes<float>, Cin - c0));
       V8 d[A][A], tmp[A][A], v[A][A];
       for (int i = 0; i < A; ++i)
         for (int j = 0; j < A; ++j) {
@@ -215,7 +183,7 @@ __attribute__((always_inline)) inline void input_stage(const Job<T>& jb, int64_t
       for (int i = 0; i < A; ++i) W::input(&tmp[i][0], 1, &v[i][0], 1);
       float* dst = Vb + (row0 + t) * Cin + c0;
       for (int e = 0; e < A2; ++e) {
-        float lane_vals[kLanes];
+        float lane_vals[kLanes<float>];
         std::memcpy(lane_vals, &v[e / A][e % A], sizeof(V8));
         std::memcpy(dst + e * plane * Cin, lane_vals, lanes * sizeof(float));
       }
@@ -237,12 +205,12 @@ __attribute__((always_inline)) inline void output_stage(const Job<T>& jb, int64_
     const int64_t u0 = tu * M, v0 = tv * M;
     const int iu = int(std::min<int64_t>(M, jb.U - u0)), iv = int(std::min<int64_t>(M, jb.V - v0));
     T* base = jb.out + n * jb.os.n + grp * Cout * jb.os.c + u0 * jb.os.h + v0 * jb.os.w;
-    for (int64_t c0 = 0; c0 < Cout; c0 += kLanes) {
-      const int lanes = int(std::min<int64_t>(kLanes, Cout - c0));
+    for (int64_t c0 = 0; c0 < Cout; c0 += kLanes<float>) {
+      const int lanes = int(std::min<int64_t>(kLanes<float>, Cout - c0));
       V8 m[A][A], tmp[M][A], y[M][M];
       const float* src = Mb + (row0 + t) * Cout + c0;
       for (int e = 0; e < A2; ++e) {
-        float lane_vals[kLanes] = {};
+        float lane_vals[kLanes<float>] = {};
         std::memcpy(lane_vals, src + e * plane * Cout, lanes * sizeof(float));
         std::memcpy(&m[e / A][e % A], lane_vals, sizeof(V8));
       }
@@ -278,13 +246,13 @@ __attribute__((always_inline)) inline void filter_stage(const float* wt_grp, int
       for (int k = 0; k < 9; ++k) {
         V8 w0, w1;
         std::memcpy(&w0, src + k * cols + p * NR, sizeof(V8));
-        std::memcpy(&w1, src + k * cols + p * NR + kLanes, sizeof(V8));
+        std::memcpy(&w1, src + k * cols + p * NR + kLanes<float>, sizeof(V8));
         u0 += c[k] * w0;
         u1 += c[k] * w1;
       }
       float* dst = Up + p * Cin * NR + ci * NR;
       std::memcpy(dst, &u0, sizeof(V8));
-      std::memcpy(dst + kLanes, &u1, sizeof(V8));
+      std::memcpy(dst + kLanes<float>, &u1, sizeof(V8));
     }
   }
 }

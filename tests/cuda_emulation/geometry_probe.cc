@@ -1,4 +1,4 @@
-// C entry points onto the index helpers of ffi/geometry.h that the CUDA kernels use, for
+// C entry points onto the index helpers of ffi/geometry.h (CUDA and CPU kernels use them), for
 // tests/test_cuda_build.py (loaded with ctypes, compared there against brute force).
 // Plain C++: needs no CUDA headers.
 #include "geometry.h"
@@ -42,6 +42,20 @@ void probe_covering_outputs(int64_t i, int64_t stride, int64_t pad_lo, int64_t d
 
 int probe_window_holds(int64_t o, int64_t i, int64_t stride, int64_t pad_lo, int64_t dilation) {
   return jaxconv::window_holds(o, i, stride, pad_lo, dilation) ? 1 : 0;
+}
+
+void probe_window_taps(int64_t o, int64_t stride, int64_t pad_lo, int64_t dilation, int64_t k,
+                       int64_t in, int64_t* range) {
+  jaxconv::TapRange r = jaxconv::window_taps(o, stride, pad_lo, dilation, k, in);
+  range[0] = r.lo;
+  range[1] = r.hi;
+}
+
+void probe_tap_outputs(int64_t t, int64_t stride, int64_t pad_lo, int64_t dilation, int64_t in,
+                       int64_t out, int64_t* range) {
+  jaxconv::OutputRange r = jaxconv::tap_outputs(t, stride, pad_lo, dilation, in, out);
+  range[0] = r.lo;
+  range[1] = r.hi;
 }
 
 }  // extern "C"

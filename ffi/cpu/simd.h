@@ -1,0 +1,94 @@
+// 32-byte vectors for the CPU kernel files that are compiled once per capability (kernel_table.h):
+// GCC vector extensions, so one source gives two SSE registers per vector in the baseline objects
+// and one AVX register in the AVX2 objects. Arithmetic on them is element-wise; a scalar operand
+// is broadcast.
+//
+// Writing the hot loops on these types, instead of scalar loops left to the auto-vectorizer, fixes
+// the code GCC emits: the auto-vectorizer split a 32-float channel block into 8+4+8+8+4 lanes in
+// one build of depthwise_kernels.cc (the same source gave 4 x 8 in another), costing ~30%.
+//
+// Everything here is defined inside the capability's namespace: a vector passed by value has a
+// different ABI in the baseline and AVX2 objects, so no copy may be shared between them.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu_common.h"
+
+// The vectors never cross a call boundary (everything here is always inlined); the ABI note GCC
+// emits for 32-byte arguments does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace jaxconv::JAXCONV_CPU_CAPABILITY {
+
+template <typename S>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename S>
+using V = typename Vec<S>::type;
+template <typename S>
+constexpr int kLanes = 32 / sizeof(S);
+
+// kLanes<S> contiguous elements of type S.
+template <typename S>
+__attribute__((always_inline)) inline V<S> load(const S* p) {
+  V<S> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename S>
+__attribute__((always_inline)) inline void store(S* p, V<S> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// kLanes<Acc> contiguous elements of storage type T, widened to Acc (Num<T>::acc); the narrowing
+// store rounds like Num<T>::store.
+template <typename T, typename Acc = typename Num<T>::acc>
+__attribute__((always_inline)) inline V<Acc> load_widen(const T* p) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    return load(p);
+  } else {
+    Acc tmp[kLanes<Acc>];
+    for (int l = 0; l < kLanes<Acc>; ++l) tmp[l] = Num<T>::load(p[l]);
+    return load(tmp);
+  }
+}
+template <typename T, typename Acc = typename Num<T>::acc>
+__attribute__((always_inline)) inline void store_narrow(T* p, V<Acc> v) {
+  if constexpr (std::is_same_v<T, Acc>) {
+    store(p, v);
+  } else {
+    Acc tmp[kLanes<Acc>];
+    store(tmp, v);
+    for (int l = 0; l < kLanes<Acc>; ++l) p[l] = Num<T>::store(tmp[l]);
+  }
+}
+
+// `lanes` (<= kLanes<float>) elements a `stride` apart, widened to float; zero past `lanes`.
+template <typename T>
+__attribute__((always_inline)) inline V<float> load_lanes(const T* p, int64_t stride, int lanes) {
+  if (stride == 1 && lanes == kLanes<float>) return load_widen<T, float>(p);
+  float tmp[kLanes<float>] = {};
+  for (int l = 0; l < lanes; ++l) tmp[l] = Num<T>::load(p[l * stride]);
+  return load(tmp);
+}
+template <typename T>
+__attribute__((always_inline)) inline void store_lanes(T* p, int64_t stride, int lanes,
+                                                       V<float> v) {
+  if (stride == 1 && lanes == kLanes<float>) return store_narrow<T, float>(p, v);
+  float tmp[kLanes<float>];
+  store(tmp, v);
+  for (int l = 0; l < lanes; ++l) p[l * stride] = Num<T>::store(tmp[l]);
+}
+
+}  // namespace jaxconv::JAXCONV_CPU_CAPABILITY
