@@ -1,7 +1,8 @@
-"""The memory-bound CUDA kernels under the host emulation: max pooling (NHWC channel vectors,
-32-bit FastDivmod index math, the int64 path) and depthwise convolution, against the oracles
-of reference.py (lax.reduce_window / the NumPy pooling loop, lax.conv_general_dilated), in all
-dtypes and both layouts, plus a seeded fuzz over random geometries.
+"""The memory-bound CUDA kernels under the host emulation: max pooling (indexed and values-only
+forward, NHWC channel vectors, 32-bit FastDivmod index math, the int64 path) and depthwise
+convolution, against the oracles of reference.py (lax.reduce_window / the NumPy pooling loop,
+lax.conv_general_dilated), in all dtypes and both layouts, plus a seeded fuzz over random
+geometries.
 
 The kernels (ffi/cuda/*_kernels.cuh) compile with a host C++ compiler through
 tests/cuda_emulation/emulate.h (see tests/test_cuda_build.py); skipped without a C++20
