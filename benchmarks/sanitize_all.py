@@ -2,7 +2,7 @@
 racecheck) in benchmarks/gpu_check.sh: conv2d forward, bwd_data and bwd_filter (narrow and wide
 output-channel tiles, strides with bwd_data phases, groups, depthwise, few input channels, a
 reduction long enough to split bwd_filter into partial sums), transposed convolution, and max
-pooling forward and backward; both layouts; float32 at default and HIGHEST precision, bfloat16,
+pooling forward (with indices, and values-only without a gradient) and backward; both layouts; float32 at default and HIGHEST precision, bfloat16,
 float16 and float64. Shapes are small because the sanitizers slow kernels down 10-100x.
 
 Usage: python benchmarks/sanitize_all.py [--device gpu|cpu] [--dtypes float32,bfloat16]
@@ -66,6 +66,20 @@ def transpose_and_pool_case(layout, dtype):
     return jax.jit(jax.grad(loss, argnums=(0, 1))), (x, wt)
 
 
+def pool_values_case(layout, dtype):
+    """max_pool2d without a gradient: the values-only forward (jaxconv_max_pool2d_fwd_values),
+    on channel counts that take the 128-bit NHWC lanes (8) and the element lanes (5)."""
+    rng = np.random.default_rng(2)
+    cases = []
+    for c in (8, 5):
+        xs = (2, c, 9, 11) if layout == "NCHW" else (2, 9, 11, c)
+        x = jnp.asarray(rng.standard_normal(xs), dtype)
+        fn = jax.jit(lambda x: jaxconv.max_pool2d(x, 3, stride=2, padding=1, ceil_mode=True,
+                                                  layout=layout))
+        cases.append((fn, (x,)))
+    return cases
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="gpu", choices=("gpu", "cpu"))
@@ -87,7 +101,11 @@ def main(argv=None) -> int:
                     fn, operands = transpose_and_pool_case(layout, dtype)
                     jax.block_until_ready(fn(*operands))
                     calls += 1
-    print(f"sanitize_all: {calls} forward+backward calls on {device.device_kind} "
+                    for fn, operands in pool_values_case(layout, dtype):
+                        y = jax.block_until_ready(fn(*operands))
+                        assert bool(jnp.all(jnp.isfinite(y))), "values-only pool"
+                        calls += 1
+    print(f"sanitize_all: {calls} calls on {device.device_kind} "
           f"({device.platform}), every result finite")
     return 0
 

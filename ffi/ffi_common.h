@@ -184,21 +184,30 @@ inline ffi::Error decode_conv_call(const ffi::Dictionary& attrs, const ffi::AnyB
                                      : check_bias(bias, g->C, y.element_type(), target);
 }
 
+// The pool geometry from x and the attributes; y (and, when idx is not null, the int32
+// indices) checked against it.
 inline ffi::Error pool_geometry(const PoolParams& p, const ffi::AnyBuffer& x,
-                                const ffi::AnyBuffer& y, const ffi::AnyBuffer& idx,
+                                const ffi::AnyBuffer& y, const ffi::AnyBuffer* idx,
                                 const char* target, PoolGeometry* g) {
-  const int64_t *xd, *yd, *id;
+  const int64_t *xd, *yd, *id = nullptr;
   JAXCONV_RETURN_IF_ERROR(rank4(x, "input", target, &xd));
   JAXCONV_RETURN_IF_ERROR(rank4(y, "output", target, &yd));
-  JAXCONV_RETURN_IF_ERROR(rank4(idx, "indices", target, &id));
+  if (idx) JAXCONV_RETURN_IF_ERROR(rank4(*idx, "indices", target, &id));
   JAXCONV_RETURN_IF_ERROR(same_float_type(target, x.element_type(), {y.element_type()}));
-  if (idx.element_type() != ffi::DataType::S32) return invalid(target, "indices must be int32");
+  if (idx && idx->element_type() != ffi::DataType::S32)
+    return invalid(target, "indices must be int32");
   Dims4 xs = activation_dims(p.layout, xd);
   if (const char* err = make_pool_geometry(p, xs, g))
     return invalid(target, std::string(err) + " (input " + dims_str(xs) + ")");
   Dims4 expect{g->N, g->C, g->OH, g->OW};
-  Dims4 ys = activation_dims(p.layout, yd), is = activation_dims(p.layout, id);
-  if (!same_dims(expect, ys) || !same_dims(expect, is))
+  Dims4 ys = activation_dims(p.layout, yd);
+  if (!idx) {
+    if (!same_dims(expect, ys))
+      return invalid(target, "output shape " + dims_str(ys) + " does not match the geometry " +
+                                 dims_str(expect));
+    return ffi::Error::Success();
+  }
+  if (!same_dims(expect, ys) || !same_dims(expect, activation_dims(p.layout, id)))
     return invalid(target, "output/indices shapes do not match the geometry " + dims_str(expect));
   return ffi::Error::Success();
 }
@@ -209,7 +218,16 @@ inline ffi::Error decode_pool_call(const ffi::Dictionary& attrs, const ffi::AnyB
                                    const char* target, PoolGeometry* g) {
   PoolParams p;
   JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, target));
-  return pool_geometry(p, x, y, idx, target, g);
+  return pool_geometry(p, x, y, &idx, target, g);
+}
+
+// The values-only forward: (x, y), no indices.
+inline ffi::Error decode_pool_call(const ffi::Dictionary& attrs, const ffi::AnyBuffer& x,
+                                   const ffi::AnyBuffer& y, const char* target,
+                                   PoolGeometry* g) {
+  PoolParams p;
+  JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, target));
+  return pool_geometry(p, x, y, nullptr, target, g);
 }
 
 // Calls fn(TypeTag<T>{}) with T the storage type of a float dtype (checked by the caller); each

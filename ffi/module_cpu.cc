@@ -12,6 +12,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dFwdCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dBwdDataCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dBwdFilterCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MaxPool2dFwdCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MaxPool2dFwdValuesCpu);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MaxPool2dBwdCpu);
 }  // namespace jaxconv
 
@@ -32,6 +33,7 @@ const Target kTargets[] = {
     {jaxconv::targets::kConv2dBwdData, jaxconv::Conv2dBwdDataCpu},
     {jaxconv::targets::kConv2dBwdFilter, jaxconv::Conv2dBwdFilterCpu},
     {jaxconv::targets::kMaxPool2dFwd, jaxconv::MaxPool2dFwdCpu},
+    {jaxconv::targets::kMaxPool2dFwdValues, jaxconv::MaxPool2dFwdValuesCpu},
     {jaxconv::targets::kMaxPool2dBwd, jaxconv::MaxPool2dBwdCpu},
 };
 

@@ -19,6 +19,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dFwdCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dBwdDataCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Conv2dBwdFilterCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MaxPool2dFwdCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MaxPool2dFwdValuesCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MaxPool2dBwdCuda);
 }  // namespace jaxconv
 
@@ -34,6 +35,7 @@ const Target kTargets[] = {
     {jaxconv::targets::kConv2dBwdData, jaxconv::Conv2dBwdDataCuda},
     {jaxconv::targets::kConv2dBwdFilter, jaxconv::Conv2dBwdFilterCuda},
     {jaxconv::targets::kMaxPool2dFwd, jaxconv::MaxPool2dFwdCuda},
+    {jaxconv::targets::kMaxPool2dFwdValues, jaxconv::MaxPool2dFwdValuesCuda},
     {jaxconv::targets::kMaxPool2dBwd, jaxconv::MaxPool2dBwdCuda},
 };
 

@@ -17,7 +17,8 @@ block_until_ready. The ratio is lax_ms / jaxconv_ms: above 1 means jaxconv is fa
 Work per call: convolutions count 2*N*OH*OW*O*(C/groups)*KH*KW FLOPs forward and three times that
 forward+backward (bwd_data and bwd_filter each cost one forward). Pooling reports GB/s of nominal
 traffic: the input read and output written forward, plus the output-sized cotangent read and
-input-sized gradient written for forward+backward (jaxconv's int32 indices are not counted).
+input-sized gradient written for forward+backward (jaxconv's int32 indices, written only when a
+gradient is taken, are not counted).
 """
 from __future__ import annotations
 

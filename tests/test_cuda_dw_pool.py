@@ -1,7 +1,8 @@
-"""The memory-bound CUDA kernels under the host emulation: max pooling (NHWC channel vectors,
-32-bit FastDivmod index math, the int64 path) and depthwise convolution, against the oracles
-of reference.py (lax.reduce_window / the NumPy pooling loop, lax.conv_general_dilated), in all
-dtypes and both layouts, plus a seeded fuzz over random geometries.
+"""The memory-bound CUDA kernels under the host emulation: max pooling (indexed and values-only
+forward, NHWC channel vectors, 32-bit FastDivmod index math, the int64 path) and depthwise
+convolution, against the oracles of reference.py (lax.reduce_window / the NumPy pooling loop,
+lax.conv_general_dilated), in all dtypes and both layouts, plus a seeded fuzz over random
+geometries.
 
 The kernels (ffi/cuda/*_kernels.cuh) compile with a host C++ compiler through
 tests/cuda_emulation/emulate.h (see tests/test_cuda_build.py); skipped without a C++20
@@ -176,6 +177,12 @@ def _check_pool(emu, case, layout, dtypes, index_bits_list, seed=1):
                                            _ptr(y), _ptr(got_idx), bits, MAX_BLOCKS) == 0, tag
                 np.testing.assert_array_equal(got_idx, idx, err_msg=tag)
                 np.testing.assert_array_equal(y.astype(np.float64), vals, err_msg=tag)
+                # The values-only forward: the same y, bit for bit (NaN included).
+                y_values = _buffer(vals.shape, NP_DTYPES[dtype], 7, misalign)
+                assert emu.emu_pool_kernel(2, code, _vec(xa.shape), attrs, _ptr(xa), None,
+                                           _ptr(y_values), None, bits, MAX_BLOCKS) == 0, tag
+                np.testing.assert_array_equal(y_values.view(f"u{y.itemsize}"),
+                                              y.view(f"u{y.itemsize}"), err_msg=tag)
                 dya = _buffer(dy.shape, NP_DTYPES[dtype], 0, misalign)
                 dya[...] = dy
                 ia = _buffer(idx.shape, np.int32, 0, misalign)

@@ -44,7 +44,7 @@ def _custom_calls(fn, *args):
     hlo = jax.jit(fn).lower(*args).as_text()
     return [t for t in ("jaxconv_conv2d_fwd", "jaxconv_conv2d_bwd_data",
                         "jaxconv_conv2d_bwd_filter", "jaxconv_max_pool2d_fwd",
-                        "jaxconv_max_pool2d_bwd") if t in hlo]
+                        "jaxconv_max_pool2d_fwd_values", "jaxconv_max_pool2d_bwd") if t in hlo]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -88,6 +88,10 @@ def test_empty_batch_conv_transpose_and_pool(backend, layout):
     assert idx.dtype == jnp.int32
     assert dx.shape == x.shape
     np.testing.assert_array_equal(dw, np.zeros(wt.shape))
+    # Without a gradient the values-only forward is skipped the same way.
+    values_only = lambda x: max_pool2d(x, 3, stride=2, padding=1, layout=layout)  # noqa: E731
+    assert _custom_calls(values_only, x) == []
+    assert jax.jit(values_only)(x).shape == to_layout(jnp.zeros((0, 4, 3, 3)), layout).shape
 
 
 def test_zero_output_channels(backend):

@@ -13,7 +13,7 @@ from jaxconv import _jaxconv_cpu
 CONV = dict(stride_h=1, stride_w=2, dilation_h=1, dilation_w=1, pad_top=1, pad_bottom=0,
             pad_left=0, pad_right=1, groups=1, layout=0)
 TARGETS = {"jaxconv_conv2d_fwd", "jaxconv_conv2d_bwd_data", "jaxconv_conv2d_bwd_filter",
-           "jaxconv_max_pool2d_fwd", "jaxconv_max_pool2d_bwd"}
+           "jaxconv_max_pool2d_fwd", "jaxconv_max_pool2d_fwd_values", "jaxconv_max_pool2d_bwd"}
 
 
 def test_registrations_name_every_target():

@@ -31,6 +31,7 @@ PX, PY = (2, 4, 5, 5), (2, 4, 2, 2)                  # pool input / output
 FWD, BWD_DATA, BWD_FILTER = "jaxconv_conv2d_fwd", "jaxconv_conv2d_bwd_data", \
     "jaxconv_conv2d_bwd_filter"
 POOL_FWD, POOL_BWD = "jaxconv_max_pool2d_fwd", "jaxconv_max_pool2d_bwd"
+POOL_VALUES = "jaxconv_max_pool2d_fwd_values"
 
 
 def bad(target, args, outs, attrs, pattern):
@@ -169,6 +170,34 @@ BAD = {
                               r"input has an empty spatial dim"),
     "pool_one_result": bad(POOL_FWD, [(PX, F32)], [(PY, F32)], POOL,
                            r"Wrong number of results: expected 2 but got 1"),
+    # values-only max pool fwd x -> y: the forward's checks, without the indices
+    "pool_values_output_shape": bad(POOL_VALUES, [(PX, F32)], [((2, 4, 3, 2), F32)], POOL,
+                                    r"jaxconv_max_pool2d_fwd_values: output shape "
+                                    r"\(2, 4, 3, 2\) does not match the geometry "
+                                    r"\(2, 4, 2, 2\)"),
+    "pool_values_output_layout": bad(POOL_VALUES, [(PX, F32)], [(PY, F32)],
+                                     with_(POOL, layout=1),
+                                     r"output shape \(2, 2, 4, 2\) does not match the geometry "
+                                     r"\(2, 5, 2, 2\)"),
+    "pool_values_output_dtype": bad(POOL_VALUES, [(PX, F32)], [(PY, F16)], POOL,
+                                    r"jaxconv_max_pool2d_fwd_values: all floating-point "
+                                    r"operands must share one dtype"),
+    "pool_values_int_input": bad(POOL_VALUES, [(PX, "int32")], [(PY, "int32")], POOL,
+                                 r"jaxconv_max_pool2d_fwd_values: dtype must be float32"),
+    "pool_values_rank": bad(POOL_VALUES, [((4, 5, 5), F32)], [(PY, F32)], POOL,
+                            r"jaxconv_max_pool2d_fwd_values: input must have rank 4"),
+    "pool_values_output_rank": bad(POOL_VALUES, [(PX, F32)], [((2, 4, 4), F32)], POOL,
+                                   r"output must have rank 4, got rank 3"),
+    "pool_values_stride_0": bad(POOL_VALUES, [(PX, F32)], [(PY, F32)], with_(POOL, stride_w=0),
+                                r"jaxconv_max_pool2d_fwd_values: stride must be >= 1"),
+    "pool_values_missing_ceil_mode": bad(POOL_VALUES, [(PX, F32)], [(PY, F32)],
+                                         without(POOL, "ceil_mode"),
+                                         r"jaxconv_max_pool2d_fwd_values: .*attribute "
+                                         r"'ceil_mode'"),
+    "pool_values_kernel_overflow": bad(POOL_VALUES, [(PX, F32)], [(PY, F32)],
+                                       with_(POOL, kernel_h=2**40), r"must fit in int32"),
+    "pool_values_indices_result": bad(POOL_VALUES, [(PX, F32)], [(PY, F32), (PY, "int32")],
+                                      POOL, r"Wrong number of results: expected 1 but got 2"),
     # max pool bwd (dy, int32 indices) -> dx
     "pool_bwd_indices_float": bad(POOL_BWD, [(PY, F32), (PY, F32)], [(PX, F32)], POOL,
                                   r"jaxconv_max_pool2d_bwd: indices must be int32"),
@@ -333,7 +362,8 @@ def _fuzz_conv(rng) -> float:
 
 def _fuzz_pool(rng) -> float:
     """Raw max pool with any non-negative pads (more than half a window included, so windows
-    entirely in padding occur): values and indices against the NumPy loop oracle."""
+    entirely in padding occur): values and indices against the NumPy loop oracle, and the
+    values-only target's y bitwise equal to the indexed target's."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -363,6 +393,10 @@ def _fuzz_pool(rng) -> float:
         y, idx = jax.ffi.ffi_call(POOL_FWD, (jax.ShapeDtypeStruct(y_shape, jnp.float32),
                                              jax.ShapeDtypeStruct(y_shape, jnp.int32)))(
             x, **_attrs(attrs))
+        y_values = jax.ffi.ffi_call(POOL_VALUES, jax.ShapeDtypeStruct(y_shape, jnp.float32))(
+            x, **_attrs(attrs))
+        if not np.array_equal(np.asarray(y_values).view(np.uint32), np.asarray(y).view(np.uint32)):
+            return float("inf")
         vals, want_idx = ref_max_pool2d(x, kernel, stride, pads, dil, bool(ceil_mode), names)
         if not np.array_equal(np.asarray(idx), want_idx):
             return float("inf")

@@ -165,6 +165,10 @@ def test_pool_paths(backend, name, layout, dtype):
     want, want_idx = ref_max_pool2d(x, kernel, stride, padding, dilation, layout=layout)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     np.testing.assert_array_equal(np.asarray(y, np.float64), want)
+    # The values-only forward (no indices) takes the same paths: y bit for bit.
+    y_values = jaxconv.max_pool2d(x, kernel, stride, padding, dilation, layout=layout)
+    unsigned = f"u{np.dtype(y.dtype).itemsize}"
+    np.testing.assert_array_equal(np.asarray(y_values).view(unsigned), np.asarray(y).view(unsigned))
     # The gradient lands on the selected cells: a scatter-add of the cotangent at the indices.
     g = on(backend, jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), dtype))
     acc = jnp.float64 if dtype == jnp.float64 else jnp.float32

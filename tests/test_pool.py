@@ -3,7 +3,8 @@
 Values are compared with lax.reduce_window (reference.ref_max_pool2d_lax) where lax can express
 the geometry (not ceil_mode), and values + int32 indices with the NumPy loop
 (reference.ref_max_pool2d) everywhere. Max pooling is exact (no arithmetic), so every comparison
-is exact, in every dtype.
+is exact, in every dtype. Every case also runs max_pool2d without indices (the values-only
+target) and requires its y to equal the indexed forward's bit for bit.
 """
 from __future__ import annotations
 
@@ -61,11 +62,22 @@ class Pool:
                                       dtype), layout)
 
 
+def bits(a):
+    """The array's raw bits (NaN payloads and signed zeros included)."""
+    a = np.asarray(a)
+    return a.view(f"u{a.dtype.itemsize}")
+
+
 def check(case: Pool, backend, x, layout, jit=False):
-    """Values and indices against the NumPy loop (and values against lax where it applies)."""
+    """Values and indices against the NumPy loop (and values against lax where it applies); the
+    values-only forward (no return_indices) bitwise equal to the indexed forward's values."""
     x = on(backend, x)
     fn = partial(jaxconv.max_pool2d, **case.keywords(), return_indices=True, layout=layout)
+    values_only = partial(jaxconv.max_pool2d, **case.keywords(), layout=layout)
     got, idx = jax.jit(fn)(x) if jit else fn(x)
+    got_values = jax.jit(values_only)(x) if jit else values_only(x)
+    assert got_values.dtype == got.dtype and got_values.shape == got.shape
+    np.testing.assert_array_equal(bits(got_values), bits(got))
     ref = case.ref_keywords()
     want, want_idx = ref_max_pool2d(x, **ref, ceil_mode=case.ceil_mode, layout=layout)
     assert got.dtype == x.dtype and idx.dtype == jnp.int32
@@ -169,6 +181,48 @@ def test_return_indices_false_returns_values_only(backend):
     x = on(backend, Pool().x("NCHW", jnp.float32))
     y = jaxconv.max_pool2d(x, 2)
     assert isinstance(y, jax.Array) and y.shape == (2, 3, 3, 3)
+
+
+def _targets(fn, *args):
+    """The jaxconv FFI targets that jit(fn) lowers to, in order of appearance."""
+    import re
+    return re.findall(r"custom_call @(jaxconv_\w+)\(", jax.jit(fn).lower(*args).as_text())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_gradient_lowers_to_the_values_only_target(backend, layout):
+    """Without a gradient max_pool2d writes no indices: one call to the values-only target.
+    A gradient (first and second order) and return_indices=True use the indexed forward."""
+    x = on(backend, Pool(h=7, w=7).x(layout, jnp.float32))
+    pool = partial(jaxconv.max_pool2d, kernel_size=3, stride=2, padding=1, layout=layout)
+    assert _targets(pool, x) == ["jaxconv_max_pool2d_fwd_values"]
+    assert _targets(lambda x: pool(x, return_indices=True), x) == ["jaxconv_max_pool2d_fwd"]
+    loss = lambda x: jnp.sum(jnp.sin(pool(x)))  # noqa: E731
+    assert sorted(_targets(jax.grad(loss), x)) == ["jaxconv_max_pool2d_bwd",
+                                                   "jaxconv_max_pool2d_fwd"]
+    # value_and_grad: the primal value comes from the fwd rule, so no second forward.
+    assert sorted(_targets(jax.value_and_grad(loss), x)) == ["jaxconv_max_pool2d_bwd",
+                                                             "jaxconv_max_pool2d_fwd"]
+    second = _targets(jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2)), x)
+    assert "jaxconv_max_pool2d_fwd_values" not in second and "jaxconv_max_pool2d_fwd" in second
+    # vmap keeps one launch of the values-only target.
+    xb = jnp.stack([x, -x])
+    assert _targets(jax.vmap(pool), xb) == ["jaxconv_max_pool2d_fwd_values"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_values_only_gradient_matches_indexed(backend, layout):
+    """The custom_vjp of the values-only path gives the indexed path's gradient, also under
+    jit and vmap (its fwd rule runs the indexed forward)."""
+    case = GEOMETRIES["ceil_mode_padded"]
+    x = on(backend, case.x(layout, jnp.float64))
+    pool = partial(jaxconv.max_pool2d, **case.keywords(), layout=layout)
+    grad = jax.grad(lambda x: jnp.sum(jnp.cos(pool(x))))
+    g_indexed = jax.grad(lambda x: jnp.sum(jnp.cos(pool(x, return_indices=True)[0])))(x)
+    np.testing.assert_array_equal(np.asarray(grad(x)), np.asarray(g_indexed))
+    np.testing.assert_array_equal(np.asarray(jax.jit(grad)(x)), np.asarray(g_indexed))
+    batched = jax.jit(jax.vmap(grad))(jnp.stack([x, x]))
+    np.testing.assert_array_equal(np.asarray(batched[1]), np.asarray(g_indexed))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

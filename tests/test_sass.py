@@ -143,3 +143,23 @@ def test_no_local_memory(family):
             if m and int(m.group(1)) != 0:
                 bad.append(f"{name}: {usage}")
     assert not bad, "\n".join(bad)
+
+
+def test_values_only_pool_forward_stores_no_indices():
+    """Every values-only forward (max_pool_fwd_kernel<..., false>: 4 dtypes x 2 layouts x 2 index
+    widths) has its indexed twin (<..., true>) and fewer global stores than it: the index store
+    is compiled out, not skipped at run time."""
+    kernels = _kernels("max_pool_fwd_kernel<")
+    if not kernels:
+        pytest.skip("no max_pool_fwd_kernel in this build")
+    values = {k: v for k, v in kernels.items() if ", false>" in k}
+    assert len(values) == 16, sorted(kernels)
+
+    def stores(sass):
+        return len(re.findall(r"\bSTG(?:\.\w+)*\s", sass))
+
+    for name, (sass, _) in values.items():
+        twin = name.replace(", false>", ", true>")
+        assert twin in kernels, (name, sorted(kernels))
+        assert 0 < stores(sass) < stores(kernels[twin][0]), (name, stores(sass),
+                                                             stores(kernels[twin][0]))

@@ -28,6 +28,7 @@ N = 16  # global batch; each device holds N // DEVICES = 2 examples
 
 CHECKS = [
     "jit_conv2d_NCHW", "jit_conv2d_NHWC", "jit_conv_transpose2d", "jit_max_pool2d_indices",
+    "jit_max_pool2d_values", "jit_pool_values_channels_sharded",
     "jit_max_unpool2d", "jit_train_step", "jit_train_step_gspmd", "jit_explicit_mesh",
     "jit_scan_remat", "jit_per_example_grads", "jit_models_sharded", "jit_pool_channels_sharded",
     "jit_uneven_batch_is_correct", "shard_map_forward",
@@ -198,6 +199,19 @@ def _main():  # noqa: C901  (one list of checks, each small)
         return facts
 
     @check
+    def jit_max_pool2d_values():
+        # No gradient: the values-only target, per shard like the indexed one.
+        keywords = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)
+        ref_y, _ = ref_max_pool2d(x, (3, 3), (2, 2), ((1, 1), (1, 1)), ceil_mode=True)
+        got, facts = compiled(partial(jaxconv.max_pool2d, **keywords), xs)
+        assert_per_shard(facts, expected_calls=1)
+        assert all('"jaxconv_max_pool2d_fwd_values"' in line for line in facts["evidence"]
+                   if "custom_call" in line), facts["evidence"]
+        np.testing.assert_array_equal(np.asarray(got), ref_y)
+        assert got.sharding.spec[0] == "batch"
+        return facts
+
+    @check
     def jit_max_unpool2d():
         def roundtrip(x):
             y, idx = jaxconv.max_pool2d(x, 2, return_indices=True)
@@ -321,6 +335,16 @@ def _main():  # noqa: C901  (one list of checks, each small)
         np.testing.assert_array_equal(np.asarray(idx), want_idx)
         assert_no_gathers(facts)
         assert facts["leading_dims"] == [[2, 2, 2]], facts["evidence"]  # y, idx, x: 2 channels
+        assert y.sharding.spec[1] == "batch"
+        return facts
+
+    @check
+    def jit_pool_values_channels_sharded():
+        channels = jax.device_put(nchw(2, N, 6, 6), NamedSharding(mesh, P(None, "batch")))
+        y, facts = compiled(partial(jaxconv.max_pool2d, kernel_size=2), channels)
+        np.testing.assert_array_equal(np.asarray(y), ref_max_pool2d(channels, (2, 2), (2, 2))[0])
+        assert_no_gathers(facts)
+        assert facts["leading_dims"] == [[2, 2]], facts["evidence"]  # y, x: 2 channels
         assert y.sharding.spec[1] == "batch"
         return facts
 

@@ -28,7 +28,7 @@ from jaxconv import _sharding
 from child import run_python
 from reference import (assert_close, on, random_array, ref_conv2d, ref_max_pool2d_lax)
 
-N_TARGETS = 5  # conv2d fwd / bwd_data / bwd_filter, max_pool2d fwd / bwd
+N_TARGETS = 6  # conv2d fwd / bwd_data / bwd_filter, max_pool2d fwd / fwd_values / bwd
 
 
 def jax_version() -> tuple[int, ...]:

@@ -38,10 +38,12 @@ struct DepthwiseKernels {
                           T* dw);
 };
 
-// The max-pool kernels of one storage type (max_pool2d_kernels.cc).
+// The max-pool kernels of one storage type (max_pool2d_kernels.cc). forward_values is the
+// forward without indices (the same y, bit for bit).
 template <typename T>
 struct PoolKernels {
   void (*forward)(const ParallelRunner&, const PoolGeometry&, const T* x, T* y, int32_t* idx);
+  void (*forward_values)(const ParallelRunner&, const PoolGeometry&, const T* x, T* y);
   void (*backward)(const ParallelRunner&, const PoolGeometry&, const T* dy, const int32_t* idx,
                    T* dx);
 };

@@ -1,4 +1,6 @@
-// CPU max pooling: forward (values and int32 indices in one pass) and backward, side by side.
+// CPU max pooling: forward (values and int32 indices in one pass), the values-only forward
+// (y alone, for max_pool2d without a gradient: the same y, no index bytes written) and backward,
+// side by side.
 //
 // Forward, per output (oh, ow) and channel: scan the window's in-bounds taps (window_taps in
 // geometry.h; padded cells are never candidates) in row-major order and keep the FIRST maximum.
@@ -35,6 +37,20 @@ ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   });
 }
 
+ffi::Error MaxPool2dFwdValuesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                                  ffi::Result<ffi::AnyBuffer> y, ffi::Dictionary attrs) {
+  constexpr const char* kTarget = targets::kMaxPool2dFwdValues;
+  PoolGeometry g;
+  JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, kTarget, &g));
+  ParallelRunner pr(&pool);
+  return dispatch_float(x.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    kernels().pool<T>().forward_values(pr, g, static_cast<const T*>(x.untyped_data()),
+                                       static_cast<T*>(y->untyped_data()));
+    return ffi::Error::Success();
+  });
+}
+
 ffi::Error MaxPool2dBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer idx,
                             ffi::Result<ffi::AnyBuffer> dx, ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kMaxPool2dBwd;
@@ -58,6 +74,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPool2dFwdCpu, MaxPool2dFwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Ret<ffi::AnyBuffer>()  // indices (int32)
+                                  .Attrs());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPool2dFwdValuesCpu, MaxPool2dFwdValuesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Ret<ffi::AnyBuffer>()  // y
                                   .Attrs());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPool2dBwdCpu, MaxPool2dBwdImpl,

@@ -11,6 +11,11 @@
 // The kernels are compiled once per capability (kernel_table.h) and chosen at load time. Forward
 // vectorizes registers of consecutive outputs of a row (NCHW) or of channels of a cell (NHWC), up
 // to four side by side; windows that cross the left/right border take a scalar scan.
+//
+// The forward exists twice, PoolK<T, kIndices>: with indices (the gradient's residual) and
+// values-only (the primal of a max_pool2d without gradient). kIndices is a template parameter,
+// so the values-only scan has no index selects, index stores or branches on a null pointer: the
+// index output pointer is null there and is never offset (idx_at) nor written.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -56,7 +61,7 @@ struct Lanes<double> {
   static I pos() { return I{0, 2, 1, 3}; }
 };
 
-template <typename T>
+template <typename T, bool kIndices>
 struct PoolK {
   using Acc = typename Num<T>::acc;
   static constexpr int64_t kLanes = 32 / sizeof(Acc);  // outputs (NCHW) or channels (NHWC)
@@ -91,11 +96,13 @@ struct PoolK {
   // The selection rule, for a register of lanes (V, I: compare, compare, or, two blends) and
   // for one lane (Acc, int32_t: it compiles to conditional moves, where a branch would be
   // mispredicted about every other tap on random data).
+  // Values-only (kIndices false): the index select is compiled out, so the index registers are
+  // dead and the compiler drops them.
   template <typename X, typename J>
   [[gnu::always_inline]] static inline void update(X v, J at, X* m, J* a) {
     const auto keep = (v <= *m) | (*m != *m);
     *m = keep ? *m : v;
-    *a = keep ? *a : at;
+    if constexpr (kIndices) *a = keep ? *a : at;
   }
   [[gnu::always_inline]] static inline void store_lanes(V m, I a, T* y, int32_t* idx) {
     if constexpr (std::is_same_v<T, Acc>) {
@@ -103,11 +110,20 @@ struct PoolK {
     } else {
       for (int64_t i = 0; i < kLanes; ++i) y[i] = Num<T>::store(m[i]);
     }
-    if constexpr (sizeof(IS) == sizeof(int32_t)) {
+    if constexpr (!kIndices) {
+      return;
+    } else if constexpr (sizeof(IS) == sizeof(int32_t)) {
       std::memcpy(idx, &a, sizeof(I));
     } else {
       for (int64_t i = 0; i < kLanes; ++i) idx[i] = int32_t(a[i]);
     }
+  }
+
+  // The index output `off` elements past p; null in the values-only forward, whose index
+  // pointer is null (offsetting a null pointer is undefined).
+  [[gnu::always_inline]] static inline int32_t* idx_at(int32_t* p, int64_t off) {
+    if constexpr (kIndices) return p + off;
+    else return nullptr;
   }
 
   // In-bounds taps of window position o along an axis (window_taps, without its divisions for
@@ -133,14 +149,14 @@ struct PoolK {
   }
 
   // Scalar window scan for one output cell of one plane (border cells, small planes); `plane`
-  // points at the cell's channel, st gives the strides.
+  // points at the cell's channel, st gives the strides. *arg is written only with kIndices.
   void scan_cell(const T* plane, Strides4 st, int64_t oh, int64_t ow, Acc* best,
                  int32_t* arg) const {
     const TapRange th = taps(oh, sh, pt, dil_h, KH, g.H);
     const TapRange tw = taps(ow, sw, pl, dil_w, KW, g.W);
     if (th.lo >= th.hi || tw.lo >= tw.hi) {  // only padding (dilation): -inf, index -1
       *best = -std::numeric_limits<Acc>::infinity();
-      *arg = -1;
+      if constexpr (kIndices) *arg = -1;
       return;
     }
     Acc m;
@@ -154,7 +170,7 @@ struct PoolK {
         },
         [&](int64_t ih, int64_t iw) { update(value(ih, iw), int32_t(ih * g.W + iw), &m, &a); });
     *best = m;
-    *arg = a;
+    if constexpr (kIndices) *arg = a;
   }
 
   // Calls fn(std::integral_constant<int, n>) for the n = min(kChains, count / unit) registers
@@ -286,7 +302,7 @@ struct PoolK {
         mv = __builtin_shuffle(mv, Lanes<Acc>::pos());
         iv = __builtin_shuffle(iv, Lanes<Acc>::pos());
       }
-      store_lanes(mv, iv, yrow + ow + b * kLanes, irow + ow + b * kLanes);
+      store_lanes(mv, iv, yrow + ow + b * kLanes, idx_at(irow, ow + b * kLanes));
     }
   }
 
@@ -330,11 +346,11 @@ struct PoolK {
     const PlaneScan ps{x, P, L, tap_r, tap_q};
     for (int64_t oh = 0; oh < g.OH; ++oh) {
       T* yrow = y + oh * ys.h;
-      int32_t* irow = idx + oh * ys.h;
+      int32_t* irow = idx_at(idx, oh * ys.h);
       auto scan_cells = [&](int64_t from, int64_t to) {
         for (int64_t ow = from; ow < to; ++ow) {
           Acc m;
-          scan_cell(x, xs, oh, ow, &m, &irow[ow]);
+          scan_cell(x, xs, oh, ow, &m, idx_at(irow, ow));
           yrow[ow] = Num<T>::store(m);
         }
       };
@@ -345,7 +361,7 @@ struct PoolK {
       if (th.lo >= th.hi) {  // a window of padding rows only (dilation): -inf, index -1
         for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
           yrow[ow] = Num<T>::store(-std::numeric_limits<Acc>::infinity());
-          irow[ow] = -1;
+          if constexpr (kIndices) irow[ow] = -1;
         }
         continue;
       }
@@ -395,7 +411,7 @@ struct PoolK {
         });
 #pragma GCC unroll 4
     for (int b = 0; b < NB; ++b)
-      store_lanes(m[b], a[b], yc + c0 + b * kLanes, ic + c0 + b * kLanes);
+      store_lanes(m[b], a[b], yc + c0 + b * kLanes, idx_at(ic, c0 + b * kLanes));
   }
 
   // Fewer channels than a register: the scalar rule, the channels of a tap side by side.
@@ -418,7 +434,7 @@ struct PoolK {
         });
     for (int64_t c = 0; c < g.C; ++c) {
       yc[c] = Num<T>::store(m[c]);
-      ic[c] = a[c];
+      if constexpr (kIndices) ic[c] = a[c];
     }
   }
 
@@ -427,11 +443,11 @@ struct PoolK {
     for (int64_t ow = 0; ow < g.OW; ++ow) {
       const TapRange tw = taps(ow, sw, pl, dil_w, KW, g.W);
       T* yc = y + oh * ys.h + ow * ys.w;
-      int32_t* ic = idx + oh * ys.h + ow * ys.w;
+      int32_t* ic = idx_at(idx, oh * ys.h + ow * ys.w);
       if (th.lo >= th.hi || tw.lo >= tw.hi) {
         for (int64_t c = 0; c < g.C; ++c) {
           yc[c] = Num<T>::store(-std::numeric_limits<Acc>::infinity());
-          ic[c] = -1;
+          if constexpr (kIndices) ic[c] = -1;
         }
         continue;
       }
@@ -453,7 +469,7 @@ struct PoolK {
     if (g.p.layout == kNHWC) {
       pr.run(g.N * g.OH, [&](int64_t task) {
         const int64_t n = task / g.OH, oh = task % g.OH;
-        forward_row_nhwc(x + n * xs.n, y + n * ys.n, idx + n * ys.n, oh);
+        forward_row_nhwc(x + n * xs.n, y + n * ys.n, idx_at(idx, n * ys.n), oh);
       });
       return;
     }
@@ -463,7 +479,7 @@ struct PoolK {
       thread_local std::vector<Acc> P;
       P.resize(g.H * sw * L + kLanes);
       forward_plane_nchw(x + n * xs.n + c * xs.c, y + n * ys.n + c * ys.c,
-                         idx + n * ys.n + c * ys.c, P.data());
+                         idx_at(idx, n * ys.n + c * ys.c), P.data());
     });
   }
 
@@ -526,18 +542,23 @@ struct PoolK {
 
 template <typename T>
 void forward(const ParallelRunner& pr, const PoolGeometry& g, const T* x, T* y, int32_t* idx) {
-  PoolK<T>(g).forward(pr, x, y, idx);
+  PoolK<T, true>(g).forward(pr, x, y, idx);
+}
+
+template <typename T>
+void forward_values(const ParallelRunner& pr, const PoolGeometry& g, const T* x, T* y) {
+  PoolK<T, false>(g).forward(pr, x, y, nullptr);
 }
 
 template <typename T>
 void backward(const ParallelRunner& pr, const PoolGeometry& g, const T* dy, const int32_t* idx,
               T* dx) {
-  PoolK<T>(g).backward(pr, dy, idx, dx);
+  PoolK<T, true>(g).backward(pr, dy, idx, dx);
 }
 
 template <typename T>
 PoolKernels<T> pool_kernels() {
-  return {forward<T>, backward<T>};
+  return {forward<T>, forward_values<T>, backward<T>};
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// CUDA max-pooling handlers: forward (values + int32 indices) and backward.
+// CUDA max-pooling handlers: forward (values + int32 indices), the values-only forward (y alone,
+// for max_pool2d without a gradient) and backward.
 //
 // Same targets, attributes and validation as ffi/cpu/max_pool2d.cc; the kernels are in
 // max_pool2d_kernels.cuh.
@@ -21,6 +22,19 @@ ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<f
                                                      static_cast<T*>(y->untyped_data()),
                                                      static_cast<int32_t*>(idx->untyped_data()),
                                                      stream));
+  });
+}
+
+ffi::Error MaxPool2dFwdValuesImpl(cudaStream_t stream, ffi::AnyBuffer x,
+                                  ffi::Result<ffi::AnyBuffer> y, ffi::Dictionary attrs) {
+  constexpr const char* kTarget = targets::kMaxPool2dFwdValues;
+  PoolGeometry g;
+  JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, kTarget, &g));
+  return dispatch_float(x.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return check_cuda(kTarget,
+                      max_pool2d_forward_values<T>(g, static_cast<const T*>(x.untyped_data()),
+                                                   static_cast<T*>(y->untyped_data()), stream));
   });
 }
 
@@ -50,6 +64,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPool2dFwdCuda, cuda::MaxPool2dFwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Ret<ffi::AnyBuffer>()  // indices (int32)
+                                  .Attrs());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPool2dFwdValuesCuda, cuda::MaxPool2dFwdValuesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Ret<ffi::AnyBuffer>()  // y
                                   .Attrs());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPool2dBwdCuda, cuda::MaxPool2dBwdImpl,

@@ -1,4 +1,5 @@
-// CUDA max pooling: forward (values and int32 indices in one pass) and backward (a gather).
+// CUDA max pooling: forward (values and int32 indices in one pass, or values only) and backward
+// (a gather).
 //
 // Pooling does a few compares per byte, so it runs at memory speed or not at all. Three things
 // get it there:
@@ -18,7 +19,9 @@
 // Each item scans its window's in-bounds taps (window_taps) in row-major order and keeps the
 // FIRST maximum; a NaN beats every number and the first NaN is kept. Index = h * W + w in the
 // input plane; a window without in-bounds taps gives -inf and -1. Same rules as
-// ffi/cpu/max_pool2d.cc.
+// ffi/cpu/max_pool2d.cc. The kernel's kIndices = false instantiation is the values-only forward
+// (max_pool2d without a gradient): the same scan and y, with the index lanes and their store
+// compiled out (idx is null there and never touched).
 //
 // Backward: work item e in dx's memory order. It visits the outputs whose window holds (h, w)
 // (covering_outputs / window_holds of geometry.h), in row-major output order, and sums dy where
@@ -199,7 +202,7 @@ __device__ __forceinline__ void store_index_lanes(int32_t* __restrict__ dst, int
   }
 }
 
-template <typename T, int kLayout, typename I>
+template <typename T, int kLayout, typename I, bool kIndices>
 __global__ void __launch_bounds__(256, 1)
     max_pool_fwd_kernel(PoolPlan<I> p, const T* __restrict__ x, T* __restrict__ y,
                         int32_t* __restrict__ idx) {
@@ -248,14 +251,15 @@ __global__ void __launch_bounds__(256, 1)
         for (int l = 0; l < V; ++l) {
           if (first || v[l] > best[l] || (is_nan(v[l]) && !is_nan(best[l]))) {
             best[l] = v[l];
-            arg[l] = int32_t(cell);  // the plane has < 2^31 cells (make_pool_geometry)
+            // the plane has < 2^31 cells (make_pool_geometry)
+            if constexpr (kIndices) arg[l] = int32_t(cell);
           }
         }
         first = false;
       }
     }
     store_lanes<T, V>(y + y_off, lanes, p.vec, best);
-    store_index_lanes<V>(idx + y_off, lanes, p.vec, arg);
+    if constexpr (kIndices) store_index_lanes<V>(idx + y_off, lanes, p.vec, arg);
   }
 }
 
@@ -309,14 +313,15 @@ __global__ void __launch_bounds__(256, 1)
   }
 }
 
-// Host side: the layout and the index width pick the instantiation.
-template <typename T, int kLayout, typename I>
+// Host side: the layout and the index width pick the instantiation; kIndices = false is the
+// values-only forward (idx null).
+template <typename T, int kLayout, typename I, bool kIndices = true>
 cudaError_t launch_pool_fwd(const PoolGeometry& g, const T* x, T* y, int32_t* idx,
                             cudaStream_t stream) {
   constexpr int V = kLayout == kNHWC ? pool_vector_width<T>() : 1;
-  const PoolPlan<I> p =
-      make_pool_plan<I, V>(g, false, aligned16(x) && aligned16(y) && aligned16(idx));
-  return launch(max_pool_fwd_kernel<T, kLayout, I>,
+  const bool aligned = aligned16(x) && aligned16(y) && (!kIndices || aligned16(idx));
+  const PoolPlan<I> p = make_pool_plan<I, V>(g, false, aligned);
+  return launch(max_pool_fwd_kernel<T, kLayout, I, kIndices>,
                 dim3(grid_blocks(ceil_div_pos(int64_t(p.items), 256))), dim3(256), stream, p, x,
                 y, idx);
 }
@@ -332,16 +337,30 @@ cudaError_t launch_pool_bwd(const PoolGeometry& g, const T* dy, const int32_t* i
                 idx, dx);
 }
 
-template <typename T>
-cudaError_t max_pool2d_forward(const PoolGeometry& g, const T* x, T* y, int32_t* idx,
-                               cudaStream_t stream) {
+template <typename T, bool kIndices>
+cudaError_t max_pool2d_forward_as(const PoolGeometry& g, const T* x, T* y, int32_t* idx,
+                                  cudaStream_t stream) {
   if (g.N * g.C * g.OH * g.OW == 0) return cudaSuccess;
   const bool small = pool_fits_int32(g);
   if (g.p.layout == kNHWC)
-    return small ? launch_pool_fwd<T, kNHWC, int32_t>(g, x, y, idx, stream)
-                 : launch_pool_fwd<T, kNHWC, int64_t>(g, x, y, idx, stream);
-  return small ? launch_pool_fwd<T, kNCHW, int32_t>(g, x, y, idx, stream)
-               : launch_pool_fwd<T, kNCHW, int64_t>(g, x, y, idx, stream);
+    return small ? launch_pool_fwd<T, kNHWC, int32_t, kIndices>(g, x, y, idx, stream)
+                 : launch_pool_fwd<T, kNHWC, int64_t, kIndices>(g, x, y, idx, stream);
+  return small ? launch_pool_fwd<T, kNCHW, int32_t, kIndices>(g, x, y, idx, stream)
+               : launch_pool_fwd<T, kNCHW, int64_t, kIndices>(g, x, y, idx, stream);
+}
+
+// y and the int32 indices (the gradient's residual).
+template <typename T>
+cudaError_t max_pool2d_forward(const PoolGeometry& g, const T* x, T* y, int32_t* idx,
+                               cudaStream_t stream) {
+  return max_pool2d_forward_as<T, true>(g, x, y, idx, stream);
+}
+
+// y alone, bit for bit the y of max_pool2d_forward; no index bytes are written.
+template <typename T>
+cudaError_t max_pool2d_forward_values(const PoolGeometry& g, const T* x, T* y,
+                                      cudaStream_t stream) {
+  return max_pool2d_forward_as<T, false>(g, x, y, nullptr, stream);
 }
 
 template <typename T>

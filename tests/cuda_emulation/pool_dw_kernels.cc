@@ -67,7 +67,7 @@ int emu_tap_helpers(int64_t i, int64_t stride, int64_t pad, int64_t dilation, in
 }
 
 // which: 0 forward (a = x, out0 = y, out1 = int32 indices), 1 backward (a = dy, b = indices,
-// out0 = dx). x_dims: the shape of x (dx for backward). attrs: kernel_h, kernel_w, stride_h,
+// out0 = dx), 2 values-only forward (a = x, out0 = y; out1 unused). x_dims: the shape of x (dx for backward). attrs: kernel_h, kernel_w, stride_h,
 // stride_w, dilation_h, dilation_w, pad_top, pad_bottom, pad_left, pad_right, ceil_mode,
 // layout. index_bits: 0 as the handler picks, 32 or 64 to force that instantiation (64 is the
 // path of tensors with 2^30 elements or more). The pointers may be offset from 16-byte
@@ -88,6 +88,7 @@ int emu_pool_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* 
     if (index_bits == 0) {
       if (which == 0)
         return status(max_pool2d_forward<T>(g, in, out, static_cast<int32_t*>(out1), nullptr));
+      if (which == 2) return status(max_pool2d_forward_values<T>(g, in, out, nullptr));
       return status(
           max_pool2d_backward<T>(g, in, static_cast<const int32_t*>(b), out, nullptr));
     }
@@ -97,6 +98,7 @@ int emu_pool_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* 
       if (which == 0)
         return status(
             launch_pool_fwd<T, L, I>(g, in, out, static_cast<int32_t*>(out1), nullptr));
+      if (which == 2) return status(launch_pool_fwd<T, L, I, false>(g, in, out, nullptr, nullptr));
       return status(
           launch_pool_bwd<T, L, I>(g, in, static_cast<const int32_t*>(b), out, nullptr));
     };
