@@ -119,9 +119,8 @@ struct DW {
       if (same) pair_step[v] = step;
     }
     const int64_t cblocks = (C + kCB - 1) / kCB;
-    constexpr int64_t kNV = kBlockVecs<Acc>, kL = kLanes<Acc>;
-    // Two columns hold 2*kNV accumulators: 8 for float, too many registers for double's 16.
-    constexpr bool kPairs = kNV <= 4;
+    // Two columns hold 2 * kBlockVecs accumulators: 8 for float, too many registers for double.
+    constexpr bool kPairs = kBlockVecs<Acc> <= 4;
     pr.run(g.N * U, [&](int64_t task) {
       const int64_t n = task / U, u = task % U;
       TapList rows;
@@ -134,47 +133,11 @@ struct DW {
           const TapList& cl = cols[v];
           T* dst = out + n * os.n + u * os.h + v * os.w + c0;
           if (kPairs && cn == kCB && pair_step[v] != 0) {
-            const int64_t next = pair_step[v] * is.w;  // input offset of column v+1's taps
-            VA acc0[kNV], acc1[kNV];
-#pragma GCC unroll 8
-            for (int64_t k = 0; k < kNV; ++k) acc0[k] = acc1[k] = load(b + k * kL);
-            for (int64_t i = 0; i < rows.n; ++i) {
-              const T* src_row = in + n * is.n + rows.in[i] * is.h + c0;
-              const Acc* w_row = W + rows.tap[i] * KW * C + c0;
-              for (int64_t j = 0; j < cl.n; ++j) {
-                const T* src = src_row + cl.in[j] * is.w;
-                const Acc* wt = w_row + cl.tap[j] * C;
-#pragma GCC unroll 8
-                for (int64_t k = 0; k < kNV; ++k) {
-                  const VA wk = load(wt + k * kL);
-                  acc0[k] += load_widen(src + k * kL) * wk;
-                  acc1[k] += load_widen(src + next + k * kL) * wk;
-                }
-              }
-            }
-#pragma GCC unroll 8
-            for (int64_t k = 0; k < kNV; ++k) {
-              store_narrow(dst + k * kL, acc0[k]);
-              store_narrow(dst + os.w + k * kL, acc1[k]);
-            }
+            nhwc_gather_block<2>(in + n * is.n + c0, is, rows, cl, W + c0, b, dst,
+                                 pair_step[v] * is.w, os.w);
             ++v;  // v+1 is done
           } else if (cn == kCB) {
-            VA acc[kNV];
-#pragma GCC unroll 8
-            for (int64_t k = 0; k < kNV; ++k) acc[k] = load(b + k * kL);
-            for (int64_t i = 0; i < rows.n; ++i) {
-              const T* src_row = in + n * is.n + rows.in[i] * is.h + c0;
-              const Acc* w_row = W + rows.tap[i] * KW * C + c0;
-              for (int64_t j = 0; j < cl.n; ++j) {
-                const T* src = src_row + cl.in[j] * is.w;
-                const Acc* wt = w_row + cl.tap[j] * C;
-#pragma GCC unroll 8
-                for (int64_t k = 0; k < kNV; ++k)
-                  acc[k] += load_widen(src + k * kL) * load(wt + k * kL);
-              }
-            }
-#pragma GCC unroll 8
-            for (int64_t k = 0; k < kNV; ++k) store_narrow(dst + k * kL, acc[k]);
+            nhwc_gather_block<1>(in + n * is.n + c0, is, rows, cl, W + c0, b, dst, 0, 0);
           } else {
             Acc acc[kCB];
             for (int64_t c = 0; c < cn; ++c) acc[c] = b[c];
@@ -189,6 +152,39 @@ struct DW {
         }
       }
     });
+  }
+
+  // kCols (1 or 2) adjacent output cells of one full channel block, in registers over all their
+  // taps; cell j reads its taps j*in_next elements after cell 0's and is stored j*out_next after
+  // it. `in`, `W` and `dst` point at the block's first channel; `b` holds its kCB biases.
+  template <int kCols>
+  __attribute__((always_inline)) void nhwc_gather_block(const T* in, Strides4 is,
+                                                        const TapList& rows, const TapList& cl,
+                                                        const Acc* W, const Acc* b, T* dst,
+                                                        int64_t in_next, int64_t out_next) const {
+    constexpr int64_t kNV = kBlockVecs<Acc>, kL = kLanes<Acc>;
+    VA acc[kCols][kNV];
+#pragma GCC unroll 8
+    for (int64_t k = 0; k < kNV; ++k)
+      for (int j = 0; j < kCols; ++j) acc[j][k] = load(b + k * kL);
+    for (int64_t i = 0; i < rows.n; ++i) {
+      const T* src_row = in + rows.in[i] * is.h;
+      const Acc* w_row = W + rows.tap[i] * KW * C;
+      for (int64_t t = 0; t < cl.n; ++t) {
+        const T* src = src_row + cl.in[t] * is.w;
+        const Acc* wt = w_row + cl.tap[t] * C;
+#pragma GCC unroll 8
+        for (int64_t k = 0; k < kNV; ++k) {
+          const VA wk = load(wt + k * kL);
+#pragma GCC unroll 2
+          for (int j = 0; j < kCols; ++j) acc[j][k] += load_widen(src + j * in_next + k * kL) * wk;
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int64_t k = 0; k < kNV; ++k)
+#pragma GCC unroll 2
+      for (int j = 0; j < kCols; ++j) store_narrow(dst + j * out_next + k * kL, acc[j][k]);
   }
 
   // NHWC dw: per task a block of channels and a contiguous range of images, partial sums added
