@@ -126,7 +126,8 @@ def test_baseline_build_without_avx2(backend):
 
 # ---------------------------------------------------------------------------------------------
 # Max pooling: rows wide enough for the vectorized interior (16 outputs per block in NCHW,
-# 16 channels per block in NHWC) plus border windows, with ties, NaN and -inf inside.
+# 16 channels per block in NHWC) plus border windows, and rows narrower than one register, with
+# ties, NaN and -inf inside.
 
 POOLS = {
     # (C, H, W, kernel, stride, padding, dilation)
@@ -139,6 +140,10 @@ POOLS = {
     # registers side by side, the last step overlapping.
     "stride 2 dilated columns": (3, 6, 60, (2, 3), (2, 2), ((0, 0), (1, 1)), (1, 2)),
     "2 registers of outputs, 11 channels": (11, 4, 40, (2, 2), (2, 2), ((0, 0), (0, 0)), (1, 1)),
+    # Fewer interior outputs than a register (NCHW: one block through the phase rows, the lanes
+    # past the row's end computed and dropped): LeNet's 10 -> 5, and 3 interior columns padded.
+    "LeNet 2x2/2 10x10": (16, 10, 10, (2, 2), (2, 2), ((0, 0), (0, 0)), (1, 1)),
+    "3x3/1 pad 1, 5 columns": (3, 4, 5, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
 }
 
 

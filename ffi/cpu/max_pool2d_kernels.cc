@@ -247,12 +247,13 @@ struct PoolK {
   }
 
   // NB registers of consecutive outputs ow .. ow + NB*kLanes - 1 of output row oh, whose
-  // windows are in-bounds horizontally and have the in-bounds rows th. While scanning, the
+  // windows are in-bounds horizontally and have the in-bounds rows th, stored at y[0 ..] and
+  // idx[0 ..] (the row's outputs from ow on, or a scratch block). While scanning, the
   // index registers hold the tap's offset kh*dil_h*W + kw*dil_w from the window's origin (the same
   // for every lane and register, so one broadcast per tap); the origin is added at the store.
   template <Cols mode, int NB>
-  void interior_blocks(const PlaneScan& ps, int64_t oh, int64_t ow, TapRange th, T* yrow,
-                       int32_t* irow) const {
+  void interior_blocks(const PlaneScan& ps, int64_t oh, int64_t ow, TapRange th, T* y,
+                       int32_t* idx) const {
     constexpr bool kPairs = mode == Cols::kStride2Pairs;
     constexpr bool kShuffled = kPairs || mode == Cols::kStride2;
     V m[NB];
@@ -302,7 +303,7 @@ struct PoolK {
         mv = __builtin_shuffle(mv, Lanes<Acc>::pos());
         iv = __builtin_shuffle(iv, Lanes<Acc>::pos());
       }
-      store_lanes(mv, iv, yrow + ow + b * kLanes, idx_at(irow, ow + b * kLanes));
+      store_lanes(mv, iv, y + b * kLanes, idx_at(idx, b * kLanes));
     }
   }
 
@@ -312,7 +313,7 @@ struct PoolK {
     with_chains(ow_hi - ow_lo, kLanes, [&](auto chains) {
       constexpr int NB = decltype(chains)::value;
       steps_ending_at(ow_lo, ow_hi, NB * kLanes, [&](int64_t ow) {
-        interior_blocks<mode, NB>(ps, oh, ow, th, yrow, irow);
+        interior_blocks<mode, NB>(ps, oh, ow, th, yrow + ow, idx_at(irow, ow));
       });
     });
   }
@@ -323,11 +324,15 @@ struct PoolK {
     int64_t ow_hi = floor_div(g.W - 1 + pl - (KW - 1) * dil_w, sw) + 1;    // last tap < W
     ow_lo = std::min(std::max<int64_t>(ow_lo, 0), g.OW);
     ow_hi = std::max(std::min(ow_hi, g.OW), ow_lo);
-    if (KW > 64 || ow_hi - ow_lo < kLanes) ow_hi = ow_lo;  // no vector blocks: all scalar
+    if (KW > 64) ow_hi = ow_lo;  // no vector blocks: all scalar
+    // Fewer interior outputs than a register (small planes: LeNet's 10x10 -> 5x5) go as one
+    // block of kLanes through the phase rows, whose buffer has kLanes elements of slack past
+    // its end: the lanes past ow_hi read whatever follows and are not stored.
+    const bool partial = ow_hi - ow_lo < kLanes;
     Cols mode = Cols::kPhaseRows;
     if constexpr (std::is_same_v<T, Acc>) {
-      if (sw == 1) mode = Cols::kStride1;
-      if (sw == 2) mode = dil_w == 1 ? Cols::kStride2Pairs : Cols::kStride2;
+      if (!partial && sw == 1) mode = Cols::kStride1;
+      if (!partial && sw == 2) mode = dil_w == 1 ? Cols::kStride2Pairs : Cols::kStride2;
     }
     int64_t tap_r[64], tap_q[64];
     if (ow_hi > ow_lo && mode == Cols::kPhaseRows) {
@@ -379,6 +384,16 @@ struct PoolK {
           case Cols::kPhaseRows:
             break;
         }
+      }
+      if (partial) {
+        T y_block[kLanes];
+        int32_t idx_block[kLanes];
+        interior_blocks<Cols::kPhaseRows, 1>(ps, oh, ow_lo, th, y_block, idx_block);
+        for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
+          yrow[ow] = y_block[ow - ow_lo];
+          if constexpr (kIndices) irow[ow] = idx_block[ow - ow_lo];
+        }
+        continue;
       }
       interior_row<Cols::kPhaseRows>(ps, oh, ow_lo, ow_hi, th, yrow, irow);
     }
