@@ -331,9 +331,9 @@ def test_emulated_bwd_filter_split_plan(emu, name, tile_bk, split):
     c = dict(CONV_CASES[name], layout="NCHW")
     xs, ws = (c["n"], c["c"], c["h"], c["w"]), (c["o"], c["c"]) + c["k"]
     positions = c["n"] * c["h"] * c["w"]  # stride 1, "same" padding
-    plan = (ctypes.c_int64 * 4)()
-    assert emu.emu_filter_plan(_vec(xs), _vec(ws), _vec(_conv_attrs(c)), 1, plan) == 0
-    splits, chunk, tiles, ws_bytes = tuple(plan)
+    plan = (ctypes.c_int64 * 5)()
+    assert emu.emu_filter_plan(_vec(xs), _vec(ws), _vec(_conv_attrs(c)), 1, 0, 0, plan) == 0
+    splits, chunk, tiles, ws_bytes, _ = tuple(plan)
     assert (splits > 1) == split, tuple(plan)
     assert chunk % tile_bk == 0 and (chunk >= 4 * tile_bk or not split)
     assert splits * chunk >= positions > (splits - 1) * chunk
@@ -371,7 +371,14 @@ MMA_CASES = {
     # 1x1 over many positions: several m tiles of both sizes; NCHW forward B vector (K = 40).
     "mma_1x1_many_rows": conv_case(3, 40, 9, 9, 16, 1),
 }
-ALL_CONV_CASES = {**CONV_CASES, **MMA_CASES}
+# bwd_filter on tensor cores, besides MMA_CASES: positions enough for a split reduction, with
+# OH * OW = 64 (NCHW dy loads as 16-byte chunks of positions), and groups of 24 in / 72 out
+# channels (both sides past 64: the tile the shape class would choose is 128 x 128).
+MMA_FILTER_CASES = {
+    "mma_filter_split": conv_case(4, 16, 16, 16, 24, 3, pads=1),
+    "mma_filter_wide_groups": conv_case(2, 48, 8, 8, 144, 3, pads=1, groups=2),
+}
+ALL_CONV_CASES = {**CONV_CASES, **MMA_CASES, **MMA_FILTER_CASES}
 
 
 def _conv_inputs(name, layout):
@@ -422,6 +429,88 @@ def test_emulated_conv_on_a_tensor_core_device(emu, name, layout):
         assert_close(jnp.asarray(got), dx.astype(dtype), dtype)
 
 
+def _filter_plan(lib, c, dtype, *, tensor_cores=True, allow_tf32=True):
+    """{splits, chunk, tiles, workspace bytes, kernel} of bwd_filter (emu_filter_plan)."""
+    xs, ws = _layout_shapes(c)
+    plan = (ctypes.c_int64 * 5)()
+    assert lib.emu_filter_plan(_vec(xs), _vec(ws), _vec(_conv_attrs(c)), DTYPE_CODES[dtype],
+                               int(tensor_cores), int(allow_tf32), plan) == 0
+    return dict(zip(("splits", "chunk", "tiles", "ws_bytes", "kernel"), tuple(plan)))
+
+
+def _layout_shapes(c):
+    xs, ws = (c["n"], c["c"], c["h"], c["w"]), (c["o"], c["c"] // c["groups"]) + c["k"]
+    if c.get("layout", "NCHW") == "NHWC":
+        xs, ws = (xs[0], xs[2], xs[3], xs[1]), ws[2:] + (ws[1], ws[0])
+    return xs, ws
+
+
+@pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", sorted({**MMA_CASES, **MMA_FILTER_CASES}))
+def test_emulated_mma_bwd_filter(emu, name, layout, tile):
+    """bwd_filter on both tensor-core tiles, every mma dtype, against lax's float64 dw. Values
+    are quarter-integers, so the products and partial sums are exact and only the final
+    rounding may differ; the split cases check the float32 partial sums too."""
+    c = dict(ALL_CONV_CASES[name], layout=layout)
+    r, acts, wgts = _conv_inputs(name, layout)
+    x, dy, w, dw = acts(r["x"]), acts(r["dy"]), wgts(r["w"]), wgts(r["dw"])
+    for dtype in MMA_DTYPES:
+        got = _emu_conv(emu, 2, c, x.shape, w.shape, _np(x, dtype), _np(dy, dtype), None,
+                        w.shape, dtype, force_tile=tile)
+        assert_close(jnp.asarray(got), dw.astype(dtype), dtype)
+
+
+def test_emulated_mma_bwd_filter_splits(emu):
+    """The split case does split on tensor cores (16 and 32 positions per step), each split at
+    least 4 steps, and the NCHW case with OH * OW = 64 takes the 16-byte dy loads."""
+    for layout in ("NCHW", "NHWC"):
+        c = dict(MMA_FILTER_CASES["mma_filter_split"], layout=layout)
+        for dtype, bk in (("float32", 16), ("bfloat16", 32)):
+            plan = _filter_plan(emu, c, dtype)
+            assert plan["kernel"] == MMA_SMALL, plan
+            assert plan["splits"] > 1 and plan["chunk"] % bk == 0 and plan["chunk"] >= 4 * bk
+            assert plan["ws_bytes"] == plan["splits"] * 24 * 16 * 9 * 4  # float32 partials
+
+
+def test_filter_kernel_choice_by_shape_class(emu):
+    """choose_filter_kernel: tensor cores for bf16/f16 and TF32-allowed float32 with >= 16 values
+    per group on both dW sides, the 128 x 128 tile when both exceed 64; SIMT otherwise."""
+    big = dict(conv_case(8, 256, 14, 14, 256, 3, pads=1), layout="NHWC")
+    small = dict(MMA_CASES["mma_c16_o24_3x3"], layout="NHWC")
+    depthwise_ish = dict(CONV_CASES["3x3_many_positions"], layout="NCHW")  # 3 output channels
+    assert _filter_plan(emu, big, "bfloat16")["kernel"] == MMA_LARGE
+    assert _filter_plan(emu, big, "float16")["kernel"] == MMA_LARGE
+    assert _filter_plan(emu, big, "float32")["kernel"] == MMA_LARGE
+    assert _filter_plan(emu, small, "bfloat16")["kernel"] == MMA_SMALL
+    assert _filter_plan(emu, big, "float32", allow_tf32=False)["kernel"] == 0  # SIMT wide
+    assert _filter_plan(emu, big, "float64")["kernel"] == 0
+    assert _filter_plan(emu, big, "bfloat16", tensor_cores=False)["kernel"] == 0
+    assert _filter_plan(emu, depthwise_ish, "bfloat16")["kernel"] == 1  # SIMT 16 x 16
+
+
+def test_emulated_bwd_filter_tf32_rounds_float32_operands(emu):
+    """With allow_tf32, float32 bwd_filter multiplies TF32-rounded operands on tensor cores;
+    without it the same call runs the SIMT kernel in full float32."""
+    c = dict(MMA_FILTER_CASES["mma_filter_split"], layout="NHWC")
+    xs, ws = _layout_shapes(c)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w0 = np.zeros(ws, np.float64)
+    kw = dict(padding=c["pads"], layout="NHWC")
+    y, vjp = jax.vjp(lambda w_: ref_conv2d(jnp.asarray(x, jnp.float64), w_, **kw), w0)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    want = np.asarray(vjp(jnp.asarray(dy, jnp.float64))[0])
+    tf32 = _emu_conv(emu, 2, c, xs, ws, x, dy, None, ws, "float32", tensor_cores=True,
+                     allow_tf32=True)
+    full = _emu_conv(emu, 2, c, xs, ws, x, dy, None, ws, "float32", tensor_cores=True,
+                     allow_tf32=False)
+    scale = np.abs(want).max()
+    tf32_err, full_err = np.abs(tf32 - want).max() / scale, np.abs(full - want).max() / scale
+    assert full_err < 1e-5, full_err
+    assert 1e-5 < tf32_err < 5e-3, tf32_err
+
+
 def _pass_kernel(lib, which, c, dtype, *, tensor_cores=True, allow_tf32=True):
     xs = (c["n"], c["c"], c["h"], c["w"])
     ws = (c["o"], c["c"] // c["groups"]) + c["k"]
@@ -465,7 +554,7 @@ def test_emulated_tf32_rounds_float32_operands(emu):
 
 def test_emulated_mma_fuzz(emu):
     """Seeded random geometries (channels, groups, kernel, stride, dilation, pads, layout,
-    dtype, tile) through forward and bwd_data on tensor cores."""
+    dtype, tile) through forward, bwd_data and bwd_filter on tensor cores."""
     rng = np.random.default_rng(12)
     for trial in range(10):
         groups = int(rng.choice([1, 1, 2, 3]))
@@ -486,7 +575,7 @@ def test_emulated_mma_fuzz(emu):
         w = _grid_values(rng, (cout, cin // groups) + k)
         y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), x, w)
         dy = _grid_values(rng, y.shape)
-        dx = vjp(dy)[0]
+        dx, dw = vjp(dy)
         acts, wgts = ((lambda a: a), (lambda a: a)) if layout == "NCHW" else (_nhwc, _hwio)
         c = dict(c, layout=layout)
         xs, ws = acts(x).shape, wgts(w).shape
@@ -497,6 +586,9 @@ def test_emulated_mma_fuzz(emu):
         got = _emu_conv(emu, 1, c, xs, ws, _np(acts(dy), dtype), _np(wgts(w), dtype), None,
                         xs, dtype, force_tile=tile)
         assert_close(jnp.asarray(got), acts(dx).astype(dtype), dtype), msg
+        got = _emu_conv(emu, 2, c, xs, ws, _np(acts(x), dtype), _np(acts(dy), dtype), None,
+                        ws, dtype, force_tile=tile)
+        assert_close(jnp.asarray(got), wgts(dw).astype(dtype), dtype), msg
 
 
 def test_wrong_fragment_layout_is_caught(tmp_path):

@@ -69,11 +69,154 @@ constexpr int kMmaStages = 2;
 constexpr int kMmaRowBytes = 64;    // k bytes per row and stage
 constexpr int kMmaPitchBytes = 80;  // 20 words: 8 rows start at banks 0, 20, 8, 28, 16, 4, 24, 12
 
-// How the loads of one launch run; decided on the host (mma_pass_loads).
+// How the loads of one launch run; decided on the host (mma_pass_loads, mma_filter_loads).
 struct MmaLoads {
   int a_vector;   // A chunks as one 16-byte copy (NHWC, channels per group % vector == 0)
   int b_vector;   // B chunks as one 16-byte copy
 };
+
+// Pitch in bytes of a k-major operand tile (rows of one k, `cols` m or n values each). Eight
+// values of padding: 16-bit rows start 4 banks apart, so the 8 row addresses of an
+// ldmatrix.trans hit 8 distinct groups of 4 banks; 32-bit rows start 8 banks apart, so the
+// words (k = t, t + 4; col = g) of a TF32 fragment, bank 8t + g, are 32 distinct banks.
+template <typename S>
+constexpr int mma_k_major_pitch(int cols) {
+  return (cols + 8) * int(sizeof(S));
+}
+
+// One 32-bit word of a k-major tile: row k, column `col` (TF32 fragments, which ldmatrix.trans
+// cannot gather because it moves 16-bit halves).
+__device__ __forceinline__ uint32_t mma_tile_word(const unsigned char* tile, int pitch, int k,
+                                                  int col) {
+  return *reinterpret_cast<const uint32_t*>(tile + k * pitch + col * 4);
+}
+
+// A fragments (MI tiles of 16 rows from row m0) for mma k-step ks (32 bytes of k) of one stage.
+//   m-major tile ([m][kMmaPitchBytes], k contiguous): ldmatrix; lanes 0-15 give rows 0-15 at k
+//     bytes 0-15, lanes 16-31 the same rows at bytes 16-31 (a[0..3] = rows 0-7 / 8-15 x k
+//     low / high, the mma A layout; for 32-bit values the word [l/4][l%4], the TF32 layout).
+//   k-major tile ([k][kPitch], m contiguous), 16-bit: ldmatrix.trans of the four 8 x 8 blocks
+//     (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15); lane l gives row
+//     k = 8(l/16) + l%8 of block l/8, whose transpose hands lane 4g + t A[g][2t..2t+1].
+//   k-major, TF32: a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4],
+//     one shared word each.
+template <MmaKind kKind, int MI, bool kKMajor, int kPitch>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&a)[MI][4], const unsigned char* tile,
+                                                 int m0, int ks, int lane) {
+  JAXCONV_UNROLL
+  for (int i = 0; i < MI; ++i) {
+    const int m = m0 + i * 16;
+    if constexpr (!kKMajor) {
+      ldmatrix<4>(a[i], tile + (m + lane % 16) * kMmaPitchBytes + ks * 32 + (lane / 16) * 16);
+    } else if constexpr (kKind != MmaKind::kTf32) {
+      ldmatrix<4, true>(a[i], tile + (ks * 16 + (lane / 16) * 8 + lane % 8) * kPitch +
+                                  (m + ((lane / 8) % 2) * 8) * 2);
+    } else {
+      const int k = ks * 8 + lane % 4, r = m + lane / 4;
+      a[i][0] = mma_tile_word(tile, kPitch, k, r);
+      a[i][1] = mma_tile_word(tile, kPitch, k, r + 8);
+      a[i][2] = mma_tile_word(tile, kPitch, k + 4, r);
+      a[i][3] = mma_tile_word(tile, kPitch, k + 4, r + 8);
+    }
+  }
+}
+
+// B fragments (NI tiles of 8 columns from column n0) for mma k-step ks of one stage.
+//   n-major tile ([n][kMmaPitchBytes], k contiguous; the mma's "col" B operand is exactly B^T
+//     rows): ldmatrix of (channels 0-7, k low), (0-7, k high), (8-15, low), (8-15, high) of the
+//     pair of n8 tiles j, j + 1: registers b[j][0], b[j][1], b[j+1][0], b[j+1][1].
+//   k-major tile ([k][kPitch], n contiguous), 16-bit: the same four blocks by ldmatrix.trans.
+//   k-major, TF32: b[0] = B[t][g], b[1] = B[t+4][g], one shared word each.
+template <MmaKind kKind, int NI, bool kKMajor, int kPitch>
+__device__ __forceinline__ void load_b_fragments(uint32_t (&b)[NI][2], const unsigned char* tile,
+                                                 int n0, int ks, int lane) {
+  if constexpr (kKMajor && kKind == MmaKind::kTf32) {
+    JAXCONV_UNROLL
+    for (int j = 0; j < NI; ++j) {
+      const int k = ks * 8 + lane % 4, c = n0 + j * 8 + lane / 4;
+      b[j][0] = mma_tile_word(tile, kPitch, k, c);
+      b[j][1] = mma_tile_word(tile, kPitch, k + 4, c);
+    }
+  } else {
+    JAXCONV_UNROLL
+    for (int j = 0; j < NI; j += 2) {
+      uint32_t r[4];
+      if constexpr (kKMajor)
+        ldmatrix<4, true>(r, tile + (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch +
+                                 (n0 + j * 8 + (lane / 16) * 8) * 2);
+      else
+        ldmatrix<4>(r, tile + (n0 + j * 8 + (lane / 16) * 8 + lane % 8) * kMmaPitchBytes +
+                           ks * 32 + ((lane / 8) % 2) * 16);
+      b[j][0] = r[0];
+      b[j][1] = r[1];
+      b[j + 1][0] = r[2];
+      b[j + 1][1] = r[3];
+    }
+  }
+}
+
+// The operand layouts of one kernel instantiation: whether A (B) is staged k-major and the
+// byte pitch of its rows.
+template <bool kAKMajor_, int kAPitch_, bool kBKMajor_, int kBPitch_>
+struct MmaOperands {
+  static constexpr bool kAKMajor = kAKMajor_, kBKMajor = kBKMajor_;
+  static constexpr int kAPitch = kAPitch_, kBPitch = kBPitch_;
+};
+
+// The reduction of a block tile: `steps` stages of kMmaRowBytes of k each, loaded by
+// load_stage(buffer, s) (cp.async into As/Bs + buffer * stage bytes; plain shared stores for
+// gathers) while the previous stage is multiplied. Each warp multiplies its
+// (MI * 16) x (NI * 8) piece at (warp_m0, warp_n0) into acc (float32, zeroed here). Leaves no
+// cp.async group in flight.
+template <MmaKind kKind, typename Cfg, typename Ops, typename LoadStage>
+__device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], int64_t steps,
+                                             LoadStage&& load_stage, const unsigned char* As,
+                                             const unsigned char* Bs, int warp_m0, int warp_n0,
+                                             int lane) {
+  constexpr int MI = Cfg::MI, NI = Cfg::NI;
+  constexpr int kAStageBytes = Cfg::BM * kMmaPitchBytes, kBStageBytes = Cfg::BN * kMmaPitchBytes;
+  JAXCONV_UNROLL
+  for (int i = 0; i < MI; ++i)
+    JAXCONV_UNROLL
+    for (int j = 0; j < NI; ++j)
+      JAXCONV_UNROLL
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  load_stage(0, int64_t(0));
+  cp_async_commit();
+  for (int64_t s = 0; s < steps; ++s) {
+    const int stage = int(s % kMmaStages);
+    if (s + 1 < steps) load_stage(int((s + 1) % kMmaStages), s + 1);
+    cp_async_commit();  // possibly empty: keeps "all but the newest group" = stage s
+    cp_async_wait<1>();
+    __syncthreads();  // every thread's part of stage s is in shared memory
+
+    const unsigned char* a_tile = As + stage * kAStageBytes;
+    const unsigned char* b_tile = Bs + stage * kBStageBytes;
+    JAXCONV_UNROLL
+    for (int ks = 0; ks < 2; ++ks) {  // two mma k-steps of 32 bytes
+      uint32_t a[MI][4], b[NI][2];
+      load_a_fragments<kKind, MI, Ops::kAKMajor, Ops::kAPitch>(a, a_tile, warp_m0, ks, lane);
+      load_b_fragments<kKind, NI, Ops::kBKMajor, Ops::kBPitch>(b, b_tile, warp_n0, ks, lane);
+      if constexpr (kKind == MmaKind::kTf32) {
+        JAXCONV_UNROLL
+        for (int i = 0; i < MI; ++i)
+          JAXCONV_UNROLL
+          for (int q = 0; q < 4; ++q) a[i][q] = to_tf32(a[i][q]);
+        JAXCONV_UNROLL
+        for (int j = 0; j < NI; ++j)
+          JAXCONV_UNROLL
+          for (int q = 0; q < 2; ++q) b[j][q] = to_tf32(b[j][q]);
+      }
+      JAXCONV_UNROLL
+      for (int i = 0; i < MI; ++i)
+        JAXCONV_UNROLL
+        for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[i], b[j]);
+    }
+    __syncthreads();  // stage s is read; the next iteration refills it
+  }
+  cp_async_wait<0>();  // the trailing empty group
+}
 
 template <typename T, typename Cfg, int kLayout, bool kBKMajor>
 __global__ void __launch_bounds__(Cfg::kThreads)
@@ -88,9 +231,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
   constexpr int BK = kMmaRowBytes / int(sizeof(S));  // k per stage
   constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
-  constexpr int kBPitch = kBKMajor ? (BN + 8) * 2 : kMmaPitchBytes;  // k-major: 16-bit only
+  constexpr int kBPitch = kBKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
   static_assert(!kBKMajor || sizeof(S) == 2, "ldmatrix.trans splits 32-bit values");
-  static_assert(!kBKMajor || BK * (BN + 8) * 2 <= BN * kMmaPitchBytes, "k-major B fits");
+  static_assert(!kBKMajor || BK * kBPitch <= BN * kMmaPitchBytes, "k-major B fits");
 
   __shared__ __align__(16) unsigned char As[kMmaStages][BM * kMmaPitchBytes];
   __shared__ __align__(16) unsigned char Bs[kMmaStages][BN * kMmaPitchBytes];
@@ -182,7 +325,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       return img + t.chan + ih * p.is.h + iw * p.is.w;
     };
 
-    auto load_stage = [&](int stage, int64_t k0) {
+    auto load_stage = [&](int stage, int64_t step) {
+      const int64_t k0 = step * BK;
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksA; ++l) {
         const int e = tid + l * kThreads, r = e / 4;
@@ -251,68 +395,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     };
 
     float acc[MI][NI][4];
-    JAXCONV_UNROLL
-    for (int i = 0; i < MI; ++i)
-      JAXCONV_UNROLL
-      for (int j = 0; j < NI; ++j)
-        JAXCONV_UNROLL
-        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
-
-    const int64_t steps = (p.K + BK - 1) / BK;
-    load_stage(0, 0);
-    cp_async_commit();
-    for (int64_t s = 0; s < steps; ++s) {
-      const int stage = int(s % kMmaStages);
-      if (s + 1 < steps) load_stage(int((s + 1) % kMmaStages), (s + 1) * BK);
-      cp_async_commit();  // possibly empty: keeps "all but the newest group" = stage s
-      cp_async_wait<1>();
-      __syncthreads();  // every thread's part of stage s is in shared memory
-
-      const unsigned char* a_tile = As[stage];
-      const unsigned char* b_tile = Bs[stage];
-      JAXCONV_UNROLL
-      for (int ks = 0; ks < 2; ++ks) {  // two mma k-steps of 32 bytes
-        uint32_t a[MI][4], b[NI][2];
-        JAXCONV_UNROLL
-        for (int i = 0; i < MI; ++i)
-          // lanes 0-15: rows 0-15 at k bytes 0-15; lanes 16-31: the same rows at bytes 16-31
-          // (a[0..3] = rows 0-7 / 8-15 x k low / high, the mma A layout).
-          ldmatrix<4>(a[i], a_tile + (warp_m0 + i * 16 + lane % 16) * kMmaPitchBytes + ks * 32 +
-                                (lane / 16) * 16);
-        JAXCONV_UNROLL
-        for (int j = 0; j < NI; j += 2) {
-          uint32_t r[4];
-          // Matrices: (channels 0-7, k low), (0-7, k high), (8-15, low), (8-15, high) of the
-          // pair of n8 tiles j, j + 1: registers b[j][0], b[j][1], b[j+1][0], b[j+1][1].
-          if constexpr (kBKMajor)
-            ldmatrix<4, true>(r, b_tile + (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kBPitch +
-                                     (warp_n0 + j * 8 + (lane / 16) * 8) * 2);
-          else
-            ldmatrix<4>(r, b_tile + (warp_n0 + j * 8 + (lane / 16) * 8 + lane % 8) * kBPitch +
-                               ks * 32 + ((lane / 8) % 2) * 16);
-          b[j][0] = r[0];
-          b[j][1] = r[1];
-          b[j + 1][0] = r[2];
-          b[j + 1][1] = r[3];
-        }
-        if constexpr (kKind == MmaKind::kTf32) {
-          JAXCONV_UNROLL
-          for (int i = 0; i < MI; ++i)
-            JAXCONV_UNROLL
-            for (int q = 0; q < 4; ++q) a[i][q] = to_tf32(a[i][q]);
-          JAXCONV_UNROLL
-          for (int j = 0; j < NI; ++j)
-            JAXCONV_UNROLL
-            for (int q = 0; q < 2; ++q) b[j][q] = to_tf32(b[j][q]);
-        }
-        JAXCONV_UNROLL
-        for (int i = 0; i < MI; ++i)
-          JAXCONV_UNROLL
-          for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[i], b[j]);
-      }
-      __syncthreads();  // stage s is read; the next iteration refills it
-    }
-    cp_async_wait<0>();  // the trailing empty group
+    mma_mainloop<kKind, Cfg, MmaOperands<false, kMmaPitchBytes, kBKMajor, kBPitch>>(
+        acc, (p.K + BK - 1) / BK, load_stage, As[0], Bs[0], warp_m0, warp_n0, lane);
 
     // Epilogue: accumulator q of tile (i, j) is D[g + 8 * (q / 2)][2t + q % 2] (lane = 4g + t).
     const int grp = lane / 4, t4 = lane % 4;
@@ -333,6 +417,224 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           }
       }
     __syncthreads();  // the next tile rewrites the row tables
+  }
+}
+
+// bwd_filter on tensor cores: per group g, dW[o, k] = sum over positions p = (n, oh, ow) of
+// dy[p, o] * im2col(x)[p, k], a GEMM with rows m = o (Og), columns k (Kg, dW's own order within a
+// group: NCHW (ci, kh, kw), NHWC (kh, kw, ci)) and the reduction over the positions of one
+// split [p_begin, p_end) (FilterParams; the split plan is conv2d_kernels.cuh's plan_filter). The
+// block tile, warps, stages, fragments and multiply are the pass kernel's (mma_mainloop); only
+// the operands' origin differs:
+//   NHWC: dy[p, o] and x[n, ih, iw, ci] are contiguous along o and ci, so both operands are
+//     staged k-major (rows of one position: [p][BM] of dy, [p][BN] of im2col(x)); a 16-byte
+//     chunk is kVec output channels of one position (cp.async when Og % kVec == 0) or kVec
+//     columns k of one tap (cp.async when Cg % kVec == 0: the chunk's ci are consecutive).
+//   NCHW: dy[n, o, oh, ow] is contiguous along positions within an image, so A is m-major
+//     ([o][positions], cp.async when OH * OW % kVec == 0: a chunk never crosses an image);
+//     im2col(x) is n-major ([k][positions]), gathered element by element.
+// ih = oh * stride_h + kh * dilation_h - pad_top (and likewise iw); a tap outside x reads zero.
+// With splits == 1 the tile is rounded into dw; otherwise it is stored, float32, into
+// partial[split] (laid out like dw) for sum_partials_kernel, which adds the splits in order.
+template <typename T, typename Cfg, int kLayout>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    conv_filter_mma_kernel(FilterParams p, MmaLoads loads, const T* __restrict__ x,
+                           const T* __restrict__ dy, T* __restrict__ dw,
+                           float* __restrict__ partial) {
+  using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
+  using Bits = typename MmaOf<T>::Bits;
+  constexpr MmaKind kKind = MmaOf<T>::kind;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr bool kKMajor = kLayout == kNHWC;          // both operands staged by position rows
+  constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
+  constexpr int BK = kMmaRowBytes / int(sizeof(S));  // positions per stage
+  constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
+  constexpr int kAPitch = kKMajor ? mma_k_major_pitch<S>(BM) : kMmaPitchBytes;
+  constexpr int kBPitch = kKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
+  static_assert(BK * kAPitch <= BM * kMmaPitchBytes && BK * kBPitch <= BN * kMmaPitchBytes,
+                "k-major tiles fit the stage buffers");
+
+  __shared__ __align__(16) unsigned char As[kMmaStages][BM * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char Bs[kMmaStages][BN * kMmaPitchBytes];
+  // Per tile, per column k: channel offset into x (-1 past Kg), the tap's offsets
+  // kh * dilation_h - pad_top and kw * dilation_w - pad_left, and the offset within dW.
+  __shared__ int64_t col_x[BN], col_dh[BN], col_dw[BN], col_w[BN];
+
+  const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
+  const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
+  const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
+  // k digits: NCHW (ci, kh, kw) radices (KH, KW); NHWC (kh, kw, ci) radices (KW, Cg).
+  const int64_t r1 = kKMajor ? p.KW : p.KH, r2 = kKMajor ? p.Cg : p.KW;
+  // Position digits (n, oh, ow), radices (OH, OW).
+  const Digits3 stage_step = split_index(BK, p.OH, p.OW), unit_step = split_index(1, p.OH, p.OW);
+
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    // tile = ((g * n_tiles + nt) * m_tiles + mt) * splits + split
+    int64_t rest = tile;
+    const int64_t split = rest % p.splits;
+    rest /= p.splits;
+    const int64_t mt = rest % p.m_tiles;
+    rest /= p.m_tiles;
+    const int64_t nt = rest % p.n_tiles;
+    const int64_t g = rest / p.n_tiles;
+    const int64_t m0 = mt * BM, n0 = nt * BN;
+    const int64_t p_begin = split * p.chunk;
+    const int64_t p_end = p_begin + p.chunk < p.P ? p_begin + p.chunk : p.P;
+
+    for (int c = tid; c < BN; c += kThreads) {
+      const int64_t k = n0 + c;
+      int64_t chan = -1, dh = 0, dwo = 0, wo = 0;
+      if (k < p.Kg) {
+        const Digits3 d = split_index(k, r1, r2);
+        const int64_t ci = kKMajor ? d.c : d.a;
+        const int64_t kh = kKMajor ? d.a : d.b;
+        const int64_t kw = kKMajor ? d.b : d.c;
+        chan = (g * p.Cg + ci) * p.xs.c;
+        dh = kh * p.dil_h - p.pad_top;
+        dwo = kw * p.dil_w - p.pad_left;
+        wo = ci * p.ws.c + kh * p.ws.h + kw * p.ws.w;
+      }
+      col_x[c] = chan;
+      col_dh[c] = dh;
+      col_dw[c] = dwo;
+      col_w[c] = wo;
+    }
+    __syncthreads();
+
+    // The position (offset from p_begin, and digits) that each of this thread's chunks starts
+    // at in the next stage to load. k-major chunk e = tid + l * kThreads: position row
+    // e / (BX / kVec), columns kVec * (e % (BX / kVec)) ...; m/n-major chunk e: row e / 4,
+    // positions (e % 4) * kVec ...
+    Digits3 a_pd[kChunksA], b_pd[kChunksB];
+    int a_p0[kChunksA], b_p0[kChunksB];
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksA; ++l) {
+      const int e = tid + l * kThreads;
+      a_p0[l] = kKMajor ? e / (BM / kVec) : (e % 4) * kVec;
+      a_pd[l] = split_index(p_begin + a_p0[l], p.OH, p.OW);
+    }
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksB; ++l) {
+      const int e = tid + l * kThreads;
+      b_p0[l] = kKMajor ? e / (BN / kVec) : (e % 4) * kVec;
+      b_pd[l] = split_index(p_begin + b_p0[l], p.OH, p.OW);
+    }
+
+    // Offset of dy[position (digits d, index pos), output channel o of group g], or -1.
+    auto dy_offset = [&](Digits3 d, int64_t pos, int64_t o) -> int64_t {
+      if (pos >= p_end || o >= p.Og) return -1;
+      return d.a * p.ys.n + d.b * p.ys.h + d.c * p.ys.w + (g * p.Og + o) * p.ys.c;
+    };
+    // Offset of im2col(x)[position, column c of the tile], or -1 (past Kg, padding).
+    auto x_offset = [&](Digits3 d, int64_t pos, int c) -> int64_t {
+      const int64_t chan = col_x[c];
+      if (pos >= p_end || chan < 0) return -1;
+      const int64_t ih = d.b * p.stride_h + col_dh[c], iw = d.c * p.stride_w + col_dw[c];
+      if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) return -1;
+      return d.a * p.xs.n + chan + ih * p.xs.h + iw * p.xs.w;
+    };
+
+    auto load_stage = [&](int stage, int64_t step) {
+      const int64_t pos0 = p_begin + step * BK;
+      JAXCONV_UNROLL
+      for (int l = 0; l < kChunksA; ++l) {
+        const int e = tid + l * kThreads;
+        const int64_t pos = pos0 + a_p0[l];
+        if constexpr (kKMajor) {  // one position, kVec output channels
+          const int c = (e % (BM / kVec)) * kVec;
+          unsigned char* dst = &As[stage][a_p0[l] * kAPitch + c * int(sizeof(S))];
+          if (loads.a_vector) {
+            const int64_t off = dy_offset(a_pd[l], pos, m0 + c);
+            cp_async_16(dst, dy + (off < 0 ? 0 : off), off >= 0);
+          } else {
+            JAXCONV_UNROLL
+            for (int i = 0; i < kVec; ++i) {
+              const int64_t off = dy_offset(a_pd[l], pos, m0 + c + i);
+              reinterpret_cast<Bits*>(dst)[i] =
+                  off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(dy)[off];
+            }
+          }
+        } else {  // one output channel, kVec positions
+          const int r = e / 4;
+          unsigned char* dst = &As[stage][r * kMmaPitchBytes + (e % 4) * 16];
+          if (loads.a_vector) {
+            const int64_t off = dy_offset(a_pd[l], pos, m0 + r);
+            cp_async_16(dst, dy + (off < 0 ? 0 : off), off >= 0);
+          } else {
+            Digits3 d = a_pd[l];
+            JAXCONV_UNROLL
+            for (int i = 0; i < kVec; ++i) {
+              const int64_t off = dy_offset(d, pos + i, m0 + r);
+              reinterpret_cast<Bits*>(dst)[i] =
+                  off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(dy)[off];
+              d = add_digits(d, unit_step, p.OH, p.OW);
+            }
+          }
+        }
+        a_pd[l] = add_digits(a_pd[l], stage_step, p.OH, p.OW);
+      }
+      JAXCONV_UNROLL
+      for (int l = 0; l < kChunksB; ++l) {
+        const int e = tid + l * kThreads;
+        const int64_t pos = pos0 + b_p0[l];
+        if constexpr (kKMajor) {  // one position, kVec columns k
+          const int c = (e % (BN / kVec)) * kVec;
+          unsigned char* dst = &Bs[stage][b_p0[l] * kBPitch + c * int(sizeof(S))];
+          if (loads.b_vector) {
+            const int64_t off = x_offset(b_pd[l], pos, c);
+            cp_async_16(dst, x + (off < 0 ? 0 : off), off >= 0);
+          } else {
+            JAXCONV_UNROLL
+            for (int i = 0; i < kVec; ++i) {
+              const int64_t off = x_offset(b_pd[l], pos, c + i);
+              reinterpret_cast<Bits*>(dst)[i] =
+                  off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(x)[off];
+            }
+          }
+        } else {  // one column k, kVec positions (gathered: x is not contiguous along them)
+          const int c = e / 4;
+          unsigned char* dst = &Bs[stage][c * kMmaPitchBytes + (e % 4) * 16];
+          Digits3 d = b_pd[l];
+          JAXCONV_UNROLL
+          for (int i = 0; i < kVec; ++i) {
+            const int64_t off = x_offset(d, pos + i, c);
+            reinterpret_cast<Bits*>(dst)[i] =
+                off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(x)[off];
+            d = add_digits(d, unit_step, p.OH, p.OW);
+          }
+        }
+        b_pd[l] = add_digits(b_pd[l], stage_step, p.OH, p.OW);
+      }
+    };
+
+    float acc[MI][NI][4];
+    mma_mainloop<kKind, Cfg, MmaOperands<kKMajor, kAPitch, kKMajor, kBPitch>>(
+        acc, (p_end - p_begin + BK - 1) / BK, load_stage, As[0], Bs[0], warp_m0, warp_n0, lane);
+
+    // Epilogue: accumulator q of tile (i, j) is D[g + 8 * (q / 2)][2t + q % 2] (lane = 4g + t).
+    float* part = p.splits > 1 ? partial + split * p.dw_elems : nullptr;
+    const int grp = lane / 4, t4 = lane % 4;
+    JAXCONV_UNROLL
+    for (int i = 0; i < MI; ++i)
+      JAXCONV_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int64_t o = m0 + warp_m0 + i * 16 + grp + 8 * h;
+        if (o >= p.Og) continue;
+        JAXCONV_UNROLL
+        for (int j = 0; j < NI; ++j)
+          JAXCONV_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int c = warp_n0 + j * 8 + 2 * t4 + e;
+            if (col_x[c] < 0) continue;
+            const int64_t off = (g * p.Og + o) * p.ws.n + col_w[c];
+            if (part)
+              part[off] = acc[i][j][2 * h + e];
+            else
+              dw[off] = Num<T>::store(acc[i][j][2 * h + e]);
+          }
+      }
+    __syncthreads();  // the next tile rewrites the column tables
   }
 }
 
@@ -368,6 +670,42 @@ MmaLoads mma_pass_loads(const PassParams& p, const T* in, const T* w) {
   }
   loads.b_vector = b;
   return loads;
+}
+
+// bwd_filter: which chunks may be copied as 16 bytes (every chunk's kVec elements consecutive
+// in memory and its first element's offset a multiple of kVec, with 16-byte-aligned buffers).
+template <typename T>
+MmaLoads mma_filter_loads(const FilterParams& p, const T* x, const T* dy) {
+  const int64_t vec = sizeof(T) == 2 ? 8 : 4;
+  auto multiple = [&](int64_t v) { return v % vec == 0; };
+  MmaLoads loads{0, 0};
+  if (p.layout == kNHWC) {
+    // dy chunk: output channels (g * Og + o .. + vec) of one position; x chunk: channels
+    // (g * Cg + ci .. + vec) of one tap of one position (k = (kh, kw, ci), ci innermost).
+    loads.a_vector = p.ys.c == 1 && multiple(p.Og) && multiple(p.ys.n) && multiple(p.ys.h) &&
+                     multiple(p.ys.w) && aligned16(dy);
+    loads.b_vector = p.xs.c == 1 && multiple(p.Cg) && multiple(p.xs.n) && multiple(p.xs.h) &&
+                     multiple(p.xs.w) && aligned16(x);
+  } else {
+    // dy chunk: vec positions of one output channel, starting at a multiple of vec; they stay in
+    // one image (and are consecutive there) when OH * OW is a multiple of vec.
+    loads.a_vector = p.ys.w == 1 && p.ys.h == p.OW && multiple(p.OH * p.OW) &&
+                     multiple(p.ys.c) && multiple(p.ys.n) && aligned16(dy);
+    loads.b_vector = 0;  // im2col(x) along positions is strided: gathered
+  }
+  return loads;
+}
+
+// Launches conv_filter_mma_kernel over p's plan (plan_filter with this tile) into dw, or into
+// the float32 partial sums when p.splits > 1 (the caller then adds them).
+template <typename T, typename Cfg>
+cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T* dw,
+                              float* partial, cudaStream_t stream) {
+  const MmaLoads loads = mma_filter_loads(p, x, dy);
+  auto kernel = p.layout == kNHWC ? conv_filter_mma_kernel<T, Cfg, kNHWC>
+                                  : conv_filter_mma_kernel<T, Cfg, kNCHW>;
+  return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, x,
+                dy, dw, partial);
 }
 
 template <typename T, typename Cfg>
