@@ -14,9 +14,10 @@
 //             h = s*u + rho of phase rho read dy row u + off(q) through the taps
 //             kh = first + q*step only, so no tap that would multiply a zero is ever issued;
 //             weight = w[g*Og + ci, co] (the pass's input channels are the conv's outputs).
-// bwd_filter is its own kernel: per group, dW[co, k] = sum over positions p = (n, oh, ow) of
-// dy[p, co] * im2col(x)[p, k], split over p into `splits` partial sums that a second kernel adds
-// in a fixed order (deterministic, no atomics).
+// bwd_filter is its own kernel (SIMT here, tensor cores in conv2d_mma.cuh): per group,
+// dW[co, k] = sum over positions p = (n, oh, ow) of dy[p, co] * im2col(x)[p, k], split over p
+// into `splits` partial sums that a second kernel adds in a fixed order (deterministic, no
+// atomics).
 //
 // k is ordered as the layout stores it: NCHW k = (ci, th, tw), NHWC k = (th, tw, ci), so that
 // consecutive k read consecutive memory where the layout allows (runs along a row in NCHW,
@@ -46,8 +47,8 @@ namespace jaxconv::cuda {
 // at a time through shared memory. The threads form a 16 x 16 grid of lanes; lane (lm, ln) owns
 // the TM x TN accumulators at rows lm + 16*i and columns ln + 16*j. Strided ownership means a
 // warp reads 16 consecutive words of one shared row and broadcasts the other operand.
-// A tensor-core path slots in as another configuration (and kernel) picked by the choose_*
-// functions below.
+// The tensor-core kernels (conv2d_mma.cuh) have their own tiles (MmaTile); choose_pass_kernel
+// and choose_filter_kernel below pick between them and these.
 template <int BM_, int BN_, int BK_>
 struct TileConfig {
   static constexpr int BM = BM_, BN = BN_, BK = BK_;
@@ -335,8 +336,8 @@ struct FilterParams {
 
 namespace jaxconv::cuda {
 
-// How a pass may run on the current device: tensor cores present (sm_80+, mma.sync), and
-// float32 operands allowed to be rounded to TF32 (the conv's allow_tf32 attribute).
+// How the conv kernels may run on the current device: tensor cores present (sm_80+, mma.sync),
+// and float32 operands allowed to be rounded to TF32 (the conv's allow_tf32 attribute).
 struct PassOptions {
   bool tensor_cores = false;
   bool allow_tf32 = false;

@@ -1,9 +1,11 @@
-// Tensor-core pass kernel (sm_80+): forward and bwd_data of conv2d_kernels.cuh's "pass" as an
-// implicit GEMM on mma.sync, for bfloat16/float16 operands (m16n8k16) and float32 operands
-// rounded to TF32 (m16n8k8), always accumulating in float32. Included by conv2d_kernels.cuh
-// after PassParams; the pass's index math (rows m = (n, u, v), reduction k over the layout's
-// (ci, tap) order, taps per bwd_data phase from geometry.h) is the SIMT kernel's, only the
-// multiply changes.
+// Tensor-core kernels (sm_80+): forward and bwd_data of conv2d_kernels.cuh's "pass", and
+// bwd_filter, as implicit GEMMs on mma.sync, for bfloat16/float16 operands (m16n8k16) and
+// float32 operands rounded to TF32 (m16n8k8), always accumulating in float32. Included by
+// conv2d_kernels.cuh after PassParams and FilterParams; the index math (pass: rows
+// m = (n, u, v), reduction k over the layout's (ci, tap) order, taps per bwd_data phase from
+// geometry.h; bwd_filter: rows o, columns k, reduction over positions of one split) is the SIMT
+// kernels', only the multiply changes. Both kernels share the fragment loaders and the staged
+// main loop (mma_mainloop) below; they differ in how a stage is loaded.
 //
 // Block tile BM x BN (output rows x output channels of one group), split over
 // kWarpsM x kWarpsN warps; each warp owns a (BM / kWarpsM) x (BN / kWarpsN) piece as MI x NI
@@ -18,6 +20,8 @@
 //      ldmatrix (the mma's "col" B operand is exactly B^T rows).
 //   B, k-major (16-bit types with weights contiguous along output channels, i.e. HWIO forward):
 //      [32][(BN + 8) * 2 bytes], row k holds BN channels; read with ldmatrix.trans.
+//   bwd_filter NHWC stages both operands k-major (rows of one position); TF32 k-major
+//      fragments are read as single shared words ([16][(BX + 8) * 4 bytes]).
 // Loads are 16-byte cp.async where 8 (16-bit) or 4 (float) consecutive elements of a chunk are
 // consecutive and aligned in memory (NHWC activations with channels per group a multiple of the
 // vector; weights along k or along output channels); every other case (NCHW activations, odd
