@@ -478,7 +478,8 @@ def test_filter_kernel_choice_by_shape_class(emu):
     per group on both dW sides, the 128 x 128 tile when both exceed 64; SIMT otherwise."""
     big = dict(conv_case(8, 256, 14, 14, 256, 3, pads=1), layout="NHWC")
     small = dict(MMA_CASES["mma_c16_o24_3x3"], layout="NHWC")
-    depthwise_ish = dict(CONV_CASES["3x3_many_positions"], layout="NCHW")  # 3 output channels
+    few_outputs = dict(CONV_CASES["3x3_many_positions"], layout="NCHW")  # dW 3 x 18 per group
+    tiny = dict(CONV_CASES["1x1_many_positions"], layout="NCHW")  # dW 3 x 2
     assert _filter_plan(emu, big, "bfloat16")["kernel"] == MMA_LARGE
     assert _filter_plan(emu, big, "float16")["kernel"] == MMA_LARGE
     assert _filter_plan(emu, big, "float32")["kernel"] == MMA_LARGE
@@ -486,7 +487,8 @@ def test_filter_kernel_choice_by_shape_class(emu):
     assert _filter_plan(emu, big, "float32", allow_tf32=False)["kernel"] == 0  # SIMT wide
     assert _filter_plan(emu, big, "float64")["kernel"] == 0
     assert _filter_plan(emu, big, "bfloat16", tensor_cores=False)["kernel"] == 0
-    assert _filter_plan(emu, depthwise_ish, "bfloat16")["kernel"] == 1  # SIMT 16 x 16
+    assert _filter_plan(emu, few_outputs, "bfloat16")["kernel"] == 0  # < 16 rows: SIMT wide
+    assert _filter_plan(emu, tiny, "bfloat16")["kernel"] == 1  # SIMT 16 x 16
 
 
 def test_emulated_bwd_filter_tf32_rounds_float32_operands(emu):
