@@ -351,6 +351,7 @@ def test_emulated_bwd_filter_empty_batch(emu):
 # The tensor-core pass (ffi/cuda/conv2d_mma.cuh) under the warp-level emulation (warp.h).
 
 MMA_LARGE, MMA_SMALL = 2, 3  # emu_pass_kernel codes: 0 SIMT wide, 1 SIMT tall
+MMA_LARGE_INT64, MMA_SMALL_INT64 = 4, 5  # emu_conv's force_tile: the same with int64 offsets
 MMA_DTYPES = ["float32", "float16", "bfloat16"]  # float32 as TF32
 
 # Each case names the load paths it reaches (16-byte cp.async where a chunk's 8 (16-bit) or 4
@@ -511,6 +512,48 @@ def test_emulated_bwd_filter_tf32_rounds_float32_operands(emu):
     tf32_err, full_err = np.abs(tf32 - want).max() / scale, np.abs(full - want).max() / scale
     assert full_err < 1e-5, full_err
     assert 1e-5 < tf32_err < 5e-3, tf32_err
+
+
+@pytest.mark.parametrize("name, layout", [("mma_c16_o24_3x3", "NHWC"),
+                                          ("mma_odd_channels_phases", "NCHW"),
+                                          ("mma_filter_split", "NCHW")])
+def test_emulated_mma_int64_offsets(emu, name, layout):
+    """The int64-offset instantiations of the tensor-core kernels (used when an operand has
+    2^31 elements or more) compute the same bits as the int32 ones, in all three directions;
+    the int32 ones are checked against lax above."""
+    c = dict(ALL_CONV_CASES[name], layout=layout)
+    r, acts, wgts = _conv_inputs(name, layout)
+    x, dy, y, dx = (acts(r[k]) for k in ("x", "dy", "y", "dx"))
+    w, dw = wgts(r["w"]), wgts(r["dw"])
+    for dtype in MMA_DTYPES:
+        xa, wa, ba, bxa, dya = (_np(a, dtype) for a in (x, w, r["bias"], r["bias_dx"], dy))
+        calls = [(0, xa, wa, ba, y), (1, dya, wa, bxa, dx), (2, xa, dya, None, dw)]
+        for tile32, tile64 in ((MMA_LARGE, MMA_LARGE_INT64), (MMA_SMALL, MMA_SMALL_INT64)):
+            for which, a, b, bias, want in calls:
+                got32, got64 = (_emu_conv(emu, which, c, x.shape, w.shape, a, b, bias,
+                                          want.shape, dtype, force_tile=t)
+                                for t in (tile32, tile64))
+                assert_close(jnp.asarray(got64), want.astype(dtype), dtype)
+                np.testing.assert_array_equal(got64.view(np.uint8), got32.view(np.uint8),
+                                              err_msg=f"{which} {dtype} tile {tile64}")
+
+
+def test_mma_offset_width_by_operand_size(emu):
+    """mma_index32: int32 offsets while every operand of the direction has fewer than 2^31
+    elements, int64 from 2^31 (shapes only; nothing is allocated)."""
+    def width(which, x_shape, w_shape, pads=1):
+        attrs = _vec([1, 1, 1, 1, pads, pads, pads, pads, 1, 0])
+        return emu.emu_mma_index32(which, _vec(x_shape), _vec(w_shape), attrs)
+
+    below, at = (1, 256, 2048, 4095), (1, 256, 2048, 4096)  # 2^31 - 2^19 and 2^31 elements
+    w = (256, 256, 3, 3)
+    for which in (0, 1, 2):  # y and dy have x's size ("same" padding)
+        assert width(which, below, w) == 1
+        assert width(which, at, w) == 0
+    # Only y / dy past 2^31 (x has 2^27 elements): every direction touches it.
+    small_x, wide_w = (1, 16, 2048, 4096), (2048, 16, 1, 1)  # y: 2^34 elements
+    for which in (0, 1, 2):
+        assert width(which, small_x, wide_w, pads=0) == 0
 
 
 def _pass_kernel(lib, which, c, dtype, *, tensor_cores=True, allow_tf32=True):

@@ -123,16 +123,29 @@ def test_mma_filter_kernels_use_tensor_cores():
     kernels = _kernels("conv_filter_mma_kernel")
     assert kernels, sorted(_sm90())
     for dtype in ("__nv_bfloat16", "__half", "float"):
-        assert sum(f"<{dtype}," in k for k in kernels) == 4, (dtype, sorted(kernels))  # 2x2
+        # 2 tiles x 2 layouts x int32 / int64 offsets
+        assert sum(f"<{dtype}," in k for k in kernels) == 8, (dtype, sorted(kernels))
     for name, (sass, _) in kernels.items():
         if "<float," in name:
             assert "HMMA.1688.F32.TF32" in sass, name
         else:
             assert re.search(r"\bHMMA\.16816\.F32", sass), name
         assert "LDGSTS" in sass, name
-        nchw = re.search(r"MmaTile<[^>]*>, 0>", name)  # kLayout: 0 NCHW, 1 NHWC
+        nchw = re.search(r"MmaTile<[^>]*>, 0,", name)  # kLayout: 0 NCHW, 1 NHWC
         if "<float," not in name or nchw:
             assert "LDSM" in sass, name
+
+
+def test_mma_kernels_have_both_offset_widths():
+    """Each tensor-core kernel exists with int32 offsets (operands below 2^31 elements) and
+    with int64 ones (mma_index32 picks)."""
+    for family in ("conv_pass_mma_kernel", "conv_filter_mma_kernel"):
+        kernels = _kernels(family)
+        narrow = {k: v for k, v in kernels.items() if re.search(r", int>\(", k)}
+        wide = {k: v for k, v in kernels.items() if re.search(r", long>\(", k)}
+        assert narrow and len(narrow) == len(wide) == len(kernels) // 2, sorted(kernels)
+        for name in narrow:
+            assert re.sub(r", int>\(", ", long>(", name) in wide, name
 
 
 def test_simt_kernels_stay_simt():

@@ -393,6 +393,19 @@ FilterKernel choose_filter_kernel(const FilterParams& p, const PassOptions& opts
                                                                   : FilterKernel::kSimtWide;
 }
 
+// Whether the tensor-core kernels form their offsets in int32 (a separate instantiation;
+// int64 otherwise): every operand has fewer than 2^31 elements. The kernels form an offset only
+// for an element inside its tensor, so each one is then below 2^31.
+constexpr int64_t kIndex32Elements = int64_t(1) << 31;
+inline bool mma_index32(const PassParams& p) {
+  return p.N * p.is.n < kIndex32Elements && p.N * p.os.n < kIndex32Elements &&
+         p.G * p.w_group < kIndex32Elements;
+}
+inline bool mma_index32(const FilterParams& p) {
+  return p.N * p.xs.n < kIndex32Elements && p.N * p.ys.n < kIndex32Elements &&
+         p.dw_elems < kIndex32Elements;
+}
+
 template <typename T, typename Cfg>
 cudaError_t launch_pass(PassParams p, const T* in, const T* w, const T* bias, T* out,
                         cudaStream_t stream) {
@@ -417,9 +430,9 @@ cudaError_t run_pass(const PassParams& p, const T* in, const T* w, const T* bias
   if constexpr (sizeof(T) <= 4) {  // float64 has no tensor-core path
     switch (choose_pass_kernel<T>(p, opts)) {
       case PassKernel::kMmaLarge:
-        return launch_pass_mma<T, MmaLargeTile>(p, in, w, bias, out, stream);
+        return launch_pass_mma<T, MmaLargeTile>(p, in, w, bias, out, mma_index32(p), stream);
       case PassKernel::kMmaSmall:
-        return launch_pass_mma<T, MmaSmallTile>(p, in, w, bias, out, stream);
+        return launch_pass_mma<T, MmaSmallTile>(p, in, w, bias, out, mma_index32(p), stream);
       default: break;
     }
   }
@@ -669,12 +682,15 @@ struct FilterLauncher {
   using Acc = typename Num<T>::acc;
   FilterParams p;
   FilterKernel kind;
+  bool index32;  // tensor-core kernels: int32 offsets (mma_index32)
 
   explicit FilterLauncher(const ConvGeometry& g, const PassOptions& opts = {})
-      : p(filter_params(g)), kind(choose_filter_kernel<T>(p, opts)) {
+      : p(filter_params(g)), kind(choose_filter_kernel<T>(p, opts)), index32(mma_index32(p)) {
     plan();
   }
-  FilterLauncher(const ConvGeometry& g, FilterKernel forced) : p(filter_params(g)), kind(forced) {
+  // Tests: this kernel whatever the shape, and int64 offsets even where int32 would do.
+  FilterLauncher(const ConvGeometry& g, FilterKernel forced, bool force_int64 = false)
+      : p(filter_params(g)), kind(forced), index32(!force_int64 && mma_index32(p)) {
     plan();
   }
 
@@ -719,9 +735,9 @@ struct FilterLauncher {
                             cudaStream_t stream) const {
     if constexpr (kMmaType) {
       if (kind == FilterKernel::kMmaLarge)
-        return launch_filter_mma<T, MmaLargeTile>(p, x, dy, dw, workspace, stream);
+        return launch_filter_mma<T, MmaLargeTile>(p, x, dy, dw, workspace, index32, stream);
       if (kind == FilterKernel::kMmaSmall)
-        return launch_filter_mma<T, MmaSmallTile>(p, x, dy, dw, workspace, stream);
+        return launch_filter_mma<T, MmaSmallTile>(p, x, dy, dw, workspace, index32, stream);
     } else {
       if (kind == FilterKernel::kMmaLarge || kind == FilterKernel::kMmaSmall)
         return cudaErrorInvalidValue;

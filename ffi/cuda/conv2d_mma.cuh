@@ -222,7 +222,10 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
   cp_async_wait<0>();  // the trailing empty group
 }
 
-template <typename T, typename Cfg, int kLayout, bool kBKMajor>
+// Index: int32_t where every operand has fewer than 2^31 elements (mma_index_32), else
+// int64_t. Offsets are formed only for elements inside their tensor (bounds are checked on the
+// positions first), so each one is below that tensor's size.
+template <typename T, typename Cfg, int kLayout, bool kBKMajor, typename Index>
 __global__ void __launch_bounds__(Cfg::kThreads)
     conv_pass_mma_kernel(PassParams p, MmaLoads loads, const T* __restrict__ in,
                          const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out) {
@@ -238,12 +241,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   constexpr int kBPitch = kBKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
   static_assert(!kBKMajor || sizeof(S) == 2, "ldmatrix.trans splits 32-bit values");
   static_assert(!kBKMajor || BK * kBPitch <= BN * kMmaPitchBytes, "k-major B fits");
+  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
 
   __shared__ __align__(16) unsigned char As[kMmaStages][BM * kMmaPitchBytes];
   __shared__ __align__(16) unsigned char Bs[kMmaStages][BN * kMmaPitchBytes];
   // Per tile and output row: image offset (-1 past the grid), in position before the tap
   // offset, out offset (-1 outside `out`).
-  __shared__ int64_t row_in[BM], row_ih[BM], row_iw[BM], row_out[BM];
+  __shared__ Index row_in[BM], row_ih[BM], row_iw[BM], row_out[BM];
 
   const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
   const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
@@ -251,6 +255,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // k digits: NCHW (ci, th, tw) radices (TH, TW); NHWC (th, tw, ci) radices (TW, Cin).
   const int64_t r1 = kChannelsLast ? p.TW : p.TH, r2 = kChannelsLast ? p.Cin : p.TW;
   const Digits3 stage_step = split_index(BK, r1, r2), unit_step = split_index(1, r1, r2);
+  const Index in_h = Index(p.Hin), in_w = Index(p.Win);
+  const Index is_c = Index(p.is.c), is_h = Index(p.is.h), is_w = Index(p.is.w);
+  const Index w_co = Index(p.w_co), w_ci = Index(p.w_ci), w_kh = Index(p.w_kh),
+              w_kw = Index(p.w_kw);
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     // tile = (((phase_h * phases_w + phase_w) * G + g) * n_tiles + nt) * m_tiles + mt
@@ -270,6 +278,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                             : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
     const int64_t m0 = mt * BM, n0 = nt * BN;
     const T* w_group = w + g * p.w_group;
+    const Index chan0 = Index(g * p.Cin);  // the group's first input channel
 
     for (int r = tid; r < BM; r += kThreads) {
       const int64_t m = m0 + r;
@@ -282,51 +291,64 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         iw = v * aw.step;
         if (oh < p.Hout && ow < p.Wout) o = n * p.os.n + oh * p.os.h + ow * p.os.w;
       }
-      row_in[r] = img;
-      row_ih[r] = ih;
-      row_iw[r] = iw;
-      row_out[r] = o;
+      row_in[r] = Index(img);
+      row_ih[r] = Index(ih);
+      row_iw[r] = Index(iw);
+      row_out[r] = Index(o);
     }
     __syncthreads();
 
-    // The k that each of this thread's chunks starts at, as digits, for the next stage to load.
-    // A and n-major B chunk e = tid + l * kThreads: row e / 4, k offset (e % 4) * kVec.
+    // Once per tile, in registers: the k that each of this thread's chunks starts at, as
+    // digits, for the next stage to load; the row of each A chunk (image offset and position)
+    // and the output channel offset of each B chunk; and the predicate masks, bit l for chunk
+    // l: a_live (the row is inside the grid), b_live (the B chunk's first channel is below
+    // Cout). A and n-major B chunk e = tid + l * kThreads: row e / 4, k offset (e % 4) * kVec.
     // k-major B chunk e: k offset e / (BN / 8), channels 8 * (e % (BN / 8)) ...
     Digits3 a_k[kChunksA], b_k[kChunksB];
-    int64_t a_k0[kChunksA], b_k0[kChunksB];
+    int a_k0[kChunksA], b_k0[kChunksB];
+    Index a_img[kChunksA], a_ih[kChunksA], a_iw[kChunksA], b_chan[kChunksB];
+    uint32_t a_live = 0, b_live = 0;
     JAXCONV_UNROLL
     for (int l = 0; l < kChunksA; ++l) {
-      a_k0[l] = ((tid + l * kThreads) % 4) * kVec;
+      const int e = tid + l * kThreads, r = e / 4;
+      a_k0[l] = (e % 4) * kVec;
       a_k[l] = split_index(a_k0[l], r1, r2);
+      a_img[l] = row_in[r];
+      a_ih[l] = row_ih[r];
+      a_iw[l] = row_iw[r];
+      if (a_img[l] >= 0) a_live |= 1u << l;
     }
     JAXCONV_UNROLL
     for (int l = 0; l < kChunksB; ++l) {
       const int e = tid + l * kThreads;
       b_k0[l] = kBKMajor ? e / (BN / 8) : (e % 4) * kVec;
       b_k[l] = split_index(b_k0[l], r1, r2);
+      const int64_t n = n0 + (kBKMajor ? (e % (BN / 8)) * 8 : e / 4);
+      b_chan[l] = n < p.Cout ? Index(n) : Index(0);
+      if (n < p.Cout) b_live |= 1u << l;
     }
 
     // Tap of reduction index k (digits d): channel offset into `in` (-1: no tap), the tap's
     // offsets, and the weight offset within the group.
     struct Tap {
-      int64_t chan, dh, dw, w;
+      Index chan, dh, dw, w;
     };
     auto tap_of = [&](Digits3 d, int64_t k) -> Tap {
-      const int64_t ci = kChannelsLast ? d.c : d.a;
-      const int64_t th = kChannelsLast ? d.a : d.b;
-      const int64_t tw = kChannelsLast ? d.b : d.c;
+      const Index ci = Index(kChannelsLast ? d.c : d.a);
+      const Index th = Index(kChannelsLast ? d.a : d.b);
+      const Index tw = Index(kChannelsLast ? d.b : d.c);
       if (k >= p.K || th >= ah.count || tw >= aw.count) return {-1, 0, 0, 0};
-      return {(g * p.Cin + ci) * p.is.c, ah.off0 + th * ah.off_q, aw.off0 + tw * aw.off_q,
-              ci * p.w_ci + (ah.cell0 + th * ah.cell_q) * p.w_kh +
-                  (aw.cell0 + tw * aw.cell_q) * p.w_kw};
+      return {(chan0 + ci) * is_c, Index(ah.off0) + th * Index(ah.off_q),
+              Index(aw.off0) + tw * Index(aw.off_q),
+              ci * w_ci + (Index(ah.cell0) + th * Index(ah.cell_q)) * w_kh +
+                  (Index(aw.cell0) + tw * Index(aw.cell_q)) * w_kw};
     };
-    // Offset of in[row r, tap] or -1 where the tap reads padding.
-    auto in_offset = [&](int r, const Tap& t) -> int64_t {
-      const int64_t img = row_in[r];
-      if (img < 0 || t.chan < 0) return -1;
-      const int64_t ih = row_ih[r] + t.dh, iw = row_iw[r] + t.dw;
-      if (ih < 0 || ih >= p.Hin || iw < 0 || iw >= p.Win) return -1;
-      return img + t.chan + ih * p.is.h + iw * p.is.w;
+    // Offset of in[row of A chunk l, tap] or -1 where the tap reads padding.
+    auto in_offset = [&](int l, const Tap& t) -> Index {
+      if (!((a_live >> l) & 1u) || t.chan < 0) return -1;
+      const Index ih = a_ih[l] + t.dh, iw = a_iw[l] + t.dw;
+      if (ih < 0 || ih >= in_h || iw < 0 || iw >= in_w) return -1;
+      return a_img[l] + t.chan + ih * is_h + iw * is_w;
     };
 
     auto load_stage = [&](int stage, int64_t step) {
@@ -336,13 +358,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         const int e = tid + l * kThreads, r = e / 4;
         unsigned char* dst = &As[stage][r * kMmaPitchBytes + (e % 4) * 16];
         if (loads.a_vector) {
-          const int64_t off = in_offset(r, tap_of(a_k[l], k0 + a_k0[l]));
+          const Index off = in_offset(l, tap_of(a_k[l], k0 + a_k0[l]));
           cp_async_16(dst, in + (off < 0 ? 0 : off), off >= 0);
         } else {
           Digits3 d = a_k[l];
           JAXCONV_UNROLL
           for (int i = 0; i < kVec; ++i) {
-            const int64_t off = in_offset(r, tap_of(d, k0 + a_k0[l] + i));
+            const Index off = in_offset(l, tap_of(d, k0 + a_k0[l] + i));
             const Bits v = off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(in)[off];
             reinterpret_cast<Bits*>(dst)[i] = v;
             d = add_digits(d, unit_step, r1, r2);
@@ -353,41 +375,41 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksB; ++l) {
         const int e = tid + l * kThreads;
+        const bool chunk_live = (b_live >> l) & 1u;
         if (kBKMajor) {
-          // One k, 8 consecutive output channels.
+          // One k, 8 consecutive output channels from b_chan[l].
           const int kk = e / (BN / 8), c = (e % (BN / 8)) * 8;
           unsigned char* dst = &Bs[stage][kk * kBPitch + c * 2];
           const Tap t = tap_of(b_k[l], k0 + b_k0[l]);
           if (loads.b_vector) {
-            const bool live = t.chan >= 0 && n0 + c < p.Cout;
-            const int64_t off = live ? (n0 + c) * p.w_co + t.w : 0;
-            cp_async_16(dst, w_group + off, live);
+            const bool live = t.chan >= 0 && chunk_live;
+            cp_async_16(dst, w_group + (live ? b_chan[l] * w_co + t.w : 0), live);
           } else {
             JAXCONV_UNROLL
             for (int i = 0; i < 8; ++i) {
-              const int64_t n = n0 + c + i;
-              const Bits v = t.chan >= 0 && n < p.Cout
-                                 ? reinterpret_cast<const Bits*>(w_group)[n * p.w_co + t.w]
-                                 : Bits(0);
+              const bool live = t.chan >= 0 && chunk_live && n0 + c + i < p.Cout;
+              const Bits v =
+                  live ? reinterpret_cast<const Bits*>(w_group)[(b_chan[l] + i) * w_co + t.w]
+                       : Bits(0);
               reinterpret_cast<Bits*>(dst)[i] = v;
             }
           }
         } else {
           // One output channel, kVec consecutive k.
           const int c = e / 4;
-          const int64_t n = n0 + c;
           unsigned char* dst = &Bs[stage][c * kMmaPitchBytes + (e % 4) * 16];
+          const Index co = b_chan[l] * w_co;
           if (loads.b_vector) {
             const Tap t = tap_of(b_k[l], k0 + b_k0[l]);
-            const bool live = t.chan >= 0 && n < p.Cout;
-            cp_async_16(dst, w_group + (live ? n * p.w_co + t.w : 0), live);
+            const bool live = t.chan >= 0 && chunk_live;
+            cp_async_16(dst, w_group + (live ? co + t.w : 0), live);
           } else {
             Digits3 d = b_k[l];
             JAXCONV_UNROLL
             for (int i = 0; i < kVec; ++i) {
               const Tap t = tap_of(d, k0 + b_k0[l] + i);
-              const Bits v = t.chan >= 0 && n < p.Cout
-                                 ? reinterpret_cast<const Bits*>(w_group)[n * p.w_co + t.w]
+              const Bits v = t.chan >= 0 && chunk_live
+                                 ? reinterpret_cast<const Bits*>(w_group)[co + t.w]
                                  : Bits(0);
               reinterpret_cast<Bits*>(dst)[i] = v;
               d = add_digits(d, unit_step, r1, r2);
@@ -408,7 +430,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     for (int i = 0; i < MI; ++i)
       JAXCONV_UNROLL
       for (int h = 0; h < 2; ++h) {
-        const int64_t o = row_out[warp_m0 + i * 16 + grp + 8 * h];
+        const Index o = row_out[warp_m0 + i * 16 + grp + 8 * h];
         if (o < 0) continue;
         JAXCONV_UNROLL
         for (int j = 0; j < NI; ++j)
@@ -417,7 +439,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             const int64_t c = n0 + warp_n0 + j * 8 + 2 * t4 + e;
             if (c >= p.Cout) continue;
             const float b = bias ? Num<T>::load(bias[g * p.Cout + c]) : 0.0f;
-            out[o + (g * p.Cout + c) * p.os.c] = Num<T>::store(acc[i][j][2 * h + e] + b);
+            out[o + Index(g * p.Cout + c) * Index(p.os.c)] =
+                Num<T>::store(acc[i][j][2 * h + e] + b);
           }
       }
     __syncthreads();  // the next tile rewrites the row tables
@@ -440,7 +463,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // ih = oh * stride_h + kh * dilation_h - pad_top (and likewise iw); a tap outside x reads zero.
 // With splits == 1 the tile is rounded into dw; otherwise it is stored, float32, into
 // partial[split] (laid out like dw) for sum_partials_kernel, which adds the splits in order.
-template <typename T, typename Cfg, int kLayout>
+// Index as for the pass kernel: int32_t where x, dy and dw each have fewer than 2^31 elements.
+template <typename T, typename Cfg, int kLayout, typename Index>
 __global__ void __launch_bounds__(Cfg::kThreads)
     conv_filter_mma_kernel(FilterParams p, MmaLoads loads, const T* __restrict__ x,
                            const T* __restrict__ dy, T* __restrict__ dw,
@@ -458,12 +482,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   constexpr int kBPitch = kKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
   static_assert(BK * kAPitch <= BM * kMmaPitchBytes && BK * kBPitch <= BN * kMmaPitchBytes,
                 "k-major tiles fit the stage buffers");
+  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
 
   __shared__ __align__(16) unsigned char As[kMmaStages][BM * kMmaPitchBytes];
   __shared__ __align__(16) unsigned char Bs[kMmaStages][BN * kMmaPitchBytes];
   // Per tile, per column k: channel offset into x (-1 past Kg), the tap's offsets
   // kh * dilation_h - pad_top and kw * dilation_w - pad_left, and the offset within dW.
-  __shared__ int64_t col_x[BN], col_dh[BN], col_dw[BN], col_w[BN];
+  __shared__ Index col_x[BN], col_dh[BN], col_dw[BN], col_w[BN];
 
   const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
   const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
@@ -472,6 +497,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int64_t r1 = kKMajor ? p.KW : p.KH, r2 = kKMajor ? p.Cg : p.KW;
   // Position digits (n, oh, ow), radices (OH, OW).
   const Digits3 stage_step = split_index(BK, p.OH, p.OW), unit_step = split_index(1, p.OH, p.OW);
+  const Index x_h = Index(p.H), x_w = Index(p.W), s_h = Index(p.stride_h),
+              s_w = Index(p.stride_w);
+  const Index xs_n = Index(p.xs.n), xs_h = Index(p.xs.h), xs_w = Index(p.xs.w);
+  const Index ys_n = Index(p.ys.n), ys_c = Index(p.ys.c), ys_h = Index(p.ys.h),
+              ys_w = Index(p.ys.w);
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     // tile = ((g * n_tiles + nt) * m_tiles + mt) * splits + split
@@ -499,44 +529,56 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         dwo = kw * p.dil_w - p.pad_left;
         wo = ci * p.ws.c + kh * p.ws.h + kw * p.ws.w;
       }
-      col_x[c] = chan;
-      col_dh[c] = dh;
-      col_dw[c] = dwo;
-      col_w[c] = wo;
+      col_x[c] = Index(chan);
+      col_dh[c] = Index(dh);
+      col_dw[c] = Index(dwo);
+      col_w[c] = Index(wo);
     }
     __syncthreads();
 
-    // The position (offset from p_begin, and digits) that each of this thread's chunks starts
-    // at in the next stage to load. k-major chunk e = tid + l * kThreads: position row
-    // e / (BX / kVec), columns kVec * (e % (BX / kVec)) ...; m/n-major chunk e: row e / 4,
-    // positions (e % 4) * kVec ...
+    // Once per tile, in registers: the position (offset from the stage's first, and digits)
+    // that each of this thread's chunks starts at in the next stage to load; each A chunk's
+    // dy channel offset (its first output channel) and each B chunk's column (channel offset
+    // and tap offsets of its first column k); and the predicate masks, bit l for chunk l:
+    // a_live (that output channel is below Og), b_live (that column is below Kg).
+    // k-major chunk e = tid + l * kThreads: position row e / (BX / kVec), columns
+    // kVec * (e % (BX / kVec)) ...; m/n-major chunk e: row e / 4, positions (e % 4) * kVec ...
     Digits3 a_pd[kChunksA], b_pd[kChunksB];
     int a_p0[kChunksA], b_p0[kChunksB];
+    Index a_chan[kChunksA], b_x[kChunksB], b_dh[kChunksB], b_dw[kChunksB];
+    uint32_t a_live = 0, b_live = 0;
     JAXCONV_UNROLL
     for (int l = 0; l < kChunksA; ++l) {
       const int e = tid + l * kThreads;
       a_p0[l] = kKMajor ? e / (BM / kVec) : (e % 4) * kVec;
       a_pd[l] = split_index(p_begin + a_p0[l], p.OH, p.OW);
+      const int64_t o = m0 + (kKMajor ? (e % (BM / kVec)) * kVec : e / 4);
+      a_chan[l] = o < p.Og ? Index(g * p.Og + o) * ys_c : Index(0);
+      if (o < p.Og) a_live |= 1u << l;
     }
     JAXCONV_UNROLL
     for (int l = 0; l < kChunksB; ++l) {
       const int e = tid + l * kThreads;
       b_p0[l] = kKMajor ? e / (BN / kVec) : (e % 4) * kVec;
       b_pd[l] = split_index(p_begin + b_p0[l], p.OH, p.OW);
+      const int c = kKMajor ? (e % (BN / kVec)) * kVec : e / 4;
+      b_x[l] = col_x[c];
+      b_dh[l] = col_dh[c];
+      b_dw[l] = col_dw[c];
+      if (b_x[l] >= 0) b_live |= 1u << l;
     }
 
-    // Offset of dy[position (digits d, index pos), output channel o of group g], or -1.
-    auto dy_offset = [&](Digits3 d, int64_t pos, int64_t o) -> int64_t {
-      if (pos >= p_end || o >= p.Og) return -1;
-      return d.a * p.ys.n + d.b * p.ys.h + d.c * p.ys.w + (g * p.Og + o) * p.ys.c;
+    // Offset of dy[position (digits d, index pos), channel offset chan], or -1 past the split.
+    auto dy_offset = [&](Digits3 d, int64_t pos, Index chan) -> Index {
+      if (pos >= p_end) return -1;
+      return Index(d.a) * ys_n + Index(d.b) * ys_h + Index(d.c) * ys_w + chan;
     };
-    // Offset of im2col(x)[position, column c of the tile], or -1 (past Kg, padding).
-    auto x_offset = [&](Digits3 d, int64_t pos, int c) -> int64_t {
-      const int64_t chan = col_x[c];
-      if (pos >= p_end || chan < 0) return -1;
-      const int64_t ih = d.b * p.stride_h + col_dh[c], iw = d.c * p.stride_w + col_dw[c];
-      if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) return -1;
-      return d.a * p.xs.n + chan + ih * p.xs.h + iw * p.xs.w;
+    // Offset of im2col(x)[position, column (chan, dh, dw)], or -1 (past the split, padding).
+    auto x_offset = [&](Digits3 d, int64_t pos, Index chan, Index dh, Index dwo) -> Index {
+      if (pos >= p_end) return -1;
+      const Index ih = Index(d.b) * s_h + dh, iw = Index(d.c) * s_w + dwo;
+      if (ih < 0 || ih >= x_h || iw < 0 || iw >= x_w) return -1;
+      return Index(d.a) * xs_n + chan + ih * xs_h + iw * xs_w;
     };
 
     auto load_stage = [&](int stage, int64_t step) {
@@ -545,16 +587,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       for (int l = 0; l < kChunksA; ++l) {
         const int e = tid + l * kThreads;
         const int64_t pos = pos0 + a_p0[l];
-        if constexpr (kKMajor) {  // one position, kVec output channels
+        const bool chunk_live = (a_live >> l) & 1u;
+        if constexpr (kKMajor) {  // one position, kVec output channels from a_chan[l]
           const int c = (e % (BM / kVec)) * kVec;
           unsigned char* dst = &As[stage][a_p0[l] * kAPitch + c * int(sizeof(S))];
-          if (loads.a_vector) {
-            const int64_t off = dy_offset(a_pd[l], pos, m0 + c);
+          if (loads.a_vector) {  // Og % kVec == 0: the whole chunk is live or not
+            const Index off = chunk_live ? dy_offset(a_pd[l], pos, a_chan[l]) : Index(-1);
             cp_async_16(dst, dy + (off < 0 ? 0 : off), off >= 0);
           } else {
             JAXCONV_UNROLL
             for (int i = 0; i < kVec; ++i) {
-              const int64_t off = dy_offset(a_pd[l], pos, m0 + c + i);
+              const Index off = chunk_live && m0 + c + i < p.Og
+                                    ? dy_offset(a_pd[l], pos, a_chan[l] + Index(i) * ys_c)
+                                    : Index(-1);
               reinterpret_cast<Bits*>(dst)[i] =
                   off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(dy)[off];
             }
@@ -563,13 +608,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           const int r = e / 4;
           unsigned char* dst = &As[stage][r * kMmaPitchBytes + (e % 4) * 16];
           if (loads.a_vector) {
-            const int64_t off = dy_offset(a_pd[l], pos, m0 + r);
+            const Index off = chunk_live ? dy_offset(a_pd[l], pos, a_chan[l]) : Index(-1);
             cp_async_16(dst, dy + (off < 0 ? 0 : off), off >= 0);
           } else {
             Digits3 d = a_pd[l];
             JAXCONV_UNROLL
             for (int i = 0; i < kVec; ++i) {
-              const int64_t off = dy_offset(d, pos + i, m0 + r);
+              const Index off = chunk_live ? dy_offset(d, pos + i, a_chan[l]) : Index(-1);
               reinterpret_cast<Bits*>(dst)[i] =
                   off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(dy)[off];
               d = add_digits(d, unit_step, p.OH, p.OW);
@@ -582,16 +627,21 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       for (int l = 0; l < kChunksB; ++l) {
         const int e = tid + l * kThreads;
         const int64_t pos = pos0 + b_p0[l];
+        const bool chunk_live = (b_live >> l) & 1u;
         if constexpr (kKMajor) {  // one position, kVec columns k
           const int c = (e % (BN / kVec)) * kVec;
           unsigned char* dst = &Bs[stage][b_p0[l] * kBPitch + c * int(sizeof(S))];
-          if (loads.b_vector) {
-            const int64_t off = x_offset(b_pd[l], pos, c);
+          if (loads.b_vector) {  // Cg % kVec == 0: one tap, consecutive ci, all live or not
+            const Index off =
+                chunk_live ? x_offset(b_pd[l], pos, b_x[l], b_dh[l], b_dw[l]) : Index(-1);
             cp_async_16(dst, x + (off < 0 ? 0 : off), off >= 0);
-          } else {
+          } else {  // columns of several taps: each its own table entry
             JAXCONV_UNROLL
             for (int i = 0; i < kVec; ++i) {
-              const int64_t off = x_offset(b_pd[l], pos, c + i);
+              const Index chan = col_x[c + i];
+              const Index off = chan >= 0
+                                    ? x_offset(b_pd[l], pos, chan, col_dh[c + i], col_dw[c + i])
+                                    : Index(-1);
               reinterpret_cast<Bits*>(dst)[i] =
                   off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(x)[off];
             }
@@ -602,7 +652,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           Digits3 d = b_pd[l];
           JAXCONV_UNROLL
           for (int i = 0; i < kVec; ++i) {
-            const int64_t off = x_offset(d, pos + i, c);
+            const Index off =
+                chunk_live ? x_offset(d, pos + i, b_x[l], b_dh[l], b_dw[l]) : Index(-1);
             reinterpret_cast<Bits*>(dst)[i] =
                 off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(x)[off];
             d = add_digits(d, unit_step, p.OH, p.OW);
@@ -631,7 +682,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           for (int e = 0; e < 2; ++e) {
             const int c = warp_n0 + j * 8 + 2 * t4 + e;
             if (col_x[c] < 0) continue;
-            const int64_t off = (g * p.Og + o) * p.ws.n + col_w[c];
+            const Index off = Index(g * p.Og + o) * Index(p.ws.n) + col_w[c];
             if (part)
               part[off] = acc[i][j][2 * h + e];
             else
@@ -701,20 +752,34 @@ MmaLoads mma_filter_loads(const FilterParams& p, const T* x, const T* dy) {
 }
 
 // Launches conv_filter_mma_kernel over p's plan (plan_filter with this tile) into dw, or into
-// the float32 partial sums when p.splits > 1 (the caller then adds them).
+// the float32 partial sums when p.splits > 1 (the caller then adds them); index32 as for the
+// pass.
 template <typename T, typename Cfg>
 cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T* dw,
-                              float* partial, cudaStream_t stream) {
+                              float* partial, bool index32, cudaStream_t stream) {
   const MmaLoads loads = mma_filter_loads(p, x, dy);
-  auto kernel = p.layout == kNHWC ? conv_filter_mma_kernel<T, Cfg, kNHWC>
-                                  : conv_filter_mma_kernel<T, Cfg, kNCHW>;
+  void (*kernel)(FilterParams, MmaLoads, const T*, const T*, T*, float*);
+  if (p.layout == kNHWC)
+    kernel = index32 ? conv_filter_mma_kernel<T, Cfg, kNHWC, int32_t>
+                     : conv_filter_mma_kernel<T, Cfg, kNHWC, int64_t>;
+  else
+    kernel = index32 ? conv_filter_mma_kernel<T, Cfg, kNCHW, int32_t>
+                     : conv_filter_mma_kernel<T, Cfg, kNCHW, int64_t>;
   return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, x,
                 dy, dw, partial);
 }
 
+// The pass kernel instantiation for one layout / B staging, by index width.
+template <typename T, typename Cfg, int kLayout, bool kBKMajor>
+auto pass_mma_kernel(bool index32) {
+  return index32 ? conv_pass_mma_kernel<T, Cfg, kLayout, kBKMajor, int32_t>
+                 : conv_pass_mma_kernel<T, Cfg, kLayout, kBKMajor, int64_t>;
+}
+
+// index32: offsets in int32 (choose_mma_index32 in conv2d_kernels.cuh says when that is exact).
 template <typename T, typename Cfg>
 cudaError_t launch_pass_mma(PassParams p, const T* in, const T* w, const T* bias, T* out,
-                            cudaStream_t stream) {
+                            bool index32, cudaStream_t stream) {
   p.m_tiles = ceil_div_pos(p.M, Cfg::BM);
   p.n_tiles = ceil_div_pos(p.Cout, Cfg::BN);
   p.tiles = p.phases_h * p.phases_w * p.G * p.n_tiles * p.m_tiles;
@@ -723,12 +788,12 @@ cudaError_t launch_pass_mma(PassParams p, const T* in, const T* w, const T* bias
   void (*kernel)(PassParams, MmaLoads, const T*, const T*, const T*, T*);
   if (p.layout == kNHWC) {
     if constexpr (sizeof(T) == 2)
-      kernel = mma_b_k_major<T>(p) ? conv_pass_mma_kernel<T, Cfg, kNHWC, true>
-                                   : conv_pass_mma_kernel<T, Cfg, kNHWC, false>;
+      kernel = mma_b_k_major<T>(p) ? pass_mma_kernel<T, Cfg, kNHWC, true>(index32)
+                                   : pass_mma_kernel<T, Cfg, kNHWC, false>(index32);
     else
-      kernel = conv_pass_mma_kernel<T, Cfg, kNHWC, false>;
+      kernel = pass_mma_kernel<T, Cfg, kNHWC, false>(index32);
   } else {
-    kernel = conv_pass_mma_kernel<T, Cfg, kNCHW, false>;
+    kernel = pass_mma_kernel<T, Cfg, kNCHW, false>(index32);
   }
   return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, in, w,
                 bias, out);

@@ -42,7 +42,9 @@ extern "C" {
 // pad_bottom, pad_left, pad_right, groups, layout. bias may be null.
 // tensor_cores / allow_tf32: the PassOptions of all three directions (the handlers set
 // tensor_cores on sm_80+); force_mma_tile (2 or 3, else ignored) runs the direction on that
-// tensor-core tile (128 x 128 / 64 x 64) whatever the shape.
+// tensor-core tile (128 x 128 / 64 x 64) whatever the shape, with the offset width
+// mma_index32 picks (int32 for every emulated size); 4 and 5: the same tiles with int64
+// offsets.
 int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
              const int64_t* attrs, const void* a, const void* b, const void* bias, void* out,
              unsigned max_blocks, int tensor_cores,
@@ -61,16 +63,20 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
     const T* tbias = static_cast<const T*>(bias);
     T* tout = static_cast<T*>(out);
     const PassOptions opts{tensor_cores != 0, allow_tf32 != 0};
-    const bool forced = force_mma_tile == 2 || force_mma_tile == 3;
+    const bool forced = force_mma_tile >= 2 && force_mma_tile <= 5;
+    const bool large = force_mma_tile == 2 || force_mma_tile == 4;
+    const bool force_int64 = force_mma_tile >= 4;
     if constexpr (sizeof(T) <= 4) {
       // The large tile is chosen only for layers too big to emulate, hence the forcing.
       if (forced && which != 2) {
         if (g.N == 0) return 1;
         const PassParams pp = which == 0 ? forward_pass(g) : bwd_data_pass(g);
         if (pp.M == 0) return 0;
-        return status(force_mma_tile == 2
-                          ? launch_pass_mma<T, MmaLargeTile>(pp, ta, tb, tbias, tout, nullptr)
-                          : launch_pass_mma<T, MmaSmallTile>(pp, ta, tb, tbias, tout, nullptr));
+        const bool index32 = !force_int64 && mma_index32(pp);
+        return status(large ? launch_pass_mma<T, MmaLargeTile>(pp, ta, tb, tbias, tout, index32,
+                                                               nullptr)
+                            : launch_pass_mma<T, MmaSmallTile>(pp, ta, tb, tbias, tout, index32,
+                                                               nullptr));
       }
     } else {
       if (forced) return 1;  // float64 has no tensor-core kernel
@@ -85,8 +91,8 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
       return 0;
     }
     const FilterLauncher<T> launcher =
-        forced ? FilterLauncher<T>(g, force_mma_tile == 2 ? FilterKernel::kMmaLarge
-                                                          : FilterKernel::kMmaSmall)
+        forced ? FilterLauncher<T>(g, large ? FilterKernel::kMmaLarge : FilterKernel::kMmaSmall,
+                                   force_int64)
                : FilterLauncher<T>(g, opts);
     std::vector<Acc> workspace(size_t(launcher.workspace_bytes() / int64_t(sizeof(Acc))));
     return status(launcher.run(ta, tb, tout, workspace.empty() ? nullptr : workspace.data(),
@@ -133,6 +139,20 @@ int emu_pass_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* 
     return 0;
   });
   return kind;
+}
+
+// Whether the tensor-core kernel of direction `which` (0 forward, 1 bwd_data, 2 bwd_filter)
+// would form int32 offsets (mma_index32): 1 yes, 0 no (int64), -1 for an invalid geometry.
+// Needs only the shapes, so sizes past 2^31 elements can be asked about.
+int emu_mma_index32(int which, const int64_t* x_dims, const int64_t* w_dims,
+                    const int64_t* attrs) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return -1;
+  if (which == 2) return int(mma_index32(filter_params(g)));
+  return int(mma_index32(which == 0 ? forward_pass(g) : bwd_data_pass(g)));
 }
 
 // which: 0 forward (a = x, out0 = y, out1 = int32 indices), 1 backward (a = dy, b = int32
