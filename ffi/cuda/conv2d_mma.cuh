@@ -10,8 +10,9 @@
 // Block tile BM x BN (output rows x output channels of one group), split over
 // kWarpsM x kWarpsN warps; each warp owns a (BM / kWarpsM) x (BN / kWarpsN) piece as MI x NI
 // tiles of 16 x 8 accumulators. The reduction advances one stage of 64 bytes of k per row at a
-// time (32 16-bit values or 16 floats: two mma k-steps), through kMmaStages shared-memory
-// buffers filled with cp.async, so the loads of stage s + 1 run while stage s is multiplied.
+// time (32 16-bit values or 16 floats: two mma k-steps), through Cfg::kStages shared-memory
+// buffers filled with cp.async, so the loads of stages s + 1 .. s + kStages - 1 run while stage
+// s is multiplied.
 //
 // Shared layouts (byte pitches chosen so that the 8 row addresses of one ldmatrix fall into 8
 // distinct groups of 4 banks, i.e. no bank conflicts):
@@ -53,23 +54,26 @@ struct MmaOf<float> {  // only with allow_tf32
   using Bits = uint32_t;
 };
 
-template <int BM_, int BN_, int kWarpsM_, int kWarpsN_>
+template <int BM_, int BN_, int kWarpsM_, int kWarpsN_, int kStages_>
 struct MmaTile {
   static constexpr int BM = BM_, BN = BN_, kWarpsM = kWarpsM_, kWarpsN = kWarpsN_;
+  static constexpr int kStages = kStages_;  // shared-memory buffers of the cp.async pipeline
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kWarpRows = BM / kWarpsM, kWarpCols = BN / kWarpsN;
   static constexpr int MI = kWarpRows / 16, NI = kWarpCols / 8;
   static_assert(kWarpRows % 16 == 0 && kWarpCols % 16 == 0, "B fragments load in pairs");
   static_assert((BM * 4) % kThreads == 0 && (BN * 4) % kThreads == 0,
                 "each thread copies the same number of 16-byte chunks");
+  static_assert(kStages >= 2, "a stage loads while another is multiplied");
 };
 
-// Large layers: 8 warps of 64 x 32. Small layers (few output rows or channels, where 128-wide
-// tiles would leave most SMs idle or compute padding): 4 warps of 32 x 32.
-using MmaLargeTile = MmaTile<128, 128, 2, 4>;
-using MmaSmallTile = MmaTile<64, 64, 2, 2>;
+// Large layers: 8 warps of 64 x 32, 2 stages (a third would take the block's static shared
+// memory past the 48 KB limit: 3 x 2 x 10 KB + row tables). Small layers (few output rows or
+// channels, where 128-wide tiles would leave most SMs idle or compute padding): 4 warps of
+// 32 x 32, 3 stages (32 KB), so two loads are in flight while a stage is multiplied.
+using MmaLargeTile = MmaTile<128, 128, 2, 4, 2>;
+using MmaSmallTile = MmaTile<64, 64, 2, 2, 3>;
 
-constexpr int kMmaStages = 2;
 constexpr int kMmaRowBytes = 64;    // k bytes per row and stage
 constexpr int kMmaPitchBytes = 80;  // 20 words: 8 rows start at banks 0, 20, 8, 28, 16, 4, 24, 12
 
@@ -169,7 +173,10 @@ struct MmaOperands {
 
 // The reduction of a block tile: `steps` stages of kMmaRowBytes of k each, loaded by
 // load_stage(buffer, s) (cp.async into As/Bs + buffer * stage bytes; plain shared stores for
-// gathers) while the previous stage is multiplied. Each warp multiplies its
+// gathers) up to Cfg::kStages - 1 stages ahead of the one multiplied: one commit group per
+// stage, so "all but the newest kStages - 1 groups complete" means stage s has landed; buffer
+// (s + kStages - 1) % kStages, refilled in iteration s, was last read in iteration s - 1,
+// whose closing barrier every thread has passed. Each warp multiplies its
 // (MI * 16) x (NI * 8) piece at (warp_m0, warp_n0) into acc (float32, zeroed here). Leaves no
 // cp.async group in flight.
 template <MmaKind kKind, typename Cfg, typename Ops, typename LoadStage>
@@ -186,13 +193,18 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
       JAXCONV_UNROLL
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
-  load_stage(0, int64_t(0));
-  cp_async_commit();
+  constexpr int kStages = Cfg::kStages;
+  JAXCONV_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {  // the first kStages - 1 stages
+    if (s < steps) load_stage(s, int64_t(s));
+    cp_async_commit();  // possibly empty, so that group g is always stage g
+  }
   for (int64_t s = 0; s < steps; ++s) {
-    const int stage = int(s % kMmaStages);
-    if (s + 1 < steps) load_stage(int((s + 1) % kMmaStages), s + 1);
-    cp_async_commit();  // possibly empty: keeps "all but the newest group" = stage s
-    cp_async_wait<1>();
+    const int stage = int(s % kStages);
+    const int64_t ahead = s + kStages - 1;
+    if (ahead < steps) load_stage(int(ahead % kStages), ahead);
+    cp_async_commit();  // possibly empty, as above
+    cp_async_wait<kStages - 1>();
     __syncthreads();  // every thread's part of stage s is in shared memory
 
     const unsigned char* a_tile = As + stage * kAStageBytes;
@@ -219,7 +231,7 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
     }
     __syncthreads();  // stage s is read; the next iteration refills it
   }
-  cp_async_wait<0>();  // the trailing empty group
+  cp_async_wait<0>();  // the trailing empty groups
 }
 
 // Index: int32_t where every operand has fewer than 2^31 elements (mma_index_32), else
@@ -243,8 +255,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   static_assert(!kBKMajor || BK * kBPitch <= BN * kMmaPitchBytes, "k-major B fits");
   static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
 
-  __shared__ __align__(16) unsigned char As[kMmaStages][BM * kMmaPitchBytes];
-  __shared__ __align__(16) unsigned char Bs[kMmaStages][BN * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
   // Per tile and output row: image offset (-1 past the grid), in position before the tap
   // offset, out offset (-1 outside `out`).
   __shared__ Index row_in[BM], row_ih[BM], row_iw[BM], row_out[BM];
@@ -484,8 +496,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                 "k-major tiles fit the stage buffers");
   static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
 
-  __shared__ __align__(16) unsigned char As[kMmaStages][BM * kMmaPitchBytes];
-  __shared__ __align__(16) unsigned char Bs[kMmaStages][BN * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
   // Per tile, per column k: channel offset into x (-1 past Kg), the tap's offsets
   // kh * dilation_h - pad_top and kw * dilation_w - pad_left, and the offset within dW.
   __shared__ Index col_x[BN], col_dh[BN], col_dw[BN], col_w[BN];
