@@ -25,7 +25,7 @@ CUDA_ERROR_INVALID_VALUE = 1  # cudaErrorInvalidValue
 # (x NCHW, w OIHW, stride, pad): enough positions (N*OH*OW) that bwd_filter splits its reduction
 # into partial sums, with random float32 values, so that any other order changes the bits.
 SPLIT = ((4, 3, 16, 16), (5, 3, 3, 3), 1, 1)
-WIDE_SPLIT = ((2, 8, 16, 16), (70, 8, 3, 3), 1, 1)  # the wide tile (> 16 output channels)
+WIDE_SPLIT = ((2, 8, 16, 16), (70, 8, 3, 3), 1, 1)  # dW 70 x 72: mma 128 x 128 on tensor cores
 MMA_SPLIT = ((4, 16, 16, 16), (24, 16, 3, 3), 1, 1)  # tensor cores, 64 x 64 (24 x 144 dW)
 FILTER_KERNELS = {"simt_wide": 0, "simt_small": 1, "mma_large": 2, "mma_small": 3}
 
@@ -68,9 +68,9 @@ def _handler(lib, case, *, resident_blocks, allocate_ok=True, tensor_cores=False
 
 
 @pytest.mark.parametrize("case, tensor_cores, kernel", [
-    (SPLIT, False, "simt_small"), (WIDE_SPLIT, False, "simt_wide"),
+    (SPLIT, False, "simt_wide"), (WIDE_SPLIT, False, "simt_wide"),
     (WIDE_SPLIT, True, "mma_large"), (MMA_SPLIT, True, "mma_small")],
-    ids=["small_tile", "wide_tile", "mma_large_tile", "mma_small_tile"])
+    ids=["simt_5_outputs", "simt_70_outputs", "mma_large_tile", "mma_small_tile"])
 def test_bits_do_not_depend_on_the_gpu_size(backend, lib, case, tensor_cores, kernel):
     results = []
     for blocks in (1, 3, 8, 66, 3):  # 3 twice: a rerun gives the same bits too
@@ -92,8 +92,11 @@ def test_bits_do_not_depend_on_the_gpu_size(backend, lib, case, tensor_cores, ke
                                           padding=((pad, pad), (pad, pad))),
                      np.zeros(case[1], np.float64))
     (want,) = vjp(dy.astype(np.float64))
-    tol = 1e-2 if tensor_cores else 1e-4
-    np.testing.assert_allclose(first, np.asarray(want), rtol=tol, atol=tol)
+    if tensor_cores:  # TF32: relative to the largest value, as an accumulated sum's error goes
+        err = np.abs(first - np.asarray(want)).max() / np.abs(want).max()
+        assert err < 5e-3, err
+    else:
+        np.testing.assert_allclose(first, np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_failed_workspace_allocation_is_an_error(backend, lib):
