@@ -355,9 +355,9 @@ def test_emulated_bwd_filter_split_plan(emu, name, tile_bk, split):
     c = dict(CONV_CASES[name], layout="NCHW")
     xs, ws = (c["n"], c["c"], c["h"], c["w"]), (c["o"], c["c"]) + c["k"]
     positions = c["n"] * c["h"] * c["w"]  # stride 1, "same" padding
-    plan = (ctypes.c_int64 * 4)()
-    assert emu.emu_filter_plan(_vec(xs), _vec(ws), _vec(_conv_attrs(c)), 1, plan) == 0
-    splits, chunk, tiles, ws_bytes = tuple(plan)
+    plan = (ctypes.c_int64 * 5)()
+    assert emu.emu_filter_plan(_vec(xs), _vec(ws), _vec(_conv_attrs(c)), 1, 0, 0, plan) == 0
+    splits, chunk, tiles, ws_bytes, _ = tuple(plan)
     assert (splits > 1) == split, tuple(plan)
     assert chunk % tile_bk == 0 and (chunk >= 4 * tile_bk or not split)
     assert splits * chunk >= positions > (splits - 1) * chunk
@@ -375,6 +375,7 @@ def test_emulated_bwd_filter_empty_batch(emu):
 # The tensor-core pass (ffi/cuda/conv2d_mma.cuh) under the warp-level emulation (warp.h).
 
 MMA_LARGE, MMA_SMALL = 2, 3  # emu_pass_kernel codes: 0 SIMT wide, 1 SIMT tall
+MMA_LARGE_INT64, MMA_SMALL_INT64 = 4, 5  # emu_conv's force_tile: the same with int64 offsets
 MMA_DTYPES = ["float32", "float16", "bfloat16"]  # float32 as TF32
 
 # Each case names the load paths it reaches (16-byte cp.async where a chunk's 8 (16-bit) or 4
@@ -395,7 +396,14 @@ MMA_CASES = {
     # 1x1 over many positions: several m tiles of both sizes; NCHW forward B vector (K = 40).
     "mma_1x1_many_rows": conv_case(3, 40, 9, 9, 16, 1),
 }
-ALL_CONV_CASES = {**CONV_CASES, **MMA_CASES}
+# bwd_filter on tensor cores, besides MMA_CASES: positions enough for a split reduction, with
+# OH * OW = 64 (NCHW dy loads as 16-byte chunks of positions), and groups of 24 in / 72 out
+# channels (both sides past 64: the tile the shape class would choose is 128 x 128).
+MMA_FILTER_CASES = {
+    "mma_filter_split": conv_case(4, 16, 16, 16, 24, 3, pads=1),
+    "mma_filter_wide_groups": conv_case(2, 48, 8, 8, 144, 3, pads=1, groups=2),
+}
+ALL_CONV_CASES = {**CONV_CASES, **MMA_CASES, **MMA_FILTER_CASES}
 
 
 def _conv_inputs(name, layout):
@@ -446,6 +454,132 @@ def test_emulated_conv_on_a_tensor_core_device(emu, name, layout):
         assert_close(jnp.asarray(got), dx.astype(dtype), dtype)
 
 
+def _filter_plan(lib, c, dtype, *, tensor_cores=True, allow_tf32=True):
+    """{splits, chunk, tiles, workspace bytes, kernel} of bwd_filter (emu_filter_plan)."""
+    xs, ws = _layout_shapes(c)
+    plan = (ctypes.c_int64 * 5)()
+    assert lib.emu_filter_plan(_vec(xs), _vec(ws), _vec(_conv_attrs(c)), DTYPE_CODES[dtype],
+                               int(tensor_cores), int(allow_tf32), plan) == 0
+    return dict(zip(("splits", "chunk", "tiles", "ws_bytes", "kernel"), tuple(plan)))
+
+
+def _layout_shapes(c):
+    xs, ws = (c["n"], c["c"], c["h"], c["w"]), (c["o"], c["c"] // c["groups"]) + c["k"]
+    if c.get("layout", "NCHW") == "NHWC":
+        xs, ws = (xs[0], xs[2], xs[3], xs[1]), ws[2:] + (ws[1], ws[0])
+    return xs, ws
+
+
+@pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("name", sorted({**MMA_CASES, **MMA_FILTER_CASES}))
+def test_emulated_mma_bwd_filter(emu, name, layout, tile):
+    """bwd_filter on both tensor-core tiles, every mma dtype, against lax's float64 dw. Values
+    are quarter-integers, so the products and partial sums are exact and only the final
+    rounding may differ; the split cases check the float32 partial sums too."""
+    c = dict(ALL_CONV_CASES[name], layout=layout)
+    r, acts, wgts = _conv_inputs(name, layout)
+    x, dy, w, dw = acts(r["x"]), acts(r["dy"]), wgts(r["w"]), wgts(r["dw"])
+    for dtype in MMA_DTYPES:
+        got = _emu_conv(emu, 2, c, x.shape, w.shape, _np(x, dtype), _np(dy, dtype), None,
+                        w.shape, dtype, force_tile=tile)
+        assert_close(jnp.asarray(got), dw.astype(dtype), dtype)
+
+
+def test_emulated_mma_bwd_filter_splits(emu):
+    """The split case does split on tensor cores (16 and 32 positions per step), each split at
+    least 4 steps, and the NCHW case with OH * OW = 64 takes the 16-byte dy loads."""
+    for layout in ("NCHW", "NHWC"):
+        c = dict(MMA_FILTER_CASES["mma_filter_split"], layout=layout)
+        for dtype, bk in (("float32", 16), ("bfloat16", 32)):
+            plan = _filter_plan(emu, c, dtype)
+            assert plan["kernel"] == MMA_SMALL, plan
+            assert plan["splits"] > 1 and plan["chunk"] % bk == 0 and plan["chunk"] >= 4 * bk
+            assert plan["ws_bytes"] == plan["splits"] * 24 * 16 * 9 * 4  # float32 partials
+
+
+def test_filter_kernel_choice_by_shape_class(emu):
+    """choose_filter_kernel: tensor cores for bf16/f16 and TF32-allowed float32 with >= 16 values
+    per group on both dW sides, the 128 x 128 tile when both exceed 64; SIMT otherwise."""
+    big = dict(conv_case(8, 256, 14, 14, 256, 3, pads=1), layout="NHWC")
+    small = dict(MMA_CASES["mma_c16_o24_3x3"], layout="NHWC")
+    few_outputs = dict(CONV_CASES["3x3_many_positions"], layout="NCHW")  # dW 3 x 18 per group
+    tiny = dict(CONV_CASES["1x1_many_positions"], layout="NCHW")  # dW 3 x 2
+    assert _filter_plan(emu, big, "bfloat16")["kernel"] == MMA_LARGE
+    assert _filter_plan(emu, big, "float16")["kernel"] == MMA_LARGE
+    assert _filter_plan(emu, big, "float32")["kernel"] == MMA_LARGE
+    assert _filter_plan(emu, small, "bfloat16")["kernel"] == MMA_SMALL
+    assert _filter_plan(emu, big, "float32", allow_tf32=False)["kernel"] == 0  # SIMT wide
+    assert _filter_plan(emu, big, "float64")["kernel"] == 0
+    assert _filter_plan(emu, big, "bfloat16", tensor_cores=False)["kernel"] == 0
+    assert _filter_plan(emu, few_outputs, "bfloat16")["kernel"] == 0  # < 16 rows: SIMT wide
+    assert _filter_plan(emu, tiny, "bfloat16")["kernel"] == 1  # SIMT 16 x 16
+
+
+def test_emulated_bwd_filter_tf32_rounds_float32_operands(emu):
+    """With allow_tf32, float32 bwd_filter multiplies TF32-rounded operands on tensor cores;
+    without it the same call runs the SIMT kernel in full float32."""
+    c = dict(MMA_FILTER_CASES["mma_filter_split"], layout="NHWC")
+    xs, ws = _layout_shapes(c)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w0 = np.zeros(ws, np.float64)
+    kw = dict(padding=c["pads"], layout="NHWC")
+    y, vjp = jax.vjp(lambda w_: ref_conv2d(jnp.asarray(x, jnp.float64), w_, **kw), w0)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    want = np.asarray(vjp(jnp.asarray(dy, jnp.float64))[0])
+    tf32 = _emu_conv(emu, 2, c, xs, ws, x, dy, None, ws, "float32", tensor_cores=True,
+                     allow_tf32=True)
+    full = _emu_conv(emu, 2, c, xs, ws, x, dy, None, ws, "float32", tensor_cores=True,
+                     allow_tf32=False)
+    scale = np.abs(want).max()
+    tf32_err, full_err = np.abs(tf32 - want).max() / scale, np.abs(full - want).max() / scale
+    assert full_err < 1e-5, full_err
+    assert 1e-5 < tf32_err < 5e-3, tf32_err
+
+
+@pytest.mark.parametrize("name, layout", [("mma_c16_o24_3x3", "NHWC"),
+                                          ("mma_odd_channels_phases", "NCHW"),
+                                          ("mma_filter_split", "NCHW")])
+def test_emulated_mma_int64_offsets(emu, name, layout):
+    """The int64-offset instantiations of the tensor-core kernels (used when an operand has
+    2^31 elements or more) compute the same bits as the int32 ones, in all three directions;
+    the int32 ones are checked against lax above."""
+    c = dict(ALL_CONV_CASES[name], layout=layout)
+    r, acts, wgts = _conv_inputs(name, layout)
+    x, dy, y, dx = (acts(r[k]) for k in ("x", "dy", "y", "dx"))
+    w, dw = wgts(r["w"]), wgts(r["dw"])
+    for dtype in MMA_DTYPES:
+        xa, wa, ba, bxa, dya = (_np(a, dtype) for a in (x, w, r["bias"], r["bias_dx"], dy))
+        calls = [(0, xa, wa, ba, y), (1, dya, wa, bxa, dx), (2, xa, dya, None, dw)]
+        for tile32, tile64 in ((MMA_LARGE, MMA_LARGE_INT64), (MMA_SMALL, MMA_SMALL_INT64)):
+            for which, a, b, bias, want in calls:
+                got32, got64 = (_emu_conv(emu, which, c, x.shape, w.shape, a, b, bias,
+                                          want.shape, dtype, force_tile=t)
+                                for t in (tile32, tile64))
+                assert_close(jnp.asarray(got64), want.astype(dtype), dtype)
+                np.testing.assert_array_equal(got64.view(np.uint8), got32.view(np.uint8),
+                                              err_msg=f"{which} {dtype} tile {tile64}")
+
+
+def test_mma_offset_width_by_operand_size(emu):
+    """mma_index32: int32 offsets while every operand of the direction has fewer than 2^31
+    elements, int64 from 2^31 (shapes only; nothing is allocated)."""
+    def width(which, x_shape, w_shape, pads=1):
+        attrs = _vec([1, 1, 1, 1, pads, pads, pads, pads, 1, 0])
+        return emu.emu_mma_index32(which, _vec(x_shape), _vec(w_shape), attrs)
+
+    below, at = (1, 256, 2048, 4095), (1, 256, 2048, 4096)  # 2^31 - 2^19 and 2^31 elements
+    w = (256, 256, 3, 3)
+    for which in (0, 1, 2):  # y and dy have x's size ("same" padding)
+        assert width(which, below, w) == 1
+        assert width(which, at, w) == 0
+    # Only y / dy past 2^31 (x has 2^27 elements): every direction touches it.
+    small_x, wide_w = (1, 16, 2048, 4096), (2048, 16, 1, 1)  # y: 2^34 elements
+    for which in (0, 1, 2):
+        assert width(which, small_x, wide_w, pads=0) == 0
+
+
 def _pass_kernel(lib, which, c, dtype, *, tensor_cores=True, allow_tf32=True):
     xs = (c["n"], c["c"], c["h"], c["w"])
     ws = (c["o"], c["c"] // c["groups"]) + c["k"]
@@ -489,7 +623,7 @@ def test_emulated_tf32_rounds_float32_operands(emu):
 
 def test_emulated_mma_fuzz(emu):
     """Seeded random geometries (channels, groups, kernel, stride, dilation, pads, layout,
-    dtype, tile) through forward and bwd_data on tensor cores."""
+    dtype, tile) through forward, bwd_data and bwd_filter on tensor cores."""
     rng = np.random.default_rng(12)
     for trial in range(10):
         groups = int(rng.choice([1, 1, 2, 3]))
@@ -510,7 +644,7 @@ def test_emulated_mma_fuzz(emu):
         w = _grid_values(rng, (cout, cin // groups) + k)
         y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), x, w)
         dy = _grid_values(rng, y.shape)
-        dx = vjp(dy)[0]
+        dx, dw = vjp(dy)
         acts, wgts = ((lambda a: a), (lambda a: a)) if layout == "NCHW" else (_nhwc, _hwio)
         c = dict(c, layout=layout)
         xs, ws = acts(x).shape, wgts(w).shape
@@ -521,6 +655,9 @@ def test_emulated_mma_fuzz(emu):
         got = _emu_conv(emu, 1, c, xs, ws, _np(acts(dy), dtype), _np(wgts(w), dtype), None,
                         xs, dtype, force_tile=tile)
         assert_close(jnp.asarray(got), acts(dx).astype(dtype), dtype), msg
+        got = _emu_conv(emu, 2, c, xs, ws, _np(acts(x), dtype), _np(acts(dy), dtype), None,
+                        ws, dtype, force_tile=tile)
+        assert_close(jnp.asarray(got), wgts(dw).astype(dtype), dtype), msg
 
 
 def test_wrong_fragment_layout_is_caught(tmp_path):

@@ -1,9 +1,9 @@
 """What the built CUDA module's sm_90 machine code says, read without a GPU.
 
 cuobjdump with nvdisasm (CUDA toolkit, or the pip packages nvidia-cuda-cuobjdump and
-nvidia-cuda-nvdisasm) disassembles the module's
-cubins: the tensor-core pass kernels (ffi/cuda/conv2d_mma.cuh) must multiply with HMMA, and no
-kernel may use local memory (register spills or stack arrays: STL/LDL in the SASS, LOCAL/STACK
+nvidia-cuda-nvdisasm) disassembles the module's cubins: the tensor-core kernels
+(ffi/cuda/conv2d_mma.cuh: the pass and bwd_filter) must multiply with HMMA, and no kernel may
+use local memory (register spills or stack arrays: STL/LDL in the SASS, LOCAL/STACK
 in the resource usage). Skipped where the CUDA module was not built, it holds no sm_90 code, or
 the tools are not found.
 """
@@ -115,6 +115,39 @@ def test_mma_pass_kernels_use_tensor_cores():
             assert "HMMA.16816.F32" in sass, name
 
 
+def test_mma_filter_kernels_use_tensor_cores():
+    """bwd_filter's tensor-core kernel (conv_filter_mma_kernel): HMMA in every instantiation
+    (bf16/f16 m16n8k16, float as TF32 m16n8k8), cp.async for the 16-byte chunks, ldmatrix
+    wherever a fragment is 16-bit or m/n-major (the TF32 k-major NHWC fragments are plain
+    shared loads: ldmatrix.trans would split 32-bit values)."""
+    kernels = _kernels("conv_filter_mma_kernel")
+    assert kernels, sorted(_sm90())
+    for dtype in ("__nv_bfloat16", "__half", "float"):
+        # 2 tiles x 2 layouts x int32 / int64 offsets
+        assert sum(f"<{dtype}," in k for k in kernels) == 8, (dtype, sorted(kernels))
+    for name, (sass, _) in kernels.items():
+        if "<float," in name:
+            assert "HMMA.1688.F32.TF32" in sass, name
+        else:
+            assert re.search(r"\bHMMA\.16816\.F32", sass), name
+        assert "LDGSTS" in sass, name
+        nchw = re.search(r"MmaTile<[^>]*>, 0,", name)  # kLayout: 0 NCHW, 1 NHWC
+        if "<float," not in name or nchw:
+            assert "LDSM" in sass, name
+
+
+def test_mma_kernels_have_both_offset_widths():
+    """Each tensor-core kernel exists with int32 offsets (operands below 2^31 elements) and
+    with int64 ones (mma_index32 picks)."""
+    for family in ("conv_pass_mma_kernel", "conv_filter_mma_kernel"):
+        kernels = _kernels(family)
+        narrow = {k: v for k, v in kernels.items() if re.search(r", int>\(", k)}
+        wide = {k: v for k, v in kernels.items() if re.search(r", long>\(", k)}
+        assert narrow and len(narrow) == len(wide) == len(kernels) // 2, sorted(kernels)
+        for name in narrow:
+            assert re.sub(r", int>\(", ", long>(", name) in wide, name
+
+
 def test_simt_kernels_stay_simt():
     """The float64 pass keeps double FMAs; no SIMT kernel claims tensor cores."""
     kernels = _kernels("conv_pass_kernel<")
@@ -126,7 +159,8 @@ def test_simt_kernels_stay_simt():
 
 
 @pytest.mark.parametrize("family", [
-    "conv_pass_mma_kernel", "conv_pass_kernel<", "conv_filter_kernel", "sum_partials_kernel",
+    "conv_pass_mma_kernel", "conv_pass_kernel<", "conv_filter_kernel", "conv_filter_mma_kernel",
+    "sum_partials_kernel",
     "max_pool_fwd_kernel", "max_pool_bwd_kernel", "direct_conv_",
 ])
 def test_no_local_memory(family):

@@ -12,8 +12,8 @@
 namespace jaxconv::cuda {
 namespace {
 
-// Whether the current device has mma.sync/cp.async (sm_80+), for the tensor-core pass. A failed
-// query keeps the SIMT kernels.
+// Whether the current device has mma.sync/cp.async (sm_80+), for the tensor-core kernels. A
+// failed query keeps the SIMT kernels.
 bool has_tensor_cores() {
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -98,7 +98,8 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
                                                 static_cast<const T*>(dy.untyped_data()),
                                                 nullptr, static_cast<T*>(dw->untyped_data()),
                                                 stream));
-    FilterLauncher<T> launcher(g);  // the split plan: a function of the shape only
+    // Kernel and split plan: functions of the shape, dtype, layout and PassOptions only.
+    FilterLauncher<T> launcher(g, pass_options(g));
     Acc* workspace = nullptr;
     if (int64_t bytes = launcher.workspace_bytes()) {
       // Device memory from XLA's allocator, released when this call returns; XLA orders later

@@ -14,9 +14,10 @@
 //             h = s*u + rho of phase rho read dy row u + off(q) through the taps
 //             kh = first + q*step only, so no tap that would multiply a zero is ever issued;
 //             weight = w[g*Og + ci, co] (the pass's input channels are the conv's outputs).
-// bwd_filter is its own kernel: per group, dW[co, k] = sum over positions p = (n, oh, ow) of
-// dy[p, co] * im2col(x)[p, k], split over p into `splits` partial sums that a second kernel adds
-// in a fixed order (deterministic, no atomics).
+// bwd_filter is its own kernel (SIMT here, tensor cores in conv2d_mma.cuh): per group,
+// dW[co, k] = sum over positions p = (n, oh, ow) of dy[p, co] * im2col(x)[p, k], split over p
+// into `splits` partial sums that a second kernel adds in a fixed order (deterministic, no
+// atomics).
 //
 // k is ordered as the layout stores it: NCHW k = (ci, th, tw), NHWC k = (th, tw, ci), so that
 // consecutive k read consecutive memory where the layout allows (runs along a row in NCHW,
@@ -46,8 +47,8 @@ namespace jaxconv::cuda {
 // at a time through shared memory. The threads form a 16 x 16 grid of lanes; lane (lm, ln) owns
 // the TM x TN accumulators at rows lm + 16*i and columns ln + 16*j. Strided ownership means a
 // warp reads 16 consecutive words of one shared row and broadcasts the other operand.
-// A tensor-core path slots in as another configuration (and kernel) picked by the choose_*
-// functions below.
+// The tensor-core kernels (conv2d_mma.cuh) have their own tiles (MmaTile); choose_pass_kernel
+// and choose_filter_kernel below pick between them and these.
 template <int BM_, int BN_, int BK_>
 struct TileConfig {
   static constexpr int BM = BM_, BN = BN_, BK = BK_;
@@ -315,36 +316,60 @@ inline PassParams bwd_data_pass(const ConvGeometry& g) {
   return p;
 }
 
+// bwd_filter's problem, per group: dW[co, k] over positions p (kernels below and in
+// conv2d_mma.cuh), and its split plan (plan_filter).
+struct FilterParams {
+  int64_t N, G, Cg, Og, H, W, OH, OW, KH, KW;
+  int64_t stride_h, stride_w, dil_h, dil_w, pad_top, pad_left;
+  Strides4 xs, ys, ws;
+  int64_t Kg, P;          // Cg*KH*KW (columns), N*OH*OW (reduction)
+  int64_t dw_elems;       // elements of dw (and of each partial)
+  int64_t m_tiles, n_tiles, splits, chunk;  // chunk: positions per split, a multiple of BK
+  int64_t tiles;          // G * m_tiles * n_tiles * splits
+  int64_t layout;
+};
+
 }  // namespace jaxconv::cuda
 
-// The tensor-core pass kernel reads PassParams and the axis helpers above.
+// The tensor-core kernels read PassParams, FilterParams and the axis helpers above.
 #include "conv2d_mma.cuh"
 
 namespace jaxconv::cuda {
 
-// How a pass may run on the current device: tensor cores present (sm_80+, mma.sync), and
-// float32 operands allowed to be rounded to TF32 (the conv's allow_tf32 attribute).
+// How the conv kernels may run on the current device: tensor cores present (sm_80+, mma.sync),
+// and float32 operands allowed to be rounded to TF32 (the conv's allow_tf32 attribute).
 struct PassOptions {
   bool tensor_cores = false;
   bool allow_tf32 = false;
 };
 
 enum class PassKernel { kSimtWide, kSimtTall, kMmaLarge, kMmaSmall };
+enum class FilterKernel { kSimtWide, kSimtSmall, kMmaLarge, kMmaSmall };
 
 // Output tiles of 128 x 128 below which the large tensor-core tile would leave SMs idle: about
 // two waves of one block per SM on an H100 (132 SMs).
 constexpr int64_t kMmaLargeMinTiles = 256;
 
-// The one place that picks the pass kernel and its tile, by shape class:
-//   - tensor cores for 16-bit types (and float32 with TF32 allowed) when both GEMM sides have
-//     at least 16 values per group (output channels and reduction); below that (depthwise,
-//     tiny heads) a 16 x 8 x 16 mma would mostly multiply padding and the SIMT tall tile wins;
+// Whether a GEMM of T runs on tensor cores: sm_80+, a 16-bit type or float32 with TF32 allowed,
+// and at least 16 values per group on both the output-channel side (`rows`) and the other
+// (`cols`); below that (depthwise, tiny heads) a 16 x 8 x 16 mma would mostly multiply padding.
+template <typename T>
+bool mma_applies(const PassOptions& opts, int64_t rows, int64_t cols) {
+  const bool mma_type = sizeof(T) == 2 || (sizeof(T) == 4 && opts.allow_tf32);
+  return opts.tensor_cores && mma_type && rows >= 16 && cols >= 16;
+}
+
+// The one place that picks the kernels and tiles of all three directions, by shape class.
+//
+// Pass (forward, bwd_data per stride phase), a GEMM of M = N*U*V rows by Cout columns over
+// K = Cin*TH*TW:
+//   - tensor cores where mma_applies(Cout, K);
 //   - the 128 x 128 tile where it still yields kMmaLargeMinTiles blocks, else 64 x 64;
-//   - float64, and float32 without TF32, stay on the SIMT kernel.
+//   - float64, and float32 without TF32, stay on the SIMT kernel (tall tile for <= 16
+//     output channels per group).
 template <typename T>
 PassKernel choose_pass_kernel(const PassParams& p, const PassOptions& opts) {
-  const bool mma_type = sizeof(T) == 2 || (sizeof(T) == 4 && opts.allow_tf32);
-  if (opts.tensor_cores && mma_type && p.Cout >= 16 && p.K >= 16) {
+  if (mma_applies<T>(opts, p.Cout, p.K)) {
     const int64_t large_tiles =
         p.phases_h * p.phases_w * p.G * ceil_div_pos(p.M, 128) * ceil_div_pos(p.Cout, 128);
     return large_tiles >= kMmaLargeMinTiles && p.Cout > 64 ? PassKernel::kMmaLarge
@@ -352,6 +377,33 @@ PassKernel choose_pass_kernel(const PassParams& p, const PassOptions& opts) {
   }
   return choose_pass_tile(p.Cout) == PassTile::kTall ? PassKernel::kSimtTall
                                                      : PassKernel::kSimtWide;
+}
+
+// bwd_filter, a GEMM of Og rows by Kg = Cg*KH*KW columns per group over the P = N*OH*OW
+// positions, split over P by plan_filter to fill the GPU (so the tile count alone does not
+// decide the tile):
+//   - tensor cores where mma_applies(Og, Kg); the 128 x 128 tile when both sides exceed 64
+//     (a 64-wide side would leave half of it padding), else 64 x 64;
+//   - otherwise SIMT, the 16 x 16 tile for a dW of at most 16 x 16 per group.
+template <typename T>
+FilterKernel choose_filter_kernel(const FilterParams& p, const PassOptions& opts) {
+  if (mma_applies<T>(opts, p.Og, p.Kg))
+    return p.Og > 64 && p.Kg > 64 ? FilterKernel::kMmaLarge : FilterKernel::kMmaSmall;
+  return choose_filter_tile(p.Og, p.Kg) == FilterTileKind::kSmall ? FilterKernel::kSimtSmall
+                                                                  : FilterKernel::kSimtWide;
+}
+
+// Whether the tensor-core kernels form their offsets in int32 (a separate instantiation;
+// int64 otherwise): every operand has fewer than 2^31 elements. The kernels form an offset only
+// for an element inside its tensor, so each one is then below 2^31.
+constexpr int64_t kIndex32Elements = int64_t(1) << 31;
+inline bool mma_index32(const PassParams& p) {
+  return p.N * p.is.n < kIndex32Elements && p.N * p.os.n < kIndex32Elements &&
+         p.G * p.w_group < kIndex32Elements;
+}
+inline bool mma_index32(const FilterParams& p) {
+  return p.N * p.xs.n < kIndex32Elements && p.N * p.ys.n < kIndex32Elements &&
+         p.dw_elems < kIndex32Elements;
 }
 
 template <typename T, typename Cfg>
@@ -378,9 +430,9 @@ cudaError_t run_pass(const PassParams& p, const T* in, const T* w, const T* bias
   if constexpr (sizeof(T) <= 4) {  // float64 has no tensor-core path
     switch (choose_pass_kernel<T>(p, opts)) {
       case PassKernel::kMmaLarge:
-        return launch_pass_mma<T, MmaLargeTile>(p, in, w, bias, out, stream);
+        return launch_pass_mma<T, MmaLargeTile>(p, in, w, bias, out, mma_index32(p), stream);
       case PassKernel::kMmaSmall:
-        return launch_pass_mma<T, MmaSmallTile>(p, in, w, bias, out, stream);
+        return launch_pass_mma<T, MmaSmallTile>(p, in, w, bias, out, mma_index32(p), stream);
       default: break;
     }
   }
@@ -407,17 +459,6 @@ cudaError_t conv2d_backward_data(const ConvGeometry& g, const T* dy, const T* w,
 
 // ---------------------------------------------------------------------------------------------
 // bwd_filter.
-
-struct FilterParams {
-  int64_t N, G, Cg, Og, H, W, OH, OW, KH, KW;
-  int64_t stride_h, stride_w, dil_h, dil_w, pad_top, pad_left;
-  Strides4 xs, ys, ws;
-  int64_t Kg, P;          // Cg*KH*KW (columns), N*OH*OW (reduction)
-  int64_t dw_elems;       // elements of dw (and of each partial)
-  int64_t m_tiles, n_tiles, splits, chunk;  // chunk: positions per split, a multiple of BK
-  int64_t tiles;          // G * m_tiles * n_tiles * splits
-  int64_t layout;
-};
 
 // Per group: rows m = co (Og), columns k (NCHW (ci, kh, kw), NHWC (kh, kw, ci): dw's own order
 // within a group, so the epilogue writes runs), reduction over positions p = (n, oh, ow) of one
@@ -613,21 +654,20 @@ inline std::string filter_workspace_error(const char* target, int64_t bytes, int
 }
 
 // Splits the reduction so that tiles * splits reaches kFilterSplitTargetBlocks, while each
-// split keeps at least 4 steps of work and the partials fit the workspace cap. Fills m/n tiles,
-// splits, chunk, tiles.
-template <typename Cfg>
-void plan_filter(FilterParams* p, int64_t acc_bytes) {
-  p->m_tiles = ceil_div_pos(p->Og, Cfg::BM);
-  p->n_tiles = ceil_div_pos(p->Kg, Cfg::BN);
+// split keeps at least 4 steps of work and the partials fit the workspace cap. Tile bm x bn,
+// bk positions per step. Fills m/n tiles, splits, chunk, tiles.
+inline void plan_filter(FilterParams* p, int64_t acc_bytes, int64_t bm, int64_t bn, int64_t bk) {
+  p->m_tiles = ceil_div_pos(p->Og, bm);
+  p->n_tiles = ceil_div_pos(p->Kg, bn);
   const int64_t base = p->G * p->m_tiles * p->n_tiles;
-  const int64_t steps = ceil_div_pos(p->P, Cfg::BK);
+  const int64_t steps = ceil_div_pos(p->P, bk);
   int64_t splits = ceil_div_pos(kFilterSplitTargetBlocks, base);
   if (splits > 64) splits = 64;
   if (splits > steps / 4) splits = steps / 4;
   const int64_t fit = kMaxFilterWorkspaceBytes / (p->dw_elems * acc_bytes);
   if (splits > fit) splits = fit;
   if (splits < 1) splits = 1;
-  p->chunk = ceil_div_pos(steps, splits) * Cfg::BK;
+  p->chunk = ceil_div_pos(steps, splits) * bk;
   p->splits = ceil_div_pos(p->P, p->chunk);  // no empty split
   if (p->splits < 1) p->splits = 1;
   p->tiles = base * p->splits;
@@ -635,20 +675,23 @@ void plan_filter(FilterParams* p, int64_t acc_bytes) {
 
 // Host side of bwd_filter, in two calls so that the caller can allocate the workspace between
 // them: workspace_bytes() says how many bytes of partial sums the plan needs (0: none), run()
-// launches.
+// launches. The kernel comes from choose_filter_kernel (or is forced, for tests), and the plan
+// from its tile, so both are functions of the shape, dtype, layout and PassOptions only.
 template <typename T>
 struct FilterLauncher {
   using Acc = typename Num<T>::acc;
   FilterParams p;
-  FilterTileKind kind;
+  FilterKernel kind;
+  bool index32;  // tensor-core kernels: int32 offsets (mma_index32)
 
-  explicit FilterLauncher(const ConvGeometry& g) : p(filter_params(g)) {
-    kind = choose_filter_tile(p.Og, p.Kg);
-    if (p.P == 0) return;
-    if (kind == FilterTileKind::kSmall)
-      plan_filter<SmallFilterTile>(&p, sizeof(Acc));
-    else
-      plan_filter<FilterTile>(&p, sizeof(Acc));
+  explicit FilterLauncher(const ConvGeometry& g, const PassOptions& opts = {})
+      : p(filter_params(g)), kind(choose_filter_kernel<T>(p, opts)), index32(mma_index32(p)) {
+    plan();
+  }
+  // Tests: this kernel whatever the shape, and int64 offsets even where int32 would do.
+  FilterLauncher(const ConvGeometry& g, FilterKernel forced, bool force_int64 = false)
+      : p(filter_params(g)), kind(forced), index32(!force_int64 && mma_index32(p)) {
+    plan();
   }
 
   int64_t workspace_bytes() const {
@@ -661,9 +704,47 @@ struct FilterLauncher {
     // No workspace where the plan needs one: refuse (the handler reports the failed allocation
     // before getting here) rather than write partial sums through a null pointer.
     if (workspace == nullptr && workspace_bytes() > 0) return cudaErrorInvalidValue;
+    cudaError_t err = launch_kernel(x, dy, dw, workspace, stream);
+    if (err != cudaSuccess || p.splits == 1) return err;
+    return launch(sum_partials_kernel<T>, dim3(grid_blocks(ceil_div_pos(p.dw_elems, 256))),
+                  dim3(256), stream, static_cast<const Acc*>(workspace), p.splits, p.dw_elems,
+                  dw);
+  }
+
+ private:
+  static constexpr bool kMmaType = sizeof(T) <= 4;  // float64 has no tensor-core path
+
+  void plan() {
+    if (p.P == 0) return;
+    // Positions per step of the tensor-core kernels: one stage of kMmaRowBytes.
+    const int64_t mma_bk = kMmaRowBytes / (sizeof(T) == 2 ? 2 : 4);
+    switch (kind) {
+      case FilterKernel::kSimtSmall:
+        return plan_filter(&p, sizeof(Acc), SmallFilterTile::BM, SmallFilterTile::BN,
+                           SmallFilterTile::BK);
+      case FilterKernel::kMmaLarge:
+        return plan_filter(&p, sizeof(Acc), MmaLargeTile::BM, MmaLargeTile::BN, mma_bk);
+      case FilterKernel::kMmaSmall:
+        return plan_filter(&p, sizeof(Acc), MmaSmallTile::BM, MmaSmallTile::BN, mma_bk);
+      default:
+        return plan_filter(&p, sizeof(Acc), FilterTile::BM, FilterTile::BN, FilterTile::BK);
+    }
+  }
+
+  cudaError_t launch_kernel(const T* x, const T* dy, T* dw, Acc* workspace,
+                            cudaStream_t stream) const {
+    if constexpr (kMmaType) {
+      if (kind == FilterKernel::kMmaLarge)
+        return launch_filter_mma<T, MmaLargeTile>(p, x, dy, dw, workspace, index32, stream);
+      if (kind == FilterKernel::kMmaSmall)
+        return launch_filter_mma<T, MmaSmallTile>(p, x, dy, dw, workspace, index32, stream);
+    } else {
+      if (kind == FilterKernel::kMmaLarge || kind == FilterKernel::kMmaSmall)
+        return cudaErrorInvalidValue;
+    }
     void (*kernel)(FilterParams, const T*, const T*, T*, Acc*);
     int threads;
-    if (kind == FilterTileKind::kSmall) {
+    if (kind == FilterKernel::kSimtSmall) {
       kernel = p.layout == kNHWC ? conv_filter_kernel<T, SmallFilterTile, kNHWC>
                                  : conv_filter_kernel<T, SmallFilterTile, kNCHW>;
       threads = SmallFilterTile::kThreads;
@@ -672,12 +753,8 @@ struct FilterLauncher {
                                  : conv_filter_kernel<T, FilterTile, kNCHW>;
       threads = FilterTile::kThreads;
     }
-    cudaError_t err =
-        launch(kernel, dim3(grid_blocks(p.tiles)), dim3(threads), stream, p, x, dy, dw, workspace);
-    if (err != cudaSuccess || p.splits == 1) return err;
-    return launch(sum_partials_kernel<T>, dim3(grid_blocks(ceil_div_pos(p.dw_elems, 256))),
-                  dim3(256), stream, static_cast<const Acc*>(workspace), p.splits, p.dw_elems,
-                  dw);
+    return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(threads), stream, p, x, dy, dw,
+                  workspace);
   }
 };
 

@@ -1,15 +1,18 @@
-// Tensor-core pass kernel (sm_80+): forward and bwd_data of conv2d_kernels.cuh's "pass" as an
-// implicit GEMM on mma.sync, for bfloat16/float16 operands (m16n8k16) and float32 operands
-// rounded to TF32 (m16n8k8), always accumulating in float32. Included by conv2d_kernels.cuh
-// after PassParams; the pass's index math (rows m = (n, u, v), reduction k over the layout's
-// (ci, tap) order, taps per bwd_data phase from geometry.h) is the SIMT kernel's, only the
-// multiply changes.
+// Tensor-core kernels (sm_80+): forward and bwd_data of conv2d_kernels.cuh's "pass", and
+// bwd_filter, as implicit GEMMs on mma.sync, for bfloat16/float16 operands (m16n8k16) and
+// float32 operands rounded to TF32 (m16n8k8), always accumulating in float32. Included by
+// conv2d_kernels.cuh after PassParams and FilterParams; the index math (pass: rows
+// m = (n, u, v), reduction k over the layout's (ci, tap) order, taps per bwd_data phase from
+// geometry.h; bwd_filter: rows o, columns k, reduction over positions of one split) is the SIMT
+// kernels', only the multiply changes. Both kernels share the fragment loaders and the staged
+// main loop (mma_mainloop) below; they differ in how a stage is loaded.
 //
 // Block tile BM x BN (output rows x output channels of one group), split over
 // kWarpsM x kWarpsN warps; each warp owns a (BM / kWarpsM) x (BN / kWarpsN) piece as MI x NI
 // tiles of 16 x 8 accumulators. The reduction advances one stage of 64 bytes of k per row at a
-// time (32 16-bit values or 16 floats: two mma k-steps), through kMmaStages shared-memory
-// buffers filled with cp.async, so the loads of stage s + 1 run while stage s is multiplied.
+// time (32 16-bit values or 16 floats: two mma k-steps), through Cfg::kStages shared-memory
+// buffers filled with cp.async, so the loads of stages s + 1 .. s + kStages - 1 run while stage
+// s is multiplied.
 //
 // Shared layouts (byte pitches chosen so that the 8 row addresses of one ldmatrix fall into 8
 // distinct groups of 4 banks, i.e. no bank conflicts):
@@ -18,6 +21,8 @@
 //      ldmatrix (the mma's "col" B operand is exactly B^T rows).
 //   B, k-major (16-bit types with weights contiguous along output channels, i.e. HWIO forward):
 //      [32][(BN + 8) * 2 bytes], row k holds BN channels; read with ldmatrix.trans.
+//   bwd_filter NHWC stages both operands k-major (rows of one position); TF32 k-major
+//      fragments are read as single shared words ([16][(BX + 8) * 4 bytes]).
 // Loads are 16-byte cp.async where 8 (16-bit) or 4 (float) consecutive elements of a chunk are
 // consecutive and aligned in memory (NHWC activations with channels per group a multiple of the
 // vector; weights along k or along output channels); every other case (NCHW activations, odd
@@ -49,33 +54,190 @@ struct MmaOf<float> {  // only with allow_tf32
   using Bits = uint32_t;
 };
 
-template <int BM_, int BN_, int kWarpsM_, int kWarpsN_>
+template <int BM_, int BN_, int kWarpsM_, int kWarpsN_, int kStages_>
 struct MmaTile {
   static constexpr int BM = BM_, BN = BN_, kWarpsM = kWarpsM_, kWarpsN = kWarpsN_;
+  static constexpr int kStages = kStages_;  // shared-memory buffers of the cp.async pipeline
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kWarpRows = BM / kWarpsM, kWarpCols = BN / kWarpsN;
   static constexpr int MI = kWarpRows / 16, NI = kWarpCols / 8;
   static_assert(kWarpRows % 16 == 0 && kWarpCols % 16 == 0, "B fragments load in pairs");
   static_assert((BM * 4) % kThreads == 0 && (BN * 4) % kThreads == 0,
                 "each thread copies the same number of 16-byte chunks");
+  static_assert(kStages >= 2, "a stage loads while another is multiplied");
 };
 
-// Large layers: 8 warps of 64 x 32. Small layers (few output rows or channels, where 128-wide
-// tiles would leave most SMs idle or compute padding): 4 warps of 32 x 32.
-using MmaLargeTile = MmaTile<128, 128, 2, 4>;
-using MmaSmallTile = MmaTile<64, 64, 2, 2>;
+// Large layers: 8 warps of 64 x 32, 2 stages (a third would take the block's static shared
+// memory past the 48 KB limit: 3 x 2 x 10 KB + row tables). Small layers (few output rows or
+// channels, where 128-wide tiles would leave most SMs idle or compute padding): 4 warps of
+// 32 x 32, 3 stages (32 KB), so two loads are in flight while a stage is multiplied.
+using MmaLargeTile = MmaTile<128, 128, 2, 4, 2>;
+using MmaSmallTile = MmaTile<64, 64, 2, 2, 3>;
 
-constexpr int kMmaStages = 2;
 constexpr int kMmaRowBytes = 64;    // k bytes per row and stage
 constexpr int kMmaPitchBytes = 80;  // 20 words: 8 rows start at banks 0, 20, 8, 28, 16, 4, 24, 12
 
-// How the loads of one launch run; decided on the host (mma_pass_loads).
+// How the loads of one launch run; decided on the host (mma_pass_loads, mma_filter_loads).
 struct MmaLoads {
   int a_vector;   // A chunks as one 16-byte copy (NHWC, channels per group % vector == 0)
   int b_vector;   // B chunks as one 16-byte copy
 };
 
-template <typename T, typename Cfg, int kLayout, bool kBKMajor>
+// Pitch in bytes of a k-major operand tile (rows of one k, `cols` m or n values each). Eight
+// values of padding: 16-bit rows start 4 banks apart, so the 8 row addresses of an
+// ldmatrix.trans hit 8 distinct groups of 4 banks; 32-bit rows start 8 banks apart, so the
+// words (k = t, t + 4; col = g) of a TF32 fragment, bank 8t + g, are 32 distinct banks.
+template <typename S>
+constexpr int mma_k_major_pitch(int cols) {
+  return (cols + 8) * int(sizeof(S));
+}
+
+// One 32-bit word of a k-major tile: row k, column `col` (TF32 fragments, which ldmatrix.trans
+// cannot gather because it moves 16-bit halves).
+__device__ __forceinline__ uint32_t mma_tile_word(const unsigned char* tile, int pitch, int k,
+                                                  int col) {
+  return *reinterpret_cast<const uint32_t*>(tile + k * pitch + col * 4);
+}
+
+// A fragments (MI tiles of 16 rows from row m0) for mma k-step ks (32 bytes of k) of one stage.
+//   m-major tile ([m][kMmaPitchBytes], k contiguous): ldmatrix; lanes 0-15 give rows 0-15 at k
+//     bytes 0-15, lanes 16-31 the same rows at bytes 16-31 (a[0..3] = rows 0-7 / 8-15 x k
+//     low / high, the mma A layout; for 32-bit values the word [l/4][l%4], the TF32 layout).
+//   k-major tile ([k][kPitch], m contiguous), 16-bit: ldmatrix.trans of the four 8 x 8 blocks
+//     (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15); lane l gives row
+//     k = 8(l/16) + l%8 of block l/8, whose transpose hands lane 4g + t A[g][2t..2t+1].
+//   k-major, TF32: a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4],
+//     one shared word each.
+template <MmaKind kKind, int MI, bool kKMajor, int kPitch>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&a)[MI][4], const unsigned char* tile,
+                                                 int m0, int ks, int lane) {
+  JAXCONV_UNROLL
+  for (int i = 0; i < MI; ++i) {
+    const int m = m0 + i * 16;
+    if constexpr (!kKMajor) {
+      ldmatrix<4>(a[i], tile + (m + lane % 16) * kMmaPitchBytes + ks * 32 + (lane / 16) * 16);
+    } else if constexpr (kKind != MmaKind::kTf32) {
+      ldmatrix<4, true>(a[i], tile + (ks * 16 + (lane / 16) * 8 + lane % 8) * kPitch +
+                                  (m + ((lane / 8) % 2) * 8) * 2);
+    } else {
+      const int k = ks * 8 + lane % 4, r = m + lane / 4;
+      a[i][0] = mma_tile_word(tile, kPitch, k, r);
+      a[i][1] = mma_tile_word(tile, kPitch, k, r + 8);
+      a[i][2] = mma_tile_word(tile, kPitch, k + 4, r);
+      a[i][3] = mma_tile_word(tile, kPitch, k + 4, r + 8);
+    }
+  }
+}
+
+// B fragments (NI tiles of 8 columns from column n0) for mma k-step ks of one stage.
+//   n-major tile ([n][kMmaPitchBytes], k contiguous; the mma's "col" B operand is exactly B^T
+//     rows): ldmatrix of (channels 0-7, k low), (0-7, k high), (8-15, low), (8-15, high) of the
+//     pair of n8 tiles j, j + 1: registers b[j][0], b[j][1], b[j+1][0], b[j+1][1].
+//   k-major tile ([k][kPitch], n contiguous), 16-bit: the same four blocks by ldmatrix.trans.
+//   k-major, TF32: b[0] = B[t][g], b[1] = B[t+4][g], one shared word each.
+template <MmaKind kKind, int NI, bool kKMajor, int kPitch>
+__device__ __forceinline__ void load_b_fragments(uint32_t (&b)[NI][2], const unsigned char* tile,
+                                                 int n0, int ks, int lane) {
+  if constexpr (kKMajor && kKind == MmaKind::kTf32) {
+    JAXCONV_UNROLL
+    for (int j = 0; j < NI; ++j) {
+      const int k = ks * 8 + lane % 4, c = n0 + j * 8 + lane / 4;
+      b[j][0] = mma_tile_word(tile, kPitch, k, c);
+      b[j][1] = mma_tile_word(tile, kPitch, k + 4, c);
+    }
+  } else {
+    JAXCONV_UNROLL
+    for (int j = 0; j < NI; j += 2) {
+      uint32_t r[4];
+      if constexpr (kKMajor)
+        ldmatrix<4, true>(r, tile + (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch +
+                                 (n0 + j * 8 + (lane / 16) * 8) * 2);
+      else
+        ldmatrix<4>(r, tile + (n0 + j * 8 + (lane / 16) * 8 + lane % 8) * kMmaPitchBytes +
+                           ks * 32 + ((lane / 8) % 2) * 16);
+      b[j][0] = r[0];
+      b[j][1] = r[1];
+      b[j + 1][0] = r[2];
+      b[j + 1][1] = r[3];
+    }
+  }
+}
+
+// The operand layouts of one kernel instantiation: whether A (B) is staged k-major and the
+// byte pitch of its rows.
+template <bool kAKMajor_, int kAPitch_, bool kBKMajor_, int kBPitch_>
+struct MmaOperands {
+  static constexpr bool kAKMajor = kAKMajor_, kBKMajor = kBKMajor_;
+  static constexpr int kAPitch = kAPitch_, kBPitch = kBPitch_;
+};
+
+// The reduction of a block tile: `steps` stages of kMmaRowBytes of k each, loaded by
+// load_stage(buffer, s) (cp.async into As/Bs + buffer * stage bytes; plain shared stores for
+// gathers) up to Cfg::kStages - 1 stages ahead of the one multiplied: one commit group per
+// stage, so "all but the newest kStages - 1 groups complete" means stage s has landed; buffer
+// (s + kStages - 1) % kStages, refilled in iteration s, was last read in iteration s - 1,
+// whose closing barrier every thread has passed. Each warp multiplies its
+// (MI * 16) x (NI * 8) piece at (warp_m0, warp_n0) into acc (float32, zeroed here). Leaves no
+// cp.async group in flight.
+template <MmaKind kKind, typename Cfg, typename Ops, typename LoadStage>
+__device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], int64_t steps,
+                                             LoadStage&& load_stage, const unsigned char* As,
+                                             const unsigned char* Bs, int warp_m0, int warp_n0,
+                                             int lane) {
+  constexpr int MI = Cfg::MI, NI = Cfg::NI;
+  constexpr int kAStageBytes = Cfg::BM * kMmaPitchBytes, kBStageBytes = Cfg::BN * kMmaPitchBytes;
+  JAXCONV_UNROLL
+  for (int i = 0; i < MI; ++i)
+    JAXCONV_UNROLL
+    for (int j = 0; j < NI; ++j)
+      JAXCONV_UNROLL
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  constexpr int kStages = Cfg::kStages;
+  JAXCONV_UNROLL
+  for (int s = 0; s < kStages - 1; ++s) {  // the first kStages - 1 stages
+    if (s < steps) load_stage(s, int64_t(s));
+    cp_async_commit();  // possibly empty, so that group g is always stage g
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    const int stage = int(s % kStages);
+    const int64_t ahead = s + kStages - 1;
+    if (ahead < steps) load_stage(int(ahead % kStages), ahead);
+    cp_async_commit();  // possibly empty, as above
+    cp_async_wait<kStages - 1>();
+    __syncthreads();  // every thread's part of stage s is in shared memory
+
+    const unsigned char* a_tile = As + stage * kAStageBytes;
+    const unsigned char* b_tile = Bs + stage * kBStageBytes;
+    JAXCONV_UNROLL
+    for (int ks = 0; ks < 2; ++ks) {  // two mma k-steps of 32 bytes
+      uint32_t a[MI][4], b[NI][2];
+      load_a_fragments<kKind, MI, Ops::kAKMajor, Ops::kAPitch>(a, a_tile, warp_m0, ks, lane);
+      load_b_fragments<kKind, NI, Ops::kBKMajor, Ops::kBPitch>(b, b_tile, warp_n0, ks, lane);
+      if constexpr (kKind == MmaKind::kTf32) {
+        JAXCONV_UNROLL
+        for (int i = 0; i < MI; ++i)
+          JAXCONV_UNROLL
+          for (int q = 0; q < 4; ++q) a[i][q] = to_tf32(a[i][q]);
+        JAXCONV_UNROLL
+        for (int j = 0; j < NI; ++j)
+          JAXCONV_UNROLL
+          for (int q = 0; q < 2; ++q) b[j][q] = to_tf32(b[j][q]);
+      }
+      JAXCONV_UNROLL
+      for (int i = 0; i < MI; ++i)
+        JAXCONV_UNROLL
+        for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[i], b[j]);
+    }
+    __syncthreads();  // stage s is read; the next iteration refills it
+  }
+  cp_async_wait<0>();  // the trailing empty groups
+}
+
+// Index: int32_t where every operand has fewer than 2^31 elements (mma_index_32), else
+// int64_t. Offsets are formed only for elements inside their tensor (bounds are checked on the
+// positions first), so each one is below that tensor's size.
+template <typename T, typename Cfg, int kLayout, bool kBKMajor, typename Index>
 __global__ void __launch_bounds__(Cfg::kThreads)
     conv_pass_mma_kernel(PassParams p, MmaLoads loads, const T* __restrict__ in,
                          const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out) {
@@ -88,15 +250,16 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
   constexpr int BK = kMmaRowBytes / int(sizeof(S));  // k per stage
   constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
-  constexpr int kBPitch = kBKMajor ? (BN + 8) * 2 : kMmaPitchBytes;  // k-major: 16-bit only
+  constexpr int kBPitch = kBKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
   static_assert(!kBKMajor || sizeof(S) == 2, "ldmatrix.trans splits 32-bit values");
-  static_assert(!kBKMajor || BK * (BN + 8) * 2 <= BN * kMmaPitchBytes, "k-major B fits");
+  static_assert(!kBKMajor || BK * kBPitch <= BN * kMmaPitchBytes, "k-major B fits");
+  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
 
-  __shared__ __align__(16) unsigned char As[kMmaStages][BM * kMmaPitchBytes];
-  __shared__ __align__(16) unsigned char Bs[kMmaStages][BN * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
   // Per tile and output row: image offset (-1 past the grid), in position before the tap
   // offset, out offset (-1 outside `out`).
-  __shared__ int64_t row_in[BM], row_ih[BM], row_iw[BM], row_out[BM];
+  __shared__ Index row_in[BM], row_ih[BM], row_iw[BM], row_out[BM];
 
   const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
   const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
@@ -104,6 +267,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // k digits: NCHW (ci, th, tw) radices (TH, TW); NHWC (th, tw, ci) radices (TW, Cin).
   const int64_t r1 = kChannelsLast ? p.TW : p.TH, r2 = kChannelsLast ? p.Cin : p.TW;
   const Digits3 stage_step = split_index(BK, r1, r2), unit_step = split_index(1, r1, r2);
+  const Index in_h = Index(p.Hin), in_w = Index(p.Win);
+  const Index is_c = Index(p.is.c), is_h = Index(p.is.h), is_w = Index(p.is.w);
+  const Index w_co = Index(p.w_co), w_ci = Index(p.w_ci), w_kh = Index(p.w_kh),
+              w_kw = Index(p.w_kw);
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     // tile = (((phase_h * phases_w + phase_w) * G + g) * n_tiles + nt) * m_tiles + mt
@@ -123,6 +290,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                             : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
     const int64_t m0 = mt * BM, n0 = nt * BN;
     const T* w_group = w + g * p.w_group;
+    const Index chan0 = Index(g * p.Cin);  // the group's first input channel
 
     for (int r = tid; r < BM; r += kThreads) {
       const int64_t m = m0 + r;
@@ -135,66 +303,80 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         iw = v * aw.step;
         if (oh < p.Hout && ow < p.Wout) o = n * p.os.n + oh * p.os.h + ow * p.os.w;
       }
-      row_in[r] = img;
-      row_ih[r] = ih;
-      row_iw[r] = iw;
-      row_out[r] = o;
+      row_in[r] = Index(img);
+      row_ih[r] = Index(ih);
+      row_iw[r] = Index(iw);
+      row_out[r] = Index(o);
     }
     __syncthreads();
 
-    // The k that each of this thread's chunks starts at, as digits, for the next stage to load.
-    // A and n-major B chunk e = tid + l * kThreads: row e / 4, k offset (e % 4) * kVec.
+    // Once per tile, in registers: the k that each of this thread's chunks starts at, as
+    // digits, for the next stage to load; the row of each A chunk (image offset and position)
+    // and the output channel offset of each B chunk; and the predicate masks, bit l for chunk
+    // l: a_live (the row is inside the grid), b_live (the B chunk's first channel is below
+    // Cout). A and n-major B chunk e = tid + l * kThreads: row e / 4, k offset (e % 4) * kVec.
     // k-major B chunk e: k offset e / (BN / 8), channels 8 * (e % (BN / 8)) ...
     Digits3 a_k[kChunksA], b_k[kChunksB];
-    int64_t a_k0[kChunksA], b_k0[kChunksB];
+    int a_k0[kChunksA], b_k0[kChunksB];
+    Index a_img[kChunksA], a_ih[kChunksA], a_iw[kChunksA], b_chan[kChunksB];
+    uint32_t a_live = 0, b_live = 0;
     JAXCONV_UNROLL
     for (int l = 0; l < kChunksA; ++l) {
-      a_k0[l] = ((tid + l * kThreads) % 4) * kVec;
+      const int e = tid + l * kThreads, r = e / 4;
+      a_k0[l] = (e % 4) * kVec;
       a_k[l] = split_index(a_k0[l], r1, r2);
+      a_img[l] = row_in[r];
+      a_ih[l] = row_ih[r];
+      a_iw[l] = row_iw[r];
+      if (a_img[l] >= 0) a_live |= 1u << l;
     }
     JAXCONV_UNROLL
     for (int l = 0; l < kChunksB; ++l) {
       const int e = tid + l * kThreads;
       b_k0[l] = kBKMajor ? e / (BN / 8) : (e % 4) * kVec;
       b_k[l] = split_index(b_k0[l], r1, r2);
+      const int64_t n = n0 + (kBKMajor ? (e % (BN / 8)) * 8 : e / 4);
+      b_chan[l] = n < p.Cout ? Index(n) : Index(0);
+      if (n < p.Cout) b_live |= 1u << l;
     }
 
     // Tap of reduction index k (digits d): channel offset into `in` (-1: no tap), the tap's
     // offsets, and the weight offset within the group.
     struct Tap {
-      int64_t chan, dh, dw, w;
+      Index chan, dh, dw, w;
     };
     auto tap_of = [&](Digits3 d, int64_t k) -> Tap {
-      const int64_t ci = kChannelsLast ? d.c : d.a;
-      const int64_t th = kChannelsLast ? d.a : d.b;
-      const int64_t tw = kChannelsLast ? d.b : d.c;
+      const Index ci = Index(kChannelsLast ? d.c : d.a);
+      const Index th = Index(kChannelsLast ? d.a : d.b);
+      const Index tw = Index(kChannelsLast ? d.b : d.c);
       if (k >= p.K || th >= ah.count || tw >= aw.count) return {-1, 0, 0, 0};
-      return {(g * p.Cin + ci) * p.is.c, ah.off0 + th * ah.off_q, aw.off0 + tw * aw.off_q,
-              ci * p.w_ci + (ah.cell0 + th * ah.cell_q) * p.w_kh +
-                  (aw.cell0 + tw * aw.cell_q) * p.w_kw};
+      return {(chan0 + ci) * is_c, Index(ah.off0) + th * Index(ah.off_q),
+              Index(aw.off0) + tw * Index(aw.off_q),
+              ci * w_ci + (Index(ah.cell0) + th * Index(ah.cell_q)) * w_kh +
+                  (Index(aw.cell0) + tw * Index(aw.cell_q)) * w_kw};
     };
-    // Offset of in[row r, tap] or -1 where the tap reads padding.
-    auto in_offset = [&](int r, const Tap& t) -> int64_t {
-      const int64_t img = row_in[r];
-      if (img < 0 || t.chan < 0) return -1;
-      const int64_t ih = row_ih[r] + t.dh, iw = row_iw[r] + t.dw;
-      if (ih < 0 || ih >= p.Hin || iw < 0 || iw >= p.Win) return -1;
-      return img + t.chan + ih * p.is.h + iw * p.is.w;
+    // Offset of in[row of A chunk l, tap] or -1 where the tap reads padding.
+    auto in_offset = [&](int l, const Tap& t) -> Index {
+      if (!((a_live >> l) & 1u) || t.chan < 0) return -1;
+      const Index ih = a_ih[l] + t.dh, iw = a_iw[l] + t.dw;
+      if (ih < 0 || ih >= in_h || iw < 0 || iw >= in_w) return -1;
+      return a_img[l] + t.chan + ih * is_h + iw * is_w;
     };
 
-    auto load_stage = [&](int stage, int64_t k0) {
+    auto load_stage = [&](int stage, int64_t step) {
+      const int64_t k0 = step * BK;
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksA; ++l) {
         const int e = tid + l * kThreads, r = e / 4;
         unsigned char* dst = &As[stage][r * kMmaPitchBytes + (e % 4) * 16];
         if (loads.a_vector) {
-          const int64_t off = in_offset(r, tap_of(a_k[l], k0 + a_k0[l]));
+          const Index off = in_offset(l, tap_of(a_k[l], k0 + a_k0[l]));
           cp_async_16(dst, in + (off < 0 ? 0 : off), off >= 0);
         } else {
           Digits3 d = a_k[l];
           JAXCONV_UNROLL
           for (int i = 0; i < kVec; ++i) {
-            const int64_t off = in_offset(r, tap_of(d, k0 + a_k0[l] + i));
+            const Index off = in_offset(l, tap_of(d, k0 + a_k0[l] + i));
             const Bits v = off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(in)[off];
             reinterpret_cast<Bits*>(dst)[i] = v;
             d = add_digits(d, unit_step, r1, r2);
@@ -205,41 +387,41 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksB; ++l) {
         const int e = tid + l * kThreads;
+        const bool chunk_live = (b_live >> l) & 1u;
         if (kBKMajor) {
-          // One k, 8 consecutive output channels.
+          // One k, 8 consecutive output channels from b_chan[l].
           const int kk = e / (BN / 8), c = (e % (BN / 8)) * 8;
           unsigned char* dst = &Bs[stage][kk * kBPitch + c * 2];
           const Tap t = tap_of(b_k[l], k0 + b_k0[l]);
           if (loads.b_vector) {
-            const bool live = t.chan >= 0 && n0 + c < p.Cout;
-            const int64_t off = live ? (n0 + c) * p.w_co + t.w : 0;
-            cp_async_16(dst, w_group + off, live);
+            const bool live = t.chan >= 0 && chunk_live;
+            cp_async_16(dst, w_group + (live ? b_chan[l] * w_co + t.w : 0), live);
           } else {
             JAXCONV_UNROLL
             for (int i = 0; i < 8; ++i) {
-              const int64_t n = n0 + c + i;
-              const Bits v = t.chan >= 0 && n < p.Cout
-                                 ? reinterpret_cast<const Bits*>(w_group)[n * p.w_co + t.w]
-                                 : Bits(0);
+              const bool live = t.chan >= 0 && chunk_live && n0 + c + i < p.Cout;
+              const Bits v =
+                  live ? reinterpret_cast<const Bits*>(w_group)[(b_chan[l] + i) * w_co + t.w]
+                       : Bits(0);
               reinterpret_cast<Bits*>(dst)[i] = v;
             }
           }
         } else {
           // One output channel, kVec consecutive k.
           const int c = e / 4;
-          const int64_t n = n0 + c;
           unsigned char* dst = &Bs[stage][c * kMmaPitchBytes + (e % 4) * 16];
+          const Index co = b_chan[l] * w_co;
           if (loads.b_vector) {
             const Tap t = tap_of(b_k[l], k0 + b_k0[l]);
-            const bool live = t.chan >= 0 && n < p.Cout;
-            cp_async_16(dst, w_group + (live ? n * p.w_co + t.w : 0), live);
+            const bool live = t.chan >= 0 && chunk_live;
+            cp_async_16(dst, w_group + (live ? co + t.w : 0), live);
           } else {
             Digits3 d = b_k[l];
             JAXCONV_UNROLL
             for (int i = 0; i < kVec; ++i) {
               const Tap t = tap_of(d, k0 + b_k0[l] + i);
-              const Bits v = t.chan >= 0 && n < p.Cout
-                                 ? reinterpret_cast<const Bits*>(w_group)[n * p.w_co + t.w]
+              const Bits v = t.chan >= 0 && chunk_live
+                                 ? reinterpret_cast<const Bits*>(w_group)[co + t.w]
                                  : Bits(0);
               reinterpret_cast<Bits*>(dst)[i] = v;
               d = add_digits(d, unit_step, r1, r2);
@@ -251,68 +433,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     };
 
     float acc[MI][NI][4];
-    JAXCONV_UNROLL
-    for (int i = 0; i < MI; ++i)
-      JAXCONV_UNROLL
-      for (int j = 0; j < NI; ++j)
-        JAXCONV_UNROLL
-        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
-
-    const int64_t steps = (p.K + BK - 1) / BK;
-    load_stage(0, 0);
-    cp_async_commit();
-    for (int64_t s = 0; s < steps; ++s) {
-      const int stage = int(s % kMmaStages);
-      if (s + 1 < steps) load_stage(int((s + 1) % kMmaStages), (s + 1) * BK);
-      cp_async_commit();  // possibly empty: keeps "all but the newest group" = stage s
-      cp_async_wait<1>();
-      __syncthreads();  // every thread's part of stage s is in shared memory
-
-      const unsigned char* a_tile = As[stage];
-      const unsigned char* b_tile = Bs[stage];
-      JAXCONV_UNROLL
-      for (int ks = 0; ks < 2; ++ks) {  // two mma k-steps of 32 bytes
-        uint32_t a[MI][4], b[NI][2];
-        JAXCONV_UNROLL
-        for (int i = 0; i < MI; ++i)
-          // lanes 0-15: rows 0-15 at k bytes 0-15; lanes 16-31: the same rows at bytes 16-31
-          // (a[0..3] = rows 0-7 / 8-15 x k low / high, the mma A layout).
-          ldmatrix<4>(a[i], a_tile + (warp_m0 + i * 16 + lane % 16) * kMmaPitchBytes + ks * 32 +
-                                (lane / 16) * 16);
-        JAXCONV_UNROLL
-        for (int j = 0; j < NI; j += 2) {
-          uint32_t r[4];
-          // Matrices: (channels 0-7, k low), (0-7, k high), (8-15, low), (8-15, high) of the
-          // pair of n8 tiles j, j + 1: registers b[j][0], b[j][1], b[j+1][0], b[j+1][1].
-          if constexpr (kBKMajor)
-            ldmatrix<4, true>(r, b_tile + (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kBPitch +
-                                     (warp_n0 + j * 8 + (lane / 16) * 8) * 2);
-          else
-            ldmatrix<4>(r, b_tile + (warp_n0 + j * 8 + (lane / 16) * 8 + lane % 8) * kBPitch +
-                               ks * 32 + ((lane / 8) % 2) * 16);
-          b[j][0] = r[0];
-          b[j][1] = r[1];
-          b[j + 1][0] = r[2];
-          b[j + 1][1] = r[3];
-        }
-        if constexpr (kKind == MmaKind::kTf32) {
-          JAXCONV_UNROLL
-          for (int i = 0; i < MI; ++i)
-            JAXCONV_UNROLL
-            for (int q = 0; q < 4; ++q) a[i][q] = to_tf32(a[i][q]);
-          JAXCONV_UNROLL
-          for (int j = 0; j < NI; ++j)
-            JAXCONV_UNROLL
-            for (int q = 0; q < 2; ++q) b[j][q] = to_tf32(b[j][q]);
-        }
-        JAXCONV_UNROLL
-        for (int i = 0; i < MI; ++i)
-          JAXCONV_UNROLL
-          for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[i], b[j]);
-      }
-      __syncthreads();  // stage s is read; the next iteration refills it
-    }
-    cp_async_wait<0>();  // the trailing empty group
+    mma_mainloop<kKind, Cfg, MmaOperands<false, kMmaPitchBytes, kBKMajor, kBPitch>>(
+        acc, (p.K + BK - 1) / BK, load_stage, As[0], Bs[0], warp_m0, warp_n0, lane);
 
     // Epilogue: accumulator q of tile (i, j) is D[g + 8 * (q / 2)][2t + q % 2] (lane = 4g + t).
     const int grp = lane / 4, t4 = lane % 4;
@@ -320,7 +442,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     for (int i = 0; i < MI; ++i)
       JAXCONV_UNROLL
       for (int h = 0; h < 2; ++h) {
-        const int64_t o = row_out[warp_m0 + i * 16 + grp + 8 * h];
+        const Index o = row_out[warp_m0 + i * 16 + grp + 8 * h];
         if (o < 0) continue;
         JAXCONV_UNROLL
         for (int j = 0; j < NI; ++j)
@@ -329,10 +451,257 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             const int64_t c = n0 + warp_n0 + j * 8 + 2 * t4 + e;
             if (c >= p.Cout) continue;
             const float b = bias ? Num<T>::load(bias[g * p.Cout + c]) : 0.0f;
-            out[o + (g * p.Cout + c) * p.os.c] = Num<T>::store(acc[i][j][2 * h + e] + b);
+            out[o + Index(g * p.Cout + c) * Index(p.os.c)] =
+                Num<T>::store(acc[i][j][2 * h + e] + b);
           }
       }
     __syncthreads();  // the next tile rewrites the row tables
+  }
+}
+
+// bwd_filter on tensor cores: per group g, dW[o, k] = sum over positions p = (n, oh, ow) of
+// dy[p, o] * im2col(x)[p, k], a GEMM with rows m = o (Og), columns k (Kg, dW's own order within a
+// group: NCHW (ci, kh, kw), NHWC (kh, kw, ci)) and the reduction over the positions of one
+// split [p_begin, p_end) (FilterParams; the split plan is conv2d_kernels.cuh's plan_filter). The
+// block tile, warps, stages, fragments and multiply are the pass kernel's (mma_mainloop); only
+// the operands' origin differs:
+//   NHWC: dy[p, o] and x[n, ih, iw, ci] are contiguous along o and ci, so both operands are
+//     staged k-major (rows of one position: [p][BM] of dy, [p][BN] of im2col(x)); a 16-byte
+//     chunk is kVec output channels of one position (cp.async when Og % kVec == 0) or kVec
+//     columns k of one tap (cp.async when Cg % kVec == 0: the chunk's ci are consecutive).
+//   NCHW: dy[n, o, oh, ow] is contiguous along positions within an image, so A is m-major
+//     ([o][positions], cp.async when OH * OW % kVec == 0: a chunk never crosses an image);
+//     im2col(x) is n-major ([k][positions]), gathered element by element.
+// ih = oh * stride_h + kh * dilation_h - pad_top (and likewise iw); a tap outside x reads zero.
+// With splits == 1 the tile is rounded into dw; otherwise it is stored, float32, into
+// partial[split] (laid out like dw) for sum_partials_kernel, which adds the splits in order.
+// Index as for the pass kernel: int32_t where x, dy and dw each have fewer than 2^31 elements.
+template <typename T, typename Cfg, int kLayout, typename Index>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    conv_filter_mma_kernel(FilterParams p, MmaLoads loads, const T* __restrict__ x,
+                           const T* __restrict__ dy, T* __restrict__ dw,
+                           float* __restrict__ partial) {
+  using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
+  using Bits = typename MmaOf<T>::Bits;
+  constexpr MmaKind kKind = MmaOf<T>::kind;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr bool kKMajor = kLayout == kNHWC;          // both operands staged by position rows
+  constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
+  constexpr int BK = kMmaRowBytes / int(sizeof(S));  // positions per stage
+  constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
+  constexpr int kAPitch = kKMajor ? mma_k_major_pitch<S>(BM) : kMmaPitchBytes;
+  constexpr int kBPitch = kKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
+  static_assert(BK * kAPitch <= BM * kMmaPitchBytes && BK * kBPitch <= BN * kMmaPitchBytes,
+                "k-major tiles fit the stage buffers");
+  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
+
+  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
+  // Per tile, per column k: channel offset into x (-1 past Kg), the tap's offsets
+  // kh * dilation_h - pad_top and kw * dilation_w - pad_left, and the offset within dW.
+  __shared__ Index col_x[BN], col_dh[BN], col_dw[BN], col_w[BN];
+
+  const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
+  const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
+  const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
+  // k digits: NCHW (ci, kh, kw) radices (KH, KW); NHWC (kh, kw, ci) radices (KW, Cg).
+  const int64_t r1 = kKMajor ? p.KW : p.KH, r2 = kKMajor ? p.Cg : p.KW;
+  // Position digits (n, oh, ow), radices (OH, OW).
+  const Digits3 stage_step = split_index(BK, p.OH, p.OW), unit_step = split_index(1, p.OH, p.OW);
+  const Index x_h = Index(p.H), x_w = Index(p.W), s_h = Index(p.stride_h),
+              s_w = Index(p.stride_w);
+  const Index xs_n = Index(p.xs.n), xs_h = Index(p.xs.h), xs_w = Index(p.xs.w);
+  const Index ys_n = Index(p.ys.n), ys_c = Index(p.ys.c), ys_h = Index(p.ys.h),
+              ys_w = Index(p.ys.w);
+
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    // tile = ((g * n_tiles + nt) * m_tiles + mt) * splits + split
+    int64_t rest = tile;
+    const int64_t split = rest % p.splits;
+    rest /= p.splits;
+    const int64_t mt = rest % p.m_tiles;
+    rest /= p.m_tiles;
+    const int64_t nt = rest % p.n_tiles;
+    const int64_t g = rest / p.n_tiles;
+    const int64_t m0 = mt * BM, n0 = nt * BN;
+    const int64_t p_begin = split * p.chunk;
+    const int64_t p_end = p_begin + p.chunk < p.P ? p_begin + p.chunk : p.P;
+
+    for (int c = tid; c < BN; c += kThreads) {
+      const int64_t k = n0 + c;
+      int64_t chan = -1, dh = 0, dwo = 0, wo = 0;
+      if (k < p.Kg) {
+        const Digits3 d = split_index(k, r1, r2);
+        const int64_t ci = kKMajor ? d.c : d.a;
+        const int64_t kh = kKMajor ? d.a : d.b;
+        const int64_t kw = kKMajor ? d.b : d.c;
+        chan = (g * p.Cg + ci) * p.xs.c;
+        dh = kh * p.dil_h - p.pad_top;
+        dwo = kw * p.dil_w - p.pad_left;
+        wo = ci * p.ws.c + kh * p.ws.h + kw * p.ws.w;
+      }
+      col_x[c] = Index(chan);
+      col_dh[c] = Index(dh);
+      col_dw[c] = Index(dwo);
+      col_w[c] = Index(wo);
+    }
+    __syncthreads();
+
+    // Once per tile, in registers: the position (offset from the stage's first, and digits)
+    // that each of this thread's chunks starts at in the next stage to load; each A chunk's
+    // dy channel offset (its first output channel) and each B chunk's column (channel offset
+    // and tap offsets of its first column k); and the predicate masks, bit l for chunk l:
+    // a_live (that output channel is below Og), b_live (that column is below Kg).
+    // k-major chunk e = tid + l * kThreads: position row e / (BX / kVec), columns
+    // kVec * (e % (BX / kVec)) ...; m/n-major chunk e: row e / 4, positions (e % 4) * kVec ...
+    Digits3 a_pd[kChunksA], b_pd[kChunksB];
+    int a_p0[kChunksA], b_p0[kChunksB];
+    Index a_chan[kChunksA], b_x[kChunksB], b_dh[kChunksB], b_dw[kChunksB];
+    uint32_t a_live = 0, b_live = 0;
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksA; ++l) {
+      const int e = tid + l * kThreads;
+      a_p0[l] = kKMajor ? e / (BM / kVec) : (e % 4) * kVec;
+      a_pd[l] = split_index(p_begin + a_p0[l], p.OH, p.OW);
+      const int64_t o = m0 + (kKMajor ? (e % (BM / kVec)) * kVec : e / 4);
+      a_chan[l] = o < p.Og ? Index(g * p.Og + o) * ys_c : Index(0);
+      if (o < p.Og) a_live |= 1u << l;
+    }
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksB; ++l) {
+      const int e = tid + l * kThreads;
+      b_p0[l] = kKMajor ? e / (BN / kVec) : (e % 4) * kVec;
+      b_pd[l] = split_index(p_begin + b_p0[l], p.OH, p.OW);
+      const int c = kKMajor ? (e % (BN / kVec)) * kVec : e / 4;
+      b_x[l] = col_x[c];
+      b_dh[l] = col_dh[c];
+      b_dw[l] = col_dw[c];
+      if (b_x[l] >= 0) b_live |= 1u << l;
+    }
+
+    // Offset of dy[position (digits d, index pos), channel offset chan], or -1 past the split.
+    auto dy_offset = [&](Digits3 d, int64_t pos, Index chan) -> Index {
+      if (pos >= p_end) return -1;
+      return Index(d.a) * ys_n + Index(d.b) * ys_h + Index(d.c) * ys_w + chan;
+    };
+    // Offset of im2col(x)[position, column (chan, dh, dw)], or -1 (past the split, padding).
+    auto x_offset = [&](Digits3 d, int64_t pos, Index chan, Index dh, Index dwo) -> Index {
+      if (pos >= p_end) return -1;
+      const Index ih = Index(d.b) * s_h + dh, iw = Index(d.c) * s_w + dwo;
+      if (ih < 0 || ih >= x_h || iw < 0 || iw >= x_w) return -1;
+      return Index(d.a) * xs_n + chan + ih * xs_h + iw * xs_w;
+    };
+
+    auto load_stage = [&](int stage, int64_t step) {
+      const int64_t pos0 = p_begin + step * BK;
+      JAXCONV_UNROLL
+      for (int l = 0; l < kChunksA; ++l) {
+        const int e = tid + l * kThreads;
+        const int64_t pos = pos0 + a_p0[l];
+        const bool chunk_live = (a_live >> l) & 1u;
+        if constexpr (kKMajor) {  // one position, kVec output channels from a_chan[l]
+          const int c = (e % (BM / kVec)) * kVec;
+          unsigned char* dst = &As[stage][a_p0[l] * kAPitch + c * int(sizeof(S))];
+          if (loads.a_vector) {  // Og % kVec == 0: the whole chunk is live or not
+            const Index off = chunk_live ? dy_offset(a_pd[l], pos, a_chan[l]) : Index(-1);
+            cp_async_16(dst, dy + (off < 0 ? 0 : off), off >= 0);
+          } else {
+            JAXCONV_UNROLL
+            for (int i = 0; i < kVec; ++i) {
+              const Index off = chunk_live && m0 + c + i < p.Og
+                                    ? dy_offset(a_pd[l], pos, a_chan[l] + Index(i) * ys_c)
+                                    : Index(-1);
+              reinterpret_cast<Bits*>(dst)[i] =
+                  off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(dy)[off];
+            }
+          }
+        } else {  // one output channel, kVec positions
+          const int r = e / 4;
+          unsigned char* dst = &As[stage][r * kMmaPitchBytes + (e % 4) * 16];
+          if (loads.a_vector) {
+            const Index off = chunk_live ? dy_offset(a_pd[l], pos, a_chan[l]) : Index(-1);
+            cp_async_16(dst, dy + (off < 0 ? 0 : off), off >= 0);
+          } else {
+            Digits3 d = a_pd[l];
+            JAXCONV_UNROLL
+            for (int i = 0; i < kVec; ++i) {
+              const Index off = chunk_live ? dy_offset(d, pos + i, a_chan[l]) : Index(-1);
+              reinterpret_cast<Bits*>(dst)[i] =
+                  off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(dy)[off];
+              d = add_digits(d, unit_step, p.OH, p.OW);
+            }
+          }
+        }
+        a_pd[l] = add_digits(a_pd[l], stage_step, p.OH, p.OW);
+      }
+      JAXCONV_UNROLL
+      for (int l = 0; l < kChunksB; ++l) {
+        const int e = tid + l * kThreads;
+        const int64_t pos = pos0 + b_p0[l];
+        const bool chunk_live = (b_live >> l) & 1u;
+        if constexpr (kKMajor) {  // one position, kVec columns k
+          const int c = (e % (BN / kVec)) * kVec;
+          unsigned char* dst = &Bs[stage][b_p0[l] * kBPitch + c * int(sizeof(S))];
+          if (loads.b_vector) {  // Cg % kVec == 0: one tap, consecutive ci, all live or not
+            const Index off =
+                chunk_live ? x_offset(b_pd[l], pos, b_x[l], b_dh[l], b_dw[l]) : Index(-1);
+            cp_async_16(dst, x + (off < 0 ? 0 : off), off >= 0);
+          } else {  // columns of several taps: each its own table entry
+            JAXCONV_UNROLL
+            for (int i = 0; i < kVec; ++i) {
+              const Index chan = col_x[c + i];
+              const Index off = chan >= 0
+                                    ? x_offset(b_pd[l], pos, chan, col_dh[c + i], col_dw[c + i])
+                                    : Index(-1);
+              reinterpret_cast<Bits*>(dst)[i] =
+                  off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(x)[off];
+            }
+          }
+        } else {  // one column k, kVec positions (gathered: x is not contiguous along them)
+          const int c = e / 4;
+          unsigned char* dst = &Bs[stage][c * kMmaPitchBytes + (e % 4) * 16];
+          Digits3 d = b_pd[l];
+          JAXCONV_UNROLL
+          for (int i = 0; i < kVec; ++i) {
+            const Index off =
+                chunk_live ? x_offset(d, pos + i, b_x[l], b_dh[l], b_dw[l]) : Index(-1);
+            reinterpret_cast<Bits*>(dst)[i] =
+                off < 0 ? Bits(0) : reinterpret_cast<const Bits*>(x)[off];
+            d = add_digits(d, unit_step, p.OH, p.OW);
+          }
+        }
+        b_pd[l] = add_digits(b_pd[l], stage_step, p.OH, p.OW);
+      }
+    };
+
+    float acc[MI][NI][4];
+    mma_mainloop<kKind, Cfg, MmaOperands<kKMajor, kAPitch, kKMajor, kBPitch>>(
+        acc, (p_end - p_begin + BK - 1) / BK, load_stage, As[0], Bs[0], warp_m0, warp_n0, lane);
+
+    // Epilogue: accumulator q of tile (i, j) is D[g + 8 * (q / 2)][2t + q % 2] (lane = 4g + t).
+    float* part = p.splits > 1 ? partial + split * p.dw_elems : nullptr;
+    const int grp = lane / 4, t4 = lane % 4;
+    JAXCONV_UNROLL
+    for (int i = 0; i < MI; ++i)
+      JAXCONV_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int64_t o = m0 + warp_m0 + i * 16 + grp + 8 * h;
+        if (o >= p.Og) continue;
+        JAXCONV_UNROLL
+        for (int j = 0; j < NI; ++j)
+          JAXCONV_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int c = warp_n0 + j * 8 + 2 * t4 + e;
+            if (col_x[c] < 0) continue;
+            const Index off = Index(g * p.Og + o) * Index(p.ws.n) + col_w[c];
+            if (part)
+              part[off] = acc[i][j][2 * h + e];
+            else
+              dw[off] = Num<T>::store(acc[i][j][2 * h + e]);
+          }
+      }
+    __syncthreads();  // the next tile rewrites the column tables
   }
 }
 
@@ -370,9 +739,59 @@ MmaLoads mma_pass_loads(const PassParams& p, const T* in, const T* w) {
   return loads;
 }
 
+// bwd_filter: which chunks may be copied as 16 bytes (every chunk's kVec elements consecutive
+// in memory and its first element's offset a multiple of kVec, with 16-byte-aligned buffers).
+template <typename T>
+MmaLoads mma_filter_loads(const FilterParams& p, const T* x, const T* dy) {
+  const int64_t vec = sizeof(T) == 2 ? 8 : 4;
+  auto multiple = [&](int64_t v) { return v % vec == 0; };
+  MmaLoads loads{0, 0};
+  if (p.layout == kNHWC) {
+    // dy chunk: output channels (g * Og + o .. + vec) of one position; x chunk: channels
+    // (g * Cg + ci .. + vec) of one tap of one position (k = (kh, kw, ci), ci innermost).
+    loads.a_vector = p.ys.c == 1 && multiple(p.Og) && multiple(p.ys.n) && multiple(p.ys.h) &&
+                     multiple(p.ys.w) && aligned16(dy);
+    loads.b_vector = p.xs.c == 1 && multiple(p.Cg) && multiple(p.xs.n) && multiple(p.xs.h) &&
+                     multiple(p.xs.w) && aligned16(x);
+  } else {
+    // dy chunk: vec positions of one output channel, starting at a multiple of vec; they stay in
+    // one image (and are consecutive there) when OH * OW is a multiple of vec.
+    loads.a_vector = p.ys.w == 1 && p.ys.h == p.OW && multiple(p.OH * p.OW) &&
+                     multiple(p.ys.c) && multiple(p.ys.n) && aligned16(dy);
+    loads.b_vector = 0;  // im2col(x) along positions is strided: gathered
+  }
+  return loads;
+}
+
+// Launches conv_filter_mma_kernel over p's plan (plan_filter with this tile) into dw, or into
+// the float32 partial sums when p.splits > 1 (the caller then adds them); index32 as for the
+// pass.
+template <typename T, typename Cfg>
+cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T* dw,
+                              float* partial, bool index32, cudaStream_t stream) {
+  const MmaLoads loads = mma_filter_loads(p, x, dy);
+  void (*kernel)(FilterParams, MmaLoads, const T*, const T*, T*, float*);
+  if (p.layout == kNHWC)
+    kernel = index32 ? conv_filter_mma_kernel<T, Cfg, kNHWC, int32_t>
+                     : conv_filter_mma_kernel<T, Cfg, kNHWC, int64_t>;
+  else
+    kernel = index32 ? conv_filter_mma_kernel<T, Cfg, kNCHW, int32_t>
+                     : conv_filter_mma_kernel<T, Cfg, kNCHW, int64_t>;
+  return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, x,
+                dy, dw, partial);
+}
+
+// The pass kernel instantiation for one layout / B staging, by index width.
+template <typename T, typename Cfg, int kLayout, bool kBKMajor>
+auto pass_mma_kernel(bool index32) {
+  return index32 ? conv_pass_mma_kernel<T, Cfg, kLayout, kBKMajor, int32_t>
+                 : conv_pass_mma_kernel<T, Cfg, kLayout, kBKMajor, int64_t>;
+}
+
+// index32: offsets in int32 (choose_mma_index32 in conv2d_kernels.cuh says when that is exact).
 template <typename T, typename Cfg>
 cudaError_t launch_pass_mma(PassParams p, const T* in, const T* w, const T* bias, T* out,
-                            cudaStream_t stream) {
+                            bool index32, cudaStream_t stream) {
   p.m_tiles = ceil_div_pos(p.M, Cfg::BM);
   p.n_tiles = ceil_div_pos(p.Cout, Cfg::BN);
   p.tiles = p.phases_h * p.phases_w * p.G * p.n_tiles * p.m_tiles;
@@ -381,12 +800,12 @@ cudaError_t launch_pass_mma(PassParams p, const T* in, const T* w, const T* bias
   void (*kernel)(PassParams, MmaLoads, const T*, const T*, const T*, T*);
   if (p.layout == kNHWC) {
     if constexpr (sizeof(T) == 2)
-      kernel = mma_b_k_major<T>(p) ? conv_pass_mma_kernel<T, Cfg, kNHWC, true>
-                                   : conv_pass_mma_kernel<T, Cfg, kNHWC, false>;
+      kernel = mma_b_k_major<T>(p) ? pass_mma_kernel<T, Cfg, kNHWC, true>(index32)
+                                   : pass_mma_kernel<T, Cfg, kNHWC, false>(index32);
     else
-      kernel = conv_pass_mma_kernel<T, Cfg, kNHWC, false>;
+      kernel = pass_mma_kernel<T, Cfg, kNHWC, false>(index32);
   } else {
-    kernel = conv_pass_mma_kernel<T, Cfg, kNCHW, false>;
+    kernel = pass_mma_kernel<T, Cfg, kNCHW, false>(index32);
   }
   return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, in, w,
                 bias, out);

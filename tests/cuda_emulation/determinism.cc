@@ -5,7 +5,8 @@
 //
 // Buffer dims and attrs as in kernels.cc (x NCHW or NHWC, dw OIHW or HWIO; stride_h, stride_w,
 // dilation_h, dilation_w, pad_top, pad_bottom, pad_left, pad_right, groups, layout); float32
-// only (the rule is dtype-independent; float32 is where summation order shows in the bits).
+// only (the rule is dtype-independent; float32 is where summation order shows in the bits, on
+// tensor cores as TF32).
 #include "emulate.h"
 
 #include <cstdio>
@@ -33,18 +34,21 @@ extern "C" {
 
 // bwd_filter with `resident_blocks` blocks of the grid running (the emulation's stand-in for
 // the GPU's size: a GPU with fewer SMs runs the same tiles in more waves, here each block loops
-// over more tiles). allocate_ok == 0 makes the workspace allocation fail as XLA's allocator
-// would: the handler's message is copied into `message` and 3 returned. Otherwise 0 on
-// success, 1 for an invalid geometry, 2 for a launch error. splits receives the plan's split
-// count.
+// over more tiles), under the handler's PassOptions {tensor_cores, allow_tf32} (tensor cores:
+// the TF32 kernel where the shape qualifies). allocate_ok == 0 makes the workspace allocation
+// fail as XLA's allocator would: the handler's message is copied into `message` and 3
+// returned. Otherwise 0 on success, 1 for an invalid geometry, 2 for a launch error. plan
+// receives {splits, kernel (FilterKernel)}.
 int emu_filter_handler(const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs,
                        const float* x, const float* dy, float* dw, unsigned resident_blocks,
-                       int allocate_ok, int64_t* splits, char* message, size_t message_size) {
+                       int allocate_ok, int tensor_cores, int allow_tf32, int64_t* plan,
+                       char* message, size_t message_size) {
   ConvGeometry g;
   if (!geometry(x_dims, w_dims, attrs, &g)) return 1;
   emu::max_blocks = resident_blocks;
-  FilterLauncher<float> launcher(g);
-  *splits = launcher.p.splits;
+  FilterLauncher<float> launcher(g, PassOptions{tensor_cores != 0, allow_tf32 != 0});
+  plan[0] = launcher.p.splits;
+  plan[1] = int64_t(launcher.kind);
   std::vector<float> workspace;
   if (int64_t bytes = launcher.workspace_bytes()) {
     if (!allocate_ok) {

@@ -40,9 +40,11 @@ extern "C" {
 // 2 bwd_filter (a = x, b = dy, out = dw). x_dims / w_dims: the shapes of x (dx for bwd_data)
 // and w (dw for bwd_filter). attrs: stride_h, stride_w, dilation_h, dilation_w, pad_top,
 // pad_bottom, pad_left, pad_right, groups, layout. bias may be null.
-// tensor_cores / allow_tf32:
-// the PassOptions of forward and bwd_data (the handlers set tensor_cores on sm_80+);
-// force_mma_tile (2 or 3, else ignored) runs forward or bwd_data on that tensor-core tile.
+// tensor_cores / allow_tf32: the PassOptions of all three directions (the handlers set
+// tensor_cores on sm_80+); force_mma_tile (2 or 3, else ignored) runs the direction on that
+// tensor-core tile (128 x 128 / 64 x 64) whatever the shape, with the offset width
+// mma_index32 picks (int32 for every emulated size); 4 and 5: the same tiles with int64
+// offsets.
 int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
              const int64_t* attrs, const void* a, const void* b, const void* bias, void* out,
              unsigned max_blocks, int tensor_cores,
@@ -61,17 +63,23 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
     const T* tbias = static_cast<const T*>(bias);
     T* tout = static_cast<T*>(out);
     const PassOptions opts{tensor_cores != 0, allow_tf32 != 0};
+    const bool forced = force_mma_tile >= 2 && force_mma_tile <= 5;
+    const bool large = force_mma_tile == 2 || force_mma_tile == 4;
+    const bool force_int64 = force_mma_tile >= 4;
     if constexpr (sizeof(T) <= 4) {
-      // force_mma_tile 2 / 3: the 128 x 128 / 64 x 64 tensor-core tile whatever the shape (the
-      // large tile is chosen only for layers too big to emulate).
-      if (force_mma_tile == 2 || force_mma_tile == 3) {
-        if (g.N == 0 || which == 2) return 1;
+      // The large tile is chosen only for layers too big to emulate, hence the forcing.
+      if (forced && which != 2) {
+        if (g.N == 0) return 1;
         const PassParams pp = which == 0 ? forward_pass(g) : bwd_data_pass(g);
         if (pp.M == 0) return 0;
-        return status(force_mma_tile == 2
-                          ? launch_pass_mma<T, MmaLargeTile>(pp, ta, tb, tbias, tout, nullptr)
-                          : launch_pass_mma<T, MmaSmallTile>(pp, ta, tb, tbias, tout, nullptr));
+        const bool index32 = !force_int64 && mma_index32(pp);
+        return status(large ? launch_pass_mma<T, MmaLargeTile>(pp, ta, tb, tbias, tout, index32,
+                                                               nullptr)
+                            : launch_pass_mma<T, MmaSmallTile>(pp, ta, tb, tbias, tout, index32,
+                                                               nullptr));
       }
+    } else {
+      if (forced) return 1;  // float64 has no tensor-core kernel
     }
     if (which == 0)
       return g.N == 0 ? 0 : status(conv2d_forward<T>(g, ta, tb, tbias, tout, nullptr, opts));
@@ -82,27 +90,34 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
       std::memset(out, 0, size_t(g.O * g.gemm_k()) * sizeof(T));
       return 0;
     }
-    FilterLauncher<T> launcher(g);
+    const FilterLauncher<T> launcher =
+        forced ? FilterLauncher<T>(g, large ? FilterKernel::kMmaLarge : FilterKernel::kMmaSmall,
+                                   force_int64)
+               : FilterLauncher<T>(g, opts);
     std::vector<Acc> workspace(size_t(launcher.workspace_bytes() / int64_t(sizeof(Acc))));
     return status(launcher.run(ta, tb, tout, workspace.empty() ? nullptr : workspace.data(),
                                nullptr));
   });
 }
 
-// The bwd_filter plan for a geometry: {splits, chunk, tiles, workspace bytes}.
+// The bwd_filter plan for a geometry under PassOptions {tensor_cores, allow_tf32}:
+// {splits, chunk, tiles, workspace bytes, kernel (FilterKernel: 0 SIMT wide, 1 SIMT small,
+// 2 tensor cores 128 x 128, 3 tensor cores 64 x 64)}.
 int emu_filter_plan(const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs,
-                    int dtype, int64_t* plan) {
+                    int dtype, int tensor_cores, int allow_tf32, int64_t* plan) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   ConvGeometry g;
   if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
     return 1;
+  const PassOptions opts{tensor_cores != 0, allow_tf32 != 0};
   return dispatch(dtype, [&](auto zero) -> int {
-    FilterLauncher<decltype(zero)> launcher(g);
+    FilterLauncher<decltype(zero)> launcher(g, opts);
     plan[0] = launcher.p.splits;
     plan[1] = launcher.p.chunk;
     plan[2] = launcher.p.tiles;
     plan[3] = launcher.workspace_bytes();
+    plan[4] = int64_t(launcher.kind);
     return 0;
   });
 }
@@ -124,6 +139,20 @@ int emu_pass_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* 
     return 0;
   });
   return kind;
+}
+
+// Whether the tensor-core kernel of direction `which` (0 forward, 1 bwd_data, 2 bwd_filter)
+// would form int32 offsets (mma_index32): 1 yes, 0 no (int64), -1 for an invalid geometry.
+// Needs only the shapes, so sizes past 2^31 elements can be asked about.
+int emu_mma_index32(int which, const int64_t* x_dims, const int64_t* w_dims,
+                    const int64_t* attrs) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return -1;
+  if (which == 2) return int(mma_index32(filter_params(g)));
+  return int(mma_index32(which == 0 ? forward_pass(g) : bwd_data_pass(g)));
 }
 
 // which: 0 forward (a = x, out0 = y, out1 = int32 indices), 1 backward (a = dy, b = int32
