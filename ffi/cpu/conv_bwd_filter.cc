@@ -55,7 +55,12 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
     }
   });
   // Blocks of the im2col side: NCHW rows of dW^T (multiples of 6), NHWC columns (panels).
-  const int64_t block = nchw ? 96 : 8 * NR;
+  // NHWC with few channels per group (an input layer: 3 channels, 7x7 taps, Kg = 147) packs
+  // whole im2col rows instead, one block over all of Kg: per-tap pieces of Cg values would be
+  // copied one by one (49 copies of 3 floats per position), where a row of taps is TW*Cg
+  // consecutive values of x (pack_col_rows), dealt out to the panels NR at a time.
+  const bool row_pack = !nchw && Cg < kFewChannels && Kg <= 2 * kKC;
+  const int64_t block = nchw ? 96 : row_pack ? round_up(Kg, NR) : 8 * NR;
   const int64_t blocks = (Kg + block - 1) / block;
   int64_t splits = std::max<int64_t>(1, (2 * pr.num_threads() + G * blocks - 1) / (G * blocks));
   splits = std::min(splits, slices);
@@ -83,6 +88,27 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
                            im + (k - k0) * pc + r.at);
         }
         gemm_packed(kn, Og, pc, im, pc, dyop, pc * NR, part + k0 * Og, Og, true);
+      } else if (row_pack) {
+        // B = all im2col columns as panels over the slice's positions, from rows of
+        // kRowChunk positions at a time: [pos][k] -> panels [k / NR][pos][k % NR].
+        constexpr int64_t kRowChunk = 16;
+        Acc* rows = scratch<Acc, kGatherLine>(kRowChunk * Kg);
+        const int64_t full = Kg / NR, rest = Kg % NR;
+        for (int64_t r0 = 0; r0 < pc; r0 += kRowChunk) {
+          const int64_t rn = std::min(kRowChunk, pc - r0);
+          pack_col_rows(ps, x, grp, q0 + r0, rn, 0, Kg, rows);
+          for (int64_t r = 0; r < rn; ++r) {
+            const Acc* src = rows + r * Kg;
+            Acc* dst = im + (r0 + r) * NR;
+            for (int64_t p = 0; p < full; ++p)
+              std::memcpy(dst + p * pc * NR, src + p * NR, NR * sizeof(Acc));
+            if (rest) {
+              std::memcpy(dst + full * pc * NR, src + full * NR, rest * sizeof(Acc));
+              std::memset(dst + full * pc * NR + rest, 0, (NR - rest) * sizeof(Acc));
+            }
+          }
+        }
+        gemm_packed(Og, kn, pc, dyop, pc, im, pc * NR, part + k0, Kg, true);
       } else {
         // B = im2col columns k0 .. k0+kn as panels over the slice's positions.
         pack_col_panels_nhwc(ps, x, grp, q0, pc, k0, kn, im);
