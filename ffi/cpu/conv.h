@@ -203,7 +203,7 @@ struct Conv {
 
   // dw = sum over images and positions of the im2col of x against dy (see the file comment).
   //
-  // Positions (n, oh, ow), flattened, are cut into slices of at most kKC; dy is first packed
+  // Positions (n, oh, ow), flattened, are cut into equal slices of at most kKC; dy is first packed
   // once per slice into the GEMM operand it plays (NCHW: B panels of dY^T; NHWC: A rows of
   // dY^T). Tasks then own a block of the im2col side (NCHW: rows k of dW^T; NHWC: columns k)
   // and a contiguous range of slices; when there are too few blocks to keep every thread busy
