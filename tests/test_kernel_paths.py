@@ -4,7 +4,7 @@ backend; the paths named are the CPU's, and the same shapes reach the CUDA tiles
 The fast CPU convolution splits work by shape: K-slices of the reduction (K > 384), column
 blocks that run across images (output planes under 128 cells) or split an image, row blocks,
 in-place 1x1 operands, whole-row im2col copies in NHWC, stride phases of bwd_data (with taps
-that some phases lack), the depthwise kernel, panel and micro-tile edges (channel counts that
+that some phases lack) or its scatter form (col2im: small outputs, few input channels), the depthwise kernel, panel and micro-tile edges (channel counts that
 are not multiples of 6 or 16), and the baseline (non-AVX2) build of the GEMM. Every case here is
 small, but chosen so that one of those paths is taken; values, input gradients and weight
 gradients are compared with lax at HIGHEST precision.
@@ -46,6 +46,16 @@ CASES = {
     "col2im strided grouped padded": C(n=2, c=4, h=9, w=10, o=6, kernel=(5, 4), stride=(2, 3),
                                        padding=((1, 0), (2, 1)), groups=2),
     "col2im output channels sliced": C(n=2, c=8, h=6, w=6, o=400, kernel=(5, 5)),
+    # Few input channels (an input layer): bwd_data in scatter form (NHWC: a row of taps added
+    # as one run, clipped at the borders), NHWC bwd_filter from whole packed im2col rows, over
+    # positions cut into equal slices (578 = 2 x 17 x 17: three of 193).
+    "few channels stem 3->40 7x7/2": C(n=2, c=3, h=33, w=34, o=40, kernel=(7, 7), stride=2,
+                                      padding=3),
+    # ... and the per-tap forms of both: taps two columns apart, and grouped channels that are
+    # not dense in a cell.
+    "few channels dilated along w": C(n=2, c=2, h=15, w=16, o=8, padding=2, dilation=(1, 2)),
+    "few channels grouped strided": C(n=2, c=4, h=12, w=13, o=16, kernel=(5, 5), stride=2,
+                                      padding=2, groups=2),
 }
 
 
@@ -70,7 +80,8 @@ def test_conv_paths_float32(backend, name, layout):
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.bfloat16])
 @pytest.mark.parametrize("name", ["K sliced, small planes across images", "stem-like 7x7/2",
-                                  "depthwise stride 2", "stride 3 phases", "col2im LeNet-like"])
+                                  "depthwise stride 2", "stride 3 phases", "col2im LeNet-like",
+                                  "few channels stem 3->40 7x7/2"])
 def test_conv_paths_other_dtypes(backend, name, dtype, layout):
     _check(CASES[name], backend, layout, dtype)
 

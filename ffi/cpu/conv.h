@@ -180,9 +180,20 @@ struct Conv {
   // about H*W/(sh*sw) cells x all taps, against the forward's OH*OW x all taps. When the ratio
   // is large (a kernel covering most of a small image: LeNet's 5x5 layers, C5 has a 1x1 output)
   // the scatter form does exactly the forward's work instead.
+  //
+  // It is also the better form when dx has few channels per group and dy many (an input layer:
+  // the ResNet stem is 3 -> 64, 7x7/2). Per dy position and tap the phases pack Og values of
+  // dy into their im2col and run a GEMM whose output width is Cg (3 of a 16-wide panel); the
+  // scatter form runs a GEMM of width Cg*KH*KW with reduction Og (dy read in place in NHWC) and
+  // adds only Cg values per position and tap into dx.
   bool prefer_col2im() const {
+    if (g.KH * g.KW > 1 && Cg < kFewChannels && 2 * Cg <= Og) return true;
     return 10 * g.H * g.W > 12 * g.p.stride_h * g.p.stride_w * g.OH * g.OW;
   }
+
+  // Channels per group below which a GEMM over channels alone is too narrow for the 16-wide
+  // micro-kernel panels (and per-tap copies of that many channels too short to pay off).
+  static constexpr int64_t kFewChannels = 16;
 
   // Scatter form: dCol[pos, k] = sum_o dY[pos, o] * W[o, k] (a GEMM per block of dy positions),
   // then every dCol element is added to the dx cell the forward read it from (col2im). Tasks
@@ -192,7 +203,7 @@ struct Conv {
 
   // dw = sum over images and positions of the im2col of x against dy (see the file comment).
   //
-  // Positions (n, oh, ow), flattened, are cut into slices of at most kKC; dy is first packed
+  // Positions (n, oh, ow), flattened, are cut into equal slices of at most kKC; dy is first packed
   // once per slice into the GEMM operand it plays (NCHW: B panels of dY^T; NHWC: A rows of
   // dY^T). Tasks then own a block of the im2col side (NCHW: rows k of dW^T; NHWC: columns k)
   // and a contiguous range of slices; when there are too few blocks to keep every thread busy

@@ -109,6 +109,12 @@ void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const 
       }
     } else {
       const int64_t PB = 96, KB = 256;
+      // Taps along w one dx column apart, channels of one group dense in a cell: a row of
+      // taps scatters into consecutive elements (few channels, as in an input layer, would
+      // otherwise be many adds of Cg elements each).
+      const int64_t TW = ps.TW(), row_k = TW * Cg;
+      bool unit_taps = as.w == Cg;
+      for (int64_t t = 1; t < TW; ++t) unit_taps &= ps.off_w[t] == ps.off_w[t - 1] + 1;
       Acc* Ac = scratch<Acc, kPackedOperand>(PB * Og);
       Acc* C = scratch<Acc, kTile>(PB * KB);
       for (int64_t p0 = 0; p0 < J; p0 += PB) {
@@ -134,6 +140,24 @@ void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const 
           for (int64_t p = p0; p < p0 + pn; ++p) {
             const int64_t oh = p / g.OW, ow = p % g.OW;
             const Acc* crow = C + (p - p0) * kn;
+            if (unit_taps) {
+              // Row th of the taps: k = (th*TW + tw)*Cg + c lands on dx cell
+              // (ih, iw0 + tw, c), offset ih*as.h + iw0*Cg + (k - th*TW*Cg); the taps
+              // [tlo, thi) inside dx are one run of k and of dx.
+              const int64_t iw0 = ow * ps.step_w + ps.off_w[0];
+              const int64_t tlo = std::min(TW, std::max<int64_t>(0, -iw0));
+              const int64_t thi = std::max(tlo, std::min(TW, g.W - iw0));
+              for (int64_t th = k0 / row_k; th * row_k < k0 + kn; ++th) {
+                const int64_t ih = oh * ps.step_h + ps.off_h[th];
+                if (ih < 0 || ih >= g.H) continue;
+                const int64_t klo = std::max(k0, th * row_k + tlo * Cg);
+                const int64_t khi = std::min(k0 + kn, th * row_k + thi * Cg);
+                Acc* d = acc + ih * as.h + (iw0 * Cg + klo - th * row_k);
+                const Acc* src = crow + (klo - k0);
+                for (int64_t i = 0; i < khi - klo; ++i) d[i] += src[i];
+              }
+              continue;
+            }
             // Taps overlapping this k block, walked with (th, tw) counters (no divisions
             // in the per-position loop).
             const int64_t t_lo = k0 / Cg;
