@@ -329,6 +329,54 @@ struct FilterParams {
   int64_t layout;
 };
 
+// One tile of a bwd_filter launch (SIMT and tensor-core kernels alike):
+//   tile = ((g * n_tiles + nt) * m_tiles + mt) * splits + split,
+// dW rows [m0, m0 + BM) and columns [n0, n0 + BN) of group g, summed over the positions
+// [p_begin, p_end) of split `split`.
+struct FilterTileSpan {
+  int64_t g, m0, n0, split, p_begin, p_end;
+};
+__device__ __forceinline__ FilterTileSpan filter_tile_span(const FilterParams& p, int64_t tile,
+                                                          int64_t BM, int64_t BN) {
+  const int64_t split = tile % p.splits;
+  tile /= p.splits;
+  const int64_t mt = tile % p.m_tiles;
+  tile /= p.m_tiles;
+  const int64_t nt = tile % p.n_tiles;
+  const int64_t p_begin = split * p.chunk;
+  return {tile / p.n_tiles, mt * BM, nt * BN, split, p_begin,
+          p_begin + p.chunk < p.P ? p_begin + p.chunk : p.P};
+}
+
+// Per column c of a bwd_filter tile (dW column k = n0 + c, digits (ci, kh, kw) in OIHW order,
+// (kh, kw, ci) in HWIO): x's channel offset (-1 past Kg), the tap's row and column offsets
+// kh * dilation_h - pad_top and kw * dilation_w - pad_left, and the offset within dW. The block's
+// threads fill the columns tid, tid + threads, ...; the caller synchronizes.
+template <bool kChannelsLast, typename Index>
+__device__ __forceinline__ void filter_columns(const FilterParams& p, int64_t g, int64_t n0,
+                                               int BN, int tid, int threads, Index* col_x,
+                                               Index* col_dh, Index* col_dw, Index* col_w) {
+  const int64_t r1 = kChannelsLast ? p.KW : p.KH, r2 = kChannelsLast ? p.Cg : p.KW;
+  for (int c = tid; c < BN; c += threads) {
+    const int64_t k = n0 + c;
+    int64_t chan = -1, dh = 0, dwo = 0, wo = 0;
+    if (k < p.Kg) {
+      const Digits3 d = split_index(k, r1, r2);
+      const int64_t ci = kChannelsLast ? d.c : d.a;
+      const int64_t kh = kChannelsLast ? d.a : d.b;
+      const int64_t kw = kChannelsLast ? d.b : d.c;
+      chan = (g * p.Cg + ci) * p.xs.c;
+      dh = kh * p.dil_h - p.pad_top;
+      dwo = kw * p.dil_w - p.pad_left;
+      wo = ci * p.ws.c + kh * p.ws.h + kw * p.ws.w;
+    }
+    col_x[c] = Index(chan);
+    col_dh[c] = Index(dh);
+    col_dw[c] = Index(dwo);
+    col_w[c] = Index(wo);
+  }
+}
+
 }  // namespace jaxconv::cuda
 
 // The tensor-core kernels read PassParams, FilterParams and the axis helpers above.
@@ -485,40 +533,13 @@ __global__ void __launch_bounds__(256, 2)
   // Lanes along dw's contiguous axis: k in OIHW, co in HWIO.
   const int lane_m = kChannelsLast ? tid % kLanes : tid / kLanes;
   const int lane_n = kChannelsLast ? tid / kLanes : tid % kLanes;
-  const int64_t r1 = kChannelsLast ? p.KW : p.KH, r2 = kChannelsLast ? p.Cg : p.KW;
   const Digits3 p_step = split_index(BK, p.OH, p.OW);
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-    // tile = ((g * n_tiles + nt) * m_tiles + mt) * splits + split
-    int64_t rest = tile;
-    const int64_t split = rest % p.splits;
-    rest /= p.splits;
-    const int64_t mt = rest % p.m_tiles;
-    rest /= p.m_tiles;
-    const int64_t nt = rest % p.n_tiles;
-    const int64_t g = rest / p.n_tiles;
-    const int64_t m0 = mt * BM, n0 = nt * BN;
-    const int64_t p_begin = split * p.chunk;
-    const int64_t p_end = p_begin + p.chunk < p.P ? p_begin + p.chunk : p.P;
-
-    for (int c = tid; c < BN; c += kThreads) {
-      const int64_t k = n0 + c;
-      int64_t chan = -1, dh = 0, dwo = 0, wo = 0;
-      if (k < p.Kg) {
-        const Digits3 d = split_index(k, r1, r2);
-        const int64_t ci = kChannelsLast ? d.c : d.a;
-        const int64_t kh = kChannelsLast ? d.a : d.b;
-        const int64_t kw = kChannelsLast ? d.b : d.c;
-        chan = (g * p.Cg + ci) * p.xs.c;
-        dh = kh * p.dil_h - p.pad_top;
-        dwo = kw * p.dil_w - p.pad_left;
-        wo = ci * p.ws.c + kh * p.ws.h + kw * p.ws.w;
-      }
-      col_x[c] = chan;
-      col_dh[c] = dh;
-      col_dw[c] = dwo;
-      col_w[c] = wo;
-    }
+    const FilterTileSpan t = filter_tile_span(p, tile, BM, BN);
+    const int64_t g = t.g, m0 = t.m0, n0 = t.n0, split = t.split, p_begin = t.p_begin,
+                  p_end = t.p_end;
+    filter_columns<kChannelsLast>(p, g, n0, BN, tid, kThreads, col_x, col_dh, col_dw, col_w);
 
     Acc acc[TM][TN];
     JAXCONV_UNROLL

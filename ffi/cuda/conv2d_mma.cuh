@@ -505,8 +505,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
   const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
   const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
-  // k digits: NCHW (ci, kh, kw) radices (KH, KW); NHWC (kh, kw, ci) radices (KW, Cg).
-  const int64_t r1 = kKMajor ? p.KW : p.KH, r2 = kKMajor ? p.Cg : p.KW;
   // Position digits (n, oh, ow), radices (OH, OW).
   const Digits3 stage_step = split_index(BK, p.OH, p.OW), unit_step = split_index(1, p.OH, p.OW);
   const Index x_h = Index(p.H), x_w = Index(p.W), s_h = Index(p.stride_h),
@@ -516,36 +514,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
               ys_w = Index(p.ys.w);
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-    // tile = ((g * n_tiles + nt) * m_tiles + mt) * splits + split
-    int64_t rest = tile;
-    const int64_t split = rest % p.splits;
-    rest /= p.splits;
-    const int64_t mt = rest % p.m_tiles;
-    rest /= p.m_tiles;
-    const int64_t nt = rest % p.n_tiles;
-    const int64_t g = rest / p.n_tiles;
-    const int64_t m0 = mt * BM, n0 = nt * BN;
-    const int64_t p_begin = split * p.chunk;
-    const int64_t p_end = p_begin + p.chunk < p.P ? p_begin + p.chunk : p.P;
-
-    for (int c = tid; c < BN; c += kThreads) {
-      const int64_t k = n0 + c;
-      int64_t chan = -1, dh = 0, dwo = 0, wo = 0;
-      if (k < p.Kg) {
-        const Digits3 d = split_index(k, r1, r2);
-        const int64_t ci = kKMajor ? d.c : d.a;
-        const int64_t kh = kKMajor ? d.a : d.b;
-        const int64_t kw = kKMajor ? d.b : d.c;
-        chan = (g * p.Cg + ci) * p.xs.c;
-        dh = kh * p.dil_h - p.pad_top;
-        dwo = kw * p.dil_w - p.pad_left;
-        wo = ci * p.ws.c + kh * p.ws.h + kw * p.ws.w;
-      }
-      col_x[c] = Index(chan);
-      col_dh[c] = Index(dh);
-      col_dw[c] = Index(dwo);
-      col_w[c] = Index(wo);
-    }
+    const FilterTileSpan t = filter_tile_span(p, tile, BM, BN);
+    const int64_t g = t.g, m0 = t.m0, n0 = t.n0, split = t.split, p_begin = t.p_begin,
+                  p_end = t.p_end;
+    filter_columns<kKMajor>(p, g, n0, BN, tid, kThreads, col_x, col_dh, col_dw, col_w);
     __syncthreads();
 
     // Once per tile, in registers: the position (offset from the stage's first, and digits)
