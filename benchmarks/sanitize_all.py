@@ -2,8 +2,9 @@
 racecheck) in benchmarks/gpu_check.sh: conv2d forward, bwd_data and bwd_filter (narrow and wide
 output-channel tiles, strides with bwd_data phases, groups, depthwise, few input channels, a
 reduction long enough to split bwd_filter into partial sums), transposed convolution, and max
-pooling forward (with indices, and values-only without a gradient) and backward; both layouts; float32 at default and HIGHEST precision, bfloat16,
-float16 and float64. Shapes are small because the sanitizers slow kernels down 10-100x.
+pooling forward (with indices, and values-only without a gradient) and backward; both layouts;
+float32 at default and HIGHEST precision, bfloat16, float16 and float64. Shapes are small
+because the sanitizers slow kernels down 10-100x.
 
 Usage: python benchmarks/sanitize_all.py [--device gpu|cpu] [--dtypes float32,bfloat16]
 (cpu: a dry run of the same calls; --dtypes: a subset, for the slower racecheck)

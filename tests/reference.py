@@ -2,8 +2,8 @@
 
 - conv2d: lax.conv_general_dilated at HIGHEST precision.
 - conv_transpose2d: PyTorch's definition through lax: the input dilated by the stride
-  (stride - 1 zeros inserted by lax.pad), the kernel flipped and its in/out channels swapped per group, padded by
-  dilation*(k-1) - pad (plus output_padding after).
+  (stride - 1 zeros inserted by lax.pad), the kernel flipped and its in/out channels swapped per
+  group, padded by dilation*(k-1) - pad (plus output_padding after).
 - max_pool2d values and indices: a plain NumPy loop over windows (first maximum wins, NaN wins,
   padded cells never chosen), and lax.reduce_window for values.
 """
@@ -241,7 +241,8 @@ class ConvCase:
 
     def out_hw(self):
         """Output height and width. conv2d: (H + pads - dilation*(K - 1) - 1) // stride + 1;
-        conv_transpose2d (PyTorch): (H - 1)*stride - pads + dilation*(K - 1) + output_padding + 1."""
+        conv_transpose2d (PyTorch): (H - 1)*stride - pads + dilation*(K - 1) + output_padding
+        + 1."""
         kw = self.ref_keywords()
         if self.transpose:
             return tuple((i - 1) * s - lo - hi + d * (k - 1) + op + 1

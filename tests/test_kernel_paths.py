@@ -4,8 +4,9 @@ backend; the paths named are the CPU's, and the same shapes reach the CUDA tiles
 The fast CPU convolution splits work by shape: K-slices of the reduction (K > 384), column
 blocks that run across images (output planes under 128 cells) or split an image, row blocks,
 in-place 1x1 operands, whole-row im2col copies in NHWC, stride phases of bwd_data (with taps
-that some phases lack) or its scatter form (col2im: small outputs, few input channels), the depthwise kernel, panel and micro-tile edges (channel counts that
-are not multiples of 6 or 16), and the baseline (non-AVX2) build of the GEMM. Every case here is
+that some phases lack) or its scatter form (col2im: small outputs, few input channels), the
+depthwise kernel, panel and micro-tile edges (channel counts that are not multiples of 6 or 16),
+and the baseline (non-AVX2) build of the GEMM. Every case here is
 small, but chosen so that one of those paths is taken; values, input gradients and weight
 gradients are compared with lax at HIGHEST precision.
 """

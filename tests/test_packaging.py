@@ -4,6 +4,7 @@ The version is written once, as jaxconv.__version__; the build reads it from jax
 (pyproject.toml: [tool.scikit-build] metadata.version), so the installed distribution's version
 and the module's must agree. Both editable and wheel installs are checked by whichever one ran.
 """
+
 from __future__ import annotations
 
 import importlib.metadata

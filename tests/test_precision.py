@@ -77,7 +77,7 @@ def test_rejected_like_lax(precision):
 def test_dot_algorithms_other_than_default_are_refused():
     """lax takes dot algorithms for convolutions too; jaxconv's kernels implement none but the
     default, so it refuses the others by name instead of silently ignoring them."""
-    with pytest.raises(ValueError, match="only lax.DotAlgorithmPreset.DEFAULT applies"):
+    with pytest.raises(ValueError, match=r"only lax\.DotAlgorithmPreset\.DEFAULT applies"):
         jaxconv.conv2d(X, W, precision=lax.DotAlgorithmPreset.F32_F32_F32)
 
 
