@@ -65,3 +65,11 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     return f"jaxconv test backends: {', '.join(BACKENDS)}"
+
+
+@pytest.fixture(scope="session")
+def conv_emu(tmp_path_factory):
+    """tests/cuda_emulation/kernels.cc built against the host emulation (tests/emulation.py):
+    the conv and pool kernels with the handlers' planning, one build per session and worker."""
+    from emulation import build_emulation
+    return build_emulation("kernels.cc", tmp_path_factory.mktemp("conv_emu"))

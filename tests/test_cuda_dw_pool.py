@@ -5,7 +5,7 @@ lax.conv_general_dilated), in all dtypes and both layouts, plus a seeded fuzz ov
 geometries.
 
 The kernels (ffi/cuda/*_kernels.cuh) compile with a host C++ compiler through
-tests/cuda_emulation/emulate.h (see tests/test_cuda_build.py); skipped without a C++20
+tests/cuda_emulation/emulate.h (tests/emulation.py); skipped without a C++20
 compiler or CUDA's headers. On a GPU the same kernels run for real in test_pool.py/test_conv.py.
 """
 from __future__ import annotations
@@ -14,31 +14,21 @@ import ctypes
 import functools
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
 from reference import ref_max_pool2d, ref_max_pool2d_lax, tol
-from test_cuda_build import EMU_DIR, _compile, _cuda_include, _ptr, _vec
+from emulation import (DTYPE_CODES, LAYOUT_CODES, MAX_BLOCKS, NP_DTYPES, build_emulation, ptr,
+                       vec)
 
 
-DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
-NP_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16,
-             "bfloat16": ml_dtypes.bfloat16}
 DTYPES = list(DTYPE_CODES)
-LAYOUT_CODES = {"NCHW": 0, "NHWC": 1}
 VECTOR_WIDTH = {"float32": 4, "float64": 2, "float16": 8, "bfloat16": 8}  # 16 bytes
-MAX_BLOCKS = 3  # each emulated launch runs at most 3 blocks; their grid-stride loops do the rest
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    inc = _cuda_include()
-    if inc is None:
-        pytest.skip("CUDA headers not found (cuda_bf16.h); the emulation needs the half types")
-    return _compile([EMU_DIR / "pool_dw_kernels.cc"],
-                    tmp_path_factory.mktemp("emu_dw_pool") / "k.so",
-                    ["-std=c++20", "-O1", "-pthread", "-I", inc])
+    return build_emulation("pool_dw_kernels.cc", tmp_path_factory.mktemp("emu_dw_pool"))
 
 
 def _buffer(shape, dtype, fill, misalign):
@@ -161,7 +151,7 @@ def _check_pool(emu, case, layout, dtypes, index_bits_list, seed=1):
     x, vals, idx, dy, dx = _pool_oracle(shape, kernel, stride, pads, dilation, ceil_mode, seed)
     if layout == "NHWC":
         x, vals, idx, dy, dx = (a.transpose(0, 2, 3, 1) for a in (x, vals, idx, dy, dx))
-    attrs = _vec([*kernel, *stride, *dilation, pads[0][0], pads[0][1], pads[1][0], pads[1][1],
+    attrs = vec([*kernel, *stride, *dilation, pads[0][0], pads[0][1], pads[1][0], pads[1][1],
                   int(ceil_mode), LAYOUT_CODES[layout]])
     rtol, atol = tol("float32")
     for dtype in dtypes:
@@ -173,14 +163,14 @@ def _check_pool(emu, case, layout, dtypes, index_bits_list, seed=1):
                 xa[...] = x
                 y = _buffer(vals.shape, NP_DTYPES[dtype], np.nan, misalign)
                 got_idx = _buffer(vals.shape, np.int32, -7, misalign)
-                assert emu.emu_pool_kernel(0, code, _vec(xa.shape), attrs, _ptr(xa), None,
-                                           _ptr(y), _ptr(got_idx), bits, MAX_BLOCKS) == 0, tag
+                assert emu.emu_pool_kernel(0, code, vec(xa.shape), attrs, ptr(xa), None,
+                                           ptr(y), ptr(got_idx), bits, MAX_BLOCKS) == 0, tag
                 np.testing.assert_array_equal(got_idx, idx, err_msg=tag)
                 np.testing.assert_array_equal(y.astype(np.float64), vals, err_msg=tag)
                 # The values-only forward: the same y, bit for bit (NaN included).
                 y_values = _buffer(vals.shape, NP_DTYPES[dtype], 7, misalign)
-                assert emu.emu_pool_kernel(2, code, _vec(xa.shape), attrs, _ptr(xa), None,
-                                           _ptr(y_values), None, bits, MAX_BLOCKS) == 0, tag
+                assert emu.emu_pool_kernel(2, code, vec(xa.shape), attrs, ptr(xa), None,
+                                           ptr(y_values), None, bits, MAX_BLOCKS) == 0, tag
                 np.testing.assert_array_equal(y_values.view(f"u{y.itemsize}"),
                                               y.view(f"u{y.itemsize}"), err_msg=tag)
                 dya = _buffer(dy.shape, NP_DTYPES[dtype], 0, misalign)
@@ -188,8 +178,8 @@ def _check_pool(emu, case, layout, dtypes, index_bits_list, seed=1):
                 ia = _buffer(idx.shape, np.int32, 0, misalign)
                 ia[...] = idx
                 got_dx = _buffer(x.shape, NP_DTYPES[dtype], np.nan, misalign)
-                assert emu.emu_pool_kernel(1, code, _vec(xa.shape), attrs, _ptr(dya), _ptr(ia),
-                                           _ptr(got_dx), None, bits, MAX_BLOCKS) == 0, tag
+                assert emu.emu_pool_kernel(1, code, vec(xa.shape), attrs, ptr(dya), ptr(ia),
+                                           ptr(got_dx), None, bits, MAX_BLOCKS) == 0, tag
                 # dy and its sums are quarter-integers below 2^8: exact in every dtype
                 np.testing.assert_allclose(got_dx.astype(np.float64), dx, rtol=rtol, atol=atol,
                                            err_msg=tag)
@@ -207,8 +197,8 @@ def test_pool_picks_the_32_bit_path_for_small_tensors(emu):
     """index_bits=0 goes through max_pool2d_forward/backward, which pick the int32 path here;
     an int32 request on a geometry past the 2^30-element bound is refused."""
     _check_pool(emu, POOL_CASES["3x3s2_pad1_c8"], "NHWC", ["bfloat16"], (0,))
-    attrs = _vec([2, 2, 2, 2, 1, 1, 0, 0, 0, 0, 0, LAYOUT_CODES["NHWC"]])
-    big = _vec([1 << 10, 1 << 10, 1 << 10, 2])  # 2^31 elements: never allocated, refused first
+    attrs = vec([2, 2, 2, 2, 1, 1, 0, 0, 0, 0, 0, LAYOUT_CODES["NHWC"]])
+    big = vec([1 << 10, 1 << 10, 1 << 10, 2])  # 2^31 elements: never allocated, refused first
     assert emu.emu_pool_kernel(0, 0, big, attrs, None, None, None, None, 32, 1) == 1
 
 
@@ -305,7 +295,7 @@ def _check_direct(emu, c, layout, dtypes, index_bits_list, seed=0):
         lambda a: np.asarray(a).transpose(2, 3, 1, 0))
     x, dy, y, dx = (acts(r[k]) for k in ("x", "dy", "y", "dx"))
     w, dw = wgts(r["w"]), wgts(r["dw"])
-    attrs = _vec(_conv_attrs(c, layout))
+    attrs = vec(_conv_attrs(c, layout))
     for dtype in dtypes:
         code = DTYPE_CODES[dtype]
         cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(NP_DTYPES[dtype]))  # noqa
@@ -315,8 +305,8 @@ def _check_direct(emu, c, layout, dtypes, index_bits_list, seed=0):
             for which, a, b, bias, want in ((0, xa, wa, ba, y), (1, dya, wa, bxa, dx),
                                             (2, xa, dya, None, dw)):
                 got = np.full(want.shape, np.nan, NP_DTYPES[dtype])
-                rc = emu.emu_direct_conv(which, code, _vec(x.shape), _vec(w.shape), attrs,
-                                         _ptr(a), _ptr(b), _ptr(bias), _ptr(got), bits,
+                rc = emu.emu_direct_conv(which, code, vec(x.shape), vec(w.shape), attrs,
+                                         ptr(a), ptr(b), ptr(bias), ptr(got), bits,
                                          MAX_BLOCKS)
                 assert rc == 0, (tag, which, rc)
                 assert_close(jnp.asarray(got), jnp.asarray(want).astype(dtype), dtype)
@@ -333,12 +323,12 @@ def test_emulated_direct_conv_kernels(emu, name, layout):
 
 def test_direct_conv_takes_only_depthwise_and_few_channels(emu):
     """conv2d.cu sends a geometry to the direct kernels only when groups == C or C <= 4."""
-    attrs = _vec(_conv_attrs(conv_case(1, 8, 5, 5, 8, 3, groups=2), "NCHW"))
+    attrs = vec(_conv_attrs(conv_case(1, 8, 5, 5, 8, 3, groups=2), "NCHW"))
     x = np.zeros((1, 8, 5, 5), np.float32)
     w = np.zeros((8, 4, 3, 3), np.float32)
     y = np.zeros((1, 8, 3, 3), np.float32)
-    assert emu.emu_direct_conv(0, 0, _vec(x.shape), _vec(w.shape), attrs, _ptr(x), _ptr(w),
-                               None, _ptr(y), 0, MAX_BLOCKS) == 3
+    assert emu.emu_direct_conv(0, 0, vec(x.shape), vec(w.shape), attrs, ptr(x), ptr(w),
+                               None, ptr(y), 0, MAX_BLOCKS) == 3
 
 
 def test_emulated_direct_conv_fuzz(emu):

@@ -5,7 +5,7 @@ whatever number of blocks the GPU runs at once and from one run to the next, on 
 and on the tensor-core (TF32) tiles alike, and a workspace that cannot be allocated is an
 error naming the bytes, never a switch to another order.
 
-Compiled here like test_cuda_build.py's emulation (a C++20 compiler and CUDA's headers; skipped
+Compiled for the host emulation (tests/emulation.py) (a C++20 compiler and CUDA's headers; skipped
 without them). On a GPU, the same plan code runs in every bwd_filter call of the other files.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from reference import ref_conv2d
-from test_cuda_build import EMU_DIR, _compile, _cuda_include, _vec
+from emulation import build_emulation, vec
 
 pytestmark = pytest.mark.cpu_only("compiles the kernels for the host emulation; no device")
 
@@ -32,11 +32,7 @@ FILTER_KERNELS = {"simt_wide": 0, "simt_small": 1, "mma_large": 2, "mma_small": 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    inc = _cuda_include()
-    if inc is None:
-        pytest.skip("CUDA headers not found (cuda_bf16.h); the emulation needs the half types")
-    return _compile([EMU_DIR / "determinism.cc"], tmp_path_factory.mktemp("det") / "d.so",
-                    ["-std=c++20", "-O1", "-pthread", "-I", inc])
+    return build_emulation("determinism.cc", tmp_path_factory.mktemp("det"))
 
 
 def _problem(case, seed=0):
@@ -58,7 +54,7 @@ def _handler(lib, case, *, resident_blocks, allocate_ok=True, tensor_cores=False
     dw = np.full(case[1], np.nan, np.float32)  # never written: stays NaN
     plan = (ctypes.c_int64 * 2)()
     message = ctypes.create_string_buffer(1024)
-    rc = lib.emu_filter_handler(_vec(x.shape), _vec(dw.shape), _vec(attrs),
+    rc = lib.emu_filter_handler(vec(x.shape), vec(dw.shape), vec(attrs),
                                 x.ctypes.data_as(ctypes.c_void_p),
                                 dy.ctypes.data_as(ctypes.c_void_p),
                                 dw.ctypes.data_as(ctypes.c_void_p), ctypes.c_uint(resident_blocks),
@@ -115,7 +111,7 @@ def test_launcher_refuses_a_missing_workspace(backend, lib):
     x, dy, attrs = _problem(SPLIT)
     dw = np.full(SPLIT[1], np.nan, np.float32)
     err = lib.emu_filter_run_without_workspace(
-        _vec(x.shape), _vec(dw.shape), _vec(attrs), x.ctypes.data_as(ctypes.c_void_p),
+        vec(x.shape), vec(dw.shape), vec(attrs), x.ctypes.data_as(ctypes.c_void_p),
         dy.ctypes.data_as(ctypes.c_void_p), dw.ctypes.data_as(ctypes.c_void_p))
     assert err == CUDA_ERROR_INVALID_VALUE
     assert np.isnan(dw).all()

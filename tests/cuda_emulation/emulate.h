@@ -1,5 +1,5 @@
 // Host emulation of the little of CUDA that jaxconv's kernels use, so that the kernels in
-// ffi/cuda/*_kernels.cuh can run on a machine without a GPU (tests/test_cuda_build.py).
+// ffi/cuda/*_kernels.cuh can run on a machine without a GPU (tests/emulation.py builds them).
 //
 // A launch runs its blocks one after another; the threads of a block are real std::threads, so
 // __syncthreads is a real barrier and a missing one shows up as a race. `__shared__` becomes

@@ -1,5 +1,5 @@
 // C entry points onto the index helpers of ffi/geometry.h (CUDA and CPU kernels use them), for
-// tests/test_cuda_build.py (loaded with ctypes, compared there against brute force).
+// tests/test_geometry.py (loaded with ctypes, compared there against brute force).
 // Plain C++: needs no CUDA headers.
 #include "geometry.h"
 

@@ -1,7 +1,8 @@
 // C entry points that run jaxconv's CUDA kernels (ffi/cuda/*_kernels.cuh) under the host
-// emulation of emulate.h, for tests/test_cuda_build.py (loaded with ctypes). Each entry point
-// builds the geometry with geometry.h exactly as the FFI handlers do, then calls the same
-// host-side planning and launch code as ffi/cuda/conv2d.cu and max_pool2d.cu.
+// emulation of emulate.h, for tests/test_cuda_emulation.py and tests/test_cuda_mma.py (loaded
+// with ctypes through tests/emulation.py). Each entry point builds the geometry with
+// geometry.h exactly as the FFI handlers do, then calls the same host-side planning and
+// launch code as ffi/cuda/conv2d.cu and max_pool2d.cu.
 //
 // Buffer dims are the arrays' own shapes (layout order); dtype codes: 0 float32, 1 float64,
 // 2 float16, 3 bfloat16. Return value: 0 on success, 1 for an invalid geometry, 2 for a launch

@@ -1,5 +1,5 @@
 // C entry points that run the warp-level operations of ffi/cuda/kernel_common.cuh on one
-// emulated warp (tests/cuda_emulation/warp.h), for tests/test_cuda_build.py: each lane's
+// emulated warp (tests/cuda_emulation/warp.h), for tests/test_cuda_warp.py: each lane's
 // registers come back so the test can compare them with the PTX ISA's layouts.
 #include "emulate.h"
 
