@@ -51,7 +51,8 @@ def varying_axes(x) -> frozenset:
 def _cast_to_varying(x, axes: tuple):
     if hasattr(jax.lax, "pcast"):  # jax >= 0.9
         return jax.lax.pcast(x, axes, to="varying")
-    return jax.lax.pvary(x, axes)  # jax 0.6 - 0.8 (deprecated from 0.9 on)
+    # jax 0.6 - 0.8 (deprecated from 0.9 on, removed since: not in the type stubs)
+    return jax.lax.pvary(x, axes)  # type: ignore[attr-defined]
 
 
 def match_vma(*args):

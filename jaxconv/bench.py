@@ -31,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+from typing import Any
 import time
 from typing import Callable, Sequence
 
@@ -61,8 +62,9 @@ class Case:
     groups: int = 1
 
     def out_hw(self) -> tuple[int, int]:
-        return tuple((s + 2 * self.padding - self.kernel) // self.stride + 1
-                     for s in (self.h, self.w))
+        oh, ow = ((s + 2 * self.padding - self.kernel) // self.stride + 1
+                  for s in (self.h, self.w))
+        return oh, ow
 
     def flops(self) -> int:
         oh, ow = self.out_hw()
@@ -169,13 +171,13 @@ def make_functions(cs: Case, layout: str):
     else:
         window, strides, pads = (1, k, k, 1), (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0))
 
-    def ours(x):
+    def ours_pool(x):
         return jaxconv.max_pool2d(x, k, s, p, layout=layout)
 
-    def theirs(x):
+    def theirs_pool(x):
         return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
 
-    return ours, theirs, (0,)
+    return ours_pool, theirs_pool, (0,)
 
 
 def make_inputs(cs: Case, layout: str, dtype, device) -> tuple:
@@ -295,7 +297,7 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.machine(),
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(),
             "logical_cpus": os.cpu_count()}
     try:
         info["usable_cpus"] = len(os.sched_getaffinity(0))

@@ -16,15 +16,17 @@ is bwd_data of the convolution that it inverts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from . import _args
-from ._args import (ConvGeometry, Layout, act_channel_axis, act_dims, act_shape, weight_dims,
-                    weight_out_axis, weight_shape)
+from ._args import (ConvGeometry, IntPair, Layout, LayoutName, PaddingLike, PrecisionLike,
+                    act_channel_axis, act_dims, act_shape, weight_dims, weight_out_axis,
+                    weight_shape)
 from ._primitive import NOT_MAPPED, batch_over_n, batch_size, make_kernel, to_front
 from ._sharding import Split, match_vma, out_aval
 
@@ -32,145 +34,130 @@ from ._sharding import Split, match_vma, out_aval
 # Public API.
 
 
-def conv2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
-           groups: int = 1, layout: str = "NCHW", precision: Any = None):
-    """2-d convolution (cross-correlation, as in PyTorch and lax), computed by jaxconv kernels.
+def conv2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, *,
+           stride: IntPair = 1, padding: PaddingLike = 0, dilation: IntPair = 1,
+           groups: int = 1, layout: LayoutName = "NCHW",
+           precision: PrecisionLike = None) -> jax.Array:
+    """2-d convolution (cross-correlation), PyTorch's ``conv2d`` computed by jaxconv's kernels.
 
-    x: (N, C, H, W) with w: (O, C/groups, KH, KW) for layout="NCHW";
-    x: (N, H, W, C) with w: (KH, KW, C/groups, O) for layout="NHWC". The output follows x's layout.
-    An unbatched x ((C, H, W), or (H, W, C) for NHWC) gives an unbatched output, as in PyTorch.
-    padding: int, (ph, pw), ((top, bottom), (left, right)), or "SAME" / "VALID".
-    precision: as lax's (None, a string such as "highest", a lax.Precision, or a pair of them).
-    It only decides whether a GPU may multiply float32 operands on TF32 tensor cores (None and
-    DEFAULT follow jax.default_matmul_precision; HIGHEST never does); the CPU always computes in
-    full float32.
+    The result equals ``lax.conv_general_dilated(x, w, stride, pads, rhs_dilation=dilation,
+    feature_group_count=groups)`` with the same layout, up to floating-point rounding (the
+    kernels add in another order than XLA's). It is a ``jax.custom_vjp`` whose rules call
+    jaxconv's own backward kernels, so it works under ``jit``, ``grad`` (reverse mode, any
+    order), ``vmap`` (one kernel call, also with per-example weights), ``jax.checkpoint``,
+    ``lax.scan``, batch sharding and ``jax.export`` (with :func:`export_safety_checks`).
+    Forward mode (``jvp``, ``jacfwd``) is not supported, as for any ``custom_vjp``.
+
+    Args:
+      x: the input, ``(N, C, H, W)`` for ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"``;
+        a 3-d ``(C, H, W)`` / ``(H, W, C)`` is one example without its batch axis (as in
+        PyTorch) and gives a 3-d result. float32, float64, float16 or bfloat16.
+      w: the filters, ``(O, C // groups, KH, KW)`` (OIHW) for ``"NCHW"`` or
+        ``(KH, KW, C // groups, O)`` (HWIO, Flax's kernel) for ``"NHWC"``; x's dtype.
+      bias: ``None`` or ``(O,)`` in x's dtype, added to every output position (fused into the
+        kernel's epilogue).
+      stride: an int or ``(sh, sw)``, each >= 1.
+      padding: an int, ``(ph, pw)``, ``((top, bottom), (left, right))`` (each >= 0), or
+        ``"SAME"`` / ``"VALID"`` (any case) with lax's meaning: SAME gives
+        ``ceil(H / stride)`` rows, the odd padding row at the bottom/right.
+      dilation: the kernel dilation, an int or ``(dh, dw)``, each >= 1.
+      groups: the number of groups (PyTorch's ``groups``, lax's ``feature_group_count``);
+        it must divide C and O. ``groups == C`` is a depthwise convolution.
+      layout: ``"NCHW"`` or ``"NHWC"`` (any case): where the channels of x and of the result
+        are, and with them w's form (OIHW or HWIO).
+      precision: lax's ``precision``: ``None``, a string (``"default"``, ``"high"``,
+        ``"highest"``, ``"tensorfloat32"``, ``"float32"``, ...), a ``lax.Precision`` or a pair
+        of them. It only decides whether a GPU may multiply float32 operands on TF32 tensor
+        cores: allowed for DEFAULT and HIGH, never for HIGHEST; ``None`` follows
+        ``jax.default_matmul_precision``. The CPU always computes in full float32.
+
+    Returns:
+      ``(N, O, OH, OW)`` for NCHW, ``(N, OH, OW, O)`` for NHWC (3-d for a 3-d x), in x's dtype,
+      with ``OH = (H + top + bottom - dilation * (KH - 1) - 1) // stride + 1`` (OW alike).
+      float16 and bfloat16 accumulate in float32.
+
+    Raises:
+      ValueError: at trace time (also under ``jit``, before anything runs), naming the
+        argument and its values: a rank other than 4 (3 for x), an unknown layout or precision,
+        channels of w that do not match x and ``groups``, a bias of another shape, a stride or
+        dilation < 1, a negative padding or one of another form, an empty kernel or input, an
+        output size < 1, an integer beyond int32.
+      TypeError: at trace time: a dtype other than the four floating types, x, w and bias of
+        different dtypes, a non-integer (or bool) where an int is expected.
+
+    Results are deterministic: no atomics, partial sums added in a fixed order, so the same
+    call on the same build and machine gives the same bits (see docs/design.md, "Determinism").
+    An empty batch (N = 0) or O = 0 gives an empty result without launching a kernel.
     """
     if _args.unbatched(x):
         return _args.drop_batch_axis(conv2d(
             _args.add_batch_axis(x), w, bias, stride=stride, padding=padding, dilation=dilation,
             groups=groups, layout=layout, precision=precision))
-    lc = _args.layout_code(layout)
-    xs, ws, dtype = _check_operands(
-        x, w, bias, layout=lc,
-        x_what=_args.activation_form(lc),
-        w_what="(O, I, KH, KW)" if lc == Layout.NCHW else "(KH, KW, I, O)")
-    n, c, h, wd = act_dims(xs, lc)
-    o, i, kh, kw = weight_dims(ws, lc)
-    groups = _args.integer(groups, "groups")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    if c % groups:
-        raise ValueError(f"groups={groups} must divide the input channels C={c}")
-    if o % groups:
-        raise ValueError(f"groups={groups} must divide the output channels O={o}")
-    if i * groups != c:
-        raise ValueError(
-            f"w has {i} input channels per group but x has C={c} channels with groups={groups} "
-            f"(expected {c // groups}; layout {lc.name}, x shape {xs}, w shape {ws})")
-    if min(kh, kw) < 1:
-        raise ValueError(f"w must have a non-empty kernel, got shape {ws}")
-    if min(c, h, wd) < 1:
-        raise ValueError(f"x must have non-empty channel and spatial dims, got shape {xs}")
-    stride = _args.pair(stride, "stride")
-    dilation = _args.pair(dilation, "dilation")
-    keff = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-    pads = _args.padding(padding, "padding", in_hw=(h, wd), kernel_eff=keff, stride=stride)
-    out_hw = tuple(_args.out_size(s, k, st, d, lo, hi) for s, k, st, d, (lo, hi) in
-                   zip((h, wd), (kh, kw), stride, dilation, pads))
-    if min(out_hw) < 1:
-        raise ValueError(
-            f"output size would be {out_hw} for input {(h, wd)}, kernel {(kh, kw)}, stride "
-            f"{stride}, dilation {dilation}, padding {pads}: the dilated kernel is larger than "
-            "the padded input")
-    geom = ConvGeometry(lc, (h, wd), (kh, kw), out_hw, stride, dilation, pads, groups,
-                        _args.allow_tf32(precision))
-    # match_vma outside the custom_vjp: in shard_map a replicated w meeting a sharded x is cast
-    # to varying here, and AD turns that cast into the psum of the per-shard gradients of w.
-    operands = match_vma(jnp.asarray(x), jnp.asarray(w), _bias_array(bias, o, dtype))
-    return conv2d_fwd(*operands, geom)
+    geom = _args.conv2d_geometry(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                                 groups=groups, layout=layout, precision=precision)
+    return conv2d_fwd(*_operands(x, w, bias), geom)
 
 
-def conv_transpose2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0,
-                     output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
-                     layout: str = "NCHW", precision: Any = None):
-    """Transposed 2-d convolution with PyTorch's semantics (the gradient of conv2d w.r.t. x).
+def conv_transpose2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, *,
+                     stride: IntPair = 1, padding: IntPair | Sequence[Sequence[int]] = 0,
+                     output_padding: IntPair = 0, groups: int = 1, dilation: IntPair = 1,
+                     layout: LayoutName = "NCHW", precision: PrecisionLike = None) -> jax.Array:
+    """Transposed 2-d convolution with PyTorch's ``conv_transpose2d`` semantics.
 
-    x: (N, C_in, H, W) with w: (C_in, C_out/groups, KH, KW) for layout="NCHW";
-    x: (N, H, W, C_in) with w: (KH, KW, C_out/groups, C_in) for layout="NHWC".
-    Output size: (H - 1)*stride - pad_top - pad_bottom + dilation*(KH - 1) + output_padding + 1.
-    An unbatched x ((C_in, H, W), or (H, W, C_in) for NHWC) gives an unbatched output.
-    precision: as in conv2d.
+    It is the gradient of :func:`conv2d` with respect to its input: conv_transpose2d with
+    stride s, padding p and dilation d maps a conv2d's output shape back to its input shape.
+    Computed by the same kernel as conv2d's input gradient, with conv2d's transformation
+    support (``jit``, reverse-mode ``grad`` of any order, ``vmap``, sharding, export). Unlike
+    ``lax.conv_transpose``, ``padding`` is PyTorch's (the padding of the convolution that this
+    inverts) and w is PyTorch's ``(C_in, C_out // groups, KH, KW)``, not flipped.
+
+    Args:
+      x: the input, ``(N, C_in, H, W)`` for ``"NCHW"`` or ``(N, H, W, C_in)`` for ``"NHWC"``
+        (3-d: one example without its batch axis). float32, float64, float16 or bfloat16.
+      w: ``(C_in, C_out // groups, KH, KW)`` for ``"NCHW"`` or ``(KH, KW, C_out // groups,
+        C_in)`` for ``"NHWC"``; x's dtype.
+      bias: ``None`` or ``(C_out,)`` in x's dtype.
+      stride: an int or ``(sh, sw)``, each >= 1.
+      padding: an int, ``(ph, pw)`` or ``((top, bottom), (left, right))``, each >= 0: the
+        padding of the inverted convolution, removed from the result's border. No strings.
+      output_padding: an int or ``(oh, ow)``, each >= 0 and smaller than stride or dilation:
+        extra rows / columns at the bottom / right that select among the input sizes that a
+        strided convolution maps to the same output size.
+      groups: the number of groups; it must divide C_in.
+      dilation: the kernel dilation, an int or ``(dh, dw)``, each >= 1.
+      layout: ``"NCHW"`` or ``"NHWC"`` (any case).
+      precision: as in :func:`conv2d`.
+
+    Returns:
+      ``(N, C_out, OH, OW)`` (or NHWC, or 3-d for a 3-d x) in x's dtype, with
+      ``OH = (H - 1) * stride - top - bottom + dilation * (KH - 1) + output_padding + 1``.
+
+    Raises:
+      ValueError: at trace time, naming the argument and its values: as :func:`conv2d`, and
+        w's C_in not matching x's channels, an ``output_padding`` not smaller than stride or
+        dilation, a string padding, an output size < 1.
+      TypeError: at trace time: dtypes, as :func:`conv2d`.
+
+    Deterministic as :func:`conv2d`.
     """
     if _args.unbatched(x):
         return _args.drop_batch_axis(conv_transpose2d(
             _args.add_batch_axis(x), w, bias, stride=stride, padding=padding,
             output_padding=output_padding, groups=groups, dilation=dilation, layout=layout,
             precision=precision))
-    lc = _args.layout_code(layout)
-    xs, ws, dtype = _check_operands(
-        x, w, bias, layout=lc,
-        x_what=_args.activation_form(lc, "C_in"),
-        w_what="(C_in, C_out/groups, KH, KW)" if lc == Layout.NCHW else "(KH, KW, C_out/groups, C_in)")
-    n, c_in, h, wd = act_dims(xs, lc)
-    # In the equivalent convolution, w's "O" is our C_in and its "I" is C_out / groups.
-    w_cin, cout_g, kh, kw = weight_dims(ws, lc)
-    groups = _args.integer(groups, "groups")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    if c_in % groups:
-        raise ValueError(f"groups={groups} must divide the input channels C_in={c_in}")
-    if w_cin != c_in:
-        raise ValueError(
-            f"w must have C_in={c_in} as its {'first' if lc == Layout.NCHW else 'last'} dim, got shape {ws}")
-    if min(kh, kw, cout_g) < 1:
-        raise ValueError(f"w must have non-empty dims, got shape {ws}")
-    if min(c_in, h, wd) < 1:
-        raise ValueError(f"x must have non-empty channel and spatial dims, got shape {xs}")
-    stride = _args.pair(stride, "stride")
-    dilation = _args.pair(dilation, "dilation")
-    pads = _args.padding(padding, "padding", in_hw=(h, wd), kernel_eff=(kh, kw), stride=stride,
-                         allow_string=False)
-    out_pad = _args.pair(output_padding, "output_padding", minimum=0)
-    for name, op, s, d in zip("hw", out_pad, stride, dilation):
-        if op >= max(s, d):
-            raise ValueError(
-                f"output_padding must be smaller than stride or dilation, got output_padding="
-                f"{output_padding} with stride={stride}, dilation={dilation}")
-    out_hw = tuple((i - 1) * s - lo - hi + d * (k - 1) + op + 1 for i, s, (lo, hi), d, k, op in
-                   zip((h, wd), stride, pads, dilation, (kh, kw), out_pad))
-    if min(out_hw) < 1:
-        raise ValueError(f"output size would be {out_hw}: padding {pads} is too large for input "
-                         f"{(h, wd)} and kernel {(kh, kw)}")
-    # The convolution this inverts reads an out_hw input with pads (lo, hi - output_padding):
-    # (out + lo + hi - op - d*(k-1) - 1) / s + 1 = h exactly.
-    conv_pads = tuple((lo, hi - op) for (lo, hi), op in zip(pads, out_pad))
-    geom = ConvGeometry(lc, out_hw, (kh, kw), (h, wd), stride, dilation, conv_pads, groups,
-                        _args.allow_tf32(precision))
-    operands = match_vma(jnp.asarray(x), jnp.asarray(w),
-                         _bias_array(bias, cout_g * groups, dtype))  # as in conv2d
-    return conv2d_bwd_data(*operands, geom)
+    geom = _args.conv_transpose2d_geometry(
+        x, w, bias, stride=stride, padding=padding, output_padding=output_padding,
+        groups=groups, dilation=dilation, layout=layout, precision=precision)
+    return conv2d_bwd_data(*_operands(x, w, bias), geom)
 
 
-def _check_operands(x, w, bias, *, x_what: str, w_what: str, layout: int):
-    xs = _args.check_rank4(x, "x", x_what)
-    ws = _args.check_rank4(w, "w", w_what)
-    xdt = _args.check_float(x, "x")
-    wdt = _args.check_float(w, "w")
-    if xdt != wdt:
-        raise TypeError(f"x and w must have the same dtype, got x: {xdt} and w: {wdt}")
-    if bias is not None:
-        bdt = _args.check_float(bias, "bias")
-        if bdt != xdt:
-            raise TypeError(f"bias must have the dtype of x ({xdt}), got {bdt}")
-    return xs, ws, xdt
+def _operands(x, w, bias):
+    """The validated operands as arrays, the missing bias as an empty one.
 
-
-def _bias_array(bias, channels: int, dtype):
-    if bias is None:
-        return _no_bias(dtype)
-    if tuple(jnp.shape(bias)) != (channels,):
-        raise ValueError(f"bias must have shape ({channels},), got {tuple(jnp.shape(bias))}")
-    return jnp.asarray(bias)
+    match_vma outside the custom_vjp: in shard_map a replicated w meeting a sharded x is cast to
+    varying here, and AD turns that cast into the psum of the per-shard gradients of w."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    return match_vma(x, w, _no_bias(x.dtype) if bias is None else jnp.asarray(bias))
 
 
 # ----------------------------------------------------------------------------------------------

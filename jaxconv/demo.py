@@ -30,6 +30,7 @@ try:
     from jax import lax
     from tqdm import tqdm
 
+    from ._args import LayoutName
     from .nn import Conv2d, MaxPool2d
 except ImportError as err:  # pragma: no cover - exercised only without the extra installed
     raise ImportError(f"jaxconv.demo needs the demo extra ({err}). Install it with: "
@@ -111,7 +112,8 @@ class LeNet5(nnx.Module):
     """LeNet-5 with ReLU and max pooling. Parameters do not depend on layout or backend: the
     conv kernels are HWIO either way, and features are flattened in (H, W, C) order."""
 
-    def __init__(self, *, layout: str = "NHWC", backend: str = "jaxconv", rngs: nnx.Rngs):
+    def __init__(self, *, layout: LayoutName = "NHWC", backend: str = "jaxconv",
+                 rngs: nnx.Rngs):
         if backend not in ("jaxconv", "lax"):
             raise ValueError(f"backend must be 'jaxconv' or 'lax', got {backend!r}")
         conv, pool = (Conv2d, MaxPool2d) if backend == "jaxconv" else (LaxConv2d, LaxMaxPool2d)
@@ -161,7 +163,7 @@ def make_steps(graphdef, optimizer):
     return train_step, predict
 
 
-def build(*, layout: str, backend: str, seed: int, learning_rate: float,
+def build(*, layout: LayoutName, backend: str, seed: int, learning_rate: float,
           decay_steps: int | None = None):
     """Model skeleton, initial parameters, optimizer state and the two jitted steps.
 
