@@ -5,5 +5,5 @@ from ._ffi import export_safety_checks
 from .conv import conv2d, conv_transpose2d
 from .pool import max_pool2d, max_unpool2d
 
-__all__ = ["conv2d", "conv_transpose2d", "max_pool2d", "max_unpool2d", "export_safety_checks"]
+__all__ = ["conv2d", "conv_transpose2d", "export_safety_checks", "max_pool2d", "max_unpool2d"]
 __version__ = "0.1.0"

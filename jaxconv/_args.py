@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import operator
 from collections.abc import Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +22,15 @@ from jax import lax
 
 FLOAT_DTYPES = (jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16)
 
-# The types of the public arguments, as the signatures name them (Union, not |, so that these
-# aliases also evaluate on Python 3.10 at import time).
-IntPair = Union[int, Sequence[int]]
+# The types of the public arguments, as the signatures name them.
+IntPair = int | Sequence[int]
 """An int ``k`` (meaning ``(k, k)``) or a pair ``(k_h, k_w)``."""
-PaddingLike = Union[int, Sequence[int], Sequence[Sequence[int]], str]
+PaddingLike = int | Sequence[int] | Sequence[Sequence[int]] | str
 """An int, ``(ph, pw)``, ``((top, bottom), (left, right))``, or ``"SAME"`` / ``"VALID"``."""
 LayoutName = Literal["NCHW", "NHWC"]
 """Where the channels sit: ``"NCHW"`` (PyTorch's) or ``"NHWC"`` (Flax's / TensorFlow's); the
 functions accept either in any case."""
-PrecisionLike = Union[None, str, lax.Precision, Sequence[Union[str, lax.Precision]]]
+PrecisionLike = None | str | lax.Precision | Sequence[str | lax.Precision]
 """lax's ``precision``: None, a name such as ``"highest"``, a ``lax.Precision``, or a pair."""
 
 
@@ -162,16 +161,16 @@ def unbatched(x: Any) -> bool:
     return np.ndim(x) == 3
 
 
-def add_batch_axis(x: Any):
+def add_batch_axis(x: Any) -> jax.Array:
     return jnp.asarray(x)[None]
 
 
-def drop_batch_axis(out: Any):
+def drop_batch_axis(out: Any) -> Any:
     """Removes the N axis of one result or of each of a tuple of results."""
     return tuple(a[0] for a in out) if isinstance(out, tuple) else out[0]
 
 
-def activation_form(layout: "Layout", channels: str = "C") -> str:
+def activation_form(layout: Layout, channels: str = "C") -> str:
     """How an activation is described in errors: '(N, C, H, W) or unbatched (C, H, W)'."""
     if layout == Layout.NCHW:
         return f"(N, {channels}, H, W) or 3-d ({channels}, H, W)"

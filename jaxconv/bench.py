@@ -31,9 +31,9 @@ import os
 import platform
 import statistics
 import sys
-from typing import Any
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ import numpy as np
 from jax import lax
 
 import jaxconv
+from jaxconv._args import LayoutName
 
 SETS = ("lenet", "resnet50", "mobilenet", "pool")
 
@@ -137,7 +138,7 @@ def quick_cases(set_name: str, device: str) -> list[Case]:
 # The functions being compared.
 
 
-def _dims(layout: str):
+def _dims(layout: str) -> tuple[str, str, str]:
     return ("NCHW", "OIHW", "NCHW") if layout == "NCHW" else ("NHWC", "HWIO", "NHWC")
 
 
@@ -149,7 +150,8 @@ def _weight_shape(o, i, kh, kw, layout):
     return (o, i, kh, kw) if layout == "NCHW" else (kh, kw, i, o)
 
 
-def make_functions(cs: Case, layout: str):
+def make_functions(cs: Case, layout: LayoutName
+                   ) -> tuple[Callable, Callable, tuple[int, ...]]:
     """(jaxconv_fn, lax_fn, argnums for the gradient) with the same signature."""
     if cs.op == "conv":
         pad = ((cs.padding, cs.padding), (cs.padding, cs.padding))
@@ -180,7 +182,7 @@ def make_functions(cs: Case, layout: str):
     return ours_pool, theirs_pool, (0,)
 
 
-def make_inputs(cs: Case, layout: str, dtype, device) -> tuple:
+def make_inputs(cs: Case, layout: str, dtype: Any, device: Any) -> tuple:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(_act_shape(cs.n, cs.c, cs.h, cs.w, layout), dtype=np.float32)
     args = [x]
@@ -202,13 +204,14 @@ def forward_and_backward(fn: Callable, argnums: Sequence[int]) -> Callable:
 # Timing.
 
 
-def _call_ms(fn, args) -> float:
+def _call_ms(fn: Callable, args: Sequence[Any]) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_pair(ours, theirs, args, *, budget_s: float, min_reps: int, max_reps: int):
+def time_pair(ours: Callable, theirs: Callable, args: Sequence[Any], *, budget_s: float,
+              min_reps: int, max_reps: int) -> tuple[list[float], list[float]]:
     """Warm up both, then alternate timed calls; returns (ours_ms list, theirs_ms list)."""
     for _ in range(2):  # the first call compiles; the second warms caches and thread pools
         jax.block_until_ready(ours(*args))
@@ -226,18 +229,19 @@ def time_pair(ours, theirs, args, *, budget_s: float, min_reps: int, max_reps: i
     return ours_ms, theirs_ms
 
 
-def _max_abs_diff(a, b) -> float:
+def _max_abs_diff(a: Any, b: Any) -> float:
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
                if x.size else 0.0 for x, y in zip(leaves_a, leaves_b))
 
 
-def _max_abs(a) -> float:
+def _max_abs(a: Any) -> float:
     return max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) if x.size else 0.0
                for x in jax.tree.leaves(a))
 
 
-def run_case(cs: Case, layout: str, mode: str, dtype, device, *, budget_s, min_reps, max_reps):
+def run_case(cs: Case, layout: Any, mode: str, dtype: Any, device: Any, *,
+             budget_s: float, min_reps: int, max_reps: int) -> dict[str, Any]:
     ours, theirs, argnums = make_functions(cs, layout)
     if mode == "fwd+bwd":
         ours, theirs = forward_and_backward(ours, argnums), forward_and_backward(theirs, argnums)
@@ -275,7 +279,7 @@ def run_case(cs: Case, layout: str, mode: str, dtype, device, *, budget_s, min_r
     }
 
 
-def geomean(values) -> float:
+def geomean(values: Sequence[float]) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
@@ -327,7 +331,7 @@ def versions() -> dict:
 # Output.
 
 
-def _fmt_shape(s) -> str:
+def _fmt_shape(s: Sequence[int]) -> str:
     return "x".join(str(v) for v in s) if s else "-"
 
 
@@ -355,7 +359,7 @@ SERIES_COLOURS = {("fwd", "NCHW"): "#1f77b4", ("fwd", "NHWC"): "#9ecae1",
                   ("fwd+bwd", "NCHW"): "#d95f02", ("fwd+bwd", "NHWC"): "#fdae6b"}
 
 
-def plot(doc: dict, path: str):
+def plot(doc: dict, path: str) -> Any:
     """Draws doc's results (a --json document) to the image `path` and returns the figure.
 
     Left: one row per layer (sets in the order run, a gap between sets), the ratio lax_ms /
@@ -416,7 +420,8 @@ def plot(doc: dict, path: str):
         tab.scale(1.0, 1.2)
     ax_table.set_title("geometric mean of the ratio", fontsize=9)
 
-    machine, versions_, device = doc.get("machine", {}), doc.get("versions", {}), doc.get("device", {})
+    machine, versions_ = doc.get("machine", {}), doc.get("versions", {})
+    device = doc.get("device", {})
     fig.suptitle(f"jaxconv vs lax, {results[0]['dtype'] if results else ''}: "
                  f"{machine.get('cpu_model') or machine.get('processor', '?')} "
                  f"({machine.get('usable_cpus', machine.get('logical_cpus', '?'))} CPUs), "
@@ -449,7 +454,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:

@@ -18,17 +18,33 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from . import _args
-from ._args import (ConvGeometry, IntPair, Layout, LayoutName, PaddingLike, PrecisionLike,
-                    act_channel_axis, act_dims, act_shape, weight_dims, weight_out_axis,
-                    weight_shape)
-from ._primitive import NOT_MAPPED, batch_over_n, batch_size, make_kernel, to_front
+from ._args import (
+    ConvGeometry,
+    IntPair,
+    Layout,
+    LayoutName,
+    PaddingLike,
+    PrecisionLike,
+    act_channel_axis,
+    act_dims,
+    act_shape,
+    weight_dims,
+    weight_out_axis,
+    weight_shape,
+)
+from ._primitive import NOT_MAPPED, Kernel, batch_over_n, batch_size, make_kernel, to_front
 from ._sharding import Split, match_vma, out_aval
+
+Array = jax.Array
+Aval = Any  # a jax.core.ShapedArray: an operand's shape and dtype during abstract evaluation
+Dims = Sequence[int | None]  # where vmap maps each operand (None: not mapped)
 
 # ----------------------------------------------------------------------------------------------
 # Public API.
@@ -151,7 +167,8 @@ def conv_transpose2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, 
     return conv2d_bwd_data(*_operands(x, w, bias), geom)
 
 
-def _operands(x, w, bias):
+def _operands(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The validated operands as arrays, the missing bias as an empty one.
 
     match_vma outside the custom_vjp: in shard_map a replicated w meeting a sharded x is cast to
@@ -165,15 +182,17 @@ def _operands(x, w, bias):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv2d_fwd(x, w, b, geom: ConvGeometry):
+def conv2d_fwd(x: Array, w: Array, b: Array, geom: ConvGeometry) -> Array:
     return conv2d_fwd_kernel(x, w, b, geom=geom)
 
 
-def _conv2d_fwd_vjp_fwd(x, w, b, geom):
+def _conv2d_fwd_vjp_fwd(x: Array, w: Array, b: Array, geom: ConvGeometry
+                        ) -> tuple[Array, tuple[Array, Array, Array]]:
     return conv2d_fwd(x, w, b, geom), (x, w, b)
 
 
-def _conv2d_fwd_vjp_bwd(geom, res, g):
+def _conv2d_fwd_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array, Array], g: Array
+                        ) -> tuple[Array, Array, Array]:
     x, w, b = res
     return (conv2d_bwd_data(g, w, _no_bias(g.dtype), geom), conv2d_bwd_filter(x, g, geom),
             _bias_grad(g, b, geom.layout))
@@ -183,15 +202,17 @@ conv2d_fwd.defvjp(_conv2d_fwd_vjp_fwd, _conv2d_fwd_vjp_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv2d_bwd_data(dy, w, b, geom: ConvGeometry):
+def conv2d_bwd_data(dy: Array, w: Array, b: Array, geom: ConvGeometry) -> Array:
     return conv2d_bwd_data_kernel(dy, w, b, geom=geom)
 
 
-def _conv2d_bwd_data_vjp_fwd(dy, w, b, geom):
+def _conv2d_bwd_data_vjp_fwd(dy: Array, w: Array, b: Array, geom: ConvGeometry
+                             ) -> tuple[Array, tuple[Array, Array, Array]]:
     return conv2d_bwd_data(dy, w, b, geom), (dy, w, b)
 
 
-def _conv2d_bwd_data_vjp_bwd(geom, res, g):
+def _conv2d_bwd_data_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array, Array], g: Array
+                             ) -> tuple[Array, Array, Array]:
     dy, w, b = res
     return (conv2d_fwd(g, w, _no_bias(g.dtype), geom), conv2d_bwd_filter(g, dy, geom),
             _bias_grad(g, b, geom.layout))
@@ -201,15 +222,17 @@ conv2d_bwd_data.defvjp(_conv2d_bwd_data_vjp_fwd, _conv2d_bwd_data_vjp_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d_bwd_filter(x, dy, geom: ConvGeometry):
+def conv2d_bwd_filter(x: Array, dy: Array, geom: ConvGeometry) -> Array:
     return conv2d_bwd_filter_kernel(x, dy, geom=geom)
 
 
-def _conv2d_bwd_filter_vjp_fwd(x, dy, geom):
+def _conv2d_bwd_filter_vjp_fwd(x: Array, dy: Array, geom: ConvGeometry
+                               ) -> tuple[Array, tuple[Array, Array]]:
     return conv2d_bwd_filter(x, dy, geom), (x, dy)
 
 
-def _conv2d_bwd_filter_vjp_bwd(geom, res, g):
+def _conv2d_bwd_filter_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array], g: Array
+                               ) -> tuple[Array, Array]:
     x, dy = res
     return (conv2d_bwd_data(dy, g, _no_bias(g.dtype), geom),
             conv2d_fwd(x, g, _no_bias(g.dtype), geom))
@@ -222,20 +245,20 @@ conv2d_bwd_filter.defvjp(_conv2d_bwd_filter_vjp_fwd, _conv2d_bwd_filter_vjp_bwd)
 # Abstract evaluation: output shapes from operand shapes and the geometry.
 
 
-def _fwd_abstract(x, w, b, *, geom: ConvGeometry):
+def _fwd_abstract(x: Aval, w: Aval, b: Aval, *, geom: ConvGeometry) -> Aval:
     n = act_dims(x.shape, geom.layout)[0]
     o = weight_dims(w.shape, geom.layout)[0]
     return out_aval(x, act_shape(n, o, *geom.out_hw, geom.layout), x.dtype, batched=True)
 
 
-def _bwd_data_abstract(dy, w, b, *, geom: ConvGeometry):
+def _bwd_data_abstract(dy: Aval, w: Aval, b: Aval, *, geom: ConvGeometry) -> Aval:
     n = act_dims(dy.shape, geom.layout)[0]
     i = weight_dims(w.shape, geom.layout)[1]
     return out_aval(dy, act_shape(n, i * geom.groups, *geom.in_hw, geom.layout), dy.dtype,
                     batched=True)
 
 
-def _bwd_filter_abstract(x, dy, *, geom: ConvGeometry):
+def _bwd_filter_abstract(x: Aval, dy: Aval, *, geom: ConvGeometry) -> Aval:
     c = act_dims(x.shape, geom.layout)[1]
     o = act_dims(dy.shape, geom.layout)[1]
     return out_aval(x, weight_shape(o, c // geom.groups, *geom.kernel_hw, geom.layout), x.dtype,
@@ -253,7 +276,7 @@ def _bwd_filter_abstract(x, dy, *, geom: ConvGeometry):
 # in whole groups the groups can be split over devices (_sharding.py) for any G.
 
 
-def _fold_batch_into_channels(x, layout: Layout):
+def _fold_batch_into_channels(x: Array, layout: Layout) -> Array:
     """Activations (B, N, ...) -> N-leading with B*C channels (b-major)."""
     c_axis = act_channel_axis(layout) + 1  # axis of C in the batched array
     x = jnp.moveaxis(x, 0, c_axis - 1)  # B directly before C
@@ -261,14 +284,14 @@ def _fold_batch_into_channels(x, layout: Layout):
     return x.reshape(shape[:c_axis - 1] + (shape[c_axis - 1] * shape[c_axis],) + shape[c_axis + 1:])
 
 
-def _unfold_channels(y, size: int, layout: Layout):
+def _unfold_channels(y: Array, size: int, layout: Layout) -> Array:
     c_axis = act_channel_axis(layout)
     shape = y.shape
     y = y.reshape(shape[:c_axis] + (size, shape[c_axis] // size) + shape[c_axis + 1:])
     return jnp.moveaxis(y, c_axis, 0)
 
 
-def _fold_batch_into_o(w, layout: Layout):
+def _fold_batch_into_o(w: Array, layout: Layout) -> Array:
     """Weights (B, ...) -> B*O output channels (b-major)."""
     o_axis = weight_out_axis(layout)
     w = jnp.moveaxis(w, 0, o_axis)
@@ -276,7 +299,7 @@ def _fold_batch_into_o(w, layout: Layout):
     return w.reshape(shape[:o_axis] + (shape[o_axis] * shape[o_axis + 1],) + shape[o_axis + 2:])
 
 
-def _unfold_o(w, size: int, layout: Layout):
+def _unfold_o(w: Array, size: int, layout: Layout) -> Array:
     o_axis = weight_out_axis(layout)
     shape = w.shape
     w = w.reshape(shape[:o_axis] + (size, shape[o_axis] // size) + shape[o_axis + 1:])
@@ -287,7 +310,8 @@ def _grouped(geom: ConvGeometry, size: int) -> ConvGeometry:
     return dataclasses.replace(geom, groups=geom.groups * size)
 
 
-def _batch_weights_into_groups(kernel, args, dims, *, geom):
+def _batch_weights_into_groups(kernel: Kernel, args: Sequence[Array], dims: Dims, *,
+                               geom: ConvGeometry) -> tuple[Array, int]:
     """fwd and bwd_data (operands: activation, weights, bias) under vmap."""
     if dims[1] is NOT_MAPPED and dims[2] is NOT_MAPPED:
         return batch_over_n(kernel, args, dims, geom=geom, n_activations=1)
@@ -299,15 +323,17 @@ def _batch_weights_into_groups(kernel, args, dims, *, geom):
     return _unfold_channels(out, size, geom.layout), 0
 
 
-def _fwd_batch(args, dims, *, geom):
+def _fwd_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry) -> tuple[Array, int]:
     return _batch_weights_into_groups(conv2d_fwd_kernel, args, dims, geom=geom)
 
 
-def _bwd_data_batch(args, dims, *, geom):
+def _bwd_data_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry
+                    ) -> tuple[Array, int]:
     return _batch_weights_into_groups(conv2d_bwd_data_kernel, args, dims, geom=geom)
 
 
-def _bwd_filter_batch(args, dims, *, geom):
+def _bwd_filter_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry
+                      ) -> tuple[Array, int]:
     # Each example has its own dw, so the mapped axis cannot be summed into N: it always goes
     # into the groups.
     x, dy = args
@@ -323,7 +349,7 @@ def _conv_split(operands: str, results: str) -> Split:
     N, and channels in groups), 'w' (weights: output channels in groups) and 'b' (bias). The
     weight gradient has no N: it is summed over the shards of N. Sharding the channels in whole
     groups leaves each device a conv with groups / parts groups (e.g. vmapped weights)."""
-    def dims(geom):
+    def dims(geom: ConvGeometry) -> tuple[tuple[str, ...], tuple[str, ...]]:
         table = {"x": "ng.." if geom.layout == Layout.NCHW else "n..g",
                  "w": "g..." if geom.layout == Layout.NCHW else "...g", "b": "g"}
         return tuple(table[k] for k in operands), tuple(table[k] for k in results)
@@ -344,11 +370,11 @@ conv2d_bwd_filter_kernel = make_kernel("conv2d_bwd_filter", _bwd_filter_abstract
                                        split=_conv_split("xx", "w"))
 
 
-def _no_bias(dtype):
+def _no_bias(dtype: Any) -> Array:
     return jnp.zeros((0,), dtype)
 
 
-def _bias_grad(g, b, layout):
+def _bias_grad(g: Array, b: Array, layout: Layout) -> Array:
     """d(bias) = dy summed over N, H, W (in float32 for the half types)."""
     if b.size == 0:
         return jnp.zeros_like(b)

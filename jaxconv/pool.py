@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,10 @@ from . import _args
 from ._args import IntPair, Layout, LayoutName, PaddingLike, PoolGeometry, act_dims, act_shape
 from ._primitive import batch_over_n, make_kernel
 from ._sharding import Split, out_aval
+
+Array = jax.Array
+Aval = Any  # a jax.core.ShapedArray: an operand's shape and dtype during abstract evaluation
+Dims = Sequence[int | None]  # where vmap maps each operand (None: not mapped)
 
 # ----------------------------------------------------------------------------------------------
 # Public API.
@@ -164,7 +168,7 @@ def max_unpool2d(x: ArrayLike, indices: ArrayLike, kernel_size: IntPair,
     # index twice, so 'set' is order-independent. The plane scatter is vmapped over N and C so
     # that they become the scatter's batching dimensions, which XLA's partitioner keeps per
     # shard when N is sharded (iota index arrays for N and C would make it gather the batch).
-    def unpool_plane(vals, idx):
+    def unpool_plane(vals: Array, idx: Array) -> Array:
         return jnp.zeros((plane,), x.dtype).at[idx].set(vals, mode="drop")
 
     if geom.layout == Layout.NCHW:
@@ -180,19 +184,19 @@ def max_unpool2d(x: ArrayLike, indices: ArrayLike, kernel_size: IntPair,
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool(x, geom: PoolGeometry):
+def _max_pool(x: Array, geom: PoolGeometry) -> Array:
     """y alone. Without a gradient (the primal) the values-only kernel runs; under a gradient
     the fwd rule runs the indexed one, whose indices the backward needs."""
     return max_pool2d_fwd_values_kernel(x, geom=geom)
 
 
-def _max_pool_vjp_fwd(x, geom):
+def _max_pool_vjp_fwd(x: Array, geom: PoolGeometry) -> tuple[Array, Array]:
     # Through the indexed custom_vjp, so that differentiating this rule (second order) works.
     y, idx = _max_pool_with_indices(x, geom)
     return y, idx
 
 
-def _max_pool_vjp_bwd(geom, idx, gy):
+def _max_pool_vjp_bwd(geom: PoolGeometry, idx: Array, gy: Array) -> tuple[Array]:
     return (max_pool2d_bwd(gy, idx, geom),)
 
 
@@ -200,17 +204,19 @@ _max_pool.defvjp(_max_pool_vjp_fwd, _max_pool_vjp_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_with_indices(x, geom: PoolGeometry):
+def _max_pool_with_indices(x: Array, geom: PoolGeometry) -> tuple[Array, Array]:
     """(y, indices): return_indices=True, and the fwd rule of _max_pool."""
     return max_pool2d_fwd_kernel(x, geom=geom)
 
 
-def _max_pool_with_indices_vjp_fwd(x, geom):
+def _max_pool_with_indices_vjp_fwd(x: Array, geom: PoolGeometry
+                                   ) -> tuple[tuple[Array, Array], Array]:
     y, idx = _max_pool_with_indices(x, geom)
     return (y, idx), idx
 
 
-def _max_pool_with_indices_vjp_bwd(geom, idx, cts):
+def _max_pool_with_indices_vjp_bwd(geom: PoolGeometry, idx: Array, cts: tuple[Array, Any]
+                                   ) -> tuple[Array]:
     gy, _ = cts  # the indices output is integer-valued: its cotangent is float0
     return (max_pool2d_bwd(gy, idx, geom),)
 
@@ -219,22 +225,22 @@ _max_pool_with_indices.defvjp(_max_pool_with_indices_vjp_fwd, _max_pool_with_ind
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def max_pool2d_bwd(dy, idx, geom: PoolGeometry):
+def max_pool2d_bwd(dy: Array, idx: Array, geom: PoolGeometry) -> Array:
     return max_pool2d_bwd_kernel(dy, idx, geom=geom)
 
 
-def _max_pool_bwd_vjp_fwd(dy, idx, geom):
+def _max_pool_bwd_vjp_fwd(dy: Array, idx: Array, geom: PoolGeometry) -> tuple[Array, Array]:
     return max_pool2d_bwd(dy, idx, geom), idx
 
 
-def _max_pool_bwd_vjp_bwd(geom, idx, g):
+def _max_pool_bwd_vjp_bwd(geom: PoolGeometry, idx: Array, g: Array) -> tuple[Array, None]:
     return _gather_at_indices(g, idx, geom.layout), None
 
 
 max_pool2d_bwd.defvjp(_max_pool_bwd_vjp_fwd, _max_pool_bwd_vjp_bwd)
 
 
-def _gather_at_indices(g, idx, layout: Layout):
+def _gather_at_indices(g: Array, idx: Array, layout: Layout) -> Array:
     """out[n, c, oh, ow] = g[n, c, idx[n, c, oh, ow]] (index -1 -> 0): the adjoint of bwd."""
     if layout == Layout.NCHW:
         n, c, h, w = g.shape
@@ -252,18 +258,18 @@ def _gather_at_indices(g, idx, layout: Layout):
 # Abstract evaluation.
 
 
-def _pool_fwd_abstract(x, *, geom: PoolGeometry):
+def _pool_fwd_abstract(x: Aval, *, geom: PoolGeometry) -> tuple[Aval, Aval]:
     n, c = act_dims(x.shape, geom.layout)[:2]
     shape = act_shape(n, c, *geom.out_hw, geom.layout)
     return (out_aval(x, shape, x.dtype, batched=True), out_aval(x, shape, jnp.int32, batched=True))
 
 
-def _pool_fwd_values_abstract(x, *, geom: PoolGeometry):
+def _pool_fwd_values_abstract(x: Aval, *, geom: PoolGeometry) -> Aval:
     n, c = act_dims(x.shape, geom.layout)[:2]
     return out_aval(x, act_shape(n, c, *geom.out_hw, geom.layout), x.dtype, batched=True)
 
 
-def _pool_bwd_abstract(dy, idx, *, geom: PoolGeometry):
+def _pool_bwd_abstract(dy: Aval, idx: Aval, *, geom: PoolGeometry) -> Aval:
     n, c = act_dims(dy.shape, geom.layout)[:2]
     return out_aval(dy, act_shape(n, c, *geom.in_hw, geom.layout), dy.dtype, batched=True)
 
@@ -272,22 +278,23 @@ def _pool_bwd_abstract(dy, idx, *, geom: PoolGeometry):
 # Batching: pooling has no weights, so every vmapped axis folds into N (one launch).
 
 
-def _pool_fwd_batch(args, dims, *, geom):
+def _pool_fwd_batch(args: Sequence[Array], dims: Dims, *, geom: PoolGeometry) -> tuple[Any, Any]:
     return batch_over_n(max_pool2d_fwd_kernel, args, dims, geom=geom, n_activations=1)
 
 
-def _pool_fwd_values_batch(args, dims, *, geom):
+def _pool_fwd_values_batch(args: Sequence[Array], dims: Dims, *, geom: PoolGeometry
+                           ) -> tuple[Any, Any]:
     return batch_over_n(max_pool2d_fwd_values_kernel, args, dims, geom=geom, n_activations=1)
 
 
-def _pool_bwd_batch(args, dims, *, geom):
+def _pool_bwd_batch(args: Sequence[Array], dims: Dims, *, geom: PoolGeometry) -> tuple[Any, Any]:
     return batch_over_n(max_pool2d_bwd_kernel, args, dims, geom=geom, n_activations=2)
 
 
 def _pool_split(n_operands: int, n_results: int) -> Split:
     """Pooling divides over devices along N and along the channels (each channel is its own
     group), every array being an activation."""
-    def dims(geom):
+    def dims(geom: PoolGeometry) -> tuple[tuple[str, ...], tuple[str, ...]]:
         act = "ng.." if geom.layout == Layout.NCHW else "n..g"
         return (act,) * n_operands, (act,) * n_results
 

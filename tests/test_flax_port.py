@@ -4,6 +4,7 @@ stem conv, BatchNorm, max pool, residual blocks with projection shortcuts, a den
 built from both modules; the port must have Flax's very parameter tree (paths, shapes, dtypes),
 the same initial values for the same key, and the same losses over a few optax steps, while
 its convolutions and max pooling run on jaxconv's kernels."""
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,9 @@ def resnet(nn):
             y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
             y = norm(scale_init=nn.initializers.zeros_init())(y)
             if residual.shape != y.shape:
-                residual = nn.Conv(self.filters, (1, 1), self.strides, use_bias=False,
-                                   name="conv_proj")(residual)
+                residual = nn.Conv(
+                    self.filters, (1, 1), self.strides, use_bias=False, name="conv_proj"
+                )(residual)
                 residual = norm(name="norm_proj")(residual)
             return nn.relu(residual + y)
 
@@ -51,8 +53,14 @@ def resnet(nn):
 
         @nn.compact
         def __call__(self, x, train: bool = True):
-            x = nn.Conv(self.width, (5, 5), (2, 2), padding=[(2, 2), (2, 2)], use_bias=False,
-                        name="conv_init")(x)
+            x = nn.Conv(
+                self.width,
+                (5, 5),
+                (2, 2),
+                padding=[(2, 2), (2, 2)],
+                use_bias=False,
+                name="conv_init",
+            )(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn_init")(x)
             x = nn.relu(x)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
@@ -68,9 +76,13 @@ def resnet(nn):
 
 def _batches(steps: int):
     rng = np.random.default_rng(0)
-    return [(jnp.asarray(rng.standard_normal((4, 16, 16, 3)), jnp.float32),
-             jnp.asarray(rng.integers(0, NUM_CLASSES, 4)))
-            for _ in range(steps)]
+    return [
+        (
+            jnp.asarray(rng.standard_normal((4, 16, 16, 3)), jnp.float32),
+            jnp.asarray(rng.integers(0, NUM_CLASSES, 4)),
+        )
+        for _ in range(steps)
+    ]
 
 
 def _train(model, variables, batches):
@@ -80,8 +92,9 @@ def _train(model, variables, batches):
     @jax.jit
     def step(params, batch_stats, opt_state, x, labels):
         def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                          mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+            )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, updates["batch_stats"]
 
@@ -99,12 +112,16 @@ def _train(model, variables, batches):
 
 
 def _paths(tree):
-    return [(jax.tree_util.keystr(path), leaf.shape, leaf.dtype)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+    return [
+        (jax.tree_util.keystr(path), leaf.shape, leaf.dtype)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    ]
 
 
-@pytest.mark.cpu_only("one small model trained on the default device; the ops themselves "
-                      "are checked per backend elsewhere")
+@pytest.mark.cpu_only(
+    "one small model trained on the default device; the ops themselves "
+    "are checked per backend elsewhere"
+)
 def test_resnet_port_keeps_flax_params_init_and_losses(backend):
     flax_model, port = resnet(flax.linen), resnet(jaxconv.nn.linen)
     x = jnp.zeros((4, 16, 16, 3), jnp.float32)
@@ -127,8 +144,13 @@ def test_resnet_port_keeps_flax_params_init_and_losses(backend):
     assert want_losses[-1] < want_losses[0]  # it does train
 
     # And the port computes with jaxconv: forward and backward conv and pool kernels.
-    for target in ("jaxconv_conv2d_fwd", "jaxconv_conv2d_bwd_data", "jaxconv_conv2d_bwd_filter",
-                   "jaxconv_max_pool2d_fwd", "jaxconv_max_pool2d_bwd"):
+    for target in (
+        "jaxconv_conv2d_fwd",
+        "jaxconv_conv2d_bwd_data",
+        "jaxconv_conv2d_bwd_filter",
+        "jaxconv_max_pool2d_fwd",
+        "jaxconv_max_pool2d_bwd",
+    ):
         assert target in port_hlo and target not in flax_hlo, target
 
 
@@ -152,6 +174,9 @@ def test_linen_namespace_is_flax_but_for_the_kernels():
             return self.conv(2, (3, 3))(x)
 
     x = jnp.zeros((1, 5, 5, 1), jnp.float32)
-    for conv, name in [(flax.linen.Conv, "Conv_0"), (nn.Conv, "Conv_0"),
-                       (jaxconv.nn.LinenConv2d, "LinenConv2d_0")]:
+    for conv, name in [
+        (flax.linen.Conv, "Conv_0"),
+        (nn.Conv, "Conv_0"),
+        (jaxconv.nn.LinenConv2d, "LinenConv2d_0"),
+    ]:
         assert list(Two(conv).init(jax.random.key(0), x)["params"]) == [name], conv

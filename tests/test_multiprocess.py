@@ -10,6 +10,7 @@ return its gradients (float64, to rounding) and the same bits as each other, and
 children's compiled step ran jaxconv's kernels on per-device shards with a cross-process
 all-reduce. Both children are killed if they outlive the time limit.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,11 @@ TIMEOUT_S = 300
 
 def make_data():
     rng = np.random.default_rng(0)
-    params = {"w1": rng.standard_normal((6, 3, 3, 3)) * 0.3, "b1": rng.standard_normal(6) * 0.1,
-              "w2": rng.standard_normal((6, 4, 3, 3)) * 0.3}
+    params = {
+        "w1": rng.standard_normal((6, 3, 3, 3)) * 0.3,
+        "b1": rng.standard_normal(6) * 0.1,
+        "w2": rng.standard_normal((6, 4, 3, 3)) * 0.3,
+    }
     x = rng.standard_normal((N, 3, 12, 12))
     target = rng.standard_normal((N, 4, 12, 12))
     return params, x, target
@@ -45,6 +49,7 @@ def loss_fn(params, x, target):
     import jax.numpy as jnp
 
     import jaxconv
+
     y = jaxconv.conv2d(x, params["w1"], params["b1"], padding=1)
     y = jaxconv.max_pool2d(jnp.tanh(y), 2)
     # (N, 6, 6, 6) -> (N, 4, 12, 12): the transposed convolution doubles the side.
@@ -72,17 +77,30 @@ def test_two_process_data_parallel_step_equals_one_process(backend, tmp_path):
     want_loss, want_grads = jax.jit(jax.value_and_grad(loss_fn))(params, x, target)
 
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_ENABLE_X64": "1",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+    }
     procs = []
     try:
         for pid in range(PROCESSES):
             out = tmp_path / f"process{pid}.json"
             # Started in tests/ (as tests/child.py explains): the installed jaxconv is imported.
-            procs.append((subprocess.Popen(
-                [sys.executable, __file__, str(port), str(pid), str(out)],
-                cwd=Path(__file__).parent, env=env, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True), out))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, __file__, str(port), str(pid), str(out)],
+                        cwd=Path(__file__).parent,
+                        env=env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    ),
+                    out,
+                )
+            )
         logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc, _ in procs]
     finally:
         for proc, _ in procs:  # a child still running after a failure or the timeout
@@ -98,15 +116,20 @@ def test_two_process_data_parallel_step_equals_one_process(backend, tmp_path):
         assert res["devices"] == PROCESSES * LOCAL_DEVICES
         np.testing.assert_allclose(res["loss"], float(want_loss), rtol=1e-12)
         for name, want in want_grads.items():
-            np.testing.assert_allclose(np.array(res["grads"][name]), np.asarray(want),
-                                       rtol=1e-10, atol=1e-14, err_msg=name)
+            np.testing.assert_allclose(
+                np.array(res["grads"][name]), np.asarray(want), rtol=1e-10, atol=1e-14, err_msg=name
+            )
         # Each jaxconv kernel works on one device's shard of the batch (2 of 8 examples), and
         # the weight gradients are summed over all devices of both processes by all-reduce.
         assert res["all_reduce"], "no all-reduce in the compiled step"
         assert "all-gather" not in res["collectives"], res["collectives"]
-        for target in ("jaxconv_conv2d_fwd", "jaxconv_conv2d_bwd_data",
-                       "jaxconv_conv2d_bwd_filter", "jaxconv_max_pool2d_fwd",
-                       "jaxconv_max_pool2d_bwd"):
+        for target in (
+            "jaxconv_conv2d_fwd",
+            "jaxconv_conv2d_bwd_data",
+            "jaxconv_conv2d_bwd_filter",
+            "jaxconv_max_pool2d_fwd",
+            "jaxconv_max_pool2d_bwd",
+        ):
             assert target in res["kernels"], (target, res["kernels"])
         assert res["x_shard_shape"] == [N // (PROCESSES * LOCAL_DEVICES), 3, 12, 12]
     # The processes hold one replicated result: the same bits in both.
@@ -130,9 +153,12 @@ def _child(port: int, process_id: int, out: str) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):
         pass
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=PROCESSES, process_id=process_id,
-                               initialization_timeout=120)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=PROCESSES,
+        process_id=process_id,
+        initialization_timeout=120,
+    )
     try:
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
         batch = NamedSharding(mesh, PartitionSpec("data"))
@@ -150,13 +176,20 @@ def _child(port: int, process_id: int, out: str) -> None:
         loss, grads = step(params, x, target)
         hlo = step.lower(params, x, target).compile().as_text()
         kernels = sorted(set(re.findall(r'custom_call_target="(jaxconv_\w+)"', hlo)))
-        collectives = sorted(set(re.findall(
-            r"\b(all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\(", hlo)))
+        collectives = sorted(
+            set(
+                re.findall(
+                    r"\b(all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\(", hlo
+                )
+            )
+        )
         result = {
-            "process_count": jax.process_count(), "devices": jax.device_count(),
+            "process_count": jax.process_count(),
+            "devices": jax.device_count(),
             "loss": float(loss.addressable_data(0)),
             "grads": {k: np.asarray(v.addressable_data(0)).tolist() for k, v in grads.items()},
-            "kernels": kernels, "collectives": collectives,
+            "kernels": kernels,
+            "collectives": collectives,
             "all_reduce": "all-reduce" in collectives,
             "x_shard_shape": list(x.addressable_shards[0].data.shape),
         }

@@ -29,18 +29,20 @@ or ``conv_general_dilated`` hooks; ``precision`` only decides whether a GPU may 
 CPU always computes in full float32); Conv's padding must be >= 0; pooling takes floating
 inputs only; gradients are reverse-mode only (``jax.custom_vjp``).
 """
+
 from __future__ import annotations
 
 try:
-    import flax.linen as flax_linen
+    import flax.linen  # noqa: F401  (the import that fails without Flax)
     from flax import nnx as flax_nnx
     from flax.nnx.nn.dtypes import promote_dtype as _nnx_promote_dtype
 except ImportError as err:  # pragma: no cover - exercised only without flax installed
     raise ImportError(
         "jaxconv.nn needs Flax, which is an optional dependency of jaxconv. Install it with: "
-        "pip install 'jaxconv[flax]'") from err
+        "pip install 'jaxconv[flax]'"
+    ) from err
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -54,12 +56,27 @@ from ..pool import max_pool2d
 from . import _impl
 from ._impl import default_bias_init, default_kernel_init
 
-__all__ = ["Conv2d", "ConvTranspose2d", "MaxPool2d", "max_pool", "LinenConv2d",
-           "LinenConvTranspose2d", "LinenMaxPool2d", "linen", "nnx"]
+__all__ = [
+    "Conv2d",
+    "ConvTranspose2d",
+    "LinenConv2d",
+    "LinenConvTranspose2d",
+    "LinenMaxPool2d",
+    "MaxPool2d",
+    "linen",
+    "max_pool",
+    "nnx",
+]
 
 
-def max_pool(inputs: ArrayLike, window_shape: IntPair, strides: IntPair | None = None,
-             padding: PaddingLike = "VALID", *, layout: LayoutName = "NHWC") -> jax.Array:
+def max_pool(
+    inputs: ArrayLike,
+    window_shape: IntPair,
+    strides: IntPair | None = None,
+    padding: PaddingLike = "VALID",
+    *,
+    layout: LayoutName = "NHWC",
+) -> jax.Array:
     """``flax.nnx.max_pool`` / ``flax.linen.max_pool`` for 2 spatial dims, on jaxconv's kernel.
 
     Flax's semantics, not PyTorch's: ``strides`` defaults to 1 (not to the window), and any
@@ -90,8 +107,9 @@ def max_pool(inputs: ArrayLike, window_shape: IntPair, strides: IntPair | None =
     stride = _args.pair(1 if strides is None else strides, "strides")
     x, batch_shape = _impl.flatten_batch(jnp.asarray(inputs))
     in_hw = tuple(x.shape[a] for a in _impl.spatial_axes(layout))
-    pads: Any = _args.padding_pairs(padding, "padding", in_hw=in_hw, kernel_eff=window,
-                                    stride=stride)
+    pads: Any = _args.padding_pairs(
+        padding, "padding", in_hw=in_hw, kernel_eff=window, stride=stride
+    )
     if any(max(p) > k // 2 for p, k in zip(pads, window)):
         # jaxconv follows PyTorch, which limits padding to half the window; Flax does not. Wider
         # padding is -inf cells that a window can only select when it holds nothing else, so
@@ -109,8 +127,14 @@ class MaxPool2d(flax_nnx.Module):
       window_shape, strides, padding, layout: as :func:`max_pool`.
     """
 
-    def __init__(self, window_shape: IntPair, strides: IntPair | None = None,
-                 padding: PaddingLike = "VALID", *, layout: LayoutName = "NHWC"):
+    def __init__(
+        self,
+        window_shape: IntPair,
+        strides: IntPair | None = None,
+        padding: PaddingLike = "VALID",
+        *,
+        layout: LayoutName = "NHWC",
+    ):
         self.window_shape = window_shape
         self.strides = strides
         self.padding = padding
@@ -118,8 +142,7 @@ class MaxPool2d(flax_nnx.Module):
 
     def __call__(self, inputs: ArrayLike) -> jax.Array:
         """Pools ``inputs`` as :func:`max_pool` does."""
-        return max_pool(inputs, self.window_shape, self.strides, self.padding,
-                        layout=self.layout)
+        return max_pool(inputs, self.window_shape, self.strides, self.padding, layout=self.layout)
 
 
 class Conv2d(flax_nnx.Module):
@@ -155,26 +178,48 @@ class Conv2d(flax_nnx.Module):
         :func:`jaxconv.conv2d`'s errors.
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: IntPair,
-                 strides: IntPair | None = 1, *, padding: Any = "SAME",
-                 kernel_dilation: IntPair | None = 1, feature_group_count: int = 1,
-                 use_bias: bool = True, mask: ArrayLike | None = None, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, precision: PrecisionLike = None,
-                 kernel_init: Callable = default_kernel_init,
-                 bias_init: Callable = default_bias_init, layout: LayoutName = "NHWC",
-                 rngs: flax_nnx.Rngs,
-                 kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
-                 bias_metadata: Mapping[str, Any] = MappingProxyType({})):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: IntPair,
+        strides: IntPair | None = 1,
+        *,
+        padding: Any = "SAME",
+        kernel_dilation: IntPair | None = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        mask: ArrayLike | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Callable = default_kernel_init,
+        bias_init: Callable = default_bias_init,
+        layout: LayoutName = "NHWC",
+        rngs: flax_nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
         kernel_hw = _impl.spatial_pair(kernel_size, "kernel_size")
         if in_features % feature_group_count or out_features % feature_group_count:
-            raise ValueError(f"feature_group_count={feature_group_count} must divide in_features="
-                             f"{in_features} and out_features={out_features}")
+            raise ValueError(
+                f"feature_group_count={feature_group_count} must divide in_features="
+                f"{in_features} and out_features={out_features}"
+            )
         self.kernel_shape = kernel_hw + (in_features // feature_group_count, out_features)
         # Flax draws the kernel key first and the bias key second; so do we, for equal params.
         # The metadata (e.g. sharding annotations) goes on the nnx.Param as in nnx.Conv.
         self.kernel, self.bias = _impl.make_params(
-            rngs, self.kernel_shape, out_features, use_bias, param_dtype, kernel_init,
-            bias_init, kernel_metadata, bias_metadata)
+            rngs,
+            self.kernel_shape,
+            out_features,
+            use_bias,
+            param_dtype,
+            kernel_init,
+            bias_init,
+            kernel_metadata,
+            bias_metadata,
+        )
         self.in_features = in_features
         self.out_features = out_features
         self.kernel_size = kernel_hw
@@ -189,7 +234,9 @@ class Conv2d(flax_nnx.Module):
         self.precision = precision
         self.layout = _impl.check_layout(layout)
 
-    def _convolve(self, x, kernel_hwio, bias, **geometry):
+    def _convolve(
+        self, x: jax.Array, kernel_hwio: jax.Array, bias: jax.Array | None, **geometry: Any
+    ) -> jax.Array:
         """The convolution itself (a subclass may compute it differently, e.g. with lax)."""
         return _impl.jaxconv_conv(x, kernel_hwio, bias, precision=self.precision, **geometry)
 
@@ -198,10 +245,19 @@ class Conv2d(flax_nnx.Module):
         in_features, H, W)`` for NCHW) -> ``(*batch, OH, OW, out_features)`` (or NCHW)."""
         bias = None if self.bias is None else self.bias[...]
         return _impl.apply_conv(
-            self._convolve, jnp.asarray(inputs), self.kernel[...], bias, self.mask,
-            strides=self.strides, padding=self.padding, kernel_dilation=self.kernel_dilation,
-            feature_group_count=self.feature_group_count, layout=self.layout,
-            promote=lambda *a: _nnx_promote_dtype(a, dtype=self.dtype), precision=self.precision)
+            self._convolve,
+            jnp.asarray(inputs),
+            self.kernel[...],
+            bias,
+            self.mask,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            feature_group_count=self.feature_group_count,
+            layout=self.layout,
+            promote=lambda *a: _nnx_promote_dtype(a, dtype=self.dtype),
+            precision=self.precision,
+        )
 
 
 class ConvTranspose2d(flax_nnx.Module):
@@ -240,25 +296,45 @@ class ConvTranspose2d(flax_nnx.Module):
         dilation or layout.
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: IntPair,
-                 strides: IntPair | None = None, *, padding: Any = "SAME",
-                 kernel_dilation: IntPair | None = None, use_bias: bool = True,
-                 mask: ArrayLike | None = None, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, precision: PrecisionLike = None,
-                 kernel_init: Callable = default_kernel_init,
-                 bias_init: Callable = default_bias_init, transpose_kernel: bool = False,
-                 promote_dtype: Callable = _nnx_promote_dtype,
-                 preferred_element_type: Any = None, layout: LayoutName = "NHWC",
-                 rngs: flax_nnx.Rngs,
-                 kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
-                 bias_metadata: Mapping[str, Any] = MappingProxyType({})):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: IntPair,
+        strides: IntPair | None = None,
+        *,
+        padding: Any = "SAME",
+        kernel_dilation: IntPair | None = None,
+        use_bias: bool = True,
+        mask: ArrayLike | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Callable = default_kernel_init,
+        bias_init: Callable = default_bias_init,
+        transpose_kernel: bool = False,
+        promote_dtype: Callable = _nnx_promote_dtype,
+        preferred_element_type: Any = None,
+        layout: LayoutName = "NHWC",
+        rngs: flax_nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
         _impl.check_preferred_element_type(preferred_element_type)
         kernel_hw = _impl.spatial_pair(kernel_size, "kernel_size")
         channels = (out_features, in_features) if transpose_kernel else (in_features, out_features)
         self.kernel_shape = kernel_hw + channels
         self.kernel, self.bias = _impl.make_params(
-            rngs, self.kernel_shape, out_features, use_bias, param_dtype, kernel_init,
-            bias_init, kernel_metadata, bias_metadata)
+            rngs,
+            self.kernel_shape,
+            out_features,
+            use_bias,
+            param_dtype,
+            kernel_init,
+            bias_init,
+            kernel_metadata,
+            bias_metadata,
+        )
         self.in_features = in_features
         self.out_features = out_features
         self.kernel_size = kernel_hw
@@ -279,10 +355,18 @@ class ConvTranspose2d(flax_nnx.Module):
         """The transposed convolution of ``inputs`` (channels where ``layout`` says)."""
         bias = None if self.bias is None else self.bias[...]
         return _impl.apply_conv_transpose(
-            jnp.asarray(inputs), self.kernel[...], bias, self.mask, strides=self.strides,
-            padding=self.padding, kernel_dilation=self.kernel_dilation,
-            transpose_kernel=self.transpose_kernel, layout=self.layout,
-            promote=lambda *a: self.promote_dtype(a, dtype=self.dtype), precision=self.precision)
+            jnp.asarray(inputs),
+            self.kernel[...],
+            bias,
+            self.mask,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            transpose_kernel=self.transpose_kernel,
+            layout=self.layout,
+            promote=lambda *a: self.promote_dtype(a, dtype=self.dtype),
+            precision=self.precision,
+        )
 
 
 # The submodules under Flax's names; importing them here makes `jaxconv.nn.linen` an attribute.

@@ -13,6 +13,7 @@ Flax checkpoints. Every other name (``Module``, ``compact``, ``BatchNorm``, ``De
 
 Differences from Flax: see :mod:`jaxconv.nn`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,6 +61,7 @@ class Conv(flax_linen.Module):
       conv_general_dilated_cls: must be None.
       layout: ``"NHWC"`` (Flax's) or ``"NCHW"``; the kernel is HWIO either way.
     """
+
     features: int
     kernel_size: IntPair
     strides: IntPair | None = 1
@@ -89,31 +91,48 @@ class Conv(flax_linen.Module):
             :func:`jaxconv.conv2d`'s errors.
         """
         if _impl.spatial_pair(self.input_dilation, "input_dilation") != (1, 1):
-            raise ValueError(f"jaxconv's Conv has no input_dilation (use ConvTranspose), got "
-                             f"input_dilation={self.input_dilation!r}")
+            raise ValueError(
+                f"jaxconv's Conv has no input_dilation (use ConvTranspose), got "
+                f"input_dilation={self.input_dilation!r}"
+            )
         if self.conv_general_dilated is not None or self.conv_general_dilated_cls is not None:
-            raise ValueError("jaxconv's Conv computes the convolution itself: "
-                             "conv_general_dilated and conv_general_dilated_cls must be None")
+            raise ValueError(
+                "jaxconv's Conv computes the convolution itself: "
+                "conv_general_dilated and conv_general_dilated_cls must be None"
+            )
         inputs = jnp.asarray(inputs)
         layout = _impl.check_layout(self.layout)
         in_features = _impl.channels(inputs.shape, layout)
         if in_features % self.feature_group_count:
-            raise ValueError(f"feature_group_count={self.feature_group_count} must divide the "
-                             f"input features {in_features}")
+            raise ValueError(
+                f"feature_group_count={self.feature_group_count} must divide the "
+                f"input features {in_features}"
+            )
         kernel_shape = _impl.spatial_pair(self.kernel_size, "kernel_size") + (
-            in_features // self.feature_group_count, self.features)
+            in_features // self.feature_group_count,
+            self.features,
+        )
         kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         promote = self.promote_dtype
         return _impl.apply_conv(
-            lambda *a, **kw: _impl.jaxconv_conv(*a, precision=self.precision, **kw), inputs,
-            kernel, bias, self.mask,
+            lambda *a, **kw: _impl.jaxconv_conv(*a, precision=self.precision, **kw),
+            inputs,
+            kernel,
+            bias,
+            self.mask,
             strides=_impl.spatial_pair(self.strides, "strides"),
             padding=_impl.conv_padding(self.padding),
             kernel_dilation=_impl.spatial_pair(self.kernel_dilation, "kernel_dilation"),
-            feature_group_count=self.feature_group_count, layout=layout,
-            promote=lambda *a: tuple(promote(*a, dtype=self.dtype)), precision=self.precision)
+            feature_group_count=self.feature_group_count,
+            layout=layout,
+            promote=lambda *a: tuple(promote(*a, dtype=self.dtype)),
+            precision=self.precision,
+        )
 
 
 class ConvTranspose(flax_linen.Module):
@@ -142,6 +161,7 @@ class ConvTranspose(flax_linen.Module):
       preferred_element_type: must be None (jaxconv computes in the input dtype).
       layout: ``"NHWC"`` (Flax's) or ``"NCHW"``.
     """
+
     features: int
     kernel_size: IntPair
     strides: IntPair | None = None
@@ -171,22 +191,31 @@ class ConvTranspose(flax_linen.Module):
         inputs = jnp.asarray(inputs)
         layout = _impl.check_layout(self.layout)
         in_features = _impl.channels(inputs.shape, layout)
-        channels = ((self.features, in_features) if self.transpose_kernel
-                    else (in_features, self.features))
+        channels = (
+            (self.features, in_features) if self.transpose_kernel else (in_features, self.features)
+        )
         kernel_shape = _impl.spatial_pair(self.kernel_size, "kernel_size") + channels
         _impl.check_mask(self.mask, kernel_shape)  # before creating params, as Flax
         kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         promote = self.promote_dtype
         return _impl.apply_conv_transpose(
-            inputs, kernel, bias, self.mask, strides=_impl.spatial_pair(self.strides, "strides"),
-            padding=_impl.conv_padding(self.padding, modes=_impl.TRANSPOSE_PAD_MODES,
-                                       minimum=None),
+            inputs,
+            kernel,
+            bias,
+            self.mask,
+            strides=_impl.spatial_pair(self.strides, "strides"),
+            padding=_impl.conv_padding(self.padding, modes=_impl.TRANSPOSE_PAD_MODES, minimum=None),
             kernel_dilation=_impl.spatial_pair(self.kernel_dilation, "kernel_dilation"),
             transpose_kernel=_args.flag(self.transpose_kernel, "transpose_kernel"),
-            layout=layout, promote=lambda *a: tuple(promote(*a, dtype=self.dtype)),
-            precision=self.precision)
+            layout=layout,
+            promote=lambda *a: tuple(promote(*a, dtype=self.dtype)),
+            precision=self.precision,
+        )
 
 
 class MaxPool(flax_linen.Module):
@@ -195,6 +224,7 @@ class MaxPool(flax_linen.Module):
     Attributes:
       window_shape, strides, padding, layout: as :func:`max_pool`.
     """
+
     window_shape: IntPair
     strides: IntPair | None = None
     padding: PaddingLike = "VALID"
@@ -202,8 +232,7 @@ class MaxPool(flax_linen.Module):
 
     def __call__(self, inputs: ArrayLike) -> jax.Array:
         """Pools ``inputs`` as :func:`max_pool` does."""
-        return max_pool(inputs, self.window_shape, self.strides, self.padding,
-                        layout=self.layout)
+        return max_pool(inputs, self.window_shape, self.strides, self.padding, layout=self.layout)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ names parameters after attributes, not classes, so the state tree is Flax's as i
 
 Differences from Flax: see :mod:`jaxconv.nn`.
 """
+
 from __future__ import annotations
 
 from typing import Any
