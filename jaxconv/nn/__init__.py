@@ -374,15 +374,15 @@ from . import linen, nnx  # noqa: E402
 
 
 class LinenConv2d(linen.Conv):
-    """:class:`jaxconv.nn.linen.Conv` under its earlier name. As a class of its own it keeps
+    """``jaxconv.nn.linen.Conv`` under its earlier name. As a class of its own it keeps
     its own auto-name in a parent module (``LinenConv2d_0``), so parameter trees made with it
     stay as they were; new code should use ``jaxconv.nn.linen.Conv`` (``Conv_0``, as Flax)."""
 
 
 class LinenConvTranspose2d(linen.ConvTranspose):
-    """:class:`jaxconv.nn.linen.ConvTranspose` under its earlier name (auto-named
+    """``jaxconv.nn.linen.ConvTranspose`` under its earlier name (auto-named
     ``LinenConvTranspose2d_0``)."""
 
 
 class LinenMaxPool2d(linen.MaxPool):
-    """:class:`jaxconv.nn.linen.MaxPool` under its earlier name."""
+    """``jaxconv.nn.linen.MaxPool`` under its earlier name."""

@@ -40,7 +40,7 @@ class Conv(flax_linen.Module):
     ``(KH, KW, in_features // feature_group_count, features)`` and ``bias`` ``(features,)``,
     created and initialized as Flax creates them.
 
-    Attributes:
+    Args:
       features: output channels (the input channels come from the input).
       kernel_size: an int (meaning (k, k), unlike Flax's 1-d reading) or ``(kh, kw)``.
       strides: an int or ``(sh, sw)``; None means 1.
@@ -142,7 +142,7 @@ class ConvTranspose(flax_linen.Module):
     output are Flax's, including its padding meaning (``lax.conv_transpose``'s, not
     PyTorch's).
 
-    Attributes:
+    Args:
       features: output channels.
       kernel_size: an int (meaning (k, k)) or ``(kh, kw)``.
       strides: an int or ``(sh, sw)``; None means 1.
@@ -221,7 +221,7 @@ class ConvTranspose(flax_linen.Module):
 class MaxPool(flax_linen.Module):
     """:func:`max_pool` as a linen module (``strides`` defaults to 1, as in Flax).
 
-    Attributes:
+    Args:
       window_shape, strides, padding, layout: as :func:`max_pool`.
     """
 
