@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import pytest
 PROCESSES = 2
 LOCAL_DEVICES = 2
 N = 8  # global batch: N // (PROCESSES * LOCAL_DEVICES) = 2 examples per device
-TIMEOUT_S = 300
+TIMEOUT_S = 300  # for the whole cluster: both children are killed past it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +85,7 @@ def test_two_process_data_parallel_step_equals_one_process(backend, tmp_path):
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
     }
     procs = []
+    logs = [(tmp_path / f"process{pid}.log").open("w") for pid in range(PROCESSES)]
     try:
         for pid in range(PROCESSES):
             out = tmp_path / f"process{pid}.json"
@@ -94,21 +96,27 @@ def test_two_process_data_parallel_step_equals_one_process(backend, tmp_path):
                         [sys.executable, __file__, str(port), str(pid), str(out)],
                         cwd=Path(__file__).parent,
                         env=env,
-                        stdout=subprocess.PIPE,
+                        # A file, not a pipe: a pipe that fills while the parent waits on the
+                        # other child would stall both.
+                        stdout=logs[pid],
                         stderr=subprocess.STDOUT,
                         text=True,
                     ),
                     out,
                 )
             )
-        logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc, _ in procs]
+        deadline = time.monotonic() + TIMEOUT_S
+        for proc, _ in procs:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
         for proc, _ in procs:  # a child still running after a failure or the timeout
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    for (proc, _), log in zip(procs, logs):
-        assert proc.returncode == 0, log[-4000:]
+        for log in logs:
+            log.close()
+    for pid, (proc, _) in enumerate(procs):
+        assert proc.returncode == 0, (tmp_path / f"process{pid}.log").read_text()[-4000:]
 
     results = [json.loads(out.read_text()) for _, out in procs]
     for res in results:
