@@ -17,6 +17,9 @@ import pytest
 
 from child import run_python
 
+pytestmark = pytest.mark.slow("every raw call runs in a child process (this file as a script), "
+                              "a fresh one after each crash")
+
 F32, F16, F64 = "float32", "float16", "float64"
 
 # Attributes of a plain 3x3 stride-1 convolution and of a 2x2/2 pool (names as ConvGeometry.attrs

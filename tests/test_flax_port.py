@@ -118,6 +118,7 @@ def _paths(tree):
     ]
 
 
+@pytest.mark.slow("compiles and trains two small ResNets (Flax and the port)")
 @pytest.mark.cpu_only(
     "one small model trained on the default device; the ops themselves "
     "are checked per backend elsewhere"
