@@ -1,14 +1,19 @@
-"""Argument normalization and validation shared by conv and pool.
+"""Argument normalization and validation for every public op.
 
-Every public function calls into here once, at trace time, and gets back plain Python integers
-in small frozen records. Errors name the argument and the offending values.
+Each public function calls exactly one function here, at trace time, with its raw arguments:
+`conv2d_geometry`, `conv_transpose2d_geometry`, `max_pool2d_geometry` or
+`max_unpool2d_geometry` (at the end of this file). It gets back plain Python integers in a small
+frozen record, or a ValueError / TypeError that names the argument and the offending values.
+The helpers above them (`pair`, `padding`, `flag`, ...) are the argument forms those four share
+with jaxconv.nn.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +21,17 @@ import numpy as np
 from jax import lax
 
 FLOAT_DTYPES = (jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16)
+
+# The types of the public arguments, as the signatures name them.
+IntPair = int | Sequence[int]
+"""An int ``k`` (meaning ``(k, k)``) or a pair ``(k_h, k_w)``."""
+PaddingLike = int | Sequence[int] | Sequence[Sequence[int]] | str
+"""An int, ``(ph, pw)``, ``((top, bottom), (left, right))``, or ``"SAME"`` / ``"VALID"``."""
+LayoutName = Literal["NCHW", "NHWC"]
+"""Where the channels sit: ``"NCHW"`` (PyTorch's) or ``"NHWC"`` (Flax's / TensorFlow's); the
+functions accept either in any case."""
+PrecisionLike = None | str | lax.Precision | Sequence[str | lax.Precision]
+"""lax's ``precision``: None, a name such as ``"highest"``, a ``lax.Precision``, or a pair."""
 
 
 class Layout(enum.IntEnum):
@@ -78,7 +94,7 @@ def pair(value: Any, name: str, *, minimum: int | None = 1) -> tuple[int, int]:
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def padding(value: Any, name: str, *, in_hw: Sequence[int], kernel_eff: Sequence[int],
+def padding_pairs(value: Any, name: str, *, in_hw: Sequence[int], kernel_eff: Sequence[int],
             stride: Sequence[int], allow_string: bool = True) -> Padding:
     """Normalizes padding to ((top, bottom), (left, right)).
 
@@ -93,12 +109,12 @@ def padding(value: Any, name: str, *, in_hw: Sequence[int], kernel_eff: Sequence
         if mode == "VALID":
             return ((0, 0), (0, 0))
         if mode == "SAME":
-            pads = []
+            same = []
             for i, k, s in zip(in_hw, kernel_eff, stride):
                 out = -(-i // s)
                 total = max((out - 1) * s + k - i, 0)
-                pads.append((total // 2, total - total // 2))
-            return (pads[0], pads[1])
+                same.append((total // 2, total - total // 2))
+            return (same[0], same[1])
         raise ValueError(f"{name} string must be 'SAME' or 'VALID', got {value!r}")
     try:
         if isinstance(value, (list, tuple)) and len(value) == 2 and all(
@@ -145,16 +161,16 @@ def unbatched(x: Any) -> bool:
     return np.ndim(x) == 3
 
 
-def add_batch_axis(x: Any):
+def add_batch_axis(x: Any) -> jax.Array:
     return jnp.asarray(x)[None]
 
 
-def drop_batch_axis(out: Any):
+def drop_batch_axis(out: Any) -> Any:
     """Removes the N axis of one result or of each of a tuple of results."""
     return tuple(a[0] for a in out) if isinstance(out, tuple) else out[0]
 
 
-def activation_form(layout: "Layout", channels: str = "C") -> str:
+def activation_form(layout: Layout, channels: str = "C") -> str:
     """How an activation is described in errors: '(N, C, H, W) or unbatched (C, H, W)'."""
     if layout == Layout.NCHW:
         return f"(N, {channels}, H, W) or 3-d ({channels}, H, W)"
@@ -172,7 +188,9 @@ def allow_tf32(precision: Any) -> int:
     """The `precision` argument (None, a string, a lax.Precision, or a pair of them, one per
     operand) -> the allow_tf32 attribute (1 or 0)."""
     if precision is None:
-        default = jax.config.jax_default_matmul_precision
+        # (set through jax.config.update or the jax.default_matmul_precision context; the
+        # attribute is made at run time, so type checkers do not know it)
+        default = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
         if default is None:
             return 1
         try:
@@ -296,3 +314,228 @@ def act_spatial_axes(layout: Layout) -> tuple[int, int]:
 def weight_out_axis(layout: Layout) -> int:
     """Axis of O in conv weights (OIHW or HWIO)."""
     return 0 if layout == Layout.NCHW else 3
+
+
+# ----------------------------------------------------------------------------------------------
+# One function per public op: the raw public arguments in, the geometry out (or an error).
+# Each check runs in a fixed order, so that an argument with several faults always reports the
+# same one first. The unbatched (3-d) form is handled by the public function before this.
+
+
+def _check_operands(x: Any, w: Any, bias: Any, *, x_what: str, w_what: str
+                    ) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+    """Ranks and dtypes of a convolution's operands -> (x shape, w shape, dtype)."""
+    xs = check_rank4(x, "x", x_what)
+    ws = check_rank4(w, "w", w_what)
+    xdt = check_float(x, "x")
+    wdt = check_float(w, "w")
+    if xdt != wdt:
+        raise TypeError(f"x and w must have the same dtype, got x: {xdt} and w: {wdt}")
+    if bias is not None:
+        bdt = check_float(bias, "bias")
+        if bdt != xdt:
+            raise TypeError(f"bias must have the dtype of x ({xdt}), got {bdt}")
+    return xs, ws, xdt
+
+
+def _check_groups(groups: Any, channels: int, channels_name: str) -> int:
+    groups = integer(groups, "groups")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if channels % groups:
+        raise ValueError(f"groups={groups} must divide the input channels {channels_name}="
+                         f"{channels}")
+    return groups
+
+
+def _check_bias_shape(bias: Any, channels: int) -> None:
+    if bias is not None and tuple(np.shape(bias)) != (channels,):
+        raise ValueError(f"bias must have shape ({channels},), got {tuple(np.shape(bias))}")
+
+
+def conv2d_geometry(x: Any, w: Any, bias: Any, *, stride: Any, padding: Any, dilation: Any,
+                    groups: Any, layout: Any, precision: Any) -> ConvGeometry:
+    """conv2d's arguments (x batched, 4-d) -> its ConvGeometry; raises what conv2d documents."""
+    lc = layout_code(layout)
+    xs, ws, _ = _check_operands(
+        x, w, bias, x_what=activation_form(lc),
+        w_what="(O, I, KH, KW)" if lc == Layout.NCHW else "(KH, KW, I, O)")
+    _, c, h, wd = act_dims(xs, lc)
+    o, i, kh, kw = weight_dims(ws, lc)
+    groups = _check_groups(groups, c, "C")
+    if o % groups:
+        raise ValueError(f"groups={groups} must divide the output channels O={o}")
+    if i * groups != c:
+        raise ValueError(
+            f"w has {i} input channels per group but x has C={c} channels with groups={groups} "
+            f"(expected {c // groups}; layout {lc.name}, x shape {xs}, w shape {ws})")
+    if min(kh, kw) < 1:
+        raise ValueError(f"w must have a non-empty kernel, got shape {ws}")
+    if min(c, h, wd) < 1:
+        raise ValueError(f"x must have non-empty channel and spatial dims, got shape {xs}")
+    stride_hw = pair(stride, "stride")
+    dilation_hw = pair(dilation, "dilation")
+    keff = ((kh - 1) * dilation_hw[0] + 1, (kw - 1) * dilation_hw[1] + 1)
+    pads = padding_pairs(padding, "padding", in_hw=(h, wd), kernel_eff=keff,
+                         stride=stride_hw)
+    out_hw = (out_size(h, kh, stride_hw[0], dilation_hw[0], *pads[0]),
+              out_size(wd, kw, stride_hw[1], dilation_hw[1], *pads[1]))
+    if min(out_hw) < 1:
+        raise ValueError(
+            f"output size would be {out_hw} for input {(h, wd)}, kernel {(kh, kw)}, stride "
+            f"{stride_hw}, dilation {dilation_hw}, padding {pads}: the dilated kernel is larger "
+            "than the padded input")
+    geom = ConvGeometry(lc, (h, wd), (kh, kw), out_hw, stride_hw, dilation_hw, pads, groups,
+                        allow_tf32(precision))
+    _check_bias_shape(bias, o)
+    return geom
+
+
+def conv_transpose2d_geometry(x: Any, w: Any, bias: Any, *, stride: Any, padding: Any,
+                              output_padding: Any, groups: Any, dilation: Any, layout: Any,
+                              precision: Any) -> ConvGeometry:
+    """conv_transpose2d's arguments (x batched, 4-d) -> the ConvGeometry of the convolution
+    that it inverts (its in_hw is the transposed convolution's output size); raises what
+    conv_transpose2d documents."""
+    lc = layout_code(layout)
+    xs, ws, _ = _check_operands(
+        x, w, bias, x_what=activation_form(lc, "C_in"),
+        w_what=("(C_in, C_out/groups, KH, KW)" if lc == Layout.NCHW
+                else "(KH, KW, C_out/groups, C_in)"))
+    _, c_in, h, wd = act_dims(xs, lc)
+    # In the equivalent convolution, w's "O" is our C_in and its "I" is C_out / groups.
+    w_cin, cout_g, kh, kw = weight_dims(ws, lc)
+    groups = _check_groups(groups, c_in, "C_in")
+    if w_cin != c_in:
+        raise ValueError(f"w must have C_in={c_in} as its "
+                         f"{'first' if lc == Layout.NCHW else 'last'} dim, got shape {ws}")
+    if min(kh, kw, cout_g) < 1:
+        raise ValueError(f"w must have non-empty dims, got shape {ws}")
+    if min(c_in, h, wd) < 1:
+        raise ValueError(f"x must have non-empty channel and spatial dims, got shape {xs}")
+    stride_hw = pair(stride, "stride")
+    dilation_hw = pair(dilation, "dilation")
+    pads = padding_pairs(padding, "padding", in_hw=(h, wd), kernel_eff=(kh, kw),
+                         stride=stride_hw, allow_string=False)
+    out_pad = pair(output_padding, "output_padding", minimum=0)
+    if any(op >= max(s, d) for op, s, d in zip(out_pad, stride_hw, dilation_hw)):
+        raise ValueError(
+            f"output_padding must be smaller than stride or dilation, got output_padding="
+            f"{output_padding} with stride={stride_hw}, dilation={dilation_hw}")
+    # PyTorch's output size: (H - 1)*stride - pad_top - pad_bottom + dilation*(KH - 1)
+    # + output_padding + 1.
+    out_h, out_w = ((i - 1) * s - lo - hi + d * (k - 1) + op + 1 for i, s, (lo, hi), d, k, op in
+                    zip((h, wd), stride_hw, pads, dilation_hw, (kh, kw), out_pad))
+    if min(out_h, out_w) < 1:
+        raise ValueError(f"output size would be {(out_h, out_w)}: padding {pads} is too large "
+                         f"for input {(h, wd)} and kernel {(kh, kw)}")
+    # The convolution this inverts reads an out_hw input with pads (lo, hi - output_padding):
+    # (out + lo + hi - op - d*(k-1) - 1) / s + 1 = h exactly.
+    (pt, pb), (pl, pr) = pads
+    conv_pads = ((pt, pb - out_pad[0]), (pl, pr - out_pad[1]))
+    geom = ConvGeometry(lc, (out_h, out_w), (kh, kw), (h, wd), stride_hw, dilation_hw,
+                        conv_pads, groups, allow_tf32(precision))
+    _check_bias_shape(bias, cout_g * groups)
+    return geom
+
+
+def max_pool2d_geometry(x: Any, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+                        ceil_mode: Any, return_indices: Any, layout: Any
+                        ) -> tuple[PoolGeometry, bool]:
+    """max_pool2d's arguments (x batched, 4-d) -> (its PoolGeometry, return_indices); raises
+    what max_pool2d documents."""
+    lc = layout_code(layout)
+    xs = check_rank4(x, "x", activation_form(lc))
+    check_float(x, "x")
+    _, _, h, w = act_dims(xs, lc)
+    if min(h, w) < 1:
+        raise ValueError(f"x must have non-empty spatial dims, got shape {xs}")
+    _check_plane(h, w, "x")
+    kernel = pair(kernel_size, "kernel_size")
+    stride_hw = kernel if stride is None else pair(stride, "stride")
+    dilation_hw = pair(dilation, "dilation")
+    keff = ((kernel[0] - 1) * dilation_hw[0] + 1, (kernel[1] - 1) * dilation_hw[1] + 1)
+    pads = padding_pairs(padding, "padding", in_hw=(h, w), kernel_eff=keff, stride=stride_hw)
+    for (lo, hi), ke in zip(pads, keff):
+        if max(lo, hi) > ke // 2:
+            raise ValueError(
+                f"padding must be at most half the effective kernel size, got padding="
+                f"{padding!r} with kernel_size={kernel_size!r}, dilation={dilation_hw} "
+                f"(effective kernel {keff})")
+    ceil = flag(ceil_mode, "ceil_mode")
+    out_hw = (pool_out_size(h, kernel[0], stride_hw[0], dilation_hw[0], *pads[0], ceil),
+              pool_out_size(w, kernel[1], stride_hw[1], dilation_hw[1], *pads[1], ceil))
+    if min(out_hw) < 1:
+        raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
+                         f"{kernel}, stride={stride_hw}, dilation={dilation_hw}, padding={pads}")
+    geom = PoolGeometry(lc, (h, w), kernel, out_hw, stride_hw, dilation_hw, pads, ceil)
+    return geom, flag(return_indices, "return_indices")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpoolGeometry:
+    """One max_unpool2d: x's logical (N, C) and spatial size, and the output's spatial size."""
+    layout: Layout
+    batch: int
+    channels: int
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+
+
+def max_unpool2d_geometry(x: Any, indices: Any, kernel_size: Any, stride: Any, padding: Any,
+                          output_size: Any, layout: Any) -> UnpoolGeometry:
+    """max_unpool2d's arguments (x and indices batched, 4-d) -> its UnpoolGeometry; raises what
+    max_unpool2d documents."""
+    lc = layout_code(layout)
+    xs = check_rank4(x, "x", activation_form(lc))
+    check_float(x, "x")
+    idt = jnp.result_type(indices)
+    if idt not in (jnp.int32, jnp.int64):
+        raise TypeError(f"indices must be int32 or int64, got {idt}")
+    if tuple(np.shape(indices)) != xs:
+        raise ValueError(f"indices must have the shape of x {xs}, got {tuple(np.shape(indices))}")
+    n, c, h, w = act_dims(xs, lc)
+    kernel = pair(kernel_size, "kernel_size")
+    stride_hw = kernel if stride is None else pair(stride, "stride")
+    pads = padding_pairs(padding, "padding", in_hw=(h, w), kernel_eff=kernel, stride=stride_hw,
+                         allow_string=False)
+    # PyTorch's default: (H - 1)*stride - pad_top - pad_bottom + kernel_size.
+    default = ((h - 1) * stride_hw[0] - sum(pads[0]) + kernel[0],
+               (w - 1) * stride_hw[1] - sum(pads[1]) + kernel[1])
+    if output_size is None:
+        out_hw = default
+    else:
+        if not isinstance(output_size, (list, tuple)):
+            raise TypeError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
+        size = tuple(integer(v, "output_size") for v in output_size)
+        if len(size) == 4:
+            size = act_dims(size, lc)[2:]
+        if len(size) != 2:
+            raise ValueError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
+        for got, d, s in zip(size, default, stride_hw):
+            if not d - s < got < d + s:
+                raise ValueError(f"output_size {tuple(size)} must be within stride {stride_hw} "
+                                 f"of the default size {default}")
+        out_hw = (size[0], size[1])
+    if min(out_hw) < 1:
+        raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
+                         f"{kernel}, stride={stride_hw}, padding={pads}")
+    _check_plane(*out_hw, "the output")
+    return UnpoolGeometry(lc, n, c, (h, w), out_hw)
+
+
+def _check_plane(h: int, w: int, what: str) -> None:
+    """Indices are int32 flat offsets h * W + w into a plane, so a plane must fit in int32."""
+    if h * w > INT32_MAX:
+        raise ValueError(f"{what} has a {h}x{w} plane: int32 indices cannot address more than "
+                         f"2**31 - 1 cells")
+
+
+def pool_out_size(in_size: int, k: int, stride: int, dilation: int, lo: int, hi: int,
+                  ceil_mode: bool) -> int:
+    """PyTorch's pooled length; mirrors pool_out_size in ffi/geometry.h."""
+    span = in_size + lo + hi - dilation * (k - 1) - 1
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and out > 0 and (out - 1) * stride >= in_size + lo:
+        out -= 1
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 # Oldest Linux driver branch that supports each CUDA major version (NVIDIA's CUDA toolkit
 # release notes, "CUDA Toolkit and Corresponding Driver Versions").
@@ -55,7 +56,7 @@ def _gpu_hidden() -> bool:
     return visible is not None and visible.strip() in ("", "-1")
 
 
-def warn_if_driver_too_old(cuda_module) -> str | None:
+def warn_if_driver_too_old(cuda_module: Any) -> str | None:
     """Warns (once per process) when the driver is too old for `cuda_module`'s runtime; returns
     the message, or None. A GPU counts as visible when a driver is installed and
     CUDA_VISIBLE_DEVICES does not hide every device: asking JAX instead would initialize its

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util as _importlib_util
 import os
+import types
 import warnings as _warnings
 
 import jax
@@ -52,10 +53,11 @@ for _name, _capsule in _jaxconv_cpu.registrations().items():
 # need no GPU and no driver (the CUDA runtime is linked statically; without a GPU backend XLA
 # keeps the "CUDA" registrations pending). A module that was built but does not load is
 # reported rather than silently dropped.
-_jaxconv_cuda = None
+_jaxconv_cuda: types.ModuleType | None = None
 if _importlib_util.find_spec(f"{__package__}._jaxconv_cuda") is not None:
     try:
-        from . import _jaxconv_cuda  # type: ignore[attr-defined]
+        from . import _jaxconv_cuda as _cuda_module
+        _jaxconv_cuda = _cuda_module
     except ImportError as _err:  # pragma: no cover - depends on the build
         _warnings.warn(f"jaxconv: the CUDA extension was built but does not load ({_err}); "
                        "only the CPU kernels are registered", RuntimeWarning, stacklevel=2)
@@ -68,12 +70,22 @@ if _jaxconv_cuda is not None:
     warn_if_driver_too_old(_jaxconv_cuda)  # a driver too old for the module's runtime: say so
 
 
-def export_safety_checks() -> list:
-    """What `jax.export.export(..., disabled_checks=...)` needs to serialize code using jaxconv.
+def export_safety_checks() -> list[jax.export.DisabledSafetyCheck]:
+    """The ``disabled_checks`` that ``jax.export.export`` needs for code that uses jaxconv.
 
-    jax.export refuses custom calls without a compatibility guarantee; these are jaxconv's
-    targets, whose attributes and operands are the contract in docs/design.md. The process that
-    deserializes and runs the artifact must `import jaxconv` first (it registers the targets).
+    jax.export refuses custom calls that lack a compatibility guarantee; jaxconv's kernels are
+    such calls (FFI targets), whose attributes and operands are the contract in
+    docs/design.md. Usage::
+
+        exported = jax.export.export(jax.jit(f),
+                                     disabled_checks=jaxconv.export_safety_checks())(x)
+
+    Returns:
+      One ``jax.export.DisabledSafetyCheck.custom_call`` per registered target.
+
+    The process that deserializes and runs the artifact must ``import jaxconv`` first (importing
+    it registers the targets). Exported code holds the plain per-device calls: a batch-sharded
+    input is gathered by XLA unless the exported function is a ``shard_map``.
     """
     from jax import export
     return [export.DisabledSafetyCheck.custom_call(name) for name in TARGETS]

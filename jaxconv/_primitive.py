@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ class Kernel:
         return self.primitive.bind(*args, geom=geom)
 
 
-def make_kernel(kernel: str, abstract_eval, batch_rule, *, n_operands: int,
+def make_kernel(kernel: str, abstract_eval: Callable, batch_rule: Callable, *, n_operands: int,
                 split: _sharding.Split, multiple_results: bool = False,
                 n_data_operands: int | None = None) -> Kernel:
     """The primitive for the FFI target of `kernel` (e.g. "conv2d_fwd"); `split` says how it
@@ -72,7 +73,7 @@ def make_kernel(kernel: str, abstract_eval, batch_rule, *, n_operands: int,
     prim = Primitive(name)
     prim.multiple_results = multiple_results
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def _jitted(geom):
         return jax.jit(lambda *args: prim.bind(*args, geom=geom))
 
@@ -126,12 +127,12 @@ def make_kernel(kernel: str, abstract_eval, batch_rule, *, n_operands: int,
 # for operands that vmap does not map) and returns outputs with it at axis 0.
 
 
-def batch_size(args, dims) -> int:
+def batch_size(args: Sequence[jax.Array], dims: Sequence[int | None]) -> int:
     """The size of the vmapped axis, read from the first mapped operand."""
     return next(a.shape[d] for a, d in zip(args, dims) if d is not NOT_MAPPED)
 
 
-def to_front(x, bdim, size: int):
+def to_front(x: jax.Array, bdim: int | None, size: int) -> jax.Array:
     """Moves the mapped axis to 0, broadcasting an unmapped operand to `size` copies."""
     if bdim is NOT_MAPPED:
         return jnp.broadcast_to(x, (size,) + x.shape)
@@ -143,12 +144,13 @@ def fold_into_n(x):
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def unfold_n(y, size: int):
+def unfold_n(y: jax.Array, size: int) -> jax.Array:
     """(B*N, ...) -> (B, N, ...), the inverse of fold_into_n."""
     return y.reshape((size, y.shape[0] // size) + y.shape[1:])
 
 
-def batch_over_n(kernel: Kernel, args, dims, *, geom: Any, n_activations: int):
+def batch_over_n(kernel: Kernel, args: Sequence[jax.Array], dims: Sequence[int | None], *,
+                 geom: Any, n_activations: int) -> tuple[Any, Any]:
     """The batch rule when only the first `n_activations` operands (all N-leading) may be mapped:
     one launch on B*N examples. The remaining operands must be unmapped and pass through."""
     size = batch_size(args, dims)

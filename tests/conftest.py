@@ -42,6 +42,10 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cpu_only(reason): run only the cpu instance of this test (the `backend` "
         "fixture skips the others, giving the reason)")
+    config.addinivalue_line(
+        "markers", "slow(reason): a case of tens of seconds or more (host-emulation builds, "
+        "child processes with 8 devices or a multi-process cluster, whole-version smoke runs); "
+        "`pytest -m 'not slow'` leaves them out for a fast development run")
 
 
 @pytest.fixture(params=BACKENDS)

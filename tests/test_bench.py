@@ -15,6 +15,8 @@ import pytest
 from jaxconv import bench
 from child import run_python
 
+pytestmark = pytest.mark.slow("runs the benchmark harness end to end in a child process")
+
 SETS = ("lenet", "resnet50", "mobilenet", "pool")
 
 

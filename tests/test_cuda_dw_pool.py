@@ -21,6 +21,9 @@ from reference import ref_max_pool2d, ref_max_pool2d_lax, tol
 from emulation import (DTYPE_CODES, LAYOUT_CODES, MAX_BLOCKS, NP_DTYPES, build_emulation, ptr,
                        vec)
 
+pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
+                              "seconds per worker), then emulates kernels thread by thread")
+
 
 DTYPES = list(DTYPE_CODES)
 VECTOR_WIDTH = {"float32": 4, "float64": 2, "float16": 8, "bfloat16": 8}  # 16 bytes

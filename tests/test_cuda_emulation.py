@@ -16,6 +16,9 @@ from emulation import (CONV_CASES, DTYPE_CODES, DTYPES, LAYOUT_CODES, MAX_BLOCKS
                        conv_attrs, conv_oracle, emu_conv, hwio, nhwc, ptr, sentinel, vec)
 from reference import assert_close, ref_max_pool2d, tol
 
+pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
+                              "seconds per worker), then emulates kernels thread by thread")
+
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("name", sorted(CONV_CASES))

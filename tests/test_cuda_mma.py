@@ -18,6 +18,9 @@ from emulation import (ALL_CONV_CASES, CONV_CASES, DTYPE_CODES, DTYPES, MMA_CASE
                        conv_inputs, emu_conv, grid_values, hwio, layout_shapes, nhwc, vec)
 from reference import assert_close, ref_conv2d
 
+pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
+                              "seconds per worker), then emulates kernels thread by thread")
+
 
 @pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])

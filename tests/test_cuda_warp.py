@@ -10,6 +10,9 @@ import pytest
 
 from emulation import build_emulation, ptr
 
+pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
+                              "seconds per worker), then emulates kernels thread by thread")
+
 
 
 @pytest.fixture(scope="module")

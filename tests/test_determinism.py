@@ -18,7 +18,8 @@ import pytest
 from reference import ref_conv2d
 from emulation import build_emulation, vec
 
-pytestmark = pytest.mark.cpu_only("compiles the kernels for the host emulation; no device")
+pytestmark = [pytest.mark.cpu_only("compiles the kernels for the host emulation; no device"),
+              pytest.mark.slow("builds a CUDA host-emulation library and runs its kernels")]
 
 CUDA_ERROR_INVALID_VALUE = 1  # cudaErrorInvalidValue
 

@@ -136,6 +136,7 @@ def test_export_with_symbolic_batch_size(backend):
         assert_close(restored.call(*args), jax.jit(ref(layout))(*args))
 
 
+@pytest.mark.slow("a fresh Python process imports jax and jaxconv and runs the artifact")
 def test_artifact_runs_in_a_fresh_process_after_import_jaxconv(backend, tmp_path):
     """A new process can deserialize the artifact, but running it needs `import jaxconv`
     first: before, XLA knows no jaxconv_* target."""

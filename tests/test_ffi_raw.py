@@ -17,10 +17,14 @@ import pytest
 
 from child import run_python
 
+pytestmark = pytest.mark.slow("every raw call runs in a child process (this file as a script), "
+                              "a fresh one after each crash")
+
 F32, F16, F64 = "float32", "float16", "float64"
 
-# Attributes of a plain 3x3 stride-1 convolution and of a 2x2/2 pool (names as the lowering in
-# jaxconv/_ffi.py passes them, all int64).
+# Attributes of a plain 3x3 stride-1 convolution and of a 2x2/2 pool (names as ConvGeometry.attrs
+# and PoolGeometry.attrs in jaxconv/_args.py give them; the lowering in jaxconv/_primitive.py
+# passes them all as int64).
 CONV = dict(stride_h=1, stride_w=1, dilation_h=1, dilation_w=1, pad_top=0, pad_bottom=0,
             pad_left=0, pad_right=0, groups=1, layout=0)
 POOL = dict(kernel_h=2, kernel_w=2, stride_h=2, stride_w=2, dilation_h=1, dilation_w=1,

@@ -12,6 +12,9 @@ import pytest
 
 from emulation import EMU_DIR, call, compile_library
 
+pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
+                              "seconds per worker), then emulates kernels thread by thread")
+
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):

@@ -125,6 +125,7 @@ def _run_without_avx2(code):
 
 
 @pytest.mark.cpu_only("the baseline (non-AVX2) GEMM is a CPU kernel")
+@pytest.mark.slow("a child process with JAXCONV_DISABLE_AVX2=1 compiles every case anew")
 def test_baseline_build_without_avx2(backend):
     """JAXCONV_DISABLE_AVX2=1 selects the baseline GEMM: same results on a few paths."""
     code = (
@@ -211,6 +212,7 @@ def test_pool_paths(backend, name, layout, dtype):
 
 
 @pytest.mark.cpu_only("the baseline (non-AVX2) pool kernels are CPU kernels")
+@pytest.mark.slow("a child process with JAXCONV_DISABLE_AVX2=1")
 def test_pool_baseline_build_without_avx2(backend):
     code = (
         "import test_kernel_paths as t, jax.numpy as jnp;"

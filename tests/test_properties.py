@@ -21,6 +21,8 @@ from reference import (explicit_padding, on, pool_out_size, random_array, ref_co
 from test_edge_cases import (assert_same_values_and_vjp, pool_grad_oracle, to_layout,
                              w_to_layout)
 
+pytestmark = pytest.mark.slow("hypothesis: many examples, each compiled anew")
+
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       # `backend` is a plain string: nothing to reset

@@ -38,6 +38,10 @@ CHECKS = [
 ]
 
 
+pytestmark = pytest.mark.slow("one child process with 8 host devices runs every check, "
+                              "compiling each sharded program")
+
+
 @pytest.fixture(scope="module")
 def report():
     proc = run_python(__file__, timeout=600, env={

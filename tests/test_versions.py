@@ -124,6 +124,7 @@ def test_vmap_is_one_kernel_call(backend):
 DEVICES = 8
 
 
+@pytest.mark.slow("a child process with 8 host devices compiles a sharded training step")
 def test_sharded_training_step_keeps_the_batch_split():
     proc = run_python(__file__, timeout=600, env={
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu"})
