@@ -12,7 +12,7 @@
 // Cost model (depthwise, the only FFT kernels so far), in units of one direct multiply-add:
 //   direct = N * C * OH * OW * KH * KW
 //   fft    = N * ceil(C/16) * tiles * P*Q * (kFftLog * log2(P*Q) + kFftPoint)     (per direction)
-//          + ceil(C/16) * P*Q * kFftLog * log2(P*Q) / 2       (filter spectra, fwd / bwd_data)
+//          + ceil(C/16) * P*Q * kFftLog * log2(P*Q) / 2   (filter spectra or bwd_filter's inverse)
 // where one complex transform serves 16 channels (two per complex lane). The constants are
 // measured (docs/design.md, "FFT convolution"); the plan (P, Q, tile) minimizes the fft cost.
 #include "conv_algo.h"
@@ -27,10 +27,20 @@ namespace {
 
 // Measured cost of one transform point per log2(size), and of the pointwise work plus the
 // loads and stores per point, in direct depthwise multiply-adds (docs/design.md).
-constexpr double kFftLog = 1.0;
-constexpr double kFftPoint = 6.0;
+constexpr double kFftLog = 27.0;
+constexpr double kFftPoint = 175.0;
+// Transforms above this many points no longer keep their four per-thread planes (and the
+// block's filter spectra) in a 1 MB L2; each further kFftCachePoints points cost as much again.
+// (90x90 measured 1.3-1.9x the per-point cost of 64x64, yet beat 60x60 tiles of 30x30.)
+constexpr double kFftCachePoints = 8192.0;
+// NCHW costs more on both sides: the direct depthwise kernels per tap (phase rows, one plane
+// at a time: 1.45-5x NHWC's on the measured shapes, 1.45x at 7x7 on 56x56) and the FFT per
+// point (its lanes gathered a plane apart: 1.0-1.4x). The model takes the low end of the first
+// and the high end of the second.
+constexpr double kDirectNchw = 1.5;
+constexpr double kFftNchw = 1.35;
 // The FFT must win by this factor before auto takes it (the model's error margin).
-constexpr double kFftMargin = 1.25;
+constexpr double kFftMargin = 1.3;
 constexpr int64_t kChannelsPerTransform = 16;
 
 // Transform sizes: products of 2, 3 and 5 up to kFftMaxSide.
@@ -63,7 +73,8 @@ void out_extent(const ConvGeometry& g, ConvDirection dir, int64_t* U, int64_t* V
 
 double transform_cost(int64_t P, int64_t Q) {
   const double pq = double(P * Q);
-  return pq * (kFftLog * std::log2(pq) + kFftPoint);
+  const double cache = 1.0 + std::max(0.0, pq - kFftCachePoints) / kFftCachePoints;
+  return cache * pq * (kFftLog * std::log2(pq) + kFftPoint);
 }
 
 // The cheapest plan for a U x V output and a KEh x KEw effective kernel (invalid when the
@@ -102,9 +113,13 @@ FftPlan fft_plan(const ConvGeometry& g, ConvDirection dir, double* cost) {
 bool fft_pays(const ConvGeometry& g, ConvDirection dir, const FftPlan& pl, double tile_cost) {
   const double blocks = double((g.C + kChannelsPerTransform - 1) / kChannelsPerTransform);
   double fft = double(g.N) * blocks * tile_cost;
-  if (dir != ConvDirection::kBackwardFilter)
-    fft += blocks * double(pl.P * pl.Q) * kFftLog * std::log2(double(pl.P * pl.Q)) / 2;
-  const double direct = double(g.N) * double(g.C) * double(g.OH * g.OW) * double(g.KH * g.KW);
+  // Once per block: the filter spectra (fwd, bwd_data) or the inverse of the sums (bwd_filter).
+  fft += blocks * double(pl.P * pl.Q) * kFftLog * std::log2(double(pl.P * pl.Q)) / 2;
+  double direct = double(g.N) * double(g.C) * double(g.OH * g.OW) * double(g.KH * g.KW);
+  if (g.p.layout == kNCHW) {
+    direct *= kDirectNchw;
+    fft *= kFftNchw;
+  }
   return kFftMargin * fft < direct;
 }
 
