@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import jaxconv
 from jaxconv import _jaxconv_cpu
+from child import run_python
 from reference import on, ref_conv2d, ref_conv_transpose2d, tol
 
 pytestmark = pytest.mark.cpu_only("the FFT kernels and the algorithm choice are the CPU's")
@@ -124,6 +125,28 @@ def test_conv_transpose_stride1_within_bound(backend, monkeypatch, layout):
                                  groups=c, layout=layout)
     y_ref = ref_conv_transpose2d(x64, w64, padding=((2, 2), (2, 2)), groups=c, layout=layout)
     assert _rel_err(y, y_ref) <= BOUND
+
+
+def test_auto_takes_the_fft_for_the_kernel_paths_case(backend):
+    """tests/test_kernel_paths.py's 'depthwise 13x13 on the FFT' case is on the FFT by default."""
+    for layout in ("NCHW", "NHWC"):
+        for d in ("fwd", "bwd_data", "bwd_filter"):
+            assert algorithm(d, (2, 20, 30, 28), (20, 1, 13, 13), ((6, 6), (6, 6)), (1, 1), 20,
+                             layout).startswith("fft "), (layout, d)
+
+
+def test_baseline_table_without_avx2(backend):
+    """JAXCONV_DISABLE_AVX2=1: the baseline build of fft.cc (two SSE registers per vector)
+    meets the same bounds, whole plane and overlap-save."""
+    code = (
+        "import os, test_fft as t, jax.numpy as jnp, numpy as np, jax;"
+        "jax.config.update('jax_enable_x64', True);"
+        "os.environ['JAXCONV_CPU_CONV_ALGO'] = 'fft';"
+        "[t._check_all_directions(*t._operands(np.random.default_rng(1), n, c, h, w, k, lay),"
+        " pad, dil, c, lay) for (n, c, h, w, k, pad, dil, _) in (t.CASES[0], t.CASES[2])"
+        " for lay in ('NCHW', 'NHWC')]; print('ok')")
+    proc = run_python("-c", code, env={"JAXCONV_DISABLE_AVX2": "1", "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
