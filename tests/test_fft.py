@@ -328,3 +328,16 @@ def test_forced_fft_on_random_shapes(backend, monkeypatch, cfg):
     x64, w64 = on(backend, *_operands(rng, n, c, h, w_, k, layout))
     monkeypatch.setenv(ALGO_ENV, "fft")
     _check_all_directions(x64, w64, pad, dil, c, layout)
+
+
+def test_bwd_filter_of_an_empty_batch_is_zero(backend, monkeypatch):
+    """A raw bwd_filter call with N = 0 (Python never makes one) on the FFT: dw = 0."""
+    monkeypatch.setenv(ALGO_ENV, "fft")
+    attrs = dict(stride_h=1, stride_w=1, dilation_h=1, dilation_w=1, pad_top=2, pad_bottom=2,
+                 pad_left=2, pad_right=2, groups=8, layout=0)
+    x = jnp.ones((0, 8, 9, 9), jnp.float32)
+    dy = jnp.ones((0, 8, 9, 9), jnp.float32)
+    dw = jax.ffi.ffi_call("jaxconv_conv2d_bwd_filter", jax.ShapeDtypeStruct((8, 1, 5, 5),
+                                                                           jnp.float32))(
+        x, dy, **{k: np.int64(v) for k, v in attrs.items()})
+    np.testing.assert_array_equal(np.asarray(dw), np.zeros((8, 1, 5, 5), np.float32))

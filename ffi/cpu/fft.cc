@@ -492,9 +492,9 @@ bool fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, const 
     if (!all_finite(pr, x, cr.N * cr.is.n) || !all_finite(pr, dy, cr.N * cr.os.n)) return false;
     const int64_t P = pl.P, Q = pl.Q, PQ = P * Q, pf = plane_floats(pl);
     const int64_t TU = cr.TU(), TV = cr.TV(), items = cr.N * TU * TV, blocks = cr.blocks();
-    int64_t parts = 1;
+    int64_t parts = 1;  // (at least one, so that an empty batch still writes dw = 0)
     if (blocks < 2 * pr.num_threads())
-      parts = std::min(items, (2 * pr.num_threads() + blocks - 1) / blocks);
+      parts = std::max<int64_t>(1, std::min(items, (2 * pr.num_threads() + blocks - 1) / blocks));
     const int64_t per_part = (items + parts - 1) / parts;
     const LinePlan rows = make_line_plan(Q), cols = make_line_plan(P);
     std::vector<float> acc(size_t(blocks * parts) * 2 * pf);
