@@ -58,7 +58,7 @@ CASES = {
                                       padding=2, groups=2),
     # Depthwise with a large kernel: the cost model takes the FFT (ffi/cpu/fft.cc) in all three
     # directions (tests/test_fft.py checks the choice and the error bounds).
-    "depthwise 13x13 on the FFT": C(n=2, c=20, h=30, w=28, o=20, kernel=(13, 13), padding=6,
+    "depthwise 21x21 on the FFT": C(n=2, c=20, h=30, w=28, o=20, kernel=(21, 21), padding=10,
                                     groups=20),
 }
 
@@ -135,7 +135,7 @@ def test_baseline_build_without_avx2(backend):
         "[t._check(t.CASES[n], 'cpu', lay, jnp.float32) for n in "
         "('plain 3x3', 'K sliced, small planes across images', 'stride 3 phases', "
         "'col2im strided grouped padded', 'depthwise anisotropic, channel tail', "
-        "'depthwise 13x13 on the FFT') "
+        "'depthwise 21x21 on the FFT') "
         "for lay in ('NCHW', 'NHWC')]; print('ok')")
     _run_without_avx2(code)
 

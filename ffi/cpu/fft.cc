@@ -77,13 +77,6 @@ LinePlan make_line_plan(int64_t n) {
   return lp;
 }
 
-// -i * (re + i*im) = im - i*re
-#define JAXCONV_MUL_MINUS_I(re, im, ore, oim) \
-  do {                                        \
-    ore = (im);                               \
-    oim = -(re);                              \
-  } while (0)
-
 // In-place r-point DFT (forward sign) of a[0..r).
 template <int R>
 __attribute__((always_inline)) inline void butterfly(V8* ar, V8* ai) {
@@ -286,8 +279,8 @@ __attribute__((always_inline)) inline Split split(V8 zr, V8 zi, V8 mr, V8 mi) {
 }
 
 // Filter spectra of every channel block: [cb][Ar, Ai, Br, Bi][P*Q vectors], scaled by 1/(PQ).
-// f(c, a, b) is the filter value at effective tap (a, b) (zero between dilated taps), given as
-// a tap list: taps[t] = (a, b) and value(c, t).
+// The filter of channel c is given as a tap list: value(c, t) at effective position taps[t] =
+// (a, b); every other position (between dilated taps) is zero.
 template <typename F>
 void filter_spectra(const ParallelRunner& pr, const Corr& cr, const LinePlan& rows,
                     const LinePlan& cols, const std::vector<std::pair<int64_t, int64_t>>& taps,
