@@ -1,6 +1,6 @@
 """Benchmark: jaxconv vs lax, side by side in one process.
 
-    python -m jaxconv.bench [--set lenet|resnet50|mobilenet|pool|all] [--layout NCHW|NHWC|both]
+    python -m jaxconv.bench [--set lenet|resnet50|mobilenet|pool|large|all] [--layout NCHW|NHWC|both]
                             [--dtype float32|bfloat16] [--device cpu|gpu] [--quick] [--json PATH]
                             [--plot PNG]
     python -m jaxconv.bench --from-json RESULTS.json --plot PNG    (redraw a saved run)
@@ -43,7 +43,7 @@ from jax import lax
 import jaxconv
 from jaxconv._args import LayoutName
 
-SETS = ("lenet", "resnet50", "mobilenet", "pool")
+SETS = ("lenet", "resnet50", "mobilenet", "pool", "large")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +111,16 @@ def cases(set_name: str, device: str) -> list[Case]:
             out.append(_conv("mobilenet", f"dw3x3/{stride} {c} @{hw}", b, c, hw, c, 3,
                              stride=stride, groups=c))
         return out
+    if set_name == "large":  # large kernels, batch 2: where the CPU may take the FFT
+        return [_conv("large", "ConvNeXt dw7x7 96 @56", 2, 96, 56, 96, 7, groups=96),
+                _conv("large", "ConvNeXt dw7x7 384 @14", 2, 384, 14, 384, 7, groups=384),
+                _conv("large", "RepLKNet dw31x31 128 @56", 2, 128, 56, 128, 31, groups=128),
+                _conv("large", "RepLKNet dw31x31 256 @28", 2, 256, 28, 256, 31, groups=256),
+                _conv("large", "RepLKNet dw27x27 512 @14", 2, 512, 14, 512, 27, groups=512),
+                _conv("large", "RepLKNet dw13x13 1024 @7", 2, 1024, 7, 1024, 13, groups=1024),
+                _conv("large", "AlexNet 11x11/4 3->64", 2, 3, 224, 64, 11, stride=4, padding=2),
+                _conv("large", "dense 13x13 64->64 @28", 2, 64, 28, 64, 13),
+                _conv("large", "dense 15x15 128->128 @28", 2, 128, 28, 128, 15)]
     if set_name == "pool":
         return [_pool("pool", "2x2/2 64 @112", b, 64, 112, 2, 2),
                 _pool("pool", "3x3/2 pad1 64 @112", b, 64, 112, 3, 2, padding=1),
@@ -240,6 +250,25 @@ def _max_abs(a: Any) -> float:
                for x in jax.tree.leaves(a))
 
 
+def algorithm(cs: Case, layout: Any, mode: str, dtype: Any, device: Any) -> str:
+    """The algorithm jaxconv's kernels take for this row: on the CPU the one choice of
+    ffi/cpu/conv_algo.cc (direct, winograd2/4, or "fft PxQ/THxTW": transform size and output
+    tile), per direction when they differ (fwd / bwd_data / bwd_filter); "-" for pooling."""
+    if cs.op != "conv":
+        return "-"
+    if device.platform != "cpu":
+        return device.platform
+    from jaxconv import _jaxconv_cpu
+    p = cs.padding
+    attrs = [cs.stride, cs.stride, 1, 1, p, p, p, p, cs.groups, 0 if layout == "NCHW" else 1]
+    x = [cs.n, cs.c, cs.h, cs.w]
+    w = [cs.out_channels, cs.c // cs.groups, cs.kernel, cs.kernel]
+    dirs = ("fwd",) if mode == "fwd" else ("fwd", "bwd_data", "bwd_filter")
+    names = [_jaxconv_cpu.conv_algorithm(d, jnp.dtype(dtype) == jnp.float64, x, w, attrs)
+             for d in dirs]
+    return names[0] if len(set(names)) == 1 else " / ".join(names)
+
+
 def run_case(cs: Case, layout: Any, mode: str, dtype: Any, device: Any, *,
              budget_s: float, min_reps: int, max_reps: int) -> dict[str, Any]:
     ours, theirs, argnums = make_functions(cs, layout)
@@ -276,6 +305,7 @@ def run_case(cs: Case, layout: Any, mode: str, dtype: Any, device: Any, *,
         "reps": len(ours_ms),
         "jaxconv_ms_min": min(ours_ms), "lax_ms_min": min(theirs_ms),
         "max_rel_diff": err,
+        "algorithm": algorithm(cs, layout, mode, dtype, device),
     }
 
 
@@ -338,14 +368,14 @@ def _fmt_shape(s: Sequence[int]) -> str:
 def table(results: list[dict], summary: list[dict]) -> str:
     head = (f"{'set':<9} {'layer':<31} {'layout':<6} {'mode':<7} {'x':<16} {'w':<14} "
             f"{'jaxconv ms':>10} {'lax ms':>10} {'jaxconv':>9} {'lax':>9} {'unit':<7} "
-            f"{'ratio':>6}")
+            f"{'ratio':>6}  algorithm")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r['set']:<9} {r['name']:<31} {r['layout']:<6} {r['mode']:<7} "
             f"{_fmt_shape(r['x_shape']):<16} {_fmt_shape(r['w_shape']):<14} "
             f"{r['jaxconv_ms']:>10.3f} {r['lax_ms']:>10.3f} {r['jaxconv_rate']:>9.1f} "
-            f"{r['lax_rate']:>9.1f} {r['unit']:<7} {r['ratio']:>5.2f}x")
+            f"{r['lax_rate']:>9.1f} {r['unit']:<7} {r['ratio']:>5.2f}x  {r.get('algorithm', '')}")
     lines += ["", "geometric mean of lax_ms / jaxconv_ms (min in brackets):"]
     for s in summary:
         lines.append(f"  {s['set']:<15} {s['layout']:<6} {s['mode']:<7} "

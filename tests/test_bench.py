@@ -17,7 +17,7 @@ from child import run_python
 
 pytestmark = pytest.mark.slow("runs the benchmark harness end to end in a child process")
 
-SETS = ("lenet", "resnet50", "mobilenet", "pool")
+SETS = ("lenet", "resnet50", "mobilenet", "pool", "large")
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,33 @@ def test_full_shape_sets_match_the_issue():
     for c in resnet + lenet:
         assert c.out_hw() == tuple((s + 2 * c.padding - c.kernel) // c.stride + 1
                                    for s in (c.h, c.w))
+    large = bench.cases("large", "cpu")
+    depthwise = [(c.kernel, c.h) for c in large if c.groups == c.c == c.out_channels > 1]
+    assert depthwise == [(7, 56), (7, 14), (31, 56), (31, 28), (27, 14), (13, 7)]
+    dense = [(c.kernel, c.stride, c.h) for c in large if c.groups == 1]
+    assert dense == [(11, 4, 224), (13, 1, 28), (15, 1, 28)]
+
+
+def test_rows_name_the_algorithm_the_cpu_takes(quick_json):
+    """Every conv row names the algorithm of ffi/cpu/conv_algo.cc's choice: one name, or one per
+    direction (fwd / bwd_data / bwd_filter) for fwd+bwd rows where they differ."""
+    known = ("direct", "winograd2", "winograd4", "fft ")
+    for r in quick_json["results"]:
+        if r["op"] == "pool":
+            assert r["algorithm"] == "-"
+            continue
+        names = r["algorithm"].split(" / ")
+        assert len(names) in ((1,) if r["mode"] == "fwd" else (1, 3)), r["algorithm"]
+        assert all(n.startswith(known) for n in names), r["algorithm"]
+
+
+def test_algorithm_column_follows_the_environment(monkeypatch):
+    cs = bench.cases("large", "cpu")[2]  # 31x31 depthwise: FFT by default
+    import jax
+    cpu = jax.devices("cpu")[0]
+    assert bench.algorithm(cs, "NHWC", "fwd", "float32", cpu).startswith("fft ")
+    monkeypatch.setenv("JAXCONV_CPU_CONV_ALGO", "direct")
+    assert bench.algorithm(cs, "NHWC", "fwd+bwd", "float32", cpu) == "direct"
 
 
 # ----------------------------------------------------------------------------------------------

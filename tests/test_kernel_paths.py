@@ -57,6 +57,10 @@ CASES = {
     "few channels dilated along w": C(n=2, c=2, h=15, w=16, o=8, padding=2, dilation=(1, 2)),
     "few channels grouped strided": C(n=2, c=4, h=12, w=13, o=16, kernel=(5, 5), stride=2,
                                       padding=2, groups=2),
+    # Depthwise with a large kernel: the cost model takes the FFT (ffi/cpu/fft.cc) in all three
+    # directions (tests/test_fft.py checks the choice and the error bounds).
+    "depthwise 21x21 on the FFT": C(n=2, c=20, h=30, w=28, o=20, kernel=(21, 21), padding=10,
+                                    groups=20),
 }
 
 
@@ -132,7 +136,8 @@ def test_baseline_build_without_avx2(backend):
         "import test_kernel_paths as t, jax.numpy as jnp;"
         "[t._check(t.CASES[n], 'cpu', lay, jnp.float32) for n in "
         "('plain 3x3', 'K sliced, small planes across images', 'stride 3 phases', "
-        "'col2im strided grouped padded', 'depthwise anisotropic, channel tail') "
+        "'col2im strided grouped padded', 'depthwise anisotropic, channel tail', "
+        "'depthwise 21x21 on the FFT') "
         "for lay in ('NCHW', 'NHWC')]; print('ok')")
     _run_without_avx2(code)
 

@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "conv_algo.h"
 #include "conv_pack.h"
 #include "cpu_common.h"
 #include "depthwise.h"
@@ -53,6 +54,7 @@ struct Conv {
   using Acc = typename Num<T>::acc;
   static constexpr int64_t NR = kPanelWidth<Acc>;
   static constexpr bool kSame = std::is_same_v<T, Acc>;
+  static constexpr bool kDouble = std::is_same_v<T, double>;
   const ConvGeometry& g;
   Strides4 xs, ys, ws;
   int64_t Cg, Og;

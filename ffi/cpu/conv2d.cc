@@ -4,7 +4,7 @@
 
 #include "conv.h"
 #include "cpu_common.h"
-#include "winograd.h"
+#include "conv_algo.h"
 
 namespace jaxconv {
 namespace {
@@ -17,6 +17,8 @@ ffi::Error Conv2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   JAXCONV_RETURN_IF_ERROR(
       decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
+  JAXCONV_RETURN_IF_ERROR(check_forced_algo(kTarget, g, ConvDirection::kForward,
+                                            x.element_type() == ffi::DataType::F64));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
@@ -36,6 +38,8 @@ ffi::Error Conv2dBwdDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBu
   JAXCONV_RETURN_IF_ERROR(
       decode_conv_call(attrs, *dx, w, dy, bias, ConvBias::kBwdData, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
+  JAXCONV_RETURN_IF_ERROR(check_forced_algo(kTarget, g, ConvDirection::kBackwardData,
+                                            dy.element_type() == ffi::DataType::F64));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
   return dispatch_float(dy.element_type(), [&](auto tag) {
@@ -52,6 +56,9 @@ ffi::Error Conv2dBwdFilterImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyB
   constexpr const char* kTarget = targets::kConv2dBwdFilter;
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, *dw, dy, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
+  JAXCONV_RETURN_IF_ERROR(check_forced_algo(kTarget, g, ConvDirection::kBackwardFilter,
+                                            x.element_type() == ffi::DataType::F64));
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -14,8 +14,14 @@ namespace jaxconv {
 template <typename T>
 void Conv<T>::backward_data(const ParallelRunner& pr, const T* dy, const T* w, const T* bias,
                             T* dx) const {
+  const AlgoChoice algo = choose_conv_algo(g, ConvDirection::kBackwardData, kDouble);
+  if (algo.kind == AlgoChoice::kFft &&
+      kernels().fft<T>().backward_data(pr, g, algo.fft, dy, w, bias, dx))
+    return;
   if (use_depthwise(w)) return depthwise_backward_data<T>(pr, g, dy, w, bias, dx);
-  if (kernels().winograd<T>().backward_data(pr, g, dy, w, bias, dx)) return;  // 3x3 stride 1
+  if (algo.kind == AlgoChoice::kWinograd &&
+      kernels().winograd<T>().backward_data(pr, g, algo.winograd_tile, dy, w, bias, dx))
+    return;
   if (prefer_col2im()) {
     backward_data_col2im(pr, dy, w, bias, dx);
     return;

@@ -18,6 +18,10 @@ namespace jaxconv {
 // a fixed order, so results never depend on scheduling.
 template <typename T>
 void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T* dw) const {
+  const AlgoChoice algo = choose_conv_algo(g, ConvDirection::kBackwardFilter, kDouble);
+  if (algo.kind == AlgoChoice::kFft &&
+      kernels().fft<T>().backward_filter(pr, g, algo.fft, x, dy, dw))
+    return;
   if (depthwise_applicable(g)) return depthwise_backward_filter<T>(pr, g, x, dy, dw);
   const Pass ps = forward_pass();
   const int64_t G = ps.G, Kg = ps.K(), J = ps.U * ps.V, Q = ps.N * J;

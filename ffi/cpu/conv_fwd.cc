@@ -152,8 +152,13 @@ void Conv<T>::run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, co
 // y = conv(x, w) + bias
 template <typename T>
 void Conv<T>::forward(const ParallelRunner& pr, const T* x, const T* w, const T* bias, T* y) const {
+  const AlgoChoice algo = choose_conv_algo(g, ConvDirection::kForward, kDouble);
+  if (algo.kind == AlgoChoice::kFft && kernels().fft<T>().forward(pr, g, algo.fft, x, w, bias, y))
+    return;
   if (use_depthwise(w)) return depthwise_forward<T>(pr, g, x, w, bias, y);
-  if (kernels().winograd<T>().forward(pr, g, x, w, bias, y)) return;  // 3x3 stride 1
+  if (algo.kind == AlgoChoice::kWinograd &&
+      kernels().winograd<T>().forward(pr, g, algo.winograd_tile, x, w, bias, y))
+    return;
   run_pass(pr, forward_pass(), x, w, false, bias, y);
 }
 

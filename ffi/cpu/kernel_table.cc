@@ -19,6 +19,7 @@ const KernelTable& kernel_table() {
     add_depthwise_kernels(&t);
     add_pool_kernels(&t);
     add_winograd_kernels(&t);
+    add_fft_kernels(&t);
     return t;
   }();
   return table;

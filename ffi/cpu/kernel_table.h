@@ -1,7 +1,7 @@
 // One table of the CPU kernels that have vector code, chosen once at load time.
 //
 // Each kernel file with vector code (gemm.cc, depthwise_kernels.cc, max_pool2d_kernels.cc,
-// winograd.cc, kernel_table.cc) is compiled once per instruction-set capability by CMake, as its own object
+// winograd.cc, fft.cc, kernel_table.cc) is compiled once per instruction-set capability by CMake, as its own object
 // library with flags for that capability and JAXCONV_CPU_CAPABILITY set to a namespace name:
 //
 //   capability    namespace      flags
@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "cpu_common.h"
+#include "fft.h"
 #include "winograd.h"
 
 namespace jaxconv {
@@ -70,6 +71,11 @@ struct KernelTable {
   WinogradKernels<double> winograd_f64;
   WinogradKernels<f16_t> winograd_f16;
   WinogradKernels<bf16_t> winograd_bf16;
+  WinogradTileRule winograd_tile;
+  FftKernels<float> fft_f32;
+  FftKernels<double> fft_f64;  // all null: float64 stays direct
+  FftKernels<f16_t> fft_f16;
+  FftKernels<bf16_t> fft_bf16;
 
   template <typename T>
   const DepthwiseKernels<T>& depthwise() const {
@@ -84,6 +90,13 @@ struct KernelTable {
     else if constexpr (std::is_same_v<T, double>) return winograd_f64;
     else if constexpr (std::is_same_v<T, f16_t>) return winograd_f16;
     else return winograd_bf16;
+  }
+  template <typename T>
+  const FftKernels<T>& fft() const {
+    if constexpr (std::is_same_v<T, float>) return fft_f32;
+    else if constexpr (std::is_same_v<T, double>) return fft_f64;
+    else if constexpr (std::is_same_v<T, f16_t>) return fft_f16;
+    else return fft_bf16;
   }
   template <typename T>
   const PoolKernels<T>& pool() const {
@@ -102,6 +115,7 @@ struct KernelTable {
   void add_depthwise_kernels(KernelTable*); \
   void add_pool_kernels(KernelTable*);      \
   void add_winograd_kernels(KernelTable*);  \
+  void add_fft_kernels(KernelTable*);       \
   }
 JAXCONV_DECLARE_CAPABILITY(cpu_baseline)
 JAXCONV_DECLARE_CAPABILITY(cpu_avx2)

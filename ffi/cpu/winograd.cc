@@ -397,15 +397,12 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
 template <typename T, typename F>
 bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int64_t Cout,
                int64_t Hin, int64_t Win, int64_t U, int64_t V, int64_t pad_h, int64_t pad_w,
-               int64_t layout, const T* in, const T* w, int64_t w_count, const F& f,
+               int64_t layout, int tile, const T* in, const T* w, int64_t w_count, const F& f,
                const T* bias, T* out) {
   if constexpr (std::is_same_v<T, double>) {
     return false;  // float64 stays on the direct algorithm (Winograd would lose precision)
   } else {
-    const ConvAlgo algo = conv_algo();
-    if (algo == ConvAlgo::kInvalid || algo == ConvAlgo::kDirect) return false;
-    const int tile = choose_tile(algo, N, Cin, Cout, U, V);
-    if (tile == 0 || N * U * V == 0 || Cin == 0) return false;
+    if ((tile != 2 && tile != 4) || N * U * V == 0 || Cin == 0) return false;
     const Strides4 is = activation_strides(layout, G * Cin, Hin, Win);
     if (!all_finite(pr, w, w_count) || !all_finite(pr, in, N * is.n)) return false;
     Job<T> jb;
@@ -441,17 +438,11 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
   }
 }
 
-// 3x3, stride 1, dilation 1, more than one channel on each side of a group (depthwise layers
-// have their own kernel).
-bool applicable(const ConvGeometry& g) {
-  return g.KH == 3 && g.KW == 3 && g.p.stride_h == 1 && g.p.stride_w == 1 &&
-         g.p.dilation_h == 1 && g.p.dilation_w == 1 && g.in_per_group() > 1 &&
-         g.out_per_group() > 1;
-}
+bool applicable(const ConvGeometry& g) { return winograd_applicable(g); }
 
 template <typename T>
-bool winograd_forward(const ParallelRunner& pr, const ConvGeometry& g, const T* x, const T* w,
-                      const T* bias, T* y) {
+bool winograd_forward(const ParallelRunner& pr, const ConvGeometry& g, int tile, const T* x,
+                      const T* w, const T* bias, T* y) {
   if (!applicable(g)) return false;
   const Strides4 ws = g.w_strides();
   const int64_t Og = g.out_per_group();
@@ -459,13 +450,13 @@ bool winograd_forward(const ParallelRunner& pr, const ConvGeometry& g, const T* 
     return double(Num<T>::load(w[(grp * Og + co) * ws.n + ci * ws.c + th * ws.h + tw * ws.w]));
   };
   return correlate<T>(pr, g.N, g.groups(), g.in_per_group(), Og, g.H, g.W, g.OH, g.OW,
-                      g.p.pad_top, g.p.pad_left, g.p.layout, x, w, g.O * g.in_per_group() * 9,
+                      g.p.pad_top, g.p.pad_left, g.p.layout, tile, x, w, g.O * g.in_per_group() * 9,
                       f, bias, y);
 }
 
 template <typename T>
-bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, const T* dy,
-                            const T* w, const T* bias, T* dx) {
+bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, int tile,
+                            const T* dy, const T* w, const T* bias, T* dx) {
   if (!applicable(g)) return false;
   const Strides4 ws = g.w_strides();
   const int64_t Og = g.out_per_group();
@@ -475,14 +466,16 @@ bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, con
         w[(grp * Og + ci) * ws.n + co * ws.c + (2 - th) * ws.h + (2 - tw) * ws.w]));
   };
   return correlate<T>(pr, g.N, g.groups(), Og, g.in_per_group(), g.OH, g.OW, g.H, g.W,
-                      2 - g.p.pad_top, 2 - g.p.pad_left, g.p.layout, dy, w,
+                      2 - g.p.pad_top, 2 - g.p.pad_left, g.p.layout, tile, dy, w,
                       g.O * g.in_per_group() * 9, f, bias, dx);
 }
 
 }  // namespace
 
-// forward / backward_data for every storage type (float64 always declines: see correlate).
+// forward / backward_data for every storage type (float64 always declines: see correlate), and
+// the tile rule the one algorithm choice (conv_algo.cc) asks.
 void add_winograd_kernels(KernelTable* t) {
+  t->winograd_tile = choose_tile;
   t->winograd_f32 = {winograd_forward<float>, winograd_backward_data<float>};
   t->winograd_f64 = {winograd_forward<double>, winograd_backward_data<double>};
   t->winograd_f16 = {winograd_forward<f16_t>, winograd_backward_data<f16_t>};

@@ -5,52 +5,36 @@
 // implicit-GEMM passes (conv_fwd.cc, conv_bwd_data.cc) remain the fallback and the reference.
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
-#include <string>
+#include <cstdint>
 
+#include "conv_algo.h"
 #include "cpu_common.h"
 
 namespace jaxconv {
 
-// The algorithm is chosen per call from the environment variable JAXCONV_CPU_CONV_ALGO:
-//   unset, "" or "auto"  Winograd where it is applicable and measured faster, else direct
-//   "direct"             always the direct implicit GEMM
-//   "winograd"           Winograd wherever applicable (tile size chosen by shape)
-//   "winograd2" / "winograd4"  Winograd F(2x2,3x3) / F(4x4,3x3) wherever applicable
-// Any other value is an error the handlers return (check_conv_algo_env). Read on every call (a
-// getenv is a short scan of the environment), so a test or a user can switch algorithms
-// between calls of one jitted function.
-enum class ConvAlgo { kAuto, kDirect, kWinograd, kWinograd2, kWinograd4, kInvalid };
-
-inline constexpr char kConvAlgoEnv[] = "JAXCONV_CPU_CONV_ALGO";
-
-inline ConvAlgo conv_algo() {
-  const char* s = std::getenv(kConvAlgoEnv);
-  if (s == nullptr || s[0] == '\0' || std::strcmp(s, "auto") == 0) return ConvAlgo::kAuto;
-  if (std::strcmp(s, "direct") == 0) return ConvAlgo::kDirect;
-  if (std::strcmp(s, "winograd") == 0) return ConvAlgo::kWinograd;
-  if (std::strcmp(s, "winograd2") == 0) return ConvAlgo::kWinograd2;
-  if (std::strcmp(s, "winograd4") == 0) return ConvAlgo::kWinograd4;
-  return ConvAlgo::kInvalid;
+// 3x3, stride 1, dilation 1, more than one channel on each side of a group (depthwise layers
+// have their own kernel).
+inline bool winograd_applicable(const ConvGeometry& g) {
+  return g.KH == 3 && g.KW == 3 && g.p.stride_h == 1 && g.p.stride_w == 1 &&
+         g.p.dilation_h == 1 && g.p.dilation_w == 1 && g.in_per_group() > 1 &&
+         g.out_per_group() > 1;
 }
 
-inline ffi::Error check_conv_algo_env(const char* target) {
-  if (conv_algo() != ConvAlgo::kInvalid) return ffi::Error::Success();
-  return invalid(target, std::string("environment variable ") + kConvAlgoEnv + "='" +
-                             std::getenv(kConvAlgoEnv) +
-                             "' is not one of auto, direct, winograd, winograd2, winograd4");
-}
+// Winograd's tile rule (winograd.cc): 2 or 4, or 0 for the direct algorithm, for a correlation
+// with Cin input and Cout output channels per group onto a U x V plane. Only the one algorithm
+// choice (conv_algo.cc) calls it.
+using WinogradTileRule = int (*)(ConvAlgo, int64_t N, int64_t Cin, int64_t Cout, int64_t U,
+                                 int64_t V);
 
-// The Winograd kernels of one storage type. Each returns true when it computed the whole
-// result, false when the caller must run the direct algorithm (not a 3x3 stride-1 conv,
-// float64, too few channels, non-finite values, or the environment asks for direct).
+// The Winograd kernels of one storage type, run with the tile the algorithm choice took. Each
+// returns true when it computed the whole result, false when the caller must run the direct
+// algorithm (not a 3x3 stride-1 conv, float64, an empty problem, non-finite values).
 template <typename T>
 struct WinogradKernels {
-  bool (*forward)(const ParallelRunner&, const ConvGeometry&, const T* x, const T* w,
+  bool (*forward)(const ParallelRunner&, const ConvGeometry&, int tile, const T* x, const T* w,
                   const T* bias, T* y);
-  bool (*backward_data)(const ParallelRunner&, const ConvGeometry&, const T* dy, const T* w,
-                        const T* bias, T* dx);
+  bool (*backward_data)(const ParallelRunner&, const ConvGeometry&, int tile, const T* dy,
+                        const T* w, const T* bias, T* dx);
 };
 
 }  // namespace jaxconv
