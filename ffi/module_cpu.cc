@@ -1,6 +1,13 @@
 // nanobind module exposing the CPU FFI handlers: registrations() -> {target name: capsule}.
 // jaxconv/_ffi.py registers each capsule with XLA for platform "cpu".
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/kernel_table.h"
 
 #include "targets.h"
 #include "xla/ffi/api/ffi.h"
@@ -44,5 +51,18 @@ NB_MODULE(_jaxconv_cpu, m) {
     nb::dict d;
     for (const Target& t : kTargets) d[t.name] = handler_capsule(t.handler);
     return d;
+  });
+  // The instruction-set capability whose kernels run (kernel_table.h): "baseline", "avx2" or
+  // "avx512". Raises ValueError when JAXCONV_CPU_CAPABILITY is not a capability this CPU has.
+  m.def("cpu_capability", []() -> std::string {
+    const std::string& err = jaxconv::cpu_capability_error();
+    if (!err.empty()) throw nb::value_error(err.c_str());
+    return jaxconv::kernels().capability;
+  });
+  // Every capability this CPU and build can run, lowest first.
+  m.def("cpu_capabilities", []() {
+    std::vector<std::string> names;
+    for (const char* n : jaxconv::cpu_capabilities()) names.emplace_back(n);
+    return names;
   });
 }

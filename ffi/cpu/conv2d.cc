@@ -4,6 +4,7 @@
 
 #include "conv.h"
 #include "cpu_common.h"
+#include "kernel_table.h"
 #include "winograd.h"
 
 namespace jaxconv {
@@ -16,6 +17,7 @@ ffi::Error Conv2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(
       decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
@@ -35,6 +37,7 @@ ffi::Error Conv2dBwdDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBu
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(
       decode_conv_call(attrs, *dx, w, dy, bias, ConvBias::kBwdData, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   if (g.N == 0) return ffi::Error::Success();
   ParallelRunner pr(&pool);
@@ -52,6 +55,7 @@ ffi::Error Conv2dBwdFilterImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyB
   constexpr const char* kTarget = targets::kConv2dBwdFilter;
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, *dw, dy, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
