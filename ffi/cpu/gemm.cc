@@ -1,7 +1,7 @@
 // The GEMM engine behind every CPU convolution: C[M x N] (+)= A[M x K] * B[K x N].
 //
 // A is read in place (row-major, leading dimension lda); B arrives packed in panels of NR
-// columns (see cpu_common.h), so the micro-kernel streams it with unit stride. The micro-kernel
+// columns (format in gemm.h), so the micro-kernel streams it with unit stride. The micro-kernel
 // keeps an MR x NR tile of C in registers (MR = 6 rows x NR = two 256-bit vectors: 12
 // accumulators + 2 B vectors + 1 broadcast A value = 15 of the 16 AVX registers) and runs the
 // whole K of its call, per step loading one B row (2 vectors) and broadcasting MR values of A.

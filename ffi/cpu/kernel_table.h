@@ -53,7 +53,7 @@ struct PoolKernels {
                    T* dx);
 };
 
-// The packed GEMM of gemm.cc (see cpu_common.h for the operand formats).
+// The packed GEMM of gemm.cc (see gemm.h for the operand formats).
 template <typename S>
 using GemmPacked = void (*)(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
                             const S* Bp, int64_t panel_stride, S* C, int64_t ldc,
