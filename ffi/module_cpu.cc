@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/conv_algo.h"
+#include "cpu/kernel_table.h"
 #include "geometry.h"
 #include "targets.h"
 #include "xla/ffi/api/ffi.h"
@@ -84,4 +85,17 @@ NB_MODULE(_jaxconv_cpu, m) {
   });
   m.def("conv_algorithm", &conv_algorithm, nb::arg("direction"), nb::arg("float64"),
         nb::arg("x"), nb::arg("w"), nb::arg("attrs"));
+  // The instruction-set capability whose kernels run (kernel_table.h): "baseline", "avx2" or
+  // "avx512". Raises ValueError when JAXCONV_CPU_CAPABILITY is not a capability this CPU has.
+  m.def("cpu_capability", []() -> std::string {
+    const std::string& err = jaxconv::cpu_capability_error();
+    if (!err.empty()) throw nb::value_error(err.c_str());
+    return jaxconv::kernels().capability;
+  });
+  // Every capability this CPU and build can run, lowest first.
+  m.def("cpu_capabilities", []() {
+    std::vector<std::string> names;
+    for (const char* n : jaxconv::cpu_capabilities()) names.emplace_back(n);
+    return names;
+  });
 }

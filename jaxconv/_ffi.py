@@ -29,6 +29,23 @@ except ImportError as _err:
         "checkout. Install it in place with `pip install -e .`, or run from outside the "
         "checkout after `pip install .`") from _err
 
+# The CPU kernels' instruction set, chosen once: the highest the CPU has, or the one the
+# environment variable JAXCONV_CPU_CAPABILITY (baseline, avx2, avx512) names. A value that is not
+# a capability of this CPU fails the import with a ValueError naming it.
+CPU_CAPABILITY: str = _jaxconv_cpu.cpu_capability()
+
+
+def cpu_capability() -> str:
+    """The instruction set of the CPU kernels that run: "baseline", "avx2" or "avx512"."""
+    return CPU_CAPABILITY
+
+
+def cpu_capabilities() -> tuple[str, ...]:
+    """Every capability this CPU (and build) can run, lowest first; JAXCONV_CPU_CAPABILITY may
+    name any of them."""
+    return tuple(_jaxconv_cpu.cpu_capabilities())
+
+
 TARGETS: tuple[str, ...] = tuple(sorted(_jaxconv_cpu.registrations()))
 
 # Every target name is "jaxconv_" + the kernel's short name ("conv2d_fwd", "max_pool2d_bwd", ...).

@@ -348,6 +348,9 @@ def machine_info() -> dict:
         info["flags"] = {f: f in flags for f in ("avx", "avx2", "fma", "avx512f", "f16c")}
     except OSError:
         info["cpu_model"] = platform.processor() or None
+    # The CPU kernels' instruction set (JAXCONV_CPU_CAPABILITY forces a lower one; compare
+    # capabilities by running the bench once per value).
+    info["cpu_capability"] = jaxconv._ffi.cpu_capability()
     return info
 
 

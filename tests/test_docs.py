@@ -172,7 +172,7 @@ def test_code_environment_variables_are_found():
     found = code_environment_variables()
     assert {
         "JAXCONV_CPU_CONV_ALGO",
-        "JAXCONV_DISABLE_AVX2",
+        "JAXCONV_CPU_CAPABILITY",
         "CUDA_VISIBLE_DEVICES",
         "JAXCONV_CUDA_ARCHITECTURES",
         "JAXCONV_TEST_BACKENDS",

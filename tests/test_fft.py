@@ -136,7 +136,7 @@ def test_auto_takes_the_fft_for_the_kernel_paths_case(backend):
 
 
 def test_baseline_table_without_avx2(backend):
-    """JAXCONV_DISABLE_AVX2=1: the baseline build of fft.cc (two SSE registers per vector)
+    """JAXCONV_CPU_CAPABILITY=baseline: the baseline build of fft.cc (two SSE registers per vector)
     meets the same bounds, whole plane (NCHW) and overlap-save (NHWC)."""
     code = (
         "import os, test_fft as t, jax.numpy as jnp, numpy as np, jax;"
@@ -145,7 +145,7 @@ def test_baseline_table_without_avx2(backend):
         "[t._check_all_directions(*t._operands(np.random.default_rng(1), n, c, h, w, k, lay),"
         " pad, dil, c, lay) for (n, c, h, w, k, pad, dil, _), lay in"
         " ((t.CASES[0], 'NCHW'), (t.CASES[2], 'NHWC'))]; print('ok')")
-    proc = run_python("-c", code, env={"JAXCONV_DISABLE_AVX2": "1", "JAX_PLATFORMS": "cpu"})
+    proc = run_python("-c", code, env={"JAXCONV_CPU_CAPABILITY": "baseline", "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -5,8 +5,8 @@ The fast CPU convolution splits work by shape: K-slices of the reduction (K > 38
 blocks that run across images (output planes under 128 cells) or split an image, row blocks,
 in-place 1x1 operands, whole-row im2col copies in NHWC, stride phases of bwd_data (with taps
 that some phases lack) or its scatter form (col2im: small outputs, few input channels), the
-depthwise kernel, panel and micro-tile edges (channel counts that are not multiples of 6 or 16),
-and the baseline (non-AVX2) build of the GEMM. Every case here is
+depthwise kernel, panel and micro-tile edges (channel counts that are not multiples of 6, 12 or
+16), and every instruction-set capability the CPU has (JAXCONV_CPU_CAPABILITY). Every case here is
 small, but chosen so that one of those paths is taken; values, input gradients and weight
 gradients are compared with lax at HIGHEST precision.
 """
@@ -122,26 +122,6 @@ def test_depthwise_conv_transpose_with_bias(backend):
                                    ref_conv_transpose2d(x, w, b, **kw), rtol=1e-4, atol=1e-4)
 
 
-def _run_without_avx2(code):
-    """Runs `code` in a child process whose kernels take the baseline (non-AVX2) paths."""
-    proc = run_python("-c", code, env={"JAXCONV_DISABLE_AVX2": "1", "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
-
-
-@pytest.mark.cpu_only("the baseline (non-AVX2) GEMM is a CPU kernel")
-@pytest.mark.slow("a child process with JAXCONV_DISABLE_AVX2=1 compiles every case anew")
-def test_baseline_build_without_avx2(backend):
-    """JAXCONV_DISABLE_AVX2=1 selects the baseline GEMM: same results on a few paths."""
-    code = (
-        "import test_kernel_paths as t, jax.numpy as jnp;"
-        "[t._check(t.CASES[n], 'cpu', lay, jnp.float32) for n in "
-        "('plain 3x3', 'K sliced, small planes across images', 'stride 3 phases', "
-        "'col2im strided grouped padded', 'depthwise anisotropic, channel tail', "
-        "'depthwise 21x21 on the FFT') "
-        "for lay in ('NCHW', 'NHWC')]; print('ok')")
-    _run_without_avx2(code)
-
-
 # ---------------------------------------------------------------------------------------------
 # Max pooling: rows wide enough for the vectorized interior (16 outputs per block in NCHW,
 # 16 channels per block in NHWC) plus border windows, and rows narrower than one register, with
@@ -216,11 +196,70 @@ def test_pool_paths(backend, name, layout, dtype):
     np.testing.assert_allclose(np.asarray(dx, np.float64), expect, rtol=rtol, atol=atol)
 
 
-@pytest.mark.cpu_only("the baseline (non-AVX2) pool kernels are CPU kernels")
-@pytest.mark.slow("a child process with JAXCONV_DISABLE_AVX2=1")
-def test_pool_baseline_build_without_avx2(backend):
-    code = (
-        "import test_kernel_paths as t, jax.numpy as jnp;"
-        "[t.test_pool_paths('cpu', n, lay, jnp.float32) for n in ('3x3/2 pad 1', '37 channels') "
-        "for lay in ('NCHW', 'NHWC')]; print('ok')")
-    _run_without_avx2(code)
+# ---------------------------------------------------------------------------------------------
+# Every instruction-set capability this CPU has (baseline, avx2, avx512: ffi/cpu/kernel_table.h).
+# The tests above run the one chosen for this machine; a child process forced to each other one
+# by JAXCONV_CPU_CAPABILITY runs the paths whose kernels differ per capability: GEMM micro-tile
+# and panel tails (o = 5, 17, 130), K slices, stride phases and col2im, depthwise with a channel
+# tail, pooling registers and tails, and Winograd's transforms, each checked against lax.
+
+CAPABILITY_ENV = "JAXCONV_CPU_CAPABILITY"
+_CAPABILITY_CHECKS = (
+    "import os, jax; jax.config.update('jax_enable_x64', True);"
+    "import pytest, test_kernel_paths as t, test_winograd as tw, jax.numpy as jnp, jaxconv;"
+    "assert jaxconv._ffi.cpu_capability() == os.environ['JAXCONV_CPU_CAPABILITY'];"
+    "[t._check(t.CASES[n], 'cpu', lay, jnp.float32) for n in "
+    "('plain 3x3', '1x1 in place, K sliced', 'planes >= 128 split, odd channel counts', "
+    "'stride 3 phases', 'col2im strided grouped padded', 'depthwise anisotropic, channel tail', "
+    "'depthwise 21x21 on the FFT') for lay in ('NCHW', 'NHWC')];"
+    "[t._check(t.CASES[n], 'cpu', 'NHWC', jnp.float64) for n in ('K sliced, small planes across "
+    "images', 'depthwise stride 2')];"
+    "[t.test_pool_paths('cpu', n, lay, jnp.float32) for n in ('3x3/2 pad 1', '37 channels') "
+    "for lay in ('NCHW', 'NHWC')];"
+    "mp = pytest.MonkeyPatch();"
+    "[tw.test_forward_and_input_gradient_within_bound('cpu', mp, tw.SHAPES[i], lay, a) "
+    "for i in (0, 2) for lay in ('NCHW', 'NHWC') for a in ('winograd2', 'winograd4')];"
+    "print('ok')")
+
+
+def _other_capabilities():
+    active = jaxconv._ffi.cpu_capability()
+    return [c for c in jaxconv._ffi.cpu_capabilities() if c != active]
+
+
+@pytest.mark.cpu_only("the capabilities are instruction sets of the CPU kernels")
+@pytest.mark.slow("a child process per capability compiles every case anew")
+@pytest.mark.parametrize("capability", _other_capabilities())
+def test_paths_under_every_capability(backend, capability):
+    proc = run_python("-c", _CAPABILITY_CHECKS,
+                      env={CAPABILITY_ENV: capability, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_capabilities_reported():
+    """The default is the highest capability the CPU has; the list starts at the baseline."""
+    caps = jaxconv._ffi.cpu_capabilities()
+    assert caps[0] == "baseline" and set(caps) <= {"baseline", "avx2", "avx512"}
+    import os
+    if not os.environ.get(CAPABILITY_ENV):
+        assert jaxconv._ffi.cpu_capability() == caps[-1]
+
+
+@pytest.mark.cpu_only("JAXCONV_CPU_CAPABILITY is read by the CPU module")
+@pytest.mark.parametrize("value", ["avx1024", "AVX2"])
+def test_unknown_capability_fails_import(backend, value):
+    proc = run_python("-c", "import jaxconv", env={CAPABILITY_ENV: value})
+    assert proc.returncode != 0
+    assert (f"ValueError: environment variable {CAPABILITY_ENV}='{value}' is not one of "
+            "baseline, avx2, avx512") in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.cpu_only("JAXCONV_CPU_CAPABILITY is read by the CPU module")
+def test_capability_the_cpu_lacks_fails_import(backend):
+    missing = [c for c in ("avx2", "avx512") if c not in jaxconv._ffi.cpu_capabilities()]
+    if not missing:
+        pytest.skip("this CPU has every capability: none to ask for that it lacks")
+    proc = run_python("-c", "import jaxconv", env={CAPABILITY_ENV: missing[-1]})
+    assert proc.returncode != 0
+    assert (f"{CAPABILITY_ENV}='{missing[-1]}' asks for a capability this CPU (or this build) "
+            "lacks") in proc.stderr, proc.stderr[-3000:]

@@ -177,3 +177,24 @@ def test_default_and_auto_choices_within_bound(backend, monkeypatch, algo):
     monkeypatch.setenv(ALGO_ENV, algo)
     y = jaxconv.conv2d(x, w, padding=1)
     assert _rel_err(y, ref_conv2d(x64, w64, padding=((1, 1), (1, 1)))) <= BOUND["winograd4"]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_auto_takes_f4_on_14x14_with_a_quarter_as_many_tiles_as_channels(backend, monkeypatch,
+                                                                         layout):
+    """The 3x3 @14 class (ResNet-50's 256-channel layer, here 64 channels and 16 tiles of 4x4):
+    auto picks F(4x4) (bit-identical to winograd4, not to direct), within F(4x4)'s bound."""
+    rng = np.random.default_rng(12)
+    x64, w64 = _layout_arrays(rng.standard_normal((1, 64, 14, 14)),
+                              rng.standard_normal((64, 64, 3, 3)), layout)
+    x64, w64 = jnp.asarray(x64), jnp.asarray(w64)
+    x, w = on(backend, x64.astype(jnp.float32), w64.astype(jnp.float32))
+    got = {}
+    for algo in ("auto", "direct", "winograd4"):
+        monkeypatch.setenv(ALGO_ENV, algo)
+        got[algo] = np.asarray(jaxconv.conv2d(x, w, padding=1, layout=layout))
+    if backend == "cpu":
+        np.testing.assert_array_equal(got["auto"], got["winograd4"])
+        assert not np.array_equal(got["auto"], got["direct"])
+    want = ref_conv2d(x64, w64, padding=((1, 1), (1, 1)), layout=layout)
+    assert _rel_err(got["auto"], want) <= BOUND["winograd4"]

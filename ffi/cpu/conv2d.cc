@@ -5,6 +5,7 @@
 #include "conv.h"
 #include "cpu_common.h"
 #include "conv_algo.h"
+#include "kernel_table.h"
 
 namespace jaxconv {
 namespace {
@@ -16,6 +17,7 @@ ffi::Error Conv2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(
       decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_forced_algo(kTarget, g, ConvDirection::kForward,
                                             x.element_type() == ffi::DataType::F64));
@@ -37,6 +39,7 @@ ffi::Error Conv2dBwdDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBu
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(
       decode_conv_call(attrs, *dx, w, dy, bias, ConvBias::kBwdData, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_forced_algo(kTarget, g, ConvDirection::kBackwardData,
                                             dy.element_type() == ffi::DataType::F64));
@@ -56,6 +59,7 @@ ffi::Error Conv2dBwdFilterImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyB
   constexpr const char* kTarget = targets::kConv2dBwdFilter;
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, *dw, dy, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_forced_algo(kTarget, g, ConvDirection::kBackwardFilter,
                                             x.element_type() == ffi::DataType::F64));

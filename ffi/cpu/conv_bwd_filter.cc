@@ -8,7 +8,8 @@
 
 namespace jaxconv {
 
-// dw = sum over images and positions of the im2col of x against dy (see the file comment).
+// dw = sum over images and positions of the im2col of x against dy (the GEMM forms are in
+// conv.h's file comment: dW^T = Col^T * dY^T in NCHW, dY^T * Col in NHWC).
 //
 // Positions (n, oh, ow), flattened, are cut into equal slices of at most kKC; dy is first packed
 // once per slice into the GEMM operand it plays (NCHW: B panels of dY^T; NHWC: A rows of

@@ -7,13 +7,16 @@
 //   capability    namespace      flags
 //   baseline      cpu_baseline   (x86-64 / the compiler's default)
 //   AVX2 + FMA    cpu_avx2       -mavx2 -mfma
+//   AVX-512       cpu_avx512     the AVX2 flags, -mf16c, -mavx512{f,dq,bw,vl}
+//                                (auto-vectorizer kept at 256 bits; explicit 512-bit code where
+//                                it pays: the GEMM micro-kernel)
 //
 // so every function is defined once per capability, in that namespace. Each capability's
 // kernel_table() fills a KernelTable with its own functions; kernels() (kernel_select.cc,
-// compiled for the baseline only) asks cpuid once which table this CPU can run. Nothing is
-// compiled with -march=native, so one build runs on any x86-64 CPU. Adding a capability (say
-// AVX-512) is one more row in CMakeLists.txt's JAXCONV_CPU_CAPABILITIES and one branch in
-// kernel_select.cc.
+// compiled for the baseline only) asks cpuid (and XCR0, for the OS's register saving) once
+// which table this CPU can run. Nothing is compiled with -march=native, so one build runs on
+// any x86-64 CPU. Adding a capability is one more row in CMakeLists.txt's
+// JAXCONV_CPU_CAPABILITIES and one branch in kernel_select.cc.
 //
 // Everything else (packing, epilogues, handlers) is compiled once for the baseline. Inline
 // functions from shared headers (Num<T>, std::vector, ...) are emitted by every object; the
@@ -21,6 +24,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "cpu_common.h"
 #include "fft.h"
@@ -49,14 +54,14 @@ struct PoolKernels {
                    T* dx);
 };
 
-// The packed GEMM of gemm.cc (see cpu_common.h for the operand formats).
+// The packed GEMM of gemm.cc (see gemm.h for the operand formats).
 template <typename S>
 using GemmPacked = void (*)(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
                             const S* Bp, int64_t panel_stride, S* C, int64_t ldc,
                             bool accumulate);
 
 struct KernelTable {
-  const char* capability;  // "baseline", "avx2"
+  const char* capability;  // "baseline", "avx2", "avx512"
   GemmPacked<float> gemm_f32;
   GemmPacked<double> gemm_f64;
   DepthwiseKernels<float> depthwise_f32;
@@ -119,10 +124,30 @@ struct KernelTable {
   }
 JAXCONV_DECLARE_CAPABILITY(cpu_baseline)
 JAXCONV_DECLARE_CAPABILITY(cpu_avx2)
+JAXCONV_DECLARE_CAPABILITY(cpu_avx512)
 #undef JAXCONV_DECLARE_CAPABILITY
 
-// The table for this CPU: AVX2+FMA where cpuid reports both, unless JAXCONV_DISABLE_AVX2 is set
-// to a non-empty value other than "0" (tests use it to run the baseline kernels anywhere).
+// The environment variable that forces a capability no higher than the machine's: "baseline",
+// "avx2" or "avx512" (unset or empty: the highest the CPU and OS support). Read once, at the
+// first kernels() call (the module's import asks for it, so in practice at import).
+inline constexpr char kCpuCapabilityEnv[] = "JAXCONV_CPU_CAPABILITY";
+
+// The table for this CPU (kernel_select.cc): the highest capability cpuid and XCR0 allow, or
+// the one JAXCONV_CPU_CAPABILITY names.
 const KernelTable& kernels();
+
+// Non-empty when JAXCONV_CPU_CAPABILITY is not a capability name, or names one this CPU lacks;
+// the message names the value. Handlers return it as their error (check_cpu_capability_env);
+// the module's cpu_capability() raises it, so `import jaxconv` fails with it.
+const std::string& cpu_capability_error();
+
+// The capabilities this CPU and this build can run, lowest first ("baseline", ...).
+std::vector<const char*> cpu_capabilities();
+
+inline ffi::Error check_cpu_capability_env(const char* target) {
+  const std::string& e = cpu_capability_error();
+  if (e.empty()) return ffi::Error::Success();
+  return invalid(target, e);
+}
 
 }  // namespace jaxconv

@@ -27,6 +27,7 @@ ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   constexpr const char* kTarget = targets::kMaxPool2dFwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -42,6 +43,7 @@ ffi::Error MaxPool2dFwdValuesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   constexpr const char* kTarget = targets::kMaxPool2dFwdValues;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   ParallelRunner pr(&pool);
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -56,6 +58,7 @@ ffi::Error MaxPool2dBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuf
   constexpr const char* kTarget = targets::kMaxPool2dBwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, *dx, dy, idx, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   ParallelRunner pr(&pool);
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;

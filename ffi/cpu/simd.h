@@ -1,7 +1,9 @@
 // 32-byte vectors for the CPU kernel files that are compiled once per capability (kernel_table.h):
 // GCC vector extensions, so one source gives two SSE registers per vector in the baseline objects
-// and one AVX register in the AVX2 objects. Arithmetic on them is element-wise; a scalar operand
-// is broadcast.
+// and one AVX register in the AVX2 and AVX-512 objects (the latter with 32 registers to hold them).
+// Arithmetic on them is element-wise; a scalar operand is broadcast. V512<S> is the 64-byte
+// vector, one zmm register in the AVX-512 objects, for the kernels that use it explicitly (the
+// GEMM micro-kernel); in the other objects it compiles to two or four registers.
 //
 // Writing the hot loops on these types, instead of scalar loops left to the auto-vectorizer, fixes
 // the code GCC emits: the auto-vectorizer split a 32-float channel block into 8+4+8+8+4 lanes in
@@ -38,6 +40,28 @@ template <typename S>
 using V = typename Vec<S>::type;
 template <typename S>
 constexpr int kLanes = 32 / sizeof(S);
+
+template <typename S>
+struct Vec512;
+template <>
+struct Vec512<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec512<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename S>
+using V512 = typename Vec512<S>::type;
+template <typename S>
+constexpr int kLanes512 = 64 / sizeof(S);
+
+// True in the objects compiled for AVX-512 (the masked loads and stores below exist there only).
+#if defined(__AVX512F__)
+inline constexpr bool kHasAvx512 = true;
+#else
+inline constexpr bool kHasAvx512 = false;
+#endif
 
 // kLanes<S> contiguous elements of type S.
 template <typename S>

@@ -147,7 +147,7 @@ struct Job {
 };
 
 constexpr int64_t NR = kPanelWidth<float>;
-constexpr int64_t kKC = 256;  // K-slice per GEMM call (see conv2d.cc)
+constexpr int64_t kKC = 256;  // K-slice per GEMM call (as conv_pack.h's kKC)
 
 // Input transform of tiles [q0, q0 + nt) of group grp, 8 channels at a time, into
 // V[e][row0 + t][ci] (e planes `plane` rows apart, rows Cin apart: the GEMMs' A operands).
@@ -319,6 +319,13 @@ bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
 // of U (a^2 * Cin * Cout per call). F(4x4) does 1.78x fewer multiplications than F(2x2) but
 // has 36/16 as much filter and wastes more of its last tile row/column on planes that are not
 // a multiple of 4. Thresholds from side-by-side timings (see tests/test_winograd.py).
+//
+// F(4x4) is taken from 14x14 planes up (waste (16/14)^2 = 1.306) once there are a quarter as
+// many 4x4 tiles as channels: ResNet-50's 3x3 256-channel layer at 14x14, batch 4 (64 tiles),
+// ran forward in 0.28-0.57x and forward+backward in 0.75-0.82x the direct time in two
+// interleaved runs (min of 9, 2-core Zen 4 at load 200-365), F(2x2) between the two; 128
+// channels at 28x28 (196 tiles) likewise preferred F(4x4) forward. 512 channels at 7x7 (16
+// tiles) stays direct: both tiles were slower there.
 int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, int64_t V) {
   if (algo == ConvAlgo::kDirect) return 0;
   if (algo == ConvAlgo::kWinograd2) return 2;
@@ -326,10 +333,10 @@ int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, 
   auto tiles = [&](int64_t m) { return N * ((U + m - 1) / m) * ((V + m - 1) / m); };
   auto waste = [](int64_t n, int64_t m) { return double((n + m - 1) / m * m) / double(n); };
   const int64_t C = std::max(Cin, Cout);
-  int tile = 2;
-  if (waste(U, 4) * waste(V, 4) <= 1.3 && tiles(4) >= 2 * C) tile = 4;
+  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 && 4 * tiles(4) >= C;
+  const int tile = f4 ? 4 : 2;
   if (algo == ConvAlgo::kWinograd) return tile;
-  if (std::min(Cin, Cout) < 32 || tiles(tile) < C) return 0;
+  if (std::min(Cin, Cout) < 32 || (!f4 && tiles(2) < C)) return 0;
   return tile;
 }
 
