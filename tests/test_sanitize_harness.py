@@ -123,12 +123,16 @@ def test_harness_buffers_are_the_tensors_exact_sizes(harness):
 
 
 def test_harness_runs_every_family_on_the_emulation_within_its_buffers(harness):
-    """Every case but the large one, every dtype, both layouts, tensor cores on: exit 0 and no
+    """Every case but the large one, both layouts, tensor cores on, in bfloat16 (the 16-bit
+    tensor-core kernels, 16-byte pool lanes) and float64 (the SIMT, direct and pool kernels with
+    8-byte elements); float32, TF32 and float16 instantiate the same templates and run on the
+    GPU (about 30 s of CPU per dtype here, mostly the emulation's thread starts). Exit 0 and no
     AddressSanitizer report (an access past any buffer's end aborts with one)."""
-    res = subprocess.run([str(harness), "--skip-large"], capture_output=True, text=True,
-                         timeout=1200, env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+    res = subprocess.run([str(harness), "--skip-large", "--dtypes", "bf16,f64"],
+                         capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert "AddressSanitizer" not in res.stderr
     assert "sanitize_harness: all launches ok, tensor cores on" in res.stdout
-    for dtype in ("f32", "tf32", "f64", "f16", "bf16"):
+    for dtype in ("bf16", "f64"):
         assert re.search(rf"sanitize_harness: {dtype} done \(0 failures", res.stdout), dtype
