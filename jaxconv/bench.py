@@ -19,6 +19,10 @@ forward+backward (bwd_data and bwd_filter each cost one forward). Pooling report
 traffic: the input read and output written forward, plus the output-sized cotangent read and
 input-sized gradient written for forward+backward (jaxconv's int32 indices, written only when a
 gradient is taken, are not counted).
+
+--json PATH is rewritten after every row (whole, through a temporary file renamed over it), with
+"complete": false until the last row: a run that is killed or interrupted (Ctrl-C: exit status
+130) leaves the rows it finished.
 """
 from __future__ import annotations
 
