@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # One command that proves jaxconv's CUDA path on a (lent) GPU machine with the CUDA toolkit,
 # JAX with its CUDA plugin, pytest-xdist and compute-sanitizer preinstalled and no network.
-# docs/gpu.md gives each step's purpose and predicted time; in short (seconds on a 16-core
-# H100/H200 host, limits in brackets, all overridable as LIMIT_<STEP>):
+# docs/gpu.md gives each step's purpose and predicted time; in short (limits in seconds,
+# overridable as LIMIT_<STEP>; predictions for a 16-core H100/H200 host in docs/gpu.md):
 #   1. build      [LIMIT_BUILD=150]  pip install -e . for this GPU's architecture only
 #                                    (28 kernel units in parallel); STOPS the check if it fails
 #   2. import     [LIMIT_IMPORT=60]  jaxconv imports, the CUDA module loads, its architectures
 #                                    cover this GPU (no warning); STOPS the check if it fails
 #   3. harness    [LIMIT_HARNESS=60] the sanitizer harness (benchmarks/sanitize_harness.cu)
 #                                    built with nvcc from the module's own kernel objects
-#   4. tests      [LIMIT_TESTS=170]  the tests that run kernels on a device, gpu backend,
+#   4. tests      [LIMIT_TESTS=200]  the tests that run kernels on a device, gpu backend,
 #                                    8 xdist workers balanced per test; per-test lines survive
 #                                    a kill (pytest.log with -v, progress.log)
-#   5. sanitizers [LIMIT_SANITIZER=20 each] memcheck, initcheck, racecheck, synccheck over the
-#                                    harness: every kernel family on exact-size buffers
+#   5. sanitizers [LIMIT_MEMCHECK=25, LIMIT_INITCHECK=20, LIMIT_RACECHECK=30,
+#                  LIMIT_SYNCCHECK=20] compute-sanitizer over the harness: every kernel family
+#                                    on exact-size buffers
 #   6. bench      [LIMIT_BENCH=40 each] ResNet-50 NHWC in bfloat16 and float32, JSON rows
 #                                    written as they finish
 #   7. summary    OUTDIR/summary.txt, one screen
+# The whole check ends within TOTAL_LIMIT (470 s, under 8 minutes): the test step gets at most
+# what is left once the later steps' limits are set aside, so a slow build shortens the tests
+# instead of pushing the benchmarks past the end.
 # OUTDIR receives at most 8 files (what the device tool brings back): summary.txt, pytest.log
 # and progress.log (written as the tests run, so they survive a kill), the benchmark JSON files,
 # and logs.tgz with every other log (packed when the script exits).
@@ -91,12 +95,19 @@ else
 fi
 say "nvcc: $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo 'not on PATH'); load $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ $DRY -eq 1 ]; then
-  : "${LIMIT_BUILD:=3600}"  # a 2-core machine: the 16-core host's limit would not do
-else
-  : "${LIMIT_BUILD:=150}"
+  # A 2-core development machine: the 16-core host's limits would not do; no overall deadline.
+  : "${LIMIT_BUILD:=3600}" "${LIMIT_TESTS:=1800}" "${TOTAL_LIMIT:=100000}"
+  : "${LIMIT_IMPORT:=300}" "${LIMIT_HARNESS:=600}" "${LIMIT_BENCH:=600}"
 fi
-: "${LIMIT_IMPORT:=60}" "${LIMIT_HARNESS:=60}" "${LIMIT_TESTS:=170}" "${LIMIT_SANITIZER:=20}"
-: "${LIMIT_BENCH:=40}"
+: "${LIMIT_BUILD:=150}" "${LIMIT_IMPORT:=60}" "${LIMIT_HARNESS:=60}" "${LIMIT_TESTS:=200}"
+: "${LIMIT_MEMCHECK:=25}" "${LIMIT_INITCHECK:=20}" "${LIMIT_RACECHECK:=30}" "${LIMIT_SYNCCHECK:=20}"
+: "${LIMIT_BENCH:=40}" "${TOTAL_LIMIT:=470}"
+DEADLINE=$(( START + TOTAL_LIMIT ))
+# within LIMIT RESERVE: LIMIT, or less so that RESERVE seconds stay before the deadline (>= 1).
+within() {
+  local left=$(( DEADLINE - $(date +%s) - $2 ))
+  [ $left -lt $1 ] && echo $(( left > 1 ? left : 1 )) || echo $1
+}
 
 # ---- 1. build ----------------------------------------------------------------------------------
 # Only this GPU's architecture: one SASS target, the fastest build that runs here. ninja runs
@@ -163,8 +174,15 @@ fi
 # (child interpreters, thousands of calls for a memory trend, the demo's training loop).
 HOST_BOUND=(tests/test_versions.py tests/test_leaks.py tests/test_demo.py tests/test_bench.py
             tests/test_sharding.py tests/test_cuda_driver.py)
-IGNORES=()
-for f in "${HOST_BOUND[@]}"; do IGNORES+=(--ignore "$f"); done
+# Files in order of what a cut-short run must not miss (xdist hands tests out in collection
+# order): TF32 and the ops against their oracles first, then every other test file.
+FIRST=(tests/test_tf32.py tests/test_conv.py tests/test_conv_transpose.py tests/test_pool.py
+       tests/test_kernel_paths.py tests/test_grads.py tests/test_determinism.py)
+TEST_FILES=()
+for f in "${FIRST[@]}"; do [ -f "$f" ] && TEST_FILES+=("$f"); done
+for f in tests/test_*.py; do
+  case " ${FIRST[*]} ${HOST_BOUND[*]} " in *" $f "*) ;; *) TEST_FILES+=("$f") ;; esac
+done
 # -v: a line per finished test; -rA: every outcome again at the end (when the run ends);
 # --dist load: tests, not files, to the next free worker.
 PYTEST_ARGS=(-v -rfE -p no:cacheprovider)
@@ -178,15 +196,17 @@ if [ $DRY -eq 1 ]; then
   # read this build: its SASS, its architecture report.
   step tests-select "$LIMIT_TESTS" "$OUT/pytest.log" env PYTHONUNBUFFERED=1 \
     JAXCONV_TEST_BACKENDS=cpu JAXCONV_TEST_DEVICE_ONLY=1 \
-    "$PY" -m pytest -q -p no:cacheprovider --collect-only "${IGNORES[@]}" tests
+    "$PY" -m pytest -q -p no:cacheprovider --collect-only "${TEST_FILES[@]}"
   say "tests: $(tail -n 1 "$OUT/pytest.log" | cut -c1-120) (the GPU step's selection, on cpu)"
   step host-checks "$LIMIT_TESTS" "$LOGS/pytest-host.log" env PYTHONUNBUFFERED=1 \
     JAXCONV_TEST_PROGRESS="$OUT/progress.log" "$PY" -m pytest "${PYTEST_ARGS[@]}" \
     tests/test_sass.py tests/test_cuda_driver.py
 else
-  step tests "$LIMIT_TESTS" "$OUT/pytest.log" env PYTHONUNBUFFERED=1 JAXCONV_TEST_BACKENDS=gpu \
+  # What the sanitizers and the benchmarks need is set aside first.
+  RESERVE=$(( LIMIT_MEMCHECK + LIMIT_INITCHECK + LIMIT_RACECHECK + LIMIT_SYNCCHECK + 2 * LIMIT_BENCH + 10 ))
+  step tests "$(within "$LIMIT_TESTS" "$RESERVE")" "$OUT/pytest.log" env PYTHONUNBUFFERED=1 JAXCONV_TEST_BACKENDS=gpu \
     JAXCONV_TEST_DEVICE_ONLY=1 JAXCONV_TEST_PROGRESS="$OUT/progress.log" \
-    "$PY" -m pytest "${PYTEST_ARGS[@]}" "${IGNORES[@]}" tests
+    "$PY" -m pytest "${PYTEST_ARGS[@]}" "${TEST_FILES[@]}"
 fi
 # From the progress log, which survives a kill: counts, failures, and tests still running.
 "$PY" - "$OUT/progress.log" <<'EOF' | tee -a "$SUMMARY"
@@ -212,10 +232,10 @@ EOF
 
 # ---- 5. compute-sanitizer over the harness -----------------------------------------------------
 SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null || true)
-sanitize() {  # sanitize TOOL DTYPES
-  local tool=$1 dtypes=$2
+sanitize() {  # sanitize TOOL LIMIT DTYPES
+  local tool=$1 limit=$2 dtypes=$3
   # A reported error gives exit status 17 (also when the harness itself succeeded).
-  step "$tool" "$LIMIT_SANITIZER" "$LOGS/$tool.log" "$SANITIZER" --tool "$tool" \
+  step "$tool" "$(within "$limit" $(( 2 * LIMIT_BENCH )))" "$LOGS/$tool.log" "$SANITIZER" --tool "$tool" \
     --error-exitcode 17 --print-limit 20 "$HARNESS" --dtypes "$dtypes"
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|SYNCCHECK SUMMARY|INITCHECK SUMMARY|sanitize_harness: [A-Za-z]|FAILED|Device not supported" \
     "$LOGS/$tool.log" | tail -n 3 | cut -c1-160 | tee -a "$SUMMARY"
@@ -230,10 +250,10 @@ else
   # memcheck and initcheck see every dtype; racecheck and synccheck (shared memory and
   # barriers, the same per dtype size) one 16-bit type and float32 on TF32 tensor cores, plus
   # float64's SIMT kernels.
-  sanitize memcheck f32,tf32,f64,f16,bf16
-  sanitize initcheck f32,tf32,f64,f16,bf16
-  sanitize racecheck bf16,tf32,f64
-  sanitize synccheck bf16,tf32,f64
+  sanitize memcheck "$LIMIT_MEMCHECK" f32,tf32,f64,f16,bf16
+  sanitize initcheck "$LIMIT_INITCHECK" f32,tf32,f64,f16,bf16
+  sanitize racecheck "$LIMIT_RACECHECK" bf16,tf32,f64
+  sanitize synccheck "$LIMIT_SYNCCHECK" bf16,tf32,f64
 fi
 
 # ---- 6. benchmarks -----------------------------------------------------------------------------
@@ -248,7 +268,7 @@ for dtype in bfloat16 float32; do
   else
     # ResNet-50's 13 layers in NHWC, forward and forward+backward: what fits 40 s with
     # compilation; the full set (python -m jaxconv.bench --device gpu) needs a longer lease.
-    step "bench-$dtype" "$LIMIT_BENCH" "$BENCH_TMP/$dtype.log" env -C /tmp "$PY" -m jaxconv.bench \
+    step "bench-$dtype" "$(within "$LIMIT_BENCH" 0)" "$BENCH_TMP/$dtype.log" env -C /tmp "$PY" -m jaxconv.bench \
       --device gpu --dtype "$dtype" --set resnet50 --layout NHWC --budget 0.05 \
       --json "$OUT/bench-gpu-$dtype.json"
   fi

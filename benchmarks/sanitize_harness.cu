@@ -288,7 +288,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "unknown dtype %s\n", d.c_str());
       return 2;
     }
-    if (!o.list) std::printf("sanitize_harness: %s done (%d failures so far)\n", d.c_str(), failures);
+    if (!o.list)
+      std::printf("sanitize_harness: %s done (%d failures so far)\n", d.c_str(), failures);
   }
   if (!o.list)
     std::printf("sanitize_harness: %s, tensor cores %s\n", failures ? "FAILED" : "all launches ok",

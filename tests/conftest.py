@@ -17,13 +17,13 @@ rounding and the reduction length).
 
 JAXCONV_TEST_DEVICE_ONLY=1 (benchmarks/gpu_check.sh's GPU step) keeps only the tests that take
 the `backend` fixture, i.e. that run kernels on a device; host-only tests (the emulation, SASS
-reading, pure-Python checks) are deselected and listed in the report header's count.
+reading, pure-Python checks) are deselected (pytest's "N deselected").
 
 JAXCONV_TEST_PROGRESS=PATH appends a line to PATH when each test starts and when it ends
 ("start <nodeid>", "<outcome> <nodeid> <seconds>s"), written straight to the file by the
 process that reports (pytest-xdist's controller, which hears of each test's start and end from
-its workers, or pytest alone), so that a run killed at its time limit still says which tests finished, how, and
-which were running.
+its workers, or pytest alone), so that a run killed at its time limit still says which tests
+finished, how, and which were running.
 """
 import os
 

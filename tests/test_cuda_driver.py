@@ -110,7 +110,8 @@ def test_which_gpus_run_which_builds(backend, capability, sass, ptx, runs):
 def test_architecture_spec_is_the_cmake_value(backend):
     assert _cuda_driver.architecture_spec(["80", "90"], ["80"]) == "80;90-real"
     assert _cuda_driver.architecture_spec(["90"], []) == "90-real"
-    assert _cuda_driver.architecture_spec(["120", "90a"], ["100"]) == "90a-real;100-virtual;120-real"
+    assert _cuda_driver.architecture_spec(["120", "90a"], ["100"]) == \
+        "90a-real;100-virtual;120-real"
     with pytest.raises(ValueError, match="not a CUDA architecture"):
         _cuda_driver.parse_architecture("native")
 

@@ -36,10 +36,11 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (conv_takes_direct_kernels(g))  // depthwise or <= 4 input channels
-      return check_cuda(kTarget, launch_conv_direct<T>(g, 0, static_cast<const T*>(x.untyped_data()),
-                                                static_cast<const T*>(w.untyped_data()),
-                                                bias_or_null<T>(bias),
-                                                static_cast<T*>(y->untyped_data()), stream));
+      return check_cuda(kTarget,
+                        launch_conv_direct<T>(g, 0, static_cast<const T*>(x.untyped_data()),
+                                              static_cast<const T*>(w.untyped_data()),
+                                              bias_or_null<T>(bias),
+                                              static_cast<T*>(y->untyped_data()), stream));
     return check_cuda(kTarget,
                       launch_conv_forward<T>(g, static_cast<const T*>(x.untyped_data()),
                                              static_cast<const T*>(w.untyped_data()),
@@ -60,10 +61,11 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (conv_takes_direct_kernels(g))
-      return check_cuda(kTarget, launch_conv_direct<T>(g, 1, static_cast<const T*>(dy.untyped_data()),
-                                                static_cast<const T*>(w.untyped_data()),
-                                                bias_or_null<T>(bias),
-                                                static_cast<T*>(dx->untyped_data()), stream));
+      return check_cuda(kTarget,
+                        launch_conv_direct<T>(g, 1, static_cast<const T*>(dy.untyped_data()),
+                                              static_cast<const T*>(w.untyped_data()),
+                                              bias_or_null<T>(bias),
+                                              static_cast<T*>(dx->untyped_data()), stream));
     return check_cuda(kTarget,
                       launch_conv_bwd_data<T>(g, static_cast<const T*>(dy.untyped_data()),
                                               static_cast<const T*>(w.untyped_data()),
@@ -91,11 +93,10 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (conv_takes_direct_kernels(g))
-      return check_cuda(kTarget, launch_conv_direct<T>(g, 2, static_cast<const T*>(x.untyped_data()),
-                                                       static_cast<const T*>(dy.untyped_data()),
-                                                       nullptr,
-                                                       static_cast<T*>(dw->untyped_data()),
-                                                       stream));
+      return check_cuda(kTarget,
+                        launch_conv_direct<T>(g, 2, static_cast<const T*>(x.untyped_data()),
+                                              static_cast<const T*>(dy.untyped_data()), nullptr,
+                                              static_cast<T*>(dw->untyped_data()), stream));
     // Kernel and split plan: functions of the shape, dtype, layout, allow_tf32 and
     // tensor_cores only.
     const bool tensor_cores = has_tensor_cores();

@@ -36,7 +36,7 @@
 #include "max_pool2d_kernels.cuh"
 
 #if !defined(JAXCONV_UNIT) || !defined(JAXCONV_UNIT_DTYPE)
-#error "kernel_units.cu is compiled once per unit: -DJAXCONV_UNIT=<0..8> -DJAXCONV_UNIT_DTYPE=<0..3>"
+#error "kernel_units.cu is compiled once per unit: -DJAXCONV_UNIT=0..8 -DJAXCONV_UNIT_DTYPE=0..3"
 #endif
 
 #define JAXCONV_UNIT_PASS 1

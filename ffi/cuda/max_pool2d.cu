@@ -19,10 +19,11 @@ ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<f
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return check_cuda(kTarget, launch_max_pool_forward<T>(g, static_cast<const T*>(x.untyped_data()),
-                                                     static_cast<T*>(y->untyped_data()),
-                                                     static_cast<int32_t*>(idx->untyped_data()),
-                                                     stream));
+    return check_cuda(kTarget,
+                      launch_max_pool_forward<T>(g, static_cast<const T*>(x.untyped_data()),
+                                                 static_cast<T*>(y->untyped_data()),
+                                                 static_cast<int32_t*>(idx->untyped_data()),
+                                                 stream));
   });
 }
 
@@ -34,8 +35,9 @@ ffi::Error MaxPool2dFwdValuesImpl(cudaStream_t stream, ffi::AnyBuffer x,
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return check_cuda(kTarget,
-                      launch_max_pool_forward_values<T>(g, static_cast<const T*>(x.untyped_data()),
-                                                   static_cast<T*>(y->untyped_data()), stream));
+                      launch_max_pool_forward_values<T>(
+                          g, static_cast<const T*>(x.untyped_data()),
+                          static_cast<T*>(y->untyped_data()), stream));
   });
 }
 
@@ -48,8 +50,8 @@ ffi::Error MaxPool2dBwdImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuff
     using T = typename decltype(tag)::type;
     return check_cuda(kTarget,
                       launch_max_pool_backward<T>(g, static_cast<const T*>(dy.untyped_data()),
-                                             static_cast<const int32_t*>(idx.untyped_data()),
-                                             static_cast<T*>(dx->untyped_data()), stream));
+                                                  static_cast<const int32_t*>(idx.untyped_data()),
+                                                  static_cast<T*>(dx->untyped_data()), stream));
   });
 }
 
