@@ -186,8 +186,10 @@ done
 # -v: a line per finished test; -rA: every outcome again at the end (when the run ends);
 # --dist load: tests, not files, to the next free worker.
 PYTEST_ARGS=(-v -rfE -p no:cacheprovider)
-if "$PY" -c "import xdist" 2>/dev/null; then
-  PYTEST_ARGS+=(-n 8 --dist load)  # compilation-bound: 8 processes share the one GPU
+WORKERS=$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))
+if [ "$WORKERS" -ge 2 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  # Compilation-bound: 8 processes share the one GPU (16 cores); a 2-core machine runs serially.
+  PYTEST_ARGS+=(-n "$WORKERS" --dist load)
 fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PYTEST_ARGS+=(--timeout 120); fi
 : >"$OUT/progress.log"
