@@ -174,8 +174,9 @@ def warn_if_gpu_unsupported(cuda_module) -> str | None:
     the driver, cuInit, but creates no context), only where JAX's CUDA plugin is installed (so
     that JAX itself initializes the driver at its first use anyway) and no GPU is hidden."""
     global _warned_arch
-    if _gpu_hidden() or not _jax_cuda_plugin_installed():
-        return None
+    if _gpu_hidden() or not hasattr(cuda_module, "cuda_architectures") or \
+            not _jax_cuda_plugin_installed():
+        return None  # (a module built before it reported its architectures: nothing to compare)
     archs = cuda_module.cuda_architectures()
     message = architecture_mismatch(cuda_module.device_capabilities(), list(archs["sass"]),
                                     list(archs["ptx"]))
