@@ -14,7 +14,7 @@ import warnings as _warnings
 
 import jax
 
-from ._cuda_driver import warn_if_driver_too_old
+from ._cuda_driver import warn_if_driver_too_old, warn_if_gpu_unsupported
 
 try:
     from . import _jaxconv_cpu
@@ -84,7 +84,10 @@ HAS_CUDA_MODULE: bool = _jaxconv_cuda is not None
 if _jaxconv_cuda is not None:
     for _name, _capsule in _jaxconv_cuda.registrations().items():
         jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
-    warn_if_driver_too_old(_jaxconv_cuda)  # a driver too old for the module's runtime: say so
+    # A driver too old for the module's runtime, or a GPU that can run none of the module's
+    # architectures: say so once, with what to do (the first makes the second unanswerable).
+    if warn_if_driver_too_old(_jaxconv_cuda) is None:
+        warn_if_gpu_unsupported(_jaxconv_cuda)
 
 
 def export_safety_checks() -> list[jax.export.DisabledSafetyCheck]:

@@ -19,6 +19,10 @@ forward+backward (bwd_data and bwd_filter each cost one forward). Pooling report
 traffic: the input read and output written forward, plus the output-sized cotangent read and
 input-sized gradient written for forward+backward (jaxconv's int32 indices, written only when a
 gradient is taken, are not counted).
+
+--json PATH is rewritten after every row (whole, through a temporary file renamed over it), with
+"complete": false until the last row: a run that is killed or interrupted (Ctrl-C: exit status
+130) leaves the rows it finished.
 """
 from __future__ import annotations
 
@@ -467,6 +471,22 @@ def plot(doc: dict, path: str) -> Any:
     return fig
 
 
+def write_json(doc: dict, path: str | None):
+    """Writes doc to path as a whole new file (a temporary beside it, then renamed over it), so
+    that whoever reads path, at any moment and even after this process is killed, finds the
+    previous complete document or the new one, never half of one."""
+    if not path:
+        return
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jaxconv.bench", description=__doc__.split("\n")[0])
     p.add_argument("--set", default="all", choices=SETS + ("all",))
@@ -512,21 +532,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [(cs, lay, m) for s in sets for cs in pick(s, args.device) for lay in layouts
             for m in modes if args.filter is None or args.filter in cs.name]
 
-    results = []
-    t_start = time.perf_counter()
-    for i, (cs, lay, mode) in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {cs.set} {cs.name} {lay} {mode} ...", end="", file=sys.stderr,
-              flush=True)
-        r = run_case(cs, lay, mode, dtype, device, budget_s=budget, min_reps=min_reps,
-                     max_reps=max_reps)
-        results.append(r)
-        print(f" jaxconv {r['jaxconv_ms']:.3f} ms, lax {r['lax_ms']:.3f} ms, "
-              f"{r['ratio']:.2f}x", file=sys.stderr, flush=True)
-    summary = summarize(results)
-    print(table(results, summary))
-    print(f"\n{len(todo)} cases in {time.perf_counter() - t_start:.1f} s on {device.device_kind} "
-          f"({device.platform}); ratio = lax_ms / jaxconv_ms, > 1 means jaxconv is faster")
-
     doc = {
         "schema": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -539,13 +544,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {"sets": list(sets), "layouts": list(layouts), "modes": list(modes),
                    "dtype": dtype.name, "quick": args.quick, "budget_s": budget,
                    "min_reps": min_reps, "max_reps": max_reps, "statistic": "median"},
-        "results": results,
-        "summary": summary,
+        # False until every case has run: a run that was killed or interrupted leaves the rows
+        # it finished (the file is rewritten whole after each row).
+        "complete": False,
+        "results": [],
+        "summary": [],
     }
+    results = doc["results"]
+    write_json(doc, args.json_path)
+    t_start = time.perf_counter()
+    try:
+        for i, (cs, lay, mode) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {cs.set} {cs.name} {lay} {mode} ...", end="",
+                  file=sys.stderr, flush=True)
+            r = run_case(cs, lay, mode, dtype, device, budget_s=budget, min_reps=min_reps,
+                         max_reps=max_reps)
+            results.append(r)
+            doc["summary"] = summarize(results)
+            write_json(doc, args.json_path)
+            print(f" jaxconv {r['jaxconv_ms']:.3f} ms, lax {r['lax_ms']:.3f} ms, "
+                  f"{r['ratio']:.2f}x", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {len(results)} of {len(todo)} cases"
+              + (f"; {args.json_path} holds them" if args.json_path else ""), file=sys.stderr)
+        return 130
+    summary = doc["summary"] = summarize(results)
+    print(table(results, summary))
+    print(f"\n{len(todo)} cases in {time.perf_counter() - t_start:.1f} s on {device.device_kind} "
+          f"({device.platform}); ratio = lax_ms / jaxconv_ms, > 1 means jaxconv is faster")
+    doc["complete"] = True
     if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_json(doc, args.json_path)
         print(f"wrote {args.json_path}", file=sys.stderr)
     if args.plot_path:
         plot(doc, args.plot_path)

@@ -213,3 +213,76 @@ def test_from_json_redraws_a_saved_run_without_timing_anything(quick_run, tmp_pa
         assert r["name"] in out
     assert "geometric mean" in out
     assert_png_with_content(png)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows written as they finish: a killed run leaves the rows it finished.
+
+
+def test_a_killed_run_leaves_valid_json_with_the_rows_it_finished(tmp_path):
+    """The JSON is rewritten whole after every row (temporary file + rename), so at any moment
+    it parses; killing the process (SIGKILL: no cleanup runs) keeps the finished rows, marked
+    incomplete."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from child import TESTS_DIR
+
+    path = tmp_path / "partial.json"
+    # 8 quick cases (lenet's 2 layers x 2 layouts x 2 modes); killed after the first rows.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxconv.bench", "--quick", "--set", "lenet", "--json", str(path)],
+        cwd=TESTS_DIR, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    rows, deadline = [], time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists():
+                with open(path) as f:
+                    doc = json.load(f)  # never half written
+                rows = doc["results"]
+                if len(rows) >= 2:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with open(path) as f:
+        doc = json.load(f)
+    assert doc["complete"] is False
+    assert 2 <= len(doc["results"]) < 8, len(doc["results"])
+    assert doc["results"][:len(rows)] == rows  # what was read mid-run is still there
+    for r in doc["results"]:
+        assert r["set"] == "lenet" and r["jaxconv_ms"] > 0 and r["lax_ms"] > 0
+    # The summary covers the rows so far.
+    assert sum(s["n"] for s in doc["summary"] if s["set"] == "lenet") == len(doc["results"])
+    assert not list(tmp_path.glob("partial.json.tmp*"))
+
+
+def test_a_complete_run_says_so(quick_json):
+    assert quick_json["complete"] is True
+
+
+def test_an_interrupted_run_keeps_its_rows(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) after the second row: exit status 130, the two rows kept."""
+    calls = []
+    real = bench.run_case
+
+    def run_then_interrupt(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_case", run_then_interrupt)
+    path = tmp_path / "interrupted.json"
+    assert bench.main(["--quick", "--set", "pool", "--json", str(path)]) == 130
+    with open(path) as f:
+        doc = json.load(f)
+    assert doc["complete"] is False and len(doc["results"]) == 2
+    assert "interrupted after 2 of" in capsys.readouterr().err

@@ -1,13 +1,14 @@
 // CUDA convolution handlers: forward, bwd_data (= transposed convolution) and bwd_filter.
 //
 // Same targets, attributes and validation as ffi/cpu/conv2d.cc (ffi_common.h rebuilds and checks
-// the geometry); the kernels are in conv2d_kernels.cuh. Work is enqueued on the stream XLA
-// gives the call and never synchronized here.
+// the geometry); the kernels are in conv2d_kernels.cuh, conv2d_mma.cuh and
+// depthwise_kernels.cuh, reached through the launchers of launchers.h, which kernel_units.cu
+// instantiates in units of their own (this file compiles no kernel). Work is enqueued on the
+// stream XLA gives the call and never synchronized here.
 #include <cstdint>
 
-#include "conv2d_kernels.cuh"
 #include "cuda_ffi.h"
-#include "depthwise_kernels.cuh"
+#include "launchers.h"
 
 namespace jaxconv::cuda {
 namespace {
@@ -24,10 +25,6 @@ bool has_tensor_cores() {
   return major >= 8;
 }
 
-PassOptions pass_options(const ConvGeometry& g) {
-  return PassOptions{has_tensor_cores(), g.p.allow_tf32 != 0};
-}
-
 ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Dictionary attrs) {
@@ -38,16 +35,18 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (direct_conv_applies(g))  // depthwise or <= 4 input channels: depthwise_kernels.cuh
-      return check_cuda(kTarget, direct_conv<T>(g, 0, static_cast<const T*>(x.untyped_data()),
-                                                static_cast<const T*>(w.untyped_data()),
-                                                bias_or_null<T>(bias),
-                                                static_cast<T*>(y->untyped_data()), stream));
-    return check_cuda(kTarget, conv2d_forward<T>(g, static_cast<const T*>(x.untyped_data()),
-                                                 static_cast<const T*>(w.untyped_data()),
-                                                 bias_or_null<T>(bias),
-                                                 static_cast<T*>(y->untyped_data()), stream,
-                                                 pass_options(g)));
+    if (conv_takes_direct_kernels(g))  // depthwise or <= 4 input channels
+      return check_cuda(kTarget,
+                        launch_conv_direct<T>(g, 0, static_cast<const T*>(x.untyped_data()),
+                                              static_cast<const T*>(w.untyped_data()),
+                                              bias_or_null<T>(bias),
+                                              static_cast<T*>(y->untyped_data()), stream));
+    return check_cuda(kTarget,
+                      launch_conv_forward<T>(g, static_cast<const T*>(x.untyped_data()),
+                                             static_cast<const T*>(w.untyped_data()),
+                                             bias_or_null<T>(bias),
+                                             static_cast<T*>(y->untyped_data()),
+                                             has_tensor_cores(), stream));
   });
 }
 
@@ -61,17 +60,18 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (direct_conv_applies(g))
-      return check_cuda(kTarget, direct_conv<T>(g, 1, static_cast<const T*>(dy.untyped_data()),
-                                                static_cast<const T*>(w.untyped_data()),
-                                                bias_or_null<T>(bias),
-                                                static_cast<T*>(dx->untyped_data()), stream));
-    return check_cuda(kTarget,
-                      conv2d_backward_data<T>(g, static_cast<const T*>(dy.untyped_data()),
+    if (conv_takes_direct_kernels(g))
+      return check_cuda(kTarget,
+                        launch_conv_direct<T>(g, 1, static_cast<const T*>(dy.untyped_data()),
                                               static_cast<const T*>(w.untyped_data()),
                                               bias_or_null<T>(bias),
-                                              static_cast<T*>(dx->untyped_data()), stream,
-                                              pass_options(g)));
+                                              static_cast<T*>(dx->untyped_data()), stream));
+    return check_cuda(kTarget,
+                      launch_conv_bwd_data<T>(g, static_cast<const T*>(dy.untyped_data()),
+                                              static_cast<const T*>(w.untyped_data()),
+                                              bias_or_null<T>(bias),
+                                              static_cast<T*>(dx->untyped_data()),
+                                              has_tensor_cores(), stream));
   });
 }
 
@@ -92,29 +92,32 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
   }
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using Acc = typename Num<T>::acc;
-    if (direct_conv_applies(g))
-      return check_cuda(kTarget, direct_conv<T>(g, 2, static_cast<const T*>(x.untyped_data()),
-                                                static_cast<const T*>(dy.untyped_data()),
-                                                nullptr, static_cast<T*>(dw->untyped_data()),
-                                                stream));
-    // Kernel and split plan: functions of the shape, dtype, layout and PassOptions only.
-    FilterLauncher<T> launcher(g, pass_options(g));
-    Acc* workspace = nullptr;
-    if (int64_t bytes = launcher.workspace_bytes()) {
+    if (conv_takes_direct_kernels(g))
+      return check_cuda(kTarget,
+                        launch_conv_direct<T>(g, 2, static_cast<const T*>(x.untyped_data()),
+                                              static_cast<const T*>(dy.untyped_data()), nullptr,
+                                              static_cast<T*>(dw->untyped_data()), stream));
+    // Kernel and split plan: functions of the shape, dtype, layout, allow_tf32 and
+    // tensor_cores only.
+    const bool tensor_cores = has_tensor_cores();
+    const FilterPlanSize plan = conv_bwd_filter_plan<T>(g, tensor_cores);
+    void* workspace = nullptr;
+    if (plan.workspace_bytes > 0) {
       // Device memory from XLA's allocator, released when this call returns; XLA orders later
       // users of it after the work enqueued here on the same stream. Without it, fail: another
       // plan would sum in another order (conv2d_kernels.cuh, "split plan").
-      auto mem = scratch.Allocate(size_t(bytes), 256);
+      auto mem = scratch.Allocate(size_t(plan.workspace_bytes), 256);
       if (!mem.has_value())
         return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                          filter_workspace_error(kTarget, bytes, launcher.p.splits));
-      workspace = static_cast<Acc*>(*mem);
+                          conv_bwd_filter_workspace_error(kTarget, plan.workspace_bytes,
+                                                          plan.splits));
+      workspace = *mem;
     }
-    return check_cuda(kTarget, launcher.run(static_cast<const T*>(x.untyped_data()),
-                                            static_cast<const T*>(dy.untyped_data()),
-                                            static_cast<T*>(dw->untyped_data()), workspace,
-                                            stream));
+    return check_cuda(kTarget, launch_conv_bwd_filter<T>(
+                                   g, static_cast<const T*>(x.untyped_data()),
+                                   static_cast<const T*>(dy.untyped_data()),
+                                   static_cast<T*>(dw->untyped_data()), workspace, tensor_cores,
+                                   stream));
   });
 }
 

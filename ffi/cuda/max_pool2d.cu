@@ -2,11 +2,12 @@
 // for max_pool2d without a gradient) and backward.
 //
 // Same targets, attributes and validation as ffi/cpu/max_pool2d.cc; the kernels are in
-// max_pool2d_kernels.cuh.
+// max_pool2d_kernels.cuh, reached through the launchers of launchers.h (instantiated in
+// kernel_units.cu's pool units; this file compiles no kernel).
 #include <cstdint>
 
 #include "cuda_ffi.h"
-#include "max_pool2d_kernels.cuh"
+#include "launchers.h"
 
 namespace jaxconv::cuda {
 namespace {
@@ -18,10 +19,11 @@ ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<f
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return check_cuda(kTarget, max_pool2d_forward<T>(g, static_cast<const T*>(x.untyped_data()),
-                                                     static_cast<T*>(y->untyped_data()),
-                                                     static_cast<int32_t*>(idx->untyped_data()),
-                                                     stream));
+    return check_cuda(kTarget,
+                      launch_max_pool_forward<T>(g, static_cast<const T*>(x.untyped_data()),
+                                                 static_cast<T*>(y->untyped_data()),
+                                                 static_cast<int32_t*>(idx->untyped_data()),
+                                                 stream));
   });
 }
 
@@ -33,8 +35,9 @@ ffi::Error MaxPool2dFwdValuesImpl(cudaStream_t stream, ffi::AnyBuffer x,
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return check_cuda(kTarget,
-                      max_pool2d_forward_values<T>(g, static_cast<const T*>(x.untyped_data()),
-                                                   static_cast<T*>(y->untyped_data()), stream));
+                      launch_max_pool_forward_values<T>(
+                          g, static_cast<const T*>(x.untyped_data()),
+                          static_cast<T*>(y->untyped_data()), stream));
   });
 }
 
@@ -46,9 +49,9 @@ ffi::Error MaxPool2dBwdImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuff
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     return check_cuda(kTarget,
-                      max_pool2d_backward<T>(g, static_cast<const T*>(dy.untyped_data()),
-                                             static_cast<const int32_t*>(idx.untyped_data()),
-                                             static_cast<T*>(dx->untyped_data()), stream));
+                      launch_max_pool_backward<T>(g, static_cast<const T*>(dy.untyped_data()),
+                                                  static_cast<const int32_t*>(idx.untyped_data()),
+                                                  static_cast<T*>(dx->untyped_data()), stream));
   });
 }
 
