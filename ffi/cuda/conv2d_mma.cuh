@@ -467,7 +467,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // a multiple of the stage's k (BK), fewer than 32 tap slots per axis, and int32 offsets
 // (mma_pass_tap_applies). k = (th, tw, ci) with ci innermost, so a stage of BK consecutive k
 // lies inside one tap and the whole block walks the reduction tap by tap:
-//   stage s: tap (th, tw) = digits of s / (Cin / BK), ci = (s % (Cin / BK)) * BK.
+//   stage s: tap (th, tw) = digits of s / (Cin / BK) (radix count_w: only the phase's own taps
+//   are visited), ci = (s % (Cin / BK)) * BK.
 // Once per tile each A chunk gets the offset of in[n, ih0, iw0, g*Cin + kc] (ih0 = u*step +
 // off0; negative rows or columns are fine, the offset is formed only for live chunks) and two
 // 32-bit masks, bit th of mh: ih0 + th*off_q inside [0, Hin) and th < count (likewise mw); each
@@ -498,8 +499,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
   const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
   const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
-  const int cin = int(p.Cin), tw_slots = int(p.TW), w_ci = int(p.w_ci);
-  const int steps = int(p.K / BK);  // TH * TW * Cin / BK
+  const int cin = int(p.Cin), w_ci = int(p.w_ci);
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     // tile = (((phase_h * phases_w + phase_w) * G + g) * n_tiles + nt) * m_tiles + mt
@@ -518,8 +518,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                             ? transposed_axis(rho_w, p.stride_w, p.pad_left, p.dil_w, p.KW)
                             : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
     const int64_t m0 = mt * BM, n0 = nt * BN;
-    const T* w_group = w + g * p.w_group;
-
+    
     for (int r = tid; r < BM; r += kThreads) {
       const int64_t m = m0 + r;
       int64_t o = -1;
@@ -555,7 +554,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
     }
     // B chunk e: n-major, output channel n0 + e / 4 at k offset (e % 4) * kVec; k-major, k
-    // offset e / (BN / 8) at output channels n0 + 8 * (e % (BN / 8)) ...
+    // offset e / (BN / 8) at output channels n0 + 8 * (e % (BN / 8)) ...; offsets into w,
+    // the group's included.
     int b_base[kChunksB];
     uint32_t b_live = 0;
     JAXCONV_UNROLL
@@ -563,30 +563,32 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       const int e = tid + l * kThreads;
       const int64_t kk = kBKMajor ? e / (BN / 8) : (e % 4) * kVec;
       const int64_t n = n0 + (kBKMajor ? (e % (BN / 8)) * 8 : e / 4);
-      b_base[l] = n < p.Cout ? int(n * p.w_co + kk * p.w_ci) : 0;
+      b_base[l] = int(g * p.w_group + (n < p.Cout ? n * p.w_co + kk * p.w_ci : 0));
       if (n < p.Cout) b_live |= 1u << l;
     }
-    // Block-uniform tap walk. Moving to the next tw adds a_tw / b_tw (and resets ci), to the
+    // Block-uniform tap walk over the taps this tile's phase has (th < count_h, tw < count_w;
+    // bwd_data phases may have fewer than TH x TW, and those slots would only multiply zeros,
+    // so they are not visited). Moving to the next tw adds a_tw / b_tw (and resets ci), to the
     // next th a_th / b_th (and resets tw).
+    const int tw_count = int(aw.count);
+    const int steps = int(ah.count) * tw_count * (cin / BK);
     const int a_tw = int(aw.off_q * p.is.w) - cin;
-    const int a_th = int(ah.off_q * p.is.h - (p.TW - 1) * aw.off_q * p.is.w) - cin;
+    const int a_th = int(ah.off_q * p.is.h - (aw.count - 1) * aw.off_q * p.is.w) - cin;
     const int b_tw = int(aw.cell_q * p.w_kw) - cin * w_ci;
-    const int b_th = int(ah.cell_q * p.w_kh - (p.TW - 1) * aw.cell_q * p.w_kw) - cin * w_ci;
-    const int th_count = int(ah.count), tw_count = int(aw.count);
+    const int b_th = int(ah.cell_q * p.w_kh - (aw.count - 1) * aw.cell_q * p.w_kw) - cin * w_ci;
     int ci = 0, th = 0, tw = 0, a_tap = 0;
     int b_tap = int(ah.cell0 * p.w_kh + aw.cell0 * p.w_kw);
     // A predicated-off chunk still forms its source address (a_src + a_base) but cp.async
     // reads nothing there (src-size 0) and zero-fills its 16 shared bytes.
-    // Whether chunk l reads memory at the current tap (block-uniform for B).
+    // Whether A chunk l reads memory at the current tap; B chunks read at every tap visited.
     bool a_pred[kChunksA], b_pred[kChunksB];
     auto set_predicates = [&]() {
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksA; ++l) a_pred[l] = (a_mh[l] >> th) & (a_mw[l] >> tw) & 1u;
-      const bool tap_live = th < th_count && tw < tw_count;
-      JAXCONV_UNROLL
-      for (int l = 0; l < kChunksB; ++l) b_pred[l] = tap_live && ((b_live >> l) & 1u);
     };
     set_predicates();
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksB; ++l) b_pred[l] = (b_live >> l) & 1u;
     __syncthreads();  // row_out
 
     // Shared destinations: chunk l lies a constant distance past chunk 0 (kThreads is a
@@ -604,13 +606,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         cp_async_16(a_stage + l * kADstStep, in + (a_base[l] + a_tap), a_pred[l]);
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksB; ++l)
-        cp_async_16(b_stage + l * kBDstStep, w_group + (b_base[l] + b_tap), b_pred[l]);
+        cp_async_16(b_stage + l * kBDstStep, w + (b_base[l] + b_tap), b_pred[l]);
       ci += BK;
       a_tap += BK;
       b_tap += BK * w_ci;
       if (ci == cin) {  // next tap
         ci = 0;
-        if (++tw == tw_slots) {
+        if (++tw == tw_count) {
           tw = 0;
           ++th;
           a_tap += a_th;
@@ -911,7 +913,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // BK positions as digits (n, oh, ow) (each below its radix: at most one carry per digit) and
   // what each digit and carry adds to an x offset.
   const Digits3 step = split_index(BK, p.OH, p.OW);
-  const int d_oh = int(step.b), d_ow = int(step.c);
+  const int d_ih = int(step.b * p.stride_h), d_iw = int(step.c * p.stride_w);
   const int x_step = int(step.a * p.xs.n + step.b * p.stride_h * p.xs.h +
                          step.c * p.stride_w * p.xs.w);
   const int x_carry_w = int(p.stride_h * p.xs.h - p.OW * p.stride_w * p.xs.w);
@@ -926,30 +928,36 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     __syncthreads();
 
     // dy chunk l: position row e / kARowChunks, output channels m0 + kVec * (e % kARowChunks) ..
+    // Liveness is folded into a row limit: the chunk reads while a_row[l] < left (positions
+    // left from the stage's first on); a chunk past Og gets a row no count reaches.
+    constexpr int kDeadRow = 1 << 30;
     int a_off[kChunksA], a_row[kChunksA];
-    uint32_t a_live = 0;
     JAXCONV_UNROLL
     for (int l = 0; l < kChunksA; ++l) {
       const int e = tid + l * kThreads;
-      a_row[l] = e / kARowChunks;
       const int64_t o = m0 + (e % kARowChunks) * kVec;
-      a_off[l] = int((p_begin + a_row[l]) * p.ys.w + (g * p.Og + o) * p.ys.c);
-      if (o < p.Og) a_live |= 1u << l;
+      a_off[l] = int((p_begin + e / kARowChunks) * p.ys.w + (g * p.Og + o) * p.ys.c);
+      a_row[l] = o < p.Og ? e / kARowChunks : kDeadRow;
     }
-    // x chunks: one column group c (shared), rows e / kBRowChunks.
+    // x chunks: one column group c (shared: channel offset, tap offsets dh, dw), rows
+    // e / kBRowChunks; per chunk the input row and column ih = oh * s_h + dh, iw = ow * s_w + dw
+    // of its position and its x offset. Moving on by BK positions adds (d_ih, d_iw, x_step);
+    // iw past its last output column (iw >= OW * s_w + dw) wraps back by OW * s_w into the next
+    // output row, ih past its last likewise into the next image.
     const int c = (tid % kBRowChunks) * kVec;
     const int b_dh = col_dh[c], b_dw = col_dw[c];
     const bool b_col_live = col_x[c] >= 0;
-    int b_row[kChunksB], b_oh[kChunksB], b_ow[kChunksB], b_off[kChunksB];
+    const int iw_wrap = ow_count * s_w + b_dw, ih_wrap = oh_count * s_h + b_dh;
+    int b_row[kChunksB], b_ih[kChunksB], b_iw[kChunksB], b_off[kChunksB];
     JAXCONV_UNROLL
     for (int l = 0; l < kChunksB; ++l) {
       const int e = tid + l * kThreads;
-      b_row[l] = e / kBRowChunks;
-      const Digits3 d = split_index(p_begin + b_row[l], p.OH, p.OW);
-      b_oh[l] = int(d.b);
-      b_ow[l] = int(d.c);
-      b_off[l] = int(d.a * p.xs.n + (d.b * p.stride_h + b_dh) * p.xs.h +
-                     (d.c * p.stride_w + b_dw) * p.xs.w + (b_col_live ? col_x[c] : 0));
+      const Digits3 d = split_index(p_begin + e / kBRowChunks, p.OH, p.OW);
+      b_row[l] = b_col_live ? e / kBRowChunks : kDeadRow;
+      b_ih[l] = int(d.b * p.stride_h + b_dh);
+      b_iw[l] = int(d.c * p.stride_w + b_dw);
+      b_off[l] = int(d.a * p.xs.n + b_ih[l] * p.xs.h + b_iw[l] * p.xs.w +
+                     (b_col_live ? col_x[c] : 0));
     }
     int left = int(p_end - p_begin);  // positions from the next stage's first on
 
@@ -964,27 +972,24 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       unsigned char* b_stage = Bs[stage] + b_dst;
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksA; ++l) {
-        cp_async_16(a_stage + l * kADstStep, dy + a_off[l],
-                    ((a_live >> l) & 1u) && a_row[l] < left);
+        cp_async_16(a_stage + l * kADstStep, dy + a_off[l], a_row[l] < left);
         a_off[l] += y_step;
       }
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksB; ++l) {
-        const int ih = b_oh[l] * s_h + b_dh, iw = b_ow[l] * s_w + b_dw;
-        const bool live = b_col_live && b_row[l] < left && unsigned(ih) < unsigned(x_h) &&
-                          unsigned(iw) < unsigned(x_w);
+        const bool live = b_row[l] < left && unsigned(b_ih[l]) < unsigned(x_h) &&
+                          unsigned(b_iw[l]) < unsigned(x_w);
         cp_async_16(b_stage + l * kBDstStep, x + b_off[l], live);
-        // Next stage: + BK positions.
-        b_ow[l] += d_ow;
-        b_oh[l] += d_oh;
+        b_iw[l] += d_iw;
+        b_ih[l] += d_ih;
         b_off[l] += x_step;
-        if (b_ow[l] >= ow_count) {
-          b_ow[l] -= ow_count;
-          ++b_oh[l];
+        if (b_iw[l] >= iw_wrap) {
+          b_iw[l] -= ow_count * s_w;
+          b_ih[l] += s_h;
           b_off[l] += x_carry_w;
         }
-        if (b_oh[l] >= oh_count) {
-          b_oh[l] -= oh_count;
+        if (b_ih[l] >= ih_wrap) {
+          b_ih[l] -= oh_count * s_h;
           b_off[l] += x_carry_h;
         }
       }
