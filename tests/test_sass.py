@@ -4,7 +4,10 @@ cuobjdump with nvdisasm (CUDA toolkit, or the pip packages nvidia-cuda-cuobjdump
 nvidia-cuda-nvdisasm) disassembles the module's cubins: the tensor-core kernels
 (ffi/cuda/conv2d_mma.cuh: the pass and bwd_filter) must multiply with HMMA, and no kernel may
 use local memory (register spills or stack arrays: STL/LDL in the SASS, LOCAL/STACK
-in the resource usage). Skipped where the CUDA module was not built, it holds no sm_90 code, or
+in the resource usage). The main loop of each tensor-core kernel (the innermost loop of its SASS
+that holds HMMA) is measured in instructions per HMMA: the precomputed-iterator kernels that serve
+16-byte NHWC operands (conv_pass_mma_tap_kernel, conv_filter_mma_pos_kernel) have bounds, the
+rest print their figure. Skipped where the CUDA module was not built, it holds no sm_90 code, or
 the tools are not found.
 """
 from __future__ import annotations
@@ -158,8 +161,77 @@ def test_simt_kernels_stay_simt():
             assert "DFMA" in sass, name
 
 
+def test_mma_iterator_kernels_use_tensor_cores():
+    """The precomputed-iterator kernels (16-byte NHWC operands, int32 offsets): for each mma
+    dtype both tiles of the pass (16-bit types also with k-major B) and of bwd_filter; HMMA,
+    cp.async, and ldmatrix except for the TF32 k-major bwd_filter fragments."""
+    for family, per_dtype in (("conv_pass_mma_tap_kernel", {"float": 2, "__half": 4,
+                                                            "__nv_bfloat16": 4}),
+                              ("conv_filter_mma_pos_kernel", {"float": 2, "__half": 2,
+                                                              "__nv_bfloat16": 2})):
+        kernels = _kernels(family)
+        for dtype, count in per_dtype.items():
+            assert sum(f"<{dtype}," in k for k in kernels) == count, (dtype, sorted(kernels))
+        for name, (sass, _) in kernels.items():
+            kind = "HMMA.1688.F32.TF32" if "<float," in name else "HMMA.16816.F32"
+            assert kind in sass, name
+            assert "LDGSTS" in sass, name
+            if "<float," not in name or family == "conv_pass_mma_tap_kernel":
+                assert "LDSM" in sass, name
+
+
+def _main_loop(sass):
+    """(instructions, HMMA) of the innermost loop (a backward branch and its target) holding
+    HMMA; None where no loop holds any. As /work/shared/tools/sass_loop_ratio.py."""
+    ins = [(int(m.group(1), 16), m.group(2))
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    hmma = [a for a, t in ins if re.search(r"\b(HMMA|HGMMA)\b", t)]
+    best = None
+    for a, t in ins:
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", t)
+        if not m or int(m.group(1), 16) >= a:
+            continue
+        target = int(m.group(1), 16)
+        h = sum(1 for x in hmma if target <= x <= a)
+        n = sum(1 for x, _ in ins if target <= x <= a)
+        if h and (best is None or n < best[0]):
+            best = (n, h)
+    return best
+
+
+# Instructions per HMMA of the main loop, for the kernels serving 16-byte NHWC operands of
+# 16-bit types: the figures measured at this commit (nvcc 13, sm_90: 4.1-4.5 for 128x128,
+# 6.8-7.5 for 64x64) as a regression bound. Issue 21's targets, 4 and 6, are not met yet: the
+# loops still hold the per-stage generic-to-shared address conversion, the ring-buffer
+# counters and the tap / position carry code. TF32 kernels convert each fragment register
+# (cvt.rna) in the loop and report their figure.
+ITER_LOOP_BOUNDS = {"MmaTile<128": 4.6, "MmaTile<64": 7.6}
+
+
+def test_mma_main_loop_instructions_per_hmma():
+    rows, over = [], []
+    for name, (sass, _) in sorted(_sm90().items()):
+        if "mma" not in name or "HMMA" not in sass:
+            continue
+        loop = _main_loop(sass)
+        assert loop is not None, name
+        n, h = loop
+        rows.append((n / h, n, h, name))
+        iterator = "mma_tap_kernel" in name or "mma_pos_kernel" in name
+        if iterator and "<float," not in name:
+            bound = next(b for tile, b in ITER_LOOP_BOUNDS.items() if tile in name)
+            if n / h > bound:
+                over.append(f"{n / h:.2f} > {bound}: {name}")
+    print("\ninstr/HMMA  instr  HMMA  kernel")
+    for ratio, n, h, name in sorted(rows, reverse=True):
+        print(f"{ratio:10.2f} {n:6d} {h:5d}  {name.split('(')[0]}")
+    assert rows
+    assert not over, "\n".join(over)
+
+
 @pytest.mark.parametrize("family", [
-    "conv_pass_mma_kernel", "conv_pass_kernel<", "conv_filter_kernel", "conv_filter_mma_kernel",
+    "conv_pass_mma_kernel", "conv_pass_mma_tap_kernel", "conv_filter_mma_pos_kernel",
+    "conv_pass_kernel<", "conv_filter_kernel", "conv_filter_mma_kernel",
     "sum_partials_kernel",
     "max_pool_fwd_kernel", "max_pool_bwd_kernel", "direct_conv_",
 ])

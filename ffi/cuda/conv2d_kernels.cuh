@@ -2,7 +2,8 @@
 // as shared-memory tiled implicit GEMMs. Host-side planning (which tile, how many splits) and
 // the launches live here too, so that the host emulation in tests runs exactly the same code.
 //
-// Forward and bwd_data share one kernel, a "pass" (as in ffi/cpu/conv2d.cc):
+// Forward and bwd_data share one kernel, a "pass" (as ffi/cpu/conv_pack.h's struct Pass models
+// them on the CPU):
 //
 //   out[n, g*Cout + co, out0 + u*out_step, ...] = bias[g*Cout + co] + sum over k = (ci, th, tw) of
 //       in[n, g*Cin + ci, u*step_h + off_h(th), v*step_w + off_w(tw)] * weight(g, co, ci, th, tw)

@@ -171,16 +171,19 @@ struct MmaOperands {
   static constexpr int kAPitch = kAPitch_, kBPitch = kBPitch_;
 };
 
-// The reduction of a block tile: `steps` stages of kMmaRowBytes of k each, loaded by
+// The reduction of a block tile: `steps` stages of kMmaRowBytes of k each, loaded in order by
 // load_stage(buffer, s) (cp.async into As/Bs + buffer * stage bytes; plain shared stores for
-// gathers) up to Cfg::kStages - 1 stages ahead of the one multiplied: one commit group per
-// stage, so "all but the newest kStages - 1 groups complete" means stage s has landed; buffer
-// (s + kStages - 1) % kStages, refilled in iteration s, was last read in iteration s - 1,
-// whose closing barrier every thread has passed. Each warp multiplies its
+// gathers) up to Cfg::kStages - 1 stages ahead of the one multiplied, with one barrier per
+// stage. One commit group per stage, so at the top of iteration s (kStages - 1 + s groups
+// committed) "at most kStages - 2 groups pending" means stage s has landed for this thread, and
+// the barrier after that wait means for every thread. The barrier also means every thread has
+// finished iteration s - 1's multiply, so buffer (s - 1) % kStages = (s + kStages - 1) %
+// kStages may be refilled right after it, while stage s is multiplied. Each warp multiplies its
 // (MI * 16) x (NI * 8) piece at (warp_m0, warp_n0) into acc (float32, zeroed here). Leaves no
-// cp.async group in flight.
-template <MmaKind kKind, typename Cfg, typename Ops, typename LoadStage>
-__device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], int64_t steps,
+// cp.async group in flight; the caller must __syncthreads before the buffers are written again
+// (the next tile's first loads). Step: int for the int32 kernels (32-bit loop counters).
+template <MmaKind kKind, typename Cfg, typename Ops, typename Step, typename LoadStage>
+__device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], Step steps,
                                              LoadStage&& load_stage, const unsigned char* As,
                                              const unsigned char* Bs, int warp_m0, int warp_n0,
                                              int lane) {
@@ -196,19 +199,20 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
   constexpr int kStages = Cfg::kStages;
   JAXCONV_UNROLL
   for (int s = 0; s < kStages - 1; ++s) {  // the first kStages - 1 stages
-    if (s < steps) load_stage(s, int64_t(s));
+    if (s < steps) load_stage(s, Step(s));
     cp_async_commit();  // possibly empty, so that group g is always stage g
   }
-  for (int64_t s = 0; s < steps; ++s) {
-    const int stage = int(s % kStages);
-    const int64_t ahead = s + kStages - 1;
-    if (ahead < steps) load_stage(int(ahead % kStages), ahead);
+  int read = 0, write = kStages - 1;  // buffers of stage s and of stage s + kStages - 1
+  for (Step s = 0; s < steps; ++s) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage s is in shared memory; stage s - 1 is read by every warp
+    if (s + (kStages - 1) < steps) load_stage(write, s + (kStages - 1));
     cp_async_commit();  // possibly empty, as above
-    cp_async_wait<kStages - 1>();
-    __syncthreads();  // every thread's part of stage s is in shared memory
+    write = write == kStages - 1 ? 0 : write + 1;
 
-    const unsigned char* a_tile = As + stage * kAStageBytes;
-    const unsigned char* b_tile = Bs + stage * kBStageBytes;
+    const unsigned char* a_tile = As + read * kAStageBytes;
+    const unsigned char* b_tile = Bs + read * kBStageBytes;
+    read = read == kStages - 1 ? 0 : read + 1;
     JAXCONV_UNROLL
     for (int ks = 0; ks < 2; ++ks) {  // two mma k-steps of 32 bytes
       uint32_t a[MI][4], b[NI][2];
@@ -229,7 +233,6 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
         JAXCONV_UNROLL
         for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[i], b[j]);
     }
-    __syncthreads();  // stage s is read; the next iteration refills it
   }
   cp_async_wait<0>();  // the trailing empty groups
 }
@@ -459,6 +462,195 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 }
 
+// The pass with precomputed iterators (CUTLASS's "optimized" conv iterators): the instantiation
+// for NHWC operands whose every chunk is one 16-byte copy (MmaLoads a_vector and b_vector), Cin
+// a multiple of the stage's k (BK), fewer than 32 tap slots per axis, and int32 offsets
+// (mma_pass_tap_applies). k = (th, tw, ci) with ci innermost, so a stage of BK consecutive k
+// lies inside one tap and the whole block walks the reduction tap by tap:
+//   stage s: tap (th, tw) = digits of s / (Cin / BK) (radix count_w: only the phase's own taps
+//   are visited), ci = (s % (Cin / BK)) * BK.
+// Once per tile each A chunk gets the offset of in[n, ih0, iw0, g*Cin + kc] (ih0 = u*step +
+// off0; negative rows or columns are fine, the offset is formed only for live chunks) and two
+// 32-bit masks, bit th of mh: ih0 + th*off_q inside [0, Hin) and th < count (likewise mw); each
+// B chunk the offset of its output channel / k row. Each stage then adds one block-uniform tap
+// offset (a_tap: th*off_q_h*is_h + tw*off_q_w*is_w + ci; b_tap: the weight offset of the tap
+// and ci) to the per-chunk bases; the predicates change only when the tap does. All counters
+// and offsets are int32.
+template <typename T, typename Cfg, bool kBKMajor>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    conv_pass_mma_tap_kernel(PassParams p, const T* __restrict__ in, const T* __restrict__ w,
+                             const T* __restrict__ bias, T* __restrict__ out) {
+  using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
+  constexpr MmaKind kKind = MmaOf<T>::kind;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
+  constexpr int BK = kMmaRowBytes / int(sizeof(S));  // k per stage
+  constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
+  constexpr int kBPitch = kBKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
+  static_assert(!kBKMajor || sizeof(S) == 2, "ldmatrix.trans splits 32-bit values");
+  static_assert(!kBKMajor || BK * kBPitch <= BN * kMmaPitchBytes, "k-major B fits");
+  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
+
+  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
+  __shared__ int row_out[BM];  // per output row: out offset, -1 outside `out`
+
+  const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
+  const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
+  const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
+  const int cin = int(p.Cin), w_ci = int(p.w_ci);
+
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    // tile = (((phase_h * phases_w + phase_w) * G + g) * n_tiles + nt) * m_tiles + mt
+    int64_t rest = tile;
+    const int64_t mt = rest % p.m_tiles;
+    rest /= p.m_tiles;
+    const int64_t nt = rest % p.n_tiles;
+    rest /= p.n_tiles;
+    const int64_t g = rest % p.G;
+    rest /= p.G;
+    const int64_t rho_w = rest % p.phases_w, rho_h = rest / p.phases_w;
+    const PassAxis ah = p.transposed
+                            ? transposed_axis(rho_h, p.stride_h, p.pad_top, p.dil_h, p.KH)
+                            : forward_axis(p.stride_h, p.pad_top, p.dil_h, p.KH);
+    const PassAxis aw = p.transposed
+                            ? transposed_axis(rho_w, p.stride_w, p.pad_left, p.dil_w, p.KW)
+                            : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
+    const int64_t m0 = mt * BM, n0 = nt * BN;
+    
+    for (int r = tid; r < BM; r += kThreads) {
+      const int64_t m = m0 + r;
+      int64_t o = -1;
+      if (m < p.M) {
+        const int64_t v = m % p.V, u = (m / p.V) % p.U, n = m / (p.U * p.V);
+        const int64_t oh = ah.out0 + u * ah.out_step, ow = aw.out0 + v * aw.out_step;
+        if (oh < p.Hout && ow < p.Wout) o = n * p.os.n + oh * p.os.h + ow * p.os.w;
+      }
+      row_out[r] = int(o);
+    }
+
+    // A chunk e = tid + l * kThreads: row e / 4, k offset kc = (e % 4) * kVec of the stage.
+    int a_base[kChunksA];
+    uint32_t a_mh[kChunksA], a_mw[kChunksA];
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksA; ++l) {
+      const int e = tid + l * kThreads;
+      const int64_t m = m0 + e / 4;
+      a_base[l] = 0;
+      a_mh[l] = a_mw[l] = 0;
+      if (m < p.M) {
+        const int64_t v = m % p.V, u = (m / p.V) % p.U, n = m / (p.U * p.V);
+        const int64_t ih0 = u * ah.step + ah.off0, iw0 = v * aw.step + aw.off0;
+        a_base[l] = int(n * p.is.n + ih0 * p.is.h + iw0 * p.is.w + g * p.Cin + (e % 4) * kVec);
+        for (int64_t q = 0; q < ah.count; ++q) {
+          const int64_t ih = ih0 + q * ah.off_q;
+          if (ih >= 0 && ih < p.Hin) a_mh[l] |= 1u << q;
+        }
+        for (int64_t q = 0; q < aw.count; ++q) {
+          const int64_t iw = iw0 + q * aw.off_q;
+          if (iw >= 0 && iw < p.Win) a_mw[l] |= 1u << q;
+        }
+      }
+    }
+    // B chunk e: n-major, output channel n0 + e / 4 at k offset (e % 4) * kVec; k-major, k
+    // offset e / (BN / 8) at output channels n0 + 8 * (e % (BN / 8)) ...; offsets into w,
+    // the group's included.
+    int b_base[kChunksB];
+    uint32_t b_live = 0;
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksB; ++l) {
+      const int e = tid + l * kThreads;
+      const int64_t kk = kBKMajor ? e / (BN / 8) : (e % 4) * kVec;
+      const int64_t n = n0 + (kBKMajor ? (e % (BN / 8)) * 8 : e / 4);
+      b_base[l] = int(g * p.w_group + (n < p.Cout ? n * p.w_co + kk * p.w_ci : 0));
+      if (n < p.Cout) b_live |= 1u << l;
+    }
+    // Block-uniform tap walk over the taps this tile's phase has (th < count_h, tw < count_w;
+    // bwd_data phases may have fewer than TH x TW, and those slots would only multiply zeros,
+    // so they are not visited). Moving to the next tw adds a_tw / b_tw (and resets ci), to the
+    // next th a_th / b_th (and resets tw).
+    const int tw_count = int(aw.count);
+    const int steps = int(ah.count) * tw_count * (cin / BK);
+    const int a_tw = int(aw.off_q * p.is.w) - cin;
+    const int a_th = int(ah.off_q * p.is.h - (aw.count - 1) * aw.off_q * p.is.w) - cin;
+    const int b_tw = int(aw.cell_q * p.w_kw) - cin * w_ci;
+    const int b_th = int(ah.cell_q * p.w_kh - (aw.count - 1) * aw.cell_q * p.w_kw) - cin * w_ci;
+    int ci = 0, th = 0, tw = 0, a_tap = 0;
+    int b_tap = int(ah.cell0 * p.w_kh + aw.cell0 * p.w_kw);
+    // A predicated-off chunk still forms its source address (a_src + a_base) but cp.async
+    // reads nothing there (src-size 0) and zero-fills its 16 shared bytes.
+    // Whether A chunk l reads memory at the current tap; B chunks read at every tap visited.
+    bool a_pred[kChunksA], b_pred[kChunksB];
+    auto set_predicates = [&]() {
+      JAXCONV_UNROLL
+      for (int l = 0; l < kChunksA; ++l) a_pred[l] = (a_mh[l] >> th) & (a_mw[l] >> tw) & 1u;
+    };
+    set_predicates();
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksB; ++l) b_pred[l] = (b_live >> l) & 1u;
+    __syncthreads();  // row_out
+
+    // Shared destinations: chunk l lies a constant distance past chunk 0 (kThreads is a
+    // multiple of the chunks per row), so each stage forms one address per operand.
+    const int a_dst = (tid / 4) * kMmaPitchBytes + (tid % 4) * 16;
+    constexpr int kADstStep = (kThreads / 4) * kMmaPitchBytes;
+    const int b_dst = kBKMajor ? (tid / (BN / 8)) * kBPitch + (tid % (BN / 8)) * 16 : a_dst;
+    constexpr int kBDstStep = kBKMajor ? (kThreads / (BN / 8)) * kBPitch : kADstStep;
+    static_assert(kThreads % (BN / 8) == 0, "B chunks a constant distance apart");
+    auto load_stage = [&](int stage, int) {
+      unsigned char* a_stage = As[stage] + a_dst;
+      unsigned char* b_stage = Bs[stage] + b_dst;
+            JAXCONV_UNROLL
+      for (int l = 0; l < kChunksA; ++l)
+        cp_async_16(a_stage + l * kADstStep, in + (a_base[l] + a_tap), a_pred[l]);
+      JAXCONV_UNROLL
+      for (int l = 0; l < kChunksB; ++l)
+        cp_async_16(b_stage + l * kBDstStep, w + (b_base[l] + b_tap), b_pred[l]);
+      ci += BK;
+      a_tap += BK;
+      b_tap += BK * w_ci;
+      if (ci == cin) {  // next tap
+        ci = 0;
+        if (++tw == tw_count) {
+          tw = 0;
+          ++th;
+          a_tap += a_th;
+          b_tap += b_th;
+        } else {
+          a_tap += a_tw;
+          b_tap += b_tw;
+        }
+        set_predicates();
+      }
+    };
+
+    float acc[MI][NI][4];
+    mma_mainloop<kKind, Cfg, MmaOperands<false, kMmaPitchBytes, kBKMajor, kBPitch>>(
+        acc, steps, load_stage, As[0], Bs[0], warp_m0, warp_n0, lane);
+
+    // Epilogue: accumulator q of tile (i, j) is D[g + 8 * (q / 2)][2t + q % 2] (lane = 4g + t).
+    const int grp = lane / 4, t4 = lane % 4;
+    JAXCONV_UNROLL
+    for (int i = 0; i < MI; ++i)
+      JAXCONV_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int o = row_out[warp_m0 + i * 16 + grp + 8 * h];
+        if (o < 0) continue;
+        JAXCONV_UNROLL
+        for (int j = 0; j < NI; ++j)
+          JAXCONV_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int64_t c = n0 + warp_n0 + j * 8 + 2 * t4 + e;
+            if (c >= p.Cout) continue;
+            const float b = bias ? Num<T>::load(bias[g * p.Cout + c]) : 0.0f;
+            out[o + int(g * p.Cout + c)] = Num<T>::store(acc[i][j][2 * h + e] + b);
+          }
+      }
+    __syncthreads();  // the next tile rewrites row_out and the stage buffers
+  }
+}
+
 // bwd_filter on tensor cores: per group g, dW[o, k] = sum over positions p = (n, oh, ow) of
 // dy[p, o] * im2col(x)[p, k], a GEMM with rows m = o (Og), columns k (Kg, dW's own order within a
 // group: NCHW (ci, kh, kw), NHWC (kh, kw, ci)) and the reduction over the positions of one
@@ -677,6 +869,164 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 }
 
+// bwd_filter NHWC with precomputed iterators: the instantiation for 16-byte chunks of both
+// operands (MmaLoads a_vector and b_vector), dy dense along positions (ys.h == OW * ys.w,
+// ys.n == OH * ys.h) and int32 offsets (mma_filter_pos_applies). Both operands are staged
+// k-major, one position per shared row, as in conv_filter_mma_kernel; chunk e = tid + l *
+// kThreads covers position row e / (BX / 8) (BX / kVec for the float32 x tile) of the stage.
+// Once per tile: each dy chunk's offset (position p_begin + row, its kVec output channels),
+// advanced by BK * ys.w per stage; each x chunk's column (channel offset and tap offsets dh, dw,
+// shared by the thread's chunks, which sit kThreads / (BN / kVec) rows apart in the same
+// columns) and, per chunk, its position as (oh, ow) and the offset of x[n, oh * s_h + dh,
+// ow * s_w + dw, chan], advanced per stage by the constant digits of BK positions with at most
+// one carry per digit. A chunk is live while its position is below p_end (one compare against
+// the block-uniform count of positions left) and, for x, while ih, iw are inside the image.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    conv_filter_mma_pos_kernel(FilterParams p, const T* __restrict__ x,
+                               const T* __restrict__ dy, T* __restrict__ dw,
+                               float* __restrict__ partial) {
+  using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
+  constexpr MmaKind kKind = MmaOf<T>::kind;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
+  constexpr int BK = kMmaRowBytes / int(sizeof(S));  // positions per stage
+  constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
+  constexpr int kAPitch = mma_k_major_pitch<S>(BM), kBPitch = mma_k_major_pitch<S>(BN);
+  constexpr int kARowChunks = BM / kVec, kBRowChunks = BN / kVec;  // chunks per position row
+  static_assert(BK * kAPitch <= BM * kMmaPitchBytes && BK * kBPitch <= BN * kMmaPitchBytes,
+                "k-major tiles fit the stage buffers");
+  static_assert(kThreads % kARowChunks == 0 && kThreads % kBRowChunks == 0,
+                "a thread's chunks share their columns");
+  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
+
+  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
+  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
+  __shared__ int col_x[BN], col_dh[BN], col_dw[BN], col_w[BN];
+
+  const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
+  const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
+  const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
+  const int oh_count = int(p.OH), ow_count = int(p.OW), x_h = int(p.H), x_w = int(p.W);
+  const int s_h = int(p.stride_h), s_w = int(p.stride_w);
+  // BK positions as digits (n, oh, ow) (each below its radix: at most one carry per digit) and
+  // what each digit and carry adds to an x offset.
+  const Digits3 step = split_index(BK, p.OH, p.OW);
+  const int d_ih = int(step.b * p.stride_h), d_iw = int(step.c * p.stride_w);
+  const int x_step = int(step.a * p.xs.n + step.b * p.stride_h * p.xs.h +
+                         step.c * p.stride_w * p.xs.w);
+  const int x_carry_w = int(p.stride_h * p.xs.h - p.OW * p.stride_w * p.xs.w);
+  const int x_carry_h = int(p.xs.n - p.OH * p.stride_h * p.xs.h);
+  const int y_step = int(BK * p.ys.w);
+
+  for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
+    const FilterTileSpan t = filter_tile_span(p, tile, BM, BN);
+    const int64_t g = t.g, m0 = t.m0, n0 = t.n0, split = t.split, p_begin = t.p_begin,
+                  p_end = t.p_end;
+    filter_columns<true>(p, g, n0, BN, tid, kThreads, col_x, col_dh, col_dw, col_w);
+    __syncthreads();
+
+    // dy chunk l: position row e / kARowChunks, output channels m0 + kVec * (e % kARowChunks) ..
+    // Liveness is folded into a row limit: the chunk reads while a_row[l] < left (positions
+    // left from the stage's first on); a chunk past Og gets a row no count reaches.
+    constexpr int kDeadRow = 1 << 30;
+    int a_off[kChunksA], a_row[kChunksA];
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksA; ++l) {
+      const int e = tid + l * kThreads;
+      const int64_t o = m0 + (e % kARowChunks) * kVec;
+      a_off[l] = int((p_begin + e / kARowChunks) * p.ys.w + (g * p.Og + o) * p.ys.c);
+      a_row[l] = o < p.Og ? e / kARowChunks : kDeadRow;
+    }
+    // x chunks: one column group c (shared: channel offset, tap offsets dh, dw), rows
+    // e / kBRowChunks; per chunk the input row and column ih = oh * s_h + dh, iw = ow * s_w + dw
+    // of its position and its x offset. Moving on by BK positions adds (d_ih, d_iw, x_step);
+    // iw past its last output column (iw >= OW * s_w + dw) wraps back by OW * s_w into the next
+    // output row, ih past its last likewise into the next image.
+    const int c = (tid % kBRowChunks) * kVec;
+    const int b_dh = col_dh[c], b_dw = col_dw[c];
+    const bool b_col_live = col_x[c] >= 0;
+    const int iw_wrap = ow_count * s_w + b_dw, ih_wrap = oh_count * s_h + b_dh;
+    int b_row[kChunksB], b_ih[kChunksB], b_iw[kChunksB], b_off[kChunksB];
+    JAXCONV_UNROLL
+    for (int l = 0; l < kChunksB; ++l) {
+      const int e = tid + l * kThreads;
+      const Digits3 d = split_index(p_begin + e / kBRowChunks, p.OH, p.OW);
+      b_row[l] = b_col_live ? e / kBRowChunks : kDeadRow;
+      b_ih[l] = int(d.b * p.stride_h + b_dh);
+      b_iw[l] = int(d.c * p.stride_w + b_dw);
+      b_off[l] = int(d.a * p.xs.n + b_ih[l] * p.xs.h + b_iw[l] * p.xs.w +
+                     (b_col_live ? col_x[c] : 0));
+    }
+    int left = int(p_end - p_begin);  // positions from the next stage's first on
+
+    // Shared destinations a constant distance apart (see the pass's tap kernel); a
+    // predicated-off chunk forms its source address but cp.async reads nothing there.
+    const int a_dst = (tid / kARowChunks) * kAPitch + (tid % kARowChunks) * 16;
+    const int b_dst = (tid / kBRowChunks) * kBPitch + (tid % kBRowChunks) * 16;
+    constexpr int kADstStep = (kThreads / kARowChunks) * kAPitch;
+    constexpr int kBDstStep = (kThreads / kBRowChunks) * kBPitch;
+    auto load_stage = [&](int stage, int) {
+      unsigned char* a_stage = As[stage] + a_dst;
+      unsigned char* b_stage = Bs[stage] + b_dst;
+      JAXCONV_UNROLL
+      for (int l = 0; l < kChunksA; ++l) {
+        cp_async_16(a_stage + l * kADstStep, dy + a_off[l], a_row[l] < left);
+        a_off[l] += y_step;
+      }
+      JAXCONV_UNROLL
+      for (int l = 0; l < kChunksB; ++l) {
+        const bool live = b_row[l] < left && unsigned(b_ih[l]) < unsigned(x_h) &&
+                          unsigned(b_iw[l]) < unsigned(x_w);
+        cp_async_16(b_stage + l * kBDstStep, x + b_off[l], live);
+        b_iw[l] += d_iw;
+        b_ih[l] += d_ih;
+        b_off[l] += x_step;
+        if (b_iw[l] >= iw_wrap) {
+          b_iw[l] -= ow_count * s_w;
+          b_ih[l] += s_h;
+          b_off[l] += x_carry_w;
+        }
+        if (b_ih[l] >= ih_wrap) {
+          b_ih[l] -= oh_count * s_h;
+          b_off[l] += x_carry_h;
+        }
+      }
+      left -= BK;
+    };
+
+    float acc[MI][NI][4];
+    mma_mainloop<kKind, Cfg, MmaOperands<true, kAPitch, true, kBPitch>>(
+        acc, int((p_end - p_begin + BK - 1) / BK), load_stage, As[0], Bs[0], warp_m0, warp_n0,
+        lane);
+
+    // Epilogue: accumulator q of tile (i, j) is D[g + 8 * (q / 2)][2t + q % 2] (lane = 4g + t).
+    float* part = p.splits > 1 ? partial + split * p.dw_elems : nullptr;
+    const int grp = lane / 4, t4 = lane % 4;
+    JAXCONV_UNROLL
+    for (int i = 0; i < MI; ++i)
+      JAXCONV_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int64_t o = m0 + warp_m0 + i * 16 + grp + 8 * h;
+        if (o >= p.Og) continue;
+        JAXCONV_UNROLL
+        for (int j = 0; j < NI; ++j)
+          JAXCONV_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int cc = warp_n0 + j * 8 + 2 * t4 + e;
+            if (col_x[cc] < 0) continue;
+            const int off = int((g * p.Og + o) * p.ws.n) + col_w[cc];
+            if (part)
+              part[off] = acc[i][j][2 * h + e];
+            else
+              dw[off] = Num<T>::store(acc[i][j][2 * h + e]);
+          }
+      }
+    __syncthreads();  // the next tile rewrites the column tables and the stage buffers
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -711,6 +1061,20 @@ MmaLoads mma_pass_loads(const PassParams& p, const T* in, const T* w) {
   return loads;
 }
 
+// Whether conv_pass_mma_tap_kernel runs the pass (with int32 offsets): NHWC, every chunk of
+// both operands one 16-byte copy, channels dense (is.c == 1) with B n-major reading ci
+// contiguously (w_ci == 1), Cin a multiple of the stage's k so that a stage stays inside one
+// tap, and fewer than 32 tap slots per axis (one mask bit each, and th = TH after the last tap
+// still shifts by less than 32).
+template <typename T>
+bool mma_pass_tap_applies(const PassParams& p, const MmaLoads& loads) {
+  const int64_t bk = kMmaRowBytes / (sizeof(T) == 2 ? 2 : 4);
+  return p.layout == kNHWC && loads.a_vector && loads.b_vector && p.is.c == 1 &&
+         (mma_b_k_major<T>(p) || p.w_ci == 1) && p.os.c == 1 && p.Cin % bk == 0 && p.TH < 32 &&
+         p.TW < 32 &&
+         p.K / bk < (int64_t(1) << 31);
+}
+
 // bwd_filter: which chunks may be copied as 16 bytes (every chunk's kVec elements consecutive
 // in memory and its first element's offset a multiple of kVec, with 16-byte-aligned buffers).
 template <typename T>
@@ -735,6 +1099,14 @@ MmaLoads mma_filter_loads(const FilterParams& p, const T* x, const T* dy) {
   return loads;
 }
 
+// Whether conv_filter_mma_pos_kernel runs bwd_filter (with int32 offsets): NHWC, every chunk
+// of both operands one 16-byte copy, and dy dense along positions (its offset is then linear in
+// the position index).
+inline bool mma_filter_pos_applies(const FilterParams& p, const MmaLoads& loads) {
+  return p.layout == kNHWC && loads.a_vector && loads.b_vector && p.ys.h == p.OW * p.ys.w &&
+         p.ys.n == p.OH * p.ys.h;
+}
+
 // Launches conv_filter_mma_kernel over p's plan (plan_filter with this tile) into dw, or into
 // the float32 partial sums when p.splits > 1 (the caller then adds them); index32 as for the
 // pass.
@@ -742,6 +1114,9 @@ template <typename T, typename Cfg>
 cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T* dw,
                               float* partial, bool index32, cudaStream_t stream) {
   const MmaLoads loads = mma_filter_loads(p, x, dy);
+  if (index32 && mma_filter_pos_applies(p, loads))
+    return launch(conv_filter_mma_pos_kernel<T, Cfg>, dim3(grid_blocks(p.tiles)),
+                  dim3(Cfg::kThreads), stream, p, x, dy, dw, partial);
   void (*kernel)(FilterParams, MmaLoads, const T*, const T*, T*, float*);
   if (p.layout == kNHWC)
     kernel = index32 ? conv_filter_mma_kernel<T, Cfg, kNHWC, int32_t>
@@ -769,6 +1144,16 @@ cudaError_t launch_pass_mma(PassParams p, const T* in, const T* w, const T* bias
   p.tiles = p.phases_h * p.phases_w * p.G * p.n_tiles * p.m_tiles;
   if (p.tiles == 0) return cudaSuccess;
   const MmaLoads loads = mma_pass_loads(p, in, w);
+  if (index32 && mma_pass_tap_applies<T>(p, loads)) {
+    void (*tap_kernel)(PassParams, const T*, const T*, const T*, T*);
+    if constexpr (sizeof(T) == 2)
+      tap_kernel = mma_b_k_major<T>(p) ? conv_pass_mma_tap_kernel<T, Cfg, true>
+                                       : conv_pass_mma_tap_kernel<T, Cfg, false>;
+    else
+      tap_kernel = conv_pass_mma_tap_kernel<T, Cfg, false>;
+    return launch(tap_kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, in, w,
+                  bias, out);
+  }
   void (*kernel)(PassParams, MmaLoads, const T*, const T*, const T*, T*);
   if (p.layout == kNHWC) {
     if constexpr (sizeof(T) == 2)

@@ -6,8 +6,8 @@
 //   - with nvcc, for the real module (conv2d.cu, max_pool2d.cu include them);
 //   - with a host C++ compiler under JAXCONV_CUDA_EMULATION, where tests/cuda_emulation/emulate.h
 //     has already defined dim3, threadIdx/blockIdx, __syncthreads and `launch` (blocks run one
-//     after another, the threads of a block as real threads). tests/test_cuda_build.py runs the
-//     kernels that way against the oracles on machines without a GPU.
+//     after another, the threads of a block as real threads). tests/emulation.py builds them
+//     so, and the test files run the kernels against the oracles on machines without a GPU.
 // Kernels therefore use only: __global__/__device__/__forceinline__, __shared__ arrays of fixed
 // size, __syncthreads, threadIdx.x/blockIdx.x/gridDim.x, and the warp-level operations defined
 // at the end of this file (mma.sync, ldmatrix, cp.async, shuffles): inline PTX on the device,

@@ -142,6 +142,50 @@ int emu_pass_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* 
   return kind;
 }
 
+// Whether forward (which = 0) or bwd_data (1) of this geometry on tensor cores runs the
+// precomputed-iterator kernel (conv_pass_mma_tap_kernel; mma_pass_tap_applies with 16-byte
+// aligned buffers and int32 offsets): 1 yes, 0 no (conv_pass_mma_kernel), -1 invalid.
+int emu_mma_pass_tap(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
+                     const int64_t* attrs) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return -1;
+  const PassParams pp = which == 0 ? forward_pass(g) : bwd_data_pass(g);
+  return dispatch(dtype, [&](auto zero) -> int {
+    using T = decltype(zero);
+    if constexpr (sizeof(T) > 4) {
+      return 0;
+    } else {
+      const MmaLoads loads = mma_pass_loads<T>(pp, nullptr, nullptr);  // null: 16-byte aligned
+      return int(mma_index32(pp) && mma_pass_tap_applies<T>(pp, loads));
+    }
+  });
+}
+
+// Whether bwd_filter of this geometry on a tensor-core tile runs the precomputed-iterator
+// kernel (conv_filter_mma_pos_kernel; mma_filter_pos_applies with 16-byte aligned buffers and
+// int32 offsets): 1 yes, 0 no (conv_filter_mma_kernel), -1 invalid.
+int emu_mma_filter_pos(int dtype, const int64_t* x_dims, const int64_t* w_dims,
+                       const int64_t* attrs) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return -1;
+  const FilterParams fp = filter_params(g);
+  return dispatch(dtype, [&](auto zero) -> int {
+    using T = decltype(zero);
+    if constexpr (sizeof(T) > 4) {
+      return 0;
+    } else {
+      const MmaLoads loads = mma_filter_loads<T>(fp, nullptr, nullptr);  // null: aligned
+      return int(mma_index32(fp) && mma_filter_pos_applies(fp, loads));
+    }
+  });
+}
+
 // Whether the tensor-core kernel of direction `which` (0 forward, 1 bwd_data, 2 bwd_filter)
 // would form int32 offsets (mma_index32): 1 yes, 0 no (int64), -1 for an invalid geometry.
 // Needs only the shapes, so sizes past 2^31 elements can be asked about.
