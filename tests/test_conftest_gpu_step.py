@@ -28,6 +28,7 @@ def test_host_only():
 '''
 
 
+@pytest.mark.slow("runs a child pytest session under xdist")
 def test_device_only_selection_and_progress_lines(tmp_path):
     shutil.copy(TESTS_DIR / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_sample.py").write_text(SAMPLE)

@@ -21,6 +21,8 @@ from emulation import (DTYPE_CODES, MMA_DTYPES, MMA_LARGE, MMA_SMALL, as_dtype, 
                        conv_case, emu_conv, grid_values, hwio, nhwc, vec)
 from reference import assert_close, ref_conv2d
 
+pytestmark = pytest.mark.slow("runs the tensor-core kernels under the host emulation")
+
 TAP_CASES = {
     # forward 16-bit: B k-major (HWIO); bwd_data: B n-major; padding on both sides of both axes.
     "tap_c32_o32_3x3": conv_case(2, 32, 6, 7, 32, 3, pads=1),

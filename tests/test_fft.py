@@ -135,6 +135,7 @@ def test_auto_takes_the_fft_for_the_kernel_paths_case(backend):
                              20, layout).startswith("fft "), (layout, d)
 
 
+@pytest.mark.slow("a child process on the baseline kernel table compiles every case anew")
 def test_baseline_table_without_avx2(backend):
     """JAXCONV_CPU_CAPABILITY=baseline: the baseline build of fft.cc (two SSE registers per vector)
     meets the same bounds, whole plane (NCHW) and overlap-save (NHWC)."""
@@ -321,6 +322,7 @@ def depthwise_configs(draw):
 
 @settings(max_examples=6, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.slow("hypothesis: several random shapes, each compiled")
 @given(cfg=depthwise_configs())
 def test_forced_fft_on_random_shapes(backend, monkeypatch, cfg):
     n, c, h, w_, k, pad, dil, layout = cfg

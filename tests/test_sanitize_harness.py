@@ -25,6 +25,8 @@ from jax import lax
 
 from reference import pool_out_size
 
+pytestmark = pytest.mark.slow("builds the sanitizer harness for the emulation with AddressSanitizer")
+
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "benchmarks" / "sanitize_harness.cu"
 UNITS = ROOT / "ffi" / "cuda" / "kernel_units.cu"

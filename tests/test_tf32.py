@@ -100,6 +100,7 @@ def test_tf32_within_bound(backend, name, layout):
 
 
 # ---- the same bound on the emulated tensor-core kernels (tests/cuda_emulation) ----------------
+@pytest.mark.slow("builds the host emulation of the CUDA kernels")
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("name", ["mma_c16_o24_3x3", "mma_groups_dilated",
                                   "mma_filter_wide_groups"])
