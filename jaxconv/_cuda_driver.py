@@ -129,7 +129,8 @@ def architecture_mismatch(capabilities: list[tuple[int, int]], sass: list[str],
                           ptx: list[str]) -> str | None:
     """The warning text when some of the GPUs (their compute capabilities, in device order)
     cannot run a module holding `sass` and `ptx`; None when all can (or there are none)."""
-    unable = [(i, tuple(c)) for i, c in enumerate(capabilities) if not runs_on(tuple(c), sass, ptx)]
+    unable = [(i, (c[0], c[1])) for i, c in enumerate(capabilities)
+              if not runs_on((c[0], c[1]), sass, ptx)]
     if not unable:
         return None
     built = architecture_spec(sass, ptx) or "nothing"
@@ -169,7 +170,7 @@ def _jax_cuda_plugin_installed() -> bool:
     return False
 
 
-def warn_if_gpu_unsupported(cuda_module) -> str | None:
+def warn_if_gpu_unsupported(cuda_module: Any) -> str | None:
     """Warns (once per process) when a visible GPU cannot run `cuda_module`'s code; returns the
     message, or None. Asks the CUDA runtime for the GPUs (device_capabilities(): it initializes
     the driver, cuInit, but creates no context), only where JAX's CUDA plugin is installed (so

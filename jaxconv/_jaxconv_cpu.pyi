@@ -8,3 +8,9 @@ def conv_algorithm(
     direction: str, float64: bool, x: list[int], w: list[int], attrs: list[int]
 ) -> str:
     """The CPU algorithm (direct, winograd2/4, "fft PxQ/THxTW") one conv call would take."""
+
+def cpu_capability() -> str:
+    """The instruction-set capability whose kernels run: "baseline", "avx2" or "avx512"."""
+
+def cpu_capabilities() -> list[str]:
+    """Every capability this CPU and build can run, lowest first."""

@@ -9,3 +9,9 @@ def runtime_version() -> int:
 
 def driver_version() -> int:
     """The newest CUDA version the installed driver supports; 0 without a driver."""
+
+def cuda_architectures() -> dict[str, list[str]]:
+    """The architectures the module holds code for: {"sass": [...], "ptx": [...]}."""
+
+def device_capabilities() -> list[tuple[int, int]]:
+    """Each visible GPU's compute capability (major, minor), in device order."""

@@ -471,7 +471,7 @@ def plot(doc: dict, path: str) -> Any:
     return fig
 
 
-def write_json(doc: dict, path: str | None):
+def write_json(doc: dict[str, Any], path: str | None) -> None:
     """Writes doc to path as a whole new file (a temporary beside it, then renamed over it), so
     that whoever reads path, at any moment and even after this process is killed, finds the
     previous complete document or the new one, never half of one."""

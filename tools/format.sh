@@ -14,7 +14,7 @@ check=0
 # The C++ and CUDA files under version control (build trees and virtualenvs are not).
 cxx_files() {
   git ls-files -- 'ffi/*.h' 'ffi/*.cc' 'ffi/*.cu' 'ffi/*.cuh' \
-    'tests/cuda_emulation/*.h' 'tests/cuda_emulation/*.cc' 'benchmarks/*.cc'
+    'tests/cuda_emulation/*.h' 'tests/cuda_emulation/*.cc' 'benchmarks/*.cc' 'benchmarks/*.cu'
 }
 
 if [ "$check" = 1 ]; then
