@@ -9,6 +9,7 @@ because the sanitizers slow kernels down 10-100x.
 Usage: python benchmarks/sanitize_all.py [--device gpu|cpu] [--dtypes float32,bfloat16]
 (cpu: a dry run of the same calls; --dtypes: a subset, for the slower racecheck)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,13 @@ CONVS = [
     ("stride3_phases", 1, 4, 10, 10, 4, 3, 3, 0, 1, 1),
     ("split_bwd_filter", 4, 3, 32, 32, 5, 3, 1, 1, 1, 1),
 ]
-DTYPES = [("float32", None), ("float32", "highest"), ("bfloat16", None), ("float16", None),
-          ("float64", None)]
+DTYPES = [
+    ("float32", None),
+    ("float32", "highest"),
+    ("bfloat16", None),
+    ("float16", None),
+    ("float64", None),
+]
 
 
 def conv_case(name, n, c, h, w, o, kernel, stride, padding, dilation, groups, layout, dtype):
@@ -75,8 +81,9 @@ def pool_values_case(layout, dtype):
     for c in (8, 5):
         xs = (2, c, 9, 11) if layout == "NCHW" else (2, 9, 11, c)
         x = jnp.asarray(rng.standard_normal(xs), dtype)
-        fn = jax.jit(lambda x: jaxconv.max_pool2d(x, 3, stride=2, padding=1, ceil_mode=True,
-                                                  layout=layout))
+        fn = jax.jit(
+            lambda x: jaxconv.max_pool2d(x, 3, stride=2, padding=1, ceil_mode=True, layout=layout)
+        )
         cases.append((fn, (x,)))
     return cases
 
@@ -84,8 +91,11 @@ def pool_values_case(layout, dtype):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="gpu", choices=("gpu", "cpu"))
-    parser.add_argument("--dtypes", default=",".join(sorted({d for d, _ in DTYPES})),
-                        help="comma list of dtypes to run (default: all)")
+    parser.add_argument(
+        "--dtypes",
+        default=",".join(sorted({d for d, _ in DTYPES})),
+        help="comma list of dtypes to run (default: all)",
+    )
     args = parser.parse_args(argv)
     wanted = set(args.dtypes.split(","))
     device = jax.devices(args.device)[0]
@@ -106,8 +116,10 @@ def main(argv=None) -> int:
                         y = jax.block_until_ready(fn(*operands))
                         assert bool(jnp.all(jnp.isfinite(y))), "values-only pool"
                         calls += 1
-    print(f"sanitize_all: {calls} calls on {device.device_kind} "
-          f"({device.platform}), every result finite")
+    print(
+        f"sanitize_all: {calls} calls on {device.device_kind} "
+        f"({device.platform}), every result finite"
+    )
     return 0
 
 

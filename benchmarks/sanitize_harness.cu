@@ -171,8 +171,8 @@ template <typename T>
 void run_conv(const ConvCase& k, int64_t layout, bool tf32, const char* dtype, bool mma,
               bool list) {
   const char* lname = layout == kNHWC ? "NHWC" : "NCHW";
-  ConvParams p{k.stride_h, k.stride_w, k.dil_h, k.dil_w, k.pad_h, k.pad_h, k.pad_w, k.pad_w,
-               k.groups, layout, tf32 ? 1 : 0};
+  ConvParams p{k.stride_h, k.stride_w, k.dil_h,  k.dil_w, k.pad_h,     k.pad_h,
+               k.pad_w,    k.pad_w,    k.groups, layout,  tf32 ? 1 : 0};
   ConvGeometry g;
   if (const char* e = make_conv_geometry(p, Dims4{k.n, k.c, k.h, k.w},
                                          Dims4{k.o, k.c / k.groups, k.kh, k.kw}, &g)) {
@@ -216,8 +216,8 @@ void run_conv(const ConvCase& k, int64_t layout, bool tf32, const char* dtype, b
 template <typename T>
 void run_pool(const PoolCase& k, int64_t layout, const char* dtype, bool list) {
   const char* lname = layout == kNHWC ? "NHWC" : "NCHW";
-  PoolParams p{k.kh, k.kw, k.stride, k.stride, k.dil, k.dil, k.pad, k.pad, k.pad, k.pad,
-               k.ceil_mode, layout};
+  PoolParams p{k.kh,  k.kw,  k.stride, k.stride, k.dil,       k.dil,
+               k.pad, k.pad, k.pad,    k.pad,    k.ceil_mode, layout};
   PoolGeometry g;
   if (const char* e = make_pool_geometry(p, Dims4{k.n, k.c, k.h, k.w}, &g)) {
     std::printf("FAILED %s: bad geometry: %s\n", k.name, e);
@@ -279,11 +279,16 @@ int main(int argc, char** argv) {
   }
   const bool mma = device_has_tensor_cores();
   for (const std::string& d : o.dtypes) {
-    if (d == "f32") run_dtype<float>(o, "f32", false, mma);
-    else if (d == "tf32") run_dtype<float>(o, "tf32", true, mma);
-    else if (d == "f64") run_dtype<double>(o, "f64", false, mma);
-    else if (d == "f16") run_dtype<__half>(o, "f16", false, mma);
-    else if (d == "bf16") run_dtype<__nv_bfloat16>(o, "bf16", false, mma);
+    if (d == "f32")
+      run_dtype<float>(o, "f32", false, mma);
+    else if (d == "tf32")
+      run_dtype<float>(o, "tf32", true, mma);
+    else if (d == "f64")
+      run_dtype<double>(o, "f64", false, mma);
+    else if (d == "f16")
+      run_dtype<__half>(o, "f16", false, mma);
+    else if (d == "bf16")
+      run_dtype<__nv_bfloat16>(o, "bf16", false, mma);
     else {
       std::fprintf(stderr, "unknown dtype %s\n", d.c_str());
       return 2;

@@ -21,9 +21,9 @@ inline ffi::Error invalid(const std::string& target, const std::string& msg) {
   return ffi::Error::InvalidArgument(target + ": " + msg);
 }
 
-#define JAXCONV_RETURN_IF_ERROR(expr)             \
-  do {                                            \
-    ffi::Error jaxconv_err_ = (expr);             \
+#define JAXCONV_RETURN_IF_ERROR(expr)                \
+  do {                                               \
+    ffi::Error jaxconv_err_ = (expr);                \
     if (jaxconv_err_.failure()) return jaxconv_err_; \
   } while (0)
 
@@ -37,7 +37,7 @@ inline ffi::Error invalid(const std::string& target, const std::string& msg) {
 template <typename Params>
 struct IntAttr {
   const char* name;
-  int64_t Params::*member;
+  int64_t Params::* member;
   bool required = true;
   int64_t fallback = 0;
 };
@@ -64,11 +64,16 @@ ffi::Error read_int_attrs(const ffi::Dictionary& attrs, const IntAttr<Params> (&
 // always computes in full float32. It is optional so that a caller that predates it gets full
 // float32.
 inline constexpr IntAttr<ConvParams> kConvAttrs[] = {
-    {"stride_h", &ConvParams::stride_h},     {"stride_w", &ConvParams::stride_w},
-    {"dilation_h", &ConvParams::dilation_h}, {"dilation_w", &ConvParams::dilation_w},
-    {"pad_top", &ConvParams::pad_top},       {"pad_bottom", &ConvParams::pad_bottom},
-    {"pad_left", &ConvParams::pad_left},     {"pad_right", &ConvParams::pad_right},
-    {"groups", &ConvParams::groups},         {"layout", &ConvParams::layout},
+    {"stride_h", &ConvParams::stride_h},
+    {"stride_w", &ConvParams::stride_w},
+    {"dilation_h", &ConvParams::dilation_h},
+    {"dilation_w", &ConvParams::dilation_w},
+    {"pad_top", &ConvParams::pad_top},
+    {"pad_bottom", &ConvParams::pad_bottom},
+    {"pad_left", &ConvParams::pad_left},
+    {"pad_right", &ConvParams::pad_right},
+    {"groups", &ConvParams::groups},
+    {"layout", &ConvParams::layout},
     {"allow_tf32", &ConvParams::allow_tf32, false, 0},
 };
 
@@ -101,8 +106,8 @@ inline ffi::Error rank4(const ffi::AnyBuffer& b, const char* what, const char* t
                         const int64_t** dims) {
   auto d = b.dimensions();
   if (d.size() != 4)
-    return invalid(target, std::string(what) + " must have rank 4, got rank " +
-                               std::to_string(d.size()));
+    return invalid(target,
+                   std::string(what) + " must have rank 4, got rank " + std::to_string(d.size()));
   *dims = d.begin();
   return ffi::Error::Success();
 }
@@ -115,7 +120,8 @@ inline std::string dims_str(Dims4 d) {
 // Float buffers of one call must share one supported dtype.
 inline ffi::Error same_float_type(const char* target, ffi::DataType t,
                                   std::initializer_list<ffi::DataType> others) {
-  if (!is_float_type(t)) return invalid(target, "dtype must be float32, float64, float16 or bfloat16");
+  if (!is_float_type(t))
+    return invalid(target, "dtype must be float32, float64, float16 or bfloat16");
   for (auto o : others)
     if (o != t) return invalid(target, "all floating-point operands must share one dtype");
   return ffi::Error::Success();
@@ -148,12 +154,12 @@ inline ffi::Error conv_geometry(const ConvParams& p, const ffi::AnyBuffer& x,
   JAXCONV_RETURN_IF_ERROR(rank4(x, "input", target, &xd));
   JAXCONV_RETURN_IF_ERROR(rank4(w, "weights", target, &wd));
   JAXCONV_RETURN_IF_ERROR(rank4(y, "output", target, &yd));
-  JAXCONV_RETURN_IF_ERROR(same_float_type(target, x.element_type(),
-                                          {w.element_type(), y.element_type()}));
+  JAXCONV_RETURN_IF_ERROR(
+      same_float_type(target, x.element_type(), {w.element_type(), y.element_type()}));
   Dims4 xs = activation_dims(p.layout, xd), ws = weight_dims(p.layout, wd);
   if (const char* err = make_conv_geometry(p, xs, ws, g)) {
-    return invalid(target, std::string(err) + " (input " + dims_str(xs) + ", weights " +
-                               dims_str(ws) + ")");
+    return invalid(
+        target, std::string(err) + " (input " + dims_str(xs) + ", weights " + dims_str(ws) + ")");
   }
   Dims4 expect{g->N, g->O, g->OH, g->OW}, got = activation_dims(p.layout, yd);
   if (!same_dims(expect, got))
@@ -177,8 +183,8 @@ inline ffi::Error decode_conv_call(const ffi::Dictionary& attrs, const ffi::AnyB
 enum class ConvBias { kForward, kBwdData };
 inline ffi::Error decode_conv_call(const ffi::Dictionary& attrs, const ffi::AnyBuffer& x,
                                    const ffi::AnyBuffer& w, const ffi::AnyBuffer& y,
-                                   const ffi::AnyBuffer& bias, ConvBias which,
-                                   const char* target, ConvGeometry* g) {
+                                   const ffi::AnyBuffer& bias, ConvBias which, const char* target,
+                                   ConvGeometry* g) {
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, y, target, g));
   return which == ConvBias::kForward ? check_bias(bias, g->O, x.element_type(), target)
                                      : check_bias(bias, g->C, y.element_type(), target);
@@ -223,8 +229,7 @@ inline ffi::Error decode_pool_call(const ffi::Dictionary& attrs, const ffi::AnyB
 
 // The values-only forward: (x, y), no indices.
 inline ffi::Error decode_pool_call(const ffi::Dictionary& attrs, const ffi::AnyBuffer& x,
-                                   const ffi::AnyBuffer& y, const char* target,
-                                   PoolGeometry* g) {
+                                   const ffi::AnyBuffer& y, const char* target, PoolGeometry* g) {
   PoolParams p;
   JAXCONV_RETURN_IF_ERROR(read_pool_params(attrs, &p, target));
   return pool_geometry(p, x, y, nullptr, target, g);

@@ -101,9 +101,9 @@ struct ConvParams {
 // Pads may be negative internally (a transposed conv with output_padding crops the bottom/right);
 // Python rejects negative user padding before it gets here.
 struct ConvGeometry {
-  int64_t N, C, H, W;     // input
-  int64_t O, KH, KW;      // weights (input channels per group = C / groups)
-  int64_t OH, OW;         // output
+  int64_t N, C, H, W;  // input
+  int64_t O, KH, KW;   // weights (input channels per group = C / groups)
+  int64_t OH, OW;      // output
   ConvParams p;
 
   JAXCONV_HD int64_t groups() const { return p.groups; }
@@ -146,10 +146,9 @@ JAXCONV_HD bool attr_in_range(int64_t v) { return v >= -kMaxAttr && v <= kMaxAtt
 
 JAXCONV_HD const char* check_conv_params(const ConvParams& p) {
   if (!valid_layout(p.layout)) return "layout must be 0 (NCHW) or 1 (NHWC)";
-  if (!attr_in_range(p.stride_h) || !attr_in_range(p.stride_w) ||
-      !attr_in_range(p.dilation_h) || !attr_in_range(p.dilation_w) ||
-      !attr_in_range(p.pad_top) || !attr_in_range(p.pad_bottom) || !attr_in_range(p.pad_left) ||
-      !attr_in_range(p.pad_right) || !attr_in_range(p.groups))
+  if (!attr_in_range(p.stride_h) || !attr_in_range(p.stride_w) || !attr_in_range(p.dilation_h) ||
+      !attr_in_range(p.dilation_w) || !attr_in_range(p.pad_top) || !attr_in_range(p.pad_bottom) ||
+      !attr_in_range(p.pad_left) || !attr_in_range(p.pad_right) || !attr_in_range(p.groups))
     return "integer attributes must fit in int32";
   if (p.stride_h < 1 || p.stride_w < 1) return "stride must be >= 1";
   if (p.dilation_h < 1 || p.dilation_w < 1) return "dilation must be >= 1";
@@ -160,16 +159,20 @@ JAXCONV_HD const char* check_conv_params(const ConvParams& p) {
 
 // Builds the geometry from the logical dims of x (N, C, H, W) and w (O, I, KH, KW) and checks
 // that everything agrees; the output size is computed here, never trusted from the caller.
-JAXCONV_HD const char* make_conv_geometry(const ConvParams& p, Dims4 x, Dims4 w,
-                                          ConvGeometry* g) {
+JAXCONV_HD const char* make_conv_geometry(const ConvParams& p, Dims4 x, Dims4 w, ConvGeometry* g) {
   if (const char* err = check_conv_params(p)) return err;
   if (x.n < 0 || x.c < 1 || x.h < 1 || x.w < 1) return "input has an empty channel or spatial dim";
   if (w.n < 1 || w.c < 1 || w.h < 1 || w.w < 1) return "weights have an empty dimension";
   if (x.c % p.groups != 0) return "input channels are not divisible by groups";
   if (w.n % p.groups != 0) return "output channels are not divisible by groups";
   if (w.c * p.groups != x.c) return "weight input channels * groups != input channels";
-  g->N = x.n; g->C = x.c; g->H = x.h; g->W = x.w;
-  g->O = w.n; g->KH = w.h; g->KW = w.w;
+  g->N = x.n;
+  g->C = x.c;
+  g->H = x.h;
+  g->W = x.w;
+  g->O = w.n;
+  g->KH = w.h;
+  g->KW = w.w;
   g->p = p;
   g->OH = conv_out_size(x.h, w.h, p.stride_h, p.dilation_h, p.pad_top, p.pad_bottom);
   g->OW = conv_out_size(x.w, w.w, p.stride_w, p.dilation_w, p.pad_left, p.pad_right);
@@ -199,9 +202,9 @@ struct PoolGeometry {
 JAXCONV_HD const char* make_pool_geometry(const PoolParams& p, Dims4 x, PoolGeometry* g) {
   if (!valid_layout(p.layout)) return "layout must be 0 (NCHW) or 1 (NHWC)";
   if (!attr_in_range(p.kernel_h) || !attr_in_range(p.kernel_w) || !attr_in_range(p.stride_h) ||
-      !attr_in_range(p.stride_w) || !attr_in_range(p.dilation_h) ||
-      !attr_in_range(p.dilation_w) || !attr_in_range(p.pad_top) ||
-      !attr_in_range(p.pad_bottom) || !attr_in_range(p.pad_left) || !attr_in_range(p.pad_right))
+      !attr_in_range(p.stride_w) || !attr_in_range(p.dilation_h) || !attr_in_range(p.dilation_w) ||
+      !attr_in_range(p.pad_top) || !attr_in_range(p.pad_bottom) || !attr_in_range(p.pad_left) ||
+      !attr_in_range(p.pad_right))
     return "integer attributes must fit in int32";
   if (p.kernel_h < 1 || p.kernel_w < 1) return "kernel_size must be >= 1";
   if (p.stride_h < 1 || p.stride_w < 1) return "stride must be >= 1";
@@ -212,7 +215,10 @@ JAXCONV_HD const char* make_pool_geometry(const PoolParams& p, Dims4 x, PoolGeom
   // Indices are int32 flat offsets h * W + w into the input plane.
   if (x.h > kMaxAttr || x.w > kMaxAttr || x.h * x.w > kMaxAttr)
     return "input plane has more than 2^31 - 1 cells (int32 indices)";
-  g->N = x.n; g->C = x.c; g->H = x.h; g->W = x.w;
+  g->N = x.n;
+  g->C = x.c;
+  g->H = x.h;
+  g->W = x.w;
   g->p = p;
   g->OH = pool_out_size(x.h, p.kernel_h, p.stride_h, p.dilation_h, p.pad_top, p.pad_bottom,
                         p.ceil_mode != 0);
@@ -258,7 +264,10 @@ JAXCONV_HD int64_t inverse_mod(int64_t a, int64_t m) {
   int64_t r0 = m, r1 = a, t0 = 0, t1 = 1;
   while (r1 != 0) {
     int64_t q = r0 / r1, r2 = r0 - q * r1, t2 = t0 - q * t1;
-    r0 = r1; r1 = r2; t0 = t1; t1 = t2;
+    r0 = r1;
+    r1 = r2;
+    t0 = t1;
+    t1 = t2;
   }
   return floor_mod(t0, m);
 }
@@ -295,8 +304,8 @@ JAXCONV_HD PhaseTaps phase_taps(int64_t rho, int64_t stride, int64_t pad_lo, int
 struct OutputRange {
   int64_t lo, hi;  // [lo, hi), empty when hi <= lo
 };
-JAXCONV_HD OutputRange covering_outputs(int64_t i, int64_t stride, int64_t pad_lo,
-                                        int64_t dilation, int64_t k, int64_t out) {
+JAXCONV_HD OutputRange covering_outputs(int64_t i, int64_t stride, int64_t pad_lo, int64_t dilation,
+                                        int64_t k, int64_t out) {
   int64_t lo = ceil_div(i + pad_lo - (k - 1) * dilation, stride);
   int64_t hi = floor_div(i + pad_lo, stride) + 1;
   if (lo < 0) lo = 0;

@@ -57,15 +57,19 @@ std::string conv_algorithm(const std::string& direction, bool float64,
   if (x.size() != 4 || w.size() != 4 || attrs.size() != 10)
     throw std::invalid_argument("conv_algorithm: x and w need 4 dims, attrs 10 values");
   ConvDirection dir;
-  if (direction == "fwd") dir = ConvDirection::kForward;
-  else if (direction == "bwd_data") dir = ConvDirection::kBackwardData;
-  else if (direction == "bwd_filter") dir = ConvDirection::kBackwardFilter;
-  else throw std::invalid_argument("conv_algorithm: direction must be fwd, bwd_data or bwd_filter");
-  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4], attrs[5], attrs[6], attrs[7],
-               attrs[8], attrs[9], 0};
+  if (direction == "fwd")
+    dir = ConvDirection::kForward;
+  else if (direction == "bwd_data")
+    dir = ConvDirection::kBackwardData;
+  else if (direction == "bwd_filter")
+    dir = ConvDirection::kBackwardFilter;
+  else
+    throw std::invalid_argument("conv_algorithm: direction must be fwd, bwd_data or bwd_filter");
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4], attrs[5],
+               attrs[6], attrs[7], attrs[8], attrs[9], 0};
   ConvGeometry g;
-  if (const char* err = make_conv_geometry(p, {x[0], x[1], x[2], x[3]}, {w[0], w[1], w[2], w[3]},
-                                           &g))
+  if (const char* err =
+          make_conv_geometry(p, {x[0], x[1], x[2], x[3]}, {w[0], w[1], w[2], w[3]}, &g))
     throw std::invalid_argument(std::string("conv_algorithm: ") + err);
   if (conv_algo() == ConvAlgo::kInvalid)
     throw std::invalid_argument("conv_algorithm: JAXCONV_CPU_CONV_ALGO has an unknown value");
@@ -83,8 +87,8 @@ NB_MODULE(_jaxconv_cpu, m) {
     for (const Target& t : kTargets) d[t.name] = handler_capsule(t.handler);
     return d;
   });
-  m.def("conv_algorithm", &conv_algorithm, nb::arg("direction"), nb::arg("float64"),
-        nb::arg("x"), nb::arg("w"), nb::arg("attrs"));
+  m.def("conv_algorithm", &conv_algorithm, nb::arg("direction"), nb::arg("float64"), nb::arg("x"),
+        nb::arg("w"), nb::arg("attrs"));
   // The instruction-set capability whose kernels run (kernel_table.h): "baseline", "avx2" or
   // "avx512". Raises ValueError when JAXCONV_CPU_CAPABILITY is not a capability this CPU has.
   m.def("cpu_capability", []() -> std::string {

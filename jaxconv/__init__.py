@@ -8,6 +8,7 @@ and ``jax.export`` (:func:`export_safety_checks`). :mod:`jaxconv.nn` holds Flax 
 Flax's own names in :mod:`jaxconv.nn.linen` and :mod:`jaxconv.nn.nnx`. Importing jaxconv
 registers its kernels with XLA.
 """
+
 from . import _ffi  # noqa: F401  (registers the FFI targets on import)
 from ._ffi import export_safety_checks
 from .conv import conv2d, conv_transpose2d

@@ -7,6 +7,7 @@ frozen record, or a ValueError / TypeError that names the argument and the offen
 The helpers above them (`pair`, `padding`, `flag`, ...) are the argument forms those four share
 with jaxconv.nn.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ PrecisionLike = None | str | lax.Precision | Sequence[str | lax.Precision]
 class Layout(enum.IntEnum):
     """Where the channels sit in an activation. The values are the `layout` FFI attribute and
     match C++'s `enum Layout` in ffi/geometry.h (kNCHW = 0, kNHWC = 1)."""
+
     NCHW = 0
     NHWC = 1
 
@@ -94,8 +96,15 @@ def pair(value: Any, name: str, *, minimum: int | None = 1) -> tuple[int, int]:
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def padding_pairs(value: Any, name: str, *, in_hw: Sequence[int], kernel_eff: Sequence[int],
-            stride: Sequence[int], allow_string: bool = True) -> Padding:
+def padding_pairs(
+    value: Any,
+    name: str,
+    *,
+    in_hw: Sequence[int],
+    kernel_eff: Sequence[int],
+    stride: Sequence[int],
+    allow_string: bool = True,
+) -> Padding:
     """Normalizes padding to ((top, bottom), (left, right)).
 
     Accepts an int, (ph, pw), ((top, bottom), (left, right)), or 'SAME'/'VALID' in any case.
@@ -117,8 +126,11 @@ def padding_pairs(value: Any, name: str, *, in_hw: Sequence[int], kernel_eff: Se
             return (same[0], same[1])
         raise ValueError(f"{name} string must be 'SAME' or 'VALID', got {value!r}")
     try:
-        if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-                isinstance(v, (list, tuple)) for v in value):
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, (list, tuple)) for v in value)
+        ):
             top_bottom = pair(value[0], name, minimum=None)
             left_right = pair(value[1], name, minimum=None)
             pads = (top_bottom, left_right)
@@ -126,8 +138,10 @@ def padding_pairs(value: Any, name: str, *, in_hw: Sequence[int], kernel_eff: Se
             ph, pw = pair(value, name, minimum=None)
             pads = ((ph, ph), (pw, pw))
     except TypeError:  # name the whole argument, not the element that failed
-        raise TypeError(f"{name} must be an int, (ph, pw), ((top, bottom), (left, right))"
-                        f"{' or SAME/VALID' if allow_string else ''}, got {value!r}") from None
+        raise TypeError(
+            f"{name} must be an int, (ph, pw), ((top, bottom), (left, right))"
+            f"{' or SAME/VALID' if allow_string else ''}, got {value!r}"
+        ) from None
     if min(min(p) for p in pads) < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return pads
@@ -140,7 +154,8 @@ def check_float(x: Any, name: str) -> np.dtype:
         raise TypeError(f"{name} must be an array, got {type(x).__name__}") from None
     if not any(dtype == d for d in FLOAT_DTYPES):
         raise TypeError(
-            f"{name} must have dtype float32, float64, float16 or bfloat16, got {dtype}")
+            f"{name} must have dtype float32, float64, float16 or bfloat16, got {dtype}"
+        )
     return dtype
 
 
@@ -196,9 +211,10 @@ def allow_tf32(precision: Any) -> int:
         try:
             levels = [_precision_level(default)]
         except ValueError:
-            raise ValueError(f"jax_default_matmul_precision must be None or one of "
-                             f"{_PRECISION_NAMES} for jaxconv's convolutions, got {default!r}"
-                             ) from None
+            raise ValueError(
+                f"jax_default_matmul_precision must be None or one of "
+                f"{_PRECISION_NAMES} for jaxconv's convolutions, got {default!r}"
+            ) from None
     elif isinstance(precision, (list, tuple)):
         if len(precision) != 2:
             raise ValueError(_precision_error(precision))
@@ -208,8 +224,16 @@ def allow_tf32(precision: Any) -> int:
     return int(all(level.value <= lax.Precision.HIGH.value for level in levels))
 
 
-_PRECISION_NAMES = ("default", "fastest", "bfloat16", "high", "tensorfloat32", "bfloat16_3x",
-                    "highest", "float32")
+_PRECISION_NAMES = (
+    "default",
+    "fastest",
+    "bfloat16",
+    "high",
+    "tensorfloat32",
+    "bfloat16_3x",
+    "highest",
+    "float32",
+)
 
 
 def _precision_level(value: Any, whole: Any = None) -> lax.Precision:
@@ -223,9 +247,11 @@ def _precision_level(value: Any, whole: Any = None) -> lax.Precision:
 
 
 def _precision_error(value: Any) -> str:
-    return (f"precision must be None, one of {_PRECISION_NAMES}, a lax.Precision, or a pair of "
-            f"them (one per operand), got {value!r} (of the dot algorithms only "
-            "lax.DotAlgorithmPreset.DEFAULT applies to jaxconv's convolutions)")
+    return (
+        f"precision must be None, one of {_PRECISION_NAMES}, a lax.Precision, or a pair of "
+        f"them (one per operand), got {value!r} (of the dot algorithms only "
+        "lax.DotAlgorithmPreset.DEFAULT applies to jaxconv's convolutions)"
+    )
 
 
 def out_size(in_size: int, k: int, stride: int, dilation: int, lo: int, hi: int) -> int:
@@ -239,6 +265,7 @@ class ConvGeometry:
     in_hw is x's spatial size, kernel_hw w's, out_hw y's. Pads may be negative here only when
     produced internally (transposed conv with output_padding crops the bottom/right).
     """
+
     layout: Layout
     in_hw: tuple[int, int]
     kernel_hw: tuple[int, int]
@@ -252,10 +279,19 @@ class ConvGeometry:
     def attrs(self) -> dict[str, int]:
         """The FFI attributes of every conv target."""
         (pt, pb), (pl, pr) = self.pads
-        return dict(stride_h=self.stride[0], stride_w=self.stride[1],
-                    dilation_h=self.dilation[0], dilation_w=self.dilation[1],
-                    pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
-                    groups=self.groups, layout=int(self.layout), allow_tf32=self.allow_tf32)
+        return dict(
+            stride_h=self.stride[0],
+            stride_w=self.stride[1],
+            dilation_h=self.dilation[0],
+            dilation_w=self.dilation[1],
+            pad_top=pt,
+            pad_bottom=pb,
+            pad_left=pl,
+            pad_right=pr,
+            groups=self.groups,
+            layout=int(self.layout),
+            allow_tf32=self.allow_tf32,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,11 +307,20 @@ class PoolGeometry:
 
     def attrs(self) -> dict[str, int]:
         (pt, pb), (pl, pr) = self.pads
-        return dict(kernel_h=self.kernel_hw[0], kernel_w=self.kernel_hw[1],
-                    stride_h=self.stride[0], stride_w=self.stride[1],
-                    dilation_h=self.dilation[0], dilation_w=self.dilation[1],
-                    pad_top=pt, pad_bottom=pb, pad_left=pl, pad_right=pr,
-                    ceil_mode=int(self.ceil_mode), layout=int(self.layout))
+        return dict(
+            kernel_h=self.kernel_hw[0],
+            kernel_w=self.kernel_hw[1],
+            stride_h=self.stride[0],
+            stride_w=self.stride[1],
+            dilation_h=self.dilation[0],
+            dilation_w=self.dilation[1],
+            pad_top=pt,
+            pad_bottom=pb,
+            pad_left=pl,
+            pad_right=pr,
+            ceil_mode=int(self.ceil_mode),
+            layout=int(self.layout),
+        )
 
 
 # Axis positions of (N, C, H, W) in an activation and of (O, I, KH, KW) in conv weights.
@@ -322,8 +367,9 @@ def weight_out_axis(layout: Layout) -> int:
 # same one first. The unbatched (3-d) form is handled by the public function before this.
 
 
-def _check_operands(x: Any, w: Any, bias: Any, *, x_what: str, w_what: str
-                    ) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+def _check_operands(
+    x: Any, w: Any, bias: Any, *, x_what: str, w_what: str
+) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
     """Ranks and dtypes of a convolution's operands -> (x shape, w shape, dtype)."""
     xs = check_rank4(x, "x", x_what)
     ws = check_rank4(w, "w", w_what)
@@ -343,8 +389,9 @@ def _check_groups(groups: Any, channels: int, channels_name: str) -> int:
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     if channels % groups:
-        raise ValueError(f"groups={groups} must divide the input channels {channels_name}="
-                         f"{channels}")
+        raise ValueError(
+            f"groups={groups} must divide the input channels {channels_name}={channels}"
+        )
     return groups
 
 
@@ -353,13 +400,27 @@ def _check_bias_shape(bias: Any, channels: int) -> None:
         raise ValueError(f"bias must have shape ({channels},), got {tuple(np.shape(bias))}")
 
 
-def conv2d_geometry(x: Any, w: Any, bias: Any, *, stride: Any, padding: Any, dilation: Any,
-                    groups: Any, layout: Any, precision: Any) -> ConvGeometry:
+def conv2d_geometry(
+    x: Any,
+    w: Any,
+    bias: Any,
+    *,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: Any,
+    layout: Any,
+    precision: Any,
+) -> ConvGeometry:
     """conv2d's arguments (x batched, 4-d) -> its ConvGeometry; raises what conv2d documents."""
     lc = layout_code(layout)
     xs, ws, _ = _check_operands(
-        x, w, bias, x_what=activation_form(lc),
-        w_what="(O, I, KH, KW)" if lc == Layout.NCHW else "(KH, KW, I, O)")
+        x,
+        w,
+        bias,
+        x_what=activation_form(lc),
+        w_what="(O, I, KH, KW)" if lc == Layout.NCHW else "(KH, KW, I, O)",
+    )
     _, c, h, wd = act_dims(xs, lc)
     o, i, kh, kw = weight_dims(ws, lc)
     groups = _check_groups(groups, c, "C")
@@ -368,7 +429,8 @@ def conv2d_geometry(x: Any, w: Any, bias: Any, *, stride: Any, padding: Any, dil
     if i * groups != c:
         raise ValueError(
             f"w has {i} input channels per group but x has C={c} channels with groups={groups} "
-            f"(expected {c // groups}; layout {lc.name}, x shape {xs}, w shape {ws})")
+            f"(expected {c // groups}; layout {lc.name}, x shape {xs}, w shape {ws})"
+        )
     if min(kh, kw) < 1:
         raise ValueError(f"w must have a non-empty kernel, got shape {ws}")
     if min(c, h, wd) < 1:
@@ -376,72 +438,116 @@ def conv2d_geometry(x: Any, w: Any, bias: Any, *, stride: Any, padding: Any, dil
     stride_hw = pair(stride, "stride")
     dilation_hw = pair(dilation, "dilation")
     keff = ((kh - 1) * dilation_hw[0] + 1, (kw - 1) * dilation_hw[1] + 1)
-    pads = padding_pairs(padding, "padding", in_hw=(h, wd), kernel_eff=keff,
-                         stride=stride_hw)
-    out_hw = (out_size(h, kh, stride_hw[0], dilation_hw[0], *pads[0]),
-              out_size(wd, kw, stride_hw[1], dilation_hw[1], *pads[1]))
+    pads = padding_pairs(padding, "padding", in_hw=(h, wd), kernel_eff=keff, stride=stride_hw)
+    out_hw = (
+        out_size(h, kh, stride_hw[0], dilation_hw[0], *pads[0]),
+        out_size(wd, kw, stride_hw[1], dilation_hw[1], *pads[1]),
+    )
     if min(out_hw) < 1:
         raise ValueError(
             f"output size would be {out_hw} for input {(h, wd)}, kernel {(kh, kw)}, stride "
             f"{stride_hw}, dilation {dilation_hw}, padding {pads}: the dilated kernel is larger "
-            "than the padded input")
-    geom = ConvGeometry(lc, (h, wd), (kh, kw), out_hw, stride_hw, dilation_hw, pads, groups,
-                        allow_tf32(precision))
+            "than the padded input"
+        )
+    geom = ConvGeometry(
+        lc, (h, wd), (kh, kw), out_hw, stride_hw, dilation_hw, pads, groups, allow_tf32(precision)
+    )
     _check_bias_shape(bias, o)
     return geom
 
 
-def conv_transpose2d_geometry(x: Any, w: Any, bias: Any, *, stride: Any, padding: Any,
-                              output_padding: Any, groups: Any, dilation: Any, layout: Any,
-                              precision: Any) -> ConvGeometry:
+def conv_transpose2d_geometry(
+    x: Any,
+    w: Any,
+    bias: Any,
+    *,
+    stride: Any,
+    padding: Any,
+    output_padding: Any,
+    groups: Any,
+    dilation: Any,
+    layout: Any,
+    precision: Any,
+) -> ConvGeometry:
     """conv_transpose2d's arguments (x batched, 4-d) -> the ConvGeometry of the convolution
     that it inverts (its in_hw is the transposed convolution's output size); raises what
     conv_transpose2d documents."""
     lc = layout_code(layout)
     xs, ws, _ = _check_operands(
-        x, w, bias, x_what=activation_form(lc, "C_in"),
-        w_what=("(C_in, C_out/groups, KH, KW)" if lc == Layout.NCHW
-                else "(KH, KW, C_out/groups, C_in)"))
+        x,
+        w,
+        bias,
+        x_what=activation_form(lc, "C_in"),
+        w_what=(
+            "(C_in, C_out/groups, KH, KW)" if lc == Layout.NCHW else "(KH, KW, C_out/groups, C_in)"
+        ),
+    )
     _, c_in, h, wd = act_dims(xs, lc)
     # In the equivalent convolution, w's "O" is our C_in and its "I" is C_out / groups.
     w_cin, cout_g, kh, kw = weight_dims(ws, lc)
     groups = _check_groups(groups, c_in, "C_in")
     if w_cin != c_in:
-        raise ValueError(f"w must have C_in={c_in} as its "
-                         f"{'first' if lc == Layout.NCHW else 'last'} dim, got shape {ws}")
+        raise ValueError(
+            f"w must have C_in={c_in} as its "
+            f"{'first' if lc == Layout.NCHW else 'last'} dim, got shape {ws}"
+        )
     if min(kh, kw, cout_g) < 1:
         raise ValueError(f"w must have non-empty dims, got shape {ws}")
     if min(c_in, h, wd) < 1:
         raise ValueError(f"x must have non-empty channel and spatial dims, got shape {xs}")
     stride_hw = pair(stride, "stride")
     dilation_hw = pair(dilation, "dilation")
-    pads = padding_pairs(padding, "padding", in_hw=(h, wd), kernel_eff=(kh, kw),
-                         stride=stride_hw, allow_string=False)
+    pads = padding_pairs(
+        padding, "padding", in_hw=(h, wd), kernel_eff=(kh, kw), stride=stride_hw, allow_string=False
+    )
     out_pad = pair(output_padding, "output_padding", minimum=0)
     if any(op >= max(s, d) for op, s, d in zip(out_pad, stride_hw, dilation_hw)):
         raise ValueError(
             f"output_padding must be smaller than stride or dilation, got output_padding="
-            f"{output_padding} with stride={stride_hw}, dilation={dilation_hw}")
+            f"{output_padding} with stride={stride_hw}, dilation={dilation_hw}"
+        )
     # PyTorch's output size: (H - 1)*stride - pad_top - pad_bottom + dilation*(KH - 1)
     # + output_padding + 1.
-    out_h, out_w = ((i - 1) * s - lo - hi + d * (k - 1) + op + 1 for i, s, (lo, hi), d, k, op in
-                    zip((h, wd), stride_hw, pads, dilation_hw, (kh, kw), out_pad))
+    out_h, out_w = (
+        (i - 1) * s - lo - hi + d * (k - 1) + op + 1
+        for i, s, (lo, hi), d, k, op in zip(
+            (h, wd), stride_hw, pads, dilation_hw, (kh, kw), out_pad
+        )
+    )
     if min(out_h, out_w) < 1:
-        raise ValueError(f"output size would be {(out_h, out_w)}: padding {pads} is too large "
-                         f"for input {(h, wd)} and kernel {(kh, kw)}")
+        raise ValueError(
+            f"output size would be {(out_h, out_w)}: padding {pads} is too large "
+            f"for input {(h, wd)} and kernel {(kh, kw)}"
+        )
     # The convolution this inverts reads an out_hw input with pads (lo, hi - output_padding):
     # (out + lo + hi - op - d*(k-1) - 1) / s + 1 = h exactly.
     (pt, pb), (pl, pr) = pads
     conv_pads = ((pt, pb - out_pad[0]), (pl, pr - out_pad[1]))
-    geom = ConvGeometry(lc, (out_h, out_w), (kh, kw), (h, wd), stride_hw, dilation_hw,
-                        conv_pads, groups, allow_tf32(precision))
+    geom = ConvGeometry(
+        lc,
+        (out_h, out_w),
+        (kh, kw),
+        (h, wd),
+        stride_hw,
+        dilation_hw,
+        conv_pads,
+        groups,
+        allow_tf32(precision),
+    )
     _check_bias_shape(bias, cout_g * groups)
     return geom
 
 
-def max_pool2d_geometry(x: Any, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
-                        ceil_mode: Any, return_indices: Any, layout: Any
-                        ) -> tuple[PoolGeometry, bool]:
+def max_pool2d_geometry(
+    x: Any,
+    kernel_size: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    ceil_mode: Any,
+    return_indices: Any,
+    layout: Any,
+) -> tuple[PoolGeometry, bool]:
     """max_pool2d's arguments (x batched, 4-d) -> (its PoolGeometry, return_indices); raises
     what max_pool2d documents."""
     lc = layout_code(layout)
@@ -461,13 +567,18 @@ def max_pool2d_geometry(x: Any, kernel_size: Any, stride: Any, padding: Any, dil
             raise ValueError(
                 f"padding must be at most half the effective kernel size, got padding="
                 f"{padding!r} with kernel_size={kernel_size!r}, dilation={dilation_hw} "
-                f"(effective kernel {keff})")
+                f"(effective kernel {keff})"
+            )
     ceil = flag(ceil_mode, "ceil_mode")
-    out_hw = (pool_out_size(h, kernel[0], stride_hw[0], dilation_hw[0], *pads[0], ceil),
-              pool_out_size(w, kernel[1], stride_hw[1], dilation_hw[1], *pads[1], ceil))
+    out_hw = (
+        pool_out_size(h, kernel[0], stride_hw[0], dilation_hw[0], *pads[0], ceil),
+        pool_out_size(w, kernel[1], stride_hw[1], dilation_hw[1], *pads[1], ceil),
+    )
     if min(out_hw) < 1:
-        raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
-                         f"{kernel}, stride={stride_hw}, dilation={dilation_hw}, padding={pads}")
+        raise ValueError(
+            f"output size would be {out_hw} for input {(h, w)} with kernel_size="
+            f"{kernel}, stride={stride_hw}, dilation={dilation_hw}, padding={pads}"
+        )
     geom = PoolGeometry(lc, (h, w), kernel, out_hw, stride_hw, dilation_hw, pads, ceil)
     return geom, flag(return_indices, "return_indices")
 
@@ -475,6 +586,7 @@ def max_pool2d_geometry(x: Any, kernel_size: Any, stride: Any, padding: Any, dil
 @dataclasses.dataclass(frozen=True)
 class UnpoolGeometry:
     """One max_unpool2d: x's logical (N, C) and spatial size, and the output's spatial size."""
+
     layout: Layout
     batch: int
     channels: int
@@ -482,8 +594,9 @@ class UnpoolGeometry:
     out_hw: tuple[int, int]
 
 
-def max_unpool2d_geometry(x: Any, indices: Any, kernel_size: Any, stride: Any, padding: Any,
-                          output_size: Any, layout: Any) -> UnpoolGeometry:
+def max_unpool2d_geometry(
+    x: Any, indices: Any, kernel_size: Any, stride: Any, padding: Any, output_size: Any, layout: Any
+) -> UnpoolGeometry:
     """max_unpool2d's arguments (x and indices batched, 4-d) -> its UnpoolGeometry; raises what
     max_unpool2d documents."""
     lc = layout_code(layout)
@@ -497,11 +610,14 @@ def max_unpool2d_geometry(x: Any, indices: Any, kernel_size: Any, stride: Any, p
     n, c, h, w = act_dims(xs, lc)
     kernel = pair(kernel_size, "kernel_size")
     stride_hw = kernel if stride is None else pair(stride, "stride")
-    pads = padding_pairs(padding, "padding", in_hw=(h, w), kernel_eff=kernel, stride=stride_hw,
-                         allow_string=False)
+    pads = padding_pairs(
+        padding, "padding", in_hw=(h, w), kernel_eff=kernel, stride=stride_hw, allow_string=False
+    )
     # PyTorch's default: (H - 1)*stride - pad_top - pad_bottom + kernel_size.
-    default = ((h - 1) * stride_hw[0] - sum(pads[0]) + kernel[0],
-               (w - 1) * stride_hw[1] - sum(pads[1]) + kernel[1])
+    default = (
+        (h - 1) * stride_hw[0] - sum(pads[0]) + kernel[0],
+        (w - 1) * stride_hw[1] - sum(pads[1]) + kernel[1],
+    )
     if output_size is None:
         out_hw = default
     else:
@@ -514,12 +630,16 @@ def max_unpool2d_geometry(x: Any, indices: Any, kernel_size: Any, stride: Any, p
             raise ValueError(f"output_size must be (H, W) or a 4-d shape, got {output_size!r}")
         for got, d, s in zip(size, default, stride_hw):
             if not d - s < got < d + s:
-                raise ValueError(f"output_size {tuple(size)} must be within stride {stride_hw} "
-                                 f"of the default size {default}")
+                raise ValueError(
+                    f"output_size {tuple(size)} must be within stride {stride_hw} "
+                    f"of the default size {default}"
+                )
         out_hw = (size[0], size[1])
     if min(out_hw) < 1:
-        raise ValueError(f"output size would be {out_hw} for input {(h, w)} with kernel_size="
-                         f"{kernel}, stride={stride_hw}, padding={pads}")
+        raise ValueError(
+            f"output size would be {out_hw} for input {(h, w)} with kernel_size="
+            f"{kernel}, stride={stride_hw}, padding={pads}"
+        )
     _check_plane(*out_hw, "the output")
     return UnpoolGeometry(lc, n, c, (h, w), out_hw)
 
@@ -527,12 +647,14 @@ def max_unpool2d_geometry(x: Any, indices: Any, kernel_size: Any, stride: Any, p
 def _check_plane(h: int, w: int, what: str) -> None:
     """Indices are int32 flat offsets h * W + w into a plane, so a plane must fit in int32."""
     if h * w > INT32_MAX:
-        raise ValueError(f"{what} has a {h}x{w} plane: int32 indices cannot address more than "
-                         f"2**31 - 1 cells")
+        raise ValueError(
+            f"{what} has a {h}x{w} plane: int32 indices cannot address more than 2**31 - 1 cells"
+        )
 
 
-def pool_out_size(in_size: int, k: int, stride: int, dilation: int, lo: int, hi: int,
-                  ceil_mode: bool) -> int:
+def pool_out_size(
+    in_size: int, k: int, stride: int, dilation: int, lo: int, hi: int, ceil_mode: bool
+) -> int:
     """PyTorch's pooled length; mirrors pool_out_size in ffi/geometry.h."""
     span = in_size + lo + hi - dilation * (k - 1) - 1
     out = (-(-span // stride) if ceil_mode else span // stride) + 1

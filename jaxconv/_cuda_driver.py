@@ -11,6 +11,7 @@ that into one warning at import, saying what to do. The CPU targets are unaffect
 `driver_mismatch` is a pure function of the two version numbers (unit-tested without a GPU);
 `warn_if_driver_too_old` reads them from the CUDA module and warns once.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,13 +42,15 @@ def driver_mismatch(runtime_version: int, driver_version: int) -> str | None:
         return None
     branch = MIN_DRIVER_BRANCH.get(runtime_major)
     needs = f" (CUDA {runtime_major} needs driver >= {branch})" if branch else ""
-    return (f"jaxconv: the NVIDIA driver supports CUDA up to {version_text(driver_version)}, "
-            f"but jaxconv's CUDA module was built with CUDA runtime "
-            f"{version_text(runtime_version)}{needs}, so its GPU kernels will fail with "
-            f"cudaErrorInsufficientDriver. Rebuild jaxconv with a CUDA toolkit <= "
-            f"{driver_major}.x (e.g. CUDACXX=/usr/local/cuda-{driver_major}/bin/nvcc "
-            f"pip install --no-build-isolation -e .) or update the driver. The CPU targets "
-            f"keep working.")
+    return (
+        f"jaxconv: the NVIDIA driver supports CUDA up to {version_text(driver_version)}, "
+        f"but jaxconv's CUDA module was built with CUDA runtime "
+        f"{version_text(runtime_version)}{needs}, so its GPU kernels will fail with "
+        f"cudaErrorInsufficientDriver. Rebuild jaxconv with a CUDA toolkit <= "
+        f"{driver_major}.x (e.g. CUDACXX=/usr/local/cuda-{driver_major}/bin/nvcc "
+        f"pip install --no-build-isolation -e .) or update the driver. The CPU targets "
+        f"keep working."
+    )
 
 
 def _gpu_hidden() -> bool:
@@ -125,43 +128,59 @@ def architecture_spec(sass: list[str], ptx: list[str]) -> str:
     return ";".join(entries)
 
 
-def architecture_mismatch(capabilities: list[tuple[int, int]], sass: list[str],
-                          ptx: list[str]) -> str | None:
+def architecture_mismatch(
+    capabilities: list[tuple[int, int]], sass: list[str], ptx: list[str]
+) -> str | None:
     """The warning text when some of the GPUs (their compute capabilities, in device order)
     cannot run a module holding `sass` and `ptx`; None when all can (or there are none)."""
-    unable = [(i, (c[0], c[1])) for i, c in enumerate(capabilities)
-              if not runs_on((c[0], c[1]), sass, ptx)]
+    unable = [
+        (i, (c[0], c[1]))
+        for i, c in enumerate(capabilities)
+        if not runs_on((c[0], c[1]), sass, ptx)
+    ]
     if not unable:
         return None
     built = architecture_spec(sass, ptx) or "nothing"
     names = ", ".join(f"GPU {i} (compute capability {c[0]}.{c[1]})" for i, c in unable)
-    head = (f"jaxconv: its CUDA module was built for {built} (JAXCONV_CUDA_ARCHITECTURES), which "
-            f"{names} cannot run: every jaxconv call placed on "
-            f"{'it' if len(unable) == 1 else 'them'} would fail with "
-            f"cudaErrorNoKernelImageForDevice.")
+    head = (
+        f"jaxconv: its CUDA module was built for {built} (JAXCONV_CUDA_ARCHITECTURES), which "
+        f"{names} cannot run: every jaxconv call placed on "
+        f"{'it' if len(unable) == 1 else 'them'} would fail with "
+        f"cudaErrorNoKernelImageForDevice."
+    )
     old = sorted({c for _, c in unable if c < MIN_CAPABILITY})
     new = sorted({c for _, c in unable if c >= MIN_CAPABILITY})
     advice = []
     if new:
-        wanted = ";".join(([built] if built != "nothing" else []) +
-                          [f"{c[0]}{c[1]}-real" for c in new])
-        advice.append(f"Rebuild jaxconv with code for "
-                      f"{'it' if len(new) == 1 else 'them'}: JAXCONV_CUDA_ARCHITECTURES="
-                      f"\"{wanted}\" pip install --no-build-isolation -e . (the default "
-                      f"\"80;90-real\" runs on every GPU of compute capability 8.0 or newer).")
+        wanted = ";".join(
+            ([built] if built != "nothing" else []) + [f"{c[0]}{c[1]}-real" for c in new]
+        )
+        advice.append(
+            f"Rebuild jaxconv with code for "
+            f"{'it' if len(new) == 1 else 'them'}: JAXCONV_CUDA_ARCHITECTURES="
+            f'"{wanted}" pip install --no-build-isolation -e . (the default '
+            f'"80;90-real" runs on every GPU of compute capability 8.0 or newer).'
+        )
     if old:
-        advice.append("jaxconv's CUDA kernels need compute capability 8.0 or newer (tensor-core "
-                      f"instructions of sm_80), so {', '.join(f'{c[0]}.{c[1]}' for c in old)} "
-                      "cannot be supported by any build: run jaxconv on the CPU there "
-                      "(jax.devices('cpu')), or on a newer GPU.")
+        advice.append(
+            "jaxconv's CUDA kernels need compute capability 8.0 or newer (tensor-core "
+            f"instructions of sm_80), so {', '.join(f'{c[0]}.{c[1]}' for c in old)} "
+            "cannot be supported by any build: run jaxconv on the CPU there "
+            "(jax.devices('cpu')), or on a newer GPU."
+        )
     return " ".join([head] + advice)
 
 
 def _jax_cuda_plugin_installed() -> bool:
     """Whether JAX can use NVIDIA GPUs here (its CUDA plugin is installed)."""
     import importlib.util
-    for name in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12", "jax_cuda13_plugin",
-                 "jax_cuda12_plugin"):
+
+    for name in (
+        "jax_plugins.xla_cuda13",
+        "jax_plugins.xla_cuda12",
+        "jax_cuda13_plugin",
+        "jax_cuda12_plugin",
+    ):
         try:
             if importlib.util.find_spec(name) is not None:
                 return True
@@ -176,12 +195,16 @@ def warn_if_gpu_unsupported(cuda_module: Any) -> str | None:
     the driver, cuInit, but creates no context), only where JAX's CUDA plugin is installed (so
     that JAX itself initializes the driver at its first use anyway) and no GPU is hidden."""
     global _warned_arch
-    if _gpu_hidden() or not hasattr(cuda_module, "cuda_architectures") or \
-            not _jax_cuda_plugin_installed():
+    if (
+        _gpu_hidden()
+        or not hasattr(cuda_module, "cuda_architectures")
+        or not _jax_cuda_plugin_installed()
+    ):
         return None  # (a module built before it reported its architectures: nothing to compare)
     archs = cuda_module.cuda_architectures()
-    message = architecture_mismatch(cuda_module.device_capabilities(), list(archs["sass"]),
-                                    list(archs["ptx"]))
+    message = architecture_mismatch(
+        cuda_module.device_capabilities(), list(archs["sass"]), list(archs["ptx"])
+    )
     if message is not None and not _warned_arch:
         _warned_arch = True
         warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -5,6 +5,7 @@ extension was built and the CUDA runtime loads. Each module exposes `registratio
 table from full target name (e.g. "jaxconv_conv2d_fwd", spelled once in C++) to handler capsule;
 Python takes the names from there (`target("conv2d_fwd")`) instead of repeating them.
 """
+
 from __future__ import annotations
 
 import importlib.util as _importlib_util
@@ -27,7 +28,8 @@ except ImportError as _err:
         f"jaxconv's compiled CPU extension (_jaxconv_cpu) is missing from "
         f"{os.path.dirname(os.path.abspath(__file__))}: this looks like an unbuilt source "
         "checkout. Install it in place with `pip install -e .`, or run from outside the "
-        "checkout after `pip install .`") from _err
+        "checkout after `pip install .`"
+    ) from _err
 
 # The CPU kernels' instruction set, chosen once: the highest the CPU has, or the one the
 # environment variable JAXCONV_CPU_CAPABILITY (baseline, avx2, avx512) names. A value that is not
@@ -50,8 +52,9 @@ TARGETS: tuple[str, ...] = tuple(sorted(_jaxconv_cpu.registrations()))
 
 # Every target name is "jaxconv_" + the kernel's short name ("conv2d_fwd", "max_pool2d_bwd", ...).
 TARGET_PREFIX = "jaxconv_"
-_TARGET_BY_KERNEL = {name[len(TARGET_PREFIX):]: name for name in TARGETS
-                     if name.startswith(TARGET_PREFIX)}
+_TARGET_BY_KERNEL = {
+    name[len(TARGET_PREFIX) :]: name for name in TARGETS if name.startswith(TARGET_PREFIX)
+}
 
 
 def target(kernel: str) -> str:
@@ -59,8 +62,10 @@ def target(kernel: str) -> str:
     try:
         return _TARGET_BY_KERNEL[kernel]
     except KeyError:
-        raise LookupError(f"the CPU extension registers no target for kernel {kernel!r}; it "
-                          f"registers {TARGETS} (rebuild it: pip install -e .)") from None
+        raise LookupError(
+            f"the CPU extension registers no target for kernel {kernel!r}; it "
+            f"registers {TARGETS} (rebuild it: pip install -e .)"
+        ) from None
 
 
 for _name, _capsule in _jaxconv_cpu.registrations().items():
@@ -74,10 +79,15 @@ _jaxconv_cuda: types.ModuleType | None = None
 if _importlib_util.find_spec(f"{__package__}._jaxconv_cuda") is not None:
     try:
         from . import _jaxconv_cuda as _cuda_module
+
         _jaxconv_cuda = _cuda_module
     except ImportError as _err:  # pragma: no cover - depends on the build
-        _warnings.warn(f"jaxconv: the CUDA extension was built but does not load ({_err}); "
-                       "only the CPU kernels are registered", RuntimeWarning, stacklevel=2)
+        _warnings.warn(
+            f"jaxconv: the CUDA extension was built but does not load ({_err}); "
+            "only the CPU kernels are registered",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 HAS_CUDA_MODULE: bool = _jaxconv_cuda is not None
 
@@ -108,4 +118,5 @@ def export_safety_checks() -> list[jax.export.DisabledSafetyCheck]:
     input is gathered by XLA unless the exported function is a ``shard_map``.
     """
     from jax import export
+
     return [export.DisabledSafetyCheck.custom_call(name) for name in TARGETS]

@@ -9,6 +9,7 @@ conv.py and pool.py describe their kernels to `make_kernel` and write only their
 they share lives here: binding with the "an empty operand gives zeros without a launch" rule,
 and the helpers that fold a vmapped axis into N.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ class Kernel:
     `n_data_operands` leading operands carry data whose emptiness makes the result all zeros
     (the conv bias, which is empty when there is none, comes after them).
     """
+
     primitive: Primitive
     abstract_eval: Callable
     n_data_operands: int
@@ -50,11 +52,12 @@ class Kernel:
         are the zeros."""
         args = match_vma(*args)
         multiple = self.primitive.multiple_results
-        if any(a.size == 0 for a in args[:self.n_data_operands]):
-            out = self.abstract_eval(*[jax.core.ShapedArray(a.shape, a.dtype) for a in args],
-                                     geom=geom)
+        if any(a.size == 0 for a in args[: self.n_data_operands]):
+            out = self.abstract_eval(
+                *[jax.core.ShapedArray(a.shape, a.dtype) for a in args], geom=geom
+            )
             avals = out if multiple else (out,)
-            zeros = match_vma(*(jnp.zeros(a.shape, a.dtype) for a in avals), *args)[:len(avals)]
+            zeros = match_vma(*(jnp.zeros(a.shape, a.dtype) for a in avals), *args)[: len(avals)]
             return tuple(zeros) if multiple else zeros[0]
         out = self.primitive.bind(*args, geom=geom)
         return tuple(out) if multiple else out
@@ -64,9 +67,16 @@ class Kernel:
         return self.primitive.bind(*args, geom=geom)
 
 
-def make_kernel(kernel: str, abstract_eval: Callable, batch_rule: Callable, *, n_operands: int,
-                split: _sharding.Split, multiple_results: bool = False,
-                n_data_operands: int | None = None) -> Kernel:
+def make_kernel(
+    kernel: str,
+    abstract_eval: Callable,
+    batch_rule: Callable,
+    *,
+    n_operands: int,
+    split: _sharding.Split,
+    multiple_results: bool = False,
+    n_data_operands: int | None = None,
+) -> Kernel:
     """The primitive for the FFI target of `kernel` (e.g. "conv2d_fwd"); `split` says how it
     divides over devices."""
     name = target(kernel)
@@ -149,13 +159,21 @@ def unfold_n(y: jax.Array, size: int) -> jax.Array:
     return y.reshape((size, y.shape[0] // size) + y.shape[1:])
 
 
-def batch_over_n(kernel: Kernel, args: Sequence[jax.Array], dims: Sequence[int | None], *,
-                 geom: Any, n_activations: int) -> tuple[Any, Any]:
+def batch_over_n(
+    kernel: Kernel,
+    args: Sequence[jax.Array],
+    dims: Sequence[int | None],
+    *,
+    geom: Any,
+    n_activations: int,
+) -> tuple[Any, Any]:
     """The batch rule when only the first `n_activations` operands (all N-leading) may be mapped:
     one launch on B*N examples. The remaining operands must be unmapped and pass through."""
     size = batch_size(args, dims)
-    folded = [fold_into_n(to_front(a, d, size))
-              for a, d in zip(args[:n_activations], dims[:n_activations])]
+    folded = [
+        fold_into_n(to_front(a, d, size))
+        for a, d in zip(args[:n_activations], dims[:n_activations])
+    ]
     out = kernel.bind(*folded, *args[n_activations:], geom=geom)
     if kernel.primitive.multiple_results:
         return tuple(unfold_n(o, size) for o in out), (0,) * len(out)

@@ -22,6 +22,7 @@ Two mechanisms, both built on public JAX API (plus one registry hook, see mark_n
    cast JAX rejects the custom_vjp's varying weight cotangent; an FFI call whose result drops
    the varying axes altogether leaves that gradient per-shard.) `match_vma` does the cast.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,9 +63,12 @@ def match_vma(*args):
     union = frozenset().union(*(varying_axes(a) for a in args))
     if not union:
         return args
-    return tuple(a if varying_axes(a) == union else
-                 _cast_to_varying(a, tuple(sorted(union - varying_axes(a))))
-                 for a in args)
+    return tuple(
+        a
+        if varying_axes(a) == union
+        else _cast_to_varying(a, tuple(sorted(union - varying_axes(a))))
+        for a in args
+    )
 
 
 def out_aval(like: Any, shape: tuple[int, ...], dtype: Any, *, batched: bool) -> Any:
@@ -78,8 +82,9 @@ def out_aval(like: Any, shape: tuple[int, ...], dtype: Any, *, batched: bool) ->
         lead = spec[0] if batched and len(spec) else None
         spec = P(lead, *([None] * (len(shape) - 1)))
         # NamedSharding.update arrived in jax 0.6; 0.5 has with_spec.
-        sharding = (sharding.update(spec=spec) if hasattr(sharding, "update")
-                    else sharding.with_spec(spec))
+        sharding = (
+            sharding.update(spec=spec) if hasattr(sharding, "update") else sharding.with_spec(spec)
+        )
     return like.update(shape=tuple(shape), dtype=dtype, sharding=sharding)
 
 
@@ -95,6 +100,7 @@ def mark_needs_devices(prim: Any) -> bool:
     """
     try:
         from jax._src import dispatch
+
         dispatch.prim_requires_devices_during_lowering.add(prim)
     except (ImportError, AttributeError):  # pragma: no cover - depends on the jax version
         return False
@@ -123,6 +129,7 @@ class Split:
     groups(geom): the number of channel groups, or None when every channel is independent
     (pooling). local(geom, parts): the geometry of one of `parts` equal slices of the groups.
     """
+
     dims: Callable
     groups: Callable
     local: Callable
@@ -151,6 +158,7 @@ def _sharding_rule(split: Split) -> Callable:
     """Shardy's view (used for propagation): the batch factor n is shared by every array that
     has it (a reduction factor when a result lacks it); grouped channel axes share the factor g
     of size `groups` (the rest of the axis is per array); everything else is per array."""
+
     def rule(geom, mesh, operand_types, result_types):
         dims_in, dims_out = split.dims(geom)
         groups = split.groups(geom)
@@ -175,11 +183,14 @@ def _sharding_rule(split: Split) -> Callable:
                     out.append(next(fresh))
             return " ".join(out)
 
-        text = (f"{', '.join(map(mapping, dims_in, operand_types))} -> "
-                f"{', '.join(map(mapping, dims_out, result_types))}")
+        text = (
+            f"{', '.join(map(mapping, dims_in, operand_types))} -> "
+            f"{', '.join(map(mapping, dims_out, result_types))}"
+        )
         if not all("n" in d for d in dims_out):
             options["reduction_factors"] = ("n",)
         return text, options
+
     return rule
 
 
@@ -222,6 +233,7 @@ def partitioned(local_call: Callable, n_operands: int, split: Split) -> Callable
     does not divide N (or the groups) is not kept either, since XLA would pad the shards and
     the padding would leak into sums over N. Results without N are psum-ed over N's axes.
     """
+
     def partition(geom, mesh, arg_shapes, result_shape):
         dims_in, dims_out = split.dims(geom)
 
@@ -239,8 +251,9 @@ def partitioned(local_call: Callable, n_operands: int, split: Split) -> Callable
         g_entry, channels = first_entry("g")
         groups = split.groups(geom)
         groups = channels if groups is None else groups
-        if g_entry is not None and (set(_entry_axes(g_entry)) & set(_entry_axes(n_entry))
-                                    or groups % _parts(mesh, g_entry)):
+        if g_entry is not None and (
+            set(_entry_axes(g_entry)) & set(_entry_axes(n_entry)) or groups % _parts(mesh, g_entry)
+        ):
             g_entry = None
         g_parts = _parts(mesh, g_entry)
         local_geom = split.local(geom, g_parts) if g_parts > 1 else geom
@@ -256,8 +269,10 @@ def partitioned(local_call: Callable, n_operands: int, split: Split) -> Callable
 
         def lower_fn(*operands):
             outs = local_call(*operands, local_geom)
-            return tuple(o if "n" in d or not sum_axes else _psum_without_mesh(o, sum_axes)
-                         for o, d in zip(outs, dims_out))
+            return tuple(
+                o if "n" in d or not sum_axes else _psum_without_mesh(o, sum_axes)
+                for o, d in zip(outs, dims_out)
+            )
 
         return mesh, lower_fn, result_shardings, arg_shardings
 
@@ -268,6 +283,7 @@ def partitioned(local_call: Callable, n_operands: int, split: Split) -> Callable
         return local_call(*args[:-1], args[-1])
 
     cp = custom_partitioning(fn, static_argnums=(n_operands,))
-    cp.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                     sharding_rule=_sharding_rule(split))
+    cp.def_partition(
+        partition=partition, infer_sharding_from_operands=infer, sharding_rule=_sharding_rule(split)
+    )
     return cp

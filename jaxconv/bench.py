@@ -1,8 +1,8 @@
 """Benchmark: jaxconv vs lax, side by side in one process.
 
-    python -m jaxconv.bench [--set lenet|resnet50|mobilenet|pool|large|all] [--layout NCHW|NHWC|both]
-                            [--dtype float32|bfloat16] [--device cpu|gpu] [--quick] [--json PATH]
-                            [--plot PNG]
+    python -m jaxconv.bench [--set lenet|resnet50|mobilenet|pool|large|all]
+                            [--layout NCHW|NHWC|both] [--dtype float32|bfloat16]
+                            [--device cpu|gpu] [--quick] [--json PATH] [--plot PNG]
     python -m jaxconv.bench --from-json RESULTS.json --plot PNG    (redraw a saved run)
 
 For every shape, four functions are jax.jit-compiled: jaxconv and lax, forward and forward+backward
@@ -24,6 +24,7 @@ gradient is taken, are not counted).
 "complete": false until the last row: a run that is killed or interrupted (Ctrl-C: exit status
 130) leaves the rows it finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ SETS = ("lenet", "resnet50", "mobilenet", "pool", "large")
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One benchmarked layer. Sizes are logical (N, C, H, W); the layout is applied later."""
+
     set: str
     name: str
     op: str  # "conv" or "pool"
@@ -67,14 +69,21 @@ class Case:
     groups: int = 1
 
     def out_hw(self) -> tuple[int, int]:
-        oh, ow = ((s + 2 * self.padding - self.kernel) // self.stride + 1
-                  for s in (self.h, self.w))
+        oh, ow = ((s + 2 * self.padding - self.kernel) // self.stride + 1 for s in (self.h, self.w))
         return oh, ow
 
     def flops(self) -> int:
         oh, ow = self.out_hw()
-        return (2 * self.n * oh * ow * self.out_channels * (self.c // self.groups)
-                * self.kernel * self.kernel)
+        return (
+            2
+            * self.n
+            * oh
+            * ow
+            * self.out_channels
+            * (self.c // self.groups)
+            * self.kernel
+            * self.kernel
+        )
 
     def pool_bytes(self, itemsize: int) -> int:
         oh, ow = self.out_hw()
@@ -94,42 +103,69 @@ def cases(set_name: str, device: str) -> list[Case]:
     """The shape sets. ResNet-50 and MobileNet use batch 8 on CPU and 32 on GPU."""
     b = 8 if device == "cpu" else 32
     if set_name == "lenet":  # LeNet-5 on 32x32 inputs, batch 64: C1, C3, C5
-        return [_conv("lenet", "C1 5x5 1->6", 64, 1, 32, 6, 5, padding=0),
-                _conv("lenet", "C3 5x5 6->16", 64, 6, 14, 16, 5, padding=0),
-                _conv("lenet", "C5 5x5 16->120", 64, 16, 5, 120, 5, padding=0)]
+        return [
+            _conv("lenet", "C1 5x5 1->6", 64, 1, 32, 6, 5, padding=0),
+            _conv("lenet", "C3 5x5 6->16", 64, 6, 14, 16, 5, padding=0),
+            _conv("lenet", "C5 5x5 16->120", 64, 16, 5, 120, 5, padding=0),
+        ]
     if set_name == "resnet50":  # stem, then the bottleneck's 3x3 and its 1x1 reduce / expand
         out = [_conv("resnet50", "stem 7x7/2 3->64", b, 3, 224, 64, 7, stride=2)]
         for hw, width in ((56, 64), (28, 128), (14, 256), (7, 512)):
             out.append(_conv("resnet50", f"3x3 {width}->{width} @{hw}", b, width, hw, width, 3))
         for hw, width in ((56, 64), (28, 128), (14, 256), (7, 512)):
-            out.append(_conv("resnet50", f"1x1 {4 * width}->{width} @{hw}", b, 4 * width, hw,
-                             width, 1))
-            out.append(_conv("resnet50", f"1x1 {width}->{4 * width} @{hw}", b, width, hw,
-                             4 * width, 1))
+            out.append(
+                _conv("resnet50", f"1x1 {4 * width}->{width} @{hw}", b, 4 * width, hw, width, 1)
+            )
+            out.append(
+                _conv("resnet50", f"1x1 {width}->{4 * width} @{hw}", b, width, hw, 4 * width, 1)
+            )
         return out
     if set_name == "mobilenet":  # MobileNet v1 depthwise 3x3 layers (groups = channels)
         out = []
-        for c, hw, stride in ((32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2),
-                              (256, 28, 1), (256, 28, 2), (512, 14, 1), (512, 14, 2),
-                              (1024, 7, 1)):
-            out.append(_conv("mobilenet", f"dw3x3/{stride} {c} @{hw}", b, c, hw, c, 3,
-                             stride=stride, groups=c))
+        for c, hw, stride in (
+            (32, 112, 1),
+            (64, 112, 2),
+            (128, 56, 1),
+            (128, 56, 2),
+            (256, 28, 1),
+            (256, 28, 2),
+            (512, 14, 1),
+            (512, 14, 2),
+            (1024, 7, 1),
+        ):
+            out.append(
+                _conv(
+                    "mobilenet",
+                    f"dw3x3/{stride} {c} @{hw}",
+                    b,
+                    c,
+                    hw,
+                    c,
+                    3,
+                    stride=stride,
+                    groups=c,
+                )
+            )
         return out
     if set_name == "large":  # large kernels, batch 2: where the CPU may take the FFT
-        return [_conv("large", "ConvNeXt dw7x7 96 @56", 2, 96, 56, 96, 7, groups=96),
-                _conv("large", "ConvNeXt dw7x7 384 @14", 2, 384, 14, 384, 7, groups=384),
-                _conv("large", "RepLKNet dw31x31 128 @56", 2, 128, 56, 128, 31, groups=128),
-                _conv("large", "RepLKNet dw31x31 256 @28", 2, 256, 28, 256, 31, groups=256),
-                _conv("large", "RepLKNet dw27x27 512 @14", 2, 512, 14, 512, 27, groups=512),
-                _conv("large", "RepLKNet dw13x13 1024 @7", 2, 1024, 7, 1024, 13, groups=1024),
-                _conv("large", "AlexNet 11x11/4 3->64", 2, 3, 224, 64, 11, stride=4, padding=2),
-                _conv("large", "dense 13x13 64->64 @28", 2, 64, 28, 64, 13),
-                _conv("large", "dense 15x15 128->128 @28", 2, 128, 28, 128, 15)]
+        return [
+            _conv("large", "ConvNeXt dw7x7 96 @56", 2, 96, 56, 96, 7, groups=96),
+            _conv("large", "ConvNeXt dw7x7 384 @14", 2, 384, 14, 384, 7, groups=384),
+            _conv("large", "RepLKNet dw31x31 128 @56", 2, 128, 56, 128, 31, groups=128),
+            _conv("large", "RepLKNet dw31x31 256 @28", 2, 256, 28, 256, 31, groups=256),
+            _conv("large", "RepLKNet dw27x27 512 @14", 2, 512, 14, 512, 27, groups=512),
+            _conv("large", "RepLKNet dw13x13 1024 @7", 2, 1024, 7, 1024, 13, groups=1024),
+            _conv("large", "AlexNet 11x11/4 3->64", 2, 3, 224, 64, 11, stride=4, padding=2),
+            _conv("large", "dense 13x13 64->64 @28", 2, 64, 28, 64, 13),
+            _conv("large", "dense 15x15 128->128 @28", 2, 128, 28, 128, 15),
+        ]
     if set_name == "pool":
-        return [_pool("pool", "2x2/2 64 @112", b, 64, 112, 2, 2),
-                _pool("pool", "3x3/2 pad1 64 @112", b, 64, 112, 3, 2, padding=1),
-                _pool("pool", "LeNet 2x2/2 6 @28", 64, 6, 28, 2, 2),
-                _pool("pool", "LeNet 2x2/2 16 @10", 64, 16, 10, 2, 2)]
+        return [
+            _pool("pool", "2x2/2 64 @112", b, 64, 112, 2, 2),
+            _pool("pool", "3x3/2 pad1 64 @112", b, 64, 112, 3, 2, padding=1),
+            _pool("pool", "LeNet 2x2/2 6 @28", 64, 6, 28, 2, 2),
+            _pool("pool", "LeNet 2x2/2 16 @10", 64, 16, 10, 2, 2),
+        ]
     raise ValueError(f"unknown set {set_name!r}")
 
 
@@ -143,8 +179,11 @@ def quick_cases(set_name: str, device: str) -> list[Case]:
         groups = c if cs.groups > 1 else 1
         o = c if cs.groups > 1 else o
         hw = min(cs.h, 16)
-        out.append(dataclasses.replace(cs, name=cs.name + " [shrunk]", n=1, c=c, h=hw, w=hw,
-                                       out_channels=o, groups=groups))
+        out.append(
+            dataclasses.replace(
+                cs, name=cs.name + " [shrunk]", n=1, c=c, h=hw, w=hw, out_channels=o, groups=groups
+            )
+        )
     return out
 
 
@@ -164,20 +203,19 @@ def _weight_shape(o, i, kh, kw, layout):
     return (o, i, kh, kw) if layout == "NCHW" else (kh, kw, i, o)
 
 
-def make_functions(cs: Case, layout: LayoutName
-                   ) -> tuple[Callable, Callable, tuple[int, ...]]:
+def make_functions(cs: Case, layout: LayoutName) -> tuple[Callable, Callable, tuple[int, ...]]:
     """(jaxconv_fn, lax_fn, argnums for the gradient) with the same signature."""
     if cs.op == "conv":
         pad = ((cs.padding, cs.padding), (cs.padding, cs.padding))
         stride = (cs.stride, cs.stride)
 
         def ours(x, w):
-            return jaxconv.conv2d(x, w, stride=stride, padding=pad, groups=cs.groups,
-                                  layout=layout)
+            return jaxconv.conv2d(x, w, stride=stride, padding=pad, groups=cs.groups, layout=layout)
 
         def theirs(x, w):
-            return lax.conv_general_dilated(x, w, stride, pad, feature_group_count=cs.groups,
-                                            dimension_numbers=_dims(layout))
+            return lax.conv_general_dilated(
+                x, w, stride, pad, feature_group_count=cs.groups, dimension_numbers=_dims(layout)
+            )
 
         return ours, theirs, (0, 1)
 
@@ -204,7 +242,8 @@ def make_inputs(cs: Case, layout: str, dtype: Any, device: Any) -> tuple:
         fan_in = (cs.c // cs.groups) * cs.kernel * cs.kernel
         w = rng.standard_normal(
             _weight_shape(cs.out_channels, cs.c // cs.groups, cs.kernel, cs.kernel, layout),
-            dtype=np.float32) / math.sqrt(fan_in)
+            dtype=np.float32,
+        ) / math.sqrt(fan_in)
         args.append(w)
     return tuple(jax.device_put(jnp.asarray(a, dtype=dtype), device) for a in args)
 
@@ -224,8 +263,15 @@ def _call_ms(fn: Callable, args: Sequence[Any]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_pair(ours: Callable, theirs: Callable, args: Sequence[Any], *, budget_s: float,
-              min_reps: int, max_reps: int) -> tuple[list[float], list[float]]:
+def time_pair(
+    ours: Callable,
+    theirs: Callable,
+    args: Sequence[Any],
+    *,
+    budget_s: float,
+    min_reps: int,
+    max_reps: int,
+) -> tuple[list[float], list[float]]:
     """Warm up both, then alternate timed calls; returns (ours_ms list, theirs_ms list)."""
     for _ in range(2):  # the first call compiles; the second warms caches and thread pools
         jax.block_until_ready(ours(*args))
@@ -245,13 +291,17 @@ def time_pair(ours: Callable, theirs: Callable, args: Sequence[Any], *, budget_s
 
 def _max_abs_diff(a: Any, b: Any) -> float:
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-               if x.size else 0.0 for x, y in zip(leaves_a, leaves_b))
+    return max(
+        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))) if x.size else 0.0
+        for x, y in zip(leaves_a, leaves_b)
+    )
 
 
 def _max_abs(a: Any) -> float:
-    return max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) if x.size else 0.0
-               for x in jax.tree.leaves(a))
+    return max(
+        float(jnp.max(jnp.abs(x.astype(jnp.float32)))) if x.size else 0.0
+        for x in jax.tree.leaves(a)
+    )
 
 
 def algorithm(cs: Case, layout: Any, mode: str, dtype: Any, device: Any) -> str:
@@ -263,25 +313,37 @@ def algorithm(cs: Case, layout: Any, mode: str, dtype: Any, device: Any) -> str:
     if device.platform != "cpu":
         return device.platform
     from jaxconv import _jaxconv_cpu
+
     p = cs.padding
     attrs = [cs.stride, cs.stride, 1, 1, p, p, p, p, cs.groups, 0 if layout == "NCHW" else 1]
     x = [cs.n, cs.c, cs.h, cs.w]
     w = [cs.out_channels, cs.c // cs.groups, cs.kernel, cs.kernel]
     dirs = ("fwd",) if mode == "fwd" else ("fwd", "bwd_data", "bwd_filter")
-    names = [_jaxconv_cpu.conv_algorithm(d, jnp.dtype(dtype) == jnp.float64, x, w, attrs)
-             for d in dirs]
+    names = [
+        _jaxconv_cpu.conv_algorithm(d, jnp.dtype(dtype) == jnp.float64, x, w, attrs) for d in dirs
+    ]
     return names[0] if len(set(names)) == 1 else " / ".join(names)
 
 
-def run_case(cs: Case, layout: Any, mode: str, dtype: Any, device: Any, *,
-             budget_s: float, min_reps: int, max_reps: int) -> dict[str, Any]:
+def run_case(
+    cs: Case,
+    layout: Any,
+    mode: str,
+    dtype: Any,
+    device: Any,
+    *,
+    budget_s: float,
+    min_reps: int,
+    max_reps: int,
+) -> dict[str, Any]:
     ours, theirs, argnums = make_functions(cs, layout)
     if mode == "fwd+bwd":
         ours, theirs = forward_and_backward(ours, argnums), forward_and_backward(theirs, argnums)
     ours, theirs = jax.jit(ours), jax.jit(theirs)
     args = make_inputs(cs, layout, dtype, device)
-    ours_ms, theirs_ms = time_pair(ours, theirs, args, budget_s=budget_s, min_reps=min_reps,
-                                   max_reps=max_reps)
+    ours_ms, theirs_ms = time_pair(
+        ours, theirs, args, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps
+    )
     # A sanity check that both compute the same thing (it is not the test suite's job here,
     # but a fast wrong kernel must not look like a win).
     ref = theirs(*args)
@@ -295,19 +357,35 @@ def run_case(cs: Case, layout: Any, mode: str, dtype: Any, device: Any, *,
     oh, ow = cs.out_hw()
     x_shape = _act_shape(cs.n, cs.c, cs.h, cs.w, layout)
     y_shape = _act_shape(cs.n, cs.out_channels if cs.op == "conv" else cs.c, oh, ow, layout)
-    w_shape = (_weight_shape(cs.out_channels, cs.c // cs.groups, cs.kernel, cs.kernel, layout)
-               if cs.op == "conv" else None)
+    w_shape = (
+        _weight_shape(cs.out_channels, cs.c // cs.groups, cs.kernel, cs.kernel, layout)
+        if cs.op == "conv"
+        else None
+    )
     return {
-        "set": cs.set, "name": cs.name, "op": cs.op, "layout": layout, "mode": mode,
+        "set": cs.set,
+        "name": cs.name,
+        "op": cs.op,
+        "layout": layout,
+        "mode": mode,
         "dtype": jnp.dtype(dtype).name,
-        "x_shape": list(x_shape), "w_shape": w_shape and list(w_shape), "y_shape": list(y_shape),
-        "kernel": cs.kernel, "stride": cs.stride, "padding": cs.padding, "groups": cs.groups,
-        "work": work, "unit": unit,
-        "jaxconv_ms": j_ms, "lax_ms": l_ms,
-        "jaxconv_rate": work / (j_ms * 1e-3) / 1e9, "lax_rate": work / (l_ms * 1e-3) / 1e9,
+        "x_shape": list(x_shape),
+        "w_shape": w_shape and list(w_shape),
+        "y_shape": list(y_shape),
+        "kernel": cs.kernel,
+        "stride": cs.stride,
+        "padding": cs.padding,
+        "groups": cs.groups,
+        "work": work,
+        "unit": unit,
+        "jaxconv_ms": j_ms,
+        "lax_ms": l_ms,
+        "jaxconv_rate": work / (j_ms * 1e-3) / 1e9,
+        "lax_rate": work / (l_ms * 1e-3) / 1e9,
         "ratio": l_ms / j_ms,
         "reps": len(ours_ms),
-        "jaxconv_ms_min": min(ours_ms), "lax_ms_min": min(theirs_ms),
+        "jaxconv_ms_min": min(ours_ms),
+        "lax_ms_min": min(theirs_ms),
         "max_rel_diff": err,
         "algorithm": algorithm(cs, layout, mode, dtype, device),
     }
@@ -326,8 +404,17 @@ def summarize(results: list[dict]) -> list[dict]:
         groups.setdefault((r["set"], r["layout"], r["mode"]), []).append(r["ratio"])
         if r["set"] in ("lenet", "resnet50"):
             groups.setdefault(("lenet+resnet50", r["layout"], r["mode"]), []).append(r["ratio"])
-    return [{"set": s, "layout": lay, "mode": m, "geomean_ratio": geomean(v), "n": len(v),
-             "min_ratio": min(v)} for (s, lay, m), v in groups.items()]
+    return [
+        {
+            "set": s,
+            "layout": lay,
+            "mode": m,
+            "geomean_ratio": geomean(v),
+            "n": len(v),
+            "min_ratio": min(v),
+        }
+        for (s, lay, m), v in groups.items()
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,8 +422,11 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def machine_info() -> dict:
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(),
-            "logical_cpus": os.cpu_count()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+    }
     try:
         info["usable_cpus"] = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -344,10 +434,22 @@ def machine_info() -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
-        model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                      if line.startswith("model name")), None)
-        flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                      if line.startswith("flags")), [])
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in text.splitlines()
+                if line.startswith("model name")
+            ),
+            None,
+        )
+        flags = next(
+            (
+                line.split(":", 1)[1].split()
+                for line in text.splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
         info["cpu_model"] = model
         info["flags"] = {f: f in flags for f in ("avx", "avx2", "fma", "avx512f", "f16c")}
     except OSError:
@@ -360,8 +462,14 @@ def machine_info() -> dict:
 
 def versions() -> dict:
     import jaxlib
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "jaxconv": jaxconv.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "jaxconv": jaxconv.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,27 +481,36 @@ def _fmt_shape(s: Sequence[int]) -> str:
 
 
 def table(results: list[dict], summary: list[dict]) -> str:
-    head = (f"{'set':<9} {'layer':<31} {'layout':<6} {'mode':<7} {'x':<16} {'w':<14} "
-            f"{'jaxconv ms':>10} {'lax ms':>10} {'jaxconv':>9} {'lax':>9} {'unit':<7} "
-            f"{'ratio':>6}  algorithm")
+    head = (
+        f"{'set':<9} {'layer':<31} {'layout':<6} {'mode':<7} {'x':<16} {'w':<14} "
+        f"{'jaxconv ms':>10} {'lax ms':>10} {'jaxconv':>9} {'lax':>9} {'unit':<7} "
+        f"{'ratio':>6}  algorithm"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r['set']:<9} {r['name']:<31} {r['layout']:<6} {r['mode']:<7} "
             f"{_fmt_shape(r['x_shape']):<16} {_fmt_shape(r['w_shape']):<14} "
             f"{r['jaxconv_ms']:>10.3f} {r['lax_ms']:>10.3f} {r['jaxconv_rate']:>9.1f} "
-            f"{r['lax_rate']:>9.1f} {r['unit']:<7} {r['ratio']:>5.2f}x  {r.get('algorithm', '')}")
+            f"{r['lax_rate']:>9.1f} {r['unit']:<7} {r['ratio']:>5.2f}x  {r.get('algorithm', '')}"
+        )
     lines += ["", "geometric mean of lax_ms / jaxconv_ms (min in brackets):"]
     for s in summary:
-        lines.append(f"  {s['set']:<15} {s['layout']:<6} {s['mode']:<7} "
-                     f"{s['geomean_ratio']:5.2f}x  [min {s['min_ratio']:.2f}x, {s['n']} shapes]")
+        lines.append(
+            f"  {s['set']:<15} {s['layout']:<6} {s['mode']:<7} "
+            f"{s['geomean_ratio']:5.2f}x  [min {s['min_ratio']:.2f}x, {s['n']} shapes]"
+        )
     return "\n".join(lines)
 
 
 # Colours per (mode, layout): forward in blues, forward+backward in oranges, the layouts a light
 # and a dark shade of each, so that the eye groups by mode first.
-SERIES_COLOURS = {("fwd", "NCHW"): "#1f77b4", ("fwd", "NHWC"): "#9ecae1",
-                  ("fwd+bwd", "NCHW"): "#d95f02", ("fwd+bwd", "NHWC"): "#fdae6b"}
+SERIES_COLOURS = {
+    ("fwd", "NCHW"): "#1f77b4",
+    ("fwd", "NHWC"): "#9ecae1",
+    ("fwd+bwd", "NCHW"): "#d95f02",
+    ("fwd+bwd", "NHWC"): "#fdae6b",
+}
 
 
 def plot(doc: dict, path: str) -> Any:
@@ -406,6 +523,7 @@ def plot(doc: dict, path: str) -> Any:
     and date, so the picture cannot be separated from what it measured.
     """
     import matplotlib
+
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
@@ -423,16 +541,25 @@ def plot(doc: dict, path: str) -> Any:
     series += sorted({(r["mode"], r["layout"]) for r in results} - set(series))
 
     height = max(3.0, 0.28 * y + 1.6)
-    fig, (ax, ax_table) = plt.subplots(1, 2, figsize=(13, height),
-                                       gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax_table) = plt.subplots(
+        1, 2, figsize=(13, height), gridspec_kw={"width_ratios": [3, 2]}
+    )
     for i, key in enumerate(series):
         rs = [r for r in results if (r["mode"], r["layout"]) == key]
         offset = (i - (len(series) - 1) / 2) * 0.8 / max(len(series), 1)
-        ax.scatter([r["ratio"] for r in rs], [row[(r["set"], r["name"])] + offset for r in rs],
-                   s=22, color=SERIES_COLOURS.get(key), label=f"{key[0]} {key[1]}", zorder=3,
-                   edgecolors="black", linewidths=0.3)
+        ax.scatter(
+            [r["ratio"] for r in rs],
+            [row[(r["set"], r["name"])] + offset for r in rs],
+            s=22,
+            color=SERIES_COLOURS.get(key),
+            label=f"{key[0]} {key[1]}",
+            zorder=3,
+            edgecolors="black",
+            linewidths=0.3,
+        )
     ax.set_xscale("log")
     from matplotlib import ticker
+
     ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
@@ -445,12 +572,24 @@ def plot(doc: dict, path: str) -> Any:
 
     ax_table.axis("off")
     summary = doc.get("summary") or summarize(results)
-    cells = [[s["set"], s["layout"], s["mode"], f"{s['geomean_ratio']:.2f}x",
-              f"{s['min_ratio']:.2f}x", str(s["n"])] for s in summary]
+    cells = [
+        [
+            s["set"],
+            s["layout"],
+            s["mode"],
+            f"{s['geomean_ratio']:.2f}x",
+            f"{s['min_ratio']:.2f}x",
+            str(s["n"]),
+        ]
+        for s in summary
+    ]
     if cells:
-        tab = ax_table.table(cellText=cells, colLabels=["set", "layout", "mode", "geomean",
-                                                        "min", "shapes"],
-                             loc="upper center", cellLoc="left")
+        tab = ax_table.table(
+            cellText=cells,
+            colLabels=["set", "layout", "mode", "geomean", "min", "shapes"],
+            loc="upper center",
+            cellLoc="left",
+        )
         tab.auto_set_font_size(False)
         tab.set_fontsize(7)
         tab.auto_set_column_width(list(range(6)))
@@ -459,11 +598,14 @@ def plot(doc: dict, path: str) -> Any:
 
     machine, versions_ = doc.get("machine", {}), doc.get("versions", {})
     device = doc.get("device", {})
-    fig.suptitle(f"jaxconv vs lax, {results[0]['dtype'] if results else ''}: "
-                 f"{machine.get('cpu_model') or machine.get('processor', '?')} "
-                 f"({machine.get('usable_cpus', machine.get('logical_cpus', '?'))} CPUs), "
-                 f"{device.get('kind', '?')}; jax {versions_.get('jax', '?')}; "
-                 f"{doc.get('date', '?')[:10]}", fontsize=9)
+    fig.suptitle(
+        f"jaxconv vs lax, {results[0]['dtype'] if results else ''}: "
+        f"{machine.get('cpu_model') or machine.get('processor', '?')} "
+        f"({machine.get('usable_cpus', machine.get('logical_cpus', '?'))} CPUs), "
+        f"{device.get('kind', '?')}; jax {versions_.get('jax', '?')}; "
+        f"{doc.get('date', '?')[:10]}",
+        fontsize=9,
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -494,16 +636,31 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--mode", default="both", choices=("fwd", "fwd+bwd", "both"))
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shapes and few repetitions: a seconds-long smoke run")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed calls per function and case (default 1.0, quick 0.02)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes and few repetitions: a seconds-long smoke run",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of timed calls per function and case (default 1.0, quick 0.02)",
+    )
     p.add_argument("--filter", default=None, help="only layers whose name contains this")
     p.add_argument("--json", dest="json_path", default=None, help="write results here")
-    p.add_argument("--plot", dest="plot_path", default=None,
-                   help="draw the ratio per layer to this image (needs matplotlib)")
-    p.add_argument("--from-json", dest="from_json", default=None,
-                   help="run nothing: print the table (and --plot) of a saved --json file")
+    p.add_argument(
+        "--plot",
+        dest="plot_path",
+        default=None,
+        help="draw the ratio per layer to this image (needs matplotlib)",
+    )
+    p.add_argument(
+        "--from-json",
+        dest="from_json",
+        default=None,
+        help="run nothing: print the table (and --plot) of a saved --json file",
+    )
     return p.parse_args(argv)
 
 
@@ -529,21 +686,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     pick = quick_cases if args.quick else cases
     budget = args.budget if args.budget is not None else (0.02 if args.quick else 1.0)
     min_reps, max_reps = (3, 5) if args.quick else (7, 200)
-    todo = [(cs, lay, m) for s in sets for cs in pick(s, args.device) for lay in layouts
-            for m in modes if args.filter is None or args.filter in cs.name]
+    todo = [
+        (cs, lay, m)
+        for s in sets
+        for cs in pick(s, args.device)
+        for lay in layouts
+        for m in modes
+        if args.filter is None or args.filter in cs.name
+    ]
 
     doc = {
         "schema": 1,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m jaxconv.bench"] + list(sys.argv[1:] if argv is None
-                                                               else argv)),
+        "command": " ".join(
+            ["python -m jaxconv.bench"] + list(sys.argv[1:] if argv is None else argv)
+        ),
         "machine": machine_info(),
-        "device": {"platform": device.platform, "kind": device.device_kind,
-                   "count": len(jax.devices(args.device))},
+        "device": {
+            "platform": device.platform,
+            "kind": device.device_kind,
+            "count": len(jax.devices(args.device)),
+        },
         "versions": versions(),
-        "config": {"sets": list(sets), "layouts": list(layouts), "modes": list(modes),
-                   "dtype": dtype.name, "quick": args.quick, "budget_s": budget,
-                   "min_reps": min_reps, "max_reps": max_reps, "statistic": "median"},
+        "config": {
+            "sets": list(sets),
+            "layouts": list(layouts),
+            "modes": list(modes),
+            "dtype": dtype.name,
+            "quick": args.quick,
+            "budget_s": budget,
+            "min_reps": min_reps,
+            "max_reps": max_reps,
+            "statistic": "median",
+        },
         # False until every case has run: a run that was killed or interrupted leaves the rows
         # it finished (the file is rewritten whole after each row).
         "complete": False,
@@ -555,23 +730,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     try:
         for i, (cs, lay, mode) in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {cs.set} {cs.name} {lay} {mode} ...", end="",
-                  file=sys.stderr, flush=True)
-            r = run_case(cs, lay, mode, dtype, device, budget_s=budget, min_reps=min_reps,
-                         max_reps=max_reps)
+            print(
+                f"[{i}/{len(todo)}] {cs.set} {cs.name} {lay} {mode} ...",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+            r = run_case(
+                cs, lay, mode, dtype, device, budget_s=budget, min_reps=min_reps, max_reps=max_reps
+            )
             results.append(r)
             doc["summary"] = summarize(results)
             write_json(doc, args.json_path)
-            print(f" jaxconv {r['jaxconv_ms']:.3f} ms, lax {r['lax_ms']:.3f} ms, "
-                  f"{r['ratio']:.2f}x", file=sys.stderr, flush=True)
+            print(
+                f" jaxconv {r['jaxconv_ms']:.3f} ms, lax {r['lax_ms']:.3f} ms, {r['ratio']:.2f}x",
+                file=sys.stderr,
+                flush=True,
+            )
     except KeyboardInterrupt:
-        print(f"\ninterrupted after {len(results)} of {len(todo)} cases"
-              + (f"; {args.json_path} holds them" if args.json_path else ""), file=sys.stderr)
+        print(
+            f"\ninterrupted after {len(results)} of {len(todo)} cases"
+            + (f"; {args.json_path} holds them" if args.json_path else ""),
+            file=sys.stderr,
+        )
         return 130
     summary = doc["summary"] = summarize(results)
     print(table(results, summary))
-    print(f"\n{len(todo)} cases in {time.perf_counter() - t_start:.1f} s on {device.device_kind} "
-          f"({device.platform}); ratio = lax_ms / jaxconv_ms, > 1 means jaxconv is faster")
+    print(
+        f"\n{len(todo)} cases in {time.perf_counter() - t_start:.1f} s on {device.device_kind} "
+        f"({device.platform}); ratio = lax_ms / jaxconv_ms, > 1 means jaxconv is faster"
+    )
     doc["complete"] = True
     if args.json_path:
         write_json(doc, args.json_path)

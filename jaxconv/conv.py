@@ -13,6 +13,7 @@ and they are closed under differentiation, so each is a custom_vjp whose rules c
 Gradients of any order therefore come out of the same three kernels. A transposed convolution
 is bwd_data of the convolution that it inverts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,10 +51,18 @@ Dims = Sequence[int | None]  # where vmap maps each operand (None: not mapped)
 # Public API.
 
 
-def conv2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, *,
-           stride: IntPair = 1, padding: PaddingLike = 0, dilation: IntPair = 1,
-           groups: int = 1, layout: LayoutName = "NCHW",
-           precision: PrecisionLike = None) -> jax.Array:
+def conv2d(
+    x: ArrayLike,
+    w: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: PaddingLike = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    layout: LayoutName = "NCHW",
+    precision: PrecisionLike = None,
+) -> jax.Array:
     """2-d convolution (cross-correlation), PyTorch's ``conv2d`` computed by jaxconv's kernels.
 
     The result equals ``lax.conv_general_dilated(x, w, stride, pads, rhs_dilation=dilation,
@@ -106,18 +115,46 @@ def conv2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, *,
     An empty batch (N = 0) or O = 0 gives an empty result without launching a kernel.
     """
     if _args.unbatched(x):
-        return _args.drop_batch_axis(conv2d(
-            _args.add_batch_axis(x), w, bias, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, layout=layout, precision=precision))
-    geom = _args.conv2d_geometry(x, w, bias, stride=stride, padding=padding, dilation=dilation,
-                                 groups=groups, layout=layout, precision=precision)
+        return _args.drop_batch_axis(
+            conv2d(
+                _args.add_batch_axis(x),
+                w,
+                bias,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                layout=layout,
+                precision=precision,
+            )
+        )
+    geom = _args.conv2d_geometry(
+        x,
+        w,
+        bias,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        layout=layout,
+        precision=precision,
+    )
     return conv2d_fwd(*_operands(x, w, bias), geom)
 
 
-def conv_transpose2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, *,
-                     stride: IntPair = 1, padding: IntPair | Sequence[Sequence[int]] = 0,
-                     output_padding: IntPair = 0, groups: int = 1, dilation: IntPair = 1,
-                     layout: LayoutName = "NCHW", precision: PrecisionLike = None) -> jax.Array:
+def conv_transpose2d(
+    x: ArrayLike,
+    w: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair | Sequence[Sequence[int]] = 0,
+    output_padding: IntPair = 0,
+    groups: int = 1,
+    dilation: IntPair = 1,
+    layout: LayoutName = "NCHW",
+    precision: PrecisionLike = None,
+) -> jax.Array:
     """Transposed 2-d convolution with PyTorch's ``conv_transpose2d`` semantics.
 
     It is the gradient of :func:`conv2d` with respect to its input: conv_transpose2d with
@@ -157,18 +194,38 @@ def conv_transpose2d(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None = None, 
     Deterministic as :func:`conv2d`.
     """
     if _args.unbatched(x):
-        return _args.drop_batch_axis(conv_transpose2d(
-            _args.add_batch_axis(x), w, bias, stride=stride, padding=padding,
-            output_padding=output_padding, groups=groups, dilation=dilation, layout=layout,
-            precision=precision))
+        return _args.drop_batch_axis(
+            conv_transpose2d(
+                _args.add_batch_axis(x),
+                w,
+                bias,
+                stride=stride,
+                padding=padding,
+                output_padding=output_padding,
+                groups=groups,
+                dilation=dilation,
+                layout=layout,
+                precision=precision,
+            )
+        )
     geom = _args.conv_transpose2d_geometry(
-        x, w, bias, stride=stride, padding=padding, output_padding=output_padding,
-        groups=groups, dilation=dilation, layout=layout, precision=precision)
+        x,
+        w,
+        bias,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+        groups=groups,
+        dilation=dilation,
+        layout=layout,
+        precision=precision,
+    )
     return conv2d_bwd_data(*_operands(x, w, bias), geom)
 
 
-def _operands(x: ArrayLike, w: ArrayLike, bias: ArrayLike | None
-              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _operands(
+    x: ArrayLike, w: ArrayLike, bias: ArrayLike | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The validated operands as arrays, the missing bias as an empty one.
 
     match_vma outside the custom_vjp: in shard_map a replicated w meeting a sharded x is cast to
@@ -186,16 +243,21 @@ def conv2d_fwd(x: Array, w: Array, b: Array, geom: ConvGeometry) -> Array:
     return conv2d_fwd_kernel(x, w, b, geom=geom)
 
 
-def _conv2d_fwd_vjp_fwd(x: Array, w: Array, b: Array, geom: ConvGeometry
-                        ) -> tuple[Array, tuple[Array, Array, Array]]:
+def _conv2d_fwd_vjp_fwd(
+    x: Array, w: Array, b: Array, geom: ConvGeometry
+) -> tuple[Array, tuple[Array, Array, Array]]:
     return conv2d_fwd(x, w, b, geom), (x, w, b)
 
 
-def _conv2d_fwd_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array, Array], g: Array
-                        ) -> tuple[Array, Array, Array]:
+def _conv2d_fwd_vjp_bwd(
+    geom: ConvGeometry, res: tuple[Array, Array, Array], g: Array
+) -> tuple[Array, Array, Array]:
     x, w, b = res
-    return (conv2d_bwd_data(g, w, _no_bias(g.dtype), geom), conv2d_bwd_filter(x, g, geom),
-            _bias_grad(g, b, geom.layout))
+    return (
+        conv2d_bwd_data(g, w, _no_bias(g.dtype), geom),
+        conv2d_bwd_filter(x, g, geom),
+        _bias_grad(g, b, geom.layout),
+    )
 
 
 conv2d_fwd.defvjp(_conv2d_fwd_vjp_fwd, _conv2d_fwd_vjp_bwd)
@@ -206,16 +268,21 @@ def conv2d_bwd_data(dy: Array, w: Array, b: Array, geom: ConvGeometry) -> Array:
     return conv2d_bwd_data_kernel(dy, w, b, geom=geom)
 
 
-def _conv2d_bwd_data_vjp_fwd(dy: Array, w: Array, b: Array, geom: ConvGeometry
-                             ) -> tuple[Array, tuple[Array, Array, Array]]:
+def _conv2d_bwd_data_vjp_fwd(
+    dy: Array, w: Array, b: Array, geom: ConvGeometry
+) -> tuple[Array, tuple[Array, Array, Array]]:
     return conv2d_bwd_data(dy, w, b, geom), (dy, w, b)
 
 
-def _conv2d_bwd_data_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array, Array], g: Array
-                             ) -> tuple[Array, Array, Array]:
+def _conv2d_bwd_data_vjp_bwd(
+    geom: ConvGeometry, res: tuple[Array, Array, Array], g: Array
+) -> tuple[Array, Array, Array]:
     dy, w, b = res
-    return (conv2d_fwd(g, w, _no_bias(g.dtype), geom), conv2d_bwd_filter(g, dy, geom),
-            _bias_grad(g, b, geom.layout))
+    return (
+        conv2d_fwd(g, w, _no_bias(g.dtype), geom),
+        conv2d_bwd_filter(g, dy, geom),
+        _bias_grad(g, b, geom.layout),
+    )
 
 
 conv2d_bwd_data.defvjp(_conv2d_bwd_data_vjp_fwd, _conv2d_bwd_data_vjp_bwd)
@@ -226,16 +293,20 @@ def conv2d_bwd_filter(x: Array, dy: Array, geom: ConvGeometry) -> Array:
     return conv2d_bwd_filter_kernel(x, dy, geom=geom)
 
 
-def _conv2d_bwd_filter_vjp_fwd(x: Array, dy: Array, geom: ConvGeometry
-                               ) -> tuple[Array, tuple[Array, Array]]:
+def _conv2d_bwd_filter_vjp_fwd(
+    x: Array, dy: Array, geom: ConvGeometry
+) -> tuple[Array, tuple[Array, Array]]:
     return conv2d_bwd_filter(x, dy, geom), (x, dy)
 
 
-def _conv2d_bwd_filter_vjp_bwd(geom: ConvGeometry, res: tuple[Array, Array], g: Array
-                               ) -> tuple[Array, Array]:
+def _conv2d_bwd_filter_vjp_bwd(
+    geom: ConvGeometry, res: tuple[Array, Array], g: Array
+) -> tuple[Array, Array]:
     x, dy = res
-    return (conv2d_bwd_data(dy, g, _no_bias(g.dtype), geom),
-            conv2d_fwd(x, g, _no_bias(g.dtype), geom))
+    return (
+        conv2d_bwd_data(dy, g, _no_bias(g.dtype), geom),
+        conv2d_fwd(x, g, _no_bias(g.dtype), geom),
+    )
 
 
 conv2d_bwd_filter.defvjp(_conv2d_bwd_filter_vjp_fwd, _conv2d_bwd_filter_vjp_bwd)
@@ -254,15 +325,17 @@ def _fwd_abstract(x: Aval, w: Aval, b: Aval, *, geom: ConvGeometry) -> Aval:
 def _bwd_data_abstract(dy: Aval, w: Aval, b: Aval, *, geom: ConvGeometry) -> Aval:
     n = act_dims(dy.shape, geom.layout)[0]
     i = weight_dims(w.shape, geom.layout)[1]
-    return out_aval(dy, act_shape(n, i * geom.groups, *geom.in_hw, geom.layout), dy.dtype,
-                    batched=True)
+    return out_aval(
+        dy, act_shape(n, i * geom.groups, *geom.in_hw, geom.layout), dy.dtype, batched=True
+    )
 
 
 def _bwd_filter_abstract(x: Aval, dy: Aval, *, geom: ConvGeometry) -> Aval:
     c = act_dims(x.shape, geom.layout)[1]
     o = act_dims(dy.shape, geom.layout)[1]
-    return out_aval(x, weight_shape(o, c // geom.groups, *geom.kernel_hw, geom.layout), x.dtype,
-                    batched=False)
+    return out_aval(
+        x, weight_shape(o, c // geom.groups, *geom.kernel_hw, geom.layout), x.dtype, batched=False
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,13 +354,15 @@ def _fold_batch_into_channels(x: Array, layout: Layout) -> Array:
     c_axis = act_channel_axis(layout) + 1  # axis of C in the batched array
     x = jnp.moveaxis(x, 0, c_axis - 1)  # B directly before C
     shape = x.shape
-    return x.reshape(shape[:c_axis - 1] + (shape[c_axis - 1] * shape[c_axis],) + shape[c_axis + 1:])
+    return x.reshape(
+        shape[: c_axis - 1] + (shape[c_axis - 1] * shape[c_axis],) + shape[c_axis + 1 :]
+    )
 
 
 def _unfold_channels(y: Array, size: int, layout: Layout) -> Array:
     c_axis = act_channel_axis(layout)
     shape = y.shape
-    y = y.reshape(shape[:c_axis] + (size, shape[c_axis] // size) + shape[c_axis + 1:])
+    y = y.reshape(shape[:c_axis] + (size, shape[c_axis] // size) + shape[c_axis + 1 :])
     return jnp.moveaxis(y, c_axis, 0)
 
 
@@ -296,13 +371,13 @@ def _fold_batch_into_o(w: Array, layout: Layout) -> Array:
     o_axis = weight_out_axis(layout)
     w = jnp.moveaxis(w, 0, o_axis)
     shape = w.shape
-    return w.reshape(shape[:o_axis] + (shape[o_axis] * shape[o_axis + 1],) + shape[o_axis + 2:])
+    return w.reshape(shape[:o_axis] + (shape[o_axis] * shape[o_axis + 1],) + shape[o_axis + 2 :])
 
 
 def _unfold_o(w: Array, size: int, layout: Layout) -> Array:
     o_axis = weight_out_axis(layout)
     shape = w.shape
-    w = w.reshape(shape[:o_axis] + (size, shape[o_axis] // size) + shape[o_axis + 1:])
+    w = w.reshape(shape[:o_axis] + (size, shape[o_axis] // size) + shape[o_axis + 1 :])
     return jnp.moveaxis(w, o_axis, 0)
 
 
@@ -310,16 +385,20 @@ def _grouped(geom: ConvGeometry, size: int) -> ConvGeometry:
     return dataclasses.replace(geom, groups=geom.groups * size)
 
 
-def _batch_weights_into_groups(kernel: Kernel, args: Sequence[Array], dims: Dims, *,
-                               geom: ConvGeometry) -> tuple[Array, int]:
+def _batch_weights_into_groups(
+    kernel: Kernel, args: Sequence[Array], dims: Dims, *, geom: ConvGeometry
+) -> tuple[Array, int]:
     """fwd and bwd_data (operands: activation, weights, bias) under vmap."""
     if dims[1] is NOT_MAPPED and dims[2] is NOT_MAPPED:
         return batch_over_n(kernel, args, dims, geom=geom, n_activations=1)
     size = batch_size(args, dims)
     act, w, b = (to_front(a, d, size) for a, d in zip(args, dims))
-    out = kernel.bind(_fold_batch_into_channels(act, geom.layout),
-                      _fold_batch_into_o(w, geom.layout), b.reshape(-1),
-                      geom=_grouped(geom, size))
+    out = kernel.bind(
+        _fold_batch_into_channels(act, geom.layout),
+        _fold_batch_into_o(w, geom.layout),
+        b.reshape(-1),
+        geom=_grouped(geom, size),
+    )
     return _unfold_channels(out, size, geom.layout), 0
 
 
@@ -327,13 +406,13 @@ def _fwd_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry) -> tupl
     return _batch_weights_into_groups(conv2d_fwd_kernel, args, dims, geom=geom)
 
 
-def _bwd_data_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry
-                    ) -> tuple[Array, int]:
+def _bwd_data_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry) -> tuple[Array, int]:
     return _batch_weights_into_groups(conv2d_bwd_data_kernel, args, dims, geom=geom)
 
 
-def _bwd_filter_batch(args: Sequence[Array], dims: Dims, *, geom: ConvGeometry
-                      ) -> tuple[Array, int]:
+def _bwd_filter_batch(
+    args: Sequence[Array], dims: Dims, *, geom: ConvGeometry
+) -> tuple[Array, int]:
     # Each example has its own dw, so the mapped axis cannot be summed into N: it always goes
     # into the groups.
     x, dy = args
@@ -349,25 +428,47 @@ def _conv_split(operands: str, results: str) -> Split:
     N, and channels in groups), 'w' (weights: output channels in groups) and 'b' (bias). The
     weight gradient has no N: it is summed over the shards of N. Sharding the channels in whole
     groups leaves each device a conv with groups / parts groups (e.g. vmapped weights)."""
+
     def dims(geom: ConvGeometry) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        table = {"x": "ng.." if geom.layout == Layout.NCHW else "n..g",
-                 "w": "g..." if geom.layout == Layout.NCHW else "...g", "b": "g"}
+        table = {
+            "x": "ng.." if geom.layout == Layout.NCHW else "n..g",
+            "w": "g..." if geom.layout == Layout.NCHW else "...g",
+            "b": "g",
+        }
         return tuple(table[k] for k in operands), tuple(table[k] for k in results)
 
-    return Split(dims, groups=lambda geom: geom.groups,
-                 local=lambda geom, parts: dataclasses.replace(geom, groups=geom.groups // parts))
+    return Split(
+        dims,
+        groups=lambda geom: geom.groups,
+        local=lambda geom, parts: dataclasses.replace(geom, groups=geom.groups // parts),
+    )
 
 
 # The bias (third operand) is empty when there is none; only x / dy and w being empty makes the
 # result zeros.
-conv2d_fwd_kernel = make_kernel("conv2d_fwd", _fwd_abstract, _fwd_batch, n_operands=3,
-                                n_data_operands=2, split=_conv_split("xwb", "x"))
-conv2d_bwd_data_kernel = make_kernel("conv2d_bwd_data", _bwd_data_abstract, _bwd_data_batch,
-                                     n_operands=3, n_data_operands=2,
-                                     split=_conv_split("xwb", "x"))
-conv2d_bwd_filter_kernel = make_kernel("conv2d_bwd_filter", _bwd_filter_abstract,
-                                       _bwd_filter_batch, n_operands=2,
-                                       split=_conv_split("xx", "w"))
+conv2d_fwd_kernel = make_kernel(
+    "conv2d_fwd",
+    _fwd_abstract,
+    _fwd_batch,
+    n_operands=3,
+    n_data_operands=2,
+    split=_conv_split("xwb", "x"),
+)
+conv2d_bwd_data_kernel = make_kernel(
+    "conv2d_bwd_data",
+    _bwd_data_abstract,
+    _bwd_data_batch,
+    n_operands=3,
+    n_data_operands=2,
+    split=_conv_split("xwb", "x"),
+)
+conv2d_bwd_filter_kernel = make_kernel(
+    "conv2d_bwd_filter",
+    _bwd_filter_abstract,
+    _bwd_filter_batch,
+    n_operands=2,
+    split=_conv_split("xx", "w"),
+)
 
 
 def _no_bias(dtype: Any) -> Array:

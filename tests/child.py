@@ -6,6 +6,7 @@ The child starts in the tests directory, never in the repository root: `python -
 the unbuilt source checkout of jaxconv instead of the installed package. Starting here also
 makes the test modules and reference.py importable in the child.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,15 @@ from pathlib import Path
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-def run_python(*args: str, env: dict | None = None, cwd: Path | str = TESTS_DIR,
-               timeout: float = 300) -> subprocess.CompletedProcess:
+def run_python(
+    *args: str, env: dict | None = None, cwd: Path | str = TESTS_DIR, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`python *args` with `env` added to this process's environment; output captured as text."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

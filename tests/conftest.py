@@ -25,6 +25,7 @@ process that reports (pytest-xdist's controller, which hears of each test's star
 its workers, or pytest alone), so that a run killed at its time limit still says which tests
 finished, how, and which were running.
 """
+
 import os
 
 import jax
@@ -47,8 +48,9 @@ def _platforms():
         wanted = [w.strip() for w in wanted.split(",") if w.strip()]
         missing = [w for w in wanted if w not in found]
         if missing:
-            raise pytest.UsageError(f"JAXCONV_TEST_BACKENDS names {missing}, but JAX sees only "
-                                    f"{found}")
+            raise pytest.UsageError(
+                f"JAXCONV_TEST_BACKENDS names {missing}, but JAX sees only {found}"
+            )
         found = wanted
     return found
 
@@ -58,15 +60,21 @@ BACKENDS = _platforms()
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "cpu_only(reason): run only the cpu instance of this test (the `backend` "
-        "fixture skips the others, giving the reason)")
+        "markers",
+        "cpu_only(reason): run only the cpu instance of this test (the `backend` "
+        "fixture skips the others, giving the reason)",
+    )
     config.addinivalue_line(
-        "markers", "slow(reason): a case of tens of seconds or more (host-emulation builds, "
+        "markers",
+        "slow(reason): a case of tens of seconds or more (host-emulation builds, "
         "child processes with 8 devices or a multi-process cluster, whole-version smoke runs); "
-        "`pytest -m 'not slow'` leaves them out for a fast development run")
+        "`pytest -m 'not slow'` leaves them out for a fast development run",
+    )
     config.addinivalue_line(
-        "markers", "tf32: the test checks TF32 itself; on a GPU it keeps the default matmul "
-        "precision instead of running under jax.default_matmul_precision('highest')")
+        "markers",
+        "tf32: the test checks TF32 itself; on a GPU it keeps the default matmul "
+        "precision instead of running under jax.default_matmul_precision('highest')",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -97,15 +105,19 @@ def pytest_collection_modifyitems(config, items):
     With JAXCONV_TEST_DEVICE_ONLY=1, deselect the tests that run nothing on a device: those
     without the `backend` fixture and the cpu_only ones (they would only report a skip)."""
     for item in items:
-        if item.get_closest_marker("cpu_only") is not None and \
-                "backend" not in getattr(item, "fixturenames", ()):
-            raise pytest.UsageError(f"{item.nodeid} is marked cpu_only but does not take the "
-                                    "`backend` fixture")
+        if item.get_closest_marker("cpu_only") is not None and "backend" not in getattr(
+            item, "fixturenames", ()
+        ):
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked cpu_only but does not take the `backend` fixture"
+            )
     if os.environ.get("JAXCONV_TEST_DEVICE_ONLY") == "1":
         keep, drop = [], []
         for item in items:
-            device = "backend" in getattr(item, "fixturenames", ()) and \
-                item.get_closest_marker("cpu_only") is None
+            device = (
+                "backend" in getattr(item, "fixturenames", ())
+                and item.get_closest_marker("cpu_only") is None
+            )
             (keep if device else drop).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)
@@ -113,8 +125,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 # xdist workers leave the writing to the controller, which receives their reports.
-_PROGRESS = None if os.environ.get("PYTEST_XDIST_WORKER") else \
-    os.environ.get("JAXCONV_TEST_PROGRESS")
+_PROGRESS = (
+    None if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("JAXCONV_TEST_PROGRESS")
+)
 
 
 def _progress(line: str):
@@ -128,13 +141,13 @@ def _progress(line: str):
 
 
 if _PROGRESS:
+
     def pytest_runtest_logstart(nodeid, location):
         _progress(f"start {nodeid}")
 
     def pytest_runtest_logreport(report):
         # One line per test: its failing phase if any, else the call (or the setup's skip).
-        if report.failed or (report.when == "call") or (report.when == "setup" and
-                                                         report.skipped):
+        if report.failed or (report.when == "call") or (report.when == "setup" and report.skipped):
             outcome = report.outcome if report.when == "call" or not report.failed else "error"
             _progress(f"{outcome} {report.nodeid} {report.duration:.2f}s")
 
@@ -148,4 +161,5 @@ def conv_emu(tmp_path_factory):
     """tests/cuda_emulation/kernels.cc built against the host emulation (tests/emulation.py):
     the conv and pool kernels with the handlers' planning, one build per session and worker."""
     from emulation import build_emulation
+
     return build_emulation("kernels.cc", tmp_path_factory.mktemp("conv_emu"))

@@ -11,6 +11,7 @@ ctypes, and holds the conv cases and their float64 oracle that several files che
 
 The libraries' fixtures (one build per test session and worker) are in conftest.py.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -62,8 +63,17 @@ def compile_library(sources, out: Path, flags):
     compiler = cxx()
     if compiler is None:
         pytest.skip("no C++ compiler")
-    cmd = [compiler, *flags, "-fPIC", "-shared", "-I", str(FFI_DIR), *map(str, sources), "-o",
-           str(out)]
+    cmd = [
+        compiler,
+        *flags,
+        "-fPIC",
+        "-shared",
+        "-I",
+        str(FFI_DIR),
+        *map(str, sources),
+        "-o",
+        str(out),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
     return ctypes.CDLL(str(out))
@@ -75,16 +85,23 @@ def build_emulation(source: str, out_dir: Path, extra_flags=()):
     inc = cuda_include()
     if inc is None:
         pytest.skip("CUDA headers not found (cuda_bf16.h); the emulation needs the half types")
-    return compile_library([EMU_DIR / source], out_dir / (Path(source).stem + ".so"),
-                           ["-std=c++20", "-O1", "-pthread", "-I", inc, *extra_flags])
+    return compile_library(
+        [EMU_DIR / source],
+        out_dir / (Path(source).stem + ".so"),
+        ["-std=c++20", "-O1", "-pthread", "-I", inc, *extra_flags],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Arguments for ctypes.
 
 DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}  # as the handlers' enum
-NP_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16,
-             "bfloat16": ml_dtypes.bfloat16}
+NP_DTYPES = {
+    "float32": np.float32,
+    "float64": np.float64,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+}
 DTYPES = ["float64", "float32", "float16", "bfloat16"]
 LAYOUT_CODES = {"NCHW": 0, "NHWC": 1}
 MAX_BLOCKS = 3  # each emulated launch runs at most 3 blocks; they loop over the rest
@@ -123,19 +140,39 @@ def sentinel(shape, dtype):
 
 def conv_case(n, c, h, w, o, k, *, stride=1, dilation=1, pads=0, groups=1):
     """One convolution problem in NCHW terms (the test adds "layout")."""
-    two = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    two = lambda v: (v, v) if isinstance(v, int) else tuple(v)
     if isinstance(pads, int):
         pads = (pads, pads)
     pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pads)
-    return dict(n=n, c=c, h=h, w=w, o=o, k=two(k), stride=two(stride), dilation=two(dilation),
-                pads=pads, groups=groups)
+    return dict(
+        n=n,
+        c=c,
+        h=h,
+        w=w,
+        o=o,
+        k=two(k),
+        stride=two(stride),
+        dilation=two(dilation),
+        pads=pads,
+        groups=groups,
+    )
 
 
 def conv_attrs(c, layout=None):
     """The conv FFI attributes in the handlers' order (docs/design.md, "FFI contract")."""
     (pt, pb), (pl, pr) = c["pads"]
-    return [c["stride"][0], c["stride"][1], c["dilation"][0], c["dilation"][1], pt, pb, pl, pr,
-            c["groups"], LAYOUT_CODES[layout or c["layout"]]]
+    return [
+        c["stride"][0],
+        c["stride"][1],
+        c["dilation"][0],
+        c["dilation"][1],
+        pt,
+        pb,
+        pl,
+        pr,
+        c["groups"],
+        LAYOUT_CODES[layout or c["layout"]],
+    ]
 
 
 def layout_shapes(c):
@@ -146,16 +183,42 @@ def layout_shapes(c):
     return xs, ws
 
 
-def emu_conv(lib, which, c, x_shape, w_shape, a, b, bias, out_shape, dtype, *,
-             tensor_cores=False, allow_tf32=False, force_tile=0):
+def emu_conv(
+    lib,
+    which,
+    c,
+    x_shape,
+    w_shape,
+    a,
+    b,
+    bias,
+    out_shape,
+    dtype,
+    *,
+    tensor_cores=False,
+    allow_tf32=False,
+    force_tile=0,
+):
     """One direction (0 forward, 1 bwd_data, 2 bwd_filter) through kernels.cc's emu_conv, the
     handlers' planning and launches. tensor_cores / allow_tf32: the handlers' PassOptions
     (sm_80+, the allow_tf32 attribute); force_tile MMA_LARGE / MMA_SMALL (and their _INT64
     forms) runs that tensor-core tile whatever the shape."""
     out = sentinel(out_shape, dtype)
-    rc = lib.emu_conv(which, DTYPE_CODES[dtype], vec(x_shape), vec(w_shape),
-                      vec(conv_attrs(c)), ptr(a), ptr(b), ptr(bias), ptr(out),
-                      MAX_BLOCKS, int(tensor_cores), int(allow_tf32), int(force_tile))
+    rc = lib.emu_conv(
+        which,
+        DTYPE_CODES[dtype],
+        vec(x_shape),
+        vec(w_shape),
+        vec(conv_attrs(c)),
+        ptr(a),
+        ptr(b),
+        ptr(bias),
+        ptr(out),
+        MAX_BLOCKS,
+        int(tensor_cores),
+        int(allow_tf32),
+        int(force_tile),
+    )
     assert rc == 0, f"emu_conv returned {rc}"
     return out
 
@@ -168,9 +231,9 @@ def emu_conv(lib, which, c, x_shape, w_shape, a, b, bias, out_shape, dtype, *,
 CONV_CASES = {
     "3x3_pad1": conv_case(2, 3, 7, 7, 5, 3, pads=1),
     "wide_two_n_tiles_stride2": conv_case(1, 4, 9, 9, 70, 3, stride=2, pads=((1, 0), (0, 1))),
-    "groups_dilation_negative_pads": conv_case(2, 4, 7, 8, 6, (3, 2), stride=(2, 1),
-                                               dilation=(1, 2), pads=((-1, 2), (1, -2)),
-                                               groups=2),
+    "groups_dilation_negative_pads": conv_case(
+        2, 4, 7, 8, 6, (3, 2), stride=(2, 1), dilation=(1, 2), pads=((-1, 2), (1, -2)), groups=2
+    ),
     "depthwise_stride2": conv_case(2, 6, 6, 6, 6, 3, stride=2, pads=1, groups=6),
     "1x1_many_positions": conv_case(4, 2, 16, 16, 3, 1),
     "3x3_many_positions": conv_case(2, 2, 16, 16, 3, 3, pads=1),
@@ -196,11 +259,11 @@ MMA_CASES = {
     # NHWC: A vector for float32 only; B k-major gathered (70 channels): several n tiles.
     "mma_c20_o70_stride2": conv_case(1, 20, 9, 8, 70, 3, stride=2, pads=((1, 0), (0, 1))),
     # groups of 16 in / 24 out channels, dilation and negative pads; bwd_data phases with gcd 1.
-    "mma_groups_dilated": conv_case(2, 32, 7, 8, 48, (3, 2), stride=(2, 1), dilation=(1, 2),
-                                    pads=((-1, 2), (1, -2)), groups=2),
+    "mma_groups_dilated": conv_case(
+        2, 32, 7, 8, 48, (3, 2), stride=(2, 1), dilation=(1, 2), pads=((-1, 2), (1, -2)), groups=2
+    ),
     # stride 3 with dilation 2: bwd_data phases with 2 tap slots; odd channels: all gathered.
-    "mma_odd_channels_phases": conv_case(1, 6, 11, 10, 18, 3, stride=3, dilation=2,
-                                         pads=(2, 1)),
+    "mma_odd_channels_phases": conv_case(1, 6, 11, 10, 18, 3, stride=3, dilation=2, pads=(2, 1)),
     # 1x1 over many positions: several m tiles of both sizes; NCHW forward B vector (K = 40).
     "mma_1x1_many_rows": conv_case(3, 40, 9, 9, 16, 1),
 }
@@ -228,7 +291,7 @@ def hwio(w):
     return jnp.transpose(w, (2, 3, 1, 0))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_oracle(name):
     """Inputs and lax's results (NCHW, float64) of ALL_CONV_CASES[name]: y = conv(x, w) + bias,
     and at dy the VJP of the bias-free convolution, dx (plus bias_dx, the transposed

@@ -6,6 +6,7 @@ finite ratios that equal lax_ms / jaxconv_ms, work counts that match the shapes,
 are the geometric means of the rows, the machine/device/version record, and jaxconv's results
 agreeing with lax's on every benchmarked case.
 """
+
 import json
 import math
 import sys
@@ -13,6 +14,7 @@ import sys
 import pytest
 
 from jaxconv import bench
+
 from child import run_python
 
 pytestmark = pytest.mark.slow("runs the benchmark harness end to end in a child process")
@@ -25,8 +27,16 @@ def quick_run(tmp_path_factory):
     """One --quick run writing both the JSON and the picture: (json path, png path)."""
     path = tmp_path_factory.mktemp("bench") / "quick.json"
     png = path.with_suffix(".png")
-    proc = run_python("-m", "jaxconv.bench", "--quick", "--json", str(path), "--plot", str(png),
-                      env={"JAX_PLATFORMS": "cpu"})
+    proc = run_python(
+        "-m",
+        "jaxconv.bench",
+        "--quick",
+        "--json",
+        str(path),
+        "--plot",
+        str(png),
+        env={"JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Progress goes to stderr, the table to stdout.
     assert "[1/" in proc.stderr
@@ -60,8 +70,9 @@ def test_header_records_machine_device_and_versions(quick_json):
 def test_every_case_present_with_positive_finite_ratios(quick_json):
     rows = quick_json["results"]
     seen = {(r["set"], r["layout"], r["mode"]) for r in rows}
-    assert seen == {(s, lay, m) for s in SETS for lay in ("NCHW", "NHWC")
-                    for m in ("fwd", "fwd+bwd")}
+    assert seen == {
+        (s, lay, m) for s in SETS for lay in ("NCHW", "NHWC") for m in ("fwd", "fwd+bwd")
+    }
     for r in rows:
         assert r["jaxconv_ms"] > 0 and r["lax_ms"] > 0, r
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
@@ -95,11 +106,15 @@ def test_summary_is_the_geometric_mean_of_the_rows(quick_json):
     summary = {(s["set"], s["layout"], s["mode"]): s for s in quick_json["summary"]}
     for (set_, layout, mode), s in summary.items():
         members = ("lenet", "resnet50") if set_ == "lenet+resnet50" else (set_,)
-        ratios = [r["ratio"] for r in rows
-                  if r["set"] in members and r["layout"] == layout and r["mode"] == mode]
+        ratios = [
+            r["ratio"]
+            for r in rows
+            if r["set"] in members and r["layout"] == layout and r["mode"] == mode
+        ]
         assert s["n"] == len(ratios) > 0
-        assert s["geomean_ratio"] == pytest.approx(math.exp(sum(map(math.log, ratios))
-                                                            / len(ratios)))
+        assert s["geomean_ratio"] == pytest.approx(
+            math.exp(sum(map(math.log, ratios)) / len(ratios))
+        )
         assert s["min_ratio"] == min(ratios)
     assert ("lenet+resnet50", "NCHW", "fwd") in summary
 
@@ -108,22 +123,33 @@ def test_full_shape_sets_match_the_issue():
     """The non-quick sets are the layers the performance targets are stated for."""
     lenet = bench.cases("lenet", "cpu")
     assert [(c.n, c.c, c.h, c.out_channels, c.kernel) for c in lenet] == [
-        (64, 1, 32, 6, 5), (64, 6, 14, 16, 5), (64, 16, 5, 120, 5)]
+        (64, 1, 32, 6, 5),
+        (64, 6, 14, 16, 5),
+        (64, 16, 5, 120, 5),
+    ]
     resnet = bench.cases("resnet50", "cpu")
     assert all(c.n == 8 for c in resnet)
     stem = resnet[0]
     assert (stem.c, stem.h, stem.out_channels, stem.kernel, stem.stride, stem.padding) == (
-        3, 224, 64, 7, 2, 3)
-    assert {(c.kernel, c.h) for c in resnet[1:]} == {(k, hw) for k in (1, 3)
-                                                     for hw in (56, 28, 14, 7)}
+        3,
+        224,
+        64,
+        7,
+        2,
+        3,
+    )
+    assert {(c.kernel, c.h) for c in resnet[1:]} == {
+        (k, hw) for k in (1, 3) for hw in (56, 28, 14, 7)
+    }
     mobile = bench.cases("mobilenet", "cpu")
     assert all(c.groups == c.c == c.out_channels and c.kernel == 3 for c in mobile)
     assert {c.stride for c in mobile} == {1, 2}
     pools = bench.cases("pool", "cpu")
     assert {(c.kernel, c.stride) for c in pools} == {(2, 2), (3, 2)}
     for c in resnet + lenet:
-        assert c.out_hw() == tuple((s + 2 * c.padding - c.kernel) // c.stride + 1
-                                   for s in (c.h, c.w))
+        assert c.out_hw() == tuple(
+            (s + 2 * c.padding - c.kernel) // c.stride + 1 for s in (c.h, c.w)
+        )
     large = bench.cases("large", "cpu")
     depthwise = [(c.kernel, c.h) for c in large if c.groups == c.c == c.out_channels > 1]
     assert depthwise == [(7, 56), (7, 14), (31, 56), (31, 28), (27, 14), (13, 7)]
@@ -147,6 +173,7 @@ def test_rows_name_the_algorithm_the_cpu_takes(quick_json):
 def test_algorithm_column_follows_the_environment(monkeypatch):
     cs = bench.cases("large", "cpu")[2]  # 31x31 depthwise: FFT by default
     import jax
+
     cpu = jax.devices("cpu")[0]
     assert bench.algorithm(cs, "NHWC", "fwd", "float32", cpu).startswith("fft ")
     monkeypatch.setenv("JAXCONV_CPU_CONV_ALGO", "direct")
@@ -161,6 +188,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def assert_png_with_content(path):
     import matplotlib.image
+
     with open(path, "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
     pixels = matplotlib.image.imread(path)
@@ -193,16 +221,19 @@ def test_plot_draws_every_ratio_on_a_log_axis_with_a_parity_line(quick_json, tmp
         colours.add(matplotlib.colors.to_hex(series.get_facecolor()[0]))
     assert len(colours) == 4
     # The summary table beside the plot lists every geometric mean.
-    text = " ".join(cell.get_text().get_text()
-                    for cell in fig.axes[1].tables[0].get_celld().values())
+    text = " ".join(
+        cell.get_text().get_text() for cell in fig.axes[1].tables[0].get_celld().values()
+    )
     for s in doc["summary"]:
         assert f"{s['geomean_ratio']:.2f}x" in text
 
 
-def test_from_json_redraws_a_saved_run_without_timing_anything(quick_run, tmp_path,
-                                                               monkeypatch, capsys):
+def test_from_json_redraws_a_saved_run_without_timing_anything(
+    quick_run, tmp_path, monkeypatch, capsys
+):
     def no_timing(*args, **kwargs):
         raise AssertionError("--from-json must not run the benchmark")
+
     monkeypatch.setattr(bench, "run_case", no_timing)
     png = tmp_path / "again.png"
     assert bench.main(["--from-json", str(quick_run[0]), "--plot", str(png)]) == 0
@@ -234,8 +265,12 @@ def test_a_killed_run_leaves_valid_json_with_the_rows_it_finished(tmp_path):
     # 8 quick cases (lenet's 2 layers x 2 layouts x 2 modes); killed after the first rows.
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxconv.bench", "--quick", "--set", "lenet", "--json", str(path)],
-        cwd=TESTS_DIR, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
+        cwd=TESTS_DIR,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     rows, deadline = [], time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -256,7 +291,7 @@ def test_a_killed_run_leaves_valid_json_with_the_rows_it_finished(tmp_path):
         doc = json.load(f)
     assert doc["complete"] is False
     assert 2 <= len(doc["results"]) < 8, len(doc["results"])
-    assert doc["results"][:len(rows)] == rows  # what was read mid-run is still there
+    assert doc["results"][: len(rows)] == rows  # what was read mid-run is still there
     for r in doc["results"]:
         assert r["set"] == "lenet" and r["jaxconv_ms"] > 0 and r["lax_ms"] > 0
     # The summary covers the rows so far.

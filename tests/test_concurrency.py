@@ -9,6 +9,7 @@ alone. Each thread therefore gets its own inputs (a race would mix them) of two 
 scratch of some threads grows while others use theirs), and results must be *bitwise* equal to
 single-threaded ones: the kernels' summation order is fixed by the work item, not by the thread.
 """
+
 from __future__ import annotations
 
 import threading
@@ -17,9 +18,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import jaxconv
+
 from reference import on, random_array
 
 THREADS = 6
@@ -44,15 +45,18 @@ def _pool_vjp(x):
 # name -> (function of (x, w, w_t, w_dw), in NCHW). Together they launch every target:
 # conv fwd / bwd_data / bwd_filter (GEMM and depthwise paths), transposed conv, pool fwd/bwd.
 OPS = {
-    "conv2d": lambda x, w, w_t, w_dw: _vjp(
-        partial(jaxconv.conv2d, stride=1, padding=1), x, w),
+    "conv2d": lambda x, w, w_t, w_dw: _vjp(partial(jaxconv.conv2d, stride=1, padding=1), x, w),
     "conv2d_strided_nhwc": lambda x, w, w_t, w_dw: _vjp(
         partial(jaxconv.conv2d, stride=2, padding=1, layout="NHWC"),
-        jnp.transpose(x, (0, 2, 3, 1)), jnp.transpose(w, (2, 3, 1, 0))),
+        jnp.transpose(x, (0, 2, 3, 1)),
+        jnp.transpose(w, (2, 3, 1, 0)),
+    ),
     "depthwise": lambda x, w, w_t, w_dw: _vjp(
-        partial(jaxconv.conv2d, padding=1, groups=x.shape[1]), x, w_dw),
+        partial(jaxconv.conv2d, padding=1, groups=x.shape[1]), x, w_dw
+    ),
     "conv_transpose2d": lambda x, w, w_t, w_dw: _vjp(
-        partial(jaxconv.conv_transpose2d, stride=2, padding=1, output_padding=1), x, w_t),
+        partial(jaxconv.conv_transpose2d, stride=2, padding=1, output_padding=1), x, w_t
+    ),
     "max_pool2d": lambda x, w, w_t, w_dw: _pool_vjp(x),
 }
 
@@ -60,10 +64,12 @@ OPS = {
 def operands(size, seed):
     n, c, h, wd = size
     rng = np.random.default_rng(seed)
-    return (random_array(rng, (n, c, h, wd), jnp.float32),
-            random_array(rng, (2 * c, c, 3, 3), jnp.float32),
-            random_array(rng, (c, c // 2, 3, 3), jnp.float32),
-            random_array(rng, (c, 1, 3, 3), jnp.float32))
+    return (
+        random_array(rng, (n, c, h, wd), jnp.float32),
+        random_array(rng, (2 * c, c, 3, 3), jnp.float32),
+        random_array(rng, (c, c // 2, 3, 3), jnp.float32),
+        random_array(rng, (c, 1, 3, 3), jnp.float32),
+    )
 
 
 def assert_bitwise_equal(got, want, what):
@@ -73,8 +79,9 @@ def assert_bitwise_equal(got, want, what):
         g, w = np.asarray(g), np.asarray(w)
         assert g.shape == w.shape and g.dtype == w.dtype, (what, g.shape, w.shape)
         # Compare the bits: equal values, signed zeros and NaN payloads included.
-        np.testing.assert_array_equal(g.view(f"u{g.itemsize}"), w.view(f"u{w.itemsize}"),
-                                      err_msg=str(what))
+        np.testing.assert_array_equal(
+            g.view(f"u{g.itemsize}"), w.view(f"u{w.itemsize}"), err_msg=str(what)
+        )
 
 
 def run_threads(work, n_threads):
@@ -87,7 +94,7 @@ def run_threads(work, n_threads):
         try:
             barrier.wait(timeout=60)
             work(t)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+        except BaseException as e:
             errors.append(e)
             barrier.abort()
 
@@ -106,8 +113,10 @@ def test_threads_calling_jitted_functions_get_single_threaded_results(backend):
     order, all at once; every result equals the one computed alone beforehand."""
     jitted = {name: jax.jit(fn) for name, fn in OPS.items()}
     inputs = [on(backend, *operands(SIZES[t % 2], seed=t)) for t in range(THREADS)]
-    alone = [{name: jax.block_until_ready(fn(*inputs[t])) for name, fn in jitted.items()}
-             for t in range(THREADS)]
+    alone = [
+        {name: jax.block_until_ready(fn(*inputs[t])) for name, fn in jitted.items()}
+        for t in range(THREADS)
+    ]
 
     def work(t):
         names = list(jitted)

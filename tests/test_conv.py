@@ -4,6 +4,7 @@ Geometries are listed once in NCHW/OIHW terms (N, C, H, W, O, kernel, ...) and e
 layouts; dtypes are crossed with a few geometries only, to keep the suite fast. A seeded random
 loop covers combinations nobody thought of.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import jaxconv
+
 from reference import ConvCase, assert_close, on, ref_conv2d
 
 DTYPES = [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16]
@@ -49,10 +51,12 @@ GEOMETRIES = {
     "groups2": ConvCase(c=4, o=6, groups=2),
     "depthwise": ConvCase(c=4, o=4, groups=4, padding=1),
     "depthwise_channel_multiplier": ConvCase(c=3, o=6, groups=3, padding=1),
-    "groups_with_everything": ConvCase(c=6, o=4, groups=2, kernel=(3, 2), stride=(2, 1),
-                                   padding=((1, 0), (2, 1)), dilation=(2, 1)),
-    "anisotropic_everything": ConvCase(h=8, w=5, kernel=(2, 3), stride=(1, 2), dilation=(2, 1),
-                                   padding=((0, 1), (2, 0))),
+    "groups_with_everything": ConvCase(
+        c=6, o=4, groups=2, kernel=(3, 2), stride=(2, 1), padding=((1, 0), (2, 1)), dilation=(2, 1)
+    ),
+    "anisotropic_everything": ConvCase(
+        h=8, w=5, kernel=(2, 3), stride=(1, 2), dilation=(2, 1), padding=((0, 1), (2, 0))
+    ),
     "pointwise_1x1": ConvCase(kernel=(1, 1)),
     # Edge cases the first plan listed (1x1 images, kernels larger than the input, ...).
     "image_1x1_kernel_1x1": ConvCase(h=1, w=1, kernel=(1, 1)),
@@ -92,8 +96,9 @@ MEDIUM = {
     "K288_strided": ConvCase(n=2, c=32, h=15, w=16, o=20, stride=2, padding=1),
     "K600_groups2": ConvCase(n=1, c=48, h=9, w=9, o=18, kernel=(5, 5), groups=2, padding=2),
     "pointwise_1x1": ConvCase(n=2, c=40, h=9, w=10, o=33, kernel=(1, 1)),
-    "depthwise_multiplier_wide": ConvCase(n=1, c=20, h=9, w=10, o=40, groups=20, dilation=2,
-                                      padding="SAME"),
+    "depthwise_multiplier_wide": ConvCase(
+        n=1, c=20, h=9, w=10, o=40, groups=20, dilation=2, padding="SAME"
+    ),
     "depthwise_wide": ConvCase(n=2, c=40, h=11, w=12, o=40, groups=40, stride=2, padding=1),
 }
 
@@ -134,8 +139,9 @@ def test_nan_and_inf_propagate_like_lax(backend, layout):
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     assert np.isnan(want).any() and np.isfinite(want).any()
     finite = np.isfinite(np.asarray(want))
-    np.testing.assert_allclose(np.asarray(got)[finite], np.asarray(want)[finite], rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(got)[finite], np.asarray(want)[finite], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_many_channels_accumulate(backend):
@@ -145,8 +151,10 @@ def test_many_channels_accumulate(backend):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", ["groups_with_everything", "even_kernel_SAME_stride2",
-                                  "kernel_larger_than_input_padded"])
+@pytest.mark.parametrize(
+    "name",
+    ["groups_with_everything", "even_kernel_SAME_stride2", "kernel_larger_than_input_padded"],
+)
 def test_under_jit(backend, name, layout):
     check(GEOMETRIES[name], backend, layout, jnp.float32, jit=True)
 
@@ -177,13 +185,20 @@ def random_conv(rng: np.random.Generator) -> ConvCase:
             padding = tuple(tuple(int(p) for p in rng.integers(0, 3, 2)) for _ in range(2))
         else:
             padding = str(rng.choice(["SAME", "VALID", "same"]))
-        case = ConvCase(n=int(rng.integers(1, 3)), c=groups * int(rng.integers(1, 4)), h=h, w=w,
-                    o=groups * int(rng.integers(1, 4)), kernel=kernel,
-                    stride=stride if rng.random() < 0.7 else stride[0],
-                    padding=padding, dilation=dilation if rng.random() < 0.7 else dilation[0],
-                    groups=groups)
+        case = ConvCase(
+            n=int(rng.integers(1, 3)),
+            c=groups * int(rng.integers(1, 4)),
+            h=h,
+            w=w,
+            o=groups * int(rng.integers(1, 4)),
+            kernel=kernel,
+            stride=stride if rng.random() < 0.7 else stride[0],
+            padding=padding,
+            dilation=dilation if rng.random() < 0.7 else dilation[0],
+            groups=groups,
+        )
         (pt, pb), (pl, pr) = case.ref_keywords()["padding"]
-        two = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+        two = lambda v: (v, v) if isinstance(v, int) else v
         dh, dw = two(case.dilation)
         if h + pt + pb >= dh * (kernel[0] - 1) + 1 and w + pl + pr >= dw * (kernel[1] - 1) + 1:
             return case

@@ -4,8 +4,8 @@ Weights are (C_in, C_out/groups, KH, KW) for NCHW and (KH, KW, C_out/groups, C_i
 Geometries are given in NCHW terms and each runs in both layouts; output_padding appears with
 stride and with dilation (it only has to be smaller than one of them).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxconv
+
 from reference import ConvCase, assert_close, on
 
 DTYPES = [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16]
@@ -41,8 +42,9 @@ GEOMETRIES = {
     "plain_3x3": transposed(),
     "stride2": transposed(stride=2),
     "stride2_output_padding1": transposed(stride=2, output_padding=1),
-    "stride_anisotropic_output_padding": transposed(stride=(2, 3), output_padding=(1, 2),
-                                               padding=(1, 0)),
+    "stride_anisotropic_output_padding": transposed(
+        stride=(2, 3), output_padding=(1, 2), padding=(1, 0)
+    ),
     "padding_int": transposed(padding=1),
     "padding_pair": transposed(kernel=(3, 4), padding=(1, 2)),
     "padding_asymmetric": transposed(stride=2, padding=((0, 2), (1, 0))),
@@ -51,9 +53,16 @@ GEOMETRIES = {
     "groups2": transposed(c=4, o=6, groups=2, stride=2),
     "depthwise": transposed(c=4, o=4, groups=4, stride=2, padding=1),
     "depthwise_channel_multiplier": transposed(c=3, o=6, groups=3),
-    "anisotropic_everything": transposed(c=4, o=6, groups=2, kernel=(3, 2), stride=(2, 3),
-                                    padding=((1, 0), (0, 2)), output_padding=(1, 0),
-                                    dilation=(1, 2)),
+    "anisotropic_everything": transposed(
+        c=4,
+        o=6,
+        groups=2,
+        kernel=(3, 2),
+        stride=(2, 3),
+        padding=((1, 0), (0, 2)),
+        output_padding=(1, 0),
+        dilation=(1, 2),
+    ),
     "image_1x1": transposed(h=1, w=1, stride=2),
     "kernel_1x1_stride2_output_padding": transposed(kernel=(1, 1), stride=2, output_padding=1),
     "even_kernel_stride2_padded": transposed(kernel=(4, 4), stride=2, padding=1),  # DCGAN upsampler
@@ -93,8 +102,9 @@ def test_inverts_conv2d_shape(backend):
     for size, op in ((7, 0), (8, 1)):
         x = on(backend, jnp.ones((1, 2, size, size)))
         y = jaxconv.conv2d(x, jnp.ones((3, 2, 3, 3)), stride=2, padding=1)
-        back = jaxconv.conv_transpose2d(y, jnp.ones((3, 2, 3, 3)), stride=2, padding=1,
-                                        output_padding=op)
+        back = jaxconv.conv_transpose2d(
+            y, jnp.ones((3, 2, 3, 3)), stride=2, padding=1, output_padding=op
+        )
         assert back.shape == x.shape
 
 
@@ -106,10 +116,19 @@ def random_convt(rng: np.random.Generator) -> ConvCase:
         dilation = tuple(int(d) for d in rng.integers(1, 3, 2))
         output_padding = tuple(int(rng.integers(0, max(s, d))) for s, d in zip(stride, dilation))
         padding = tuple(tuple(int(p) for p in rng.integers(0, 3, 2)) for _ in range(2))
-        case = transposed(n=int(rng.integers(1, 3)), c=groups * int(rng.integers(1, 4)),
-                     o=groups * int(rng.integers(1, 4)), h=int(rng.integers(1, 7)),
-                     w=int(rng.integers(1, 7)), kernel=kernel, stride=stride, padding=padding,
-                     output_padding=output_padding, dilation=dilation, groups=groups)
+        case = transposed(
+            n=int(rng.integers(1, 3)),
+            c=groups * int(rng.integers(1, 4)),
+            o=groups * int(rng.integers(1, 4)),
+            h=int(rng.integers(1, 7)),
+            w=int(rng.integers(1, 7)),
+            kernel=kernel,
+            stride=stride,
+            padding=padding,
+            output_padding=output_padding,
+            dilation=dilation,
+            groups=groups,
+        )
         if min(case.out_hw()) >= 1:
             return case
 
@@ -117,5 +136,11 @@ def random_convt(rng: np.random.Generator) -> ConvCase:
 @pytest.mark.parametrize("seed", range(16))
 def test_random_configurations(backend, seed):
     case = random_convt(np.random.default_rng(2000 + seed))
-    check(case, backend, LAYOUTS[seed % 2], [jnp.float32, jnp.float64][(seed // 2) % 2],
-          bias=bool(seed % 3), seed=seed)
+    check(
+        case,
+        backend,
+        LAYOUTS[seed % 2],
+        [jnp.float32, jnp.float64][(seed // 2) % 2],
+        bias=bool(seed % 3),
+        seed=seed,
+    )

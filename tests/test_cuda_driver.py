@@ -3,6 +3,7 @@ newer driver than the installed one warns once, with what to do; a compatible pa
 at all, or hidden GPUs stay silent. The decision is a pure function of the two version numbers,
 so it is tested here with made-up versions; the module's own two numbers are checked where the
 CUDA module was built."""
+
 import importlib.util
 import warnings
 
@@ -13,13 +14,16 @@ from jaxconv import _cuda_driver
 pytestmark = pytest.mark.cpu_only("pure Python on version numbers; no device is involved")
 
 
-@pytest.mark.parametrize("runtime, driver", [
-    (13000, 13000),  # the same version
-    (13000, 13020),  # a newer driver
-    (12080, 12020),  # older minor of the same major: CUDA minor-version compatibility
-    (12080, 13000),  # a CUDA 12 module under a CUDA 13 driver
-    (13000, 0),      # no driver installed: no GPU can be used, nothing to warn about
-])
+@pytest.mark.parametrize(
+    "runtime, driver",
+    [
+        (13000, 13000),  # the same version
+        (13000, 13020),  # a newer driver
+        (12080, 12020),  # older minor of the same major: CUDA minor-version compatibility
+        (12080, 13000),  # a CUDA 12 module under a CUDA 13 driver
+        (13000, 0),  # no driver installed: no GPU can be used, nothing to warn about
+    ],
+)
 def test_compatible_pairs_are_silent(backend, runtime, driver):
     assert _cuda_driver.driver_mismatch(runtime, driver) is None
 
@@ -27,15 +31,24 @@ def test_compatible_pairs_are_silent(backend, runtime, driver):
 def test_cuda13_module_under_a_cuda12_driver_says_what_to_do(backend):
     message = _cuda_driver.driver_mismatch(13000, 12080)
     assert message is not None
-    for part in ("driver supports CUDA up to 12.8", "CUDA runtime 13.0",
-                 "CUDA 13 needs driver >= 580", "toolkit <= 12.x", "update the driver",
-                 "CPU targets keep working"):
+    for part in (
+        "driver supports CUDA up to 12.8",
+        "CUDA runtime 13.0",
+        "CUDA 13 needs driver >= 580",
+        "toolkit <= 12.x",
+        "update the driver",
+        "CPU targets keep working",
+    ):
         assert part in message, (part, message)
 
 
 def test_version_text(backend):
-    assert [_cuda_driver.version_text(v) for v in (12080, 13000, 11040, 12090)] == \
-        ["12.8", "13.0", "11.4", "12.9"]
+    assert [_cuda_driver.version_text(v) for v in (12080, 13000, 11040, 12090)] == [
+        "12.8",
+        "13.0",
+        "11.4",
+        "12.9",
+    ]
 
 
 class FakeCudaModule:
@@ -76,6 +89,7 @@ def test_built_module_reports_its_versions(backend):
     if importlib.util.find_spec("jaxconv._jaxconv_cuda") is None:
         pytest.skip("the CUDA module was not built in this checkout")
     from jaxconv import _jaxconv_cuda
+
     assert _jaxconv_cuda.runtime_version() >= 11000
     driver = _jaxconv_cuda.driver_version()
     assert driver == 0 or driver >= 10000, driver
@@ -85,24 +99,27 @@ def test_built_module_reports_its_versions(backend):
 DEFAULT_SASS, DEFAULT_PTX = ["80", "90"], ["80"]  # the default build, "80;90-real"
 
 
-@pytest.mark.parametrize("capability, sass, ptx, runs", [
-    ((8, 0), DEFAULT_SASS, DEFAULT_PTX, True),    # A100: sm_80 SASS
-    ((8, 6), DEFAULT_SASS, DEFAULT_PTX, True),    # RTX 30xx / A10: sm_80 SASS runs on 8.x, x >= 0
-    ((8, 9), DEFAULT_SASS, DEFAULT_PTX, True),    # L4 / L40
-    ((9, 0), DEFAULT_SASS, DEFAULT_PTX, True),    # H100 / H200: sm_90 SASS
-    ((10, 0), DEFAULT_SASS, DEFAULT_PTX, True),   # B200: no SASS, compute_80 PTX is compiled
-    ((12, 0), DEFAULT_SASS, DEFAULT_PTX, True),   # RTX 50xx: likewise
-    ((7, 5), DEFAULT_SASS, DEFAULT_PTX, False),   # T4: PTX of 8.0 cannot run on 7.5
-    ((8, 0), ["90"], [], False),                  # CI's "90-real" on an A100
-    ((8, 6), ["90"], [], False),
-    ((9, 0), ["80"], [], False),                  # SASS never crosses a major version
-    ((10, 0), ["90"], [], False),                 # nor does SASS run on a newer major
-    ((8, 6), ["86"], [], True),
-    ((8, 0), ["86"], [], False),                  # SASS of a newer minor does not run
-    ((9, 0), ["90a"], [], True),                  # arch-specific: exactly 9.0
-    ((10, 0), [], ["90a"], False),
-    ((10, 0), [], ["90"], True),                  # PTX-only build ("90-virtual")
-])
+@pytest.mark.parametrize(
+    "capability, sass, ptx, runs",
+    [
+        ((8, 0), DEFAULT_SASS, DEFAULT_PTX, True),  # A100: sm_80 SASS
+        ((8, 6), DEFAULT_SASS, DEFAULT_PTX, True),  # RTX 30xx / A10: sm_80 SASS runs on 8.x, x >= 0
+        ((8, 9), DEFAULT_SASS, DEFAULT_PTX, True),  # L4 / L40
+        ((9, 0), DEFAULT_SASS, DEFAULT_PTX, True),  # H100 / H200: sm_90 SASS
+        ((10, 0), DEFAULT_SASS, DEFAULT_PTX, True),  # B200: no SASS, compute_80 PTX is compiled
+        ((12, 0), DEFAULT_SASS, DEFAULT_PTX, True),  # RTX 50xx: likewise
+        ((7, 5), DEFAULT_SASS, DEFAULT_PTX, False),  # T4: PTX of 8.0 cannot run on 7.5
+        ((8, 0), ["90"], [], False),  # CI's "90-real" on an A100
+        ((8, 6), ["90"], [], False),
+        ((9, 0), ["80"], [], False),  # SASS never crosses a major version
+        ((10, 0), ["90"], [], False),  # nor does SASS run on a newer major
+        ((8, 6), ["86"], [], True),
+        ((8, 0), ["86"], [], False),  # SASS of a newer minor does not run
+        ((9, 0), ["90a"], [], True),  # arch-specific: exactly 9.0
+        ((10, 0), [], ["90a"], False),
+        ((10, 0), [], ["90"], True),  # PTX-only build ("90-virtual")
+    ],
+)
 def test_which_gpus_run_which_builds(backend, capability, sass, ptx, runs):
     assert _cuda_driver.runs_on(capability, sass, ptx) is runs
 
@@ -110,24 +127,30 @@ def test_which_gpus_run_which_builds(backend, capability, sass, ptx, runs):
 def test_architecture_spec_is_the_cmake_value(backend):
     assert _cuda_driver.architecture_spec(["80", "90"], ["80"]) == "80;90-real"
     assert _cuda_driver.architecture_spec(["90"], []) == "90-real"
-    assert _cuda_driver.architecture_spec(["120", "90a"], ["100"]) == \
-        "90a-real;100-virtual;120-real"
+    assert (
+        _cuda_driver.architecture_spec(["120", "90a"], ["100"]) == "90a-real;100-virtual;120-real"
+    )
     with pytest.raises(ValueError, match="not a CUDA architecture"):
         _cuda_driver.parse_architecture("native")
 
 
 def test_runnable_gpus_are_silent(backend):
-    assert _cuda_driver.architecture_mismatch([(9, 0), (8, 6), (12, 0)], DEFAULT_SASS,
-                                              DEFAULT_PTX) is None
+    assert (
+        _cuda_driver.architecture_mismatch([(9, 0), (8, 6), (12, 0)], DEFAULT_SASS, DEFAULT_PTX)
+        is None
+    )
     assert _cuda_driver.architecture_mismatch([], ["90"], []) is None  # no GPU
 
 
 def test_a_gpu_without_code_is_told_what_to_build(backend):
     message = _cuda_driver.architecture_mismatch([(9, 0), (8, 6)], ["90"], [])
     assert message is not None
-    for part in ("built for 90-real", "GPU 1 (compute capability 8.6) cannot run",
-                 "cudaErrorNoKernelImageForDevice",
-                 'JAXCONV_CUDA_ARCHITECTURES="90-real;86-real" pip install'):
+    for part in (
+        "built for 90-real",
+        "GPU 1 (compute capability 8.6) cannot run",
+        "cudaErrorNoKernelImageForDevice",
+        'JAXCONV_CUDA_ARCHITECTURES="90-real;86-real" pip install',
+    ):
         assert part in message, (part, message)
     assert "GPU 0" not in message  # the H100 beside it runs the module
 
@@ -135,9 +158,13 @@ def test_a_gpu_without_code_is_told_what_to_build(backend):
 def test_a_t4_is_told_it_cannot_be_supported(backend):
     message = _cuda_driver.architecture_mismatch([(7, 5)], DEFAULT_SASS, DEFAULT_PTX)
     assert message is not None
-    for part in ("built for 80;90-real", "GPU 0 (compute capability 7.5)",
-                 "need compute capability 8.0 or newer", "7.5 cannot be supported",
-                 "jax.devices('cpu')"):
+    for part in (
+        "built for 80;90-real",
+        "GPU 0 (compute capability 7.5)",
+        "need compute capability 8.0 or newer",
+        "7.5 cannot be supported",
+        "jax.devices('cpu')",
+    ):
         assert part in message, (part, message)
     assert "pip install" not in message  # no build helps
 
@@ -178,6 +205,7 @@ def test_built_module_reports_its_architectures(backend):
     if importlib.util.find_spec("jaxconv._jaxconv_cuda") is None:
         pytest.skip("the CUDA module was not built in this checkout")
     from jaxconv import _jaxconv_cuda
+
     archs = _jaxconv_cuda.cuda_architectures()
     assert set(archs) == {"sass", "ptx"} and archs["sass"] + archs["ptx"], archs
     for entry in archs["sass"] + archs["ptx"]:

@@ -8,6 +8,7 @@ The kernels (ffi/cuda/*_kernels.cuh) compile with a host C++ compiler through
 tests/cuda_emulation/emulate.h (tests/emulation.py); skipped without a C++20
 compiler or CUDA's headers. On a GPU the same kernels run for real in test_pool.py/test_conv.py.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from emulation import DTYPE_CODES, LAYOUT_CODES, MAX_BLOCKS, NP_DTYPES, build_emulation, ptr, vec
 from reference import ref_max_pool2d, ref_max_pool2d_lax, tol
-from emulation import (DTYPE_CODES, LAYOUT_CODES, MAX_BLOCKS, NP_DTYPES, build_emulation, ptr,
-                       vec)
 
-pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
-                              "seconds per worker), then emulates kernels thread by thread")
+pytestmark = pytest.mark.slow(
+    "builds a CUDA host-emulation library (a C++ compile of tens of "
+    "seconds per worker), then emulates kernels thread by thread"
+)
 
 
 DTYPES = list(DTYPE_CODES)
@@ -42,7 +44,7 @@ def _buffer(shape, dtype, fill, misalign):
     raw = np.full(size + 64, fill, dt)
     start = (-raw.ctypes.data % 16) // dt.itemsize
     start += 1 if misalign else 0
-    out = raw[start:start + size].reshape(shape)
+    out = raw[start : start + size].reshape(shape)
     assert (out.ctypes.data % 16 == 0) != misalign
     return out
 
@@ -50,24 +52,69 @@ def _buffer(shape, dtype, fill, misalign):
 # ---------------------------------------------------------------------------------------------
 # FastDivmod and the index-width window helpers.
 
-DIVISORS = [1, 2, 3, 5, 6, 7, 8, 9, 12, 25, 49, 64, 96, 100, 255, 256, 257, 1000, 4095, 65535,
-            65536, 65537, 1 << 20, (1 << 20) + 1, 12345679, (1 << 30) - 1, 1 << 30, (1 << 30) + 1,
-            (1 << 31) - 1]
+DIVISORS = [
+    1,
+    2,
+    3,
+    5,
+    6,
+    7,
+    8,
+    9,
+    12,
+    25,
+    49,
+    64,
+    96,
+    100,
+    255,
+    256,
+    257,
+    1000,
+    4095,
+    65535,
+    65536,
+    65537,
+    1 << 20,
+    (1 << 20) + 1,
+    12345679,
+    (1 << 30) - 1,
+    1 << 30,
+    (1 << 30) + 1,
+    (1 << 31) - 1,
+]
 
 
 @pytest.mark.parametrize("d", DIVISORS)
 def test_fast_divmod_matches_division(emu, d):
     rng = np.random.default_rng(d)
     top = (1 << 31) - 1
-    edges = [0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d, top, top - 1, top - d, (top // d) * d,
-             (top // d) * d - 1]
-    n = np.concatenate([np.array([e for e in edges if 0 <= e <= top], np.uint32),
-                        rng.integers(0, top + 1, 20000, dtype=np.uint32),
-                        rng.integers(0, min(top, 64 * d) + 1, 2000, dtype=np.uint32)])
+    edges = [
+        0,
+        1,
+        d - 1,
+        d,
+        d + 1,
+        2 * d - 1,
+        2 * d,
+        top,
+        top - 1,
+        top - d,
+        (top // d) * d,
+        (top // d) * d - 1,
+    ]
+    n = np.concatenate(
+        [
+            np.array([e for e in edges if 0 <= e <= top], np.uint32),
+            rng.integers(0, top + 1, 20000, dtype=np.uint32),
+            rng.integers(0, min(top, 64 * d) + 1, 2000, dtype=np.uint32),
+        ]
+    )
     q, r = np.zeros_like(n), np.zeros_like(n)
-    u32 = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))  # noqa: E731
-    assert emu.emu_fast_divmod(ctypes.c_uint32(d), u32(n), ctypes.c_int64(n.size), u32(q),
-                               u32(r)) == 0
+    u32 = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
+    assert (
+        emu.emu_fast_divmod(ctypes.c_uint32(d), u32(n), ctypes.c_int64(n.size), u32(q), u32(r)) == 0
+    )
     np.testing.assert_array_equal(q, n // np.uint32(d))
     np.testing.assert_array_equal(r, n % np.uint32(d))
 
@@ -76,13 +123,28 @@ def test_fast_divmod_matches_division(emu, d):
 def test_fast_divmod64_matches_division(emu, d):
     rng = np.random.default_rng(d + 1)
     top = (1 << 62) - 1
-    edges = [0, 1, d - 1, d, d + 1, top, top - 1, (top // d) * d, (top // d) * d - 1,
-             (1 << 31) * d, (1 << 31) * d - 1]
-    n = np.concatenate([np.array([e for e in edges if 0 <= e <= top], np.uint64),
-                        rng.integers(0, top, 20000, dtype=np.uint64, endpoint=True),
-                        rng.integers(0, 1 << 33, 2000, dtype=np.uint64)])
+    edges = [
+        0,
+        1,
+        d - 1,
+        d,
+        d + 1,
+        top,
+        top - 1,
+        (top // d) * d,
+        (top // d) * d - 1,
+        (1 << 31) * d,
+        (1 << 31) * d - 1,
+    ]
+    n = np.concatenate(
+        [
+            np.array([e for e in edges if 0 <= e <= top], np.uint64),
+            rng.integers(0, top, 20000, dtype=np.uint64, endpoint=True),
+            rng.integers(0, 1 << 33, 2000, dtype=np.uint64),
+        ]
+    )
     q = np.zeros_like(n)
-    u64 = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))  # noqa: E731
+    u64 = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))
     assert emu.emu_fast_divmod64(ctypes.c_uint64(d), u64(n), ctypes.c_int64(n.size), u64(q)) == 0
     np.testing.assert_array_equal(q, n // np.uint64(d))
 
@@ -92,21 +154,39 @@ def test_tap_helpers_match_brute_force(emu):
     for s in range(1, 5):
         for d in range(1, 4):
             for k in range(1, 5):
-                for pad in range(0, 4):
+                for pad in range(4):
                     n_in = 9
                     n_out = max(1, (n_in + 2 * pad - d * (k - 1) - 1) // s + 1)
                     for i in range(max(n_in, n_out)):
-                        emu.emu_tap_helpers(*(ctypes.c_int64(v) for v in (i, s, pad, d, k, n_in,
-                                                                         n_out)), out)
+                        emu.emu_tap_helpers(
+                            *(ctypes.c_int64(v) for v in (i, s, pad, d, k, n_in, n_out)), out
+                        )
                         taps = [t for t in range(k) if 0 <= i * s - pad + t * d < n_in]
                         lo, hi = out[0], out[1]
-                        assert list(range(lo, hi)) == taps or (not taps and hi <= lo), \
-                            ("taps", i, s, d, k, pad, lo, hi)
+                        assert list(range(lo, hi)) == taps or (not taps and hi <= lo), (
+                            "taps",
+                            i,
+                            s,
+                            d,
+                            k,
+                            pad,
+                            lo,
+                            hi,
+                        )
                         if i < n_in:
-                            spans = [o for o in range(n_out)
-                                     if o * s - pad <= i <= o * s - pad + (k - 1) * d]
-                            assert list(range(out[2], out[3])) == spans, \
-                                ("covering", i, s, d, k, pad)
+                            spans = [
+                                o
+                                for o in range(n_out)
+                                if o * s - pad <= i <= o * s - pad + (k - 1) * d
+                            ]
+                            assert list(range(out[2], out[3])) == spans, (
+                                "covering",
+                                i,
+                                s,
+                                d,
+                                k,
+                                pad,
+                            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +234,19 @@ def _check_pool(emu, case, layout, dtypes, index_bits_list, seed=1):
     x, vals, idx, dy, dx = _pool_oracle(shape, kernel, stride, pads, dilation, ceil_mode, seed)
     if layout == "NHWC":
         x, vals, idx, dy, dx = (a.transpose(0, 2, 3, 1) for a in (x, vals, idx, dy, dx))
-    attrs = vec([*kernel, *stride, *dilation, pads[0][0], pads[0][1], pads[1][0], pads[1][1],
-                  int(ceil_mode), LAYOUT_CODES[layout]])
+    attrs = vec(
+        [
+            *kernel,
+            *stride,
+            *dilation,
+            pads[0][0],
+            pads[0][1],
+            pads[1][0],
+            pads[1][1],
+            int(ceil_mode),
+            LAYOUT_CODES[layout],
+        ]
+    )
     rtol, atol = tol("float32")
     for dtype in dtypes:
         code = DTYPE_CODES[dtype]
@@ -166,26 +257,67 @@ def _check_pool(emu, case, layout, dtypes, index_bits_list, seed=1):
                 xa[...] = x
                 y = _buffer(vals.shape, NP_DTYPES[dtype], np.nan, misalign)
                 got_idx = _buffer(vals.shape, np.int32, -7, misalign)
-                assert emu.emu_pool_kernel(0, code, vec(xa.shape), attrs, ptr(xa), None,
-                                           ptr(y), ptr(got_idx), bits, MAX_BLOCKS) == 0, tag
+                assert (
+                    emu.emu_pool_kernel(
+                        0,
+                        code,
+                        vec(xa.shape),
+                        attrs,
+                        ptr(xa),
+                        None,
+                        ptr(y),
+                        ptr(got_idx),
+                        bits,
+                        MAX_BLOCKS,
+                    )
+                    == 0
+                ), tag
                 np.testing.assert_array_equal(got_idx, idx, err_msg=tag)
                 np.testing.assert_array_equal(y.astype(np.float64), vals, err_msg=tag)
                 # The values-only forward: the same y, bit for bit (NaN included).
                 y_values = _buffer(vals.shape, NP_DTYPES[dtype], 7, misalign)
-                assert emu.emu_pool_kernel(2, code, vec(xa.shape), attrs, ptr(xa), None,
-                                           ptr(y_values), None, bits, MAX_BLOCKS) == 0, tag
-                np.testing.assert_array_equal(y_values.view(f"u{y.itemsize}"),
-                                              y.view(f"u{y.itemsize}"), err_msg=tag)
+                assert (
+                    emu.emu_pool_kernel(
+                        2,
+                        code,
+                        vec(xa.shape),
+                        attrs,
+                        ptr(xa),
+                        None,
+                        ptr(y_values),
+                        None,
+                        bits,
+                        MAX_BLOCKS,
+                    )
+                    == 0
+                ), tag
+                np.testing.assert_array_equal(
+                    y_values.view(f"u{y.itemsize}"), y.view(f"u{y.itemsize}"), err_msg=tag
+                )
                 dya = _buffer(dy.shape, NP_DTYPES[dtype], 0, misalign)
                 dya[...] = dy
                 ia = _buffer(idx.shape, np.int32, 0, misalign)
                 ia[...] = idx
                 got_dx = _buffer(x.shape, NP_DTYPES[dtype], np.nan, misalign)
-                assert emu.emu_pool_kernel(1, code, vec(xa.shape), attrs, ptr(dya), ptr(ia),
-                                           ptr(got_dx), None, bits, MAX_BLOCKS) == 0, tag
+                assert (
+                    emu.emu_pool_kernel(
+                        1,
+                        code,
+                        vec(xa.shape),
+                        attrs,
+                        ptr(dya),
+                        ptr(ia),
+                        ptr(got_dx),
+                        None,
+                        bits,
+                        MAX_BLOCKS,
+                    )
+                    == 0
+                ), tag
                 # dy and its sums are quarter-integers below 2^8: exact in every dtype
-                np.testing.assert_allclose(got_dx.astype(np.float64), dx, rtol=rtol, atol=atol,
-                                           err_msg=tag)
+                np.testing.assert_allclose(
+                    got_dx.astype(np.float64), dx, rtol=rtol, atol=atol, err_msg=tag
+                )
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -212,8 +344,10 @@ def test_emulated_pool_fuzz(emu):
         k = tuple(int(v) for v in rng.integers(1, 4, 2))
         s = tuple(int(v) for v in rng.integers(1, 4, 2))
         d = tuple(int(v) for v in rng.integers(1, 3, 2))
-        pads = tuple((int(rng.integers(0, k[i] // 2 + 1)), int(rng.integers(0, k[i] // 2 + 1)))
-                     for i in range(2))
+        pads = tuple(
+            (int(rng.integers(0, k[i] // 2 + 1)), int(rng.integers(0, k[i] // 2 + 1)))
+            for i in range(2)
+        )
         h, w = (int(v) for v in rng.integers(1, 10, 2))
         eff = [d[i] * (k[i] - 1) + 1 for i in range(2)]
         h, w = max(h, eff[0] - sum(pads[0])), max(w, eff[1] - sum(pads[1]))
@@ -221,20 +355,31 @@ def test_emulated_pool_fuzz(emu):
         case = (shape, k, s, pads, d, bool(rng.integers(0, 2)))
         layout = ["NCHW", "NHWC"][draw % 2]
         dtype = DTYPES[draw % 4]
-        _check_pool(emu, case, layout, [dtype], (32, 64)[draw % 2:draw % 2 + 1], seed=draw)
+        _check_pool(emu, case, layout, [dtype], (32, 64)[draw % 2 : draw % 2 + 1], seed=draw)
 
 
 # ---------------------------------------------------------------------------------------------
 # Direct convolution: depthwise (groups == C, channel multiplier M = O / C) and few channels
 # (C <= 4).
 
+
 def conv_case(n, c, h, w, o, k, *, stride=1, dilation=1, pads=0, groups=1):
-    two = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    two = lambda v: (v, v) if isinstance(v, int) else tuple(v)
     if isinstance(pads, int):
         pads = (pads, pads)
     pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pads)
-    return dict(n=n, c=c, h=h, w=w, o=o, k=two(k), stride=two(stride), dilation=two(dilation),
-                pads=pads, groups=groups)
+    return dict(
+        n=n,
+        c=c,
+        h=h,
+        w=w,
+        o=o,
+        k=two(k),
+        stride=two(stride),
+        dilation=two(dilation),
+        pads=pads,
+        groups=groups,
+    )
 
 
 # jax#26266 (dilated grouped/depthwise convolutions wrong on H100) is the *_dilated cases.
@@ -242,10 +387,10 @@ DIRECT_CASES = {
     "dw_3x3_pad1": conv_case(2, 6, 7, 7, 6, 3, pads=1, groups=6),
     "dw_multiplier2_stride2": conv_case(2, 5, 8, 7, 10, 3, stride=2, pads=1, groups=5),
     "dw_multiplier3_dilated": conv_case(1, 4, 9, 10, 12, 3, dilation=2, pads=2, groups=4),
-    "dw_dilated_anisotropic": conv_case(2, 3, 11, 9, 3, (3, 2), stride=(1, 2), dilation=(3, 2),
-                                        pads=((3, 1), (2, 0)), groups=3),
-    "dw_5x5_stride2_dilated": conv_case(1, 8, 12, 12, 8, 5, stride=2, dilation=2, pads=4,
-                                        groups=8),
+    "dw_dilated_anisotropic": conv_case(
+        2, 3, 11, 9, 3, (3, 2), stride=(1, 2), dilation=(3, 2), pads=((3, 1), (2, 0)), groups=3
+    ),
+    "dw_5x5_stride2_dilated": conv_case(1, 8, 12, 12, 8, 5, stride=2, dilation=2, pads=4, groups=8),
     "dw_negative_pads": conv_case(1, 4, 7, 8, 8, 3, pads=((-1, 2), (1, -2)), groups=4),
     "dw_many_channels": conv_case(1, 40, 4, 4, 40, 3, pads=1, groups=40),
     "lenet_c1_5x5": conv_case(2, 1, 12, 12, 6, 5),
@@ -258,8 +403,18 @@ DIRECT_CASES = {
 
 def _conv_attrs(c, layout):
     (pt, pb), (pl, pr) = c["pads"]
-    return [c["stride"][0], c["stride"][1], c["dilation"][0], c["dilation"][1], pt, pb, pl, pr,
-            c["groups"], LAYOUT_CODES[layout]]
+    return [
+        c["stride"][0],
+        c["stride"][1],
+        c["dilation"][0],
+        c["dilation"][1],
+        pt,
+        pb,
+        pl,
+        pr,
+        c["groups"],
+        LAYOUT_CODES[layout],
+    ]
 
 
 def _grid_values(rng, shape):
@@ -267,7 +422,7 @@ def _grid_values(rng, shape):
     return jnp.asarray(rng.integers(-4, 5, shape) / 4.0, jnp.float64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _direct_oracle(key):
     """lax's results (NCHW, float64): y = conv(x, w) + bias, and at dy the VJP of the bias-free
     convolution, dx (plus bias_dx) and dw."""
@@ -284,33 +439,60 @@ def _direct_oracle(key):
     y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), x, w)
     dy = _grid_values(rng, y.shape)
     dx, dw = vjp(dy)
-    return dict(x=x, w=w, bias=bias, bias_dx=bias_dx, dy=dy, y=y + bias.reshape(1, -1, 1, 1),
-                dx=dx + bias_dx.reshape(1, -1, 1, 1), dw=dw)
+    return dict(
+        x=x,
+        w=w,
+        bias=bias,
+        bias_dx=bias_dx,
+        dy=dy,
+        y=y + bias.reshape(1, -1, 1, 1),
+        dx=dx + bias_dx.reshape(1, -1, 1, 1),
+        dw=dw,
+    )
 
 
 def _check_direct(emu, c, layout, dtypes, index_bits_list, seed=0):
     from reference import assert_close
 
     r = _direct_oracle((tuple(sorted(c.items())), seed))
-    acts = (lambda a: np.asarray(a)) if layout == "NCHW" else (
-        lambda a: np.asarray(a).transpose(0, 2, 3, 1))
-    wgts = (lambda a: np.asarray(a)) if layout == "NCHW" else (
-        lambda a: np.asarray(a).transpose(2, 3, 1, 0))
+    acts = (
+        (lambda a: np.asarray(a))
+        if layout == "NCHW"
+        else (lambda a: np.asarray(a).transpose(0, 2, 3, 1))
+    )
+    wgts = (
+        (lambda a: np.asarray(a))
+        if layout == "NCHW"
+        else (lambda a: np.asarray(a).transpose(2, 3, 1, 0))
+    )
     x, dy, y, dx = (acts(r[k]) for k in ("x", "dy", "y", "dx"))
     w, dw = wgts(r["w"]), wgts(r["dw"])
     attrs = vec(_conv_attrs(c, layout))
     for dtype in dtypes:
         code = DTYPE_CODES[dtype]
-        cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(NP_DTYPES[dtype]))  # noqa
+        cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(NP_DTYPES[dtype]))
         xa, wa, ba, bxa, dya = (cast(a) for a in (x, w, r["bias"], r["bias_dx"], dy))
         for bits in index_bits_list:
             tag = f"{dtype} index_bits={bits}"
-            for which, a, b, bias, want in ((0, xa, wa, ba, y), (1, dya, wa, bxa, dx),
-                                            (2, xa, dya, None, dw)):
+            for which, a, b, bias, want in (
+                (0, xa, wa, ba, y),
+                (1, dya, wa, bxa, dx),
+                (2, xa, dya, None, dw),
+            ):
                 got = np.full(want.shape, np.nan, NP_DTYPES[dtype])
-                rc = emu.emu_direct_conv(which, code, vec(x.shape), vec(w.shape), attrs,
-                                         ptr(a), ptr(b), ptr(bias), ptr(got), bits,
-                                         MAX_BLOCKS)
+                rc = emu.emu_direct_conv(
+                    which,
+                    code,
+                    vec(x.shape),
+                    vec(w.shape),
+                    attrs,
+                    ptr(a),
+                    ptr(b),
+                    ptr(bias),
+                    ptr(got),
+                    bits,
+                    MAX_BLOCKS,
+                )
                 assert rc == 0, (tag, which, rc)
                 assert_close(jnp.asarray(got), jnp.asarray(want).astype(dtype), dtype)
 
@@ -330,8 +512,12 @@ def test_direct_conv_takes_only_depthwise_and_few_channels(emu):
     x = np.zeros((1, 8, 5, 5), np.float32)
     w = np.zeros((8, 4, 3, 3), np.float32)
     y = np.zeros((1, 8, 3, 3), np.float32)
-    assert emu.emu_direct_conv(0, 0, vec(x.shape), vec(w.shape), attrs, ptr(x), ptr(w),
-                               None, ptr(y), 0, MAX_BLOCKS) == 3
+    assert (
+        emu.emu_direct_conv(
+            0, 0, vec(x.shape), vec(w.shape), attrs, ptr(x), ptr(w), None, ptr(y), 0, MAX_BLOCKS
+        )
+        == 3
+    )
 
 
 def test_emulated_direct_conv_fuzz(emu):
@@ -349,8 +535,8 @@ def test_emulated_direct_conv_fuzz(emu):
         eff = [d[i] * (k[i] - 1) + 1 for i in range(2)]
         h = max(int(rng.integers(1, 12)), eff[0] - sum(pads[0]))
         w = max(int(rng.integers(1, 12)), eff[1] - sum(pads[1]))
-        c = conv_case(int(rng.integers(1, 3)), ch, h, w, o, k, stride=s, dilation=d, pads=pads,
-                      groups=groups)
+        c = conv_case(
+            int(rng.integers(1, 3)), ch, h, w, o, k, stride=s, dilation=d, pads=pads, groups=groups
+        )
         layout = ["NCHW", "NHWC"][(draw // 2) % 2]
-        _check_direct(emu, c, layout, [DTYPES[draw % 4]], ((32, 64)[(draw // 4) % 2],),
-                      seed=draw)
+        _check_direct(emu, c, layout, [DTYPES[draw % 4]], ((32, 64)[(draw // 4) % 2],), seed=draw)

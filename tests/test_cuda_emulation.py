@@ -3,6 +3,7 @@ host-side planning the handlers use) under the host emulation (tests/emulation.p
 float64 lax: all three conv directions in every dtype and both layouts, bwd_filter's split plan,
 and max pooling's values, indices and backward. On a GPU the same kernels run for real in every
 other test file through the `backend` fixture."""
+
 from __future__ import annotations
 
 import ctypes
@@ -12,12 +13,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emulation import (CONV_CASES, DTYPE_CODES, DTYPES, LAYOUT_CODES, MAX_BLOCKS, as_dtype,
-                       conv_attrs, conv_oracle, emu_conv, hwio, nhwc, ptr, sentinel, vec)
+from emulation import (
+    CONV_CASES,
+    DTYPE_CODES,
+    DTYPES,
+    LAYOUT_CODES,
+    MAX_BLOCKS,
+    as_dtype,
+    conv_attrs,
+    conv_oracle,
+    emu_conv,
+    hwio,
+    nhwc,
+    ptr,
+    sentinel,
+    vec,
+)
 from reference import assert_close, ref_max_pool2d, tol
 
-pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
-                              "seconds per worker), then emulates kernels thread by thread")
+pytestmark = pytest.mark.slow(
+    "builds a CUDA host-emulation library (a C++ compile of tens of "
+    "seconds per worker), then emulates kernels thread by thread"
+)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -40,9 +57,10 @@ def test_emulated_conv_kernels(conv_emu, name, layout):
         assert_close(jnp.asarray(got), dw.astype(dtype), dtype)
 
 
-@pytest.mark.parametrize("name, tile_bk, split", [("1x1_many_positions", 64, True),
-                                                  ("3x3_many_positions", 16, True),
-                                                  ("3x3_pad1", 16, False)])
+@pytest.mark.parametrize(
+    "name, tile_bk, split",
+    [("1x1_many_positions", 64, True), ("3x3_many_positions", 16, True), ("3x3_pad1", 16, False)],
+)
 def test_emulated_bwd_filter_split_plan(conv_emu, name, tile_bk, split):
     """The *_many_positions cases above do split bwd_filter's reduction (small and wide tile)
     into partial sums covering the positions exactly, each at least 4 steps long; 3x3_pad1 has
@@ -66,7 +84,6 @@ def test_emulated_bwd_filter_empty_batch(conv_emu):
     assert np.array_equal(dw, np.zeros(ws))
 
 
-
 # Pooling: (N, C, H, W), kernel, stride, pads, dilation, ceil_mode.
 POOL_CASES = {
     "3x3s2_pad1": ((2, 3, 7, 7), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), False),
@@ -77,7 +94,7 @@ POOL_CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pool_oracle(name):
     """x: small integers (many ties) with one NaN, exact in every dtype; the NumPy loop's values
     and indices (NCHW); dy and its scatter-add to those indices (float64)."""
@@ -104,20 +121,56 @@ def test_emulated_pool_kernels(conv_emu, name, layout):
     x, vals, idx, dy, dx = _pool_oracle(name)
     if layout == "NHWC":
         x, vals, idx, dy, dx = (a.transpose(0, 2, 3, 1) for a in (x, vals, idx, dy, dx))
-    attrs = vec([*kernel, *stride, *dilation, pads[0][0], pads[0][1], pads[1][0], pads[1][1],
-                  int(ceil_mode), LAYOUT_CODES[layout]])
+    attrs = vec(
+        [
+            *kernel,
+            *stride,
+            *dilation,
+            pads[0][0],
+            pads[0][1],
+            pads[1][0],
+            pads[1][1],
+            int(ceil_mode),
+            LAYOUT_CODES[layout],
+        ]
+    )
     idx = np.ascontiguousarray(idx)
     for dtype in DTYPES:
         xa, dya = as_dtype(x, dtype), as_dtype(dy, dtype)
         y, got_idx = sentinel(vals.shape, dtype), np.full(vals.shape, -7, np.int32)
-        assert conv_emu.emu_pool(0, DTYPE_CODES[dtype], vec(xa.shape), attrs, ptr(xa), None,
-                            ptr(y), ptr(got_idx), MAX_BLOCKS) == 0
+        assert (
+            conv_emu.emu_pool(
+                0,
+                DTYPE_CODES[dtype],
+                vec(xa.shape),
+                attrs,
+                ptr(xa),
+                None,
+                ptr(y),
+                ptr(got_idx),
+                MAX_BLOCKS,
+            )
+            == 0
+        )
         np.testing.assert_array_equal(got_idx, idx, err_msg=dtype)
         # exact, with NaN where the oracle has it
         np.testing.assert_array_equal(y.astype(np.float64), vals, err_msg=dtype)
         got_dx = sentinel(xa.shape, dtype)
-        assert conv_emu.emu_pool(1, DTYPE_CODES[dtype], vec(xa.shape), attrs, ptr(dya), ptr(idx),
-                            ptr(got_dx), None, MAX_BLOCKS) == 0
+        assert (
+            conv_emu.emu_pool(
+                1,
+                DTYPE_CODES[dtype],
+                vec(xa.shape),
+                attrs,
+                ptr(dya),
+                ptr(idx),
+                ptr(got_dx),
+                None,
+                MAX_BLOCKS,
+            )
+            == 0
+        )
         rtol, atol = tol(dtype)
-        np.testing.assert_allclose(got_dx.astype(np.float64), dx, rtol=rtol, atol=atol,
-                                   err_msg=dtype)
+        np.testing.assert_allclose(
+            got_dx.astype(np.float64), dx, rtol=rtol, atol=atol, err_msg=dtype
+        )

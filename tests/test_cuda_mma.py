@@ -3,6 +3,7 @@ warp-level host emulation (tests/emulation.py): forward, bwd_data and bwd_filter
 bf16/f16/TF32, both layouts, against float64 lax; the kernel choice per shape class; TF32
 rounding; int32 vs int64 offsets; a seeded fuzz; and a build with a wrong fragment layout that
 must fail."""
+
 from __future__ import annotations
 
 import ctypes
@@ -12,14 +13,36 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emulation import (ALL_CONV_CASES, CONV_CASES, DTYPE_CODES, DTYPES, MMA_CASES, MMA_DTYPES,
-                       MMA_FILTER_CASES, MMA_LARGE, MMA_LARGE_INT64, MMA_SMALL,
-                       MMA_SMALL_INT64, as_dtype, build_emulation, conv_attrs, conv_case,
-                       conv_inputs, emu_conv, grid_values, hwio, layout_shapes, nhwc, vec)
+from emulation import (
+    ALL_CONV_CASES,
+    CONV_CASES,
+    DTYPE_CODES,
+    DTYPES,
+    MMA_CASES,
+    MMA_DTYPES,
+    MMA_FILTER_CASES,
+    MMA_LARGE,
+    MMA_LARGE_INT64,
+    MMA_SMALL,
+    MMA_SMALL_INT64,
+    as_dtype,
+    build_emulation,
+    conv_attrs,
+    conv_case,
+    conv_inputs,
+    emu_conv,
+    grid_values,
+    hwio,
+    layout_shapes,
+    nhwc,
+    vec,
+)
 from reference import assert_close, ref_conv2d
 
-pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
-                              "seconds per worker), then emulates kernels thread by thread")
+pytestmark = pytest.mark.slow(
+    "builds a CUDA host-emulation library (a C++ compile of tens of "
+    "seconds per worker), then emulates kernels thread by thread"
+)
 
 
 @pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
@@ -34,17 +57,21 @@ def test_emulated_mma_pass(conv_emu, name, layout, tile):
     w = wgts(r["w"])
     for dtype in MMA_DTYPES:
         xa, wa, ba, bxa, dya = (as_dtype(a, dtype) for a in (x, w, r["bias"], r["bias_dx"], dy))
-        got = emu_conv(conv_emu, 0, c, x.shape, w.shape, xa, wa, ba, y.shape, dtype,
-                        force_tile=tile)
+        got = emu_conv(
+            conv_emu, 0, c, x.shape, w.shape, xa, wa, ba, y.shape, dtype, force_tile=tile
+        )
         assert_close(jnp.asarray(got), y.astype(dtype), dtype)
-        got = emu_conv(conv_emu, 1, c, x.shape, w.shape, dya, wa, bxa, x.shape, dtype,
-                        force_tile=tile)
+        got = emu_conv(
+            conv_emu, 1, c, x.shape, w.shape, dya, wa, bxa, x.shape, dtype, force_tile=tile
+        )
         assert_close(jnp.asarray(got), dx.astype(dtype), dtype)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("name", ["long_reduction_wide", "wide_two_n_tiles_stride2",
-                                  "depthwise_stride2", "mma_c16_o24_3x3"])
+@pytest.mark.parametrize(
+    "name",
+    ["long_reduction_wide", "wide_two_n_tiles_stride2", "depthwise_stride2", "mma_c16_o24_3x3"],
+)
 def test_emulated_conv_on_a_tensor_core_device(conv_emu, name, layout):
     """The handlers' dispatch on sm_80+ with TF32 allowed: every dtype through
     choose_pass_kernel (tensor cores where the shape class qualifies, SIMT for the rest and
@@ -55,22 +82,56 @@ def test_emulated_conv_on_a_tensor_core_device(conv_emu, name, layout):
     w = wgts(r["w"])
     for dtype in DTYPES:
         xa, wa, ba, bxa, dya = (as_dtype(a, dtype) for a in (x, w, r["bias"], r["bias_dx"], dy))
-        got = emu_conv(conv_emu, 0, c, x.shape, w.shape, xa, wa, ba, y.shape, dtype,
-                        tensor_cores=True, allow_tf32=True)
+        got = emu_conv(
+            conv_emu,
+            0,
+            c,
+            x.shape,
+            w.shape,
+            xa,
+            wa,
+            ba,
+            y.shape,
+            dtype,
+            tensor_cores=True,
+            allow_tf32=True,
+        )
         assert_close(jnp.asarray(got), y.astype(dtype), dtype)
-        got = emu_conv(conv_emu, 1, c, x.shape, w.shape, dya, wa, bxa, x.shape, dtype,
-                        tensor_cores=True, allow_tf32=True)
+        got = emu_conv(
+            conv_emu,
+            1,
+            c,
+            x.shape,
+            w.shape,
+            dya,
+            wa,
+            bxa,
+            x.shape,
+            dtype,
+            tensor_cores=True,
+            allow_tf32=True,
+        )
         assert_close(jnp.asarray(got), dx.astype(dtype), dtype)
-
 
 
 def _filter_plan(lib, c, dtype, *, tensor_cores=True, allow_tf32=True):
     """{splits, chunk, tiles, workspace bytes, kernel} of bwd_filter (emu_filter_plan)."""
     xs, ws = layout_shapes(c)
     plan = (ctypes.c_int64 * 5)()
-    assert lib.emu_filter_plan(vec(xs), vec(ws), vec(conv_attrs(c)), DTYPE_CODES[dtype],
-                               int(tensor_cores), int(allow_tf32), plan) == 0
+    assert (
+        lib.emu_filter_plan(
+            vec(xs),
+            vec(ws),
+            vec(conv_attrs(c)),
+            DTYPE_CODES[dtype],
+            int(tensor_cores),
+            int(allow_tf32),
+            plan,
+        )
+        == 0
+    )
     return dict(zip(("splits", "chunk", "tiles", "ws_bytes", "kernel"), tuple(plan)))
+
 
 @pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -83,8 +144,19 @@ def test_emulated_mma_bwd_filter(conv_emu, name, layout, tile):
     r, acts, wgts = conv_inputs(name, layout)
     x, dy, w, dw = acts(r["x"]), acts(r["dy"]), wgts(r["w"]), wgts(r["dw"])
     for dtype in MMA_DTYPES:
-        got = emu_conv(conv_emu, 2, c, x.shape, w.shape, as_dtype(x, dtype), as_dtype(dy, dtype), None,
-                        w.shape, dtype, force_tile=tile)
+        got = emu_conv(
+            conv_emu,
+            2,
+            c,
+            x.shape,
+            w.shape,
+            as_dtype(x, dtype),
+            as_dtype(dy, dtype),
+            None,
+            w.shape,
+            dtype,
+            force_tile=tile,
+        )
         assert_close(jnp.asarray(got), dw.astype(dtype), dtype)
 
 
@@ -130,19 +202,26 @@ def test_emulated_bwd_filter_tf32_rounds_float32_operands(conv_emu):
     y, vjp = jax.vjp(lambda w_: ref_conv2d(jnp.asarray(x, jnp.float64), w_, **kw), w0)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     want = np.asarray(vjp(jnp.asarray(dy, jnp.float64))[0])
-    tf32 = emu_conv(conv_emu, 2, c, xs, ws, x, dy, None, ws, "float32", tensor_cores=True,
-                     allow_tf32=True)
-    full = emu_conv(conv_emu, 2, c, xs, ws, x, dy, None, ws, "float32", tensor_cores=True,
-                     allow_tf32=False)
+    tf32 = emu_conv(
+        conv_emu, 2, c, xs, ws, x, dy, None, ws, "float32", tensor_cores=True, allow_tf32=True
+    )
+    full = emu_conv(
+        conv_emu, 2, c, xs, ws, x, dy, None, ws, "float32", tensor_cores=True, allow_tf32=False
+    )
     scale = np.abs(want).max()
     tf32_err, full_err = np.abs(tf32 - want).max() / scale, np.abs(full - want).max() / scale
     assert full_err < 1e-5, full_err
     assert 1e-5 < tf32_err < 5e-3, tf32_err
 
 
-@pytest.mark.parametrize("name, layout", [("mma_c16_o24_3x3", "NHWC"),
-                                          ("mma_odd_channels_phases", "NCHW"),
-                                          ("mma_filter_split", "NCHW")])
+@pytest.mark.parametrize(
+    "name, layout",
+    [
+        ("mma_c16_o24_3x3", "NHWC"),
+        ("mma_odd_channels_phases", "NCHW"),
+        ("mma_filter_split", "NCHW"),
+    ],
+)
 def test_emulated_mma_int64_offsets(conv_emu, name, layout):
     """The int64-offset instantiations of the tensor-core kernels (used when an operand has
     2^31 elements or more) compute the same bits as the int32 ones, in all three directions;
@@ -156,17 +235,34 @@ def test_emulated_mma_int64_offsets(conv_emu, name, layout):
         calls = [(0, xa, wa, ba, y), (1, dya, wa, bxa, dx), (2, xa, dya, None, dw)]
         for tile32, tile64 in ((MMA_LARGE, MMA_LARGE_INT64), (MMA_SMALL, MMA_SMALL_INT64)):
             for which, a, b, bias, want in calls:
-                got32, got64 = (emu_conv(conv_emu, which, c, x.shape, w.shape, a, b, bias,
-                                          want.shape, dtype, force_tile=t)
-                                for t in (tile32, tile64))
+                got32, got64 = (
+                    emu_conv(
+                        conv_emu,
+                        which,
+                        c,
+                        x.shape,
+                        w.shape,
+                        a,
+                        b,
+                        bias,
+                        want.shape,
+                        dtype,
+                        force_tile=t,
+                    )
+                    for t in (tile32, tile64)
+                )
                 assert_close(jnp.asarray(got64), want.astype(dtype), dtype)
-                np.testing.assert_array_equal(got64.view(np.uint8), got32.view(np.uint8),
-                                              err_msg=f"{which} {dtype} tile {tile64}")
+                np.testing.assert_array_equal(
+                    got64.view(np.uint8),
+                    got32.view(np.uint8),
+                    err_msg=f"{which} {dtype} tile {tile64}",
+                )
 
 
 def test_mma_offset_width_by_operand_size(conv_emu):
     """mma_index32: int32 offsets while every operand of the direction has fewer than 2^31
     elements, int64 from 2^31 (shapes only; nothing is allocated)."""
+
     def width(which, x_shape, w_shape, pads=1):
         attrs = vec([1, 1, 1, 1, pads, pads, pads, pads, 1, 0])
         return conv_emu.emu_mma_index32(which, vec(x_shape), vec(w_shape), attrs)
@@ -185,9 +281,15 @@ def test_mma_offset_width_by_operand_size(conv_emu):
 def _pass_kernel(lib, which, c, dtype, *, tensor_cores=True, allow_tf32=True):
     xs = (c["n"], c["c"], c["h"], c["w"])
     ws = (c["o"], c["c"] // c["groups"]) + c["k"]
-    return lib.emu_pass_kernel(which, DTYPE_CODES[dtype], vec(xs), vec(ws),
-                               vec(conv_attrs(dict(c, layout="NCHW"))), int(tensor_cores),
-                               int(allow_tf32))
+    return lib.emu_pass_kernel(
+        which,
+        DTYPE_CODES[dtype],
+        vec(xs),
+        vec(ws),
+        vec(conv_attrs(dict(c, layout="NCHW"))),
+        int(tensor_cores),
+        int(allow_tf32),
+    )
 
 
 def test_pass_kernel_choice_by_shape_class(conv_emu):
@@ -211,12 +313,42 @@ def test_emulated_tf32_rounds_float32_operands(conv_emu):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((c["n"], c["h"], c["w"], c["c"])).astype(np.float32)
     w = rng.standard_normal(c["k"] + (c["c"], c["o"])).astype(np.float32)
-    want = np.asarray(ref_conv2d(jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64),
-                                 padding=c["pads"], layout="NHWC"))
-    tf32 = emu_conv(conv_emu, 0, c, x.shape, w.shape, x, w, None, want.shape, "float32",
-                     tensor_cores=True, allow_tf32=True)
-    full = emu_conv(conv_emu, 0, c, x.shape, w.shape, x, w, None, want.shape, "float32",
-                     tensor_cores=True, allow_tf32=False)
+    want = np.asarray(
+        ref_conv2d(
+            jnp.asarray(x, jnp.float64),
+            jnp.asarray(w, jnp.float64),
+            padding=c["pads"],
+            layout="NHWC",
+        )
+    )
+    tf32 = emu_conv(
+        conv_emu,
+        0,
+        c,
+        x.shape,
+        w.shape,
+        x,
+        w,
+        None,
+        want.shape,
+        "float32",
+        tensor_cores=True,
+        allow_tf32=True,
+    )
+    full = emu_conv(
+        conv_emu,
+        0,
+        c,
+        x.shape,
+        w.shape,
+        x,
+        w,
+        None,
+        want.shape,
+        "float32",
+        tensor_cores=True,
+        allow_tf32=False,
+    )
     scale = np.abs(want).max()
     tf32_err, full_err = np.abs(tf32 - want).max() / scale, np.abs(full - want).max() / scale
     assert full_err < 1e-5, full_err
@@ -235,13 +367,22 @@ def test_emulated_mma_fuzz(conv_emu):
         dilation = tuple(int(v) for v in rng.integers(1, 3, 2))
         pads = tuple(tuple(int(v) for v in rng.integers(0, 3, 2)) for _ in range(2))
         h, wd = (int(v) for v in rng.integers(max(k) * 2, 12, 2))
-        c = conv_case(int(rng.integers(1, 3)), cin, h, wd, cout, k, stride=stride,
-                      dilation=dilation, pads=pads, groups=groups)
+        c = conv_case(
+            int(rng.integers(1, 3)),
+            cin,
+            h,
+            wd,
+            cout,
+            k,
+            stride=stride,
+            dilation=dilation,
+            pads=pads,
+            groups=groups,
+        )
         layout = str(rng.choice(["NCHW", "NHWC"]))
         dtype = str(rng.choice(MMA_DTYPES))
         tile = int(rng.choice([MMA_LARGE, MMA_SMALL]))
-        kw = dict(stride=c["stride"], padding=c["pads"], dilation=c["dilation"],
-                  groups=groups)
+        kw = dict(stride=c["stride"], padding=c["pads"], dilation=c["dilation"], groups=groups)
         x = grid_values(rng, (c["n"], cin, h, wd))
         w = grid_values(rng, (cout, cin // groups) + k)
         y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), x, w)
@@ -251,16 +392,48 @@ def test_emulated_mma_fuzz(conv_emu):
         c = dict(c, layout=layout)
         xs, ws = acts(x).shape, wgts(w).shape
         msg = f"trial {trial}: {c} {dtype} tile {tile}"
-        got = emu_conv(conv_emu, 0, c, xs, ws, as_dtype(acts(x), dtype), as_dtype(wgts(w), dtype), None,
-                        acts(y).shape, dtype, force_tile=tile)
+        got = emu_conv(
+            conv_emu,
+            0,
+            c,
+            xs,
+            ws,
+            as_dtype(acts(x), dtype),
+            as_dtype(wgts(w), dtype),
+            None,
+            acts(y).shape,
+            dtype,
+            force_tile=tile,
+        )
         assert_close(jnp.asarray(got), acts(y).astype(dtype), dtype), msg
-        got = emu_conv(conv_emu, 1, c, xs, ws, as_dtype(acts(dy), dtype), as_dtype(wgts(w), dtype), None,
-                        xs, dtype, force_tile=tile)
+        got = emu_conv(
+            conv_emu,
+            1,
+            c,
+            xs,
+            ws,
+            as_dtype(acts(dy), dtype),
+            as_dtype(wgts(w), dtype),
+            None,
+            xs,
+            dtype,
+            force_tile=tile,
+        )
         assert_close(jnp.asarray(got), acts(dx).astype(dtype), dtype), msg
-        got = emu_conv(conv_emu, 2, c, xs, ws, as_dtype(acts(x), dtype), as_dtype(acts(dy), dtype), None,
-                        ws, dtype, force_tile=tile)
+        got = emu_conv(
+            conv_emu,
+            2,
+            c,
+            xs,
+            ws,
+            as_dtype(acts(x), dtype),
+            as_dtype(acts(dy), dtype),
+            None,
+            ws,
+            dtype,
+            force_tile=tile,
+        )
         assert_close(jnp.asarray(got), wgts(dw).astype(dtype), dtype), msg
-
 
 
 def test_wrong_fragment_layout_is_caught(tmp_path):
@@ -272,12 +445,34 @@ def test_wrong_fragment_layout_is_caught(tmp_path):
     r, acts, wgts = conv_inputs("mma_c16_o24_3x3", "NHWC")
     x, y, w = acts(r["x"]), acts(r["y"]), wgts(r["w"])
     for dtype in ("bfloat16", "float16"):
-        got = emu_conv(lib, 0, c, x.shape, w.shape, as_dtype(x, dtype), as_dtype(w, dtype),
-                        as_dtype(r["bias"], dtype), y.shape, dtype, force_tile=MMA_SMALL)
+        got = emu_conv(
+            lib,
+            0,
+            c,
+            x.shape,
+            w.shape,
+            as_dtype(x, dtype),
+            as_dtype(w, dtype),
+            as_dtype(r["bias"], dtype),
+            y.shape,
+            dtype,
+            force_tile=MMA_SMALL,
+        )
         assert not np.allclose(got.astype(np.float64), np.asarray(y), rtol=0.05, atol=0.05)
     # float32 (TF32, whose layout the switch leaves alone) still matches.
-    got = emu_conv(lib, 0, c, x.shape, w.shape, as_dtype(x, "float32"), as_dtype(w, "float32"),
-                    as_dtype(r["bias"], "float32"), y.shape, "float32", force_tile=MMA_SMALL)
+    got = emu_conv(
+        lib,
+        0,
+        c,
+        x.shape,
+        w.shape,
+        as_dtype(x, "float32"),
+        as_dtype(w, "float32"),
+        as_dtype(r["bias"], "float32"),
+        y.shape,
+        "float32",
+        force_tile=MMA_SMALL,
+    )
     assert_close(jnp.asarray(got), y.astype("float32"), "float32")
 
 

@@ -8,6 +8,7 @@ to reach it (emu_mma_pass_tap says so, checked first) with padding on every side
 groups, several n tiles, bwd_data stride phases with 1 and 2 tap slots (taps some phases lack)
 and a kernel larger than the image, on both tensor-core tiles and every mma dtype.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,8 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emulation import (DTYPE_CODES, MMA_DTYPES, MMA_LARGE, MMA_SMALL, as_dtype, conv_attrs,
-                       conv_case, emu_conv, grid_values, hwio, nhwc, vec)
+from emulation import (
+    DTYPE_CODES,
+    MMA_DTYPES,
+    MMA_LARGE,
+    MMA_SMALL,
+    as_dtype,
+    conv_attrs,
+    conv_case,
+    emu_conv,
+    grid_values,
+    hwio,
+    nhwc,
+    vec,
+)
 from reference import assert_close, ref_conv2d
 
 pytestmark = pytest.mark.slow("runs the tensor-core kernels under the host emulation")
@@ -27,11 +40,13 @@ TAP_CASES = {
     # forward 16-bit: B k-major (HWIO); bwd_data: B n-major; padding on both sides of both axes.
     "tap_c32_o32_3x3": conv_case(2, 32, 6, 7, 32, 3, pads=1),
     # groups of 32 in / 64 out channels, stride 2, dilation, uneven pads; bwd_data phases gcd 1.
-    "tap_groups_strided_dilated": conv_case(1, 64, 9, 8, 128, (3, 2), stride=2,
-                                            dilation=(2, 1), pads=((1, 2), (0, 1)), groups=2),
+    "tap_groups_strided_dilated": conv_case(
+        1, 64, 9, 8, 128, (3, 2), stride=2, dilation=(2, 1), pads=((1, 2), (0, 1)), groups=2
+    ),
     # stride 3, dilation 2: bwd_data phases with 2 tap slots, some reaching only 1 tap.
-    "tap_phases_stride3_dilation2": conv_case(1, 32, 11, 10, 64, 3, stride=3, dilation=2,
-                                              pads=(2, 1)),
+    "tap_phases_stride3_dilation2": conv_case(
+        1, 32, 11, 10, 64, 3, stride=3, dilation=2, pads=(2, 1)
+    ),
     # 1x1, several m tiles of both sizes, a 2-stage reduction per tap.
     "tap_1x1_many_rows": conv_case(3, 64, 9, 9, 32, 1),
     # kernel larger than the image: most taps read padding.
@@ -39,7 +54,7 @@ TAP_CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _oracle(name):
     c = TAP_CASES[name]
     rng = np.random.default_rng(1)
@@ -51,14 +66,21 @@ def _oracle(name):
     dy = grid_values(rng, y_shape)
     y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), x, w)
     dx, _ = vjp(dy)
-    return dict(x=nhwc(x), w=hwio(w), bias=bias, bias_dx=bias_dx, dy=nhwc(dy),
-                y=nhwc(y + bias.reshape(1, -1, 1, 1)),
-                dx=nhwc(dx + bias_dx.reshape(1, -1, 1, 1)))
+    return dict(
+        x=nhwc(x),
+        w=hwio(w),
+        bias=bias,
+        bias_dx=bias_dx,
+        dy=nhwc(dy),
+        y=nhwc(y + bias.reshape(1, -1, 1, 1)),
+        dx=nhwc(dx + bias_dx.reshape(1, -1, 1, 1)),
+    )
 
 
 def _takes_tap_kernel(lib, which, c, x_shape, w_shape, dtype):
-    return lib.emu_mma_pass_tap(which, DTYPE_CODES[dtype], vec(x_shape), vec(w_shape),
-                                vec(conv_attrs(c)))
+    return lib.emu_mma_pass_tap(
+        which, DTYPE_CODES[dtype], vec(x_shape), vec(w_shape), vec(conv_attrs(c))
+    )
 
 
 @pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
@@ -73,12 +95,14 @@ def test_emulated_mma_tap_kernel(conv_emu, name, tile):
         xa, wa, ba, bxa, dya = (as_dtype(r[k], dtype) for k in ("x", "w", "bias", "bias_dx", "dy"))
         if dtype != "float32":  # float32 forward: HWIO B is not contiguous along k (general kernel)
             assert _takes_tap_kernel(conv_emu, 0, c, x.shape, w.shape, dtype) == 1, (name, dtype)
-            got = emu_conv(conv_emu, 0, c, x.shape, w.shape, xa, wa, ba, r["y"].shape, dtype,
-                            force_tile=tile)
+            got = emu_conv(
+                conv_emu, 0, c, x.shape, w.shape, xa, wa, ba, r["y"].shape, dtype, force_tile=tile
+            )
             assert_close(jnp.asarray(got), r["y"].astype(dtype), dtype)
         assert _takes_tap_kernel(conv_emu, 1, c, x.shape, w.shape, dtype) == 1, (name, dtype)
-        got = emu_conv(conv_emu, 1, c, x.shape, w.shape, dya, wa, bxa, x.shape, dtype,
-                        force_tile=tile)
+        got = emu_conv(
+            conv_emu, 1, c, x.shape, w.shape, dya, wa, bxa, x.shape, dtype, force_tile=tile
+        )
         assert_close(jnp.asarray(got), r["dx"].astype(dtype), dtype)
 
 
@@ -89,12 +113,12 @@ def test_tap_kernel_applies_only_where_a_stage_stays_in_one_tap(conv_emu):
     xs, ws = (1, 6, 6, 16), (3, 3, 16, 32)
     assert _takes_tap_kernel(conv_emu, 0, c, xs, ws, "bfloat16") == 0
     assert _takes_tap_kernel(conv_emu, 1, c, xs, ws, "bfloat16") == 1  # pass Cin = 32
-    assert _takes_tap_kernel(conv_emu, 0, c, xs, ws, "float32") == 0   # HWIO B not along k
+    assert _takes_tap_kernel(conv_emu, 0, c, xs, ws, "float32") == 0  # HWIO B not along k
     c = dict(c, layout="NCHW")
     assert _takes_tap_kernel(conv_emu, 1, c, (1, 16, 6, 6), (32, 16, 3, 3), "bfloat16") == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filter_oracle(name):
     c = TAP_CASES[name]
     r = _oracle(name)
@@ -116,8 +140,23 @@ def test_emulated_mma_filter_pos_kernel(conv_emu, name, tile):
     r = _oracle(name)
     dw = _filter_oracle(name)
     for dtype in MMA_DTYPES:
-        assert conv_emu.emu_mma_filter_pos(DTYPE_CODES[dtype], vec(r["x"].shape), vec(dw.shape),
-                                      vec(conv_attrs(c))) == 1, (name, dtype)
-        got = emu_conv(conv_emu, 2, c, r["x"].shape, dw.shape, as_dtype(r["x"], dtype),
-                        as_dtype(r["dy"], dtype), None, dw.shape, dtype, force_tile=tile)
+        assert (
+            conv_emu.emu_mma_filter_pos(
+                DTYPE_CODES[dtype], vec(r["x"].shape), vec(dw.shape), vec(conv_attrs(c))
+            )
+            == 1
+        ), (name, dtype)
+        got = emu_conv(
+            conv_emu,
+            2,
+            c,
+            r["x"].shape,
+            dw.shape,
+            as_dtype(r["x"], dtype),
+            as_dtype(r["dy"], dtype),
+            None,
+            dw.shape,
+            dtype,
+            force_tile=tile,
+        )
         assert_close(jnp.asarray(got), dw.astype(dtype), dtype)

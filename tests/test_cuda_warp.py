@@ -2,6 +2,7 @@
 through warp_probe.cc: one emulated warp) against the PTX ISA's layouts, written out here
 independently of warp.h: ldmatrix (plain and transposed), mma.sync m16n8k16 bf16/f16 and m16n8k8
 TF32 fragments, shuffles, a partial warp, and cp.async groups landing at their wait."""
+
 from __future__ import annotations
 
 import ml_dtypes
@@ -10,9 +11,10 @@ import pytest
 
 from emulation import build_emulation, ptr
 
-pytestmark = pytest.mark.slow("builds a CUDA host-emulation library (a C++ compile of tens of "
-                              "seconds per worker), then emulates kernels thread by thread")
-
+pytestmark = pytest.mark.slow(
+    "builds a CUDA host-emulation library (a C++ compile of tens of "
+    "seconds per worker), then emulates kernels thread by thread"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +42,21 @@ def test_emulated_ldmatrix(warp_probe, matrices, trans):
             # Matrix j: row i is the row whose address lane 8j + i gave.
             mat = rows[[((8 * j + i) * row_step) % 32 for i in range(8)]]
             g, t = lane // 4, lane % 4
-            lo, hi = ((mat[2 * t, g], mat[2 * t + 1, g]) if trans
-                      else (mat[g, 2 * t], mat[g, 2 * t + 1]))
+            lo, hi = (
+                (mat[2 * t, g], mat[2 * t + 1, g]) if trans else (mat[g, 2 * t], mat[g, 2 * t + 1])
+            )
             assert out[lane, j] == int(lo) | (int(hi) << 16), (lane, j)
 
 
 def _fragments_16bit(a, b):
     """a (16 x 16), b (16 x 8) as 16-bit values -> per-lane registers (PTX ISA m16n8k16)."""
     ra, rb = _u32(32 * 4).reshape(32, 4), _u32(32 * 2).reshape(32, 2)
-    pack = lambda lo, hi: int(lo) | (int(hi) << 16)  # noqa: E731
+    pack = lambda lo, hi: int(lo) | (int(hi) << 16)
     for lane in range(32):
         g, t = lane // 4, lane % 4
-        for reg, (r, c) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8),
-                                      (g + 8, 2 * t + 8)]):
+        for reg, (r, c) in enumerate(
+            [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]
+        ):
             ra[lane, reg] = pack(a[r, c], a[r, c + 1])
         for reg, k in enumerate([2 * t, 2 * t + 8]):
             rb[lane, reg] = pack(b[k, g], b[k + 1, g])
@@ -78,8 +82,9 @@ def test_emulated_mma(warp_probe, kind):
     b = rng.integers(-8, 9, (k, 8)) / 8.0
     c = rng.integers(-8, 9, (16, 8)) / 4.0
     if kind == "tf32":
-        ra, rb = _fragments_tf32(a.astype(np.float32).view(np.uint32),
-                                 b.astype(np.float32).view(np.uint32))
+        ra, rb = _fragments_tf32(
+            a.astype(np.float32).view(np.uint32), b.astype(np.float32).view(np.uint32)
+        )
     else:
         dt = ml_dtypes.bfloat16 if kind == "bfloat16" else np.float16
         ra, rb = _fragments_16bit(a.astype(dt).view(np.uint16), b.astype(dt).view(np.uint16))
@@ -94,8 +99,12 @@ def test_emulated_mma(warp_probe, kind):
     want = a @ b + c
     for lane in range(32):
         g, t = lane // 4, lane % 4
-        assert list(rd[lane]) == [want[g, 2 * t], want[g, 2 * t + 1], want[g + 8, 2 * t],
-                                  want[g + 8, 2 * t + 1]], lane
+        assert list(rd[lane]) == [
+            want[g, 2 * t],
+            want[g, 2 * t + 1],
+            want[g + 8, 2 * t],
+            want[g + 8, 2 * t + 1],
+        ], lane
 
 
 @pytest.mark.parametrize("mask", [1, 6, 16, 31])

@@ -3,6 +3,7 @@ computes the same losses and gradients as the same model on lax ops.
 
 The demo's own `backend` option picks the implementation ("jaxconv" or "lax"; `impl` here); the
 `backend` fixture picks the device, made the default device for the build and every step."""
+
 import functools
 import socket
 
@@ -14,8 +15,9 @@ pytest.importorskip("flax")
 pytest.importorskip("optax")
 pytest.importorskip("mlxtend")
 
-from jaxconv import demo  # noqa: E402
-from reference import assert_close  # noqa: E402
+from jaxconv import demo
+
+from reference import assert_close
 
 pytestmark = pytest.mark.slow("trains LeNet-5 on the bundled digits, twice (jaxconv and lax)")
 
@@ -37,7 +39,7 @@ def on_device(platform):
     return jax.default_device(jax.devices(platform)[0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(impl, layout, platform):
     """One build (and so one compilation of its train step) per configuration for all tests;
     training is functional, so the initial parameters can be reused."""
@@ -51,8 +53,9 @@ def _train(impl, layout, platform, batches):
     losses = []
     with on_device(platform):
         for images, labels in batches:
-            params, opt_state, loss = train_step(params, opt_state,
-                                                 _as_layout(images, layout), labels)
+            params, opt_state, loss = train_step(
+                params, opt_state, _as_layout(images, layout), labels
+            )
             losses.append(float(loss))
     return np.array(losses)
 
@@ -88,16 +91,19 @@ def test_jaxconv_and_lax_backends_agree(backend, digits):
     """Same init, same batches, same losses: jaxconv vs lax in NHWC, and jaxconv in NCHW too
     (features are flattened in HWC order, so the dense layers mean the same in both layouts)."""
     train_x, train_y = digits[0], digits[1]
-    batches = [(train_x[i:i + BATCH], train_y[i:i + BATCH]) for i in range(0, 3 * BATCH, BATCH)]
+    batches = [(train_x[i : i + BATCH], train_y[i : i + BATCH]) for i in range(0, 3 * BATCH, BATCH)]
     configs = [("lax", "NHWC"), ("jaxconv", "NHWC"), ("jaxconv", "NCHW")]
     for config in configs[1:]:
-        for a, b in zip(jax.tree.leaves(_built(*config, backend)[1]),
-                        jax.tree.leaves(_built(*configs[0], backend)[1])):
+        for a, b in zip(
+            jax.tree.leaves(_built(*config, backend)[1]),
+            jax.tree.leaves(_built(*configs[0], backend)[1]),
+        ):
             np.testing.assert_array_equal(a, b)  # same init
     want = _train(*configs[0], backend, batches)
     for config in configs[1:]:
-        np.testing.assert_allclose(_train(*config, backend, batches), want, rtol=1e-4,
-                                   err_msg=str(config))
+        np.testing.assert_allclose(
+            _train(*config, backend, batches), want, rtol=1e-4, err_msg=str(config)
+        )
 
 
 def test_first_step_gradients_match_lax(backend, digits):
@@ -119,13 +125,26 @@ def test_first_step_gradients_match_lax(backend, digits):
 def test_command_line_run_with_plot(backend, tmp_path, capsys):
     png = tmp_path / "filters.png"
     with on_device(backend):
-        result = demo.main(["--epochs", "1", "--batch-size", "16", "--train-images", "64",
-                            "--layout", "NCHW", "--plot", str(png)])
+        result = demo.main(
+            [
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--train-images",
+                "64",
+                "--layout",
+                "NCHW",
+                "--plot",
+                str(png),
+            ]
+        )
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "images/s" in out
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["images_per_s"] > 0
     assert len(result["epoch_losses"]) == 1 and np.isfinite(result["epoch_losses"][0])
     import matplotlib.image
+
     picture = matplotlib.image.imread(png)
     assert picture.ndim == 3 and picture.shape[1] > picture.shape[0] > 100
 

@@ -8,6 +8,7 @@ error naming the bytes, never a switch to another order.
 Compiled for the host emulation (tests/emulation.py) (a C++20 compiler and CUDA's headers; skipped
 without them). On a GPU, the same plan code runs in every bwd_filter call of the other files.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -15,11 +16,13 @@ import ctypes
 import numpy as np
 import pytest
 
-from reference import ref_conv2d
 from emulation import build_emulation, vec
+from reference import ref_conv2d
 
-pytestmark = [pytest.mark.cpu_only("compiles the kernels for the host emulation; no device"),
-              pytest.mark.slow("builds a CUDA host-emulation library and runs its kernels")]
+pytestmark = [
+    pytest.mark.cpu_only("compiles the kernels for the host emulation; no device"),
+    pytest.mark.slow("builds a CUDA host-emulation library and runs its kernels"),
+]
 
 CUDA_ERROR_INVALID_VALUE = 1  # cudaErrorInvalidValue
 
@@ -55,19 +58,34 @@ def _handler(lib, case, *, resident_blocks, allocate_ok=True, tensor_cores=False
     dw = np.full(case[1], np.nan, np.float32)  # never written: stays NaN
     plan = (ctypes.c_int64 * 2)()
     message = ctypes.create_string_buffer(1024)
-    rc = lib.emu_filter_handler(vec(x.shape), vec(dw.shape), vec(attrs),
-                                x.ctypes.data_as(ctypes.c_void_p),
-                                dy.ctypes.data_as(ctypes.c_void_p),
-                                dw.ctypes.data_as(ctypes.c_void_p), ctypes.c_uint(resident_blocks),
-                                int(allocate_ok), int(tensor_cores), int(tensor_cores), plan,
-                                message, ctypes.c_size_t(len(message)))
+    rc = lib.emu_filter_handler(
+        vec(x.shape),
+        vec(dw.shape),
+        vec(attrs),
+        x.ctypes.data_as(ctypes.c_void_p),
+        dy.ctypes.data_as(ctypes.c_void_p),
+        dw.ctypes.data_as(ctypes.c_void_p),
+        ctypes.c_uint(resident_blocks),
+        int(allocate_ok),
+        int(tensor_cores),
+        int(tensor_cores),
+        plan,
+        message,
+        ctypes.c_size_t(len(message)),
+    )
     return rc, dw, dict(splits=plan[0], kernel=plan[1]), message.value.decode()
 
 
-@pytest.mark.parametrize("case, tensor_cores, kernel", [
-    (SPLIT, False, "simt_wide"), (WIDE_SPLIT, False, "simt_wide"),
-    (WIDE_SPLIT, True, "mma_large"), (MMA_SPLIT, True, "mma_small")],
-    ids=["simt_5_outputs", "simt_70_outputs", "mma_large_tile", "mma_small_tile"])
+@pytest.mark.parametrize(
+    "case, tensor_cores, kernel",
+    [
+        (SPLIT, False, "simt_wide"),
+        (WIDE_SPLIT, False, "simt_wide"),
+        (WIDE_SPLIT, True, "mma_large"),
+        (MMA_SPLIT, True, "mma_small"),
+    ],
+    ids=["simt_5_outputs", "simt_70_outputs", "mma_large_tile", "mma_small_tile"],
+)
 def test_bits_do_not_depend_on_the_gpu_size(backend, lib, case, tensor_cores, kernel):
     results = []
     for blocks in (1, 3, 8, 66, 3):  # 3 twice: a rerun gives the same bits too
@@ -78,16 +96,21 @@ def test_bits_do_not_depend_on_the_gpu_size(backend, lib, case, tensor_cores, ke
         results.append((blocks, dw))
     first = results[0][1]
     for blocks, dw in results:
-        np.testing.assert_array_equal(dw.view(np.uint32), first.view(np.uint32),
-                                      err_msg=f"{blocks} resident blocks")
+        np.testing.assert_array_equal(
+            dw.view(np.uint32), first.view(np.uint32), err_msg=f"{blocks} resident blocks"
+        )
     # And the bits are a correct result: against lax's float64 gradient (TF32 on tensor
     # cores: operands rounded to 10 mantissa bits).
     import jax
+
     x, dy, attrs = _problem(case)
     pad = case[3]
-    _, vjp = jax.vjp(lambda w: ref_conv2d(x.astype(np.float64), w, stride=(case[2],) * 2,
-                                          padding=((pad, pad), (pad, pad))),
-                     np.zeros(case[1], np.float64))
+    _, vjp = jax.vjp(
+        lambda w: ref_conv2d(
+            x.astype(np.float64), w, stride=(case[2],) * 2, padding=((pad, pad), (pad, pad))
+        ),
+        np.zeros(case[1], np.float64),
+    )
     (want,) = vjp(dy.astype(np.float64))
     if tensor_cores:  # TF32: relative to the largest value, as an accumulated sum's error goes
         err = np.abs(first - np.asarray(want)).max() / np.abs(want).max()
@@ -102,17 +125,24 @@ def test_failed_workspace_allocation_is_an_error(backend, lib):
     assert rc == 3, "the handler must fail, not run another plan"
     assert np.isnan(dw).all(), "nothing may be written"
     bytes_needed = splits * np.prod(SPLIT[1]) * 4  # float32 partial sums, one dw per split
-    assert message.startswith(f"jaxconv_conv2d_bwd_filter: could not allocate {bytes_needed} "
-                              f"bytes of device scratch"), message
-    assert f"{splits}-way split" in message and "no fallback to another summation order" in \
-        message, message
+    assert message.startswith(
+        f"jaxconv_conv2d_bwd_filter: could not allocate {bytes_needed} bytes of device scratch"
+    ), message
+    assert (
+        f"{splits}-way split" in message and "no fallback to another summation order" in message
+    ), message
 
 
 def test_launcher_refuses_a_missing_workspace(backend, lib):
     x, dy, attrs = _problem(SPLIT)
     dw = np.full(SPLIT[1], np.nan, np.float32)
     err = lib.emu_filter_run_without_workspace(
-        vec(x.shape), vec(dw.shape), vec(attrs), x.ctypes.data_as(ctypes.c_void_p),
-        dy.ctypes.data_as(ctypes.c_void_p), dw.ctypes.data_as(ctypes.c_void_p))
+        vec(x.shape),
+        vec(dw.shape),
+        vec(attrs),
+        x.ctypes.data_as(ctypes.c_void_p),
+        dy.ctypes.data_as(ctypes.c_void_p),
+        dw.ctypes.data_as(ctypes.c_void_p),
+    )
     assert err == CUDA_ERROR_INVALID_VALUE
     assert np.isnan(dw).all()

@@ -1,14 +1,23 @@
 """Odd but valid inputs get the right answer: empty batches, 1x1 images, kernels that cover the
 whole padded input, huge strides, inputs produced by transposes/slices/broadcasts inside jit,
 NaN and +/-inf, and half-precision sums that only survive with float32 accumulation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxconv import conv2d, conv_transpose2d, max_pool2d
-from reference import (assert_close, on, random_array, ref_conv2d, ref_conv_transpose2d,
-                       ref_max_pool2d, tol)
+
+from reference import (
+    assert_close,
+    on,
+    random_array,
+    ref_conv2d,
+    ref_conv_transpose2d,
+    ref_max_pool2d,
+    tol,
+)
 
 LAYOUTS = ["NCHW", "NHWC"]
 
@@ -27,8 +36,10 @@ def w_to_layout(w_oihw, layout):
 def alternating_layouts(cases):
     """(name, layout) pairs, the layouts alternating over the sorted cases: every case runs once
     and both layouts are covered, at half the compile time of the full cross product."""
-    return [pytest.param(n, LAYOUTS[i % 2], id=f"{n}-{LAYOUTS[i % 2]}")
-            for i, n in enumerate(sorted(cases))]
+    return [
+        pytest.param(n, LAYOUTS[i % 2], id=f"{n}-{LAYOUTS[i % 2]}")
+        for i, n in enumerate(sorted(cases))
+    ]
 
 
 def pads(p):
@@ -42,9 +53,18 @@ def pads(p):
 
 def _custom_calls(fn, *args):
     hlo = jax.jit(fn).lower(*args).as_text()
-    return [t for t in ("jaxconv_conv2d_fwd", "jaxconv_conv2d_bwd_data",
-                        "jaxconv_conv2d_bwd_filter", "jaxconv_max_pool2d_fwd",
-                        "jaxconv_max_pool2d_fwd_values", "jaxconv_max_pool2d_bwd") if t in hlo]
+    return [
+        t
+        for t in (
+            "jaxconv_conv2d_fwd",
+            "jaxconv_conv2d_bwd_data",
+            "jaxconv_conv2d_bwd_filter",
+            "jaxconv_max_pool2d_fwd",
+            "jaxconv_max_pool2d_fwd_values",
+            "jaxconv_max_pool2d_bwd",
+        )
+        if t in hlo
+    ]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -56,8 +76,10 @@ def test_empty_batch_conv(backend, layout):
     def loss(x, w, b):
         return jnp.sum(conv2d(x, w, b, stride=2, padding=1, layout=layout) ** 2)
 
-    for n, want_calls in ((0, []), (1, ["jaxconv_conv2d_fwd", "jaxconv_conv2d_bwd_data",
-                                        "jaxconv_conv2d_bwd_filter"])):
+    for n, want_calls in (
+        (0, []),
+        (1, ["jaxconv_conv2d_fwd", "jaxconv_conv2d_bwd_data", "jaxconv_conv2d_bwd_filter"]),
+    ):
         x = on(backend, to_layout(jnp.ones((n, 4, 7, 7), jnp.float32), layout))
         grad = jax.grad(loss, argnums=(0, 1, 2))
         # The non-empty batch shows that the check can see a kernel launch when there is one.
@@ -89,7 +111,7 @@ def test_empty_batch_conv_transpose_and_pool(backend, layout):
     assert dx.shape == x.shape
     np.testing.assert_array_equal(dw, np.zeros(wt.shape))
     # Without a gradient the values-only forward is skipped the same way.
-    values_only = lambda x: max_pool2d(x, 3, stride=2, padding=1, layout=layout)  # noqa: E731
+    values_only = lambda x: max_pool2d(x, 3, stride=2, padding=1, layout=layout)
     assert _custom_calls(values_only, x) == []
     assert jax.jit(values_only)(x).shape == to_layout(jnp.zeros((0, 4, 3, 3)), layout).shape
 
@@ -113,8 +135,11 @@ CONV_CASES = {
     "1x1_image_same_strided": ((1, 2, 1, 1), (3, 2, 4, 4), dict(padding="SAME", stride=3)),
     "kernel_equals_padded_input": ((2, 3, 4, 5), (2, 3, 6, 7), dict(padding=1)),
     "dilated_kernel_equals_input": ((1, 2, 5, 7), (3, 2, 3, 4), dict(dilation=2)),
-    "kernel_equals_input_asymmetric_pad": ((1, 2, 3, 3), (2, 2, 5, 4),
-                                           dict(padding=((2, 0), (0, 1)))),
+    "kernel_equals_input_asymmetric_pad": (
+        (1, 2, 3, 3),
+        (2, 2, 5, 4),
+        dict(padding=((2, 0), (0, 1))),
+    ),
     "huge_stride": ((2, 3, 5, 6), (4, 3, 2, 2), dict(stride=1000)),
     "huge_stride_anisotropic": ((2, 2, 9, 4), (2, 2, 3, 1), dict(stride=(1000, 1), padding=2)),
     "huge_stride_grouped": ((1, 4, 6, 6), (4, 2, 3, 3), dict(stride=(7, 100), groups=2)),
@@ -134,8 +159,8 @@ def test_conv_shape_corners(backend, name, layout):
     ref_kw["padding"] = padding if isinstance(padding, str) else pads(padding)
     ref_kw["groups"] = kw.get("groups", 1)
 
-    ours = lambda x, w, b: conv2d(x, w, b, layout=layout, **kw)  # noqa: E731
-    ref = lambda x, w, b: ref_conv2d(x, w, b, layout=layout, **ref_kw)  # noqa: E731
+    ours = lambda x, w, b: conv2d(x, w, b, layout=layout, **kw)
+    ref = lambda x, w, b: ref_conv2d(x, w, b, layout=layout, **ref_kw)
     assert_same_values_and_vjp(ours, ref, (x, w, b), rng)
 
 
@@ -170,27 +195,30 @@ def test_conv_transpose_shape_corners(backend, name, layout):
     rng = np.random.default_rng(2)
     x = on(backend, to_layout(random_array(rng, xs, jnp.float64), layout))
     w = w_to_layout(random_array(rng, ws, jnp.float64), layout)
-    two = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
-    ref_kw = dict(stride=two(kw.get("stride", 1)), padding=pads(kw.get("padding", 0)),
-                  output_padding=two(kw.get("output_padding", 0)))
+    two = lambda v: (v, v) if isinstance(v, int) else v
+    ref_kw = dict(
+        stride=two(kw.get("stride", 1)),
+        padding=pads(kw.get("padding", 0)),
+        output_padding=two(kw.get("output_padding", 0)),
+    )
     assert_same_values_and_vjp(
         lambda x, w: conv_transpose2d(x, w, layout=layout, **kw),
-        lambda x, w: ref_conv_transpose2d(x, w, layout=layout, **ref_kw), (x, w), rng)
+        lambda x, w: ref_conv_transpose2d(x, w, layout=layout, **ref_kw),
+        (x, w),
+        rng,
+    )
 
 
 POOL_CASES = {  # (x NCHW shape, max_pool2d keyword arguments)
     "1x1_image": ((2, 3, 1, 1), dict(kernel_size=1)),
     "1x1_image_padded_window": ((2, 3, 1, 1), dict(kernel_size=2, stride=1, padding=1)),
-    "1x1_image_ceil_mode": ((1, 2, 1, 1), dict(kernel_size=3, stride=2, padding=1,
-                                               ceil_mode=True)),
+    "1x1_image_ceil_mode": ((1, 2, 1, 1), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
     "kernel_equals_input": ((2, 3, 4, 5), dict(kernel_size=(4, 5))),
     "kernel_equals_padded_input": ((1, 2, 3, 3), dict(kernel_size=5, padding=2)),
     "huge_stride": ((2, 2, 5, 6), dict(kernel_size=2, stride=1000)),
-    "huge_stride_ceil_mode": ((1, 2, 5, 6), dict(kernel_size=2, stride=(1000, 4),
-                                                 ceil_mode=True)),
+    "huge_stride_ceil_mode": ((1, 2, 5, 6), dict(kernel_size=2, stride=(1000, 4), ceil_mode=True)),
     # Taps at -2 and +2 of a 1x1 image: no tap inside, the value is -inf and the index -1.
-    "window_of_only_padding": ((1, 2, 1, 1), dict(kernel_size=2, stride=1, dilation=4,
-                                                  padding=2)),
+    "window_of_only_padding": ((1, 2, 1, 1), dict(kernel_size=2, stride=1, dilation=4, padding=2)),
 }
 
 
@@ -200,11 +228,17 @@ def test_pool_shape_corners(backend, name, layout):
     xs, kw = POOL_CASES[name]
     rng = np.random.default_rng(3)
     x = on(backend, to_layout(random_array(rng, xs, jnp.float32), layout))
-    two = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    two = lambda v: (v, v) if isinstance(v, int) else v
     kernel = two(kw["kernel_size"])
-    vals, idx = ref_max_pool2d(x, kernel, two(kw.get("stride", kernel)),
-                               pads(kw.get("padding", 0)), two(kw.get("dilation", 1)),
-                               kw.get("ceil_mode", False), layout)
+    vals, idx = ref_max_pool2d(
+        x,
+        kernel,
+        two(kw.get("stride", kernel)),
+        pads(kw.get("padding", 0)),
+        two(kw.get("dilation", 1)),
+        kw.get("ceil_mode", False),
+        layout,
+    )
     y, i = max_pool2d(x, return_indices=True, layout=layout, **kw)
     np.testing.assert_array_equal(np.asarray(i), idx)
     np.testing.assert_array_equal(np.asarray(y, np.float64), vals)
@@ -212,8 +246,9 @@ def test_pool_shape_corners(backend, name, layout):
     g = random_array(rng, y.shape, jnp.float32)
     dx = jax.grad(lambda x: jnp.sum(max_pool2d(x, layout=layout, **kw) * g))(x)
     # Overlapping windows sum cotangents in float32 (the oracle in float64): a sum's tolerance.
-    np.testing.assert_allclose(np.asarray(dx, np.float64),
-                               pool_grad_oracle(g, idx, x.shape, layout), *tol(jnp.float32))
+    np.testing.assert_allclose(
+        np.asarray(dx, np.float64), pool_grad_oracle(g, idx, x.shape, layout), *tol(jnp.float32)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,13 +259,13 @@ def test_pool_shape_corners(backend, name, layout):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_transposed_and_strided_producers_inside_jit(backend, dtype):
     rng = np.random.default_rng(4)
-    x_big = on(backend, random_array(rng, (2, 11, 9, 3), dtype))   # NHWC, to be permuted
-    w_hwoi = random_array(rng, (3, 3, 5, 3), dtype)                # to be permuted to OIHW
+    x_big = on(backend, random_array(rng, (2, 11, 9, 3), dtype))  # NHWC, to be permuted
+    w_hwoi = random_array(rng, (3, 3, 5, 3), dtype)  # to be permuted to OIHW
 
     def producers(x_big, w_hwoi):
-        x = jnp.transpose(x_big, (0, 3, 2, 1))[:, :, ::2, 1:]       # NCHW (2, 3, 5, 10)
+        x = jnp.transpose(x_big, (0, 3, 2, 1))[:, :, ::2, 1:]  # NCHW (2, 3, 5, 10)
         x = jnp.flip(x, axis=3)
-        w = jnp.transpose(w_hwoi, (2, 3, 0, 1))                     # OIHW (5, 3, 3, 3)
+        w = jnp.transpose(w_hwoi, (2, 3, 0, 1))  # OIHW (5, 3, 3, 3)
         return x, w
 
     def ours(x_big, w_hwoi):
@@ -327,8 +362,10 @@ def _conv_by_contributions(x, w, padding, groups):
                         if not (0 <= r < h and 0 <= q < wd):
                             continue
                         for g in range(groups):
-                            out[:, g * og:(g + 1) * og, i, j] += (
-                                x[:, g * cg:(g + 1) * cg, r, q] @ w[g * og:(g + 1) * og, :, a, b].T)
+                            out[:, g * og : (g + 1) * og, i, j] += (
+                                x[:, g * cg : (g + 1) * cg, r, q]
+                                @ w[g * og : (g + 1) * og, :, a, b].T
+                            )
     return out
 
 
@@ -350,8 +387,9 @@ def test_conv_nonfinite(backend, layout, groups, where):
         if where == "x" or padding == 0:
             assert_same_nonfinite(got, lax_def, jnp.float32)
         else:
-            in_bounds = to_layout(jnp.asarray(_conv_by_contributions(x, w, padding, groups),
-                                              jnp.float32), layout)
+            in_bounds = to_layout(
+                jnp.asarray(_conv_by_contributions(x, w, padding, groups), jnp.float32), layout
+            )
             assert_one_of(got, (lax_def, in_bounds), jnp.float32)
 
 
@@ -367,9 +405,10 @@ def _transpose_by_contributions(x, w, stride, padding):
     with np.errstate(invalid="ignore"):
         for i in range(h):
             for j in range(wd):
-                out[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw] += np.einsum(
-                    "nc,cokl->nokl", x[:, :, i, j], w)
-    return out[:, :, padding:padding + oh, padding:padding + ow]
+                out[:, :, i * stride : i * stride + kh, j * stride : j * stride + kw] += np.einsum(
+                    "nc,cokl->nokl", x[:, :, i, j], w
+                )
+    return out[:, :, padding : padding + oh, padding : padding + ow]
 
 
 @pytest.mark.parametrize("where", ["x", "w"])
@@ -402,30 +441,50 @@ def test_pool_nonfinite(backend, layout, dtype):
     """NaN wins (first NaN in row-major window order, its index), +inf beats numbers, an all
     -inf window returns -inf at its first in-bounds cell (padding is never selected), and the
     gradient goes to the selected cell."""
-    x = np.array([[[[np.nan, 1, -np.inf, -np.inf, 3],
+    x = np.array(
+        [
+            [
+                [
+                    [np.nan, 1, -np.inf, -np.inf, 3],
                     [2, np.nan, -np.inf, -np.inf, np.inf],
                     [0, 5, 6, np.inf, np.inf],
                     [-np.inf, -np.inf, 7, np.nan, 1],
-                    [-np.inf, -np.inf, 8, 9, np.nan]]]])
+                    [-np.inf, -np.inf, 8, 9, np.nan],
+                ]
+            ]
+        ]
+    )
     x = np.concatenate([x, -x], axis=1)  # the second channel swaps +inf and -inf
     x = on(backend, to_layout(jnp.asarray(x, dtype), layout))
-    for kw in (dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=1, padding=1),
-               dict(kernel_size=2, stride=2, padding=1, ceil_mode=True)):
-        two = lambda v: (v, v)  # noqa: E731
-        vals, idx = ref_max_pool2d(x, two(kw["kernel_size"]), two(kw["stride"]),
-                                   pads(kw.get("padding", 0)), (1, 1),
-                                   kw.get("ceil_mode", False), layout)
+    for kw in (
+        dict(kernel_size=2, stride=2),
+        dict(kernel_size=3, stride=1, padding=1),
+        dict(kernel_size=2, stride=2, padding=1, ceil_mode=True),
+    ):
+        two = lambda v: (v, v)
+        vals, idx = ref_max_pool2d(
+            x,
+            two(kw["kernel_size"]),
+            two(kw["stride"]),
+            pads(kw.get("padding", 0)),
+            (1, 1),
+            kw.get("ceil_mode", False),
+            layout,
+        )
         y, i = max_pool2d(x, return_indices=True, layout=layout, **kw)
         np.testing.assert_array_equal(np.asarray(i), idx)
         np.testing.assert_array_equal(_classes(y), _classes(vals))
-        np.testing.assert_array_equal(np.where(_classes(vals) == 0, np.asarray(y, np.float64), 0),
-                                      np.where(_classes(vals) == 0, vals, 0))
+        np.testing.assert_array_equal(
+            np.where(_classes(vals) == 0, np.asarray(y, np.float64), 0),
+            np.where(_classes(vals) == 0, vals, 0),
+        )
         assert (idx >= 0).all()  # every window has an in-bounds cell; padding never wins
         # Gradient: each output's cotangent lands on its selected cell.
         g = jnp.asarray(np.arange(1, y.size + 1).reshape(y.shape), dtype)
         dx = jax.grad(lambda x: jnp.sum(max_pool2d(x, layout=layout, **kw) * g))(x)
-        np.testing.assert_allclose(np.asarray(dx, np.float64),
-                                   pool_grad_oracle(g, idx, x.shape, layout), rtol=1e-3)
+        np.testing.assert_allclose(
+            np.asarray(dx, np.float64), pool_grad_oracle(g, idx, x.shape, layout), rtol=1e-3
+        )
 
 
 def pool_grad_oracle(g, idx, x_shape, layout):
@@ -473,37 +532,42 @@ def test_float16_partial_sums_overflow_but_total_does_not(backend, layout):
     dy = np.ones((2, 2, 3, 3))
     dy[1, :, 0, 0] = 0
     dw = jax.vjp(lambda w: conv2d(x, w, layout=layout), w)[1](
-        to_layout(jnp.asarray(dy, jnp.float16), layout))[0]
-    np.testing.assert_array_equal(np.asarray(dw, np.float64),
-                                  w_to_layout(np.broadcast_to(c[None, :, None, None],
-                                                              (2, 4, 1, 1)), layout))
+        to_layout(jnp.asarray(dy, jnp.float16), layout)
+    )[0]
+    np.testing.assert_array_equal(
+        np.asarray(dw, np.float64),
+        w_to_layout(np.broadcast_to(c[None, :, None, None], (2, 4, 1, 1)), layout),
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bfloat16_small_terms_survive_float32_accumulation(backend, layout):
     # 512 + 1 + 1 + 1 + 1 - 512 = 4 exactly in float32; bfloat16 partial sums round 513 to 512.
     c = np.array([512, 1, 1, 1, 1, -512], np.float64)
-    bf = lambda a: on(backend, jnp.asarray(a, jnp.bfloat16))  # noqa: E731
+    bf = lambda a: on(backend, jnp.asarray(a, jnp.bfloat16))
     # Over input channels (forward).
     x = bf(to_layout(np.broadcast_to(c[None, :, None, None], (1, 6, 4, 4)), layout))
     y = conv2d(x, bf(w_to_layout(np.ones((3, 6, 1, 1)), layout)), layout=layout)
     np.testing.assert_array_equal(np.asarray(y, np.float64), np.full(y.shape, 4.0))
     # Over a 3x3 window (forward, spatial reduction).
     plane = np.array([[512, 1, 1], [1, 1, 1], [1, 1, -512]], np.float64)[None, None]
-    y = conv2d(bf(to_layout(plane, layout)), bf(w_to_layout(np.ones((1, 1, 3, 3)), layout)),
-               layout=layout)
+    y = conv2d(
+        bf(to_layout(plane, layout)), bf(w_to_layout(np.ones((1, 1, 3, 3)), layout)), layout=layout
+    )
     np.testing.assert_array_equal(np.asarray(y, np.float64).ravel(), [7.0])
     # Over output channels (bwd_data): dx = sum_o w[o] * dy[o].
     wo = bf(w_to_layout(np.broadcast_to(c[:, None, None, None], (6, 1, 1, 1)), layout))
     x1 = bf(to_layout(np.ones((1, 1, 2, 2)), layout))
     dx = jax.vjp(lambda x: conv2d(x, wo, layout=layout), x1)[1](
-        bf(to_layout(np.ones((1, 6, 2, 2)), layout)))[0]
+        bf(to_layout(np.ones((1, 6, 2, 2)), layout))
+    )[0]
     np.testing.assert_array_equal(np.asarray(dx, np.float64), np.full(dx.shape, 4.0))
     # Over positions (bwd_filter): dw = sum_pos x[pos] * dy[pos].
     xs = bf(to_layout(c.reshape(1, 1, 2, 3), layout))
     w1 = bf(w_to_layout(np.ones((1, 1, 1, 1)), layout))
     dw = jax.vjp(lambda w: conv2d(xs, w, layout=layout), w1)[1](
-        bf(to_layout(np.ones((1, 1, 2, 3)), layout)))[0]
+        bf(to_layout(np.ones((1, 1, 2, 3)), layout))
+    )[0]
     np.testing.assert_array_equal(np.asarray(dw, np.float64).ravel(), [4.0])
 
 

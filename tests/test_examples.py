@@ -1,5 +1,6 @@
 """The two classic teaching examples, with expected numbers worked out by hand (and, for the
 padded variant, by a plain NumPy loop), never taken from jaxconv's own output."""
+
 from __future__ import annotations
 
 import jax
@@ -8,15 +9,11 @@ import numpy as np
 import pytest
 
 import jaxconv
+
 from reference import on
 
-IMAGE = np.array([[1, 2, 0, 1],
-                  [0, 1, 3, 2],
-                  [2, 0, 1, 0],
-                  [1, 3, 2, 1]], np.float64)
-SOBEL_X = np.array([[1, 0, -1],
-                    [2, 0, -2],
-                    [1, 0, -1]], np.float64)
+IMAGE = np.array([[1, 2, 0, 1], [0, 1, 3, 2], [2, 0, 1, 0], [1, 3, 2, 1]], np.float64)
+SOBEL_X = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float64)
 
 
 def as_layout(plane, layout):
@@ -54,8 +51,9 @@ def test_4x4_image_3x3_kernel_then_2x2_pool(backend, layout):
 def test_4x4_image_3x3_kernel_padded_then_2x2_pool(backend):
     # padding=1 keeps 4x4; the expected output is a plain loop over a zero-padded copy.
     padded = np.pad(IMAGE, 1)
-    conv = np.array([[np.sum(padded[i:i + 3, j:j + 3] * SOBEL_X) for j in range(4)]
-                     for i in range(4)])
+    conv = np.array(
+        [[np.sum(padded[i : i + 3, j : j + 3] * SOBEL_X) for j in range(4)] for i in range(4)]
+    )
     pooled = conv.reshape(2, 2, 2, 2).max(axis=(1, 3))  # (row block, row, col block, col)
     x, w = on(backend, as_layout(IMAGE, "NCHW"), as_kernel(SOBEL_X, "NCHW"))
     y = jaxconv.conv2d(x, w, padding=1)

@@ -4,6 +4,7 @@ jaxconv's kernels are custom calls without JAX's compatibility guarantee, so exp
 `disabled_checks=jaxconv.export_safety_checks()`, and the process that runs the artifact must
 `import jaxconv` (importing registers the targets). Sharded export is in test_sharding.py.
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -16,18 +17,28 @@ import pytest
 from jax import export
 
 import jaxconv
+
 from child import run_python
-from reference import (assert_close, lowering_platform, on, random_array, ref_conv2d,
-                       ref_conv_transpose2d, ref_max_pool2d_lax)
+from reference import (
+    assert_close,
+    lowering_platform,
+    on,
+    random_array,
+    ref_conv2d,
+    ref_conv_transpose2d,
+    ref_max_pool2d_lax,
+)
 
 LAYOUTS = ["NCHW", "NHWC"]
 
 
 def network(conv, convt, pool, layout):
     """conv(+bias) -> relu -> max-pool -> transposed conv: every kernel in one function."""
+
     def f(x, w, b, w_t):
         h = jax.nn.relu(conv(x, w, b, padding=((1, 1), (1, 1)), layout=layout))
         return convt(pool(h, layout=layout), w_t, stride=(2, 2), layout=layout)
+
     return f
 
 
@@ -48,8 +59,9 @@ def operands(backend, layout, dtype, n=2):
 
 
 def ours(layout):
-    return network(jaxconv.conv2d, jaxconv.conv_transpose2d,
-                   partial(jaxconv.max_pool2d, kernel_size=2), layout)
+    return network(
+        jaxconv.conv2d, jaxconv.conv_transpose2d, partial(jaxconv.max_pool2d, kernel_size=2), layout
+    )
 
 
 def ref(layout):
@@ -59,8 +71,11 @@ def ref(layout):
 def exporter(fn, backend):
     """export.export for `backend`'s platform (by default export targets the default backend,
     which is the gpu wherever one is visible)."""
-    return export.export(jax.jit(fn), platforms=[lowering_platform(backend)],
-                         disabled_checks=jaxconv.export_safety_checks())
+    return export.export(
+        jax.jit(fn),
+        platforms=[lowering_platform(backend)],
+        disabled_checks=jaxconv.export_safety_checks(),
+    )
 
 
 def specs(*args):
@@ -90,8 +105,11 @@ def test_export_serialize_deserialize_run(backend, layout, dtype):
 def test_export_without_safety_checks_names_our_target(backend):
     """What a user sees without export_safety_checks() (quoted in the README)."""
     args = operands(backend, "NCHW", jnp.float32)
-    with pytest.raises(ValueError, match="Cannot serialize code with custom calls whose targets "
-                                         "have no compatibility guarantees") as info:
+    with pytest.raises(
+        ValueError,
+        match="Cannot serialize code with custom calls whose targets "
+        "have no compatibility guarantees",
+    ) as info:
         export.export(jax.jit(ours("NCHW")), platforms=[lowering_platform(backend)])(*args)
     assert "jaxconv_conv2d_fwd" in str(info.value)
 
@@ -100,8 +118,8 @@ def test_export_of_a_training_gradient(backend):
     """jit(grad) exports too: the artifact holds the backward kernels."""
     layout = "NHWC"
     args = operands(backend, layout, jnp.float64)
-    loss = lambda f: lambda *a: jnp.sum(jnp.tanh(f(*a)))  # noqa: E731
-    grads = lambda f: jax.grad(loss(f), argnums=(0, 1, 2, 3))  # noqa: E731
+    loss = lambda f: lambda *a: jnp.sum(jnp.tanh(f(*a)))
+    grads = lambda f: jax.grad(loss(f), argnums=(0, 1, 2, 3))
     restored = roundtrip(grads(ours(layout)), backend, *args)
     for g, r in zip(restored.call(*args), jax.jit(grads(ref(layout)))(*args)):
         assert_close(g, r)
@@ -115,7 +133,7 @@ def test_deserialized_function_is_differentiable(backend):
     layout = "NCHW"
     args = operands(backend, layout, jnp.float64)
     restored = roundtrip(ours(layout), backend, *args, vjp_order=1)
-    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
     got = jax.jit(jax.grad(loss(restored.call), argnums=(0, 1, 2, 3)))(*args)
     want = jax.jit(jax.grad(loss(ref(layout)), argnums=(0, 1, 2, 3)))(*args)
     for g, r in zip(got, want):
@@ -129,7 +147,8 @@ def test_export_with_symbolic_batch_size(backend):
     x, w, b, w_t = operands(backend, layout, jnp.float32)
     (n,) = export.symbolic_shape("n")
     exp = exporter(ours(layout), backend)(
-        jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype), *specs(w, b, w_t))
+        jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype), *specs(w, b, w_t)
+    )
     restored = export.deserialize(exp.serialize())
     for batch in (1, 5):
         args = operands(backend, layout, jnp.float32, n=batch)
@@ -143,8 +162,11 @@ def test_artifact_runs_in_a_fresh_process_after_import_jaxconv(backend, tmp_path
     args = operands(backend, "NCHW", jnp.float32)
     exp = exporter(ours("NCHW"), backend)(*specs(*args))
     (tmp_path / "net.bin").write_bytes(exp.serialize())
-    np.savez(tmp_path / "io.npz", *[np.asarray(a) for a in args],
-             want=np.asarray(jax.jit(ours("NCHW"))(*args)))
+    np.savez(
+        tmp_path / "io.npz",
+        *[np.asarray(a) for a in args],
+        want=np.asarray(jax.jit(ours("NCHW"))(*args)),
+    )
     script = textwrap.dedent("""
         import sys
         import numpy as np
@@ -162,8 +184,7 @@ def test_artifact_runs_in_a_fresh_process_after_import_jaxconv(backend, tmp_path
         np.testing.assert_array_equal(np.asarray(got), data["want"])
         print("after import: ok")
     """)
-    proc = run_python("-c", script, cwd=tmp_path,
-                      env={"JAX_PLATFORMS": lowering_platform(backend)})
+    proc = run_python("-c", script, cwd=tmp_path, env={"JAX_PLATFORMS": lowering_platform(backend)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("before import:") and "jaxconv_" in lines[0], lines

@@ -8,6 +8,7 @@ Error bound, as max |got - ref| / max |ref| against a float64 lax reference, sta
 float32 operands: 1e-5 in every direction, per transform plan (whole plane and overlap-save tiles).
 Measured on these shapes: at most about 3e-7.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 import jaxconv
 from jaxconv import _jaxconv_cpu
+
 from child import run_python
 from reference import on, ref_conv2d, ref_conv_transpose2d, tol
 
@@ -36,8 +38,9 @@ def _pads(padding):
     return [v for pair in padding for v in pair]
 
 
-def algorithm(direction, x_nchw, w_oihw, padding, dilation, groups, layout, stride=(1, 1),
-              float64=False):
+def algorithm(
+    direction, x_nchw, w_oihw, padding, dilation, groups, layout, stride=(1, 1), float64=False
+):
     """The algorithm the CPU kernels take for this call (the module's conv_algorithm)."""
     attrs = [*stride, *dilation, *_pads(padding), groups, 0 if layout == "NCHW" else 1]
     return _jaxconv_cpu.conv_algorithm(direction, float64, list(x_nchw), list(w_oihw), attrs)
@@ -64,8 +67,9 @@ def _check_all_directions(x64, w64, padding, dilation, groups, layout, bound=BOU
     x, w = x64.astype(jnp.float32), w64.astype(jnp.float32)
 
     def ours(x, w):
-        return jaxconv.conv2d(x, w, padding=padding, dilation=dilation, groups=groups,
-                              layout=layout)
+        return jaxconv.conv2d(
+            x, w, padding=padding, dilation=dilation, groups=groups, layout=layout
+        )
 
     def ref(x, w):
         return ref_conv2d(x, w, padding=padding, dilation=dilation, groups=groups, layout=layout)
@@ -75,8 +79,11 @@ def _check_all_directions(x64, w64, padding, dilation, groups, layout, bound=BOU
     ct64 = jnp.asarray(np.random.default_rng(seed).standard_normal(y_ref.shape))
     dx, dw = vjp(ct64.astype(jnp.float32))
     dx_ref, dw_ref = vjp_ref(ct64)
-    errs = {"fwd": _rel_err(y, y_ref), "bwd_data": _rel_err(dx, dx_ref),
-            "bwd_filter": _rel_err(dw, dw_ref)}
+    errs = {
+        "fwd": _rel_err(y, y_ref),
+        "bwd_data": _rel_err(dx, dx_ref),
+        "bwd_filter": _rel_err(dw, dw_ref),
+    }
     assert max(errs.values()) <= bound, errs
     return errs
 
@@ -93,8 +100,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"_k{c[4][0]}"
-                         f"x{c[4][1]}_d{c[6][0]}{c[6][1]}_{c[7]}")
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "x".join(map(str, c[:4])) + f"_k{c[4][0]}x{c[4][1]}_d{c[6][0]}{c[6][1]}_{c[7]}",
+)
 def test_error_bound_per_plan_and_direction(backend, monkeypatch, case, layout):
     n, c, h, w_, k, padding, dilation, kind = case
     rng = np.random.default_rng(abs(hash((case[:5], layout))) % 2**32)
@@ -103,8 +113,9 @@ def test_error_bound_per_plan_and_direction(backend, monkeypatch, case, layout):
     oh = h + padding[0][0] + padding[0][1] - dilation[0] * (k[0] - 1)
     ow = w_ + padding[1][0] + padding[1][1] - dilation[1] * (k[1] - 1)
     for direction, (u, v) in (("fwd", (oh, ow)), ("bwd_data", (h, w_)), ("bwd_filter", (oh, ow))):
-        p, q, th, tw = plan(algorithm(direction, (n, c, h, w_), (c, 1, *k), padding, dilation,
-                                      c, layout))
+        p, q, th, tw = plan(
+            algorithm(direction, (n, c, h, w_), (c, 1, *k), padding, dilation, c, layout)
+        )
         ke = [d * (kk - 1) + 1 for d, kk in zip(dilation, k)]
         assert p >= th + ke[0] - 1 and q >= tw + ke[1] - 1, (direction, p, q, th, tw)
         whole = th == u and tw == v
@@ -121,8 +132,9 @@ def test_conv_transpose_stride1_within_bound(backend, monkeypatch, layout):
     w64 = rng.standard_normal((c, 1, k, k) if layout == "NCHW" else (k, k, 1, c))
     x64, w64 = on(backend, jnp.asarray(x64), jnp.asarray(w64))
     monkeypatch.setenv(ALGO_ENV, "fft")
-    y = jaxconv.conv_transpose2d(x64.astype(jnp.float32), w64.astype(jnp.float32), padding=2,
-                                 groups=c, layout=layout)
+    y = jaxconv.conv_transpose2d(
+        x64.astype(jnp.float32), w64.astype(jnp.float32), padding=2, groups=c, layout=layout
+    )
     y_ref = ref_conv_transpose2d(x64, w64, padding=((2, 2), (2, 2)), groups=c, layout=layout)
     assert _rel_err(y, y_ref) <= BOUND
 
@@ -131,8 +143,9 @@ def test_auto_takes_the_fft_for_the_kernel_paths_case(backend):
     """tests/test_kernel_paths.py's 'depthwise 21x21 on the FFT' case is on the FFT by default."""
     for layout in ("NCHW", "NHWC"):
         for d in ("fwd", "bwd_data", "bwd_filter"):
-            assert algorithm(d, (2, 20, 30, 28), (20, 1, 21, 21), ((10, 10), (10, 10)), (1, 1),
-                             20, layout).startswith("fft "), (layout, d)
+            assert algorithm(
+                d, (2, 20, 30, 28), (20, 1, 21, 21), ((10, 10), (10, 10)), (1, 1), 20, layout
+            ).startswith("fft "), (layout, d)
 
 
 @pytest.mark.slow("a child process on the baseline kernel table compiles every case anew")
@@ -145,8 +158,11 @@ def test_baseline_table_without_avx2(backend):
         "os.environ['JAXCONV_CPU_CONV_ALGO'] = 'fft';"
         "[t._check_all_directions(*t._operands(np.random.default_rng(1), n, c, h, w, k, lay),"
         " pad, dil, c, lay) for (n, c, h, w, k, pad, dil, _), lay in"
-        " ((t.CASES[0], 'NCHW'), (t.CASES[2], 'NHWC'))]; print('ok')")
-    proc = run_python("-c", code, env={"JAXCONV_CPU_CAPABILITY": "baseline", "JAX_PLATFORMS": "cpu"})
+        " ((t.CASES[0], 'NCHW'), (t.CASES[2], 'NHWC'))]; print('ok')"
+    )
+    proc = run_python(
+        "-c", code, env={"JAXCONV_CPU_CAPABILITY": "baseline", "JAX_PLATFORMS": "cpu"}
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -163,12 +179,14 @@ def test_half_types_through_float32(backend, monkeypatch, dtype):
     assert y.dtype == dtype
     rtol, atol = tol(dtype)
     scale = float(jnp.abs(y_ref.astype(jnp.float32)).max())
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
-                               rtol=rtol, atol=atol * scale)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=rtol, atol=atol * scale
+    )
     for got, want in zip(vjp(y), vjp_ref(y)):
         scale = float(jnp.abs(want.astype(jnp.float32)).max())
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                   rtol=rtol, atol=atol * scale)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=rtol, atol=atol * scale
+        )
 
 
 def test_second_order_gradients_match_lax(backend, monkeypatch):
@@ -187,8 +205,9 @@ def test_second_order_gradients_match_lax(backend, monkeypatch):
 
     def hvp(conv, x, w, tx, tw):  # reverse over reverse (custom_vjp has no jvp)
         g = jax.grad(lambda x, w: loss(conv, x, w), argnums=(0, 1))
-        return jax.grad(lambda x, w: sum(jnp.vdot(a, b) for a, b in zip(g(x, w), (tx, tw))),
-                        argnums=(0, 1))(x, w)
+        return jax.grad(
+            lambda x, w: sum(jnp.vdot(a, b) for a, b in zip(g(x, w), (tx, tw))), argnums=(0, 1)
+        )(x, w)
 
     f32 = lambda *a: tuple(v.astype(jnp.float32) for v in a)
     got = hvp(ours, *f32(x64, w64, tx, tw))
@@ -203,9 +222,12 @@ def test_forcing_changes_the_bits(backend, monkeypatch):
     rng = np.random.default_rng(8)
     x, w = _operands(rng, 1, 16, 12, 12, (5, 5), "NHWC")
     x, w = on(backend, x.astype(jnp.float32), w.astype(jnp.float32))
-    f = jax.jit(jax.value_and_grad(
-        lambda x, w: jnp.sum(jaxconv.conv2d(x, w, padding=2, groups=16, layout="NHWC") ** 2),
-        argnums=(0, 1)))
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: jnp.sum(jaxconv.conv2d(x, w, padding=2, groups=16, layout="NHWC") ** 2),
+            argnums=(0, 1),
+        )
+    )
 
     def run(algo):
         monkeypatch.setenv(ALGO_ENV, algo)
@@ -234,7 +256,8 @@ def test_non_finite_values_take_the_direct_path(backend, monkeypatch, bad, where
     args = on(backend, jnp.asarray(x), jnp.asarray(w))
     y, vjp = jax.vjp(lambda x, w: jaxconv.conv2d(x, w, padding=2, groups=16), *args)
     y_ref, vjp_ref = jax.vjp(
-        lambda x, w: ref_conv2d(x, w, padding=((2, 2), (2, 2)), groups=16), *args)
+        lambda x, w: ref_conv2d(x, w, padding=((2, 2), (2, 2)), groups=16), *args
+    )
     cts = on(backend, jnp.asarray(ct))
     for got, want in zip((y, *vjp(cts)), (y_ref, *vjp_ref(cts))):
         got, want = np.asarray(got), np.asarray(want)
@@ -245,16 +268,33 @@ def test_non_finite_values_take_the_direct_path(backend, monkeypatch, bad, where
         np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("what, call, why", [
-    ("stride 2", lambda x, w: jaxconv.conv2d(x, w, stride=2, padding=1, groups=8),
-     "need stride 1"),
-    ("dense", lambda x, w: jaxconv.conv2d(x, jnp.ones((8, 8, 3, 3), x.dtype), padding=1),
-     "depthwise only"),
-    ("float64", lambda x, w: jaxconv.conv2d(x.astype(jnp.float64), w.astype(jnp.float64),
-                                            padding=1, groups=8), "float64"),
-    ("kernel over 128", lambda x, w: jaxconv.conv2d(x, w, padding=1, dilation=70, groups=8),
-     "larger than the largest transform"),
-])
+@pytest.mark.parametrize(
+    "what, call, why",
+    [
+        (
+            "stride 2",
+            lambda x, w: jaxconv.conv2d(x, w, stride=2, padding=1, groups=8),
+            "need stride 1",
+        ),
+        (
+            "dense",
+            lambda x, w: jaxconv.conv2d(x, jnp.ones((8, 8, 3, 3), x.dtype), padding=1),
+            "depthwise only",
+        ),
+        (
+            "float64",
+            lambda x, w: jaxconv.conv2d(
+                x.astype(jnp.float64), w.astype(jnp.float64), padding=1, groups=8
+            ),
+            "float64",
+        ),
+        (
+            "kernel over 128",
+            lambda x, w: jaxconv.conv2d(x, w, padding=1, dilation=70, groups=8),
+            "larger than the largest transform",
+        ),
+    ],
+)
 def test_forced_fft_where_it_cannot_run_is_an_error(backend, monkeypatch, what, call, why):
     x = jnp.ones((1, 8, 160, 12), jnp.float32)
     w = jnp.ones((8, 1, 3, 1), jnp.float32)
@@ -267,8 +307,9 @@ def test_forced_fft_where_it_cannot_run_is_an_error(backend, monkeypatch, what, 
 def test_unknown_algorithm_names_fft(backend, monkeypatch):
     monkeypatch.setenv(ALGO_ENV, "fourier")
     x, w = on(backend, jnp.ones((1, 4, 6, 6), jnp.float32), jnp.ones((4, 1, 3, 3), jnp.float32))
-    with pytest.raises(Exception, match="'fourier' is not one of auto, direct, winograd, "
-                       "winograd2, winograd4, fft"):
+    with pytest.raises(
+        Exception, match="'fourier' is not one of auto, direct, winograd, winograd2, winograd4, fft"
+    ):
         jax.block_until_ready(jaxconv.conv2d(x, w, padding=1, groups=4))
 
 
@@ -280,30 +321,61 @@ def test_auto_choice(backend, monkeypatch, algo):
     monkeypatch.setenv(ALGO_ENV, algo)
     same = lambda k: ((k // 2, k // 2), (k // 2, k // 2))
     for layout in ("NCHW", "NHWC"):
-        assert algorithm("fwd", (2, 128, 56, 56), (128, 1, 31, 31), same(31), (1, 1), 128,
-                         layout).startswith("fft")
-        assert algorithm("bwd_filter", (2, 256, 28, 28), (256, 1, 13, 13), same(13), (1, 1),
-                         256, layout).startswith("fft")
+        assert algorithm(
+            "fwd", (2, 128, 56, 56), (128, 1, 31, 31), same(31), (1, 1), 128, layout
+        ).startswith("fft")
+        assert algorithm(
+            "bwd_filter", (2, 256, 28, 28), (256, 1, 13, 13), same(13), (1, 1), 256, layout
+        ).startswith("fft")
         for k, hw in ((3, 56), (3, 112), (5, 56), (7, 56), (7, 14)):
             for d in ("fwd", "bwd_data", "bwd_filter"):
-                assert algorithm(d, (8, 128, hw, hw), (128, 1, k, k), same(k), (1, 1), 128,
-                                 layout) == "direct", (k, hw, d)
-        assert algorithm("fwd", (2, 128, 56, 56), (128, 1, 31, 31), same(31), (1, 1), 128,
-                         layout, stride=(2, 2)) == "direct"
-        assert algorithm("fwd", (2, 128, 56, 56), (128, 1, 31, 31), same(31), (1, 1), 128,
-                         layout, float64=True) == "direct"
-        assert algorithm("fwd", (8, 64, 56, 56), (64, 64, 3, 3), same(3), (1, 1), 1,
-                         layout) == "winograd4"
-        assert algorithm("fwd", (8, 512, 7, 7), (512, 512, 3, 3), same(3), (1, 1), 1,
-                         layout) == "direct"
+                assert (
+                    algorithm(d, (8, 128, hw, hw), (128, 1, k, k), same(k), (1, 1), 128, layout)
+                    == "direct"
+                ), (k, hw, d)
+        assert (
+            algorithm(
+                "fwd",
+                (2, 128, 56, 56),
+                (128, 1, 31, 31),
+                same(31),
+                (1, 1),
+                128,
+                layout,
+                stride=(2, 2),
+            )
+            == "direct"
+        )
+        assert (
+            algorithm(
+                "fwd",
+                (2, 128, 56, 56),
+                (128, 1, 31, 31),
+                same(31),
+                (1, 1),
+                128,
+                layout,
+                float64=True,
+            )
+            == "direct"
+        )
+        assert (
+            algorithm("fwd", (8, 64, 56, 56), (64, 64, 3, 3), same(3), (1, 1), 1, layout)
+            == "winograd4"
+        )
+        assert (
+            algorithm("fwd", (8, 512, 7, 7), (512, 512, 3, 3), same(3), (1, 1), 1, layout)
+            == "direct"
+        )
 
 
 def test_auto_result_within_bound(backend, monkeypatch):
     monkeypatch.setenv(ALGO_ENV, "auto")
     rng = np.random.default_rng(12)
     x64, w64 = on(backend, *_operands(rng, 1, 32, 30, 30, (27, 27), "NHWC"))
-    assert algorithm("fwd", (1, 32, 30, 30), (32, 1, 27, 27), ((13, 13), (13, 13)), (1, 1), 32,
-                     "NHWC").startswith("fft")
+    assert algorithm(
+        "fwd", (1, 32, 30, 30), (32, 1, 27, 27), ((13, 13), (13, 13)), (1, 1), 32, "NHWC"
+    ).startswith("fft")
     _check_all_directions(x64, w64, ((13, 13), (13, 13)), (1, 1), 32, "NHWC")
 
 
@@ -320,8 +392,13 @@ def depthwise_configs(draw):
     return n, c, hw[0], hw[1], k, pad, dil, layout
 
 
-@settings(max_examples=6, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @pytest.mark.slow("hypothesis: several random shapes, each compiled")
 @given(cfg=depthwise_configs())
 def test_forced_fft_on_random_shapes(backend, monkeypatch, cfg):
@@ -335,11 +412,21 @@ def test_forced_fft_on_random_shapes(backend, monkeypatch, cfg):
 def test_bwd_filter_of_an_empty_batch_is_zero(backend, monkeypatch):
     """A raw bwd_filter call with N = 0 (Python never makes one) on the FFT: dw = 0."""
     monkeypatch.setenv(ALGO_ENV, "fft")
-    attrs = dict(stride_h=1, stride_w=1, dilation_h=1, dilation_w=1, pad_top=2, pad_bottom=2,
-                 pad_left=2, pad_right=2, groups=8, layout=0)
+    attrs = dict(
+        stride_h=1,
+        stride_w=1,
+        dilation_h=1,
+        dilation_w=1,
+        pad_top=2,
+        pad_bottom=2,
+        pad_left=2,
+        pad_right=2,
+        groups=8,
+        layout=0,
+    )
     x = jnp.ones((0, 8, 9, 9), jnp.float32)
     dy = jnp.ones((0, 8, 9, 9), jnp.float32)
-    dw = jax.ffi.ffi_call("jaxconv_conv2d_bwd_filter", jax.ShapeDtypeStruct((8, 1, 5, 5),
-                                                                           jnp.float32))(
-        x, dy, **{k: np.int64(v) for k, v in attrs.items()})
+    dw = jax.ffi.ffi_call(
+        "jaxconv_conv2d_bwd_filter", jax.ShapeDtypeStruct((8, 1, 5, 5), jnp.float32)
+    )(x, dy, **{k: np.int64(v) for k, v in attrs.items()})
     np.testing.assert_array_equal(np.asarray(dw), np.zeros((8, 1, 5, 5), np.float32))

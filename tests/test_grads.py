@@ -4,6 +4,7 @@ float64, jit(grad), and max-pool's gradient rules (first maximum only, padding g
 The conv gradients are the three kernels differentiating into each other (conv.py), so second
 order checks exercise all of bwd_data's and bwd_filter's own VJPs too.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -13,13 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from test_conv import GEOMETRIES as CONV
+from test_conv import MEDIUM, random_conv
+from test_conv_transpose import GEOMETRIES as CONVT
+from test_conv_transpose import random_convt, transposed
+from test_pool import Pool, to_layout
 
 import jaxconv
-from reference import (ConvCase, assert_close, on, random_array,
-                       ref_max_pool2d, ref_max_pool2d_lax)
-from test_conv import GEOMETRIES as CONV, MEDIUM, random_conv
-from test_conv_transpose import GEOMETRIES as CONVT, random_convt, transposed
-from test_pool import Pool, to_layout
+
+from reference import ConvCase, assert_close, on, random_array, ref_max_pool2d, ref_max_pool2d_lax
 
 LAYOUTS = ["NCHW", "NHWC"]
 DTYPES = [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16]
@@ -28,8 +31,10 @@ DTYPES = [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16]
 def alternating_layouts(items, ids=str):
     """(item, layout) parameters with the layout alternating: each layout sees half the items,
     at half the cost of the full product (gradients compile three reference convolutions)."""
-    return [pytest.param(item, LAYOUTS[i % 2], id=f"{ids(item)}-{LAYOUTS[i % 2]}")
-            for i, item in enumerate(items)]
+    return [
+        pytest.param(item, LAYOUTS[i % 2], id=f"{ids(item)}-{LAYOUTS[i % 2]}")
+        for i, item in enumerate(items)
+    ]
 
 
 def dtype_name(dtype):
@@ -40,7 +45,6 @@ def conv_pair(case: ConvCase, layout):
     """(ours, reference) as functions of (x, w, b) with the case's geometry fixed; conv2d or
     conv_transpose2d as the case says."""
     return case.function(layout), case.reference(layout)
-
 
 
 def placed_operands(case, backend, layout, dtype, seed=0):
@@ -58,8 +62,9 @@ def assert_vjp_matches(ours, ref, args, seed=1, jit=True):
     jit=True compiles each side once instead of dispatching its ops one by one (much faster
     here); a few cases run eagerly so the op-by-op path is covered too."""
     out = jax.eval_shape(ours, *args)
-    cot = on(args[0].device.platform, random_array(np.random.default_rng(seed), out.shape,
-                                                   out.dtype))
+    cot = on(
+        args[0].device.platform, random_array(np.random.default_rng(seed), out.shape, out.dtype)
+    )
     run = jax.jit(_value_and_vjp, static_argnums=0) if jit else _value_and_vjp
     (y, grads), (y_ref, grads_ref) = run(ours, args, cot), run(ref, args, cot)
     assert_close(y, y_ref)
@@ -67,24 +72,33 @@ def assert_vjp_matches(ours, ref, args, seed=1, jit=True):
         assert_close(got, want)
 
 
-CONV_GRAD_CASES = ["groups_with_everything", "anisotropic_everything",
-                   "depthwise_channel_multiplier", "even_kernel_SAME_stride2",
-                   "kernel_larger_than_input_padded", "stride_leaves_remainder"]
+CONV_GRAD_CASES = [
+    "groups_with_everything",
+    "anisotropic_everything",
+    "depthwise_channel_multiplier",
+    "even_kernel_SAME_stride2",
+    "kernel_larger_than_input_padded",
+    "stride_leaves_remainder",
+]
 
 
 @pytest.mark.parametrize("name, layout", alternating_layouts(CONV_GRAD_CASES))
 def test_conv2d_vjp_float64(backend, name, layout):
     case = CONV[name]
-    assert_vjp_matches(*conv_pair(case, layout), placed_operands(case, backend, layout,
-                                                                  jnp.float64))
+    assert_vjp_matches(
+        *conv_pair(case, layout), placed_operands(case, backend, layout, jnp.float64)
+    )
 
 
 @pytest.mark.parametrize("dtype, layout", alternating_layouts(DTYPES, dtype_name))
 def test_conv2d_vjp_dtypes(backend, dtype, layout):
     case = CONV["groups_with_everything"]
     # float32 op by op, the rest under jit (compiled once: much faster).
-    assert_vjp_matches(*conv_pair(case, layout), placed_operands(case, backend, layout, dtype),
-                       jit=dtype != jnp.float32)
+    assert_vjp_matches(
+        *conv_pair(case, layout),
+        placed_operands(case, backend, layout, dtype),
+        jit=dtype != jnp.float32,
+    )
 
 
 @pytest.mark.parametrize("name, layout", alternating_layouts(list(MEDIUM)))
@@ -92,33 +106,44 @@ def test_conv2d_vjp_medium_shapes(backend, name, layout):
     # Past the kernels' blocking thresholds (see test_conv.MEDIUM); bwd_data's stride phases
     # and bwd_filter's reduction over many positions included.
     case = MEDIUM[name]
-    assert_vjp_matches(*conv_pair(case, layout), placed_operands(case, backend, layout,
-                                                                  jnp.float32))
+    assert_vjp_matches(
+        *conv_pair(case, layout), placed_operands(case, backend, layout, jnp.float32)
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_conv_transpose2d_vjp_medium_shape(backend, layout):
     case = transposed(n=2, c=40, o=100, h=8, w=9, kernel=(4, 4), stride=2, padding=1)
-    assert_vjp_matches(*conv_pair(case, layout), placed_operands(case, backend, layout,
-                                                                   jnp.float32))
+    assert_vjp_matches(
+        *conv_pair(case, layout), placed_operands(case, backend, layout, jnp.float32)
+    )
 
 
-CONVT_GRAD_CASES = ["anisotropic_everything", "stride2_output_padding1", "depthwise",
-                    "output_padding_from_dilation", "padding_asymmetric"]
+CONVT_GRAD_CASES = [
+    "anisotropic_everything",
+    "stride2_output_padding1",
+    "depthwise",
+    "output_padding_from_dilation",
+    "padding_asymmetric",
+]
 
 
 @pytest.mark.parametrize("name, layout", alternating_layouts(CONVT_GRAD_CASES))
 def test_conv_transpose2d_vjp_float64(backend, name, layout):
     case = CONVT[name]
-    assert_vjp_matches(*conv_pair(case, layout), placed_operands(case, backend, layout,
-                                                                   jnp.float64))
+    assert_vjp_matches(
+        *conv_pair(case, layout), placed_operands(case, backend, layout, jnp.float64)
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_conv_transpose2d_vjp_dtypes(backend, dtype):
     case = CONVT["anisotropic_everything"]
-    assert_vjp_matches(*conv_pair(case, "NHWC"), placed_operands(case, backend, "NHWC", dtype),
-                       jit=dtype != jnp.float32)
+    assert_vjp_matches(
+        *conv_pair(case, "NHWC"),
+        placed_operands(case, backend, "NHWC", dtype),
+        jit=dtype != jnp.float32,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,20 +152,38 @@ def test_conv_transpose2d_vjp_dtypes(backend, dtype):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_check_grads_conv2d(backend, layout):
-    case = ConvCase(n=1, c=4, o=2, h=5, w=4, kernel=(3, 2), stride=(2, 1),
-                padding=((1, 0), (0, 1)), dilation=(1, 2), groups=2)
+    case = ConvCase(
+        n=1,
+        c=4,
+        o=2,
+        h=5,
+        w=4,
+        kernel=(3, 2),
+        stride=(2, 1),
+        padding=((1, 0), (0, 1)),
+        dilation=(1, 2),
+        groups=2,
+    )
     ours, _ = conv_pair(case, layout)
     # NHWC under jit (compiled once, faster); NCHW op by op.
-    check_grads(jax.jit(ours) if layout == "NHWC" else ours,
-                placed_operands(case, backend, layout, jnp.float64), order=2, modes=("rev",))
+    check_grads(
+        jax.jit(ours) if layout == "NHWC" else ours,
+        placed_operands(case, backend, layout, jnp.float64),
+        order=2,
+        modes=("rev",),
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_check_grads_conv_transpose2d(backend, layout):
     case = CONVT["anisotropic_everything"]
     ours, _ = conv_pair(case, layout)
-    check_grads(jax.jit(ours) if layout == "NHWC" else ours,
-                placed_operands(case, backend, layout, jnp.float64), order=2, modes=("rev",))
+    check_grads(
+        jax.jit(ours) if layout == "NHWC" else ours,
+        placed_operands(case, backend, layout, jnp.float64),
+        order=2,
+        modes=("rev",),
+    )
 
 
 def _distinct_values(shape, seed):
@@ -150,15 +193,24 @@ def _distinct_values(shape, seed):
     return jnp.asarray(perm.reshape(shape) * 0.5, jnp.float64)
 
 
-@pytest.mark.parametrize("keywords, layout", [
-    pytest.param(dict(kernel_size=3, stride=2, padding=1), "NCHW", id="overlapping_padded-NCHW"),
-    pytest.param(dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), ceil_mode=True), "NHWC",
-                 id="anisotropic_dilated_ceil-NHWC"),
-])
+@pytest.mark.parametrize(
+    "keywords, layout",
+    [
+        pytest.param(
+            dict(kernel_size=3, stride=2, padding=1), "NCHW", id="overlapping_padded-NCHW"
+        ),
+        pytest.param(
+            dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), ceil_mode=True),
+            "NHWC",
+            id="anisotropic_dilated_ceil-NHWC",
+        ),
+    ],
+)
 def test_check_grads_max_pool2d(backend, layout, keywords):
     x = on(backend, to_layout(_distinct_values((2, 2, 6, 7), 11), layout))
-    check_grads(partial(jaxconv.max_pool2d, **keywords, layout=layout), (x,), order=2,
-                modes=("rev",))
+    check_grads(
+        partial(jaxconv.max_pool2d, **keywords, layout=layout), (x,), order=2, modes=("rev",)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,21 +272,26 @@ def assert_second_order_matches(ours, ref, args, seed, jit=True):
         assert_close(got, want)
 
 
-@pytest.mark.parametrize("name, layout", alternating_layouts(["groups_with_everything",
-                                                             "anisotropic_everything"]))
+@pytest.mark.parametrize(
+    "name, layout", alternating_layouts(["groups_with_everything", "anisotropic_everything"])
+)
 def test_second_order_conv2d(backend, name, layout):
     # The first op by op, the second under jit.
     case = CONV[name]
-    assert_second_order_matches(*conv_pair(case, layout),
-                                placed_operands(case, backend, layout, jnp.float64), seed=8,
-                                jit=layout == "NHWC")
+    assert_second_order_matches(
+        *conv_pair(case, layout),
+        placed_operands(case, backend, layout, jnp.float64),
+        seed=8,
+        jit=layout == "NHWC",
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_second_order_conv_transpose2d(backend, layout):
     case = CONVT["anisotropic_everything"]
-    assert_second_order_matches(*conv_pair(case, layout),
-                                placed_operands(case, backend, layout, jnp.float64), seed=9)
+    assert_second_order_matches(
+        *conv_pair(case, layout), placed_operands(case, backend, layout, jnp.float64), seed=9
+    )
 
 
 def test_second_order_max_pool2d(backend):
@@ -262,8 +319,9 @@ def scatter_to_first_max(dy, idx, in_hw):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16],
-                         ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name
+)
 def test_max_pool_gradient_goes_to_first_maximum(backend, layout, dtype):
     # Values in {0, 1, 2}: many ties; overlapping windows send several cotangents to one cell.
     case = Pool(h=7, w=6, kernel=3, stride=2, padding=1, dilation=(1, 2))
@@ -320,16 +378,18 @@ def test_max_pool_gradient_nan_window(backend):
 def test_conv2d_vjp_random_configurations(backend, seed):
     case = random_conv(np.random.default_rng(3000 + seed))
     layout = LAYOUTS[seed % 2]
-    assert_vjp_matches(*conv_pair(case, layout),
-                       placed_operands(case, backend, layout, jnp.float64, seed=seed))
+    assert_vjp_matches(
+        *conv_pair(case, layout), placed_operands(case, backend, layout, jnp.float64, seed=seed)
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_conv_transpose2d_vjp_random_configurations(backend, seed):
     case = random_convt(np.random.default_rng(4000 + seed))
     layout = LAYOUTS[seed % 2]
-    assert_vjp_matches(*conv_pair(case, layout),
-                       placed_operands(case, backend, layout, jnp.float64, seed=seed))
+    assert_vjp_matches(
+        *conv_pair(case, layout), placed_operands(case, backend, layout, jnp.float64, seed=seed)
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import jaxconv
+
 from child import run_python
 from reference import ConvCase, on, tol
 
@@ -24,43 +25,67 @@ from reference import ConvCase, on, tol
 C = ConvCase
 CASES = {
     "plain 3x3": C(n=2, c=3, h=9, w=11, o=5, padding=1),
-    "anisotropic strided dilated grouped": C(n=2, c=4, h=9, w=11, o=6, kernel=(3, 2),
-                                             stride=(2, 3), padding=((2, 0), (1, 2)),
-                                             dilation=(1, 2), groups=2),
+    "anisotropic strided dilated grouped": C(
+        n=2,
+        c=4,
+        h=9,
+        w=11,
+        o=6,
+        kernel=(3, 2),
+        stride=(2, 3),
+        padding=((2, 0), (1, 2)),
+        dilation=(1, 2),
+        groups=2,
+    ),
     "K just under one slice": C(n=1, c=40, h=13, w=12, o=20, padding=1),
     "K sliced, small planes across images": C(n=2, c=50, h=7, w=7, o=33, padding=1),
     "1x1 in place, K sliced": C(n=3, c=300, h=5, w=6, o=17, kernel=(1, 1)),
     "stem-like 7x7/2": C(n=2, c=8, h=20, w=20, o=7, kernel=(7, 7), stride=2, padding=3),
     "depthwise stride 2": C(n=2, c=6, h=17, w=15, o=6, stride=2, padding=1, groups=6),
     "depthwise stride 1 dilated": C(n=2, c=5, h=10, w=9, o=5, padding=2, dilation=2, groups=5),
-    "depthwise anisotropic, channel tail": C(n=2, c=37, h=9, w=8, o=37, kernel=(3, 2),
-                                             stride=(3, 1), padding=((1, 2), (0, 1)),
-                                             dilation=(1, 2), groups=37),
+    "depthwise anisotropic, channel tail": C(
+        n=2,
+        c=37,
+        h=9,
+        w=8,
+        o=37,
+        kernel=(3, 2),
+        stride=(3, 1),
+        padding=((1, 2), (0, 1)),
+        dilation=(1, 2),
+        groups=37,
+    ),
     "stride 3 phases": C(n=1, c=4, h=6, w=6, o=4, stride=3),
-    "strided 1x1 grouped (phases without taps)": C(n=2, c=12, h=16, w=16, o=24, kernel=(1, 1),
-                                                   stride=2, groups=3),
+    "strided 1x1 grouped (phases without taps)": C(
+        n=2, c=12, h=16, w=16, o=24, kernel=(1, 1), stride=2, groups=3
+    ),
     "1x1 output": C(n=1, c=5, h=5, w=5, o=3, kernel=(5, 5)),
-    "planes >= 128 split, odd channel counts": C(n=2, c=3, h=12, w=40, o=130, kernel=(2, 2),
-                                                 padding=((0, 1), (1, 0)), dilation=(2, 1)),
+    "planes >= 128 split, odd channel counts": C(
+        n=2, c=3, h=12, w=40, o=130, kernel=(2, 2), padding=((0, 1), (1, 0)), dilation=(2, 1)
+    ),
     # bwd_data in scatter form (output much smaller than input):
     "col2im LeNet-like": C(n=3, c=6, h=14, w=14, o=16, kernel=(5, 5)),
-    "col2im strided grouped padded": C(n=2, c=4, h=9, w=10, o=6, kernel=(5, 4), stride=(2, 3),
-                                       padding=((1, 0), (2, 1)), groups=2),
+    "col2im strided grouped padded": C(
+        n=2, c=4, h=9, w=10, o=6, kernel=(5, 4), stride=(2, 3), padding=((1, 0), (2, 1)), groups=2
+    ),
     "col2im output channels sliced": C(n=2, c=8, h=6, w=6, o=400, kernel=(5, 5)),
     # Few input channels (an input layer): bwd_data in scatter form (NHWC: a row of taps added
     # as one run, clipped at the borders), NHWC bwd_filter from whole packed im2col rows, over
     # positions cut into equal slices (578 = 2 x 17 x 17: three of 193).
-    "few channels stem 3->40 7x7/2": C(n=2, c=3, h=33, w=34, o=40, kernel=(7, 7), stride=2,
-                                      padding=3),
+    "few channels stem 3->40 7x7/2": C(
+        n=2, c=3, h=33, w=34, o=40, kernel=(7, 7), stride=2, padding=3
+    ),
     # ... and the per-tap forms of both: taps two columns apart, and grouped channels that are
     # not dense in a cell.
     "few channels dilated along w": C(n=2, c=2, h=15, w=16, o=8, padding=2, dilation=(1, 2)),
-    "few channels grouped strided": C(n=2, c=4, h=12, w=13, o=16, kernel=(5, 5), stride=2,
-                                      padding=2, groups=2),
+    "few channels grouped strided": C(
+        n=2, c=4, h=12, w=13, o=16, kernel=(5, 5), stride=2, padding=2, groups=2
+    ),
     # Depthwise with a large kernel: the cost model takes the FFT (ffi/cpu/fft.cc) in all three
     # directions (tests/test_fft.py checks the choice and the error bounds).
-    "depthwise 21x21 on the FFT": C(n=2, c=20, h=30, w=28, o=20, kernel=(21, 21), padding=10,
-                                    groups=20),
+    "depthwise 21x21 on the FFT": C(
+        n=2, c=20, h=30, w=28, o=20, kernel=(21, 21), padding=10, groups=20
+    ),
 }
 
 
@@ -72,8 +97,9 @@ def _check(case: ConvCase, backend, layout, dtype):
     rtol, atol = tol(dtype)
     for got, want in zip((y,) + vjp(g), (y_ref,) + vjp_ref(g)):
         scale = float(jnp.max(jnp.abs(want.astype(jnp.float64)))) + 1.0
-        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
-                                   rtol=rtol, atol=atol * scale)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=rtol, atol=atol * scale
+        )
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -84,9 +110,17 @@ def test_conv_paths_float32(backend, name, layout):
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.bfloat16])
-@pytest.mark.parametrize("name", ["K sliced, small planes across images", "stem-like 7x7/2",
-                                  "depthwise stride 2", "stride 3 phases", "col2im LeNet-like",
-                                  "few channels stem 3->40 7x7/2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "K sliced, small planes across images",
+        "stem-like 7x7/2",
+        "depthwise stride 2",
+        "stride 3 phases",
+        "col2im LeNet-like",
+        "few channels stem 3->40 7x7/2",
+    ],
+)
 def test_conv_paths_other_dtypes(backend, name, dtype, layout):
     _check(CASES[name], backend, layout, dtype)
 
@@ -94,12 +128,16 @@ def test_conv_paths_other_dtypes(backend, name, dtype, layout):
 def test_conv_transpose_with_output_padding_uses_negative_pads(backend):
     """conv_transpose2d with output_padding is bwd_data with a negative bottom/right pad."""
     from reference import ref_conv_transpose2d
+
     rng = np.random.default_rng(3)
     for layout in ("NCHW", "NHWC"):
         xs = (2, 6, 5, 7) if layout == "NCHW" else (2, 5, 7, 6)
         ws = (6, 4, 3, 3) if layout == "NCHW" else (3, 3, 4, 6)
-        x, w = on(backend, jnp.asarray(rng.standard_normal(xs), jnp.float32),
-                  jnp.asarray(rng.standard_normal(ws), jnp.float32))
+        x, w = on(
+            backend,
+            jnp.asarray(rng.standard_normal(xs), jnp.float32),
+            jnp.asarray(rng.standard_normal(ws), jnp.float32),
+        )
         kw = dict(stride=(3, 2), padding=((1, 1), (0, 0)), output_padding=(2, 1), layout=layout)
         got = jaxconv.conv_transpose2d(x, w, **kw)
         want = ref_conv_transpose2d(x, w, **kw)
@@ -109,17 +147,26 @@ def test_conv_transpose_with_output_padding_uses_negative_pads(backend):
 def test_depthwise_conv_transpose_with_bias(backend):
     """Transposed depthwise convolution is the depthwise bwd_data kernel with a bias."""
     from reference import ref_conv_transpose2d
+
     rng = np.random.default_rng(4)
     for layout in ("NCHW", "NHWC"):
         xs = (2, 5, 6, 7) if layout == "NCHW" else (2, 6, 7, 5)
         ws = (5, 1, 3, 3) if layout == "NCHW" else (3, 3, 1, 5)
-        x, w, b = on(backend, jnp.asarray(rng.standard_normal(xs), jnp.float32),
-                     jnp.asarray(rng.standard_normal(ws), jnp.float32),
-                     jnp.asarray(rng.standard_normal(5), jnp.float32))
-        kw = dict(stride=(2, 2), padding=((1, 1), (1, 1)), output_padding=(1, 1), groups=5,
-                  layout=layout)
-        np.testing.assert_allclose(jaxconv.conv_transpose2d(x, w, b, **kw),
-                                   ref_conv_transpose2d(x, w, b, **kw), rtol=1e-4, atol=1e-4)
+        x, w, b = on(
+            backend,
+            jnp.asarray(rng.standard_normal(xs), jnp.float32),
+            jnp.asarray(rng.standard_normal(ws), jnp.float32),
+            jnp.asarray(rng.standard_normal(5), jnp.float32),
+        )
+        kw = dict(
+            stride=(2, 2), padding=((1, 1), (1, 1)), output_padding=(1, 1), groups=5, layout=layout
+        )
+        np.testing.assert_allclose(
+            jaxconv.conv_transpose2d(x, w, b, **kw),
+            ref_conv_transpose2d(x, w, b, **kw),
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,10 +208,12 @@ def _pool_input(shape_nchw, layout, dtype, seed):
 @pytest.mark.parametrize("name", list(POOLS))
 def test_pool_paths(backend, name, layout, dtype):
     from reference import ref_max_pool2d
+
     c, h, w, kernel, stride, padding, dilation = POOLS[name]
     x = on(backend, _pool_input((2, c, h, w), layout, dtype, seed=len(name)))
-    y, idx = jaxconv.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True,
-                                layout=layout)
+    y, idx = jaxconv.max_pool2d(
+        x, kernel, stride, padding, dilation, return_indices=True, layout=layout
+    )
     want, want_idx = ref_max_pool2d(x, kernel, stride, padding, dilation, layout=layout)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     np.testing.assert_array_equal(np.asarray(y, np.float64), want)
@@ -175,9 +224,12 @@ def test_pool_paths(backend, name, layout, dtype):
     # The gradient lands on the selected cells: a scatter-add of the cotangent at the indices.
     g = on(backend, jnp.asarray(np.random.default_rng(2).standard_normal(y.shape), dtype))
     acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
-    dx = jax.grad(lambda x: jnp.sum(
-        jaxconv.max_pool2d(x, kernel, stride, padding, dilation, layout=layout).astype(acc)
-        * g.astype(acc)))(x)
+    dx = jax.grad(
+        lambda x: jnp.sum(
+            jaxconv.max_pool2d(x, kernel, stride, padding, dilation, layout=layout).astype(acc)
+            * g.astype(acc)
+        )
+    )(x)
     gi, ii = np.asarray(g, np.float64), want_idx
     xs = np.asarray(x).shape
     if layout == "NHWC":
@@ -219,7 +271,8 @@ _CAPABILITY_CHECKS = (
     "mp = pytest.MonkeyPatch();"
     "[tw.test_forward_and_input_gradient_within_bound('cpu', mp, tw.SHAPES[i], lay, a) "
     "for i in (0, 2) for lay in ('NCHW', 'NHWC') for a in ('winograd2', 'winograd4')];"
-    "print('ok')")
+    "print('ok')"
+)
 
 
 def _other_capabilities():
@@ -231,8 +284,9 @@ def _other_capabilities():
 @pytest.mark.slow("a child process per capability compiles every case anew")
 @pytest.mark.parametrize("capability", _other_capabilities())
 def test_paths_under_every_capability(backend, capability):
-    proc = run_python("-c", _CAPABILITY_CHECKS,
-                      env={CAPABILITY_ENV: capability, "JAX_PLATFORMS": "cpu"})
+    proc = run_python(
+        "-c", _CAPABILITY_CHECKS, env={CAPABILITY_ENV: capability, "JAX_PLATFORMS": "cpu"}
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -241,6 +295,7 @@ def test_capabilities_reported():
     caps = jaxconv._ffi.cpu_capabilities()
     assert caps[0] == "baseline" and set(caps) <= {"baseline", "avx2", "avx512"}
     import os
+
     if not os.environ.get(CAPABILITY_ENV):
         assert jaxconv._ffi.cpu_capability() == caps[-1]
 
@@ -250,8 +305,10 @@ def test_capabilities_reported():
 def test_unknown_capability_fails_import(backend, value):
     proc = run_python("-c", "import jaxconv", env={CAPABILITY_ENV: value})
     assert proc.returncode != 0
-    assert (f"ValueError: environment variable {CAPABILITY_ENV}='{value}' is not one of "
-            "baseline, avx2, avx512") in proc.stderr, proc.stderr[-3000:]
+    assert (
+        f"ValueError: environment variable {CAPABILITY_ENV}='{value}' is not one of "
+        "baseline, avx2, avx512"
+    ) in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.cpu_only("JAXCONV_CPU_CAPABILITY is read by the CPU module")
@@ -261,5 +318,6 @@ def test_capability_the_cpu_lacks_fails_import(backend):
         pytest.skip("this CPU has every capability: none to ask for that it lacks")
     proc = run_python("-c", "import jaxconv", env={CAPABILITY_ENV: missing[-1]})
     assert proc.returncode != 0
-    assert (f"{CAPABILITY_ENV}='{missing[-1]}' asks for a capability this CPU (or this build) "
-            "lacks") in proc.stderr, proc.stderr[-3000:]
+    assert (
+        f"{CAPABILITY_ENV}='{missing[-1]}' asks for a capability this CPU (or this build) lacks"
+    ) in proc.stderr, proc.stderr[-3000:]

@@ -6,6 +6,7 @@ set size from /proc/self/statm, run many more calls, read it again. The bound is
 (allocator noise), yet a leak of one output-sized buffer per call would exceed it; each test
 states that arithmetic.
 """
+
 import gc
 import os
 
@@ -15,10 +16,12 @@ import numpy as np
 import pytest
 
 from jaxconv import conv2d, conv_transpose2d, max_pool2d
+
 from reference import on
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
-                                reason="resident set size is read from /proc (Linux)")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/proc/self/statm"), reason="resident set size is read from /proc (Linux)"
+)
 
 MIB = 1 << 20
 BOUND = 8 * MIB  # measured growth on a quiet run: 0.1-0.2 MiB per test
@@ -54,7 +57,8 @@ def test_jit_forward_backward_is_flat(backend):
             y = conv2d(x, w, b, padding=1)
             p, idx = max_pool2d(y, 3, stride=2, padding=1, return_indices=True)
             z = conv_transpose2d(p, wt, stride=2)
-            return jnp.sum(z ** 2) + jnp.sum(idx) * 0.0
+            return jnp.sum(z**2) + jnp.sum(idx) * 0.0
+
         return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, wt, b)
 
     grown = growth(lambda: jax.block_until_ready(step(x, w, wt, b)), warmup=200, calls=2000)
@@ -72,8 +76,9 @@ def test_eager_calls_every_dtype_and_layout_are_flat(backend):
         for layout in ("NCHW", "NHWC"):
             shape = (2, 6, 16, 16) if layout == "NCHW" else (2, 16, 16, 6)
             x = jnp.asarray(rng.standard_normal(shape), dtype)
-            w = jnp.asarray(rng.standard_normal((6, 6, 3, 3) if layout == "NCHW"
-                                                else (3, 3, 6, 6)), dtype)
+            w = jnp.asarray(
+                rng.standard_normal((6, 6, 3, 3) if layout == "NCHW" else (3, 3, 6, 6)), dtype
+            )
             variants.append((*on(backend, x, w), layout))
 
     def step():
@@ -90,14 +95,33 @@ def test_handler_error_path_is_flat(backend):
     call) fails the same way 1000 times without growing; its declared output is 192 KiB, so
     leaking that buffer on the error path would grow the RSS by 188 MiB."""
     import jaxconv  # noqa: F401  (registers the targets)
-    attrs = {k: np.int64(v) for k, v in dict(
-        stride_h=1, stride_w=1, dilation_h=1, dilation_w=1, pad_top=0, pad_bottom=0,
-        pad_left=0, pad_right=0, groups=1, layout=0).items()}
-    bad = jax.jit(lambda x, w, b: jax.ffi.ffi_call(
-        "jaxconv_conv2d_fwd", jax.ShapeDtypeStruct((2, 6, 64, 64), jnp.float32))(
-            x, w, b, **attrs))
-    x, w, b = on(backend, jnp.ones((2, 4, 5, 5), jnp.float32),
-                 jnp.ones((6, 4, 3, 3), jnp.float32), jnp.zeros((0,), jnp.float32))
+
+    attrs = {
+        k: np.int64(v)
+        for k, v in dict(
+            stride_h=1,
+            stride_w=1,
+            dilation_h=1,
+            dilation_w=1,
+            pad_top=0,
+            pad_bottom=0,
+            pad_left=0,
+            pad_right=0,
+            groups=1,
+            layout=0,
+        ).items()
+    }
+    bad = jax.jit(
+        lambda x, w, b: jax.ffi.ffi_call(
+            "jaxconv_conv2d_fwd", jax.ShapeDtypeStruct((2, 6, 64, 64), jnp.float32)
+        )(x, w, b, **attrs)
+    )
+    x, w, b = on(
+        backend,
+        jnp.ones((2, 4, 5, 5), jnp.float32),
+        jnp.ones((6, 4, 3, 3), jnp.float32),
+        jnp.zeros((0,), jnp.float32),
+    )
 
     def step():
         with pytest.raises(Exception, match="does not match the geometry"):

@@ -1,6 +1,7 @@
 """jaxconv.nn against Flax itself: built with the same rngs, Conv2d / LinenConv2d must hold the
 very same parameters as nnx.Conv / linen.Conv and give the same outputs and gradients; max_pool
 must give flax's max_pool values and gradients."""
+
 import contextlib
 import importlib
 import sys
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 
 flax = pytest.importorskip("flax")
-from flax import nnx  # noqa: E402
 import flax.linen as linen  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from jaxconv import nn as jnn  # noqa: E402
+
 from reference import assert_close, random_array  # noqa: E402
 
 C_IN, C_OUT = 4, 6
@@ -35,8 +37,10 @@ CONV_CASES = {
     "circular": ((2, 3), dict(padding="CIRCULAR")),
     "reflect_dilated": ((3, 3), dict(padding="REFLECT", kernel_dilation=2)),
     "no_bias": ((3, 3), dict(use_bias=False, strides=3)),
-    "custom_init": ((3, 3), dict(kernel_init=nnx.initializers.normal(1.0),
-                                 bias_init=nnx.initializers.uniform(1.0))),
+    "custom_init": (
+        (3, 3),
+        dict(kernel_init=nnx.initializers.normal(1.0), bias_init=nnx.initializers.uniform(1.0)),
+    ),
 }
 
 
@@ -76,8 +80,9 @@ def test_nnx_conv2d_matches_nnx_conv(backend, case):
         ours = jnn.Conv2d(C_IN, C_OUT, kernel_size, rngs=nnx.Rngs(7), **kwargs)
         flax_conv = nnx.Conv(C_IN, C_OUT, kernel_size, rngs=nnx.Rngs(7), **kwargs)
         _same_tree(nnx.state(ours), nnx.state(flax_conv))
-        assert set(nnx.state(ours).keys()) == ({"kernel", "bias"} if kwargs.get("use_bias", True)
-                                               else {"kernel"})
+        assert set(nnx.state(ours).keys()) == (
+            {"kernel", "bias"} if kwargs.get("use_bias", True) else {"kernel"}
+        )
         x = _inputs((2, 9, 8, C_IN))
         assert_close(ours(x), _flax_reference(flax_conv, x))
 
@@ -96,9 +101,11 @@ def test_two_layers_share_one_rngs_stream():
 
     def model(conv):
         rngs = nnx.Rngs(3)
-        return [conv(C_IN, C_OUT, (3, 3), rngs=rngs),
-                conv(C_IN, C_OUT, (2, 3), use_bias=False, rngs=rngs),
-                conv(C_IN, C_OUT, (3, 3), feature_group_count=2, rngs=rngs)]
+        return [
+            conv(C_IN, C_OUT, (3, 3), rngs=rngs),
+            conv(C_IN, C_OUT, (2, 3), use_bias=False, rngs=rngs),
+            conv(C_IN, C_OUT, (3, 3), feature_group_count=2, rngs=rngs),
+        ]
 
     ours, theirs = model(jnn.Conv2d), model(nnx.Conv)
     for a, b in zip(ours, theirs):
@@ -116,10 +123,13 @@ def test_batch_dims_like_flax(batch_shape):
     assert_close(y, _flax_reference(flax_conv, x))
 
 
-@pytest.mark.parametrize("dtype,param_dtype,x_dtype", [
-    (None, jnp.float32, jnp.float64),  # promoted to float64 like Flax
-    (jnp.float16, jnp.float32, jnp.float32),  # computed in float16
-])
+@pytest.mark.parametrize(
+    "dtype,param_dtype,x_dtype",
+    [
+        (None, jnp.float32, jnp.float64),  # promoted to float64 like Flax
+        (jnp.float16, jnp.float32, jnp.float32),  # computed in float16
+    ],
+)
 def test_dtype_and_param_dtype_like_flax(dtype, param_dtype, x_dtype):
     kwargs = dict(dtype=dtype, param_dtype=param_dtype)
     ours = jnn.Conv2d(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(2), **kwargs)
@@ -150,8 +160,9 @@ def test_nchw_layout_same_params_same_values():
 
 
 def test_nnx_grads_match_flax(backend):
-    kwargs = dict(strides=(1, 2), padding=(1, (0, 2)), kernel_dilation=(2, 1),
-                  feature_group_count=2)
+    kwargs = dict(
+        strides=(1, 2), padding=(1, (0, 2)), kernel_dilation=(2, 1), feature_group_count=2
+    )
     with _on(backend):
         ours = jnn.Conv2d(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(5), **kwargs)
         flax_conv = nnx.Conv(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(5), **kwargs)
@@ -197,8 +208,10 @@ def test_padding_forms_flax_refuses_are_value_errors(padding):
         jnn.LinenConvTranspose2d(C_OUT, (3, 3), padding=padding).init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("kwargs", [dict(padding="VALID"), dict(padding=((0, 0), (1, 0))),
-                                    dict(padding="VALID", strides=2)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(padding="VALID"), dict(padding=((0, 0), (1, 0))), dict(padding="VALID", strides=2)],
+)
 def test_kernel_larger_than_input_gives_empty_output_like_flax(kwargs):
     """lax (so Flax) returns an empty output where the kernel does not fit; no error."""
     x = _inputs((2, 3, 4, C_IN))
@@ -216,10 +229,15 @@ def test_kernel_and_bias_metadata_like_flax():
     # (Sharding names would need a mesh to create the arrays; any metadata key travels the same.)
     meta = dict(kernel_metadata={"role": "filters"}, bias_metadata={"role": "offsets"})
     for ours, theirs in [
-            (jnn.Conv2d(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(0), **meta),
-             nnx.Conv(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(0), **meta)),
-            (jnn.ConvTranspose2d(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(0), **meta),
-             nnx.ConvTranspose(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(0), **meta))]:
+        (
+            jnn.Conv2d(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(0), **meta),
+            nnx.Conv(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(0), **meta),
+        ),
+        (
+            jnn.ConvTranspose2d(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(0), **meta),
+            nnx.ConvTranspose(C_IN, C_OUT, (3, 3), rngs=nnx.Rngs(0), **meta),
+        ),
+    ]:
         for name in ("kernel", "bias"):
             got, want = getattr(ours, name), getattr(theirs, name)
             assert got.get_metadata()["role"] == want.get_metadata()["role"]
@@ -241,15 +259,27 @@ TRANSPOSE_CASES = {
     "pairs_beyond_kernel_and_negative": ((3, 3), dict(strides=2, padding=((4, 0), (-1, 3)))),
     "int_and_pair": ((2, 3), dict(padding=(0, (2, 1)))),
     "transpose_kernel": ((2, 3), dict(strides=2, transpose_kernel=True)),
-    "transpose_kernel_valid": ((3, 3), dict(padding="VALID", transpose_kernel=True,
-                                            kernel_dilation=2)),
-    "circular": ((3, 3), dict(padding="CIRCULAR", strides=2,
-                              bias_init=nnx.initializers.uniform(1.0))),
-    "circular_transpose_kernel": ((2, 3), dict(padding="CIRCULAR", transpose_kernel=True,
-                                               strides=(2, 1))),
+    "transpose_kernel_valid": (
+        (3, 3),
+        dict(padding="VALID", transpose_kernel=True, kernel_dilation=2),
+    ),
+    "circular": (
+        (3, 3),
+        dict(padding="CIRCULAR", strides=2, bias_init=nnx.initializers.uniform(1.0)),
+    ),
+    "circular_transpose_kernel": (
+        (2, 3),
+        dict(padding="CIRCULAR", transpose_kernel=True, strides=(2, 1)),
+    ),
     "no_bias": ((3, 3), dict(use_bias=False, strides=3, padding=((3, 3), (0, 0)))),
-    "custom_init": ((3, 3), dict(kernel_init=nnx.initializers.normal(1.0),
-                                 bias_init=nnx.initializers.uniform(1.0), padding=((5, 2), (3, 3)))),
+    "custom_init": (
+        (3, 3),
+        dict(
+            kernel_init=nnx.initializers.normal(1.0),
+            bias_init=nnx.initializers.uniform(1.0),
+            padding=((5, 2), (3, 3)),
+        ),
+    ),
 }
 
 
@@ -267,9 +297,18 @@ def test_nnx_conv_transpose2d_matches_nnx_conv_transpose(backend, case):
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("case", ["same_stride2", "pairs_beyond_kernel_and_negative",
-                                  "transpose_kernel", "circular", "circular_transpose_kernel",
-                                  "no_bias", "custom_init"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "same_stride2",
+        "pairs_beyond_kernel_and_negative",
+        "transpose_kernel",
+        "circular",
+        "circular_transpose_kernel",
+        "no_bias",
+        "custom_init",
+    ],
+)
 def test_linen_conv_transpose2d_matches_linen_conv_transpose(case):
     kernel_size, kwargs = TRANSPOSE_CASES[case]
     ours = jnn.LinenConvTranspose2d(C_OUT, kernel_size, **kwargs)
@@ -323,8 +362,7 @@ def test_conv_transpose_nchw_unbatched_dtype_and_mask():
     with pytest.raises(ValueError, match="mask must have the kernel's shape"):
         jnn.ConvTranspose2d(C_IN, C_OUT, (3, 2), mask=mask[:2], rngs=nnx.Rngs(4))(x)
     with pytest.raises(ValueError, match="preferred_element_type must be None"):
-        jnn.ConvTranspose2d(C_IN, C_OUT, 3, preferred_element_type=jnp.float32,
-                            rngs=nnx.Rngs(4))
+        jnn.ConvTranspose2d(C_IN, C_OUT, 3, preferred_element_type=jnp.float32, rngs=nnx.Rngs(4))
 
 
 # Ported from Flax: tests/nnx/nn/conv_test.py, TestConvLinenConsistency.
@@ -339,10 +377,18 @@ def test_flax_nnx_linen_convtranspose_equivalence(strides, padding, use_bias, us
     in_features, out_features, kernel_size = 3, 6, (7, 4)
     mask = jnp.tril(jnp.ones((7, 4, 3, 6))) if use_mask else None
     x = jnp.ones((24, 9, in_features))
-    kwargs = dict(strides=strides, padding=padding, kernel_dilation=(2, 3), use_bias=use_bias,
-                  mask=mask, dtype=jnp.float32, param_dtype=jnp.float16)
-    model_nnx = jnn.ConvTranspose2d(in_features, out_features, kernel_size, rngs=nnx.Rngs(42),
-                                    **kwargs)
+    kwargs = dict(
+        strides=strides,
+        padding=padding,
+        kernel_dilation=(2, 3),
+        use_bias=use_bias,
+        mask=mask,
+        dtype=jnp.float32,
+        param_dtype=jnp.float16,
+    )
+    model_nnx = jnn.ConvTranspose2d(
+        in_features, out_features, kernel_size, rngs=nnx.Rngs(42), **kwargs
+    )
     model = jnn.LinenConvTranspose2d(out_features, kernel_size=kernel_size, **kwargs)
     variables = model.init(jax.random.key(42), x)
     model_nnx.kernel[...] = variables["params"]["kernel"]
@@ -350,28 +396,42 @@ def test_flax_nnx_linen_convtranspose_equivalence(strides, padding, use_bias, us
         model_nnx.bias[...] = variables["params"]["bias"]
     out = model.apply(variables, x)
     np.testing.assert_array_equal(out, model_nnx(x))
-    flax_out = _flax_reference(linen.ConvTranspose(out_features, kernel_size=kernel_size,
-                                                   **kwargs).apply, variables, x)
+    flax_out = _flax_reference(
+        linen.ConvTranspose(out_features, kernel_size=kernel_size, **kwargs).apply, variables, x
+    )
     assert_close(out, flax_out)
 
 
 # Ported from Flax: tests/linen/linen_linear_test.py, LinearTest.
 # test_circular_conv_transpose_2d_constant (a selection of its product), with
 # linen.ConvTranspose swapped for LinenConvTranspose2d.
-@pytest.mark.parametrize("n_batch,n_features,kernel_lin_size,n_input_features,input_y_size", [
-    (1, 1, 1, 1, 5), (3, 2, 3, 5, 10), (1, 10, 9, 1, 5), (3, 1, 2, 5, 10)])
-def test_flax_circular_conv_transpose_2d_constant(n_batch, n_features, kernel_lin_size,
-                                                  n_input_features, input_y_size):
+@pytest.mark.parametrize(
+    "n_batch,n_features,kernel_lin_size,n_input_features,input_y_size",
+    [(1, 1, 1, 1, 5), (3, 2, 3, 5, 10), (1, 10, 9, 1, 5), (3, 1, 2, 5, 10)],
+)
+def test_flax_circular_conv_transpose_2d_constant(
+    n_batch, n_features, kernel_lin_size, n_input_features, input_y_size
+):
     input_x_size = 14
     x = jnp.ones((n_batch, input_x_size, input_y_size, n_input_features))
     conv_module = jnn.LinenConvTranspose2d(
-        features=n_features, kernel_size=(kernel_lin_size, kernel_lin_size), padding="CIRCULAR",
-        kernel_init=linen.initializers.ones, bias_init=linen.initializers.zeros)
+        features=n_features,
+        kernel_size=(kernel_lin_size, kernel_lin_size),
+        padding="CIRCULAR",
+        kernel_init=linen.initializers.ones,
+        bias_init=linen.initializers.zeros,
+    )
     y, initial_params = conv_module.init_with_output({"params": jax.random.key(0)}, x)
     assert initial_params["params"]["kernel"].shape == (
-        kernel_lin_size, kernel_lin_size, n_input_features, n_features)
-    correct_ans = np.full((n_batch, input_x_size, input_y_size, n_features),
-                          n_input_features * kernel_lin_size * kernel_lin_size)
+        kernel_lin_size,
+        kernel_lin_size,
+        n_input_features,
+        n_features,
+    )
+    correct_ans = np.full(
+        (n_batch, input_x_size, input_y_size, n_features),
+        n_input_features * kernel_lin_size * kernel_lin_size,
+    )
     np.testing.assert_allclose(y, correct_ans)
 
 
@@ -379,8 +439,18 @@ def test_flax_circular_conv_transpose_2d_constant(n_batch, n_features, kernel_li
 # linen.Conv
 
 
-@pytest.mark.parametrize("case", ["default_same", "int_padding", "int_and_pair",
-                                  "valid_dilated", "groups", "reflect_dilated", "no_bias"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "default_same",
+        "int_padding",
+        "int_and_pair",
+        "valid_dilated",
+        "groups",
+        "reflect_dilated",
+        "no_bias",
+    ],
+)
 def test_linen_conv2d_matches_linen_conv(case):
     kernel_size, kwargs = CONV_CASES[case]
     ours = jnn.LinenConv2d(C_OUT, kernel_size, **kwargs)
@@ -394,8 +464,10 @@ def test_linen_conv2d_matches_linen_conv(case):
     def loss(module):
         return lambda p: jnp.sum(jnp.sin(module.apply(p, x)))
 
-    assert_close(jax.grad(loss(ours))(params)["params"]["kernel"],
-                 _flax_reference(jax.grad(loss(flax_conv)), params)["params"]["kernel"])
+    assert_close(
+        jax.grad(loss(ours))(params)["params"]["kernel"],
+        _flax_reference(jax.grad(loss(flax_conv)), params)["params"]["kernel"],
+    )
 
 
 def test_linen_conv2d_nchw():
@@ -430,8 +502,10 @@ def test_max_pool_matches_flax(backend, case):
     assert_close(got, want)
     # Random values have no ties, so the gradient goes to the same cells in both.
     weights = _inputs(want.shape, seed=1)
-    assert_close(jax.grad(lambda x: jnp.sum(jnn.max_pool(x, window, strides, padding) * weights))(x),
-                 jax.grad(lambda x: jnp.sum(nnx.max_pool(x, window, strides, padding) * weights))(x))
+    assert_close(
+        jax.grad(lambda x: jnp.sum(jnn.max_pool(x, window, strides, padding) * weights))(x),
+        jax.grad(lambda x: jnp.sum(nnx.max_pool(x, window, strides, padding) * weights))(x),
+    )
 
 
 def test_max_pool_modules_and_layouts():
@@ -451,12 +525,13 @@ def test_max_pool_modules_and_layouts():
 # swapped for jaxconv.nn.max_pool.
 def test_flax_pool_test_max_pool():
     x = jnp.arange(9).reshape((1, 3, 3, 1)).astype(jnp.float32)
-    pool = lambda x: jnn.max_pool(x, (2, 2))  # noqa: E731
+    pool = lambda x: jnn.max_pool(x, (2, 2))
     expected_y = jnp.array([[4.0, 5.0], [7.0, 8.0]]).reshape((1, 2, 2, 1))
     np.testing.assert_allclose(pool(x), expected_y)
     y_grad = jax.grad(lambda x: pool(x).sum())(x)
     expected_grad = jnp.array([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]).reshape(
-        (1, 3, 3, 1))
+        (1, 3, 3, 1)
+    )
     np.testing.assert_allclose(y_grad, expected_grad)
 
 

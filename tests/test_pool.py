@@ -6,6 +6,7 @@ the geometry (not ceil_mode), and values + int32 indices with the NumPy loop
 is exact, in every dtype. Every case also runs max_pool2d without indices (the values-only
 target) and requires its y to equal the indexed forward's bit for bit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,15 @@ import numpy as np
 import pytest
 
 import jaxconv
-from reference import (explicit_padding, on, pool_out_size, random_array, ref_max_pool2d,
-                       ref_max_pool2d_lax)
+
+from reference import (
+    explicit_padding,
+    on,
+    pool_out_size,
+    random_array,
+    ref_max_pool2d,
+    ref_max_pool2d_lax,
+)
 
 DTYPES = [jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16]
 LAYOUTS = ["NCHW", "NHWC"]
@@ -46,8 +54,13 @@ class Pool:
     ceil_mode: bool = False
 
     def keywords(self):
-        return dict(kernel_size=self.kernel, stride=self.stride, padding=self.padding,
-                    dilation=self.dilation, ceil_mode=self.ceil_mode)
+        return dict(
+            kernel_size=self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            ceil_mode=self.ceil_mode,
+        )
 
     def ref_keywords(self):
         kernel = _two(self.kernel)
@@ -58,8 +71,10 @@ class Pool:
         return dict(kernel=kernel, stride=stride, padding=pads, dilation=dilation)
 
     def x(self, layout, dtype, seed=0):
-        return to_layout(random_array(np.random.default_rng(seed), (self.n, self.c, self.h, self.w),
-                                      dtype), layout)
+        return to_layout(
+            random_array(np.random.default_rng(seed), (self.n, self.c, self.h, self.w), dtype),
+            layout,
+        )
 
 
 def bits(a):
@@ -86,8 +101,9 @@ def check(case: Pool, backend, x, layout, jit=False):
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     if not case.ceil_mode:
         lax_values = ref_max_pool2d_lax(x, **ref, layout=layout)
-        np.testing.assert_array_equal(np.asarray(got).astype(np.float64),
-                                      np.asarray(lax_values).astype(np.float64))
+        np.testing.assert_array_equal(
+            np.asarray(got).astype(np.float64), np.asarray(lax_values).astype(np.float64)
+        )
     return got, idx
 
 
@@ -96,8 +112,9 @@ GEOMETRIES = {
     "k2_default_stride_odd_sizes": Pool(h=7, w=5),
     "k3_s2_overlapping": Pool(h=7, w=7, kernel=3, stride=2),
     "k3_s2_padding1": Pool(kernel=3, stride=2, padding=1),
-    "kernel_stride_padding_anisotropic": Pool(h=7, w=5, kernel=(3, 2), stride=(2, 1),
-                                              padding=(1, 0)),
+    "kernel_stride_padding_anisotropic": Pool(
+        h=7, w=5, kernel=(3, 2), stride=(2, 1), padding=(1, 0)
+    ),
     "padding_asymmetric": Pool(kernel=3, stride=2, padding=((0, 1), (1, 0))),
     "padding_SAME": Pool(h=7, w=6, kernel=3, stride=2, padding="SAME"),
     "padding_valid_lowercase": Pool(h=7, kernel=3, stride=2, padding="valid"),
@@ -107,8 +124,9 @@ GEOMETRIES = {
     "ceil_mode_padded": Pool(h=6, w=7, kernel=3, stride=2, padding=1, ceil_mode=True),
     # H = 3, k2 s2 p1: ceil gives 3 windows, but the third would start at padded row 4 - 1 = 3
     # (in the bottom padding), so PyTorch drops it.
-    "ceil_mode_drops_window_in_padding": Pool(h=3, w=5, kernel=2, stride=2, padding=1,
-                                              ceil_mode=True),
+    "ceil_mode_drops_window_in_padding": Pool(
+        h=3, w=5, kernel=2, stride=2, padding=1, ceil_mode=True
+    ),
     "ceil_mode_dilated": Pool(h=8, w=7, kernel=2, stride=2, dilation=2, ceil_mode=True),
     "image_1x1": Pool(h=1, w=1, kernel=1),
     "global_pool": Pool(h=4, w=5, kernel=(4, 5)),
@@ -140,17 +158,33 @@ def random_pool(rng: np.random.Generator) -> Pool:
         half = [(d * (k - 1) + 1) // 2 for k, d in zip(kernel, dilation)]
         pads = [tuple(int(rng.integers(0, m + 1)) for _ in range(2)) for m in half]
         form = rng.integers(0, 4)
-        padding = ("SAME" if rng.random() < 0.5 else "valid") if form == 0 else \
-            min(half) if form == 1 else (pads[0][0], pads[1][0]) if form == 2 else tuple(pads)
-        case = Pool(n=int(rng.integers(1, 3)), c=int(rng.integers(1, 4)),
-                    h=int(rng.integers(1, 10)), w=int(rng.integers(1, 10)), kernel=kernel,
-                    stride=None if rng.random() < 0.3 else tuple(int(s) for s in
-                                                                 rng.integers(1, 4, 2)),
-                    padding=padding, dilation=dilation, ceil_mode=bool(rng.random() < 0.5))
+        padding = (
+            ("SAME" if rng.random() < 0.5 else "valid")
+            if form == 0
+            else min(half)
+            if form == 1
+            else (pads[0][0], pads[1][0])
+            if form == 2
+            else tuple(pads)
+        )
+        case = Pool(
+            n=int(rng.integers(1, 3)),
+            c=int(rng.integers(1, 4)),
+            h=int(rng.integers(1, 10)),
+            w=int(rng.integers(1, 10)),
+            kernel=kernel,
+            stride=None if rng.random() < 0.3 else tuple(int(s) for s in rng.integers(1, 4, 2)),
+            padding=padding,
+            dilation=dilation,
+            ceil_mode=bool(rng.random() < 0.5),
+        )
         ref = case.ref_keywords()
-        sizes = [pool_out_size(i, k, s, d, lo, hi, case.ceil_mode) for i, k, s, d, (lo, hi) in
-                 zip((case.h, case.w), ref["kernel"], ref["stride"], ref["dilation"],
-                     ref["padding"])]
+        sizes = [
+            pool_out_size(i, k, s, d, lo, hi, case.ceil_mode)
+            for i, k, s, d, (lo, hi) in zip(
+                (case.h, case.w), ref["kernel"], ref["stride"], ref["dilation"], ref["padding"]
+            )
+        ]
         if min(sizes) >= 1:
             return case
 
@@ -186,6 +220,7 @@ def test_return_indices_false_returns_values_only(backend):
 def _targets(fn, *args):
     """The jaxconv FFI targets that jit(fn) lowers to, in order of appearance."""
     import re
+
     return re.findall(r"custom_call @(jaxconv_\w+)\(", jax.jit(fn).lower(*args).as_text())
 
 
@@ -197,12 +232,16 @@ def test_no_gradient_lowers_to_the_values_only_target(backend, layout):
     pool = partial(jaxconv.max_pool2d, kernel_size=3, stride=2, padding=1, layout=layout)
     assert _targets(pool, x) == ["jaxconv_max_pool2d_fwd_values"]
     assert _targets(lambda x: pool(x, return_indices=True), x) == ["jaxconv_max_pool2d_fwd"]
-    loss = lambda x: jnp.sum(jnp.sin(pool(x)))  # noqa: E731
-    assert sorted(_targets(jax.grad(loss), x)) == ["jaxconv_max_pool2d_bwd",
-                                                   "jaxconv_max_pool2d_fwd"]
+    loss = lambda x: jnp.sum(jnp.sin(pool(x)))
+    assert sorted(_targets(jax.grad(loss), x)) == [
+        "jaxconv_max_pool2d_bwd",
+        "jaxconv_max_pool2d_fwd",
+    ]
     # value_and_grad: the primal value comes from the fwd rule, so no second forward.
-    assert sorted(_targets(jax.value_and_grad(loss), x)) == ["jaxconv_max_pool2d_bwd",
-                                                             "jaxconv_max_pool2d_fwd"]
+    assert sorted(_targets(jax.value_and_grad(loss), x)) == [
+        "jaxconv_max_pool2d_bwd",
+        "jaxconv_max_pool2d_fwd",
+    ]
     second = _targets(jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2)), x)
     assert "jaxconv_max_pool2d_fwd_values" not in second and "jaxconv_max_pool2d_fwd" in second
     # vmap keeps one launch of the values-only target.
@@ -242,15 +281,17 @@ def test_constant_input_reports_top_left_of_each_window(backend):
     np.testing.assert_array_equal(idx[0, 0], [[0, 2], [8, 10]])
 
 
-@pytest.mark.parametrize("layout, dtype", [("NCHW", jnp.float64), ("NHWC", jnp.float32),
-                                           ("NCHW", jnp.bfloat16), ("NHWC", jnp.float16)],
-                         ids=["NCHW-float64", "NHWC-float32", "NCHW-bfloat16", "NHWC-float16"])
+@pytest.mark.parametrize(
+    "layout, dtype",
+    [("NCHW", jnp.float64), ("NHWC", jnp.float32), ("NCHW", jnp.bfloat16), ("NHWC", jnp.float16)],
+    ids=["NCHW-float64", "NHWC-float32", "NCHW-bfloat16", "NHWC-float16"],
+)
 def test_nan_wins_with_its_index(backend, layout, dtype):
     x = np.random.default_rng(6).standard_normal((1, 2, 6, 6))
-    x[0, 0, 1, 1] = np.nan        # alone in window (0, 0) of a 2x2 pool
-    x[0, 1, 2, 3] = np.nan        # two NaNs in window (1, 1): the first, row-major, wins
+    x[0, 0, 1, 1] = np.nan  # alone in window (0, 0) of a 2x2 pool
+    x[0, 1, 2, 3] = np.nan  # two NaNs in window (1, 1): the first, row-major, wins
     x[0, 1, 3, 2] = np.nan
-    x[0, 1, 5, 5] = np.inf        # +inf is the maximum of its window, but it is no NaN
+    x[0, 1, 5, 5] = np.inf  # +inf is the maximum of its window, but it is no NaN
     x = jnp.asarray(x, dtype)
     got, idx = check(Pool(n=1, c=2), backend, to_layout(x, layout), layout)
     if layout == "NHWC":
@@ -309,8 +350,16 @@ def _unpool_check(backend, case: Pool, layout, dtype, out_hw, output_size=None):
     x = on(backend, case.x(layout, dtype, seed=3))
     pooled, idx = jaxconv.max_pool2d(x, **case.keywords(), return_indices=True, layout=layout)
     # Under jit: the scatter compiles once instead of op by op (test_unpool_eager covers that).
-    unpool = jax.jit(partial(jaxconv.max_unpool2d, kernel_size=case.kernel, stride=case.stride,
-                             padding=case.padding, output_size=output_size, layout=layout))
+    unpool = jax.jit(
+        partial(
+            jaxconv.max_unpool2d,
+            kernel_size=case.kernel,
+            stride=case.stride,
+            padding=case.padding,
+            output_size=output_size,
+            layout=layout,
+        )
+    )
     got = unpool(pooled, idx)
     want = ref_max_unpool2d(pooled, idx, out_hw, layout)
     assert got.dtype == dtype
@@ -335,8 +384,9 @@ def test_unpool_default_output_size(backend, layout, dtype):
 def test_unpool_overlapping_padded_windows(backend, layout):
     # 5x5, k3 s2 p1 -> 3x3 -> default (3 - 1)*2 - 2 + 3 = 5. Overlapping windows may pick the
     # same cell twice; it receives its own value once.
-    _unpool_check(backend, Pool(h=5, w=5, kernel=3, stride=2, padding=1), layout, jnp.float32,
-                  (5, 5))
+    _unpool_check(
+        backend, Pool(h=5, w=5, kernel=3, stride=2, padding=1), layout, jnp.float32, (5, 5)
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -4,6 +4,7 @@ from the lowered HLO), and unchanged CPU results (the CPU always computes in ful
 
 allow_tf32 follows XLA's GPU convolutions, which allow TF32 when every operand precision is at
 most HIGH: DEFAULT / HIGH -> 1, HIGHEST -> 0, None -> jax.default_matmul_precision."""
+
 import re
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 from jax import lax
 
 import jaxconv
+
 from reference import assert_close, random_array, ref_conv2d
 
 P = lax.Precision
@@ -22,11 +24,23 @@ WT = random_array(np.random.default_rng(2), (3, 4, 3, 3), jnp.float32)  # conv_t
 
 # (precision, allow_tf32 sent with the default jax_default_matmul_precision)
 ACCEPTED = [
-    (None, 1), ("default", 1), ("fastest", 1), ("bfloat16", 1), ("high", 1),
-    ("tensorfloat32", 1), ("bfloat16_3x", 1), ("highest", 0), ("float32", 0),
-    (P.DEFAULT, 1), (P.HIGH, 1), (P.HIGHEST, 0),
-    ((P.DEFAULT, P.HIGH), 1), ((P.HIGH, P.HIGHEST), 0), (("highest", "default"), 0),
-    (["fastest", "high"], 1), (lax.DotAlgorithmPreset.DEFAULT, 1),
+    (None, 1),
+    ("default", 1),
+    ("fastest", 1),
+    ("bfloat16", 1),
+    ("high", 1),
+    ("tensorfloat32", 1),
+    ("bfloat16_3x", 1),
+    ("highest", 0),
+    ("float32", 0),
+    (P.DEFAULT, 1),
+    (P.HIGH, 1),
+    (P.HIGHEST, 0),
+    ((P.DEFAULT, P.HIGH), 1),
+    ((P.HIGH, P.HIGHEST), 0),
+    (("highest", "default"), 0),
+    (["fastest", "high"], 1),
+    (lax.DotAlgorithmPreset.DEFAULT, 1),
 ]
 REJECTED = ["bogus", "HIGHEST", 3, 2.0, (P.HIGH,), ("high", "high", "high"), (P.HIGH, 1)]
 
@@ -42,7 +56,8 @@ def _tf32_attrs(fn, *args) -> list[int]:
 def _grads(conv, w, precision):
     """A function whose lowering holds all three conv targets (fwd, bwd_data, bwd_filter)."""
     return lambda x, w: jax.grad(
-        lambda x, w: jnp.sum(conv(x, w, precision=precision) ** 2), argnums=(0, 1))(x, w)
+        lambda x, w: jnp.sum(conv(x, w, precision=precision) ** 2), argnums=(0, 1)
+    )(x, w)
 
 
 @pytest.mark.parametrize("precision,want", ACCEPTED, ids=str)
@@ -53,15 +68,16 @@ def test_attribute_sent_to_every_conv_target(precision, want):
     assert set(attrs) == {want}
 
 
-@pytest.mark.parametrize("default,want", [(None, 1), ("highest", 0), ("float32", 0),
-                                          ("tensorfloat32", 1), ("bfloat16", 1)])
+@pytest.mark.parametrize(
+    "default,want",
+    [(None, 1), ("highest", 0), ("float32", 0), ("tensorfloat32", 1), ("bfloat16", 1)],
+)
 def test_none_follows_default_matmul_precision(default, want):
     with jax.default_matmul_precision(default):
         assert set(_tf32_attrs(lambda x, w: jaxconv.conv2d(x, w), X, W)) == {want}
         # an explicit precision wins over the default, as in lax
         assert set(_tf32_attrs(lambda x, w: jaxconv.conv2d(x, w, precision="high"), X, W)) == {1}
-        assert set(_tf32_attrs(lambda x, w: jaxconv.conv2d(x, w, precision=P.HIGHEST),
-                               X, W)) == {0}
+        assert set(_tf32_attrs(lambda x, w: jaxconv.conv2d(x, w, precision=P.HIGHEST), X, W)) == {0}
 
 
 @pytest.mark.parametrize("precision", REJECTED, ids=str)
@@ -88,10 +104,12 @@ def test_cpu_results_do_not_depend_on_precision():
     base_t = jaxconv.conv_transpose2d(X, WT, stride=2)
     for precision, _ in ACCEPTED:
         np.testing.assert_array_equal(
-            np.asarray(jaxconv.conv2d(X, W, padding=1, precision=precision)), np.asarray(base))
+            np.asarray(jaxconv.conv2d(X, W, padding=1, precision=precision)), np.asarray(base)
+        )
         np.testing.assert_array_equal(
             np.asarray(jaxconv.conv_transpose2d(X, WT, stride=2, precision=precision)),
-            np.asarray(base_t))
+            np.asarray(base_t),
+        )
 
 
 def test_flax_modules_take_precision():
@@ -103,8 +121,9 @@ def test_flax_modules_take_precision():
     x = jnp.transpose(X, (0, 2, 3, 1))  # NHWC, as Flax
     modules = {
         "Conv2d": lambda p: jnn.Conv2d(3, 4, (3, 3), precision=p, rngs=nnx.Rngs(0)),
-        "ConvTranspose2d": lambda p: jnn.ConvTranspose2d(3, 4, (3, 3), strides=2, precision=p,
-                                                         rngs=nnx.Rngs(0)),
+        "ConvTranspose2d": lambda p: jnn.ConvTranspose2d(
+            3, 4, (3, 3), strides=2, precision=p, rngs=nnx.Rngs(0)
+        ),
     }
     for name, make in modules.items():
         assert set(_tf32_attrs(lambda x: make("highest")(x), x)) == {0}, name
@@ -112,7 +131,9 @@ def test_flax_modules_take_precision():
         np.testing.assert_array_equal(np.asarray(make("highest")(x)), np.asarray(make(None)(x)))
         with pytest.raises(ValueError, match="precision must be None, one of"):
             make("bogus")(x)
-    for linen_module in (jnn.LinenConv2d(4, (3, 3), precision="highest"),
-                         jnn.LinenConvTranspose2d(4, (3, 3), precision="highest")):
+    for linen_module in (
+        jnn.LinenConv2d(4, (3, 3), precision="highest"),
+        jnn.LinenConvTranspose2d(4, (3, 3), precision="highest"),
+    ):
         params = linen_module.init(jax.random.key(0), x)
         assert set(_tf32_attrs(lambda x: linen_module.apply(params, x), x)) == {0}

@@ -6,6 +6,7 @@ independent statement of what is valid.
 Bounded for speed by default (deterministic examples, no example database). A deeper, randomized
 run: JAXCONV_HYPOTHESIS_PROFILE=deep pytest tests/test_properties.py
 """
+
 import os
 
 import jax
@@ -14,21 +15,36 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_edge_cases import assert_same_values_and_vjp, pool_grad_oracle, to_layout, w_to_layout
 
 from jaxconv import conv2d, conv_transpose2d, max_pool2d, max_unpool2d
-from reference import (explicit_padding, on, pool_out_size, random_array, ref_conv2d,
-                       ref_conv_transpose2d, ref_max_pool2d, tol)
-from test_edge_cases import (assert_same_values_and_vjp, pool_grad_oracle, to_layout,
-                             w_to_layout)
+
+from reference import (
+    explicit_padding,
+    on,
+    pool_out_size,
+    random_array,
+    ref_conv2d,
+    ref_conv_transpose2d,
+    ref_max_pool2d,
+    tol,
+)
 
 pytestmark = pytest.mark.slow("hypothesis: many examples, each compiled anew")
 
-_COMMON = dict(deadline=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      # `backend` is a plain string: nothing to reset
-                                      HealthCheck.function_scoped_fixture])
-settings.register_profile("jaxconv-fast", max_examples=25, derandomize=True, database=None,
-                          **_COMMON)
+_COMMON = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        # `backend` is a plain string: nothing to reset
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+settings.register_profile(
+    "jaxconv-fast", max_examples=25, derandomize=True, database=None, **_COMMON
+)
 settings.register_profile("jaxconv-deep", max_examples=400, **_COMMON)
 PROFILE_NAME = os.environ.get("JAXCONV_HYPOTHESIS_PROFILE", "fast")
 PROFILE = settings.get_profile(f"jaxconv-{PROFILE_NAME}")
@@ -87,9 +103,21 @@ def conv_configs(draw):
     else:
         lo_hi = pads
     hw = [_input_size(draw, k, lo, hi) for k, (lo, hi) in zip(k_eff, lo_hi)]
-    return dict(n=draw(BATCH), c=c, o=o, hw=hw, kernel=kernel, stride=stride,
-                dilation=dilation, padding=padding, groups=groups, bias=draw(st.booleans()),
-                layout=draw(LAYOUTS), dtype=draw(DTYPES), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        n=draw(BATCH),
+        c=c,
+        o=o,
+        hw=hw,
+        kernel=kernel,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        groups=groups,
+        bias=draw(st.booleans()),
+        layout=draw(LAYOUTS),
+        dtype=draw(DTYPES),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @PROFILE
@@ -98,18 +126,18 @@ def test_conv2d_matches_lax(backend, cfg):
     rng = np.random.default_rng(cfg["seed"])
     layout, dtype = cfg["layout"], cfg["dtype"]
     x = to_layout(random_array(rng, (cfg["n"], cfg["c"], *cfg["hw"]), dtype), layout)
-    w = w_to_layout(random_array(rng, (cfg["o"], cfg["c"] // cfg["groups"], *cfg["kernel"]),
-                                 dtype), layout)
+    w = w_to_layout(
+        random_array(rng, (cfg["o"], cfg["c"] // cfg["groups"], *cfg["kernel"]), dtype), layout
+    )
     b = random_array(rng, (cfg["o"],), dtype) if cfg["bias"] else None
     x, w = on(backend, x, w)
     b = None if b is None else on(backend, b)
-    kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=cfg["groups"],
-              layout=layout)
+    kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=cfg["groups"], layout=layout)
     # Strings through lax's own SAME/VALID rule, the other forms spelled out.
     k_eff = [d * (k - 1) + 1 for k, d in zip(cfg["kernel"], cfg["dilation"])]
     ref_padding = explicit_padding(cfg["padding"], cfg["hw"], k_eff, cfg["stride"])
-    ours = lambda x, w, *b: conv2d(x, w, *b, padding=cfg["padding"], **kw)  # noqa: E731
-    ref = lambda x, w, *b: ref_conv2d(x, w, *b, padding=ref_padding, **kw)  # noqa: E731
+    ours = lambda x, w, *b: conv2d(x, w, *b, padding=cfg["padding"], **kw)
+    ref = lambda x, w, *b: ref_conv2d(x, w, *b, padding=ref_padding, **kw)
     assert_same_values_and_vjp(ours, ref, (x, w) + ((b,) if b is not None else ()), rng)
 
 
@@ -131,10 +159,23 @@ def conv_transpose_configs(draw):
         while (h_min - 1) * s - lo - hi + d * (k - 1) + op + 1 < 1:
             h_min += 1
         hw.append(draw(st.integers(h_min, h_min + 4)))
-    return dict(n=draw(BATCH), c_in=c_in, cout_g=cout_g, hw=hw, kernel=kernel,
-                stride=stride, dilation=dilation, padding=padding, pads=pads,
-                output_padding=out_pad, groups=groups, bias=draw(st.booleans()),
-                layout=draw(LAYOUTS), dtype=draw(DTYPES), seed=draw(st.integers(0, 2**16)))
+    return dict(
+        n=draw(BATCH),
+        c_in=c_in,
+        cout_g=cout_g,
+        hw=hw,
+        kernel=kernel,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        pads=pads,
+        output_padding=out_pad,
+        groups=groups,
+        bias=draw(st.booleans()),
+        layout=draw(LAYOUTS),
+        dtype=draw(DTYPES),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @PROFILE
@@ -143,17 +184,24 @@ def test_conv_transpose2d_matches_reference(backend, cfg):
     rng = np.random.default_rng(cfg["seed"])
     layout, dtype = cfg["layout"], cfg["dtype"]
     x = to_layout(random_array(rng, (cfg["n"], cfg["c_in"], *cfg["hw"]), dtype), layout)
-    w = w_to_layout(random_array(rng, (cfg["c_in"], cfg["cout_g"], *cfg["kernel"]), dtype),
-                    layout)
+    w = w_to_layout(random_array(rng, (cfg["c_in"], cfg["cout_g"], *cfg["kernel"]), dtype), layout)
     args = (x, w)
     if cfg["bias"]:
         args += (random_array(rng, (cfg["cout_g"] * cfg["groups"],), dtype),)
     args = tuple(on(backend, a) for a in args)
-    kw = dict(stride=cfg["stride"], dilation=cfg["dilation"], groups=cfg["groups"],
-              output_padding=cfg["output_padding"], layout=layout)
+    kw = dict(
+        stride=cfg["stride"],
+        dilation=cfg["dilation"],
+        groups=cfg["groups"],
+        output_padding=cfg["output_padding"],
+        layout=layout,
+    )
     assert_same_values_and_vjp(
         lambda *a: conv_transpose2d(*a, padding=cfg["padding"], **kw),
-        lambda *a: ref_conv_transpose2d(*a, padding=cfg["pads"], **kw), args, rng)
+        lambda *a: ref_conv_transpose2d(*a, padding=cfg["pads"], **kw),
+        args,
+        rng,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,14 +223,26 @@ def pool_configs(draw):
     else:
         padding, pads = kind, None
     ceil_mode = draw(st.booleans())
-    hw = [_input_size(draw, k, *(lh if pads else (0, 0))) for k, lh in
-          zip(k_eff, pads or ((0, 0), (0, 0)))]
+    hw = [
+        _input_size(draw, k, *(lh if pads else (0, 0)))
+        for k, lh in zip(k_eff, pads or ((0, 0), (0, 0)))
+    ]
     # Ties are common in half precision and with small integer grids: draw from a few values.
     values = draw(st.sampled_from(["normal", "ties"]))
-    return dict(n=draw(BATCH), c=draw(st.integers(1, 3)), hw=hw, kernel=kernel,
-                stride=stride, dilation=dilation, padding=padding, ceil_mode=ceil_mode,
-                layout=draw(LAYOUTS), dtype=draw(DTYPES), values=values,
-                seed=draw(st.integers(0, 2**16)))
+    return dict(
+        n=draw(BATCH),
+        c=draw(st.integers(1, 3)),
+        hw=hw,
+        kernel=kernel,
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        ceil_mode=ceil_mode,
+        layout=draw(LAYOUTS),
+        dtype=draw(DTYPES),
+        values=values,
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 @PROFILE
@@ -197,19 +257,31 @@ def test_max_pool2d_matches_reference(backend, cfg):
         x = random_array(rng, shape, dtype)
     x = on(backend, to_layout(x, layout))
     stride = cfg["stride"] or cfg["kernel"]
-    pads = explicit_padding(cfg["padding"], cfg["hw"],
-                            [d * (k - 1) + 1 for k, d in zip(cfg["kernel"], cfg["dilation"])],
-                            stride)
-    kw = dict(kernel_size=cfg["kernel"], stride=cfg["stride"], padding=cfg["padding"],
-              dilation=cfg["dilation"], ceil_mode=cfg["ceil_mode"], layout=layout)
-    out_hw = [pool_out_size(i, k, s, d, lo, hi, cfg["ceil_mode"]) for i, k, s, d, (lo, hi) in
-              zip(cfg["hw"], cfg["kernel"], stride, cfg["dilation"], pads)]
+    pads = explicit_padding(
+        cfg["padding"],
+        cfg["hw"],
+        [d * (k - 1) + 1 for k, d in zip(cfg["kernel"], cfg["dilation"])],
+        stride,
+    )
+    kw = dict(
+        kernel_size=cfg["kernel"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        ceil_mode=cfg["ceil_mode"],
+        layout=layout,
+    )
+    out_hw = [
+        pool_out_size(i, k, s, d, lo, hi, cfg["ceil_mode"])
+        for i, k, s, d, (lo, hi) in zip(cfg["hw"], cfg["kernel"], stride, cfg["dilation"], pads)
+    ]
     if min(out_hw) < 1:  # e.g. SAME with ceil_mode never gets here; VALID sizes are drawn >= k
         with pytest.raises(ValueError, match="output size"):
             max_pool2d(x, **kw)
         return
-    vals, idx = ref_max_pool2d(x, cfg["kernel"], stride, pads, cfg["dilation"],
-                               cfg["ceil_mode"], layout)
+    vals, idx = ref_max_pool2d(
+        x, cfg["kernel"], stride, pads, cfg["dilation"], cfg["ceil_mode"], layout
+    )
     g = on(backend, random_array(rng, vals.shape, dtype))
 
     @jax.jit
@@ -223,15 +295,23 @@ def test_max_pool2d_matches_reference(backend, cfg):
     # Overlapping windows sum several cotangents into one cell (in float32 for the half types,
     # in float64 by the oracle), so this is a sum's tolerance, not an exact selection.
     rtol, atol = tol(dtype)
-    np.testing.assert_allclose(np.asarray(dx, np.float64),
-                               pool_grad_oracle(g, idx, x.shape, layout), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(
+        np.asarray(dx, np.float64), pool_grad_oracle(g, idx, x.shape, layout), rtol=rtol, atol=atol
+    )
     # Unpooling puts each pooled value back at its index, zeros elsewhere (where windows overlap,
     # the cell they share receives that same value). max_unpool2d knows no dilation and takes
     # integer padding only.
     if cfg["dilation"] != (1, 1) or isinstance(cfg["padding"], str):
         return
-    unpooled = max_unpool2d(y, i, cfg["kernel"], cfg["stride"], cfg["padding"],
-                            output_size=tuple(cfg["hw"]), layout=layout)
+    unpooled = max_unpool2d(
+        y,
+        i,
+        cfg["kernel"],
+        cfg["stride"],
+        cfg["padding"],
+        output_size=tuple(cfg["hw"]),
+        layout=layout,
+    )
     v_nchw, i_nchw = (np.moveaxis(a, 3, 1) if layout == "NHWC" else a for a in (vals, idx))
     want = np.zeros((cfg["n"], cfg["c"], cfg["hw"][0] * cfg["hw"][1]))
     for n in range(cfg["n"]):
@@ -265,8 +345,9 @@ def test_conv2d_validation_is_exact(backend, data):
     pads = (draw(pair_of(0, 2)), draw(pair_of(0, 2)))
     hw = draw(pair_of(1, 7))
     layout = draw(LAYOUTS)
-    what = draw(st.sampled_from(["none", "groups", "channels", "stride", "dilation", "pads",
-                                 "kernel"]))
+    what = draw(
+        st.sampled_from(["none", "groups", "channels", "stride", "dilation", "pads", "kernel"])
+    )
     if what == "groups":
         groups = _broken(draw, groups, [0, -1, groups + 1, 4])
     elif what == "channels":
@@ -281,13 +362,23 @@ def test_conv2d_validation_is_exact(backend, data):
         kernel = (kernel[0], _broken(draw, kernel[1], [hw[1] + 2 * pads[1][0] + 3]))
     x = jax.ShapeDtypeStruct(to_layout(np.zeros((1, c, *hw)), layout).shape, jnp.float32)
     w = jax.ShapeDtypeStruct(w_to_layout(np.zeros((o, i, *kernel)), layout).shape, jnp.float32)
-    out = [(n + lo + hi - d * (k - 1) - 1) // s + 1 if s > 0 else 0
-           for n, k, s, d, (lo, hi) in zip(hw, kernel, stride, dilation, pads)]
-    valid = (groups >= 1 and c % groups == 0 and o % groups == 0 and i * groups == c
-             and min(stride) >= 1 and min(dilation) >= 1 and min(min(p) for p in pads) >= 0
-             and min(out) >= 1)
-    f = lambda x, w: conv2d(x, w, stride=stride, padding=pads, dilation=dilation,  # noqa: E731
-                            groups=groups, layout=layout)
+    out = [
+        (n + lo + hi - d * (k - 1) - 1) // s + 1 if s > 0 else 0
+        for n, k, s, d, (lo, hi) in zip(hw, kernel, stride, dilation, pads)
+    ]
+    valid = (
+        groups >= 1
+        and c % groups == 0
+        and o % groups == 0
+        and i * groups == c
+        and min(stride) >= 1
+        and min(dilation) >= 1
+        and min(min(p) for p in pads) >= 0
+        and min(out) >= 1
+    )
+    f = lambda x, w: conv2d(
+        x, w, stride=stride, padding=pads, dilation=dilation, groups=groups, layout=layout
+    )
     if not valid:
         with pytest.raises(ValueError):
             jax.eval_shape(f, x, w)
@@ -317,10 +408,11 @@ def test_max_pool2d_validation_is_exact(backend, data):
     positive = min(kernel + stride + dilation) >= 1
     k_eff = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
     half_ok = all(0 <= p <= k // 2 for k, lh in zip(k_eff, pads) for p in lh)
-    out = [pool_out_size(n, k, s, d, lo, hi, ceil_mode) if positive else 0
-           for n, k, s, d, (lo, hi) in zip(hw, kernel, stride, dilation, pads)]
-    f = lambda x: max_pool2d(x, kernel, stride, pads, dilation, ceil_mode,  # noqa: E731
-                             layout=layout)
+    out = [
+        pool_out_size(n, k, s, d, lo, hi, ceil_mode) if positive else 0
+        for n, k, s, d, (lo, hi) in zip(hw, kernel, stride, dilation, pads)
+    ]
+    f = lambda x: max_pool2d(x, kernel, stride, pads, dilation, ceil_mode, layout=layout)
     if not (positive and half_ok and min(out) >= 1):
         with pytest.raises(ValueError):
             jax.eval_shape(f, x)

@@ -10,6 +10,7 @@ ffi/cuda/kernel_units.cu in one unit, under AddressSanitizer.
   cudaMalloc: AddressSanitizer reports any access past a buffer's end (the large-tile case is
   left to the GPU: the emulation runs its 256 tiles too slowly).
 """
+
 import functools
 import math
 import os
@@ -25,7 +26,9 @@ from jax import lax
 
 from reference import pool_out_size
 
-pytestmark = pytest.mark.slow("builds the sanitizer harness for the emulation with AddressSanitizer")
+pytestmark = pytest.mark.slow(
+    "builds the sanitizer harness for the emulation with AddressSanitizer"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "benchmarks" / "sanitize_harness.cu"
@@ -61,17 +64,39 @@ def _cuda_include():
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(out_dir: str) -> Path:
     cxx = shutil.which(os.environ.get("CXX", "") or "g++") or shutil.which("c++")
     inc = _cuda_include()
     if cxx is None or inc is None:
         pytest.skip("needs a C++ compiler and the CUDA headers (cuda_bf16.h)")
     exe = Path(out_dir) / "harness"
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fsanitize=address", "-fno-omit-frame-pointer",
-           "-include", str(EMU_DIR / "emulate.h"), "-I", str(EMU_DIR), "-I", str(ROOT / "ffi"),
-           "-I", inc, "-DJAXCONV_UNIT=0", "-DJAXCONV_UNIT_DTYPE=0",
-           "-x", "c++", str(UNITS), "-x", "c++", str(HARNESS), "-o", str(exe)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-pthread",
+        "-fsanitize=address",
+        "-fno-omit-frame-pointer",
+        "-include",
+        str(EMU_DIR / "emulate.h"),
+        "-I",
+        str(EMU_DIR),
+        "-I",
+        str(ROOT / "ffi"),
+        "-I",
+        inc,
+        "-DJAXCONV_UNIT=0",
+        "-DJAXCONV_UNIT_DTYPE=0",
+        "-x",
+        "c++",
+        str(UNITS),
+        "-x",
+        "c++",
+        str(HARNESS),
+        "-o",
+        str(exe),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
     return exe
@@ -98,12 +123,25 @@ def _conv_sizes(name, layout):
     ws = (o, c // g) + k if layout == "NCHW" else k + (c // g, o)
     dn = ("NCHW", "OIHW", "NCHW") if layout == "NCHW" else ("NHWC", "HWIO", "NHWC")
     y = jax.eval_shape(
-        lambda a, b: lax.conv_general_dilated(a, b, s, [(p[0], p[0]), (p[1], p[1])],
-                                              rhs_dilation=d, feature_group_count=g,
-                                              dimension_numbers=dn),
-        jax.ShapeDtypeStruct(xs, np.float32), jax.ShapeDtypeStruct(ws, np.float32))
-    return {"x": math.prod(xs), "w": math.prod(ws), "y": math.prod(y.shape), "bias_y": o,
-            "bias_x": c}
+        lambda a, b: lax.conv_general_dilated(
+            a,
+            b,
+            s,
+            [(p[0], p[0]), (p[1], p[1])],
+            rhs_dilation=d,
+            feature_group_count=g,
+            dimension_numbers=dn,
+        ),
+        jax.ShapeDtypeStruct(xs, np.float32),
+        jax.ShapeDtypeStruct(ws, np.float32),
+    )
+    return {
+        "x": math.prod(xs),
+        "w": math.prod(ws),
+        "y": math.prod(y.shape),
+        "bias_y": o,
+        "bias_x": c,
+    }
 
 
 def _pool_sizes(name):
@@ -130,9 +168,13 @@ def test_harness_runs_every_family_on_the_emulation_within_its_buffers(harness):
     8-byte elements); float32, TF32 and float16 instantiate the same templates and run on the
     GPU (about 30 s of CPU per dtype here, mostly the emulation's thread starts). Exit 0 and no
     AddressSanitizer report (an access past any buffer's end aborts with one)."""
-    res = subprocess.run([str(harness), "--skip-large", "--dtypes", "bf16,f64"],
-                         capture_output=True, text=True, timeout=1200,
-                         env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+    res = subprocess.run(
+        [str(harness), "--skip-large", "--dtypes", "bf16,f64"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"},
+    )
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert "AddressSanitizer" not in res.stderr
     assert "sanitize_harness: all launches ok, tensor cores on" in res.stdout

@@ -10,6 +10,7 @@ that holds HMMA) is measured in instructions per HMMA: the precomputed-iterator 
 rest print their figure. Skipped where the CUDA module was not built, it holds no sm_90 code, or
 the tools are not found.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,9 @@ def _tool(name):
         if candidate.exists():
             return str(candidate)
     for entry in sys.path:
-        for candidate in glob.glob(os.path.join(entry, "nvidia", "**", "bin", name),
-                                   recursive=True):
+        for candidate in glob.glob(
+            os.path.join(entry, "nvidia", "**", "bin", name), recursive=True
+        ):
             if os.access(candidate, os.X_OK):
                 return candidate
     return None
@@ -67,7 +69,7 @@ def _demangle(names):
     return dict(zip(names, out)) if len(out) == len(names) else dict(zip(names, names))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm90():
     """{demangled kernel name: (sass text, resource-usage line)} of the sm_90 cubin."""
     module = _cuda_module_path()
@@ -75,8 +77,10 @@ def _sm90():
         pytest.skip("jaxconv was built without the CUDA extension (no nvcc)")
     tool, disasm = _tool("cuobjdump"), _tool("nvdisasm")
     if tool is None or disasm is None:
-        pytest.skip("cuobjdump/nvdisasm not found (CUDA toolkit, or pip install "
-                    "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+        pytest.skip(
+            "cuobjdump/nvdisasm not found (CUDA toolkit, or pip install "
+            "nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+        )
     env = dict(os.environ, PATH=os.path.dirname(disasm) + os.pathsep + os.environ.get("PATH", ""))
     sass = _run(tool, "-sass", "-arch", "sm_90", module, env=env)
     if "Function :" not in sass:
@@ -107,8 +111,7 @@ def test_mma_pass_kernels_use_tensor_cores():
     for dtype in ("__nv_bfloat16", "__half", "float"):
         assert any(f"<{dtype}," in k for k in kernels), (dtype, sorted(kernels))
     for name, (sass, _) in kernels.items():
-        assert re.search(r"\bHMMA\.16816\.F32", sass) or re.search(r"\bHMMA\.1688\.F32", sass), \
-            name
+        assert re.search(r"\bHMMA\.16816\.F32", sass) or re.search(r"\bHMMA\.1688\.F32", sass), name
         assert "LDSM" in sass, name  # ldmatrix
         assert "LDGSTS" in sass, name  # cp.async
     for name, (sass, _) in kernels.items():
@@ -165,10 +168,10 @@ def test_mma_iterator_kernels_use_tensor_cores():
     """The precomputed-iterator kernels (16-byte NHWC operands, int32 offsets): for each mma
     dtype both tiles of the pass (16-bit types also with k-major B) and of bwd_filter; HMMA,
     cp.async, and ldmatrix except for the TF32 k-major bwd_filter fragments."""
-    for family, per_dtype in (("conv_pass_mma_tap_kernel", {"float": 2, "__half": 4,
-                                                            "__nv_bfloat16": 4}),
-                              ("conv_filter_mma_pos_kernel", {"float": 2, "__half": 2,
-                                                              "__nv_bfloat16": 2})):
+    for family, per_dtype in (
+        ("conv_pass_mma_tap_kernel", {"float": 2, "__half": 4, "__nv_bfloat16": 4}),
+        ("conv_filter_mma_pos_kernel", {"float": 2, "__half": 2, "__nv_bfloat16": 2}),
+    ):
         kernels = _kernels(family)
         for dtype, count in per_dtype.items():
             assert sum(f"<{dtype}," in k for k in kernels) == count, (dtype, sorted(kernels))
@@ -183,8 +186,10 @@ def test_mma_iterator_kernels_use_tensor_cores():
 def _main_loop(sass):
     """(instructions, HMMA) of the innermost loop (a backward branch and its target) holding
     HMMA; None where no loop holds any. As /work/shared/tools/sass_loop_ratio.py."""
-    ins = [(int(m.group(1), 16), m.group(2))
-           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    ins = [
+        (int(m.group(1), 16), m.group(2))
+        for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    ]
     hmma = [a for a, t in ins if re.search(r"\b(HMMA|HGMMA)\b", t)]
     best = None
     for a, t in ins:
@@ -229,12 +234,21 @@ def test_mma_main_loop_instructions_per_hmma():
     assert not over, "\n".join(over)
 
 
-@pytest.mark.parametrize("family", [
-    "conv_pass_mma_kernel", "conv_pass_mma_tap_kernel", "conv_filter_mma_pos_kernel",
-    "conv_pass_kernel<", "conv_filter_kernel", "conv_filter_mma_kernel",
-    "sum_partials_kernel",
-    "max_pool_fwd_kernel", "max_pool_bwd_kernel", "direct_conv_",
-])
+@pytest.mark.parametrize(
+    "family",
+    [
+        "conv_pass_mma_kernel",
+        "conv_pass_mma_tap_kernel",
+        "conv_filter_mma_pos_kernel",
+        "conv_pass_kernel<",
+        "conv_filter_kernel",
+        "conv_filter_mma_kernel",
+        "sum_partials_kernel",
+        "max_pool_fwd_kernel",
+        "max_pool_bwd_kernel",
+        "direct_conv_",
+    ],
+)
 def test_no_local_memory(family):
     """No spills or stack frames: no STL/LDL instruction, LOCAL:0 and STACK:0."""
     kernels = _kernels(family)
@@ -267,5 +281,8 @@ def test_values_only_pool_forward_stores_no_indices():
     for name, (sass, _) in values.items():
         twin = name.replace(", false>", ", true>")
         assert twin in kernels, (name, sorted(kernels))
-        assert 0 < stores(sass) < stores(kernels[twin][0]), (name, stores(sass),
-                                                             stores(kernels[twin][0]))
+        assert 0 < stores(sass) < stores(kernels[twin][0]), (
+            name,
+            stores(sass),
+            stores(kernels[twin][0]),
+        )

@@ -23,6 +23,7 @@ trivially there; on a GPU it is the tensor-core path with TF32 (tests/test_preci
 that precision=None sends allow_tf32 = 1). The emulated kernels (tensor cores with TF32 under
 tests/cuda_emulation) are held to the same bound in test_emulated_tf32_within_bound.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,15 +31,16 @@ import pytest
 from jax import lax
 
 import jaxconv
+
 from reference import on
 
-U_TF32 = 2.0 ** -10  # operand rounding, truncation or nearest
-E_F32 = 2.0 ** -23   # float32 accumulation, truncation or nearest
+U_TF32 = 2.0**-10  # operand rounding, truncation or nearest
+E_F32 = 2.0**-23  # float32 accumulation, truncation or nearest
 
 
 def tf32_bound(k: int) -> float:
     """Relative bound on |got - exact| / S for a reduction of k products (module docstring)."""
-    return 2 * U_TF32 + U_TF32 ** 2 + (k + 2) * E_F32
+    return 2 * U_TF32 + U_TF32**2 + (k + 2) * E_F32
 
 
 # (name, N, C, H, W, O, kernel, stride, padding, groups): channel counts that take the tensor
@@ -52,9 +54,15 @@ CASES = [
 
 def _ref_conv(x, w, stride, padding, groups, layout):
     dn = ("NCHW", "OIHW", "NCHW") if layout == "NCHW" else ("NHWC", "HWIO", "NHWC")
-    return lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
-                                    feature_group_count=groups, dimension_numbers=dn,
-                                    precision=lax.Precision.HIGHEST)
+    return lax.conv_general_dilated(
+        x,
+        w,
+        (stride, stride),
+        [(padding, padding)] * 2,
+        feature_group_count=groups,
+        dimension_numbers=dn,
+        precision=lax.Precision.HIGHEST,
+    )
 
 
 def _case(name, layout):
@@ -83,15 +91,17 @@ def test_tf32_within_bound(backend, name, layout):
     ref = lambda a, b: _ref_conv(a, b, kw["stride"], kw["padding"], kw["groups"], layout)
     y_shape = jax.eval_shape(ref, x, w).shape
     dy = np.random.default_rng(8).standard_normal(y_shape).astype(np.float32)
-    k_bwd_filter = y_shape[0] * (y_shape[2] * y_shape[3] if layout == "NCHW" else
-                                 y_shape[1] * y_shape[2])
+    k_bwd_filter = y_shape[0] * (
+        y_shape[2] * y_shape[3] if layout == "NCHW" else y_shape[1] * y_shape[2]
+    )
 
     got = _three_directions(jax.jit(conv), *on(backend, x, w, dy))
     x64, w64, dy64 = (jnp.asarray(a, jnp.float64) for a in (x, w, dy))
     exact = _three_directions(ref, x64, w64, dy64)
     sums = _three_directions(ref, jnp.abs(x64), jnp.abs(w64), jnp.abs(dy64))
-    for what, g, e, s, k in zip(("forward", "bwd_data", "bwd_filter"), got, exact, sums,
-                                (k_fwd, k_bwd_data, k_bwd_filter)):
+    for what, g, e, s, k in zip(
+        ("forward", "bwd_data", "bwd_filter"), got, exact, sums, (k_fwd, k_bwd_data, k_bwd_filter)
+    ):
         assert g.dtype == jnp.float32, what
         err = np.abs(np.asarray(g, np.float64) - np.asarray(e))
         allowed = tf32_bound(k) * np.asarray(s)
@@ -102,8 +112,9 @@ def test_tf32_within_bound(backend, name, layout):
 # ---- the same bound on the emulated tensor-core kernels (tests/cuda_emulation) ----------------
 @pytest.mark.slow("builds the host emulation of the CUDA kernels")
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("name", ["mma_c16_o24_3x3", "mma_groups_dilated",
-                                  "mma_filter_wide_groups"])
+@pytest.mark.parametrize(
+    "name", ["mma_c16_o24_3x3", "mma_groups_dilated", "mma_filter_wide_groups"]
+)
 def test_emulated_tf32_within_bound(conv_emu, name, layout):
     """The tensor-core kernels with allow_tf32 (what a GPU runs for precision=None), all three
     directions, on random float32 operands (not the quarter-integers of test_cuda_mma.py, which
@@ -126,18 +137,37 @@ def test_emulated_tf32_within_bound(conv_emu, name, layout):
     acts = (lambda a: np.asarray(a)) if layout == "NCHW" else (lambda a: np.asarray(nhwc(a)))
     wgts = (lambda a: np.asarray(a)) if layout == "NCHW" else (lambda a: np.asarray(hwio(a)))
     xl, wl, dyl = acts(x), wgts(w), acts(dy)
-    run = lambda which, a, b, out_shape: emu_conv(  # noqa: E731
-        conv_emu, which, c, xl.shape, wl.shape, np.ascontiguousarray(a), np.ascontiguousarray(b),
-        None, out_shape, "float32", tensor_cores=True, allow_tf32=True)
-    got = (run(0, xl, wl, acts(exact[0]).shape), run(1, dyl, wl, xl.shape),
-           run(2, xl, dyl, wl.shape))
+    run = lambda which, a, b, out_shape: emu_conv(
+        conv_emu,
+        which,
+        c,
+        xl.shape,
+        wl.shape,
+        np.ascontiguousarray(a),
+        np.ascontiguousarray(b),
+        None,
+        out_shape,
+        "float32",
+        tensor_cores=True,
+        allow_tf32=True,
+    )
+    got = (
+        run(0, xl, wl, acts(exact[0]).shape),
+        run(1, dyl, wl, xl.shape),
+        run(2, xl, dyl, wl.shape),
+    )
     g = c["groups"]
     k_fwd = c["c"] // g * c["k"][0] * c["k"][1]
     k_bwd_data = c["o"] // g * c["k"][0] * c["k"][1]
     k_bwd_filter = y_shape[0] * y_shape[2] * y_shape[3]
     for what, gt, e, s, k, to_layout in zip(
-            ("forward", "bwd_data", "bwd_filter"), got, exact, sums,
-            (k_fwd, k_bwd_data, k_bwd_filter), (acts, acts, wgts)):
+        ("forward", "bwd_data", "bwd_filter"),
+        got,
+        exact,
+        sums,
+        (k_fwd, k_bwd_data, k_bwd_filter),
+        (acts, acts, wgts),
+    ):
         err = np.abs(np.asarray(gt, np.float64) - to_layout(e))
         rel = err / np.maximum(tf32_bound(k) * to_layout(s), 1e-300)
         assert rel.max() <= 1.0, (what, k, rel.max())

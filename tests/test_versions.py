@@ -12,6 +12,7 @@ CI runs the whole suite on the newest supported jax and this file alone on the o
    sharding over 8 host devices (in a child process, since the device count is fixed when jax
    starts) with the batch kept split.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ import pytest
 
 import jaxconv
 from jaxconv import _sharding
+
 from child import run_python
-from reference import (assert_close, on, random_array, ref_conv2d, ref_max_pool2d_lax)
+from reference import assert_close, on, random_array, ref_conv2d, ref_max_pool2d_lax
 
 N_TARGETS = 6  # conv2d fwd / bwd_data / bwd_filter, max_pool2d fwd / fwd_values / bwd
 
@@ -56,12 +58,14 @@ def test_lowering_parameters_still_tell_export_apart():
     from jax import export
     from jax._src.interpreters import mlir as mlir_internal
 
-    assert "for_export" in {f.name for f in
-                            __import__("dataclasses").fields(mlir_internal.LoweringParameters)}
+    assert "for_export" in {
+        f.name for f in __import__("dataclasses").fields(mlir_internal.LoweringParameters)
+    }
     x = jax.ShapeDtypeStruct((2, 3, 8, 8), jnp.float32)
     w = jax.ShapeDtypeStruct((4, 3, 3, 3), jnp.float32)
-    exp = export.export(jax.jit(jaxconv.conv2d),
-                        disabled_checks=jaxconv.export_safety_checks())(x, w)
+    exp = export.export(jax.jit(jaxconv.conv2d), disabled_checks=jaxconv.export_safety_checks())(
+        x, w
+    )
     text = exp.mlir_module()
     assert "jaxconv_conv2d_fwd" in text and "CustomSPMDPartitioning" not in text, text
 
@@ -79,8 +83,14 @@ def test_varying_axes_are_read_inside_shard_map():
         seen.append(_sharding.varying_axes(x))
         return x
 
-    jax.jit(jax.shard_map(body, mesh=mesh, in_specs=jax.sharding.PartitionSpec("d"),
-                          out_specs=jax.sharding.PartitionSpec("d")))(jnp.ones((2, 3)))
+    jax.jit(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=jax.sharding.PartitionSpec("d"),
+            out_specs=jax.sharding.PartitionSpec("d"),
+        )
+    )(jnp.ones((2, 3)))
     assert seen == [frozenset({"d"})]
 
 
@@ -90,17 +100,28 @@ def test_varying_axes_are_read_inside_shard_map():
 
 def test_conv_and_pool_under_jit_and_grad(backend):
     rng = np.random.default_rng(0)
-    x, w = on(backend, random_array(rng, (2, 3, 9, 9), jnp.float32),
-              random_array(rng, (4, 3, 3, 3), jnp.float32))
+    x, w = on(
+        backend,
+        random_array(rng, (2, 3, 9, 9), jnp.float32),
+        random_array(rng, (4, 3, 3, 3), jnp.float32),
+    )
 
     def loss(conv, pool, x, w):
         return jnp.sum(jnp.sin(pool(jnp.tanh(conv(x, w, padding=((1, 1), (1, 1)))))))
 
-    ours = jax.jit(jax.value_and_grad(
-        lambda x, w: loss(jaxconv.conv2d, lambda h: jaxconv.max_pool2d(h, 2), x, w), (0, 1)))
-    ref = jax.jit(jax.value_and_grad(
-        lambda x, w: loss(ref_conv2d, lambda h: ref_max_pool2d_lax(
-            h, (2, 2), (2, 2), ((0, 0), (0, 0))), x, w), (0, 1)))
+    ours = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: loss(jaxconv.conv2d, lambda h: jaxconv.max_pool2d(h, 2), x, w), (0, 1)
+        )
+    )
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: loss(
+                ref_conv2d, lambda h: ref_max_pool2d_lax(h, (2, 2), (2, 2), ((0, 0), (0, 0))), x, w
+            ),
+            (0, 1),
+        )
+    )
     (got, got_grads), (want, want_grads) = ours(x, w), ref(x, w)
     assert_close(got, want)
     for g, r in zip(got_grads, want_grads):
@@ -109,13 +130,17 @@ def test_conv_and_pool_under_jit_and_grad(backend):
 
 def test_vmap_is_one_kernel_call(backend):
     rng = np.random.default_rng(1)
-    xs, w = on(backend, random_array(rng, (3, 2, 3, 8, 8), jnp.float32),
-               random_array(rng, (4, 3, 3, 3), jnp.float32))
+    xs, w = on(
+        backend,
+        random_array(rng, (3, 2, 3, 8, 8), jnp.float32),
+        random_array(rng, (4, 3, 3, 3), jnp.float32),
+    )
     fn = jax.vmap(lambda x: jaxconv.conv2d(x, w, padding=((1, 1), (1, 1))))
     hlo = jax.jit(fn).lower(xs).compile().as_text()
     assert hlo.count('custom_call_target="jaxconv_conv2d_fwd"') == 1, hlo
-    assert_close(jax.jit(fn)(xs), jax.vmap(
-        lambda x: ref_conv2d(x, w, padding=((1, 1), (1, 1))))(xs))
+    assert_close(
+        jax.jit(fn)(xs), jax.vmap(lambda x: ref_conv2d(x, w, padding=((1, 1), (1, 1))))(xs)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +151,14 @@ DEVICES = 8
 
 @pytest.mark.slow("a child process with 8 host devices compiles a sharded training step")
 def test_sharded_training_step_keeps_the_batch_split():
-    proc = run_python(__file__, timeout=600, env={
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu"})
+    proc = run_python(
+        __file__,
+        timeout=600,
+        env={
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+            "JAX_PLATFORMS": "cpu",
+        },
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["devices"] == DEVICES
@@ -142,7 +173,8 @@ def test_sharded_training_step_keeps_the_batch_split():
 
 
 def _child():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     assert len(jax.devices()) == DEVICES
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
@@ -163,25 +195,38 @@ def _child():
     exe = lowered.compile()
     hlo = exe.as_text()
     got = exe(ws, xs)
-    want = jax.jit(jax.value_and_grad(lambda w, x: loss(
-        ref_conv2d, lambda h: ref_max_pool2d_lax(h, (2, 2), (2, 2), ((0, 0), (0, 0))), w, x)))(
-        w, x)
-    diff = max(float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
-               for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    want = jax.jit(
+        jax.value_and_grad(
+            lambda w, x: loss(
+                ref_conv2d, lambda h: ref_max_pool2d_lax(h, (2, 2), (2, 2), ((0, 0), (0, 0))), w, x
+            )
+        )
+    )(w, x)
+    diff = max(
+        float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    )
     calls = [line for line in hlo.splitlines() if 'custom_call_target="jaxconv_' in line]
-    print(json.dumps({
-        "devices": len(jax.devices()),
-        "all-gather": len(re.findall(r"\ball-gather(?:-start)?\(", hlo)),
-        "all-reduce": len(re.findall(r"\ball-reduce(?:-start)?\(", hlo)),
-        "calls": len(calls),
-        # Operands and results of every call: their leading (batch) dims are 2, never 16.
-        "local_batch_only": all(re.search(r"\[16,", line) is None for line in calls)
-        and all(re.search(r"\[2,", line) for line in calls),
-        "evidence": [re.sub(r", metadata=.*", "", line)[:200] for line in hlo.splitlines()
-                     if "jaxconv_" in line or re.search(r"\ball-(gather|reduce)", line)],
-        "max_rel_diff": diff,
-        "partitioned_calls_in_lowering": partitioned_calls,
-    }))
+    print(
+        json.dumps(
+            {
+                "devices": len(jax.devices()),
+                "all-gather": len(re.findall(r"\ball-gather(?:-start)?\(", hlo)),
+                "all-reduce": len(re.findall(r"\ball-reduce(?:-start)?\(", hlo)),
+                "calls": len(calls),
+                # Operands and results of every call: their leading (batch) dims are 2, never 16.
+                "local_batch_only": all(re.search(r"\[16,", line) is None for line in calls)
+                and all(re.search(r"\[2,", line) for line in calls),
+                "evidence": [
+                    re.sub(r", metadata=.*", "", line)[:200]
+                    for line in hlo.splitlines()
+                    if "jaxconv_" in line or re.search(r"\ball-(gather|reduce)", line)
+                ],
+                "max_rel_diff": diff,
+                "partitioned_calls_in_lowering": partitioned_calls,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ Error bounds, as max |got - ref| / max |ref| against a float64 lax reference, st
 inputs, float32 (measured on these shapes: direct <= 7.6e-7, F(2x2) <= 3.4e-7, F(4x4) <= 4.5e-6):
 F(4x4)'s larger transform constants (up to 8 in A^T, 5 in B^T) cost about one decimal digit.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 import jaxconv
+
 from reference import on, random_array, ref_conv2d, ref_conv_transpose2d, tol
 
 ALGO_ENV = "JAXCONV_CPU_CONV_ALGO"
@@ -59,18 +60,26 @@ def test_forward_and_input_gradient_within_bound(backend, monkeypatch, shape, la
     x, w, b = on(backend, *(a.astype(jnp.float32) for a in (x64, w64, b64)))
     monkeypatch.setenv(ALGO_ENV, algo)
 
-    y = jax.jit(lambda x, w, b: jaxconv.conv2d(x, w, b, padding=pad, groups=groups,
-                                               layout=layout))(x, w, b)
+    y = jax.jit(lambda x, w, b: jaxconv.conv2d(x, w, b, padding=pad, groups=groups, layout=layout))(
+        x, w, b
+    )
     y_ref = ref_conv2d(x64, w64, b64, padding=pad, groups=groups, layout=layout)
     assert y.dtype == jnp.float32 and y.shape == y_ref.shape
     assert _rel_err(y, y_ref) <= BOUND[algo]
 
     # The input gradient of sum(y * r) is bwd_data(r): a 3x3 conv with the flipped filter.
     r = random_array(rng, y_ref.shape, jnp.float64)
-    dx = jax.jit(jax.grad(lambda x, w: jnp.sum(
-        jaxconv.conv2d(x, w, padding=pad, groups=groups, layout=layout) * r.astype(jnp.float32))))(x, w)
-    dx_ref = jax.grad(lambda x: jnp.sum(
-        ref_conv2d(x, w64, padding=pad, groups=groups, layout=layout) * r))(x64)
+    dx = jax.jit(
+        jax.grad(
+            lambda x, w: jnp.sum(
+                jaxconv.conv2d(x, w, padding=pad, groups=groups, layout=layout)
+                * r.astype(jnp.float32)
+            )
+        )
+    )(x, w)
+    dx_ref = jax.grad(
+        lambda x: jnp.sum(ref_conv2d(x, w64, padding=pad, groups=groups, layout=layout) * r)
+    )(x64)
     assert _rel_err(dx, dx_ref) <= BOUND[algo]
 
 
@@ -105,8 +114,9 @@ def test_half_types_through_float32(backend, monkeypatch, dtype, algo):
     assert y.dtype == jnp.dtype(dtype)
     rtol, atol = tol(dtype)
     # Values of O(sqrt(144)) = O(12): the half type's relative tolerance, scaled.
-    np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(y_ref, np.float64),
-                               rtol=rtol, atol=12 * atol)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float64), np.asarray(y_ref, np.float64), rtol=rtol, atol=12 * atol
+    )
 
 
 def _cpu_only(backend):
@@ -180,13 +190,15 @@ def test_default_and_auto_choices_within_bound(backend, monkeypatch, algo):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_auto_takes_f4_on_14x14_with_a_quarter_as_many_tiles_as_channels(backend, monkeypatch,
-                                                                         layout):
+def test_auto_takes_f4_on_14x14_with_a_quarter_as_many_tiles_as_channels(
+    backend, monkeypatch, layout
+):
     """The 3x3 @14 class (ResNet-50's 256-channel layer, here 64 channels and 16 tiles of 4x4):
     auto picks F(4x4) (bit-identical to winograd4, not to direct), within F(4x4)'s bound."""
     rng = np.random.default_rng(12)
-    x64, w64 = _layout_arrays(rng.standard_normal((1, 64, 14, 14)),
-                              rng.standard_normal((64, 64, 3, 3)), layout)
+    x64, w64 = _layout_arrays(
+        rng.standard_normal((1, 64, 14, 14)), rng.standard_normal((64, 64, 3, 3)), layout
+    )
     x64, w64 = jnp.asarray(x64), jnp.asarray(w64)
     x, w = on(backend, x64.astype(jnp.float32), w64.astype(jnp.float32))
     got = {}

@@ -60,8 +60,12 @@ struct Conv {
   int64_t Cg, Og;
 
   explicit Conv(const ConvGeometry& geo)
-      : g(geo), xs(geo.x_strides()), ys(geo.y_strides()), ws(geo.w_strides()),
-        Cg(geo.in_per_group()), Og(geo.out_per_group()) {}
+      : g(geo),
+        xs(geo.x_strides()),
+        ys(geo.y_strides()),
+        ws(geo.w_strides()),
+        Cg(geo.in_per_group()),
+        Og(geo.out_per_group()) {}
 
   bool nhwc() const { return g.p.layout == kNHWC; }
 
@@ -108,7 +112,8 @@ struct Conv {
       zero(dst, r.len);
       return;
     }
-    int64_t a = std::min(std::max(vlo, r.v), r.v + r.len), b = std::max(std::min(vhi, r.v + r.len), a);
+    int64_t a = std::min(std::max(vlo, r.v), r.v + r.len),
+            b = std::max(std::min(vhi, r.v + r.len), a);
     zero(dst, a - r.v);
     const T* row = in_nc + ih * ps.is.h + (a * ps.step_w + ps.off_w[tw]) * ps.is.w;
     copy_widen(dst + (a - r.v), row, b - a, ps.step_w * ps.is.w);
@@ -122,8 +127,8 @@ struct Conv {
 
   // NHWC: Col rows (grid positions q0 ..) restricted to k in [k0, k0 + kc), row-major with
   // leading dimension kc; k = (th, tw, ci) so each tap contributes one contiguous channel run.
-  void pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0, int64_t rows,
-                     int64_t k0, int64_t kc, Acc* A) const;
+  void pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0, int64_t rows, int64_t k0,
+                     int64_t kc, Acc* A) const;
 
   // ------------------------------------------------------------------------------------------
   // Epilogues for tiles computed into scratch (half types, bwd_data phases, blocks that
@@ -139,8 +144,8 @@ struct Conv {
                   int64_t grp, T* out, const T* bias) const;
 
   // NHWC tile C[row][co] (ldc) for grid positions q0 .. q0 + rows.
-  void store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, int64_t rows,
-                  int64_t grp, T* out, const T* bias) const;
+  void store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, int64_t rows, int64_t grp,
+                  T* out, const T* bias) const;
 
   // ------------------------------------------------------------------------------------------
   // Running a pass.
@@ -153,8 +158,8 @@ struct Conv {
   void run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* in, const Acc* Bw,
                      const T* bias, T* out) const;
 
-  void run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, const T* w,
-                bool transposed, const T* bias, T* out) const;
+  void run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, const T* w, bool transposed,
+                const T* bias, T* out) const;
 
   // ------------------------------------------------------------------------------------------
   // The three kernels.
@@ -175,8 +180,7 @@ struct Conv {
 
   // dx = conv_transpose(dy, w) + bias: one pass per stride phase, or the scatter form below
   // when dy is much smaller than dx.
-  void backward_data(const ParallelRunner& pr, const T* dy, const T* w, const T* bias,
-                     T* dx) const;
+  void backward_data(const ParallelRunner& pr, const T* dy, const T* w, const T* bias, T* dx) const;
 
   // The phase passes read every dx cell's taps, including those that fall into dy's padding:
   // about H*W/(sh*sw) cells x all taps, against the forward's OH*OW x all taps. When the ratio

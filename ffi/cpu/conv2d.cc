@@ -15,8 +15,7 @@ ffi::Error Conv2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
                          ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dFwd;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(
-      decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
   JAXCONV_RETURN_IF_ERROR(check_cpu_capability_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_conv_algo_env(kTarget));
   JAXCONV_RETURN_IF_ERROR(check_forced_algo(kTarget, g, ConvDirection::kForward,

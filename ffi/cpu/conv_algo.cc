@@ -108,8 +108,7 @@ FftPlan best_plan(int64_t U, int64_t V, int64_t KEh, int64_t KEw, double* cost) 
 FftPlan fft_plan(const ConvGeometry& g, ConvDirection dir, double* cost) {
   int64_t U, V;
   out_extent(g, dir, &U, &V);
-  return best_plan(U, V, effective(g.KH, g.p.dilation_h), effective(g.KW, g.p.dilation_w),
-                   cost);
+  return best_plan(U, V, effective(g.KH, g.p.dilation_h), effective(g.KW, g.p.dilation_w), cost);
 }
 
 // Whether the FFT is cheaper than the direct kernel by the model.
@@ -179,13 +178,11 @@ ffi::Error check_forced_algo(const char* target, const ConvGeometry& g, ConvDire
 
 std::string algo_name(const AlgoChoice& c) {
   switch (c.kind) {
-    case AlgoChoice::kWinograd:
-      return "winograd" + std::to_string(c.winograd_tile);
+    case AlgoChoice::kWinograd: return "winograd" + std::to_string(c.winograd_tile);
     case AlgoChoice::kFft:
       return "fft " + std::to_string(c.fft.P) + "x" + std::to_string(c.fft.Q) + "/" +
              std::to_string(c.fft.TH) + "x" + std::to_string(c.fft.TW);
-    default:
-      return "direct";
+    default: return "direct";
   }
 }
 

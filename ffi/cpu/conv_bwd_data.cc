@@ -194,11 +194,11 @@ void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const 
   });
 }
 
-#define JAXCONV_INSTANTIATE(T) \
+#define JAXCONV_INSTANTIATE(T)                                                                   \
   template void Conv<T>::backward_data(const ParallelRunner& pr, const T* dy, const T* w,        \
-      const T* bias, T* dx) const;                                                               \
-  template void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const T*    \
-      w, const T* bias, T* dx) const;
+                                       const T* bias, T* dx) const;                              \
+  template void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const T* w, \
+                                              const T* bias, T* dx) const;
 JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
 #undef JAXCONV_INSTANTIATE
 

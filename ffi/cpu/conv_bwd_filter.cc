@@ -156,9 +156,9 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
   });
 }
 
-#define JAXCONV_INSTANTIATE(T) \
-  template void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T*   \
-      dw) const;
+#define JAXCONV_INSTANTIATE(T)                                                                     \
+  template void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T* dw) \
+      const;
 JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
 #undef JAXCONV_INSTANTIATE
 

@@ -18,7 +18,8 @@ void Conv<T>::store_nchw(const Pass& ps, const Acc* C, int64_t ldc, const std::v
     for (const Run& r : runs) {
       T* dst = out_cell(ps, out, r.n, grp * ps.Cout + co, r.u, r.v);
       const Acc* src = C + co * ldc + r.at;
-      for (int64_t i = 0; i < r.len; ++i) dst[i * ps.w_spacing * ps.os.w] = Num<T>::store(src[i] + b);
+      for (int64_t i = 0; i < r.len; ++i)
+        dst[i * ps.w_spacing * ps.os.w] = Num<T>::store(src[i] + b);
     }
   }
 }
@@ -39,11 +40,12 @@ void Conv<T>::store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, 
   }
 }
 
-#define JAXCONV_INSTANTIATE(T) \
-  template void Conv<T>::store_nchw(const Pass& ps, const Acc* C, int64_t ldc, const             \
-      std::vector<Run>& runs, int64_t grp, T* out, const T* bias) const;                         \
-  template void Conv<T>::store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0,       \
-      int64_t rows, int64_t grp, T* out, const T* bias) const;
+#define JAXCONV_INSTANTIATE(T)                                                             \
+  template void Conv<T>::store_nchw(const Pass& ps, const Acc* C, int64_t ldc,             \
+                                    const std::vector<Run>& runs, int64_t grp, T* out,     \
+                                    const T* bias) const;                                  \
+  template void Conv<T>::store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, \
+                                    int64_t rows, int64_t grp, T* out, const T* bias) const;
 JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
 #undef JAXCONV_INSTANTIATE
 

@@ -87,8 +87,8 @@ void Conv<T>::run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* i
   const int64_t kc_max = K <= kKC + kKC / 2 ? K : kKC;
   // 1x1 taps at offset 0 with step 1 over a grid equal to the input: the im2col is the input.
   const bool in_place = kSame && ps.TH() == 1 && ps.TW() == 1 && ps.off_h[0] == 0 &&
-                        ps.off_w[0] == 0 && ps.step_h == 1 && ps.step_w == 1 &&
-                        ps.U == ps.Hin && ps.V == ps.Win;
+                        ps.off_w[0] == 0 && ps.step_h == 1 && ps.step_w == 1 && ps.U == ps.Hin &&
+                        ps.V == ps.Win;
   pr.run(ps.G * blocks, [&](int64_t task) {
     const int64_t grp = task / blocks, b = task % blocks;
     const int64_t q0 = b * rows_per, rows = std::min(Q, q0 + rows_per) - q0;
@@ -162,15 +162,15 @@ void Conv<T>::forward(const ParallelRunner& pr, const T* x, const T* w, const T*
   run_pass(pr, forward_pass(), x, w, false, bias, y);
 }
 
-#define JAXCONV_INSTANTIATE(T) \
-  template void Conv<T>::run_pass_nchw(const ParallelRunner& pr, const Pass& ps, const T* in,    \
-      const Acc* A, const T* bias, T* out) const;                                                \
-  template void Conv<T>::run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* in,    \
-      const Acc* Bw, const T* bias, T* out) const;                                               \
-  template void Conv<T>::run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, const   \
-      T* w, bool transposed, const T* bias, T* out) const;                                       \
-  template void Conv<T>::forward(const ParallelRunner& pr, const T* x, const T* w, const T*      \
-      bias, T* y) const;
+#define JAXCONV_INSTANTIATE(T)                                                                    \
+  template void Conv<T>::run_pass_nchw(const ParallelRunner& pr, const Pass& ps, const T* in,     \
+                                       const Acc* A, const T* bias, T* out) const;                \
+  template void Conv<T>::run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* in,     \
+                                       const Acc* Bw, const T* bias, T* out) const;               \
+  template void Conv<T>::run_pass(const ParallelRunner& pr, const Pass& ps, const T* in,          \
+                                  const T* w, bool transposed, const T* bias, T* out) const;      \
+  template void Conv<T>::forward(const ParallelRunner& pr, const T* x, const T* w, const T* bias, \
+                                 T* y) const;
 JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
 #undef JAXCONV_INSTANTIATE
 

@@ -16,9 +16,20 @@ namespace jaxconv {
 template <typename T>
 Pass Conv<T>::forward_pass() const {
   Pass ps;
-  ps.N = g.N; ps.G = g.groups(); ps.Cin = Cg; ps.Hin = g.H; ps.Win = g.W; ps.Cout = Og;
-  ps.U = g.OH; ps.V = g.OW; ps.h0 = 0; ps.h_spacing = 1; ps.w0 = 0; ps.w_spacing = 1;
-  ps.step_h = g.p.stride_h; ps.step_w = g.p.stride_w;
+  ps.N = g.N;
+  ps.G = g.groups();
+  ps.Cin = Cg;
+  ps.Hin = g.H;
+  ps.Win = g.W;
+  ps.Cout = Og;
+  ps.U = g.OH;
+  ps.V = g.OW;
+  ps.h0 = 0;
+  ps.h_spacing = 1;
+  ps.w0 = 0;
+  ps.w_spacing = 1;
+  ps.step_h = g.p.stride_h;
+  ps.step_w = g.p.stride_w;
   for (int64_t kh = 0; kh < g.KH; ++kh) {
     ps.off_h.push_back(kh * g.p.dilation_h - g.p.pad_top);
     ps.kh_of.push_back(kh);
@@ -27,7 +38,10 @@ Pass Conv<T>::forward_pass() const {
     ps.off_w.push_back(kw * g.p.dilation_w - g.p.pad_left);
     ps.kw_of.push_back(kw);
   }
-  ps.is = xs; ps.os = ys; ps.layout = g.p.layout; ps.dense = true;
+  ps.is = xs;
+  ps.os = ys;
+  ps.layout = g.p.layout;
+  ps.dense = true;
   return ps;
 }
 
@@ -37,8 +51,14 @@ Pass Conv<T>::forward_pass() const {
 template <typename T>
 Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
   Pass ps;
-  ps.N = g.N; ps.G = g.groups(); ps.Cin = Og; ps.Hin = g.OH; ps.Win = g.OW; ps.Cout = Cg;
-  ps.step_h = 1; ps.step_w = 1;
+  ps.N = g.N;
+  ps.G = g.groups();
+  ps.Cin = Og;
+  ps.Hin = g.OH;
+  ps.Win = g.OW;
+  ps.Cout = Cg;
+  ps.step_h = 1;
+  ps.step_w = 1;
   auto axis = [](int64_t r, int64_t s, int64_t pad, int64_t d, int64_t k, int64_t size,
                  int64_t* first, int64_t* count, std::vector<int64_t>* off,
                  std::vector<int64_t>* cell) {
@@ -57,8 +77,11 @@ Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
        &ps.kh_of);
   axis(rw, g.p.stride_w, g.p.pad_left, g.p.dilation_w, g.KW, g.W, &ps.w0, &ps.V, &ps.off_w,
        &ps.kw_of);
-  ps.h_spacing = g.p.stride_h; ps.w_spacing = g.p.stride_w;
-  ps.is = ys; ps.os = xs; ps.layout = g.p.layout;
+  ps.h_spacing = g.p.stride_h;
+  ps.w_spacing = g.p.stride_w;
+  ps.is = ys;
+  ps.os = xs;
+  ps.layout = g.p.layout;
   ps.dense = ps.h_spacing == 1 && ps.w_spacing == 1 && ps.h0 == 0 && ps.w0 == 0 && ps.U == g.H &&
              ps.V == g.W;
   return ps;
@@ -68,8 +91,8 @@ Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
 //   NCHW: A[grp][co][k] (rows of the output channels)                 size G*Cout*K
 //   NHWC: B panels[grp]: panel co/NR holds [k][co % NR]              size G*ceil(Cout/NR)*NR*K
 template <typename T>
-void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w, bool transposed,
-                                std::vector<Acc>* out) const {
+void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w,
+                                bool transposed, std::vector<Acc>* out) const {
   const int64_t K = ps.K(), G = ps.G, Cout = ps.Cout;
   if (ps.layout == kNCHW) {
     out->resize(G * Cout * K);
@@ -118,10 +141,11 @@ void Conv<T>::pack_colT_panels(const Pass& ps, const T* in, int64_t grp, int64_t
     int64_t vlo, vhi;
     ps.v_range(tw, &vlo, &vhi);
     for (const Run& r : runs)
-      gather_row_run(ps, in + r.n * ps.is.n + (grp * ps.Cin + ci) * ps.is.c, r, th, tw, vlo,
-                     vhi, line + r.at);
+      gather_row_run(ps, in + r.n * ps.is.n + (grp * ps.Cin + ci) * ps.is.c, r, th, tw, vlo, vhi,
+                     line + r.at);
     Acc* dst = Bp + (k - k0) * NR;
-    for (int64_t p = 0; p < full; ++p) std::memcpy(dst + p * kc * NR, line + p * NR, NR * sizeof(Acc));
+    for (int64_t p = 0; p < full; ++p)
+      std::memcpy(dst + p * kc * NR, line + p * NR, NR * sizeof(Acc));
     if (rest) {
       zero(line + cols, NR - rest);  // padding columns of the last panel
       std::memcpy(dst + full * kc * NR, line + full * NR, NR * sizeof(Acc));
@@ -157,8 +181,8 @@ void Conv<T>::pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0
           continue;
         }
         zero(d, tlo * Cin);
-        copy_widen(d + tlo * Cin, in_n + ih * ps.is.h + (iw0 + tlo) * ps.is.w,
-                   (thi - tlo) * Cin, 1);
+        copy_widen(d + tlo * Cin, in_n + ih * ps.is.h + (iw0 + tlo) * ps.is.w, (thi - tlo) * Cin,
+                   1);
         zero(d + thi * Cin, (TW - thi) * Cin);
       }
     } else {
@@ -217,17 +241,18 @@ void Conv<T>::pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int6
   }
 }
 
-#define JAXCONV_INSTANTIATE(T) \
-  template Pass Conv<T>::forward_pass() const;                                                   \
-  template Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const;                           \
-  template void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T*    \
-      w, bool transposed, std::vector<Acc>* out) const;                                          \
-  template void Conv<T>::pack_colT_panels(const Pass& ps, const T* in, int64_t grp, int64_t      \
-      k0, int64_t kc, const std::vector<Run>& runs, Acc* Bp) const;                              \
-  template void Conv<T>::pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0,     \
-      int64_t rows, int64_t k0, int64_t kc, Acc* A) const;                                       \
-  template void Conv<T>::pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int64_t   \
-      q0, int64_t pc, int64_t k0, int64_t kn, Acc* Bp) const;
+#define JAXCONV_INSTANTIATE(T)                                                                     \
+  template Pass Conv<T>::forward_pass() const;                                                     \
+  template Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const;                             \
+  template void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w,   \
+                                           bool transposed, std::vector<Acc>* out) const;          \
+  template void Conv<T>::pack_colT_panels(const Pass& ps, const T* in, int64_t grp, int64_t k0,    \
+                                          int64_t kc, const std::vector<Run>& runs, Acc* Bp)       \
+      const;                                                                                       \
+  template void Conv<T>::pack_col_rows(const Pass& ps, const T* in, int64_t grp, int64_t q0,       \
+                                       int64_t rows, int64_t k0, int64_t kc, Acc* A) const;        \
+  template void Conv<T>::pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int64_t q0, \
+                                              int64_t pc, int64_t k0, int64_t kn, Acc* Bp) const;
 JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
 #undef JAXCONV_INSTANTIATE
 

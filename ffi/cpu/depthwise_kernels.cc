@@ -2,8 +2,9 @@
 // kernels computed directly instead of as degenerate GEMMs (a GEMM per channel would have a
 // single row or column).
 //
-//   y[n, c, oh, ow]  = bias[c] + sum_{kh, kw} x[n, c, oh*s - pt + kh*d, ow*s - pl + kw*d] * w[c, kh, kw]
-//   dx[n, c, h, w]   = bias[c] + sum of dy[n, c, oh, ow] * w[c, kh, kw] over the (oh, ow, kh, kw)
+//   y[n, c, oh, ow]  = bias[c] + sum_{kh, kw} x[n, c, oh*s - pt + kh*d, ow*s - pl + kw*d] * w[c,
+//   kh, kw] dx[n, c, h, w]   = bias[c] + sum of dy[n, c, oh, ow] * w[c, kh, kw] over the (oh, ow,
+//   kh, kw)
 //                      whose forward tap reads (h, w)
 //   dw[c, kh, kw]    = sum_{n, oh, ow} dy[n, c, oh, ow] * x[n, c, oh*s - pt + kh*d, ...]
 //
@@ -54,8 +55,8 @@ inline void forward_taps(int64_t o, int64_t s, int64_t pad, int64_t d, int64_t k
 }
 
 // bwd_data taps of input position i: output positions o with o*s - pad + t*d = i.
-inline void backward_taps(int64_t i, int64_t s, int64_t pad, int64_t d, int64_t k,
-                          int64_t out_size, TapList* out) {
+inline void backward_taps(int64_t i, int64_t s, int64_t pad, int64_t d, int64_t k, int64_t out_size,
+                          TapList* out) {
   out->n = 0;
   // Only the taps of i's stride phase divide exactly (geometry.h's phase_taps).
   const PhaseTaps taps = phase_taps(i, s, pad, d, k);
@@ -80,9 +81,18 @@ struct DW {
   int64_t C, KH, KW, s_h, s_w, d_h, d_w, pt, pl;
 
   explicit DW(const ConvGeometry& geo)
-      : g(geo), xs(geo.x_strides()), ys(geo.y_strides()), C(geo.C), KH(geo.KH), KW(geo.KW),
-        s_h(geo.p.stride_h), s_w(geo.p.stride_w), d_h(geo.p.dilation_h), d_w(geo.p.dilation_w),
-        pt(geo.p.pad_top), pl(geo.p.pad_left) {}
+      : g(geo),
+        xs(geo.x_strides()),
+        ys(geo.y_strides()),
+        C(geo.C),
+        KH(geo.KH),
+        KW(geo.KW),
+        s_h(geo.p.stride_h),
+        s_w(geo.p.stride_w),
+        d_h(geo.p.dilation_h),
+        d_w(geo.p.dilation_w),
+        pt(geo.p.pad_top),
+        pl(geo.p.pad_left) {}
 
   // Weights as [kh][kw][c] (Acc), the order both layouts' inner loops want.
   std::vector<Acc> weights_tap_major(const T* w) const {
@@ -128,7 +138,8 @@ struct DW {
       for (int64_t cb = 0; cb < cblocks; ++cb) {
         const int64_t c0 = cb * kCB, cn = std::min(kCB, C - c0);
         Acc b[kCB];
-        for (int64_t c = 0; c < kCB; ++c) b[c] = (bias && c < cn) ? Num<T>::load(bias[c0 + c]) : Acc(0);
+        for (int64_t c = 0; c < kCB; ++c)
+          b[c] = (bias && c < cn) ? Num<T>::load(bias[c0 + c]) : Acc(0);
         for (int64_t v = 0; v < V; ++v) {
           const TapList& cl = cols[v];
           T* dst = out + n * os.n + u * os.h + v * os.w + c0;
@@ -198,8 +209,7 @@ struct DW {
     splits = std::min(splits, std::max<int64_t>(g.N, 1));
     std::vector<Acc> partial(splits * taps * C, Acc(0));
     std::vector<OutputRange> tap_cols(KW);
-    for (int64_t kw = 0; kw < KW; ++kw)
-      tap_cols[kw] = tap_outputs(kw, s_w, pl, d_w, g.W, g.OW);
+    for (int64_t kw = 0; kw < KW; ++kw) tap_cols[kw] = tap_outputs(kw, s_w, pl, d_w, g.W, g.OW);
     pr.run(cblocks * splits, [&](int64_t task) {
       const int64_t cb = task / splits, sp = task % splits;
       const int64_t c0 = cb * kCB, cn = std::min(kCB, C - c0);
@@ -394,8 +404,9 @@ struct DW {
       thread_local std::vector<Acc> wc;
       wc.resize(KH * KW);
       for (int64_t t = 0; t < KH * KW; ++t) wc[t] = W[t * C + c];
-      nchw_backward_data_plane(dy + n * ys.n + c * ys.c, wc.data(), bias ? Num<T>::load(bias[c]) : Acc(0),
-                               dx + n * xs.n + c * xs.c, buf.data());
+      nchw_backward_data_plane(dy + n * ys.n + c * ys.c, wc.data(),
+                               bias ? Num<T>::load(bias[c]) : Acc(0), dx + n * xs.n + c * xs.c,
+                               buf.data());
     });
   }
 
@@ -428,10 +439,9 @@ struct DW {
   }
 };
 
-
 template <typename T>
-void forward(const ParallelRunner& pr, const ConvGeometry& g, const T* x, const T* w,
-             const T* bias, T* y) {
+void forward(const ParallelRunner& pr, const ConvGeometry& g, const T* x, const T* w, const T* bias,
+             T* y) {
   DW<T>(g).forward(pr, x, w, bias, y);
 }
 

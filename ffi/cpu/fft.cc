@@ -109,8 +109,9 @@ __attribute__((always_inline)) inline void butterfly(V8* ar, V8* ai) {
     ar[2] = mr - h * di;
     ai[2] = mi + h * dr;
   } else {  // R == 5
-    constexpr float c1 = 0.30901699437494742410f, c2 = -0.80901699437494742410f;  // cos 2pi/5, 4pi/5
-    constexpr float n1 = 0.95105651629515357212f, n2 = 0.58778525229247312917f;   // sin 2pi/5, 4pi/5
+    constexpr float c1 = 0.30901699437494742410f,
+                    c2 = -0.80901699437494742410f;                               // cos 2pi/5, 4pi/5
+    constexpr float n1 = 0.95105651629515357212f, n2 = 0.58778525229247312917f;  // sin 2pi/5, 4pi/5
     const V8 s1r = ar[1] + ar[4], s1i = ai[1] + ai[4], d1r = ar[1] - ar[4], d1i = ai[1] - ai[4];
     const V8 s2r = ar[2] + ar[3], s2i = ai[2] + ai[3], d2r = ar[2] - ar[3], d2i = ai[2] - ai[3];
     const V8 m1r = ar[0] + c1 * s1r + c2 * s2r, m1i = ai[0] + c1 * s1i + c2 * s2i;
@@ -135,8 +136,8 @@ __attribute__((always_inline)) inline void butterfly(V8* ar, V8* ai) {
 // One Stockham stage on `batch` interleaved sequences (element j of sequence b at j*batch + b,
 // each element one vector): x -> y.
 template <int R>
-void run_stage(const LinePlan& lp, const Stage& sg, int64_t batch, const float* xr,
-               const float* xi, float* yr, float* yi) {
+void run_stage(const LinePlan& lp, const Stage& sg, int64_t batch, const float* xr, const float* xi,
+               float* yr, float* yi) {
   const int64_t m = sg.m, inner = sg.s * batch;
   const int64_t istep = m * inner * kL, ostep = inner * kL;
   const float* twr = lp.twr.data() + sg.tw;
@@ -229,7 +230,8 @@ inline int64_t mirror(int64_t i, int64_t j, int64_t P, int64_t Q) {
 
 // ---------------------------------------------------------------------------------------------
 // One depthwise correlation (fft.h): per channel c,
-//   out[n, c, u, v] = bias[c] + sum over (a, b) of in[n, c, u + a - pad_h, v + b - pad_w] * f_c[a, b]
+//   out[n, c, u, v] = bias[c] + sum over (a, b) of in[n, c, u + a - pad_h, v + b - pad_w] * f_c[a,
+//   b]
 
 struct Corr {
   int64_t N, C, Hin, Win, U, V, pad_h, pad_w, KEh, KEw;
@@ -245,9 +247,9 @@ struct Corr {
 // cb*16 + l in re lane l, cb*16 + 8 + l in im lane l); every other cell is zero. Returns the
 // range [lo, hi) of rows that may be non-zero.
 template <typename T>
-void load_patch(const T* src_n, const Strides4& s, int64_t C, int64_t cb, int64_t Hin,
-                int64_t Win, int64_t h0, int64_t w0, int64_t rows, int64_t cols,
-                const FftPlan& pl, Buf* b, int64_t* lo, int64_t* hi) {
+void load_patch(const T* src_n, const Strides4& s, int64_t C, int64_t cb, int64_t Hin, int64_t Win,
+                int64_t h0, int64_t w0, int64_t rows, int64_t cols, const FftPlan& pl, Buf* b,
+                int64_t* lo, int64_t* hi) {
   const int64_t Q = pl.Q, c0 = cb * kPair;
   const int lre = int(std::min<int64_t>(kL, C - c0));
   const int lim = int(std::max<int64_t>(0, std::min<int64_t>(kL, C - c0 - kL)));
@@ -322,8 +324,8 @@ void filter_spectra(const ParallelRunner& pr, const Corr& cr, const LinePlan& ro
 
 // out = correlation of in with the filters whose spectra are `spec`, plus bias.
 template <typename T>
-void correlate(const ParallelRunner& pr, const Corr& cr, const LinePlan& rows,
-               const LinePlan& cols, const float* spec, const T* in, const T* bias, T* out) {
+void correlate(const ParallelRunner& pr, const Corr& cr, const LinePlan& rows, const LinePlan& cols,
+               const float* spec, const T* in, const T* bias, T* out) {
   const FftPlan& pl = cr.pl;
   const int64_t P = pl.P, Q = pl.Q, pf = plane_floats(pl);
   const int64_t TU = cr.TU(), TV = cr.TV(), per_block = cr.N * TU * TV;
@@ -407,8 +409,8 @@ int64_t eff(int64_t k, int64_t d) { return (k - 1) * d + 1; }
 // Forward (flip = false: f = w, pad as given) or bwd_data (flip = true: f = w flipped,
 // in = dy, out = dx, pad = KE - 1 - pad) of a depthwise layer.
 template <typename T>
-bool depthwise_fft(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
-                   bool flip, const T* in, const T* w, const T* bias, T* out) {
+bool depthwise_fft(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl, bool flip,
+                   const T* in, const T* w, const T* bias, T* out) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
@@ -420,16 +422,25 @@ bool depthwise_fft(const ParallelRunner& pr, const ConvGeometry& g, const FftPla
     cr.KEw = KEw;
     cr.pl = pl;
     if (!flip) {
-      cr.Hin = g.H; cr.Win = g.W; cr.U = g.OH; cr.V = g.OW;
-      cr.pad_h = g.p.pad_top; cr.pad_w = g.p.pad_left;
-      cr.is = g.x_strides(); cr.os = g.y_strides();
+      cr.Hin = g.H;
+      cr.Win = g.W;
+      cr.U = g.OH;
+      cr.V = g.OW;
+      cr.pad_h = g.p.pad_top;
+      cr.pad_w = g.p.pad_left;
+      cr.is = g.x_strides();
+      cr.os = g.y_strides();
     } else {
-      cr.Hin = g.OH; cr.Win = g.OW; cr.U = g.H; cr.V = g.W;
-      cr.pad_h = KEh - 1 - g.p.pad_top; cr.pad_w = KEw - 1 - g.p.pad_left;
-      cr.is = g.y_strides(); cr.os = g.x_strides();
+      cr.Hin = g.OH;
+      cr.Win = g.OW;
+      cr.U = g.H;
+      cr.V = g.W;
+      cr.pad_h = KEh - 1 - g.p.pad_top;
+      cr.pad_w = KEw - 1 - g.p.pad_left;
+      cr.is = g.y_strides();
+      cr.os = g.x_strides();
     }
-    if (!all_finite(pr, w, g.O * g.KH * g.KW) || !all_finite(pr, in, cr.N * cr.is.n))
-      return false;
+    if (!all_finite(pr, w, g.O * g.KH * g.KW) || !all_finite(pr, in, cr.N * cr.is.n)) return false;
     const Strides4 ws = g.w_strides();
     std::vector<std::pair<int64_t, int64_t>> taps;
     for (int64_t kh = 0; kh < g.KH; ++kh)
@@ -464,12 +475,12 @@ bool fft_backward_data(const ParallelRunner& pr, const ConvGeometry& g, const Ff
   return depthwise_fft(pr, g, pl, true, dy, w, bias, dx);
 }
 
-// dw[c, kh, kw] = sum over n and (u, v) of x[n, c, u + kh*dh - pt, v + kw*dw - pl] * dy[n, c, u, v]:
-// per output tile, the spectra of the x patch (X) and of the dy tile zero-padded (D) give
-// sum_k X*conj(D) = the circular correlation, linear for shifts a < KE_h (see fft.h). The sums
-// S1 + i*S2 over images and tiles are accumulated in the frequency domain, per channel block
-// and part (a contiguous range of (image, tile) pairs; parts only when the blocks are too few
-// for the threads), added part by part in order, and inverted once per block.
+// dw[c, kh, kw] = sum over n and (u, v) of x[n, c, u + kh*dh - pt, v + kw*dw - pl] * dy[n, c, u,
+// v]: per output tile, the spectra of the x patch (X) and of the dy tile zero-padded (D) give sum_k
+// X*conj(D) = the circular correlation, linear for shifts a < KE_h (see fft.h). The sums S1 + i*S2
+// over images and tiles are accumulated in the frequency domain, per channel block and part (a
+// contiguous range of (image, tile) pairs; parts only when the blocks are too few for the threads),
+// added part by part in order, and inverted once per block.
 template <typename T>
 bool fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
                          const T* x, const T* dy, T* dw) {
@@ -477,10 +488,18 @@ bool fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, const 
     return false;
   } else {
     Corr cr;
-    cr.N = g.N; cr.C = g.C; cr.Hin = g.H; cr.Win = g.W; cr.U = g.OH; cr.V = g.OW;
-    cr.pad_h = g.p.pad_top; cr.pad_w = g.p.pad_left;
-    cr.KEh = eff(g.KH, g.p.dilation_h); cr.KEw = eff(g.KW, g.p.dilation_w);
-    cr.is = g.x_strides(); cr.os = g.y_strides();
+    cr.N = g.N;
+    cr.C = g.C;
+    cr.Hin = g.H;
+    cr.Win = g.W;
+    cr.U = g.OH;
+    cr.V = g.OW;
+    cr.pad_h = g.p.pad_top;
+    cr.pad_w = g.p.pad_left;
+    cr.KEh = eff(g.KH, g.p.dilation_h);
+    cr.KEw = eff(g.KW, g.p.dilation_w);
+    cr.is = g.x_strides();
+    cr.os = g.y_strides();
     cr.pl = pl;
     if (!all_finite(pr, x, cr.N * cr.is.n) || !all_finite(pr, dy, cr.N * cr.os.n)) return false;
     const int64_t P = pl.P, Q = pl.Q, PQ = P * Q, pf = plane_floats(pl);
@@ -502,8 +521,8 @@ bool fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, const 
         const int64_t u0 = tu * pl.TH, v0 = tv * pl.TW;
         const int64_t th = std::min(pl.TH, cr.U - u0), tw = std::min(pl.TW, cr.V - v0);
         int64_t lo, hi;
-        load_patch(x + n * cr.is.n, cr.is, cr.C, cb, cr.Hin, cr.Win, u0 - cr.pad_h,
-                   v0 - cr.pad_w, th + cr.KEh - 1, tw + cr.KEw - 1, pl, &bx, &lo, &hi);
+        load_patch(x + n * cr.is.n, cr.is, cr.C, cb, cr.Hin, cr.Win, u0 - cr.pad_h, v0 - cr.pad_w,
+                   th + cr.KEh - 1, tw + cr.KEw - 1, pl, &bx, &lo, &hi);
         fft2_forward(rows, cols, Q, lo, hi, &bx);
         load_patch(dy + n * cr.os.n, cr.os, cr.C, cb, cr.U, cr.V, u0, v0, th, tw, pl, &bd, &lo,
                    &hi);
@@ -511,10 +530,10 @@ bool fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, const 
         for (int64_t i = 0; i < P; ++i)
           for (int64_t j = 0; j < Q; ++j) {
             const int64_t k = i * Q + j, km = mirror(i, j, P, Q);
-            const Split X = split(load(bx.re + k * kL), load(bx.im + k * kL),
-                                  load(bx.re + km * kL), load(bx.im + km * kL));
-            const Split D = split(load(bd.re + k * kL), load(bd.im + k * kL),
-                                  load(bd.re + km * kL), load(bd.im + km * kL));
+            const Split X = split(load(bx.re + k * kL), load(bx.im + k * kL), load(bx.re + km * kL),
+                                  load(bx.im + km * kL));
+            const Split D = split(load(bd.re + k * kL), load(bd.im + k * kL), load(bd.re + km * kL),
+                                  load(bd.im + km * kL));
             // S1 = X1 * conj(D1), S2 = X2 * conj(D2); accumulate S1 + i*S2.
             const V8 s1r = X.r1 * D.r1 + X.i1 * D.i1, s1i = X.i1 * D.r1 - X.r1 * D.i1;
             const V8 s2r = X.r2 * D.r2 + X.i2 * D.i2, s2i = X.i2 * D.r2 - X.r2 * D.i2;

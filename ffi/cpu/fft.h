@@ -43,8 +43,8 @@ struct FftKernels {
                   const T* w, const T* bias, T* y);
   bool (*backward_data)(const ParallelRunner&, const ConvGeometry&, const FftPlan&, const T* dy,
                         const T* w, const T* bias, T* dx);
-  bool (*backward_filter)(const ParallelRunner&, const ConvGeometry&, const FftPlan&,
-                          const T* x, const T* dy, T* dw);
+  bool (*backward_filter)(const ParallelRunner&, const ConvGeometry&, const FftPlan&, const T* x,
+                          const T* dy, T* dw);
 };
 
 }  // namespace jaxconv

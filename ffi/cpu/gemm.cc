@@ -90,7 +90,8 @@ __attribute__((always_inline)) inline void micro_kernel(int64_t K, const S* A, i
     store(&tile[r][L], c1[r]);
   }
   for (int r = 0; r < MR; ++r)
-    for (int64_t j = 0; j < nr; ++j) C[r * ldc + j] = (accumulate ? C[r * ldc + j] : S(0)) + tile[r][j];
+    for (int64_t j = 0; j < nr; ++j)
+      C[r * ldc + j] = (accumulate ? C[r * ldc + j] : S(0)) + tile[r][j];
 }
 
 #if defined(__AVX512F__)
@@ -116,8 +117,8 @@ __attribute__((always_inline)) inline void store_first(S* p, int64_t n, V512<S> 
 // nr <= NP * L columns (a panel is L = one zmm of columns, zero-padded past N; columns past nr
 // are computed but never stored). Panel 1 starts panel_stride elements after panel 0.
 template <typename S, int MR, int NP>
-void micro_kernel_512(int64_t K, const S* A, int64_t lda, const S* Bp, int64_t panel_stride,
-                      S* C, int64_t ldc, bool accumulate, int64_t nr) {
+void micro_kernel_512(int64_t K, const S* A, int64_t lda, const S* Bp, int64_t panel_stride, S* C,
+                      int64_t ldc, bool accumulate, int64_t nr) {
   constexpr int L = kLanes512<S>;
   V512<S> c[NP][MR];
 #pragma GCC unroll 16
@@ -170,9 +171,8 @@ constexpr auto row_tail_kernels(std::integer_sequence<int, R...>) {
 }
 
 template <typename S>
-void gemm_packed_kernel_512(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
-                            const S* Bp, int64_t panel_stride, S* C, int64_t ldc,
-                            bool accumulate) {
+void gemm_packed_kernel_512(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* Bp,
+                            int64_t panel_stride, S* C, int64_t ldc, bool accumulate) {
   constexpr int64_t L = kLanes512<S>;
   static_assert(L == kPanelWidth<S>, "a packed panel is one zmm register");
   constexpr int64_t MC = 8 * kMR512;  // MC x K of A stays in L2 (K <= a few hundred)
@@ -195,18 +195,18 @@ void gemm_packed_kernel_512(int64_t M, int64_t N, int64_t K, const S* A, int64_t
       int64_t i = m0;
       if (nr > L) {
         for (; i + kMR512 <= m1; i += kMR512)
-          micro_kernel_512<S, kMR512, 2>(K, A + i * lda, lda, bp, panel_stride, cp + i * ldc,
-                                         ldc, accumulate, nr);
+          micro_kernel_512<S, kMR512, 2>(K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc,
+                                         accumulate, nr);
         if (i < m1)
-          tails2[m1 - i - 1](K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc,
-                             accumulate, nr);
+          tails2[m1 - i - 1](K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc, accumulate,
+                             nr);
       } else {
         for (; i + kMR512 <= m1; i += kMR512)
-          micro_kernel_512<S, kMR512, 1>(K, A + i * lda, lda, bp, panel_stride, cp + i * ldc,
-                                         ldc, accumulate, nr);
+          micro_kernel_512<S, kMR512, 1>(K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc,
+                                         accumulate, nr);
         if (i < m1)
-          tails1[m1 - i - 1](K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc,
-                             accumulate, nr);
+          tails1[m1 - i - 1](K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc, accumulate,
+                             nr);
       }
     }
   }
@@ -236,11 +236,21 @@ void gemm_packed_kernel(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda
       for (; i + kMR <= m1; i += kMR)
         micro_kernel<S, kMR>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
       switch (m1 - i) {
-        case 5: micro_kernel<S, 5>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
-        case 4: micro_kernel<S, 4>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
-        case 3: micro_kernel<S, 3>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
-        case 2: micro_kernel<S, 2>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
-        case 1: micro_kernel<S, 1>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 5:
+          micro_kernel<S, 5>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
+          break;
+        case 4:
+          micro_kernel<S, 4>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
+          break;
+        case 3:
+          micro_kernel<S, 3>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
+          break;
+        case 2:
+          micro_kernel<S, 2>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
+          break;
+        case 1:
+          micro_kernel<S, 1>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
+          break;
         default: break;
       }
     }

@@ -1,8 +1,9 @@
 // One table of the CPU kernels that have vector code, chosen once at load time.
 //
 // Each kernel file with vector code (gemm.cc, depthwise_kernels.cc, max_pool2d_kernels.cc,
-// winograd.cc, fft.cc, kernel_table.cc) is compiled once per instruction-set capability by CMake, as its own object
-// library with flags for that capability and JAXCONV_CPU_CAPABILITY set to a namespace name:
+// winograd.cc, fft.cc, kernel_table.cc) is compiled once per instruction-set capability by CMake,
+// as its own object library with flags for that capability and JAXCONV_CPU_CAPABILITY set to a
+// namespace name:
 //
 //   capability    namespace      flags
 //   baseline      cpu_baseline   (x86-64 / the compiler's default)
@@ -36,8 +37,8 @@ namespace jaxconv {
 // The direct depthwise kernels of one storage type (depthwise_kernels.cc).
 template <typename T>
 struct DepthwiseKernels {
-  void (*forward)(const ParallelRunner&, const ConvGeometry&, const T* x, const T* w,
-                  const T* bias, T* y);
+  void (*forward)(const ParallelRunner&, const ConvGeometry&, const T* x, const T* w, const T* bias,
+                  T* y);
   void (*backward_data)(const ParallelRunner&, const ConvGeometry&, const T* dy, const T* w,
                         const T* bias, T* dx);
   void (*backward_filter)(const ParallelRunner&, const ConvGeometry&, const T* x, const T* dy,
@@ -56,9 +57,8 @@ struct PoolKernels {
 
 // The packed GEMM of gemm.cc (see gemm.h for the operand formats).
 template <typename S>
-using GemmPacked = void (*)(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda,
-                            const S* Bp, int64_t panel_stride, S* C, int64_t ldc,
-                            bool accumulate);
+using GemmPacked = void (*)(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* Bp,
+                            int64_t panel_stride, S* C, int64_t ldc, bool accumulate);
 
 struct KernelTable {
   const char* capability;  // "baseline", "avx2", "avx512"
@@ -84,31 +84,47 @@ struct KernelTable {
 
   template <typename T>
   const DepthwiseKernels<T>& depthwise() const {
-    if constexpr (std::is_same_v<T, float>) return depthwise_f32;
-    else if constexpr (std::is_same_v<T, double>) return depthwise_f64;
-    else if constexpr (std::is_same_v<T, f16_t>) return depthwise_f16;
-    else return depthwise_bf16;
+    if constexpr (std::is_same_v<T, float>)
+      return depthwise_f32;
+    else if constexpr (std::is_same_v<T, double>)
+      return depthwise_f64;
+    else if constexpr (std::is_same_v<T, f16_t>)
+      return depthwise_f16;
+    else
+      return depthwise_bf16;
   }
   template <typename T>
   const WinogradKernels<T>& winograd() const {
-    if constexpr (std::is_same_v<T, float>) return winograd_f32;
-    else if constexpr (std::is_same_v<T, double>) return winograd_f64;
-    else if constexpr (std::is_same_v<T, f16_t>) return winograd_f16;
-    else return winograd_bf16;
+    if constexpr (std::is_same_v<T, float>)
+      return winograd_f32;
+    else if constexpr (std::is_same_v<T, double>)
+      return winograd_f64;
+    else if constexpr (std::is_same_v<T, f16_t>)
+      return winograd_f16;
+    else
+      return winograd_bf16;
   }
   template <typename T>
   const FftKernels<T>& fft() const {
-    if constexpr (std::is_same_v<T, float>) return fft_f32;
-    else if constexpr (std::is_same_v<T, double>) return fft_f64;
-    else if constexpr (std::is_same_v<T, f16_t>) return fft_f16;
-    else return fft_bf16;
+    if constexpr (std::is_same_v<T, float>)
+      return fft_f32;
+    else if constexpr (std::is_same_v<T, double>)
+      return fft_f64;
+    else if constexpr (std::is_same_v<T, f16_t>)
+      return fft_f16;
+    else
+      return fft_bf16;
   }
   template <typename T>
   const PoolKernels<T>& pool() const {
-    if constexpr (std::is_same_v<T, float>) return pool_f32;
-    else if constexpr (std::is_same_v<T, double>) return pool_f64;
-    else if constexpr (std::is_same_v<T, f16_t>) return pool_f16;
-    else return pool_bf16;
+    if constexpr (std::is_same_v<T, float>)
+      return pool_f32;
+    else if constexpr (std::is_same_v<T, double>)
+      return pool_f64;
+    else if constexpr (std::is_same_v<T, f16_t>)
+      return pool_f16;
+    else
+      return pool_bf16;
   }
 };
 

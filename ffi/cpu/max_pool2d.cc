@@ -21,9 +21,8 @@
 namespace jaxconv {
 namespace {
 
-ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
-                            ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> idx,
-                            ffi::Dictionary attrs) {
+ffi::Error MaxPool2dFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                            ffi::Result<ffi::AnyBuffer> idx, ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kMaxPool2dFwd;
   PoolGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));

@@ -65,15 +65,23 @@ template <typename T, bool kIndices>
 struct PoolK {
   using Acc = typename Num<T>::acc;
   static constexpr int64_t kLanes = 32 / sizeof(Acc);  // outputs (NCHW) or channels (NHWC)
-  static constexpr int kChains = 4;  // registers scanned side by side
+  static constexpr int kChains = 4;                    // registers scanned side by side
   const PoolGeometry& g;
   Strides4 xs, ys;
   int64_t KH, KW, sh, sw, dil_h, dil_w, pt, pl;
 
   explicit PoolK(const PoolGeometry& geo)
-      : g(geo), xs(geo.x_strides()), ys(geo.y_strides()), KH(geo.p.kernel_h),
-        KW(geo.p.kernel_w), sh(geo.p.stride_h), sw(geo.p.stride_w), dil_h(geo.p.dilation_h),
-        dil_w(geo.p.dilation_w), pt(geo.p.pad_top), pl(geo.p.pad_left) {}
+      : g(geo),
+        xs(geo.x_strides()),
+        ys(geo.y_strides()),
+        KH(geo.p.kernel_h),
+        KW(geo.p.kernel_w),
+        sh(geo.p.stride_h),
+        sw(geo.p.stride_w),
+        dil_h(geo.p.dilation_h),
+        dil_w(geo.p.dilation_w),
+        pt(geo.p.pad_top),
+        pl(geo.p.pad_left) {}
 
   using V = typename Lanes<Acc>::V;
   using I = typename Lanes<Acc>::I;
@@ -122,8 +130,10 @@ struct PoolK {
   // The index output `off` elements past p; null in the values-only forward, whose index
   // pointer is null (offsetting a null pointer is undefined).
   [[gnu::always_inline]] static inline int32_t* idx_at(int32_t* p, int64_t off) {
-    if constexpr (kIndices) return p + off;
-    else return nullptr;
+    if constexpr (kIndices)
+      return p + off;
+    else
+      return nullptr;
   }
 
   // In-bounds taps of window position o along an axis (window_taps, without its divisions for
@@ -217,8 +227,8 @@ struct PoolK {
   // The block's kLanes inputs of tap (ih, kw) at output column ow; kStride2Pairs also returns
   // tap kw + 1's in *next.
   template <Cols mode>
-  [[gnu::always_inline]] inline V tap_lanes(const PlaneScan& ps, int64_t ih, int64_t kw,
-                                            int64_t ow, V* next) const {
+  [[gnu::always_inline]] inline V tap_lanes(const PlaneScan& ps, int64_t ih, int64_t kw, int64_t ow,
+                                            V* next) const {
     if constexpr (mode == Cols::kPhaseRows) {
       return load_acc(ps.P + (ih * sw + ps.tap_r[kw]) * ps.L + ow + ps.tap_q[kw]);
     } else {
@@ -320,8 +330,8 @@ struct PoolK {
 
   void forward_plane_nchw(const T* x, T* y, int32_t* idx, Acc* P) const {
     const int64_t L = (g.W + sw - 1) / sw;
-    int64_t ow_lo = ceil_div(pl, sw);                                   // ow*sw - pl >= 0
-    int64_t ow_hi = floor_div(g.W - 1 + pl - (KW - 1) * dil_w, sw) + 1;    // last tap < W
+    int64_t ow_lo = ceil_div(pl, sw);                                    // ow*sw - pl >= 0
+    int64_t ow_hi = floor_div(g.W - 1 + pl - (KW - 1) * dil_w, sw) + 1;  // last tap < W
     ow_lo = std::min(std::max<int64_t>(ow_lo, 0), g.OW);
     ow_hi = std::max(std::min(ow_hi, g.OW), ow_lo);
     if (KW > 64) ow_hi = ow_lo;  // no vector blocks: all scalar
@@ -381,8 +391,7 @@ struct PoolK {
           case Cols::kStride2Pairs:
             interior_row<Cols::kStride2Pairs>(ps, oh, ow_lo, ow_hi, th, yrow, irow);
             continue;
-          case Cols::kPhaseRows:
-            break;
+          case Cols::kPhaseRows: break;
         }
       }
       if (partial) {
@@ -472,9 +481,8 @@ struct PoolK {
       }
       with_chains(g.C, kLanes, [&](auto chains) {
         constexpr int NB = decltype(chains)::value;
-        steps_ending_at(0, g.C, NB * kLanes, [&](int64_t c0) {
-          channel_blocks<NB>(x, oh, ow, c0, th, tw, yc, ic);
-        });
+        steps_ending_at(0, g.C, NB * kLanes,
+                        [&](int64_t c0) { channel_blocks<NB>(x, oh, ow, c0, th, tw, yc, ic); });
       });
     }
   }
@@ -538,7 +546,8 @@ struct PoolK {
             const int32_t i = id[o * g.C + c];
             // Indices come from our forward; anything outside the plane (the -1 of an empty
             // window) receives nothing.
-            if (uint32_t(i) < uint32_t(plane)) acc[i * as_i + c * as_c] += Num<T>::load(gy[o * g.C + c]);
+            if (uint32_t(i) < uint32_t(plane))
+              acc[i * as_i + c * as_c] += Num<T>::load(gy[o * g.C + c]);
           }
       } else {
         for (int64_t o = 0; o < out_plane; ++o) {
@@ -549,7 +558,8 @@ struct PoolK {
       if constexpr (!same) {
         for (int64_t i = 0; i < plane; ++i)
           for (int64_t c = 0; c < cb; ++c)
-            dx[n * xs.n + (c0 + c) * xs.c + i * (nhwc ? g.C : 1)] = Num<T>::store(acc[i * as_i + c]);
+            dx[n * xs.n + (c0 + c) * xs.c + i * (nhwc ? g.C : 1)] =
+                Num<T>::store(acc[i * as_i + c]);
       }
     });
   }

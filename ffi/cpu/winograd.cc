@@ -30,10 +30,10 @@
 // M through memory once: the smaller traffic is chosen (see run()).
 //
 // Precision: the transforms run in float32 (U[e] as 9 multiply-adds with coefficients formed
-// in double and rounded once). F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses about
-// one more decimal digit than F(2x2,3x3); tests/test_winograd.py states and checks the bounds.
-// Half types are widened to float32 when the input patch is loaded and rounded once when the
-// output is stored. A non-finite input or weight spreads differently through the transforms
+// in double and rounded once). F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses
+// about one more decimal digit than F(2x2,3x3); tests/test_winograd.py states and checks the
+// bounds. Half types are widened to float32 when the input patch is loaded and rounded once when
+// the output is stored. A non-finite input or weight spreads differently through the transforms
 // (inf - inf = NaN across a whole tile), so such calls take the direct algorithm.
 #include "winograd.h"
 
@@ -101,11 +101,10 @@ struct Wino<4> {
   static constexpr int kA = 6;
   template <typename S>
   __attribute__((always_inline)) static void input(const S* d, int ds, S* o, int os) {
-    const S d0 = d[0], d1 = d[ds], d2 = d[2 * ds], d3 = d[3 * ds], d4 = d[4 * ds],
-            d5 = d[5 * ds];
+    const S d0 = d[0], d1 = d[ds], d2 = d[2 * ds], d3 = d[3 * ds], d4 = d[4 * ds], d5 = d[5 * ds];
     // Shared partial sums: rows 1/2 and 3/4 differ only in the sign of one term.
     const S a = d4 - 4.0f * d2, b = d3 - 4.0f * d1;  // rows 1, 2: a +- b
-    const S c = d4 - d2, e = 2.0f * (d3 - d1);        // rows 3, 4: c +- e
+    const S c = d4 - d2, e = 2.0f * (d3 - d1);       // rows 3, 4: c +- e
     o[0] = 4.0f * d0 - 5.0f * d2 + d4;
     o[os] = a + b;
     o[2 * os] = a - b;
@@ -121,8 +120,7 @@ struct Wino<4> {
                                       {0, 0, 1}};
   template <typename S>
   __attribute__((always_inline)) static void output(const S* m, int ms, S* o, int os) {
-    const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms],
-            m5 = m[5 * ms];
+    const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms], m5 = m[5 * ms];
     const S p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;
     o[0] = m0 + p12 + p34;
     o[os] = n12 + 2.0f * n34;
@@ -195,8 +193,8 @@ __attribute__((always_inline)) inline void input_stage(const Job<T>& jb, int64_t
 // apart), plus bias, 8 output channels at a time; cells past the output's edge are dropped.
 template <typename T, int M>
 __attribute__((always_inline)) inline void output_stage(const Job<T>& jb, int64_t grp, int64_t q0,
-                                                        int64_t nt, const float* Mb,
-                                                        int64_t plane, int64_t row0) {
+                                                        int64_t nt, const float* Mb, int64_t plane,
+                                                        int64_t row0) {
   using W = Wino<M>;
   constexpr int A = W::kA, A2 = A * A;
   const int64_t Cout = jb.Cout;
@@ -236,8 +234,7 @@ __attribute__((always_inline)) inline void filter_stage(const float* wt_grp, int
   constexpr int A = Wino<M>::kA;
   float c[9];
   for (int a = 0; a < 3; ++a)
-    for (int b = 0; b < 3; ++b)
-      c[a * 3 + b] = float(Wino<M>::kG[e / A][a] * Wino<M>::kG[e % A][b]);
+    for (int b = 0; b < 3; ++b) c[a * 3 + b] = float(Wino<M>::kG[e / A][a] * Wino<M>::kG[e % A][b]);
   const int64_t cols = panels * NR;
   for (int64_t ci = 0; ci < Cin; ++ci) {
     const float* src = wt_grp + ci * 9 * cols;
@@ -351,8 +348,8 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
   // The blocked schedule reads all of U once per block; the whole schedule writes and reads V
   // and M for all tiles once. Take the one that moves fewer bytes (U re-read per block vs.
   // 2 (V + M)), i.e. blocked when Cin*Cout <= 2 * tblk * (Cin + Cout), or when U fits in L2.
-  const bool blocked = Cin * Cout <= 2 * tblk * (Cin + Cout) ||
-                       A2 * U_size * int64_t(sizeof(float)) <= (512 << 10);
+  const bool blocked =
+      Cin * Cout <= 2 * tblk * (Cin + Cout) || A2 * U_size * int64_t(sizeof(float)) <= (512 << 10);
   if (blocked) {
     while (tblk > 12 && jb.G * ((jb.Q + tblk - 1) / tblk) < 2 * pr.num_threads()) tblk -= 6;
     thread_local std::vector<float> filt;  // kept between calls: no page faults per call
@@ -413,12 +410,24 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
     const Strides4 is = activation_strides(layout, G * Cin, Hin, Win);
     if (!all_finite(pr, w, w_count) || !all_finite(pr, in, N * is.n)) return false;
     Job<T> jb;
-    jb.N = N; jb.G = G; jb.Cin = Cin; jb.Cout = Cout; jb.Hin = Hin; jb.Win = Win;
-    jb.U = U; jb.V = V; jb.pad_h = pad_h; jb.pad_w = pad_w;
-    jb.TU = (U + tile - 1) / tile; jb.TV = (V + tile - 1) / tile; jb.Q = N * jb.TU * jb.TV;
+    jb.N = N;
+    jb.G = G;
+    jb.Cin = Cin;
+    jb.Cout = Cout;
+    jb.Hin = Hin;
+    jb.Win = Win;
+    jb.U = U;
+    jb.V = V;
+    jb.pad_h = pad_h;
+    jb.pad_w = pad_w;
+    jb.TU = (U + tile - 1) / tile;
+    jb.TV = (V + tile - 1) / tile;
+    jb.Q = N * jb.TU * jb.TV;
     jb.is = is;
     jb.os = activation_strides(layout, G * Cout, U, V);
-    jb.in = in; jb.out = out; jb.bias = bias;
+    jb.in = in;
+    jb.out = out;
+    jb.bias = bias;
     jb.panels = (Cout + NR - 1) / NR;
     // The filter in float as [grp][ci][tap][co] (co contiguous, zero-padded to whole panels),
     // whatever the layout and direction: the filter transforms then read whole vectors.
@@ -456,21 +465,20 @@ bool winograd_forward(const ParallelRunner& pr, const ConvGeometry& g, int tile,
   auto f = [&](int64_t grp, int64_t co, int64_t ci, int th, int tw) {
     return double(Num<T>::load(w[(grp * Og + co) * ws.n + ci * ws.c + th * ws.h + tw * ws.w]));
   };
-  return correlate<T>(pr, g.N, g.groups(), g.in_per_group(), Og, g.H, g.W, g.OH, g.OW,
-                      g.p.pad_top, g.p.pad_left, g.p.layout, tile, x, w, g.O * g.in_per_group() * 9,
-                      f, bias, y);
+  return correlate<T>(pr, g.N, g.groups(), g.in_per_group(), Og, g.H, g.W, g.OH, g.OW, g.p.pad_top,
+                      g.p.pad_left, g.p.layout, tile, x, w, g.O * g.in_per_group() * 9, f, bias, y);
 }
 
 template <typename T>
-bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, int tile,
-                            const T* dy, const T* w, const T* bias, T* dx) {
+bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, int tile, const T* dy,
+                            const T* w, const T* bias, T* dx) {
   if (!applicable(g)) return false;
   const Strides4 ws = g.w_strides();
   const int64_t Og = g.out_per_group();
   // Correlation input channel ci = conv output channel o; output channel co = conv input c.
   auto f = [&](int64_t grp, int64_t co, int64_t ci, int th, int tw) {
-    return double(Num<T>::load(
-        w[(grp * Og + ci) * ws.n + co * ws.c + (2 - th) * ws.h + (2 - tw) * ws.w]));
+    return double(
+        Num<T>::load(w[(grp * Og + ci) * ws.n + co * ws.c + (2 - th) * ws.h + (2 - tw) * ws.w]));
   };
   return correlate<T>(pr, g.N, g.groups(), Og, g.in_per_group(), g.OH, g.OW, g.H, g.W,
                       2 - g.p.pad_top, 2 - g.p.pad_left, g.p.layout, tile, dy, w,

@@ -15,9 +15,8 @@ namespace jaxconv {
 // 3x3, stride 1, dilation 1, more than one channel on each side of a group (depthwise layers
 // have their own kernel).
 inline bool winograd_applicable(const ConvGeometry& g) {
-  return g.KH == 3 && g.KW == 3 && g.p.stride_h == 1 && g.p.stride_w == 1 &&
-         g.p.dilation_h == 1 && g.p.dilation_w == 1 && g.in_per_group() > 1 &&
-         g.out_per_group() > 1;
+  return g.KH == 3 && g.KW == 3 && g.p.stride_h == 1 && g.p.stride_w == 1 && g.p.dilation_h == 1 &&
+         g.p.dilation_w == 1 && g.in_per_group() > 1 && g.out_per_group() > 1;
 }
 
 // Winograd's tile rule (winograd.cc): 2 or 4, or 0 for the direct algorithm, for a correlation

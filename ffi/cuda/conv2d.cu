@@ -30,23 +30,19 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
                          ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dFwd;
   ConvGeometry g;
-  JAXCONV_RETURN_IF_ERROR(
-      decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
+  JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, w, *y, bias, ConvBias::kForward, kTarget, &g));
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (conv_takes_direct_kernels(g))  // depthwise or <= 4 input channels
-      return check_cuda(kTarget,
-                        launch_conv_direct<T>(g, 0, static_cast<const T*>(x.untyped_data()),
-                                              static_cast<const T*>(w.untyped_data()),
-                                              bias_or_null<T>(bias),
-                                              static_cast<T*>(y->untyped_data()), stream));
-    return check_cuda(kTarget,
-                      launch_conv_forward<T>(g, static_cast<const T*>(x.untyped_data()),
-                                             static_cast<const T*>(w.untyped_data()),
-                                             bias_or_null<T>(bias),
-                                             static_cast<T*>(y->untyped_data()),
-                                             has_tensor_cores(), stream));
+      return check_cuda(kTarget, launch_conv_direct<T>(
+                                     g, 0, static_cast<const T*>(x.untyped_data()),
+                                     static_cast<const T*>(w.untyped_data()), bias_or_null<T>(bias),
+                                     static_cast<T*>(y->untyped_data()), stream));
+    return check_cuda(kTarget, launch_conv_forward<T>(
+                                   g, static_cast<const T*>(x.untyped_data()),
+                                   static_cast<const T*>(w.untyped_data()), bias_or_null<T>(bias),
+                                   static_cast<T*>(y->untyped_data()), has_tensor_cores(), stream));
   });
 }
 
@@ -61,23 +57,21 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (conv_takes_direct_kernels(g))
-      return check_cuda(kTarget,
-                        launch_conv_direct<T>(g, 1, static_cast<const T*>(dy.untyped_data()),
-                                              static_cast<const T*>(w.untyped_data()),
-                                              bias_or_null<T>(bias),
-                                              static_cast<T*>(dx->untyped_data()), stream));
-    return check_cuda(kTarget,
-                      launch_conv_bwd_data<T>(g, static_cast<const T*>(dy.untyped_data()),
-                                              static_cast<const T*>(w.untyped_data()),
-                                              bias_or_null<T>(bias),
-                                              static_cast<T*>(dx->untyped_data()),
-                                              has_tensor_cores(), stream));
+      return check_cuda(kTarget, launch_conv_direct<T>(
+                                     g, 1, static_cast<const T*>(dy.untyped_data()),
+                                     static_cast<const T*>(w.untyped_data()), bias_or_null<T>(bias),
+                                     static_cast<T*>(dx->untyped_data()), stream));
+    return check_cuda(
+        kTarget,
+        launch_conv_bwd_data<T>(g, static_cast<const T*>(dy.untyped_data()),
+                                static_cast<const T*>(w.untyped_data()), bias_or_null<T>(bias),
+                                static_cast<T*>(dx->untyped_data()), has_tensor_cores(), stream));
   });
 }
 
-ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                               ffi::AnyBuffer x, ffi::AnyBuffer dy,
-                               ffi::Result<ffi::AnyBuffer> dw, ffi::Dictionary attrs) {
+ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                               ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                               ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dBwdFilter;
   ConvGeometry g;
   JAXCONV_RETURN_IF_ERROR(decode_conv_call(attrs, x, *dw, dy, kTarget, &g));
@@ -108,16 +102,15 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
       // plan would sum in another order (conv2d_kernels.cuh, "split plan").
       auto mem = scratch.Allocate(size_t(plan.workspace_bytes), 256);
       if (!mem.has_value())
-        return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                          conv_bwd_filter_workspace_error(kTarget, plan.workspace_bytes,
-                                                          plan.splits));
+        return ffi::Error(
+            ffi::ErrorCode::kResourceExhausted,
+            conv_bwd_filter_workspace_error(kTarget, plan.workspace_bytes, plan.splits));
       workspace = *mem;
     }
-    return check_cuda(kTarget, launch_conv_bwd_filter<T>(
-                                   g, static_cast<const T*>(x.untyped_data()),
-                                   static_cast<const T*>(dy.untyped_data()),
-                                   static_cast<T*>(dw->untyped_data()), workspace, tensor_cores,
-                                   stream));
+    return check_cuda(kTarget, launch_conv_bwd_filter<T>(g, static_cast<const T*>(x.untyped_data()),
+                                                         static_cast<const T*>(dy.untyped_data()),
+                                                         static_cast<T*>(dw->untyped_data()),
+                                                         workspace, tensor_cores, stream));
   });
 }
 
@@ -149,9 +142,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv2dBwdFilterCuda, cuda::Conv2dBwdFilterImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::ScratchAllocator>()  // bwd_filter partial sums
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Ret<ffi::AnyBuffer>()  // dw
+                                  .Arg<ffi::AnyBuffer>()         // x
+                                  .Arg<ffi::AnyBuffer>()         // dy
+                                  .Ret<ffi::AnyBuffer>()         // dw
                                   .Attrs());
 
 }  // namespace jaxconv

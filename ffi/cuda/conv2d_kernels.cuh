@@ -61,9 +61,9 @@ struct TileConfig {
                 "each thread stages the same number of elements");
 };
 
-using WideTile = TileConfig<64, 64, 16>;    // pass: both GEMM sides large
-using TallTile = TileConfig<128, 16, 16>;   // pass: few channels per group (depthwise, heads)
-using FilterTile = TileConfig<64, 64, 16>;  // bwd_filter: long reduction, deeper k step
+using WideTile = TileConfig<64, 64, 16>;         // pass: both GEMM sides large
+using TallTile = TileConfig<128, 16, 16>;        // pass: few channels per group (depthwise, heads)
+using FilterTile = TileConfig<64, 64, 16>;       // bwd_filter: long reduction, deeper k step
 using SmallFilterTile = TileConfig<16, 16, 64>;  // bwd_filter with a tiny dW per group
 
 enum class PassTile { kWide, kTall };
@@ -120,8 +120,14 @@ JAXCONV_HD PassAxis transposed_axis(int64_t rho, int64_t stride, int64_t pad, in
   PhaseTaps t = phase_taps(rho, stride, pad, dilation, k);
   if (t.count == 0) return {1, 0, 0, 0, 0, 0, rho, stride};
   int64_t gcd = stride / t.step;
-  return {1, (rho + pad - t.first * dilation) / stride, -(dilation / gcd), t.first, t.step,
-          t.count, rho, stride};
+  return {1,
+          (rho + pad - t.first * dilation) / stride,
+          -(dilation / gcd),
+          t.first,
+          t.step,
+          t.count,
+          rho,
+          stride};
 }
 
 template <typename T, typename Cfg, int kLayout, bool kWeightsAlongN>
@@ -160,12 +166,10 @@ __global__ void __launch_bounds__(256, 2)
     const int64_t g = rest % p.G;
     rest /= p.G;
     const int64_t rho_w = rest % p.phases_w, rho_h = rest / p.phases_w;
-    const PassAxis ah = p.transposed
-                            ? transposed_axis(rho_h, p.stride_h, p.pad_top, p.dil_h, p.KH)
-                            : forward_axis(p.stride_h, p.pad_top, p.dil_h, p.KH);
-    const PassAxis aw = p.transposed
-                            ? transposed_axis(rho_w, p.stride_w, p.pad_left, p.dil_w, p.KW)
-                            : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
+    const PassAxis ah = p.transposed ? transposed_axis(rho_h, p.stride_h, p.pad_top, p.dil_h, p.KH)
+                                     : forward_axis(p.stride_h, p.pad_top, p.dil_h, p.KH);
+    const PassAxis aw = p.transposed ? transposed_axis(rho_w, p.stride_w, p.pad_left, p.dil_w, p.KW)
+                                     : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
     const int64_t m0 = mt * BM, n0 = nt * BN;
 
     for (int r = tid; r < BM; r += kThreads) {
@@ -187,9 +191,8 @@ __global__ void __launch_bounds__(256, 2)
 
     Acc acc[TM][TN];
     JAXCONV_UNROLL
-    for (int i = 0; i < TM; ++i)
-      JAXCONV_UNROLL
-      for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
+    for (int i = 0; i < TM; ++i) JAXCONV_UNROLL
+    for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
 
     // Threads tid < BK each follow one k of the step: k = k0 + tid.
     Digits3 kd = split_index(tid < BK ? tid : 0, r1, r2);
@@ -246,9 +249,8 @@ __global__ void __launch_bounds__(256, 2)
         JAXCONV_UNROLL
         for (int j = 0; j < TN; ++j) b[j] = Bs[kk][lane_n + kLanes * j];
         JAXCONV_UNROLL
-        for (int i = 0; i < TM; ++i)
-          JAXCONV_UNROLL
-          for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+        for (int i = 0; i < TM; ++i) JAXCONV_UNROLL
+        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
       }
       __syncthreads();
     }
@@ -273,18 +275,38 @@ __global__ void __launch_bounds__(256, 2)
 inline PassParams forward_pass(const ConvGeometry& g) {
   PassParams p{};
   const Strides4 ws = g.w_strides();
-  p.N = g.N; p.G = g.groups(); p.Cin = g.in_per_group(); p.Cout = g.out_per_group();
-  p.Hin = g.H; p.Win = g.W; p.Hout = g.OH; p.Wout = g.OW;
-  p.is = g.x_strides(); p.os = g.y_strides();
-  p.w_group = p.Cout * ws.n; p.w_co = ws.n; p.w_ci = ws.c; p.w_kh = ws.h; p.w_kw = ws.w;
-  p.KH = g.KH; p.KW = g.KW;
-  p.stride_h = g.p.stride_h; p.stride_w = g.p.stride_w;
-  p.dil_h = g.p.dilation_h; p.dil_w = g.p.dilation_w;
-  p.pad_top = g.p.pad_top; p.pad_left = g.p.pad_left;
-  p.transposed = 0; p.phases_h = 1; p.phases_w = 1;
-  p.TH = g.KH; p.TW = g.KW;
-  p.U = g.OH; p.V = g.OW;
-  p.K = p.Cin * p.TH * p.TW; p.M = p.N * p.U * p.V;
+  p.N = g.N;
+  p.G = g.groups();
+  p.Cin = g.in_per_group();
+  p.Cout = g.out_per_group();
+  p.Hin = g.H;
+  p.Win = g.W;
+  p.Hout = g.OH;
+  p.Wout = g.OW;
+  p.is = g.x_strides();
+  p.os = g.y_strides();
+  p.w_group = p.Cout * ws.n;
+  p.w_co = ws.n;
+  p.w_ci = ws.c;
+  p.w_kh = ws.h;
+  p.w_kw = ws.w;
+  p.KH = g.KH;
+  p.KW = g.KW;
+  p.stride_h = g.p.stride_h;
+  p.stride_w = g.p.stride_w;
+  p.dil_h = g.p.dilation_h;
+  p.dil_w = g.p.dilation_w;
+  p.pad_top = g.p.pad_top;
+  p.pad_left = g.p.pad_left;
+  p.transposed = 0;
+  p.phases_h = 1;
+  p.phases_w = 1;
+  p.TH = g.KH;
+  p.TW = g.KW;
+  p.U = g.OH;
+  p.V = g.OW;
+  p.K = p.Cin * p.TH * p.TW;
+  p.M = p.N * p.U * p.V;
   p.layout = g.p.layout;
   return p;
 }
@@ -295,14 +317,29 @@ inline PassParams forward_pass(const ConvGeometry& g) {
 inline PassParams bwd_data_pass(const ConvGeometry& g) {
   PassParams p{};
   const Strides4 ws = g.w_strides();
-  p.N = g.N; p.G = g.groups(); p.Cin = g.out_per_group(); p.Cout = g.in_per_group();
-  p.Hin = g.OH; p.Win = g.OW; p.Hout = g.H; p.Wout = g.W;
-  p.is = g.y_strides(); p.os = g.x_strides();
-  p.w_group = p.Cin * ws.n; p.w_co = ws.c; p.w_ci = ws.n; p.w_kh = ws.h; p.w_kw = ws.w;
-  p.KH = g.KH; p.KW = g.KW;
-  p.stride_h = g.p.stride_h; p.stride_w = g.p.stride_w;
-  p.dil_h = g.p.dilation_h; p.dil_w = g.p.dilation_w;
-  p.pad_top = g.p.pad_top; p.pad_left = g.p.pad_left;
+  p.N = g.N;
+  p.G = g.groups();
+  p.Cin = g.out_per_group();
+  p.Cout = g.in_per_group();
+  p.Hin = g.OH;
+  p.Win = g.OW;
+  p.Hout = g.H;
+  p.Wout = g.W;
+  p.is = g.y_strides();
+  p.os = g.x_strides();
+  p.w_group = p.Cin * ws.n;
+  p.w_co = ws.c;
+  p.w_ci = ws.n;
+  p.w_kh = ws.h;
+  p.w_kw = ws.w;
+  p.KH = g.KH;
+  p.KW = g.KW;
+  p.stride_h = g.p.stride_h;
+  p.stride_w = g.p.stride_w;
+  p.dil_h = g.p.dilation_h;
+  p.dil_w = g.p.dilation_w;
+  p.pad_top = g.p.pad_top;
+  p.pad_left = g.p.pad_left;
   p.transposed = 1;
   p.phases_h = g.p.stride_h < g.H ? g.p.stride_h : g.H;
   p.phases_w = g.p.stride_w < g.W ? g.p.stride_w : g.W;
@@ -310,9 +347,12 @@ inline PassParams bwd_data_pass(const ConvGeometry& g) {
   // more than ceil(k / step).
   const int64_t step_h = phase_taps(0, g.p.stride_h, 0, g.p.dilation_h, g.KH).step;
   const int64_t step_w = phase_taps(0, g.p.stride_w, 0, g.p.dilation_w, g.KW).step;
-  p.TH = ceil_div_pos(g.KH, step_h); p.TW = ceil_div_pos(g.KW, step_w);
-  p.U = ceil_div_pos(g.H, g.p.stride_h); p.V = ceil_div_pos(g.W, g.p.stride_w);
-  p.K = p.Cin * p.TH * p.TW; p.M = p.N * p.U * p.V;
+  p.TH = ceil_div_pos(g.KH, step_h);
+  p.TW = ceil_div_pos(g.KW, step_w);
+  p.U = ceil_div_pos(g.H, g.p.stride_h);
+  p.V = ceil_div_pos(g.W, g.p.stride_w);
+  p.K = p.Cin * p.TH * p.TW;
+  p.M = p.N * p.U * p.V;
   p.layout = g.p.layout;
   return p;
 }
@@ -323,10 +363,10 @@ struct FilterParams {
   int64_t N, G, Cg, Og, H, W, OH, OW, KH, KW;
   int64_t stride_h, stride_w, dil_h, dil_w, pad_top, pad_left;
   Strides4 xs, ys, ws;
-  int64_t Kg, P;          // Cg*KH*KW (columns), N*OH*OW (reduction)
-  int64_t dw_elems;       // elements of dw (and of each partial)
+  int64_t Kg, P;                            // Cg*KH*KW (columns), N*OH*OW (reduction)
+  int64_t dw_elems;                         // elements of dw (and of each partial)
   int64_t m_tiles, n_tiles, splits, chunk;  // chunk: positions per split, a multiple of BK
-  int64_t tiles;          // G * m_tiles * n_tiles * splits
+  int64_t tiles;                            // G * m_tiles * n_tiles * splits
   int64_t layout;
 };
 
@@ -338,15 +378,16 @@ struct FilterTileSpan {
   int64_t g, m0, n0, split, p_begin, p_end;
 };
 __device__ __forceinline__ FilterTileSpan filter_tile_span(const FilterParams& p, int64_t tile,
-                                                          int64_t BM, int64_t BN) {
+                                                           int64_t BM, int64_t BN) {
   const int64_t split = tile % p.splits;
   tile /= p.splits;
   const int64_t mt = tile % p.m_tiles;
   tile /= p.m_tiles;
   const int64_t nt = tile % p.n_tiles;
   const int64_t p_begin = split * p.chunk;
-  return {tile / p.n_tiles, mt * BM, nt * BN, split, p_begin,
-          p_begin + p.chunk < p.P ? p_begin + p.chunk : p.P};
+  return {tile / p.n_tiles, mt * BM,
+          nt * BN,          split,
+          p_begin,          p_begin + p.chunk < p.P ? p_begin + p.chunk : p.P};
 }
 
 // Per column c of a bwd_filter tile (dW column k = n0 + c, digits (ci, kh, kw) in OIHW order,
@@ -354,9 +395,9 @@ __device__ __forceinline__ FilterTileSpan filter_tile_span(const FilterParams& p
 // kh * dilation_h - pad_top and kw * dilation_w - pad_left, and the offset within dW. The block's
 // threads fill the columns tid, tid + threads, ...; the caller synchronizes.
 template <bool kChannelsLast, typename Index>
-__device__ __forceinline__ void filter_columns(const FilterParams& p, int64_t g, int64_t n0,
-                                               int BN, int tid, int threads, Index* col_x,
-                                               Index* col_dh, Index* col_dw, Index* col_w) {
+__device__ __forceinline__ void filter_columns(const FilterParams& p, int64_t g, int64_t n0, int BN,
+                                               int tid, int threads, Index* col_x, Index* col_dh,
+                                               Index* col_dw, Index* col_w) {
   const int64_t r1 = kChannelsLast ? p.KW : p.KH, r2 = kChannelsLast ? p.Cg : p.KW;
   for (int c = tid; c < BN; c += threads) {
     const int64_t k = n0 + c;
@@ -544,9 +585,8 @@ __global__ void __launch_bounds__(256, 2)
 
     Acc acc[TM][TN];
     JAXCONV_UNROLL
-    for (int i = 0; i < TM; ++i)
-      JAXCONV_UNROLL
-      for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
+    for (int i = 0; i < TM; ++i) JAXCONV_UNROLL
+    for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
 
     // Threads tid < BK each follow one position of the step: p = p0 + tid as (n, oh, ow).
     Digits3 pd = split_index(p_begin + (tid < BK ? tid : 0), p.OH, p.OW);
@@ -597,9 +637,8 @@ __global__ void __launch_bounds__(256, 2)
         JAXCONV_UNROLL
         for (int j = 0; j < TN; ++j) b[j] = Bs[kk][lane_n + kLanes * j];
         JAXCONV_UNROLL
-        for (int i = 0; i < TM; ++i)
-          JAXCONV_UNROLL
-          for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+        for (int i = 0; i < TM; ++i) JAXCONV_UNROLL
+        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
       }
       __syncthreads();
     }
@@ -640,13 +679,27 @@ __global__ void __launch_bounds__(256)
 
 inline FilterParams filter_params(const ConvGeometry& g) {
   FilterParams p{};
-  p.N = g.N; p.G = g.groups(); p.Cg = g.in_per_group(); p.Og = g.out_per_group();
-  p.H = g.H; p.W = g.W; p.OH = g.OH; p.OW = g.OW; p.KH = g.KH; p.KW = g.KW;
-  p.stride_h = g.p.stride_h; p.stride_w = g.p.stride_w;
-  p.dil_h = g.p.dilation_h; p.dil_w = g.p.dilation_w;
-  p.pad_top = g.p.pad_top; p.pad_left = g.p.pad_left;
-  p.xs = g.x_strides(); p.ys = g.y_strides(); p.ws = g.w_strides();
-  p.Kg = g.gemm_k(); p.P = g.N * g.OH * g.OW;
+  p.N = g.N;
+  p.G = g.groups();
+  p.Cg = g.in_per_group();
+  p.Og = g.out_per_group();
+  p.H = g.H;
+  p.W = g.W;
+  p.OH = g.OH;
+  p.OW = g.OW;
+  p.KH = g.KH;
+  p.KW = g.KW;
+  p.stride_h = g.p.stride_h;
+  p.stride_w = g.p.stride_w;
+  p.dil_h = g.p.dilation_h;
+  p.dil_w = g.p.dilation_w;
+  p.pad_top = g.p.pad_top;
+  p.pad_left = g.p.pad_left;
+  p.xs = g.x_strides();
+  p.ys = g.y_strides();
+  p.ws = g.w_strides();
+  p.Kg = g.gemm_k();
+  p.P = g.N * g.OH * g.OW;
   p.dw_elems = g.O * p.Kg;
   p.layout = g.p.layout;
   return p;
@@ -729,8 +782,7 @@ struct FilterLauncher {
     cudaError_t err = launch_kernel(x, dy, dw, workspace, stream);
     if (err != cudaSuccess || p.splits == 1) return err;
     return launch(sum_partials_kernel<T>, dim3(grid_blocks(ceil_div_pos(p.dw_elems, 256))),
-                  dim3(256), stream, static_cast<const Acc*>(workspace), p.splits, p.dw_elems,
-                  dw);
+                  dim3(256), stream, static_cast<const Acc*>(workspace), p.splits, p.dw_elems, dw);
   }
 
  private:
@@ -748,8 +800,7 @@ struct FilterLauncher {
         return plan_filter(&p, sizeof(Acc), MmaLargeTile::BM, MmaLargeTile::BN, mma_bk);
       case FilterKernel::kMmaSmall:
         return plan_filter(&p, sizeof(Acc), MmaSmallTile::BM, MmaSmallTile::BN, mma_bk);
-      default:
-        return plan_filter(&p, sizeof(Acc), FilterTile::BM, FilterTile::BN, FilterTile::BK);
+      default: return plan_filter(&p, sizeof(Acc), FilterTile::BM, FilterTile::BN, FilterTile::BK);
     }
   }
 

@@ -79,8 +79,8 @@ constexpr int kMmaPitchBytes = 80;  // 20 words: 8 rows start at banks 0, 20, 8,
 
 // How the loads of one launch run; decided on the host (mma_pass_loads, mma_filter_loads).
 struct MmaLoads {
-  int a_vector;   // A chunks as one 16-byte copy (NHWC, channels per group % vector == 0)
-  int b_vector;   // B chunks as one 16-byte copy
+  int a_vector;  // A chunks as one 16-byte copy (NHWC, channels per group % vector == 0)
+  int b_vector;  // B chunks as one 16-byte copy
 };
 
 // Pitch in bytes of a k-major operand tile (rows of one k, `cols` m or n values each). Eight
@@ -153,8 +153,8 @@ __device__ __forceinline__ void load_b_fragments(uint32_t (&b)[NI][2], const uns
         ldmatrix<4, true>(r, tile + (ks * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch +
                                  (n0 + j * 8 + (lane / 16) * 8) * 2);
       else
-        ldmatrix<4>(r, tile + (n0 + j * 8 + (lane / 16) * 8 + lane % 8) * kMmaPitchBytes +
-                           ks * 32 + ((lane / 8) % 2) * 16);
+        ldmatrix<4>(r, tile + (n0 + j * 8 + (lane / 16) * 8 + lane % 8) * kMmaPitchBytes + ks * 32 +
+                           ((lane / 8) % 2) * 16);
       b[j][0] = r[0];
       b[j][1] = r[1];
       b[j + 1][0] = r[2];
@@ -190,11 +190,9 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
   constexpr int MI = Cfg::MI, NI = Cfg::NI;
   constexpr int kAStageBytes = Cfg::BM * kMmaPitchBytes, kBStageBytes = Cfg::BN * kMmaPitchBytes;
   JAXCONV_UNROLL
-  for (int i = 0; i < MI; ++i)
-    JAXCONV_UNROLL
-    for (int j = 0; j < NI; ++j)
-      JAXCONV_UNROLL
-      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+  for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
+  for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
+  for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
   constexpr int kStages = Cfg::kStages;
   JAXCONV_UNROLL
@@ -220,18 +218,15 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
       load_b_fragments<kKind, NI, Ops::kBKMajor, Ops::kBPitch>(b, b_tile, warp_n0, ks, lane);
       if constexpr (kKind == MmaKind::kTf32) {
         JAXCONV_UNROLL
-        for (int i = 0; i < MI; ++i)
-          JAXCONV_UNROLL
-          for (int q = 0; q < 4; ++q) a[i][q] = to_tf32(a[i][q]);
+        for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
+        for (int q = 0; q < 4; ++q) a[i][q] = to_tf32(a[i][q]);
         JAXCONV_UNROLL
-        for (int j = 0; j < NI; ++j)
-          JAXCONV_UNROLL
-          for (int q = 0; q < 2; ++q) b[j][q] = to_tf32(b[j][q]);
+        for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
+        for (int q = 0; q < 2; ++q) b[j][q] = to_tf32(b[j][q]);
       }
       JAXCONV_UNROLL
-      for (int i = 0; i < MI; ++i)
-        JAXCONV_UNROLL
-        for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[i], b[j]);
+      for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
+      for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[i], b[j]);
     }
   }
   cp_async_wait<0>();  // the trailing empty groups
@@ -285,12 +280,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     const int64_t g = rest % p.G;
     rest /= p.G;
     const int64_t rho_w = rest % p.phases_w, rho_h = rest / p.phases_w;
-    const PassAxis ah = p.transposed
-                            ? transposed_axis(rho_h, p.stride_h, p.pad_top, p.dil_h, p.KH)
-                            : forward_axis(p.stride_h, p.pad_top, p.dil_h, p.KH);
-    const PassAxis aw = p.transposed
-                            ? transposed_axis(rho_w, p.stride_w, p.pad_left, p.dil_w, p.KW)
-                            : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
+    const PassAxis ah = p.transposed ? transposed_axis(rho_h, p.stride_h, p.pad_top, p.dil_h, p.KH)
+                                     : forward_axis(p.stride_h, p.pad_top, p.dil_h, p.KH);
+    const PassAxis aw = p.transposed ? transposed_axis(rho_w, p.stride_w, p.pad_left, p.dil_w, p.KW)
+                                     : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
     const int64_t m0 = mt * BM, n0 = nt * BN;
     const T* w_group = w + g * p.w_group;
     const Index chan0 = Index(g * p.Cin);  // the group's first input channel
@@ -442,22 +435,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     // Epilogue: accumulator q of tile (i, j) is D[g + 8 * (q / 2)][2t + q % 2] (lane = 4g + t).
     const int grp = lane / 4, t4 = lane % 4;
     JAXCONV_UNROLL
-    for (int i = 0; i < MI; ++i)
+    for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const Index o = row_out[warp_m0 + i * 16 + grp + 8 * h];
+      if (o < 0) continue;
       JAXCONV_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const Index o = row_out[warp_m0 + i * 16 + grp + 8 * h];
-        if (o < 0) continue;
-        JAXCONV_UNROLL
-        for (int j = 0; j < NI; ++j)
-          JAXCONV_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            const int64_t c = n0 + warp_n0 + j * 8 + 2 * t4 + e;
-            if (c >= p.Cout) continue;
-            const float b = bias ? Num<T>::load(bias[g * p.Cout + c]) : 0.0f;
-            out[o + Index(g * p.Cout + c) * Index(p.os.c)] =
-                Num<T>::store(acc[i][j][2 * h + e] + b);
-          }
+      for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int64_t c = n0 + warp_n0 + j * 8 + 2 * t4 + e;
+        if (c >= p.Cout) continue;
+        const float b = bias ? Num<T>::load(bias[g * p.Cout + c]) : 0.0f;
+        out[o + Index(g * p.Cout + c) * Index(p.os.c)] = Num<T>::store(acc[i][j][2 * h + e] + b);
       }
+    }
     __syncthreads();  // the next tile rewrites the row tables
   }
 }
@@ -511,14 +501,12 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     const int64_t g = rest % p.G;
     rest /= p.G;
     const int64_t rho_w = rest % p.phases_w, rho_h = rest / p.phases_w;
-    const PassAxis ah = p.transposed
-                            ? transposed_axis(rho_h, p.stride_h, p.pad_top, p.dil_h, p.KH)
-                            : forward_axis(p.stride_h, p.pad_top, p.dil_h, p.KH);
-    const PassAxis aw = p.transposed
-                            ? transposed_axis(rho_w, p.stride_w, p.pad_left, p.dil_w, p.KW)
-                            : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
+    const PassAxis ah = p.transposed ? transposed_axis(rho_h, p.stride_h, p.pad_top, p.dil_h, p.KH)
+                                     : forward_axis(p.stride_h, p.pad_top, p.dil_h, p.KH);
+    const PassAxis aw = p.transposed ? transposed_axis(rho_w, p.stride_w, p.pad_left, p.dil_w, p.KW)
+                                     : forward_axis(p.stride_w, p.pad_left, p.dil_w, p.KW);
     const int64_t m0 = mt * BM, n0 = nt * BN;
-    
+
     for (int r = tid; r < BM; r += kThreads) {
       const int64_t m = m0 + r;
       int64_t o = -1;
@@ -601,7 +589,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     auto load_stage = [&](int stage, int) {
       unsigned char* a_stage = As[stage] + a_dst;
       unsigned char* b_stage = Bs[stage] + b_dst;
-            JAXCONV_UNROLL
+      JAXCONV_UNROLL
       for (int l = 0; l < kChunksA; ++l)
         cp_async_16(a_stage + l * kADstStep, in + (a_base[l] + a_tap), a_pred[l]);
       JAXCONV_UNROLL
@@ -632,21 +620,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     // Epilogue: accumulator q of tile (i, j) is D[g + 8 * (q / 2)][2t + q % 2] (lane = 4g + t).
     const int grp = lane / 4, t4 = lane % 4;
     JAXCONV_UNROLL
-    for (int i = 0; i < MI; ++i)
+    for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int o = row_out[warp_m0 + i * 16 + grp + 8 * h];
+      if (o < 0) continue;
       JAXCONV_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int o = row_out[warp_m0 + i * 16 + grp + 8 * h];
-        if (o < 0) continue;
-        JAXCONV_UNROLL
-        for (int j = 0; j < NI; ++j)
-          JAXCONV_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            const int64_t c = n0 + warp_n0 + j * 8 + 2 * t4 + e;
-            if (c >= p.Cout) continue;
-            const float b = bias ? Num<T>::load(bias[g * p.Cout + c]) : 0.0f;
-            out[o + int(g * p.Cout + c)] = Num<T>::store(acc[i][j][2 * h + e] + b);
-          }
+      for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int64_t c = n0 + warp_n0 + j * 8 + 2 * t4 + e;
+        if (c >= p.Cout) continue;
+        const float b = bias ? Num<T>::load(bias[g * p.Cout + c]) : 0.0f;
+        out[o + int(g * p.Cout + c)] = Num<T>::store(acc[i][j][2 * h + e] + b);
       }
+    }
     __syncthreads();  // the next tile rewrites row_out and the stage buffers
   }
 }
@@ -678,7 +664,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   constexpr MmaKind kKind = MmaOf<T>::kind;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
   constexpr int kThreads = Cfg::kThreads;
-  constexpr bool kKMajor = kLayout == kNHWC;          // both operands staged by position rows
+  constexpr bool kKMajor = kLayout == kNHWC;         // both operands staged by position rows
   constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
   constexpr int BK = kMmaRowBytes / int(sizeof(S));  // positions per stage
   constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
@@ -699,8 +685,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
   // Position digits (n, oh, ow), radices (OH, OW).
   const Digits3 stage_step = split_index(BK, p.OH, p.OW), unit_step = split_index(1, p.OH, p.OW);
-  const Index x_h = Index(p.H), x_w = Index(p.W), s_h = Index(p.stride_h),
-              s_w = Index(p.stride_w);
+  const Index x_h = Index(p.H), x_w = Index(p.W), s_h = Index(p.stride_h), s_w = Index(p.stride_w);
   const Index xs_n = Index(p.xs.n), xs_h = Index(p.xs.h), xs_w = Index(p.xs.w);
   const Index ys_n = Index(p.ys.n), ys_c = Index(p.ys.c), ys_h = Index(p.ys.h),
               ys_w = Index(p.ys.w);
@@ -847,24 +832,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     float* part = p.splits > 1 ? partial + split * p.dw_elems : nullptr;
     const int grp = lane / 4, t4 = lane % 4;
     JAXCONV_UNROLL
-    for (int i = 0; i < MI; ++i)
+    for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int64_t o = m0 + warp_m0 + i * 16 + grp + 8 * h;
+      if (o >= p.Og) continue;
       JAXCONV_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int64_t o = m0 + warp_m0 + i * 16 + grp + 8 * h;
-        if (o >= p.Og) continue;
-        JAXCONV_UNROLL
-        for (int j = 0; j < NI; ++j)
-          JAXCONV_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            const int c = warp_n0 + j * 8 + 2 * t4 + e;
-            if (col_x[c] < 0) continue;
-            const Index off = Index(g * p.Og + o) * Index(p.ws.n) + col_w[c];
-            if (part)
-              part[off] = acc[i][j][2 * h + e];
-            else
-              dw[off] = Num<T>::store(acc[i][j][2 * h + e]);
-          }
+      for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int c = warp_n0 + j * 8 + 2 * t4 + e;
+        if (col_x[c] < 0) continue;
+        const Index off = Index(g * p.Og + o) * Index(p.ws.n) + col_w[c];
+        if (part)
+          part[off] = acc[i][j][2 * h + e];
+        else
+          dw[off] = Num<T>::store(acc[i][j][2 * h + e]);
       }
+    }
     __syncthreads();  // the next tile rewrites the column tables
   }
 }
@@ -883,9 +866,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // the block-uniform count of positions left) and, for x, while ih, iw are inside the image.
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
-    conv_filter_mma_pos_kernel(FilterParams p, const T* __restrict__ x,
-                               const T* __restrict__ dy, T* __restrict__ dw,
-                               float* __restrict__ partial) {
+    conv_filter_mma_pos_kernel(FilterParams p, const T* __restrict__ x, const T* __restrict__ dy,
+                               T* __restrict__ dw, float* __restrict__ partial) {
   using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
   constexpr MmaKind kKind = MmaOf<T>::kind;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
@@ -914,8 +896,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // what each digit and carry adds to an x offset.
   const Digits3 step = split_index(BK, p.OH, p.OW);
   const int d_ih = int(step.b * p.stride_h), d_iw = int(step.c * p.stride_w);
-  const int x_step = int(step.a * p.xs.n + step.b * p.stride_h * p.xs.h +
-                         step.c * p.stride_w * p.xs.w);
+  const int x_step =
+      int(step.a * p.xs.n + step.b * p.stride_h * p.xs.h + step.c * p.stride_w * p.xs.w);
   const int x_carry_w = int(p.stride_h * p.xs.h - p.OW * p.stride_w * p.xs.w);
   const int x_carry_h = int(p.xs.n - p.OH * p.stride_h * p.xs.h);
   const int y_step = int(BK * p.ys.w);
@@ -956,8 +938,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       b_row[l] = b_col_live ? e / kBRowChunks : kDeadRow;
       b_ih[l] = int(d.b * p.stride_h + b_dh);
       b_iw[l] = int(d.c * p.stride_w + b_dw);
-      b_off[l] = int(d.a * p.xs.n + b_ih[l] * p.xs.h + b_iw[l] * p.xs.w +
-                     (b_col_live ? col_x[c] : 0));
+      b_off[l] =
+          int(d.a * p.xs.n + b_ih[l] * p.xs.h + b_iw[l] * p.xs.w + (b_col_live ? col_x[c] : 0));
     }
     int left = int(p_end - p_begin);  // positions from the next stage's first on
 
@@ -1005,24 +987,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     float* part = p.splits > 1 ? partial + split * p.dw_elems : nullptr;
     const int grp = lane / 4, t4 = lane % 4;
     JAXCONV_UNROLL
-    for (int i = 0; i < MI; ++i)
+    for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int64_t o = m0 + warp_m0 + i * 16 + grp + 8 * h;
+      if (o >= p.Og) continue;
       JAXCONV_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int64_t o = m0 + warp_m0 + i * 16 + grp + 8 * h;
-        if (o >= p.Og) continue;
-        JAXCONV_UNROLL
-        for (int j = 0; j < NI; ++j)
-          JAXCONV_UNROLL
-          for (int e = 0; e < 2; ++e) {
-            const int cc = warp_n0 + j * 8 + 2 * t4 + e;
-            if (col_x[cc] < 0) continue;
-            const int off = int((g * p.Og + o) * p.ws.n) + col_w[cc];
-            if (part)
-              part[off] = acc[i][j][2 * h + e];
-            else
-              dw[off] = Num<T>::store(acc[i][j][2 * h + e]);
-          }
+      for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int cc = warp_n0 + j * 8 + 2 * t4 + e;
+        if (col_x[cc] < 0) continue;
+        const int off = int((g * p.Og + o) * p.ws.n) + col_w[cc];
+        if (part)
+          part[off] = acc[i][j][2 * h + e];
+        else
+          dw[off] = Num<T>::store(acc[i][j][2 * h + e]);
       }
+    }
     __syncthreads();  // the next tile rewrites the column tables and the stage buffers
   }
 }
@@ -1045,8 +1025,8 @@ MmaLoads mma_pass_loads(const PassParams& p, const T* in, const T* w) {
   auto multiple = [&](int64_t v) { return v % vec == 0; };
   MmaLoads loads{0, 0};
   // NHWC: k = (th, tw, ci) with ci innermost; a chunk stays within one tap when Cin % vec == 0.
-  loads.a_vector = p.layout == kNHWC && multiple(p.Cin) && multiple(p.is.n) &&
-                   multiple(p.is.h) && multiple(p.is.w) && aligned16(in);
+  loads.a_vector = p.layout == kNHWC && multiple(p.Cin) && multiple(p.is.n) && multiple(p.is.h) &&
+                   multiple(p.is.w) && aligned16(in);
   bool b = aligned16(w) && multiple(p.w_group);
   if (mma_b_k_major<T>(p)) {  // 8 output channels of one k
     b = b && multiple(p.Cout) && multiple(p.w_ci) && multiple(p.w_kh) && multiple(p.w_kw);
@@ -1071,8 +1051,7 @@ bool mma_pass_tap_applies(const PassParams& p, const MmaLoads& loads) {
   const int64_t bk = kMmaRowBytes / (sizeof(T) == 2 ? 2 : 4);
   return p.layout == kNHWC && loads.a_vector && loads.b_vector && p.is.c == 1 &&
          (mma_b_k_major<T>(p) || p.w_ci == 1) && p.os.c == 1 && p.Cin % bk == 0 && p.TH < 32 &&
-         p.TW < 32 &&
-         p.K / bk < (int64_t(1) << 31);
+         p.TW < 32 && p.K / bk < (int64_t(1) << 31);
 }
 
 // bwd_filter: which chunks may be copied as 16 bytes (every chunk's kVec elements consecutive
@@ -1092,8 +1071,8 @@ MmaLoads mma_filter_loads(const FilterParams& p, const T* x, const T* dy) {
   } else {
     // dy chunk: vec positions of one output channel, starting at a multiple of vec; they stay in
     // one image (and are consecutive there) when OH * OW is a multiple of vec.
-    loads.a_vector = p.ys.w == 1 && p.ys.h == p.OW && multiple(p.OH * p.OW) &&
-                     multiple(p.ys.c) && multiple(p.ys.n) && aligned16(dy);
+    loads.a_vector = p.ys.w == 1 && p.ys.h == p.OW && multiple(p.OH * p.OW) && multiple(p.ys.c) &&
+                     multiple(p.ys.n) && aligned16(dy);
     loads.b_vector = 0;  // im2col(x) along positions is strided: gathered
   }
   return loads;
@@ -1111,8 +1090,8 @@ inline bool mma_filter_pos_applies(const FilterParams& p, const MmaLoads& loads)
 // the float32 partial sums when p.splits > 1 (the caller then adds them); index32 as for the
 // pass.
 template <typename T, typename Cfg>
-cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T* dw,
-                              float* partial, bool index32, cudaStream_t stream) {
+cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T* dw, float* partial,
+                              bool index32, cudaStream_t stream) {
   const MmaLoads loads = mma_filter_loads(p, x, dy);
   if (index32 && mma_filter_pos_applies(p, loads))
     return launch(conv_filter_mma_pos_kernel<T, Cfg>, dim3(grid_blocks(p.tiles)),
@@ -1124,8 +1103,8 @@ cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T*
   else
     kernel = index32 ? conv_filter_mma_kernel<T, Cfg, kNCHW, int32_t>
                      : conv_filter_mma_kernel<T, Cfg, kNCHW, int64_t>;
-  return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, x,
-                dy, dw, partial);
+  return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, x, dy,
+                dw, partial);
 }
 
 // The pass kernel instantiation for one layout / B staging, by index width.

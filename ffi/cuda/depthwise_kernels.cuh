@@ -36,9 +36,7 @@ namespace jaxconv::cuda {
 
 // Which convolutions take the direct kernels: depthwise (one input channel per group) and
 // inputs of at most 4 channels.
-inline bool direct_conv_applies(const ConvGeometry& g) {
-  return g.groups() == g.C || g.C <= 4;
-}
+inline bool direct_conv_applies(const ConvGeometry& g) { return g.groups() == g.C || g.C <= 4; }
 
 template <typename I>
 struct Strides4I {
@@ -54,8 +52,8 @@ template <typename I>
 struct DirectPlan {
   I N, C, H, W, O, OH, OW, KH, KW, Cg, Og;
   I stride_h, stride_w, dil_h, dil_w, pad_top, pad_left;
-  I items;                   // forward: y elements; bwd_data: dx elements; bwd_filter: blocks
-  Strides4I<I> xs, ys, ws;   // x, y addressed (n, c, h, w); w addressed (o, ci, kh, kw)
+  I items;                  // forward: y elements; bwd_data: dx elements; bwd_filter: blocks
+  Strides4I<I> xs, ys, ws;  // x, y addressed (n, c, h, w); w addressed (o, ci, kh, kw)
   // Item e = ((rest*r2 + a2)*r1 + a1)*r0 + a0, radices r0, r1, r2 by layout (see each kernel).
   Divider<I> d0, d1, d2;
   Divider<I> div_og, div_cg, div_stride_h, div_stride_w, div_dil_h, div_dil_w;
@@ -80,26 +78,44 @@ template <typename I>
 DirectPlan<I> make_direct_plan(const ConvGeometry& g, int which) {
   const ConvParams& q = g.p;
   DirectPlan<I> p;
-  p.N = I(g.N); p.C = I(g.C); p.H = I(g.H); p.W = I(g.W); p.O = I(g.O);
-  p.OH = I(g.OH); p.OW = I(g.OW); p.KH = I(g.KH); p.KW = I(g.KW);
-  p.Cg = I(g.in_per_group()); p.Og = I(g.out_per_group());
-  p.stride_h = I(q.stride_h); p.stride_w = I(q.stride_w);
-  p.dil_h = I(q.dilation_h); p.dil_w = I(q.dilation_w);
-  p.pad_top = I(q.pad_top); p.pad_left = I(q.pad_left);
+  p.N = I(g.N);
+  p.C = I(g.C);
+  p.H = I(g.H);
+  p.W = I(g.W);
+  p.O = I(g.O);
+  p.OH = I(g.OH);
+  p.OW = I(g.OW);
+  p.KH = I(g.KH);
+  p.KW = I(g.KW);
+  p.Cg = I(g.in_per_group());
+  p.Og = I(g.out_per_group());
+  p.stride_h = I(q.stride_h);
+  p.stride_w = I(q.stride_w);
+  p.dil_h = I(q.dilation_h);
+  p.dil_w = I(q.dilation_w);
+  p.pad_top = I(q.pad_top);
+  p.pad_left = I(q.pad_left);
   p.xs = strides_as<I>(g.x_strides());
   p.ys = strides_as<I>(g.y_strides());
   p.ws = strides_as<I>(g.w_strides());
-  p.div_og = Divider<I>(g.out_per_group()); p.div_cg = Divider<I>(g.in_per_group());
-  p.div_stride_h = Divider<I>(q.stride_h); p.div_stride_w = Divider<I>(q.stride_w);
-  p.div_dil_h = Divider<I>(q.dilation_h); p.div_dil_w = Divider<I>(q.dilation_w);
+  p.div_og = Divider<I>(g.out_per_group());
+  p.div_cg = Divider<I>(g.in_per_group());
+  p.div_stride_h = Divider<I>(q.stride_h);
+  p.div_stride_w = Divider<I>(q.stride_w);
+  p.div_dil_h = Divider<I>(q.dilation_h);
+  p.div_dil_w = Divider<I>(q.dilation_w);
   const bool nhwc = q.layout == kNHWC;
   // forward walks y (channels O, OH x OW), bwd_data walks dx (channels C, H x W).
   const int64_t ch = which == 1 ? g.C : g.O, rows = which == 1 ? g.H : g.OH,
                 cols = which == 1 ? g.W : g.OW;
   if (nhwc) {  // e = ((n*rows + r)*cols + c)*ch + channel
-    p.d0 = Divider<I>(ch); p.d1 = Divider<I>(cols); p.d2 = Divider<I>(rows);
-  } else {     // e = ((n*ch + channel)*rows + r)*cols + c
-    p.d0 = Divider<I>(cols); p.d1 = Divider<I>(rows); p.d2 = Divider<I>(ch);
+    p.d0 = Divider<I>(ch);
+    p.d1 = Divider<I>(cols);
+    p.d2 = Divider<I>(rows);
+  } else {  // e = ((n*ch + channel)*rows + r)*cols + c
+    p.d0 = Divider<I>(cols);
+    p.d1 = Divider<I>(rows);
+    p.d2 = Divider<I>(ch);
   }
   p.channel_lanes = 1;
   if (nhwc)
@@ -121,9 +137,13 @@ __device__ __forceinline__ void split_element(const DirectPlan<I>& p, I e, I& n,
   t = p.d1.divmod(t, a1);
   n = p.d2.divmod(t, a2);
   if constexpr (kLayout == kNHWC) {
-    ch = a0; c = a1; r = a2;
+    ch = a0;
+    c = a1;
+    r = a2;
   } else {
-    c = a0; r = a1; ch = a2;
+    c = a0;
+    r = a1;
+    ch = a2;
   }
 }
 
@@ -150,8 +170,8 @@ __global__ void __launch_bounds__(256, 1)
         const T* xrow = xg + ci * p.xs.c + (ih0 + kh * p.dil_h) * p.xs.h;
         const T* wrow = wo + ci * p.ws.c + kh * p.ws.h;
         for (I kw = tw.lo; kw < tw.hi; ++kw)
-          acc += Num<T>::load(xrow[(iw0 + kw * p.dil_w) * p.xs.w]) *
-                 Num<T>::load(wrow[kw * p.ws.w]);
+          acc +=
+              Num<T>::load(xrow[(iw0 + kw * p.dil_w) * p.xs.w]) * Num<T>::load(wrow[kw * p.ws.w]);
       }
     }
     if (bias) acc += Num<T>::load(bias[o]);
@@ -161,9 +181,8 @@ __global__ void __launch_bounds__(256, 1)
 
 template <typename T, int kLayout, typename I>
 __global__ void __launch_bounds__(256, 1)
-    direct_conv_bwd_data_kernel(DirectPlan<I> p, const T* __restrict__ dy,
-                                const T* __restrict__ w, const T* __restrict__ bias,
-                                T* __restrict__ dx) {
+    direct_conv_bwd_data_kernel(DirectPlan<I> p, const T* __restrict__ dy, const T* __restrict__ w,
+                                const T* __restrict__ bias, T* __restrict__ dx) {
   using Acc = typename Num<T>::acc;
   const I step = I(gridDim.x) * 256;
   for (I e = I(blockIdx.x) * 256 + I(threadIdx.x); e < p.items; e += step) {
@@ -248,8 +267,8 @@ __global__ void __launch_bounds__(256, 1)
 // Host side: the layout and the index width pick the instantiation.
 
 template <typename T, int kLayout, typename I>
-cudaError_t launch_direct(const ConvGeometry& g, int which, const T* a, const T* b,
-                          const T* bias, T* out, cudaStream_t stream) {
+cudaError_t launch_direct(const ConvGeometry& g, int which, const T* a, const T* b, const T* bias,
+                          T* out, cudaStream_t stream) {
   const DirectPlan<I> p = make_direct_plan<I>(g, which);
   if (which == 2)
     return launch(direct_conv_bwd_filter_kernel<T, kLayout, I>, dim3(grid_blocks(p.items)),
@@ -258,16 +277,15 @@ cudaError_t launch_direct(const ConvGeometry& g, int which, const T* a, const T*
   if (which == 1)
     return launch(direct_conv_bwd_data_kernel<T, kLayout, I>, grid, dim3(256), stream, p, a, b,
                   bias, out);
-  return launch(direct_conv_fwd_kernel<T, kLayout, I>, grid, dim3(256), stream, p, a, b, bias,
-                out);
+  return launch(direct_conv_fwd_kernel<T, kLayout, I>, grid, dim3(256), stream, p, a, b, bias, out);
 }
 
 // which: 0 forward (a = x, b = w, out = y), 1 bwd_data (a = dy, b = w, out = dx),
 // 2 bwd_filter (a = x, b = dy, out = dw; no bias). index_bits: 0 picks by size, 32 or 64 force
 // an instantiation (tests).
 template <typename T>
-cudaError_t direct_conv(const ConvGeometry& g, int which, const T* a, const T* b,
-                        const T* bias, T* out, cudaStream_t stream, int index_bits = 0) {
+cudaError_t direct_conv(const ConvGeometry& g, int which, const T* a, const T* b, const T* bias,
+                        T* out, cudaStream_t stream, int index_bits = 0) {
   const bool small = index_bits == 0 ? direct_fits_int32(g) : index_bits == 32;
   if (g.p.layout == kNHWC)
     return small ? launch_direct<T, kNHWC, int32_t>(g, which, a, b, bias, out, stream)

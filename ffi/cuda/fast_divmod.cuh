@@ -132,8 +132,8 @@ struct TapSpan {
   I lo, hi;
 };
 template <typename I>
-JAXCONV_HD TapSpan<I> window_taps_div(I o, I stride, I pad_lo, const Divider<I>& dilation,
-                                      I dil, I k, I in) {
+JAXCONV_HD TapSpan<I> window_taps_div(I o, I stride, I pad_lo, const Divider<I>& dilation, I dil,
+                                      I k, I in) {
   const I i0 = o * stride - pad_lo;
   I lo = i0 >= 0 ? I(0) : dilation.div(-i0 + dil - 1);
   I hi = in - 1 - i0 < 0 ? I(0) : dilation.div(in - 1 - i0) + 1;
@@ -145,8 +145,8 @@ JAXCONV_HD TapSpan<I> window_taps_div(I o, I stride, I pad_lo, const Divider<I>&
 // Outputs o in [lo, hi) whose window spans input i: ceil((i + pad - (k-1)*d) / s) <= o <=
 // floor((i + pad) / s), clipped to [0, out).
 template <typename I>
-JAXCONV_HD TapSpan<I> covering_outputs_div(I i, const Divider<I>& stride, I s, I pad_lo, I dil,
-                                           I k, I out) {
+JAXCONV_HD TapSpan<I> covering_outputs_div(I i, const Divider<I>& stride, I s, I pad_lo, I dil, I k,
+                                           I out) {
   const I first = i + pad_lo - (k - 1) * dil;
   I lo = first <= 0 ? I(0) : stride.div(first + s - 1);
   I hi = stride.div(i + pad_lo) + 1;

@@ -128,23 +128,28 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const void* r
   if constexpr (kMatrices == 1) {
     if constexpr (kTrans)
       asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
-                   : "=r"(r[0]) : "r"(a));
+                   : "=r"(r[0])
+                   : "r"(a));
     else
       asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
   } else if constexpr (kMatrices == 2) {
     if constexpr (kTrans)
       asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                   : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+                   : "=r"(r[0]), "=r"(r[1])
+                   : "r"(a));
     else
       asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-                   : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+                   : "=r"(r[0]), "=r"(r[1])
+                   : "r"(a));
   } else {
     if constexpr (kTrans)
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(a));
     else
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(a));
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // never launched below sm_80 (the host checks the compute capability)

@@ -71,12 +71,11 @@ struct UnitDtype<3> {
 using UnitT = UnitDtype<JAXCONV_UNIT_DTYPE>::type;
 
 // The tensor-core launchers of every type and tile: compiled in their own units only.
-#define JAXCONV_MMA_LAUNCHERS(T, Tile)                                                          \
-  extern template cudaError_t launch_pass_mma<T, Tile>(PassParams, const T*, const T*,        \
-                                                       const T*, T*, bool, cudaStream_t);      \
-  extern template cudaError_t launch_filter_mma<T, Tile>(const FilterParams&, const T*,       \
-                                                         const T*, T*, float*, bool,          \
-                                                         cudaStream_t);
+#define JAXCONV_MMA_LAUNCHERS(T, Tile)                                                            \
+  extern template cudaError_t launch_pass_mma<T, Tile>(PassParams, const T*, const T*, const T*,  \
+                                                       T*, bool, cudaStream_t);                   \
+  extern template cudaError_t launch_filter_mma<T, Tile>(const FilterParams&, const T*, const T*, \
+                                                         T*, float*, bool, cudaStream_t);
 JAXCONV_MMA_LAUNCHERS(float, MmaLargeTile)
 JAXCONV_MMA_LAUNCHERS(float, MmaSmallTile)
 JAXCONV_MMA_LAUNCHERS(__half, MmaLargeTile)
@@ -87,8 +86,8 @@ JAXCONV_MMA_LAUNCHERS(__nv_bfloat16, MmaSmallTile)
 
 // ---- The launchers (templates; each unit instantiates its own below) --------------------------
 template <typename T>
-cudaError_t launch_conv_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias,
-                                T* y, bool tensor_cores, cudaStream_t stream) {
+cudaError_t launch_conv_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                                bool tensor_cores, cudaStream_t stream) {
   return conv2d_forward<T>(g, x, w, bias, y, stream,
                            PassOptions{tensor_cores, g.p.allow_tf32 != 0});
 }
@@ -126,37 +125,37 @@ cudaError_t launch_max_pool_forward_values(const PoolGeometry& g, const T* x, T*
   return max_pool2d_forward_values<T>(g, x, y, stream);
 }
 template <typename T>
-cudaError_t launch_max_pool_backward(const PoolGeometry& g, const T* dy, const int32_t* idx,
-                                     T* dx, cudaStream_t stream) {
+cudaError_t launch_max_pool_backward(const PoolGeometry& g, const T* dy, const int32_t* idx, T* dx,
+                                     cudaStream_t stream) {
   return max_pool2d_backward<T>(g, dy, idx, dx, stream);
 }
 
 // ---- Explicit instantiations, one family per macro ----------------------------------------------
-#define JAXCONV_PASS(T)                                                                         \
-  template cudaError_t launch_conv_forward<T>(const ConvGeometry&, const T*, const T*,          \
-                                              const T*, T*, bool, cudaStream_t);                \
-  template cudaError_t launch_conv_bwd_data<T>(const ConvGeometry&, const T*, const T*,         \
-                                               const T*, T*, bool, cudaStream_t);
-#define JAXCONV_PASS_MMA(T, Tile)                                                               \
-  template cudaError_t launch_pass_mma<T, Tile>(PassParams, const T*, const T*, const T*, T*,   \
+#define JAXCONV_PASS(T)                                                                           \
+  template cudaError_t launch_conv_forward<T>(const ConvGeometry&, const T*, const T*, const T*,  \
+                                              T*, bool, cudaStream_t);                            \
+  template cudaError_t launch_conv_bwd_data<T>(const ConvGeometry&, const T*, const T*, const T*, \
+                                               T*, bool, cudaStream_t);
+#define JAXCONV_PASS_MMA(T, Tile)                                                             \
+  template cudaError_t launch_pass_mma<T, Tile>(PassParams, const T*, const T*, const T*, T*, \
                                                 bool, cudaStream_t);
-#define JAXCONV_FILTER(T)                                                                       \
-  template FilterPlanSize conv_bwd_filter_plan<T>(const ConvGeometry&, bool);                   \
-  template cudaError_t launch_conv_bwd_filter<T>(const ConvGeometry&, const T*, const T*, T*,   \
+#define JAXCONV_FILTER(T)                                                                     \
+  template FilterPlanSize conv_bwd_filter_plan<T>(const ConvGeometry&, bool);                 \
+  template cudaError_t launch_conv_bwd_filter<T>(const ConvGeometry&, const T*, const T*, T*, \
                                                  void*, bool, cudaStream_t);
-#define JAXCONV_FILTER_MMA(T, Tile)                                                             \
-  template cudaError_t launch_filter_mma<T, Tile>(const FilterParams&, const T*, const T*, T*,  \
+#define JAXCONV_FILTER_MMA(T, Tile)                                                            \
+  template cudaError_t launch_filter_mma<T, Tile>(const FilterParams&, const T*, const T*, T*, \
                                                   float*, bool, cudaStream_t);
-#define JAXCONV_DIRECT(T)                                                                       \
-  template cudaError_t launch_conv_direct<T>(const ConvGeometry&, int, const T*, const T*,      \
+#define JAXCONV_DIRECT(T)                                                                  \
+  template cudaError_t launch_conv_direct<T>(const ConvGeometry&, int, const T*, const T*, \
                                              const T*, T*, cudaStream_t);
-#define JAXCONV_POOL(T)                                                                         \
-  template cudaError_t launch_max_pool_forward<T>(const PoolGeometry&, const T*, T*, int32_t*,  \
-                                                  cudaStream_t);                                \
-  template cudaError_t launch_max_pool_forward_values<T>(const PoolGeometry&, const T*, T*,     \
-                                                         cudaStream_t);                         \
-  template cudaError_t launch_max_pool_backward<T>(const PoolGeometry&, const T*,               \
-                                                   const int32_t*, T*, cudaStream_t);
+#define JAXCONV_POOL(T)                                                                           \
+  template cudaError_t launch_max_pool_forward<T>(const PoolGeometry&, const T*, T*, int32_t*,    \
+                                                  cudaStream_t);                                  \
+  template cudaError_t launch_max_pool_forward_values<T>(const PoolGeometry&, const T*, T*,       \
+                                                         cudaStream_t);                           \
+  template cudaError_t launch_max_pool_backward<T>(const PoolGeometry&, const T*, const int32_t*, \
+                                                   T*, cudaStream_t);
 
 #if JAXCONV_UNIT == 0 || (JAXCONV_UNIT == JAXCONV_UNIT_DIRECT && JAXCONV_UNIT_DTYPE == 0)
 // The launchers' non-template functions: in exactly one unit.
@@ -168,8 +167,9 @@ std::string conv_bwd_filter_workspace_error(const char* target, int64_t bytes, i
 
 #if JAXCONV_UNIT == 0
 #define JAXCONV_ALL_FAMILIES(T) JAXCONV_PASS(T) JAXCONV_FILTER(T) JAXCONV_DIRECT(T) JAXCONV_POOL(T)
-#define JAXCONV_ALL_MMA(T)                                                                      \
-  JAXCONV_PASS_MMA(T, MmaLargeTile) JAXCONV_PASS_MMA(T, MmaSmallTile)                           \
+#define JAXCONV_ALL_MMA(T)          \
+  JAXCONV_PASS_MMA(T, MmaLargeTile) \
+  JAXCONV_PASS_MMA(T, MmaSmallTile) \
   JAXCONV_FILTER_MMA(T, MmaLargeTile) JAXCONV_FILTER_MMA(T, MmaSmallTile)
 JAXCONV_ALL_FAMILIES(float)
 JAXCONV_ALL_FAMILIES(double)

@@ -39,8 +39,8 @@ cudaError_t launch_conv_direct(const ConvGeometry& g, int which, const T* a, con
 
 // y = conv(x, w) + bias; bias (O,) or null.
 template <typename T>
-cudaError_t launch_conv_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias,
-                                T* y, bool tensor_cores, cudaStream_t stream);
+cudaError_t launch_conv_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
+                                bool tensor_cores, cudaStream_t stream);
 
 // dx = conv_transpose(dy, w) + bias; bias (C,) or null.
 template <typename T>
@@ -76,7 +76,7 @@ template <typename T>
 cudaError_t launch_max_pool_forward_values(const PoolGeometry& g, const T* x, T* y,
                                            cudaStream_t stream);
 template <typename T>
-cudaError_t launch_max_pool_backward(const PoolGeometry& g, const T* dy, const int32_t* idx,
-                                     T* dx, cudaStream_t stream);
+cudaError_t launch_max_pool_backward(const PoolGeometry& g, const T* dy, const int32_t* idx, T* dx,
+                                     cudaStream_t stream);
 
 }  // namespace jaxconv::cuda

@@ -19,11 +19,10 @@ ffi::Error MaxPool2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<f
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, *idx, kTarget, &g));
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return check_cuda(kTarget,
-                      launch_max_pool_forward<T>(g, static_cast<const T*>(x.untyped_data()),
-                                                 static_cast<T*>(y->untyped_data()),
-                                                 static_cast<int32_t*>(idx->untyped_data()),
-                                                 stream));
+    return check_cuda(
+        kTarget, launch_max_pool_forward<T>(g, static_cast<const T*>(x.untyped_data()),
+                                            static_cast<T*>(y->untyped_data()),
+                                            static_cast<int32_t*>(idx->untyped_data()), stream));
   });
 }
 
@@ -34,10 +33,9 @@ ffi::Error MaxPool2dFwdValuesImpl(cudaStream_t stream, ffi::AnyBuffer x,
   JAXCONV_RETURN_IF_ERROR(decode_pool_call(attrs, x, *y, kTarget, &g));
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return check_cuda(kTarget,
-                      launch_max_pool_forward_values<T>(
-                          g, static_cast<const T*>(x.untyped_data()),
-                          static_cast<T*>(y->untyped_data()), stream));
+    return check_cuda(
+        kTarget, launch_max_pool_forward_values<T>(g, static_cast<const T*>(x.untyped_data()),
+                                                   static_cast<T*>(y->untyped_data()), stream));
   });
 }
 

@@ -80,8 +80,7 @@ inline bool pool_fits_int32(const PoolGeometry& g) {
   return g.N * g.C * g.H * g.W < limit && g.N * g.C * g.OH * g.OW < limit &&
          axis_fits_int32(g.H, g.OH, q.kernel_h, q.stride_h, q.dilation_h, q.pad_top,
                          q.pad_bottom) &&
-         axis_fits_int32(g.W, g.OW, q.kernel_w, q.stride_w, q.dilation_w, q.pad_left,
-                         q.pad_right);
+         axis_fits_int32(g.W, g.OW, q.kernel_w, q.stride_w, q.dilation_w, q.pad_left, q.pad_right);
 }
 
 // backward: the items cover dx (spatial H x W) instead of y (OH x OW).
@@ -89,23 +88,37 @@ template <typename I, int V>
 PoolPlan<I> make_pool_plan(const PoolGeometry& g, bool backward, bool buffers_aligned) {
   const PoolParams& q = g.p;
   PoolPlan<I> p;
-  p.H = I(g.H); p.W = I(g.W); p.C = I(g.C); p.OH = I(g.OH); p.OW = I(g.OW);
-  p.kernel_h = I(q.kernel_h); p.kernel_w = I(q.kernel_w);
-  p.stride_h = I(q.stride_h); p.stride_w = I(q.stride_w);
-  p.dil_h = I(q.dilation_h); p.dil_w = I(q.dilation_w);
-  p.pad_top = I(q.pad_top); p.pad_left = I(q.pad_left);
+  p.H = I(g.H);
+  p.W = I(g.W);
+  p.C = I(g.C);
+  p.OH = I(g.OH);
+  p.OW = I(g.OW);
+  p.kernel_h = I(q.kernel_h);
+  p.kernel_w = I(q.kernel_w);
+  p.stride_h = I(q.stride_h);
+  p.stride_w = I(q.stride_w);
+  p.dil_h = I(q.dilation_h);
+  p.dil_w = I(q.dilation_w);
+  p.pad_top = I(q.pad_top);
+  p.pad_left = I(q.pad_left);
   const int64_t rows = backward ? g.H : g.OH, cols = backward ? g.W : g.OW;
   const int64_t groups = q.layout == kNHWC ? (g.C + V - 1) / V : 1;
   p.groups = I(groups);
   p.items = I(g.N * rows * cols * (q.layout == kNHWC ? groups : g.C));
   p.vec = q.layout == kNHWC && g.C % V == 0 && buffers_aligned;
   if (q.layout == kNHWC) {  // e = ((n*rows + r)*cols + c)*groups + v
-    p.d0 = Divider<I>(groups); p.d1 = Divider<I>(cols); p.d2 = Divider<I>(rows);
-  } else {                  // e = ((n*C + ch)*rows + r)*cols + c
-    p.d0 = Divider<I>(cols); p.d1 = Divider<I>(rows); p.d2 = Divider<I>(g.C > 0 ? g.C : 1);
+    p.d0 = Divider<I>(groups);
+    p.d1 = Divider<I>(cols);
+    p.d2 = Divider<I>(rows);
+  } else {  // e = ((n*C + ch)*rows + r)*cols + c
+    p.d0 = Divider<I>(cols);
+    p.d1 = Divider<I>(rows);
+    p.d2 = Divider<I>(g.C > 0 ? g.C : 1);
   }
-  p.div_stride_h = Divider<I>(q.stride_h); p.div_stride_w = Divider<I>(q.stride_w);
-  p.div_dil_h = Divider<I>(q.dilation_h); p.div_dil_w = Divider<I>(q.dilation_w);
+  p.div_stride_h = Divider<I>(q.stride_h);
+  p.div_stride_w = Divider<I>(q.stride_w);
+  p.div_dil_h = Divider<I>(q.dilation_h);
+  p.div_dil_w = Divider<I>(q.dilation_w);
   return p;
 }
 
@@ -273,10 +286,10 @@ __global__ void __launch_bounds__(256, 1)
   for (I e = I(blockIdx.x) * 256 + I(threadIdx.x); e < p.items; e += step) {
     const PoolItem<I> it = split_item<kLayout, V>(p, e);
     const I h = it.r, w = it.c;
-    const TapSpan<I> rh = covering_outputs_div(h, p.div_stride_h, p.stride_h, p.pad_top, p.dil_h,
-                                               p.kernel_h, p.OH);
-    const TapSpan<I> rw = covering_outputs_div(w, p.div_stride_w, p.stride_w, p.pad_left,
-                                               p.dil_w, p.kernel_w, p.OW);
+    const TapSpan<I> rh =
+        covering_outputs_div(h, p.div_stride_h, p.stride_h, p.pad_top, p.dil_h, p.kernel_h, p.OH);
+    const TapSpan<I> rw =
+        covering_outputs_div(w, p.div_stride_w, p.stride_w, p.pad_left, p.dil_w, p.kernel_w, p.OW);
     const int32_t self = int32_t(h * p.W + w);
     // dy plane base and the step between its pixels, as in the forward.
     I base, pixel_step, dx_off;
@@ -322,8 +335,8 @@ cudaError_t launch_pool_fwd(const PoolGeometry& g, const T* x, T* y, int32_t* id
   const bool aligned = aligned16(x) && aligned16(y) && (!kIndices || aligned16(idx));
   const PoolPlan<I> p = make_pool_plan<I, V>(g, false, aligned);
   return launch(max_pool_fwd_kernel<T, kLayout, I, kIndices>,
-                dim3(grid_blocks(ceil_div_pos(int64_t(p.items), 256))), dim3(256), stream, p, x,
-                y, idx);
+                dim3(grid_blocks(ceil_div_pos(int64_t(p.items), 256))), dim3(256), stream, p, x, y,
+                idx);
 }
 
 template <typename T, int kLayout, typename I>

@@ -20,8 +20,7 @@ namespace {
 using namespace jaxconv;
 using namespace jaxconv::cuda;
 
-bool geometry(const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs,
-              ConvGeometry* g) {
+bool geometry(const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs, ConvGeometry* g) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   return make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims),

@@ -58,10 +58,8 @@ inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 namespace jaxconv::cuda {
 
 template <typename... Params, typename... Args>
-cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t,
-                   Args... args) {
-  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x == 0 ||
-      grid.x == 0)
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, Args... args) {
+  if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x == 0 || grid.x == 0)
     return cudaErrorInvalidConfiguration;  // the kernels only use 1-d launches
   const unsigned blocks = grid.x < emu::max_blocks ? grid.x : emu::max_blocks;
   emu::grid_size = {blocks, 1, 1};

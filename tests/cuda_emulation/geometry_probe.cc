@@ -33,8 +33,8 @@ void probe_phase_taps(int64_t rho, int64_t stride, int64_t pad_lo, int64_t dilat
 
 int64_t probe_inverse_mod(int64_t a, int64_t m) { return jaxconv::inverse_mod(a, m); }
 
-void probe_covering_outputs(int64_t i, int64_t stride, int64_t pad_lo, int64_t dilation,
-                            int64_t k, int64_t out, int64_t* range) {
+void probe_covering_outputs(int64_t i, int64_t stride, int64_t pad_lo, int64_t dilation, int64_t k,
+                            int64_t out, int64_t* range) {
   jaxconv::OutputRange r = jaxconv::covering_outputs(i, stride, pad_lo, dilation, k, out);
   range[0] = r.lo;
   range[1] = r.hi;

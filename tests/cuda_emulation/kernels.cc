@@ -48,8 +48,7 @@ extern "C" {
 // offsets.
 int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
              const int64_t* attrs, const void* a, const void* b, const void* bias, void* out,
-             unsigned max_blocks, int tensor_cores,
-             int allow_tf32, int force_mma_tile) {
+             unsigned max_blocks, int tensor_cores, int allow_tf32, int force_mma_tile) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   ConvGeometry g;
@@ -74,10 +73,9 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
         const PassParams pp = which == 0 ? forward_pass(g) : bwd_data_pass(g);
         if (pp.M == 0) return 0;
         const bool index32 = !force_int64 && mma_index32(pp);
-        return status(large ? launch_pass_mma<T, MmaLargeTile>(pp, ta, tb, tbias, tout, index32,
-                                                               nullptr)
-                            : launch_pass_mma<T, MmaSmallTile>(pp, ta, tb, tbias, tout, index32,
-                                                               nullptr));
+        return status(
+            large ? launch_pass_mma<T, MmaLargeTile>(pp, ta, tb, tbias, tout, index32, nullptr)
+                  : launch_pass_mma<T, MmaSmallTile>(pp, ta, tb, tbias, tout, index32, nullptr));
       }
     } else {
       if (forced) return 1;  // float64 has no tensor-core kernel
@@ -85,8 +83,7 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
     if (which == 0)
       return g.N == 0 ? 0 : status(conv2d_forward<T>(g, ta, tb, tbias, tout, nullptr, opts));
     if (which == 1)
-      return g.N == 0 ? 0
-                      : status(conv2d_backward_data<T>(g, ta, tb, tbias, tout, nullptr, opts));
+      return g.N == 0 ? 0 : status(conv2d_backward_data<T>(g, ta, tb, tbias, tout, nullptr, opts));
     if (g.N == 0) {  // the handler zeroes dw with cudaMemsetAsync
       std::memset(out, 0, size_t(g.O * g.gemm_k()) * sizeof(T));
       return 0;
@@ -96,16 +93,16 @@ int emu_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
                                    force_int64)
                : FilterLauncher<T>(g, opts);
     std::vector<Acc> workspace(size_t(launcher.workspace_bytes() / int64_t(sizeof(Acc))));
-    return status(launcher.run(ta, tb, tout, workspace.empty() ? nullptr : workspace.data(),
-                               nullptr));
+    return status(
+        launcher.run(ta, tb, tout, workspace.empty() ? nullptr : workspace.data(), nullptr));
   });
 }
 
 // The bwd_filter plan for a geometry under PassOptions {tensor_cores, allow_tf32}:
 // {splits, chunk, tiles, workspace bytes, kernel (FilterKernel: 0 SIMT wide, 1 SIMT small,
 // 2 tensor cores 128 x 128, 3 tensor cores 64 x 64)}.
-int emu_filter_plan(const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs,
-                    int dtype, int tensor_cores, int allow_tf32, int64_t* plan) {
+int emu_filter_plan(const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs, int dtype,
+                    int tensor_cores, int allow_tf32, int64_t* plan) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   ConvGeometry g;
@@ -189,8 +186,7 @@ int emu_mma_filter_pos(int dtype, const int64_t* x_dims, const int64_t* w_dims,
 // Whether the tensor-core kernel of direction `which` (0 forward, 1 bwd_data, 2 bwd_filter)
 // would form int32 offsets (mma_index32): 1 yes, 0 no (int64), -1 for an invalid geometry.
 // Needs only the shapes, so sizes past 2^31 elements can be asked about.
-int emu_mma_index32(int which, const int64_t* x_dims, const int64_t* w_dims,
-                    const int64_t* attrs) {
+int emu_mma_index32(int which, const int64_t* x_dims, const int64_t* w_dims, const int64_t* attrs) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   ConvGeometry g;

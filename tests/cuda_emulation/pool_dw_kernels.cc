@@ -54,24 +54,27 @@ int emu_fast_divmod64(uint64_t d, const uint64_t* n, int64_t count, uint64_t* q)
 
 // The index-width helpers against geometry.h's int64 originals: for output/input position i
 // of one axis, out = {window_taps_div lo, hi, covering_outputs_div lo, hi} with I = int32_t.
-int emu_tap_helpers(int64_t i, int64_t stride, int64_t pad, int64_t dilation, int64_t k,
-                    int64_t in, int64_t out_size, int64_t* out) {
-  const TapSpan<int32_t> t = window_taps_div<int32_t>(
-      int32_t(i), int32_t(stride), int32_t(pad), Divider<int32_t>(dilation), int32_t(dilation),
-      int32_t(k), int32_t(in));
-  const TapSpan<int32_t> c = covering_outputs_div<int32_t>(
-      int32_t(i), Divider<int32_t>(stride), int32_t(stride), int32_t(pad), int32_t(dilation),
-      int32_t(k), int32_t(out_size));
-  out[0] = t.lo; out[1] = t.hi; out[2] = c.lo; out[3] = c.hi;
+int emu_tap_helpers(int64_t i, int64_t stride, int64_t pad, int64_t dilation, int64_t k, int64_t in,
+                    int64_t out_size, int64_t* out) {
+  const TapSpan<int32_t> t = window_taps_div<int32_t>(int32_t(i), int32_t(stride), int32_t(pad),
+                                                      Divider<int32_t>(dilation), int32_t(dilation),
+                                                      int32_t(k), int32_t(in));
+  const TapSpan<int32_t> c =
+      covering_outputs_div<int32_t>(int32_t(i), Divider<int32_t>(stride), int32_t(stride),
+                                    int32_t(pad), int32_t(dilation), int32_t(k), int32_t(out_size));
+  out[0] = t.lo;
+  out[1] = t.hi;
+  out[2] = c.lo;
+  out[3] = c.hi;
   return 0;
 }
 
 // which: 0 forward (a = x, out0 = y, out1 = int32 indices), 1 backward (a = dy, b = indices,
-// out0 = dx), 2 values-only forward (a = x, out0 = y; out1 unused). x_dims: the shape of x (dx for backward). attrs: kernel_h, kernel_w, stride_h,
-// stride_w, dilation_h, dilation_w, pad_top, pad_bottom, pad_left, pad_right, ceil_mode,
-// layout. index_bits: 0 as the handler picks, 32 or 64 to force that instantiation (64 is the
-// path of tensors with 2^30 elements or more). The pointers may be offset from 16-byte
-// alignment by the caller to reach the element-wise lanes.
+// out0 = dx), 2 values-only forward (a = x, out0 = y; out1 unused). x_dims: the shape of x (dx for
+// backward). attrs: kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, pad_top,
+// pad_bottom, pad_left, pad_right, ceil_mode, layout. index_bits: 0 as the handler picks, 32 or 64
+// to force that instantiation (64 is the path of tensors with 2^30 elements or more). The pointers
+// may be offset from 16-byte alignment by the caller to reach the element-wise lanes.
 int emu_pool_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* attrs,
                     const void* a, const void* b, void* out0, void* out1, int index_bits,
                     unsigned max_blocks) {
@@ -89,18 +92,15 @@ int emu_pool_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* 
       if (which == 0)
         return status(max_pool2d_forward<T>(g, in, out, static_cast<int32_t*>(out1), nullptr));
       if (which == 2) return status(max_pool2d_forward_values<T>(g, in, out, nullptr));
-      return status(
-          max_pool2d_backward<T>(g, in, static_cast<const int32_t*>(b), out, nullptr));
+      return status(max_pool2d_backward<T>(g, in, static_cast<const int32_t*>(b), out, nullptr));
     }
     auto run = [&](auto layout_tag, auto index_tag) {
       constexpr int L = decltype(layout_tag)::value;
       using I = decltype(index_tag);
       if (which == 0)
-        return status(
-            launch_pool_fwd<T, L, I>(g, in, out, static_cast<int32_t*>(out1), nullptr));
+        return status(launch_pool_fwd<T, L, I>(g, in, out, static_cast<int32_t*>(out1), nullptr));
       if (which == 2) return status(launch_pool_fwd<T, L, I, false>(g, in, out, nullptr, nullptr));
-      return status(
-          launch_pool_bwd<T, L, I>(g, in, static_cast<const int32_t*>(b), out, nullptr));
+      return status(launch_pool_bwd<T, L, I>(g, in, static_cast<const int32_t*>(b), out, nullptr));
     };
     using NCHW = std::integral_constant<int, kNCHW>;
     using NHWC = std::integral_constant<int, kNHWC>;
@@ -117,8 +117,8 @@ int emu_pool_kernel(int which, int dtype, const int64_t* x_dims, const int64_t* 
 // index_bits: 0 as the handler picks, 32 or 64 forced. Returns 3 when conv2d.cu would not
 // send this geometry to the direct kernels.
 int emu_direct_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
-                    const int64_t* attrs, const void* a, const void* b, const void* bias,
-                    void* out, int index_bits, unsigned max_blocks) {
+                    const int64_t* attrs, const void* a, const void* b, const void* bias, void* out,
+                    int index_bits, unsigned max_blocks) {
   ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
                attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
   ConvGeometry g;

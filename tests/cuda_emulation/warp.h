@@ -177,7 +177,7 @@ struct PendingCopy {
   int src_bytes;  // 16, or 0: zero fill
 };
 struct CopyQueue {
-  std::vector<PendingCopy> open;               // issued, not yet committed
+  std::vector<PendingCopy> open;                // issued, not yet committed
   std::deque<std::vector<PendingCopy>> groups;  // committed, oldest first
 };
 inline thread_local CopyQueue copy_queue;

@@ -23,14 +23,23 @@ __global__ void ldmatrix_kernel(int matrices, int trans, int row_step, const uin
   const uint16_t* row = &tile[((l * row_step) % 32) * 8];
   uint32_t r1[1], r2[2], r4[4];
   if (matrices == 1) {
-    if (trans) ldmatrix<1, true>(r1, row); else ldmatrix<1>(r1, row);
+    if (trans)
+      ldmatrix<1, true>(r1, row);
+    else
+      ldmatrix<1>(r1, row);
     r[0] = r1[0];
   } else if (matrices == 2) {
-    if (trans) ldmatrix<2, true>(r2, row); else ldmatrix<2>(r2, row);
+    if (trans)
+      ldmatrix<2, true>(r2, row);
+    else
+      ldmatrix<2>(r2, row);
     r[0] = r2[0];
     r[1] = r2[1];
   } else {
-    if (trans) ldmatrix<4, true>(r4, row); else ldmatrix<4>(r4, row);
+    if (trans)
+      ldmatrix<4, true>(r4, row);
+    else
+      ldmatrix<4>(r4, row);
     for (int j = 0; j < 4; ++j) r[j] = r4[j];
   }
   for (int j = 0; j < 4; ++j) out[l * 4 + j] = r[j];
@@ -44,9 +53,12 @@ __global__ void mma_kernel(int kind, const uint32_t* a, const uint32_t* b, const
   float acc[4];
   for (int i = 0; i < 4; ++i) ra[i] = a[l * 4 + i], acc[i] = c[l * 4 + i];
   for (int i = 0; i < 2; ++i) rb[i] = b[l * 2 + i];
-  if (kind == 0) mma<MmaKind::kBf16>(acc, ra, rb);
-  else if (kind == 1) mma<MmaKind::kF16>(acc, ra, rb);
-  else mma<MmaKind::kTf32>(acc, ra, rb);
+  if (kind == 0)
+    mma<MmaKind::kBf16>(acc, ra, rb);
+  else if (kind == 1)
+    mma<MmaKind::kF16>(acc, ra, rb);
+  else
+    mma<MmaKind::kTf32>(acc, ra, rb);
   for (int i = 0; i < 4; ++i) d[l * 4 + i] = acc[i];
 }
 
@@ -91,8 +103,8 @@ int status(cudaError_t err) { return err == cudaSuccess ? 0 : 2; }
 extern "C" {
 
 int probe_ldmatrix(int matrices, int trans, int row_step, const uint16_t* rows, uint32_t* out) {
-  return status(launch(ldmatrix_kernel, dim3(1), dim3(32), nullptr, matrices, trans, row_step,
-                       rows, out));
+  return status(
+      launch(ldmatrix_kernel, dim3(1), dim3(32), nullptr, matrices, trans, row_step, rows, out));
 }
 
 int probe_mma(int kind, const uint32_t* a, const uint32_t* b, const float* c, float* d) {
