@@ -204,8 +204,9 @@ def allow_tf32(precision: Any) -> int:
     operand) -> the allow_tf32 attribute (1 or 0)."""
     if precision is None:
         # (set through jax.config.update or the jax.default_matmul_precision context; the
-        # attribute is made at run time, so type checkers do not know it)
-        default = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+        # attribute is made at run time, and only some jax versions declare it to type checkers,
+        # so it is read through getattr)
+        default = getattr(jax.config, "jax_default_matmul_precision")  # noqa: B009
         if default is None:
             return 1
         try:
