@@ -18,7 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emulation import DTYPE_CODES, LAYOUT_CODES, MAX_BLOCKS, NP_DTYPES, build_emulation, ptr, vec
+from emulation import (
+    DTYPE_CODES,
+    LAYOUT_CODES,
+    MAX_BLOCKS,
+    NP_DTYPES,
+    build_emulation,
+    conv_attrs,
+    conv_case,
+    grid_values,
+    ptr,
+    vec,
+)
 from reference import ref_max_pool2d, ref_max_pool2d_lax, tol
 
 pytestmark = pytest.mark.slow(
@@ -363,25 +374,6 @@ def test_emulated_pool_fuzz(emu):
 # (C <= 4).
 
 
-def conv_case(n, c, h, w, o, k, *, stride=1, dilation=1, pads=0, groups=1):
-    two = lambda v: (v, v) if isinstance(v, int) else tuple(v)
-    if isinstance(pads, int):
-        pads = (pads, pads)
-    pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pads)
-    return dict(
-        n=n,
-        c=c,
-        h=h,
-        w=w,
-        o=o,
-        k=two(k),
-        stride=two(stride),
-        dilation=two(dilation),
-        pads=pads,
-        groups=groups,
-    )
-
-
 # jax#26266 (dilated grouped/depthwise convolutions wrong on H100) is the *_dilated cases.
 DIRECT_CASES = {
     "dw_3x3_pad1": conv_case(2, 6, 7, 7, 6, 3, pads=1, groups=6),
@@ -401,27 +393,6 @@ DIRECT_CASES = {
 }
 
 
-def _conv_attrs(c, layout):
-    (pt, pb), (pl, pr) = c["pads"]
-    return [
-        c["stride"][0],
-        c["stride"][1],
-        c["dilation"][0],
-        c["dilation"][1],
-        pt,
-        pb,
-        pl,
-        pr,
-        c["groups"],
-        LAYOUT_CODES[layout],
-    ]
-
-
-def _grid_values(rng, shape):
-    """Quarter-integers in [-1, 1]: exact in every dtype, so one float64 oracle serves all four."""
-    return jnp.asarray(rng.integers(-4, 5, shape) / 4.0, jnp.float64)
-
-
 @functools.cache
 def _direct_oracle(key):
     """lax's results (NCHW, float64): y = conv(x, w) + bias, and at dy the VJP of the bias-free
@@ -432,12 +403,12 @@ def _direct_oracle(key):
 
     c, seed = dict(key[0]), key[1]
     rng = np.random.default_rng(seed)
-    x = _grid_values(rng, (c["n"], c["c"], c["h"], c["w"]))
-    w = _grid_values(rng, (c["o"], c["c"] // c["groups"]) + c["k"])
-    bias, bias_dx = _grid_values(rng, (c["o"],)), _grid_values(rng, (c["c"],))
+    x = grid_values(rng, (c["n"], c["c"], c["h"], c["w"]))
+    w = grid_values(rng, (c["o"], c["c"] // c["groups"]) + c["k"])
+    bias, bias_dx = grid_values(rng, (c["o"],)), grid_values(rng, (c["c"],))
     kw = dict(stride=c["stride"], padding=c["pads"], dilation=c["dilation"], groups=c["groups"])
     y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), x, w)
-    dy = _grid_values(rng, y.shape)
+    dy = grid_values(rng, y.shape)
     dx, dw = vjp(dy)
     return dict(
         x=x,
@@ -467,7 +438,7 @@ def _check_direct(emu, c, layout, dtypes, index_bits_list, seed=0):
     )
     x, dy, y, dx = (acts(r[k]) for k in ("x", "dy", "y", "dx"))
     w, dw = wgts(r["w"]), wgts(r["dw"])
-    attrs = vec(_conv_attrs(c, layout))
+    attrs = vec(conv_attrs(c, layout))
     for dtype in dtypes:
         code = DTYPE_CODES[dtype]
         cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(NP_DTYPES[dtype]))
@@ -508,7 +479,7 @@ def test_emulated_direct_conv_kernels(emu, name, layout):
 
 def test_direct_conv_takes_only_depthwise_and_few_channels(emu):
     """conv2d.cu sends a geometry to the direct kernels only when groups == C or C <= 4."""
-    attrs = vec(_conv_attrs(conv_case(1, 8, 5, 5, 8, 3, groups=2), "NCHW"))
+    attrs = vec(conv_attrs(conv_case(1, 8, 5, 5, 8, 3, groups=2), "NCHW"))
     x = np.zeros((1, 8, 5, 5), np.float32)
     w = np.zeros((8, 4, 3, 3), np.float32)
     y = np.zeros((1, 8, 3, 3), np.float32)
