@@ -50,8 +50,12 @@ def test_device_only_selection_and_progress_lines(tmp_path):
     }
     import os
 
+    # When this test itself runs in an xdist worker, its environment says so (PYTEST_XDIST_*,
+    # which conftest reads to leave progress lines to the controlling process): the child session
+    # must not inherit that, or its controller would take itself for a worker and write nothing.
+    parent = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     res = subprocess.run(
-        args, cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+        args, cwd=tmp_path, env={**parent, **env}, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 1, res.stdout[-2000:]  # one test fails on purpose
     # (under xdist the workers deselect, so the count line has no "2 deselected")
