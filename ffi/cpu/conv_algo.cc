@@ -48,30 +48,8 @@ constexpr int64_t kChannelsPerTransform = 16;
 
 // Transform sizes: products of 2, 3 and 5 up to kFftMaxSide.
 const std::vector<int64_t>& smooth_sizes() {
-  static const std::vector<int64_t> sizes = [] {
-    std::vector<int64_t> s;
-    for (int64_t n = 2; n <= kFftMaxSide; ++n) {
-      int64_t m = n;
-      for (int64_t f : {2, 3, 5})
-        while (m % f == 0) m /= f;
-      if (m == 1) s.push_back(n);
-    }
-    return s;
-  }();
+  static const std::vector<int64_t> sizes = fft_sizes(kFftMaxSide, {2, 3, 5});
   return sizes;
-}
-
-int64_t effective(int64_t k, int64_t d) { return (k - 1) * d + 1; }
-
-// The extent of the correlation's output (the tiled plane) per direction.
-void out_extent(const ConvGeometry& g, ConvDirection dir, int64_t* U, int64_t* V) {
-  if (dir == ConvDirection::kBackwardData) {
-    *U = g.H;
-    *V = g.W;
-  } else {  // forward writes y; bwd_filter tiles the positions of dy
-    *U = g.OH;
-    *V = g.OW;
-  }
 }
 
 double transform_cost(int64_t P, int64_t Q) {
@@ -80,35 +58,12 @@ double transform_cost(int64_t P, int64_t Q) {
   return cache * pq * (kFftLog * std::log2(pq) + kFftPoint);
 }
 
-// The cheapest plan for a U x V output and a KEh x KEw effective kernel (invalid when the
-// kernel does not fit a transform).
-FftPlan best_plan(int64_t U, int64_t V, int64_t KEh, int64_t KEw, double* cost) {
-  FftPlan best;
-  double best_cost = 0;
-  for (int64_t P : smooth_sizes()) {
-    if (P < KEh) continue;
-    const int64_t TH = std::min(U, P - KEh + 1);
-    for (int64_t Q : smooth_sizes()) {
-      if (Q < KEw) continue;
-      const int64_t TW = std::min(V, Q - KEw + 1);
-      const int64_t tiles = ((U + TH - 1) / TH) * ((V + TW - 1) / TW);
-      const double c = double(tiles) * transform_cost(P, Q);
-      if (!best.valid() || c < best_cost) {
-        best = {P, Q, TH, TW};
-        best_cost = c;
-      }
-      if (TW == V) break;  // a larger whole-width transform only costs more
-    }
-    if (TH == U) break;  // likewise along the rows
-  }
-  *cost = best_cost;
-  return best;
-}
-
 FftPlan fft_plan(const ConvGeometry& g, ConvDirection dir, double* cost) {
   int64_t U, V;
-  out_extent(g, dir, &U, &V);
-  return best_plan(U, V, effective(g.KH, g.p.dilation_h), effective(g.KW, g.p.dilation_w), cost);
+  fft_out_extent(g, dir, &U, &V);
+  return best_fft_plan(U, V, effective_kernel(g.KH, g.p.dilation_h),
+                       effective_kernel(g.KW, g.p.dilation_w), smooth_sizes(), transform_cost,
+                       cost);
 }
 
 // Whether the FFT is cheaper than the direct kernel by the model.
@@ -130,10 +85,7 @@ bool fft_pays(const ConvGeometry& g, ConvDirection dir, const FftPlan& pl, doubl
 }  // namespace
 
 const char* fft_inapplicable(const ConvGeometry& g, ConvDirection dir, bool float64) {
-  if (float64) return "float64 runs the direct kernels only";
-  if (g.p.stride_h != 1 || g.p.stride_w != 1) return "the FFT kernels need stride 1";
-  if (g.in_per_group() != 1 || g.out_per_group() != 1)
-    return "the FFT kernels are depthwise only (one input and one output channel per group)";
+  if (const char* why = fft_depthwise_inapplicable(g, float64)) return why;
   double cost;
   if (!fft_plan(g, dir, &cost).valid())
     return "the dilated kernel is larger than the largest transform (128)";
