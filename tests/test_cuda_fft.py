@@ -1,6 +1,7 @@
 """The CUDA FFT depthwise convolution (ffi/cuda/fft_conv.cuh) and its choice
 (ffi/cuda/fft_conv_choice.h) under the host emulation (tests/cuda_emulation/fft_kernels.cc):
-forward and bwd_data against float64 references (lax through reference.ref_conv2d and its VJP)
+forward, bwd_data and bwd_filter against float64 references (lax through reference.ref_conv2d
+and its VJP)
 as max |err| / max |y| for standard-normal float32 operands, per transform size and tile, both
 layouts, dilation, several tiles; the half types; the non-finite fallback; the forced-algorithm
 errors; determinism; the emulated __syncthreads_or the kernel relies on.
@@ -48,22 +49,27 @@ def _layout(c, layout):
 
 
 def _oracle(c, x, w, bias, dy):
-    """float64: y = conv(x, w) + bias and, at dy, dx = conv_transpose(dy, w) + bias (NCHW)."""
+    """float64: y = conv(x, w) + bias and, at dy, dx = conv_transpose(dy, w) + bias and the
+    filter gradient dw (NCHW / OIHW)."""
     kw = dict(stride=c["stride"], padding=c["pads"], dilation=c["dilation"], groups=c["groups"])
     f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
-    y, vjp = jax.vjp(lambda x_: ref_conv2d(x_, f64(w), **kw), f64(x))
-    (dx,) = vjp(f64(dy))
+    y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), f64(x), f64(w))
+    dx, dw = vjp(f64(dy))
     b = np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
-    return np.asarray(y) + b, np.asarray(dx) + b
+    return np.asarray(y) + b, np.asarray(dx) + b, np.asarray(dw)
 
 
-def _run(emu, c, layout, which, a, w, bias, plan=(0, 0, 0, 0), dtype="float32", max_blocks=3):
-    """emu_fft_conv on NCHW arrays a (x or dy), w (OIHW), bias; the result as NCHW float64."""
+def _run(emu, c, layout, which, a, b, bias, plan=(0, 0, 0, 0), dtype="float32", max_blocks=3):
+    """emu_fft_conv on NCHW / OIHW arrays: forward a = x, b = w; bwd_data a = dy, b = w;
+    bwd_filter a = x, b = dy (bias None). The result as NCHW (OIHW) float64."""
     xs, ws, act, wgt = _layout(c, layout)
     cl = dict(c, layout=layout)
-    conv = lambda v: np.ascontiguousarray(np.asarray(v).astype(NP_DTYPES[dtype]))
-    a_l, w_l, b_l = conv(act(a)), conv(wgt(w)), conv(bias)
-    out = np.full(act(np.zeros(c["out_shape"][which])).shape, np.nan, NP_DTYPES[dtype])
+    conv = lambda v: (
+        None if v is None else np.ascontiguousarray(np.asarray(v).astype(NP_DTYPES[dtype]))
+    )
+    a_l, b_l, bias_l = conv(act(a)), conv(act(b) if which == 2 else wgt(b)), conv(bias)
+    out_map = wgt if which == 2 else act
+    out = np.full(out_map(np.zeros(c["out_shape"][which])).shape, np.nan, NP_DTYPES[dtype])
     rc = emu.emu_fft_conv(
         which,
         DTYPE_CODES[dtype],
@@ -72,13 +78,15 @@ def _run(emu, c, layout, which, a, w, bias, plan=(0, 0, 0, 0), dtype="float32", 
         vec(conv_attrs(cl)),
         vec(plan),
         ptr(a_l),
-        ptr(w_l),
         ptr(b_l),
+        ptr(bias_l),
         ptr(out),
         ctypes.c_uint(max_blocks),
     )
     assert rc == 0, f"emu_fft_conv returned {rc}"
     back = (lambda v: v) if layout == "NCHW" else (lambda v: np.transpose(v, (0, 3, 1, 2)))
+    if which == 2 and layout == "NHWC":
+        back = lambda v: np.transpose(v, (3, 2, 0, 1))  # HWIO -> OIHW
     return back(out.astype(np.float64))
 
 
@@ -97,9 +105,9 @@ def _operands(c, seed=0):
         jnp.zeros(w.shape),
     ).shape
     dy = f32(y_shape)
-    c["out_shape"] = {0: y_shape, 1: x.shape}
-    y, dx = _oracle(c, x, w, bias, dy)
-    return x, w, bias, dy, y, dx
+    c["out_shape"] = {0: y_shape, 1: x.shape, 2: w.shape}
+    y, dx, dw = _oracle(c, x, w, bias, dy)
+    return x, w, bias, dy, y, dx, dw
 
 
 def _direct_depthwise(a, w, bias, k, pad, which):
@@ -150,16 +158,24 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["forward", "bwd_data"])
+DIRECTIONS = [0, 1, 2]
+DIRECTION_IDS = ["forward", "bwd_data", "bwd_filter"]
+
+
+def _direction(which, x, w, bias, dy, y, dx, dw):
+    """(a, b, bias, want) of direction `which` for _run."""
+    return [(x, w, bias, y), (dy, w, bias, dx), (x, dy, None, dw)][which]
+
+
+@pytest.mark.parametrize("which", DIRECTIONS, ids=DIRECTION_IDS)
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_fft_conv_float32_error(emu, name, layout, which):
     """max |err| / max |y| <= 1e-5 against float64 for standard-normal float32 operands."""
     c, plan = CASES[name]
     c = dict(c)
-    x, w, bias, dy, y, dx = _operands(c)
-    got = _run(emu, c, layout, which, x if which == 0 else dy, w, bias, plan)
-    want = y if which == 0 else dx
+    a, b, bias, want = _direction(which, *_operands(c))
+    got = _run(emu, c, layout, which, a, b, bias, plan)
     rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
     assert rel <= 1e-5, (name, layout, which, rel)
 
@@ -169,13 +185,14 @@ def test_fft_conv_half_types(emu, dtype):
     """Half operands load into float32 and round once on store: against the float64 oracle of
     the rounded operands, the error is that last rounding (half an ulp of the largest value)."""
     c = dict(CASES["5x5_dil2_16x16_tiles"][0])
-    x, w, bias, dy, _, _ = _operands(c)
+    x, w, bias, dy, *_ = _operands(c)
     rnd = lambda a: np.asarray(a).astype(NP_DTYPES[dtype]).astype(np.float64)
     x, w, bias, dy = map(rnd, (x, w, bias, dy))
-    y, dx = _oracle(c, x, w, bias, dy)
+    y, dx, dw = _oracle(c, x, w, bias, dy)
     ulp = {"float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
-    for which, a, want in ((0, x, y), (1, dy, dx)):
-        got = _run(emu, c, "NHWC", which, a, w, bias, (16, 16, 8, 8), dtype=dtype)
+    for which in DIRECTIONS:
+        a, b, bias_, want = _direction(which, x, w, bias, dy, y, dx, dw)
+        got = _run(emu, c, "NHWC", which, a, b, bias_, (16, 16, 8, 8), dtype=dtype)
         rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
         assert rel <= ulp, (which, rel)
 
@@ -186,7 +203,7 @@ def test_fft_conv_non_finite_falls_back_to_direct(emu, which):
     where the float64 direct convolution's is, and close to it elsewhere (the affected blocks
     compute their tiles tap by tap; the others stay FFT)."""
     c = dict(_dw(1, 3, 20, 20, 5, pads=2))
-    x, w, bias, dy, y, dx = _operands(c)
+    x, w, bias, dy, y, dx, _ = _operands(c)
     # the direct oracle agrees with lax's where the operands are finite
     finite_want = _direct_depthwise(x if which == 0 else dy, w, bias, (5, 5), (2, 2), which)
     np.testing.assert_allclose(finite_want, y if which == 0 else dx, rtol=1e-12, atol=1e-12)
@@ -206,14 +223,52 @@ def test_fft_conv_non_finite_falls_back_to_direct(emu, which):
     assert rel <= 1e-5
 
 
+def _direct_depthwise_filter(x, dy, k, pad):
+    """float64 direct depthwise stride-1 filter gradient: dw[c, kh, kw] = sum over n and the dy
+    positions of x[n, c, u + kh - pt, v + kw - pl] * dy[n, c, u, v], x outside the plane
+    skipped (an inf dy times a padding zero would be NaN)."""
+    n, c, h, wd = x.shape
+    oh, ow = dy.shape[2:]
+    (kh_n, kw_n), (pt, pl) = k, pad
+    dw = np.zeros((c, 1, kh_n, kw_n))
+    for kh in range(kh_n):
+        for kw in range(kw_n):
+            u = np.arange(oh)[:, None] + kh - pt
+            v = np.arange(ow)[None, :] + kw - pl
+            uu, vv = np.where((u >= 0) & (u < h) & (v >= 0) & (v < wd))
+            prod = x[:, :, uu + kh - pt, vv + kw - pl] * dy[:, :, uu, vv]
+            dw[:, 0, kh, kw] = prod.sum(axis=(0, 2))
+    return dw
+
+
+def test_fft_conv_bwd_filter_non_finite_falls_back_to_direct(emu):
+    """bwd_filter with a NaN in x (channel 0) and an inf in dy (channel 1): non-finite exactly
+    where the direct sums are, channel 2 (FFT in every block) close to the oracle."""
+    c = dict(_dw(2, 3, 20, 20, 5, pads=2))
+    x, w, bias, dy, _, _, dw = _operands(c)
+    np.testing.assert_allclose(_direct_depthwise_filter(x, dy, (5, 5), (2, 2)), dw, rtol=1e-12)
+    x, dy = x.copy(), dy.copy()
+    x[1, 0, 3, 4] = np.nan
+    dy[0, 1, 19, 0] = np.inf
+    with np.errstate(invalid="ignore"):
+        want = _direct_depthwise_filter(x, dy, (5, 5), (2, 2))
+    got = _run(emu, c, "NHWC", 2, x, dy, None, (16, 16, 12, 12))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isfinite(want[2]).all() and not np.isfinite(want[1]).all()
+    rel = np.max(np.abs(got[2] - want[2])) / np.max(np.abs(want[2]))
+    assert rel <= 1e-5
+
+
 def test_fft_conv_is_deterministic(emu):
     """Two runs, and runs over 3 and 2 blocks (another item-to-block assignment), bitwise."""
     c, plan = CASES["3x7_dil_rect_16x32"]
     c = dict(c)
-    x, w, bias, _, _, _ = _operands(c)
-    runs = [_run(emu, c, "NHWC", 0, x, w, bias, plan, max_blocks=m) for m in (3, 3, 2)]
-    for r in runs[1:]:
-        np.testing.assert_array_equal(r.view(np.uint64), runs[0].view(np.uint64))
+    x, w, bias, dy, *_ = _operands(c)
+    for which, a, b, bias_ in ((0, x, w, bias), (2, x, dy, None)):
+        runs = [_run(emu, c, "NHWC", which, a, b, bias_, plan, max_blocks=m) for m in (3, 3, 2)]
+        for r in runs[1:]:
+            np.testing.assert_array_equal(r.view(np.uint64), runs[0].view(np.uint64))
 
 
 def _choice(emu, which, c, layout="NCHW", dtype="float32"):
@@ -237,7 +292,7 @@ FORCED_ERRORS = {
     "stride2": (0, _dw(1, 4, 16, 16, 5, stride=2, pads=2), "float32", "need stride 1"),
     "dense": (0, conv_case(1, 4, 16, 16, 8, 5, pads=2), "float32", "depthwise only"),
     "float64": (1, _dw(1, 4, 16, 16, 5, pads=2), "float64", "float64 runs the direct"),
-    "bwd_filter": (2, _dw(1, 4, 16, 16, 5, pads=2), "float32", "forward and bwd_data only"),
+    "bwd_filter_float64": (2, _dw(1, 4, 16, 16, 5, pads=2), "float64", "float64 runs the direct"),
     "kernel_over_64": (0, _dw(1, 2, 70, 70, 33, dilation=2, pads=32), "float32", "(64)"),
 }
 
@@ -260,7 +315,7 @@ def test_choice_follows_the_variable_and_the_model(emu, monkeypatch):
     rc, plan, _ = _choice(emu, 0, big)
     assert rc == 1 and plan[0] == 64 and plan[1] == 64 and plan[2] == plan[3] == 34
     assert _choice(emu, 1, big, "NHWC")[0] == 1
-    assert _choice(emu, 2, big)[0] == 0  # bwd_filter: direct
+    assert _choice(emu, 2, big)[0] == 1  # bwd_filter: the same model
     assert _choice(emu, 0, small)[0] == 0
     monkeypatch.setenv("JAXCONV_CUDA_CONV_ALGO", "direct")
     assert _choice(emu, 0, big)[0] == 0

@@ -1,10 +1,11 @@
-// FFT convolution on CUDA: depthwise, stride 1 (any dilation), forward and bwd_data (so stride-1
-// depthwise conv_transpose2d), NCHW and NHWC, float32 (float16 / bfloat16 loaded and computed in
-// float32). The plan (transform P x Q, output tile TH x TW) and the choice are in
-// fft_conv_choice.h; the correlation each direction computes is in ../fft_plan.h.
+// FFT convolution on CUDA: depthwise, stride 1 (any dilation), forward, bwd_data (so stride-1
+// depthwise conv_transpose2d) and bwd_filter (fft_depthwise_filter_kernel, below), NCHW and NHWC,
+// float32 (float16 / bfloat16 loaded and computed in float32). The plan (transform P x Q, output
+// tile TH x TW) and the choice are in fft_conv_choice.h; the correlation each direction computes is
+// in ../fft_plan.h.
 //
-// One kernel, one block of 256 threads per (tile, image, channel) item, grid-stride, everything
-// in the block's static shared memory (no workspace, no second kernel):
+// Forward / bwd_data: one kernel, one block of 256 threads per (tile, image, channel) item,
+// grid-stride, everything in the block's static shared memory (no workspace, no second kernel):
 //
 //   1. load: buf[rev(r), rev(s)] = patch[r][s] + i * f[r][s] for r < P, s < Q, where
 //      patch[r][s] = in[u0 + r - pad_h, v0 + s - pad_w] (zero outside the plane and beyond the
@@ -144,6 +145,28 @@ __device__ __forceinline__ void fft2d_dif(float2* buf, const float2* twiddle, in
   for (int s = logP - 1; s >= 0; --s) fft_stage<false, false>(buf, twiddle, logP, logQ, logN, s);
 }
 
+// Step 3: buf holds Z = F(a + i b) of two real planes a, b; leaves conj(C) / PQ with
+// C = A conj(B), the spectrum of the circular correlation of a with b, so that a forward
+// transform (fft2d_dif) of it has that correlation as its real part. A and B separate as
+// (Z[k] + conj Z[-k]) / 2 and (Z[k] - conj Z[-k]) / 2i; one thread per pair (k, -k), since
+// C[-k] = conj C[k]; the two halves and 1/PQ in one scale.
+__device__ __forceinline__ void fft_correlation_spectrum(float2* buf, int logP, int logQ) {
+  const int P = 1 << logP, Q = 1 << logQ, PQ = P * Q;
+  const float scale = 0.25f / float(PQ);
+  for (int idx = threadIdx.x; idx < PQ; idx += kFftThreads) {
+    const int k1 = idx >> logQ, k2 = idx & (Q - 1);
+    const int nidx = (((P - k1) & (P - 1)) << logQ) + ((Q - k2) & (Q - 1));
+    if (nidx < idx) continue;  // the pair's other thread
+    const float2 z = buf[idx], zn = buf[nidx];
+    const float xr = z.x + zn.x, xi = z.y - zn.y;  // 2 A
+    const float fr = z.y + zn.y, fi = zn.x - z.x;  // 2 B
+    const float cr = (xr * fr + xi * fi) * scale, ci = (xi * fr - xr * fi) * scale;
+    buf[nidx] = make_float2(cr, ci);
+    buf[idx] = make_float2(cr, -ci);
+  }
+  __syncthreads();
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kFftThreads)
     fft_depthwise_kernel(FftConvParams p, const T* in, const T* w, const T* bias, T* out) {
@@ -188,20 +211,7 @@ __global__ void __launch_bounds__(kFftThreads)
 
     if (!__syncthreads_or(bad)) {
       fft2d_dit(buf, twiddle, p.logP, p.logQ, p.logN);  // 2.
-      // 3. Y = X conj(F) at k and -k; the 1/4 of X and F's halves and 1/PQ in one scale.
-      const float scale = 0.25f / float(PQ);
-      for (int idx = tid; idx < PQ; idx += kFftThreads) {
-        const int k1 = idx >> p.logQ, k2 = idx & (Q - 1);
-        const int nidx = (((P - k1) & (P - 1)) << p.logQ) + ((Q - k2) & (Q - 1));
-        if (nidx < idx) continue;  // the pair's other thread
-        const float2 z = buf[idx], zn = buf[nidx];
-        const float xr = z.x + zn.x, xi = z.y - zn.y;  // 2 X
-        const float fr = z.y + zn.y, fi = zn.x - z.x;  // 2 F
-        const float cr = (xr * fr + xi * fi) * scale, ci = (xi * fr - xr * fi) * scale;
-        buf[nidx] = make_float2(cr, ci);
-        buf[idx] = make_float2(cr, -ci);
-      }
-      __syncthreads();
+      fft_correlation_spectrum(buf, p.logP, p.logQ);    // 3.
       fft2d_dif(buf, twiddle, p.logP, p.logQ, p.logN);  // 4.
       // 5.
       for (int idx = tid; idx < p.TH * p.TW; idx += kFftThreads) {
@@ -235,6 +245,98 @@ __global__ void __launch_bounds__(kFftThreads)
   }
 }
 
+// bwd_filter: dw[c, kh, kw] = sum over n and the dy positions (u, v) of
+// x[n, c, u + kh*dh - pad_h, v + kw*dw - pad_w] * dy[n, c, u, v], the correlation of the x patch
+// with the dy tile read at the taps (a, b) = (kh*dh, kw*dw). One block per (tile, channel) item
+// (channel fastest) loops over the images in order: load buf = patch + i * dy tile (dy at
+// [u][v], u < TH, v < TW, inside OH x OW), steps 2-4 as above, and each thread adds the taps it
+// owns (t = tid + 256 i) into partial[item][t] (the same thread every image, so a fixed order
+// without atomics; image 0 writes). A block whose loads hold inf or NaN sums its taps directly
+// from shared memory instead, over the positions the direct kernel visits (dy inside the plane,
+// x inside the plane). fft_filter_sum_kernel then adds the tiles of each (channel, tap) in tile
+// order and rounds to T.
+template <typename T>
+__global__ void __launch_bounds__(kFftThreads)
+    fft_depthwise_filter_kernel(FftConvParams p, int32_t images, const T* x, const T* dy,
+                                float* partial) {
+  __shared__ float2 buf[kCudaFftMaxSide * kCudaFftMaxSide];
+  __shared__ float2 twiddle[kCudaFftMaxSide / 2];
+  const int tid = threadIdx.x;
+  const int Q = 1 << p.logQ, PQ = (1 << p.logP) * Q;
+  const int taps = p.KH * p.KW;
+  for (int j = tid; j < (1 << p.logN) / 2; j += kFftThreads)
+    twiddle[j] = fft_unit_root(j, 1 << p.logN);
+
+  for (int64_t item = blockIdx.x; item < p.items; item += gridDim.x) {  // items = tiles * C
+    const int c = int(item % p.C);
+    const int tile = int(item / p.C);
+    const int u0 = (tile / p.tiles_w) * p.TH, v0 = (tile % p.tiles_w) * p.TW;
+    float* part = partial + item * taps;
+    for (int n = 0; n < images; ++n) {
+      const T* x_nc = x + n * p.in_s.n + c * p.in_s.c;
+      const T* dy_nc = dy + n * p.out_s.n + c * p.out_s.c;
+      int bad = 0;
+      for (int idx = tid; idx < PQ; idx += kFftThreads) {
+        const int r = idx >> p.logQ, s = idx & (Q - 1);
+        float re = 0.f, im = 0.f;
+        const int ih = u0 + r - p.pad_h, iw = v0 + s - p.pad_w;
+        if (r < p.RH && s < p.RW && ih >= 0 && ih < p.inH && iw >= 0 && iw < p.inW)
+          re = Num<T>::load(x_nc[ih * p.in_s.h + iw * p.in_s.w]);
+        if (r < p.TH && s < p.TW && u0 + r < p.outH && v0 + s < p.outW)
+          im = Num<T>::load(dy_nc[(u0 + r) * p.out_s.h + (v0 + s) * p.out_s.w]);
+        bad |= !(fft_finite(re) && fft_finite(im));
+        buf[(fft_bit_reverse(r, p.logP) << p.logQ) + fft_bit_reverse(s, p.logQ)] =
+            make_float2(re, im);
+      }
+      if (!__syncthreads_or(bad)) {
+        fft2d_dit(buf, twiddle, p.logP, p.logQ, p.logN);
+        fft_correlation_spectrum(buf, p.logP, p.logQ);
+        fft2d_dif(buf, twiddle, p.logP, p.logQ, p.logN);
+        for (int t = tid; t < taps; t += kFftThreads) {
+          const int kh = t / p.KW, kw = t - kh * p.KW;
+          const float v = buf[(fft_bit_reverse(kh * p.dh, p.logP) << p.logQ) +
+                              fft_bit_reverse(kw * p.dw, p.logQ)]
+                              .x;
+          part[t] = n == 0 ? v : part[t] + v;
+        }
+      } else {
+        for (int t = tid; t < taps; t += kFftThreads) {
+          const int kh = t / p.KW, kw = t - kh * p.KW;
+          float acc = 0.f;
+          for (int u = 0; u < p.TH && u0 + u < p.outH; ++u) {
+            const int r = u + kh * p.dh, ih = u0 + r - p.pad_h;
+            if (ih < 0 || ih >= p.inH) continue;
+            for (int v = 0; v < p.TW && v0 + v < p.outW; ++v) {
+              const int s = v + kw * p.dw, iw = v0 + s - p.pad_w;
+              if (iw < 0 || iw >= p.inW) continue;
+              acc += buf[(fft_bit_reverse(r, p.logP) << p.logQ) + fft_bit_reverse(s, p.logQ)].x *
+                     buf[(fft_bit_reverse(u, p.logP) << p.logQ) + fft_bit_reverse(v, p.logQ)].y;
+            }
+          }
+          part[t] = n == 0 ? acc : part[t] + acc;
+        }
+      }
+      __syncthreads();  // buf is rewritten by the next image
+    }
+  }
+}
+
+// dw[c, kh, kw] = sum over tiles, in tile order, of partial[tile * C + c][kh * KW + kw].
+template <typename T>
+__global__ void __launch_bounds__(kFftThreads)
+    fft_filter_sum_kernel(FftConvParams p, const float* partial, T* dw) {
+  const int taps = p.KH * p.KW;
+  const int64_t total = int64_t(p.C) * taps;
+  for (int64_t i = int64_t(blockIdx.x) * kFftThreads + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * kFftThreads) {
+    const int c = int(i / taps), t = int(i % taps);
+    float sum = 0.f;
+    for (int tile = 0; tile < p.tiles; ++tile) sum += partial[(int64_t(tile) * p.C + c) * taps + t];
+    const int kh = t / p.KW, kw = t - kh * p.KW;
+    dw[c * p.w_c + kh * p.w_h + kw * p.w_w] = Num<T>::store(sum);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -245,10 +347,11 @@ inline int fft_log2(int64_t n) {
 }
 
 // The kernel's parameters for direction `which` (0 forward: in = x, out = y; 1 bwd_data:
-// in = dy, out = dx) under plan `pl` (from cuda_fft_plan).
+// in = dy, out = dx; 2 bwd_filter: in = x, out = dy, the tiled plane) under plan `pl` (from
+// cuda_fft_plan).
 inline FftConvParams make_fft_conv_params(const ConvGeometry& g, int which, const FftPlan& pl) {
   FftConvParams p{};
-  const bool fwd = which == 0;
+  const bool fwd = which != 1;  // forward and bwd_filter read x and tile OH x OW
   const int64_t KEh = effective_kernel(g.KH, g.p.dilation_h);
   const int64_t KEw = effective_kernel(g.KW, g.p.dilation_w);
   p.C = int32_t(g.C);
@@ -269,7 +372,7 @@ inline FftConvParams make_fft_conv_params(const ConvGeometry& g, int which, cons
   // bwd_data: dx[h] = sum over a of dy[h + a - (KE - 1 - pad)] * w[flipped a].
   p.pad_h = int32_t(fwd ? g.p.pad_top : KEh - 1 - g.p.pad_top);
   p.pad_w = int32_t(fwd ? g.p.pad_left : KEw - 1 - g.p.pad_left);
-  p.flip = fwd ? 0 : 1;
+  p.flip = which == 1 ? 1 : 0;
   p.logP = fft_log2(pl.P);
   p.logQ = fft_log2(pl.Q);
   p.logN = p.logP > p.logQ ? p.logP : p.logQ;
@@ -279,23 +382,32 @@ inline FftConvParams make_fft_conv_params(const ConvGeometry& g, int which, cons
   p.RW = int32_t(pl.TW + KEw - 1);
   p.tiles_w = int32_t(ceil_div(p.outW, pl.TW));
   p.tiles = int32_t(ceil_div(p.outH, pl.TH)) * p.tiles_w;
-  p.items = int64_t(g.N) * p.tiles * p.C;
+  p.items = int64_t(which == 2 ? 1 : g.N) * p.tiles * p.C;  // bwd_filter loops over images
   return p;
 }
 
 template <typename T>
 cudaError_t fft_depthwise_conv(const ConvGeometry& g, int which, const FftPlan& pl, const T* a,
-                               const T* w, const T* bias, T* out, cudaStream_t stream) {
+                               const T* b, const T* bias, T* out, float* workspace,
+                               cudaStream_t stream) {
   if constexpr (std::is_same_v<T, double>) {
     return cudaErrorInvalidValue;  // float64 stays direct (cuda_fft_inapplicable)
   } else {
-    if (!pl.valid() || pl.P > kCudaFftMaxSide || pl.Q > kCudaFftMaxSide ||
-        (which != 0 && which != 1))
+    if (!pl.valid() || pl.P > kCudaFftMaxSide || pl.Q > kCudaFftMaxSide || which < 0 || which > 2 ||
+        (which == 2 && workspace == nullptr))
       return cudaErrorInvalidValue;
     const FftConvParams p = make_fft_conv_params(g, which, pl);
     if (p.items == 0) return cudaSuccess;
+    if (which == 2) {  // a = x, b = dy, out = dw; workspace: cuda_fft_workspace_bytes
+      const cudaError_t err = launch(fft_depthwise_filter_kernel<T>, dim3(grid_blocks(p.items)),
+                                     dim3(kFftThreads), stream, p, int32_t(g.N), a, b, workspace);
+      if (err != cudaSuccess) return err;
+      return launch(fft_filter_sum_kernel<T>,
+                    dim3(grid_blocks(ceil_div_pos(int64_t(p.C) * p.KH * p.KW, kFftThreads))),
+                    dim3(kFftThreads), stream, p, static_cast<const float*>(workspace), out);
+    }
     return launch(fft_depthwise_kernel<T>, dim3(grid_blocks(p.items)), dim3(kFftThreads), stream, p,
-                  a, w, bias, out);
+                  a, b, bias, out);
   }
 }
 

@@ -4,8 +4,8 @@
 // tests (tests/cuda_emulation/fft_kernels.cc) ask it the same question.
 //
 // Applicability is the CPU's (../fft_plan.h, fft_depthwise_inapplicable: depthwise, stride 1,
-// not float64) plus the GPU's own limits: forward and bwd_data only, and a dilated kernel of at
-// most kCudaFftMaxSide per axis (one 64 x 64 complex float transform is the block's 32 KiB of
+// not float64, all three directions) plus the GPU's own limit: a dilated kernel of at most
+// kCudaFftMaxSide per axis (one 64 x 64 complex float transform is the block's 32 KiB of
 // static shared memory).
 //
 // The environment variable JAXCONV_CUDA_CONV_ALGO takes the values of the CPU's
@@ -50,7 +50,9 @@ inline CudaConvAlgo cuda_conv_algo() {
 
 // GPU cost model, in units of one direct depthwise multiply-add (a tap of the direct kernel: an
 // FMA and an L1/shared load). ESTIMATES, not measured: no GPU has timed either kernel yet
-// (docs/design.md, "FFT convolution (CUDA)"). Per tile the kernel runs two radix-2 2-d
+// (docs/design.md, "FFT convolution (CUDA)"). The same for the three directions (each runs two
+// transforms per tile and image against the direct kernel's one multiply-add per tap and
+// position). Per tile the kernel runs two radix-2 2-d
 // transforms of P*Q points, log2(P*Q) stages each, every point taking part in half a butterfly
 // per stage (a complex multiply-add on shared memory, about 4 units), and per point a load, the
 // pointwise product, a store (about 20 units).
@@ -81,8 +83,6 @@ inline FftPlan cuda_fft_plan(const ConvGeometry& g, ConvDirection dir, double* c
 // Why the CUDA FFT kernel cannot run this call, or nullptr when it can.
 inline const char* cuda_fft_inapplicable(const ConvGeometry& g, ConvDirection dir, bool float64) {
   if (const char* why = fft_depthwise_inapplicable(g, float64)) return why;
-  if (dir == ConvDirection::kBackwardFilter)
-    return "the CUDA FFT kernel covers forward and bwd_data only (bwd_filter runs direct)";
   double cost;
   if (!cuda_fft_plan(g, dir, &cost).valid())
     return "the dilated kernel is larger than the largest CUDA transform (64)";
@@ -94,6 +94,15 @@ inline bool cuda_fft_pays(const ConvGeometry& g, double plan_cost) {
   const double fft = double(g.N) * double(g.C) * plan_cost;
   const double direct = double(g.N) * double(g.C) * double(g.OH * g.OW) * double(g.KH * g.KW);
   return kCudaFftMargin * fft < direct;
+}
+
+// Device memory the FFT bwd_filter needs (forward and bwd_data need none): the per-tile tap
+// sums, float32, tiles * C * KH * KW of them (independent of the batch: each block sums its
+// images in place).
+inline int64_t cuda_fft_workspace_bytes(const ConvGeometry& g, ConvDirection dir,
+                                        const FftPlan& pl) {
+  if (dir != ConvDirection::kBackwardFilter || !pl.valid()) return 0;
+  return pl.tiles(g.OH, g.OW) * g.C * g.KH * g.KW * int64_t(sizeof(float));
 }
 
 struct CudaAlgoChoice {

@@ -118,8 +118,10 @@ cudaError_t launch_conv_direct(const ConvGeometry& g, int which, const T* a, con
 }
 template <typename T>
 cudaError_t launch_conv_fft(const ConvGeometry& g, int which, const FftPlan& plan, const T* a,
-                            const T* b, const T* bias, T* out, cudaStream_t stream) {
-  return fft_depthwise_conv<T>(g, which, plan, a, b, bias, out, stream);
+                            const T* b, const T* bias, T* out, void* workspace,
+                            cudaStream_t stream) {
+  return fft_depthwise_conv<T>(g, which, plan, a, b, bias, out, static_cast<float*>(workspace),
+                               stream);
 }
 template <typename T>
 cudaError_t launch_max_pool_forward(const PoolGeometry& g, const T* x, T* y, int32_t* idx,
@@ -157,7 +159,7 @@ cudaError_t launch_max_pool_backward(const PoolGeometry& g, const T* dy, const i
   template cudaError_t launch_conv_direct<T>(const ConvGeometry&, int, const T*, const T*,    \
                                              const T*, T*, cudaStream_t);                     \
   template cudaError_t launch_conv_fft<T>(const ConvGeometry&, int, const FftPlan&, const T*, \
-                                          const T*, const T*, T*, cudaStream_t);
+                                          const T*, const T*, T*, void*, cudaStream_t);
 #define JAXCONV_POOL(T)                                                                           \
   template cudaError_t launch_max_pool_forward<T>(const PoolGeometry&, const T*, T*, int32_t*,    \
                                                   cudaStream_t);                                  \

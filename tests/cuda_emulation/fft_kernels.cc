@@ -7,7 +7,9 @@
 #include "emulate.h"
 
 #include <cstring>
+#include <limits>
 #include <string>
+#include <vector>
 
 #include "cuda/fft_conv.cuh"
 
@@ -72,15 +74,16 @@ int emu_cuda_conv_choice(int which, int dtype, const int64_t* x_dims, const int6
   return 1;
 }
 
-// The FFT kernel for direction `which` (0 forward: a = x, b = w, out = y; 1 bwd_data: a = dy,
-// b = w, out = dx), bias null or per channel. plan: P, Q, TH, TW, or all zero for the plan the
+// The FFT kernels for direction `which` (0 forward: a = x, b = w, out = y; 1 bwd_data: a = dy,
+// b = w, out = dx; 2 bwd_filter: a = x, b = dy, out = dw, with a workspace allocated here),
+// bias null or per channel. plan: P, Q, TH, TW, or all zero for the plan the
 // choice would use (cuda_fft_plan). Returns 3 when the FFT kernel cannot run this call
 // (cuda_fft_inapplicable), 1 for a plan that does not fit the kernel.
 int emu_fft_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
                  const int64_t* attrs, const int64_t* plan, const void* a, const void* b,
                  const void* bias, void* out, unsigned max_blocks) {
   ConvGeometry g;
-  if (!geometry(x_dims, w_dims, attrs, &g) || (which != 0 && which != 1)) return 1;
+  if (!geometry(x_dims, w_dims, attrs, &g) || which < 0 || which > 2) return 1;
   if (cuda_fft_inapplicable(g, direction(which), dtype == 1)) return 3;
   FftPlan pl;
   if (plan[0] == 0) {
@@ -100,9 +103,13 @@ int emu_fft_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_d
   return dispatch(dtype, [&](auto zero) -> int {
     using T = decltype(zero);
     if (g.N == 0) return 0;
-    const cudaError_t err =
-        fft_depthwise_conv<T>(g, which, pl, static_cast<const T*>(a), static_cast<const T*>(b),
-                              static_cast<const T*>(bias), static_cast<T*>(out), nullptr);
+    // Filled with NaN: a tap sum read before it is written fails the comparison.
+    std::vector<float> workspace(
+        size_t(cuda_fft_workspace_bytes(g, direction(which), pl) / sizeof(float)) + 1,
+        std::numeric_limits<float>::quiet_NaN());
+    const cudaError_t err = fft_depthwise_conv<T>(
+        g, which, pl, static_cast<const T*>(a), static_cast<const T*>(b),
+        static_cast<const T*>(bias), static_cast<T*>(out), workspace.data(), nullptr);
     return err == cudaSuccess ? 0 : 2;
   });
 }
