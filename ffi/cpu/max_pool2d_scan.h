@@ -25,10 +25,6 @@
 
 #include "cpu_common.h"
 
-// The kernels pass GCC vectors between inlined helpers; GCC's note about the ABI for passing
-// them does not apply to anything that crosses a call boundary here.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace jaxconv::JAXCONV_CPU_CAPABILITY::max_pool {
 
 // Bytes per vector of lanes: one 256-bit register (two SSE registers in the baseline objects).
