@@ -125,9 +125,11 @@ void gemm_block(int64_t Kc, const float* x, int64_t xs, int64_t xim, const float
     }
     for (int m = 0; m < MR; ++m) {
       const float xr = x[m * xs + k], xi = x[m * xs + xim + k];
-      for (int n = 0; n < NR; ++n) {
-        ar[m][n] += xr * fr[n] - xi * fi[n];
-        ai[m][n] += xr * fi[n] + xi * fr[n];
+      for (int n = 0; n < NR; ++n) {  // one fused multiply-add per term (not mul, fma, add)
+        ar[m][n] = ar[m][n] + xr * fr[n];
+        ar[m][n] = ar[m][n] - xi * fi[n];
+        ai[m][n] = ai[m][n] + xr * fi[n];
+        ai[m][n] = ai[m][n] + xi * fr[n];
       }
     }
   }
@@ -194,9 +196,11 @@ void filter_block(int64_t B, const float* d, int64_t ds, int64_t dim, const floa
     }
     for (int r = 0; r < MR; ++r) {
       const float dr = d[m * ds + r], di = d[m * ds + dim + r];
-      for (int n = 0; n < NR; ++n) {  // conj(D) * X
-        ar[r][n] += dr * xr[n] + di * xi[n];
-        ai[r][n] += dr * xi[n] - di * xr[n];
+      for (int n = 0; n < NR; ++n) {  // conj(D) * X, one fused multiply-add per term
+        ar[r][n] = ar[r][n] + dr * xr[n];
+        ar[r][n] = ar[r][n] + di * xi[n];
+        ai[r][n] = ai[r][n] + dr * xi[n];
+        ai[r][n] = ai[r][n] - di * xr[n];
       }
     }
   }
@@ -208,13 +212,14 @@ void filter_block(int64_t B, const float* d, int64_t ds, int64_t dim, const floa
 }
 
 // Filter spectra conj(F)/(PQ): vector v of frequency k at F + k*fs + v*16 (re 8 lanes, im 8),
-// where v = (g*Ci + ci)*Cov + co/8 (lanes past Co zero). value(g, ci, co, t) is the filter at
-// effective position taps[t].
-template <typename Fn>
+// where v = (g*Ci + ci)*Cov + co/8 (lanes past Co zero). Tap t of filter (g, ci, co) is
+// filter(g, ci, co)[tap_off[t]], at effective position taps[t].
+template <typename T, typename Fn>
 void dense_filter_spectra(const ParallelRunner& pr, const DenseCorr& cr, const LinePlan& rows,
                           const LinePlan& cols,
-                          const std::vector<std::pair<int64_t, int64_t>>& taps, const Fn& value,
-                          float* F, int64_t fs) {
+                          const std::vector<std::pair<int64_t, int64_t>>& taps,
+                          const std::vector<int64_t>& tap_off, const Fn& filter, float* F,
+                          int64_t fs) {
   const FftPlan& pl = cr.pl;
   const int64_t Q = pl.Q, Cov = cr.Cov(), nv = cr.G * cr.Ci * Cov, pf = plane_floats(pl);
   const float scale = 1.0f / float(pl.P * pl.Q);
@@ -223,6 +228,7 @@ void dense_filter_spectra(const ParallelRunner& pr, const DenseCorr& cr, const L
     std::memset(b.re, 0, pf * sizeof(float));
     std::memset(b.im, 0, pf * sizeof(float));
     int64_t amax = 0;
+    for (const auto& t : taps) amax = std::max(amax, t.first + 1);
     for (int half = 0; half < 2; ++half) {
       const int64_t v = 2 * blk + half;
       if (v >= nv) break;
@@ -231,10 +237,9 @@ void dense_filter_spectra(const ParallelRunner& pr, const DenseCorr& cr, const L
       for (int l = 0; l < kL; ++l) {
         const int64_t co = v % Cov * kL + l;
         if (co >= cr.Co) break;
-        for (size_t t = 0; t < taps.size(); ++t) {
-          plane[(taps[t].first * Q + taps[t].second) * kL + l] = value(g, ci, co, t);
-          amax = std::max(amax, taps[t].first + 1);
-        }
+        const T* f = filter(g, ci, co);
+        for (size_t t = 0; t < taps.size(); ++t)
+          plane[(taps[t].first * Q + taps[t].second) * kL + l] = Num<T>::load(f[tap_off[t]]);
       }
     }
     fft2_forward(rows, cols, Q, 0, amax, &b);
@@ -282,15 +287,18 @@ bool dense_correlation(const ParallelRunner& pr, const ConvGeometry& g, const Ff
       const int64_t a = kh * g.p.dilation_h, b = kw * g.p.dilation_w;
       taps.push_back(flip ? std::make_pair(cr.KEh - 1 - a, cr.KEw - 1 - b) : std::make_pair(a, b));
     }
+  std::vector<int64_t> tap_off;
+  for (int64_t kh = 0; kh < g.KH; ++kh)
+    for (int64_t kw = 0; kw < g.KW; ++kw) tap_off.push_back(kh * ws.h + kw * ws.w);
   // forward: f[g][ci][co] = w[g*Co + co, ci]; bwd_data: f[g][oi][ci] = w[g*Ci + oi, ci].
-  auto value = [&](int64_t gr, int64_t a, int64_t b, size_t t) {
+  auto filter = [&](int64_t gr, int64_t a, int64_t b) {
     const int64_t o = flip ? gr * cr.Ci + a : gr * cr.Co + b, c = flip ? b : a;
-    return Num<T>::load(w[o * ws.n + c * ws.c + int64_t(t) / g.KW * ws.h + int64_t(t) % g.KW * ws.w]);
+    return w + o * ws.n + c * ws.c;
   };
   const LinePlan rows = make_line_plan(pl.Q), cols = make_line_plan(pl.P);
   const int64_t K = cr.K(), fs = round_up(cr.G * cr.Ci * cr.Cov(), 2) * 2 * kL;
   float* const F = call_buffer<1>(size_t(K * fs));
-  dense_filter_spectra(pr, cr, rows, cols, taps, value, F, fs);
+  dense_filter_spectra<T>(pr, cr, rows, cols, taps, tap_off, filter, F, fs);
 
   const int64_t xp = row_pad(cr.Cin), yp = row_pad(cr.Cout), items = cr.items();
   const int64_t per_item = K * 2 * (xp + yp) * int64_t(sizeof(float));
