@@ -9,7 +9,7 @@
 // The kernels decline (and the caller runs direct) on inf or NaN operands, float64, or an
 // empty problem.
 //
-// Cost model (depthwise, the only FFT kernels so far), in units of one direct multiply-add:
+// Cost model (depthwise; the dense one is further down), in units of one direct multiply-add:
 //   direct = N * C * OH * OW * KH * KW
 //   fft    = N * ceil(C/16) * tiles * P*Q * (kFftLog * log2(P*Q) + kFftPoint)     (per direction)
 //          + ceil(C/16) * P*Q * kFftLog * log2(P*Q) / 2   (filter spectra or bwd_filter's inverse)
