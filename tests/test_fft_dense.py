@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
+from test_fft import ALGO_ENV, _check_all_directions, _rel_err, algorithm, plan
 
 import jaxconv
 
 from reference import on, ref_conv2d, ref_conv_transpose2d, tol
-from test_fft import ALGO_ENV, _check_all_directions, _rel_err, algorithm, plan
 
 pytestmark = pytest.mark.cpu_only("the FFT kernels and the algorithm choice are the CPU's")
 
@@ -65,8 +65,9 @@ def test_error_bound_per_plan_and_direction(backend, monkeypatch, case, layout):
     ow = w_ + padding[1][0] + padding[1][1] - dilation[1] * (k[1] - 1)
     for direction, (u, v) in (("fwd", (oh, ow)), ("bwd_data", (h, w_)), ("bwd_filter", (oh, ow))):
         p, q, th, tw = plan(
-            algorithm(direction, (n, c, h, w_), (o, c // groups, *k), padding, dilation, groups,
-                      layout)
+            algorithm(
+                direction, (n, c, h, w_), (o, c // groups, *k), padding, dilation, groups, layout
+            )
         )
         ke = [d * (kk - 1) + 1 for d, kk in zip(dilation, k)]
         assert p >= th + ke[0] - 1 and q >= tw + ke[1] - 1, (direction, p, q, th, tw)
@@ -101,8 +102,9 @@ def test_gradients_through_the_fft(backend, monkeypatch, groups):
     x, w = on(backend, x.astype(jnp.float32), w.astype(jnp.float32))
     monkeypatch.setenv(ALGO_ENV, "fft")
     f = lambda x, w: jaxconv.conv2d(x, w, padding=2, groups=groups, layout="NHWC")
-    assert algorithm("bwd_filter", (1, 4, 9, 8), (6, 4 // groups, 5, 5), ((2, 2), (2, 2)),
-                     (1, 1), groups, "NHWC").startswith("fft")
+    assert algorithm(
+        "bwd_filter", (1, 4, 9, 8), (6, 4 // groups, 5, 5), ((2, 2), (2, 2)), (1, 1), groups, "NHWC"
+    ).startswith("fft")
     check_grads(f, (x, w), order=1, modes=["rev"], atol=5e-2, rtol=5e-2, eps=1e-2)
 
 
@@ -183,17 +185,33 @@ def test_auto_choice(backend, monkeypatch, algo):
                 ((8, 6, 14, 14), (16, 6, 5, 5), ((0, 0), (0, 0))),
             ):
                 assert not algorithm(d, x, w, pad, (1, 1), 1, layout).startswith("fft"), (
-                    x, w, d, layout)
+                    x,
+                    w,
+                    d,
+                    layout,
+                )
             for x, w, pad in (
                 ((2, 64, 56, 56), (64, 64, 11, 11), same(11)),
                 ((2, 64, 28, 28), (64, 64, 13, 13), same(13)),
                 ((2, 128, 28, 28), (128, 128, 15, 15), same(15)),
             ):
                 assert algorithm(d, x, w, pad, (1, 1), 1, layout).startswith("fft"), (
-                    x, w, d, layout)
+                    x,
+                    w,
+                    d,
+                    layout,
+                )
         assert (
-            algorithm("fwd", (2, 3, 224, 224), (64, 3, 11, 11), ((2, 2), (2, 2)), (1, 1), 1,
-                      layout, stride=(4, 4))
+            algorithm(
+                "fwd",
+                (2, 3, 224, 224),
+                (64, 3, 11, 11),
+                ((2, 2), (2, 2)),
+                (1, 1),
+                1,
+                layout,
+                stride=(4, 4),
+            )
             == "direct"
         )
 

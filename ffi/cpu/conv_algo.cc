@@ -130,7 +130,8 @@ bool fft_pays(const ConvGeometry& g, ConvDirection dir, const FftPlan& pl, doubl
 // ---- Dense and grouped FFT (fft_dense.cc) ---------------------------------------------------
 // Units: one multiply-add of the dense direct kernel (the implicit GEMM, near the FMA roof).
 //   fft = items * (ceil(Cin/16) + ceil(Cout/16)) * c(P,Q) * kDenseTransform     (stages A, C)
-//       + ceil(filter planes/16) * c(P,Q) * kDenseTransform        (filter spectra, or dw's inverse)
+//       + ceil(filter planes/16) * c(P,Q) * kDenseTransform        (filter spectra, or dw's
+//       inverse)
 //       + items * K * G*Ci*Co8 * 4 * kDenseGemm           (a complex GEMM per frequency, stage B)
 //       + batches * K * G*Ci*Co8 * 8 bytes * kDenseByte   (the filter spectra streamed per batch)
 // with K = P * (Q/2 + 1) frequencies, items = N * tiles, Co8 = Co rounded up to 8, c(P,Q) the
@@ -167,7 +168,8 @@ double dense_cost(const ConvGeometry& g, ConvDirection dir, int64_t P, int64_t Q
   const double co8 = double((s.Co + 7) / 8 * 8), gemm_cols = double(s.G * s.Ci) * co8;
   const double c = transform_cost(P, Q) * kDenseTransform;
   double planes = gemm_cols;  // the filter spectra; bwd_filter: the O * Ci8 planes of its sums
-  if (dir == ConvDirection::kBackwardFilter) planes = double(g.O) * double((g.in_per_group() + 7) / 8 * 8);
+  if (dir == ConvDirection::kBackwardFilter)
+    planes = double(g.O) * double((g.in_per_group() + 7) / 8 * 8);
   const double per_item = K * 2.0 * double(s.in + s.out + 48) * 4.0;
   const double batch = std::max(1.0, std::min(items, std::floor(kDenseBatchBytes / per_item)));
   return items * double((s.in + 15) / 16 + (s.out + 15) / 16) * c + std::ceil(planes / 16) * c +
@@ -205,14 +207,16 @@ FftPlan fft_dense_plan(const ConvGeometry& g, ConvDirection dir, double* cost) {
   return best;
 }
 
-bool fft_depthwise(const ConvGeometry& g) { return g.in_per_group() == 1 && g.out_per_group() == 1; }
+bool fft_depthwise(const ConvGeometry& g) {
+  return g.in_per_group() == 1 && g.out_per_group() == 1;
+}
 
 // Whether the dense FFT is cheaper than the direct kernel by the model, or than Winograd where
 // Winograd's shape rule holds (3x3 stride 1: then the FFT must win by kWinogradGain more; the
 // FFT measured up to 1.4x direct on 3x3 64 -> 64 @56, where Winograd F(4x4) runs).
 bool fft_dense_pays(const ConvGeometry& g, double fft) {
-  double direct = double(g.N) * double(g.O) * double(g.OH * g.OW) *
-                  double(g.in_per_group() * g.KH * g.KW);
+  double direct =
+      double(g.N) * double(g.O) * double(g.OH * g.OW) * double(g.in_per_group() * g.KH * g.KW);
   if (winograd_applicable(g)) direct /= kWinogradGain;
   return kFftMargin * fft < direct;
 }
@@ -224,7 +228,8 @@ const char* fft_inapplicable(const ConvGeometry& g, ConvDirection dir, bool floa
   if (g.p.stride_h != 1 || g.p.stride_w != 1) return "the FFT kernels need stride 1";
   double cost;
   if (!fft_depthwise(g) && !fft_dense_plan(g, dir, &cost).valid()) {
-    if (effective(g.KH, g.p.dilation_h) > kFftMaxSide || effective(g.KW, g.p.dilation_w) > kFftMaxSide)
+    if (effective(g.KH, g.p.dilation_h) > kFftMaxSide ||
+        effective(g.KW, g.p.dilation_w) > kFftMaxSide)
       return "the dilated kernel is larger than the largest transform (128)";
     return "the filter spectra of this dense layer would exceed 1 GiB";
   }

@@ -80,7 +80,8 @@ void load_half(const float* src, int64_t kstride, int64_t im_off, int64_t c0, co
   for (int64_t i = 0; i < P; ++i)
     for (int64_t j = 0; j < Qh; ++j) {
       const float* s = src + (i * Qh + j) * kstride + c0;
-      const V8 y1r = load(s), y1i = load(s + im_off), y2r = load(s + kL), y2i = load(s + im_off + kL);
+      const V8 y1r = load(s), y1i = load(s + im_off), y2r = load(s + kL),
+               y2i = load(s + im_off + kL);
       const int64_t k = i * Q + j, km = mirror(i, j, P, Q);
       store(b->re + km * kL, y1r + y2i);  // -k first: where k = -k, the k value stays
       store(b->im + km * kL, y2r - y1i);
@@ -157,11 +158,15 @@ void gemm_frequency(const DenseCorr& cr, int64_t B, const float* X, const float*
         const float* f = fg + v0 * 2 * kL;
         float* y = yg + m0 * 2 * yp + v0 * kL;
         if (m0 + 1 < B) {
-          if (two) gemm_block<2, 2>(cr.Ci, x, 2 * xp, xp, f, fs, y, 2 * yp, yp);
-          else gemm_block<2, 1>(cr.Ci, x, 2 * xp, xp, f, fs, y, 2 * yp, yp);
+          if (two)
+            gemm_block<2, 2>(cr.Ci, x, 2 * xp, xp, f, fs, y, 2 * yp, yp);
+          else
+            gemm_block<2, 1>(cr.Ci, x, 2 * xp, xp, f, fs, y, 2 * yp, yp);
         } else {
-          if (two) gemm_block<1, 2>(cr.Ci, x, 2 * xp, xp, f, fs, y, 2 * yp, yp);
-          else gemm_block<1, 1>(cr.Ci, x, 2 * xp, xp, f, fs, y, 2 * yp, yp);
+          if (two)
+            gemm_block<1, 2>(cr.Ci, x, 2 * xp, xp, f, fs, y, 2 * yp, yp);
+          else
+            gemm_block<1, 1>(cr.Ci, x, 2 * xp, xp, f, fs, y, 2 * yp, yp);
         }
       }
     }
@@ -396,10 +401,14 @@ bool dense_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, 
               const float* xv = Xk + gr * cr.Ci + v * kL;
               float* s = Sk + o * CiP + v * kL;
               const bool two_r = r + 1 < cr.Co, two_v = v + 1 < civ;
-              if (two_r && two_v) filter_block<2, 2>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
-              else if (two_r) filter_block<2, 1>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
-              else if (two_v) filter_block<1, 2>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
-              else filter_block<1, 1>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
+              if (two_r && two_v)
+                filter_block<2, 2>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
+              else if (two_r)
+                filter_block<2, 1>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
+              else if (two_v)
+                filter_block<1, 2>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
+              else
+                filter_block<1, 1>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
             }
       }
     });
@@ -424,12 +433,12 @@ bool dense_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, 
   return true;
 }
 
-#define JAXCONV_INSTANTIATE(T)                                                                   \
-  template bool dense_fft_forward(const ParallelRunner&, const ConvGeometry&, const FftPlan&,     \
-                                  const T*, const T*, const T*, T*);                             \
-  template bool dense_fft_backward_data(const ParallelRunner&, const ConvGeometry&,              \
-                                        const FftPlan&, const T*, const T*, const T*, T*);       \
-  template bool dense_fft_backward_filter(const ParallelRunner&, const ConvGeometry&,            \
+#define JAXCONV_INSTANTIATE(T)                                                                \
+  template bool dense_fft_forward(const ParallelRunner&, const ConvGeometry&, const FftPlan&, \
+                                  const T*, const T*, const T*, T*);                          \
+  template bool dense_fft_backward_data(const ParallelRunner&, const ConvGeometry&,           \
+                                        const FftPlan&, const T*, const T*, const T*, T*);    \
+  template bool dense_fft_backward_filter(const ParallelRunner&, const ConvGeometry&,         \
                                           const FftPlan&, const T*, const T*, T*);
 JAXCONV_INSTANTIATE(float)
 JAXCONV_INSTANTIATE(f16_t)

@@ -126,8 +126,8 @@ void correlate(const ParallelRunner& pr, const Corr& cr, const LinePlan& rows, c
 // Forward (flip = false: f = w, pad as given) or bwd_data (flip = true: f = w flipped,
 // in = dy, out = dx, pad = KE - 1 - pad) of a depthwise layer.
 template <typename T>
-bool depthwise_correlation(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl, bool flip,
-                   const T* in, const T* w, const T* bias, T* out) {
+bool depthwise_correlation(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
+                           bool flip, const T* in, const T* w, const T* bias, T* out) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
@@ -180,14 +180,14 @@ bool depthwise_correlation(const ParallelRunner& pr, const ConvGeometry& g, cons
 }  // namespace
 
 template <typename T>
-bool depthwise_fft_forward(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl, const T* x,
-                 const T* w, const T* bias, T* y) {
+bool depthwise_fft_forward(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
+                           const T* x, const T* w, const T* bias, T* y) {
   return depthwise_correlation(pr, g, pl, false, x, w, bias, y);
 }
 
 template <typename T>
 bool depthwise_fft_backward_data(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
-                       const T* dy, const T* w, const T* bias, T* dx) {
+                                 const T* dy, const T* w, const T* bias, T* dx) {
   return depthwise_correlation(pr, g, pl, true, dy, w, bias, dx);
 }
 
@@ -198,8 +198,8 @@ bool depthwise_fft_backward_data(const ParallelRunner& pr, const ConvGeometry& g
 // contiguous range of (image, tile) pairs; parts only when the blocks are too few for the threads),
 // added part by part in order, and inverted once per block.
 template <typename T>
-bool depthwise_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
-                         const T* x, const T* dy, T* dw) {
+bool depthwise_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g,
+                                   const FftPlan& pl, const T* x, const T* dy, T* dw) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
@@ -285,13 +285,12 @@ bool depthwise_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry&
   }
 }
 
-
-#define JAXCONV_INSTANTIATE(T)                                                                   \
+#define JAXCONV_INSTANTIATE(T)                                                                    \
   template bool depthwise_fft_forward(const ParallelRunner&, const ConvGeometry&, const FftPlan&, \
-                                      const T*, const T*, const T*, T*);                         \
-  template bool depthwise_fft_backward_data(const ParallelRunner&, const ConvGeometry&,          \
-                                            const FftPlan&, const T*, const T*, const T*, T*);   \
-  template bool depthwise_fft_backward_filter(const ParallelRunner&, const ConvGeometry&,        \
+                                      const T*, const T*, const T*, T*);                          \
+  template bool depthwise_fft_backward_data(const ParallelRunner&, const ConvGeometry&,           \
+                                            const FftPlan&, const T*, const T*, const T*, T*);    \
+  template bool depthwise_fft_backward_filter(const ParallelRunner&, const ConvGeometry&,         \
                                               const FftPlan&, const T*, const T*, T*);
 JAXCONV_INSTANTIATE(float)
 JAXCONV_INSTANTIATE(f16_t)

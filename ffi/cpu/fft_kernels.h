@@ -12,8 +12,8 @@ template <typename T>
 bool depthwise_fft_forward(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
                            const T* x, const T* w, const T* bias, T* y);
 template <typename T>
-bool depthwise_fft_backward_data(const ParallelRunner& pr, const ConvGeometry& g,
-                                 const FftPlan& pl, const T* dy, const T* w, const T* bias, T* dx);
+bool depthwise_fft_backward_data(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
+                                 const T* dy, const T* w, const T* bias, T* dx);
 template <typename T>
 bool depthwise_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g,
                                    const FftPlan& pl, const T* x, const T* dy, T* dw);

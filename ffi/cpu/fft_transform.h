@@ -87,9 +87,7 @@ inline int64_t mirror(int64_t i, int64_t j, int64_t P, int64_t Q) {
 inline int64_t eff(int64_t k, int64_t d) { return (k - 1) * d + 1; }
 
 // Lanes of channel block cb held by its re and im vectors (C channels in all).
-inline int re_lanes(int64_t C, int64_t cb) {
-  return int(std::min<int64_t>(kL, C - cb * kPair));
-}
+inline int re_lanes(int64_t C, int64_t cb) { return int(std::min<int64_t>(kL, C - cb * kPair)); }
 inline int im_lanes(int64_t C, int64_t cb) {
   return int(std::max<int64_t>(0, std::min<int64_t>(kL, C - cb * kPair - kL)));
 }
