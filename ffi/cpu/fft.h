@@ -1,10 +1,12 @@
 // FFT convolution on the CPU: the transform plan (sizes and output tiles) and the kernels'
-// signatures. fft.cc holds the transforms and the kernels and is compiled once per capability
+// signatures. fft_transform.cc (transforms), fft_depthwise.cc and fft_dense.cc (kernels) and
+// fft.cc (their dispatch into the kernel table) are compiled once per capability
 // (kernel_table.h: kernels().fft<T>()); the choice of algorithm (conv_algo.h) decides when
 // they run and with which plan.
 //
 // The plan, the correlation each direction computes and the overlap-save tiling are in
-// ../fft_plan.h (shared with the CUDA kernels).
+// ../fft_plan.h (shared with the CUDA kernels); dense layers sum such correlations over the
+// group's input channels (fft_dense.cc).
 #pragma once
 
 #include <cstdint>
@@ -14,7 +16,8 @@
 
 namespace jaxconv {
 
-// The depthwise FFT kernels of one storage type (null for float64, which stays direct). Each
+// The FFT kernels (depthwise or dense, by the geometry) of one storage type (null for float64,
+// which stays direct). Each
 // returns false without writing anything when an operand holds inf or NaN (one of them would
 // spread over the whole transform), and the caller then runs the direct kernel.
 template <typename T>
