@@ -101,22 +101,52 @@ JAXCONV_HD PassTileCoords pass_tile_coords(const PassParams& p, int64_t tile, in
   return {g, mt * BM, nt * BN, ah, aw};
 }
 
-inline PassParams forward_pass(const ConvGeometry& g) {
+// Row m = (n, u, v) of a pass tile with axes (ah, aw): the image offset of `in` (n*is.n; -1
+// past M), the in position before the tap offset (u*step_h, v*step_w), and the out offset of
+// out[n, 0, out0 + u*out_step, ...] (-1 past M or outside `out`: bwd_data's last grid rows).
+struct PassRow {
+  int64_t img, ih, iw, out;
+};
+JAXCONV_HD PassRow pass_row(const PassParams& p, const PassAxis& ah, const PassAxis& aw,
+                            int64_t m) {
+  if (m >= p.M) return {-1, 0, 0, -1};
+  const int64_t v = m % p.V, u = (m / p.V) % p.U, n = m / (p.U * p.V);
+  const int64_t oh = ah.out0 + u * ah.out_step, ow = aw.out0 + v * aw.out_step;
+  const int64_t o = oh < p.Hout && ow < p.Wout ? n * p.os.n + oh * p.os.h + ow * p.os.w : -1;
+  return {n * p.is.n, u * ah.step, v * aw.step, o};
+}
+
+// in[img + chan + ih*s.h + iw*s.w] widened to the accumulation type, or zero where the row or
+// the k column is dead (img or chan < 0) or the tap falls outside the H x W image: the gather
+// of the pass's A tile and of bwd_filter's im2col tile alike.
+template <typename T>
+__device__ __forceinline__ typename Num<T>::acc load_tap(const T* in, int64_t img, int64_t chan,
+                                                        int64_t ih, int64_t iw, int64_t H,
+                                                        int64_t W, const Strides4& s) {
+  if (img < 0 || chan < 0 || ih < 0 || ih >= H || iw < 0 || iw >= W)
+    return typename Num<T>::acc(0);
+  return Num<T>::load(in[img + chan + ih * s.h + iw * s.w]);
+}
+
+// The fields forward and bwd_data share: batch, groups, kernel, stride, dilation, padding,
+// layout and the weight's spatial strides; `transposed` picks which side is read.
+inline PassParams pass_common(const ConvGeometry& g, bool transposed) {
   PassParams p{};
   const Strides4 ws = g.w_strides();
   p.N = g.N;
   p.G = g.groups();
-  p.Cin = g.in_per_group();
-  p.Cout = g.out_per_group();
-  p.Hin = g.H;
-  p.Win = g.W;
-  p.Hout = g.OH;
-  p.Wout = g.OW;
-  p.is = g.x_strides();
-  p.os = g.y_strides();
-  p.w_group = p.Cout * ws.n;
-  p.w_co = ws.n;
-  p.w_ci = ws.c;
+  p.Cin = transposed ? g.out_per_group() : g.in_per_group();
+  p.Cout = transposed ? g.in_per_group() : g.out_per_group();
+  p.Hin = transposed ? g.OH : g.H;
+  p.Win = transposed ? g.OW : g.W;
+  p.Hout = transposed ? g.H : g.OH;
+  p.Wout = transposed ? g.W : g.OW;
+  p.is = transposed ? g.y_strides() : g.x_strides();
+  p.os = transposed ? g.x_strides() : g.y_strides();
+  // forward: weight(co, ci) = w[g*Og + co, ci]; bwd_data: w[g*Og + ci, co].
+  p.w_group = (transposed ? p.Cin : p.Cout) * ws.n;
+  p.w_co = transposed ? ws.c : ws.n;
+  p.w_ci = transposed ? ws.n : ws.c;
   p.w_kh = ws.h;
   p.w_kw = ws.w;
   p.KH = g.KH;
@@ -127,7 +157,13 @@ inline PassParams forward_pass(const ConvGeometry& g) {
   p.dil_w = g.p.dilation_w;
   p.pad_top = g.p.pad_top;
   p.pad_left = g.p.pad_left;
-  p.transposed = 0;
+  p.transposed = transposed ? 1 : 0;
+  p.layout = g.p.layout;
+  return p;
+}
+
+inline PassParams forward_pass(const ConvGeometry& g) {
+  PassParams p = pass_common(g, false);
   p.phases_h = 1;
   p.phases_w = 1;
   p.TH = g.KH;
@@ -136,7 +172,6 @@ inline PassParams forward_pass(const ConvGeometry& g) {
   p.V = g.OW;
   p.K = p.Cin * p.TH * p.TW;
   p.M = p.N * p.U * p.V;
-  p.layout = g.p.layout;
   return p;
 }
 
@@ -144,32 +179,7 @@ inline PassParams forward_pass(const ConvGeometry& g) {
 // axis: min(s, size) of them (a phase rho >= size has no dx row), each with ceil(size / s) grid
 // rows (rows past dx are computed and dropped); ceil(k / step) tap slots per phase.
 inline PassParams bwd_data_pass(const ConvGeometry& g) {
-  PassParams p{};
-  const Strides4 ws = g.w_strides();
-  p.N = g.N;
-  p.G = g.groups();
-  p.Cin = g.out_per_group();
-  p.Cout = g.in_per_group();
-  p.Hin = g.OH;
-  p.Win = g.OW;
-  p.Hout = g.H;
-  p.Wout = g.W;
-  p.is = g.y_strides();
-  p.os = g.x_strides();
-  p.w_group = p.Cin * ws.n;
-  p.w_co = ws.c;
-  p.w_ci = ws.n;
-  p.w_kh = ws.h;
-  p.w_kw = ws.w;
-  p.KH = g.KH;
-  p.KW = g.KW;
-  p.stride_h = g.p.stride_h;
-  p.stride_w = g.p.stride_w;
-  p.dil_h = g.p.dilation_h;
-  p.dil_w = g.p.dilation_w;
-  p.pad_top = g.p.pad_top;
-  p.pad_left = g.p.pad_left;
-  p.transposed = 1;
+  PassParams p = pass_common(g, true);
   p.phases_h = bwd_data_phases(g.p.stride_h, g.H);
   p.phases_w = bwd_data_phases(g.p.stride_w, g.W);
   p.TH = bwd_data_tap_slots(g.p.stride_h, g.p.dilation_h, g.KH);
@@ -178,7 +188,6 @@ inline PassParams bwd_data_pass(const ConvGeometry& g) {
   p.V = ceil_div_pos(g.W, g.p.stride_w);
   p.K = p.Cin * p.TH * p.TW;
   p.M = p.N * p.U * p.V;
-  p.layout = g.p.layout;
   return p;
 }
 

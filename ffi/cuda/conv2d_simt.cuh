@@ -97,20 +97,11 @@ __global__ void __launch_bounds__(256, 2)
     const PassAxis ah = t.ah, aw = t.aw;
 
     for (int r = tid; r < BM; r += kThreads) {
-      const int64_t m = m0 + r;
-      int64_t img = -1, ih = 0, iw = 0, o = -1;
-      if (m < p.M) {
-        const int64_t v = m % p.V, u = (m / p.V) % p.U, n = m / (p.U * p.V);
-        const int64_t oh = ah.out0 + u * ah.out_step, ow = aw.out0 + v * aw.out_step;
-        img = n * p.is.n;
-        ih = u * ah.step;
-        iw = v * aw.step;
-        if (oh < p.Hout && ow < p.Wout) o = n * p.os.n + oh * p.os.h + ow * p.os.w;
-      }
-      row_in[r] = img;
-      row_ih[r] = ih;
-      row_iw[r] = iw;
-      row_out[r] = o;
+      const PassRow row = pass_row(p, ah, aw, m0 + r);
+      row_in[r] = row.img;
+      row_ih[r] = row.ih;
+      row_iw[r] = row.iw;
+      row_out[r] = row.out;
     }
 
     Acc acc[TM][TN];
@@ -141,14 +132,8 @@ __global__ void __launch_bounds__(256, 2)
         const int e = tid + l * kThreads;
         const int r = kChannelsLast ? e / BK : e % BM;
         const int kk = kChannelsLast ? e % BK : e / BM;
-        Acc val = Acc(0);
-        const int64_t img = row_in[r], chan = k_in[kk];
-        if (img >= 0 && chan >= 0) {
-          const int64_t ih = row_ih[r] + k_dh[kk], iw = row_iw[r] + k_dw[kk];
-          if (ih >= 0 && ih < p.Hin && iw >= 0 && iw < p.Win)
-            val = Num<T>::load(in[img + chan + ih * p.is.h + iw * p.is.w]);
-        }
-        As[kk][r] = val;
+        As[kk][r] = load_tap(in, row_in[r], k_in[kk], row_ih[r] + k_dh[kk], row_iw[r] + k_dw[kk],
+                             p.Hin, p.Win, p.is);
       }
       // B tile (BK x BN) from the weights, along whichever axis is contiguous.
       JAXCONV_UNROLL
@@ -253,14 +238,8 @@ __global__ void __launch_bounds__(256, 2)
         const int e = tid + l * kThreads;
         const int c = kChannelsLast ? e % BN : e / BK;
         const int pp = kChannelsLast ? e / BN : e % BK;
-        Acc val = Acc(0);
-        const int64_t img = pos_x[pp], chan = col_x[c];
-        if (img >= 0 && chan >= 0) {
-          const int64_t ih = pos_ih[pp] + col_dh[c], iw = pos_iw[pp] + col_dw[c];
-          if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W)
-            val = Num<T>::load(x[img + chan + ih * p.xs.h + iw * p.xs.w]);
-        }
-        Bs[pp][c] = val;
+        Bs[pp][c] = load_tap(x, pos_x[pp], col_x[c], pos_ih[pp] + col_dh[c],
+                             pos_iw[pp] + col_dw[c], p.H, p.W, p.xs);
       }
       __syncthreads();
 
