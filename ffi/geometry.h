@@ -307,16 +307,21 @@ JAXCONV_HD PhaseTaps phase_taps(int64_t rho, int64_t stride, int64_t pad_lo, int
 //                           in_q = -step*dilation/s = -dilation/gcd(s, dilation),
 // one stride-1 correlation of dy per phase with no tap that would multiply a zero.
 struct BwdDataPhaseAxis {
-  int64_t out0, out_step;     // dx positions out0 + out_step*u (rho, s)
-  int64_t in0, in_q;          // dy position u + in0 + q*in_q for tap slot q (0, 0 when no taps)
+  int64_t out0, out_step;      // dx positions out0 + out_step*u (rho, s)
+  int64_t in0, in_q;           // dy position u + in0 + q*in_q for tap slot q (0, 0 when no taps)
   int64_t first, step, count;  // tap slot q multiplies kernel cell first + q*step, q < count
 };
 JAXCONV_HD BwdDataPhaseAxis bwd_data_phase_axis(int64_t rho, int64_t stride, int64_t pad_lo,
                                                 int64_t dilation, int64_t k) {
   const PhaseTaps t = phase_taps(rho, stride, pad_lo, dilation, k);
   if (t.count == 0) return {rho, stride, 0, 0, t.first, t.step, 0};
-  return {rho,      stride, (rho + pad_lo - t.first * dilation) / stride, -(t.step * dilation) / stride,
-          t.first, t.step, t.count};
+  return {rho,
+          stride,
+          (rho + pad_lo - t.first * dilation) / stride,
+          -(t.step * dilation) / stride,
+          t.first,
+          t.step,
+          t.count};
 }
 // dx positions of phase rho in a dx axis of `size`: rho + s*u < size (0 when rho >= size).
 JAXCONV_HD int64_t bwd_data_phase_rows(int64_t rho, int64_t stride, int64_t size) {

@@ -565,9 +565,11 @@ def test_direct_filter_fills_an_h100_on_every_bench_shape(emu, layout):
     launches at least 4 blocks per SM of a 132-SM H100 (before the split: 9 blocks for the
     32-channel 3x3 depthwise layer in NHWC), and the split covers the positions exactly."""
     for name, c in _bench_direct_cases().items():
-        positions = c["n"] * (
-            (c["h"] + sum(c["pads"][0]) - c["k"][0]) // c["stride"][0] + 1
-        ) * ((c["w"] + sum(c["pads"][1]) - c["k"][1]) // c["stride"][1] + 1)
+        positions = (
+            c["n"]
+            * ((c["h"] + sum(c["pads"][0]) - c["k"][0]) // c["stride"][0] + 1)
+            * ((c["w"] + sum(c["pads"][1]) - c["k"][1]) // c["stride"][1] + 1)
+        )
         for dtype in DTYPES:
             f = _filter_plan(emu, c, layout, dtype)
             assert f["blocks"] == f["items"] * f["splits"], (name, f)
@@ -609,15 +611,28 @@ def test_direct_filter_split_is_bitwise_deterministic(emu, layout):
     dy = rng.standard_normal(y.shape)
     (dw_ref,) = vjp(jnp.asarray(dy))[1:]
     if layout == "NHWC":
-        x, dy, dw_ref = x.transpose(0, 2, 3, 1), dy.transpose(0, 2, 3, 1), dw_ref.transpose(2, 3, 1, 0)
+        x, dy, dw_ref = (
+            x.transpose(0, 2, 3, 1),
+            dy.transpose(0, 2, 3, 1),
+            dw_ref.transpose(2, 3, 1, 0),
+        )
     xa, dya = (np.ascontiguousarray(a, np.float32) for a in (x, dy))
     w_shape = (c["o"], c["c"] // c["groups"]) + c["k"] if layout == "NCHW" else c["k"] + (1, c["o"])
     runs = []
     for max_blocks in (MAX_BLOCKS, MAX_BLOCKS, 5, 1):
         got = np.full(w_shape, np.nan, np.float32)
         rc = emu.emu_direct_conv(
-            2, 0, vec(xa.shape), vec(w_shape), vec(conv_attrs(c, layout)), ptr(xa), ptr(dya),
-            None, ptr(got), 0, max_blocks,
+            2,
+            0,
+            vec(xa.shape),
+            vec(w_shape),
+            vec(conv_attrs(c, layout)),
+            ptr(xa),
+            ptr(dya),
+            None,
+            ptr(got),
+            0,
+            max_blocks,
         )
         assert rc == 0, rc
         runs.append(got)

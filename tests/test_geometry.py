@@ -77,8 +77,9 @@ def test_bwd_data_phase_axis_is_the_transposed_conv_by_phase(probe):
                     for size in (1, 2, 5, 9):
                         counts, nonempty = [], 0
                         for rho in range(s):
+                            axis = (rho, s, pad, d, k, size)
                             out0, out_step, in0, in_q, first, step, count, rows, phases, slots = (
-                                call(probe.probe_bwd_data_phase_axis, rho, s, pad, d, k, size, n_out=10)
+                                call(probe.probe_bwd_data_phase_axis, *axis, n_out=10)
                             )
                             want = [
                                 (i, t, (i + pad - t * d) // s)
@@ -91,7 +92,7 @@ def test_bwd_data_phase_axis_is_the_transposed_conv_by_phase(probe):
                                 for u in range(rows)
                                 for q in range(count)
                             ]
-                            assert got == want, (rho, s, pad, d, k, size)
+                            assert got == want, axis
                             assert (out0, out_step) == (rho, s)
                             counts.append(count)
                             nonempty += rows > 0

@@ -121,10 +121,9 @@ JAXCONV_HD PassRow pass_row(const PassParams& p, const PassAxis& ah, const PassA
 // of the pass's A tile and of bwd_filter's im2col tile alike.
 template <typename T>
 __device__ __forceinline__ typename Num<T>::acc load_tap(const T* in, int64_t img, int64_t chan,
-                                                        int64_t ih, int64_t iw, int64_t H,
-                                                        int64_t W, const Strides4& s) {
-  if (img < 0 || chan < 0 || ih < 0 || ih >= H || iw < 0 || iw >= W)
-    return typename Num<T>::acc(0);
+                                                         int64_t ih, int64_t iw, int64_t H,
+                                                         int64_t W, const Strides4& s) {
+  if (img < 0 || chan < 0 || ih < 0 || ih >= H || iw < 0 || iw >= W) return typename Num<T>::acc(0);
   return Num<T>::load(in[img + chan + ih * s.h + iw * s.w]);
 }
 

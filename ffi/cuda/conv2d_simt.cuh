@@ -238,8 +238,8 @@ __global__ void __launch_bounds__(256, 2)
         const int e = tid + l * kThreads;
         const int c = kChannelsLast ? e % BN : e / BK;
         const int pp = kChannelsLast ? e / BN : e % BK;
-        Bs[pp][c] = load_tap(x, pos_x[pp], col_x[c], pos_ih[pp] + col_dh[c],
-                             pos_iw[pp] + col_dw[c], p.H, p.W, p.xs);
+        Bs[pp][c] = load_tap(x, pos_x[pp], col_x[c], pos_ih[pp] + col_dh[c], pos_iw[pp] + col_dw[c],
+                             p.H, p.W, p.xs);
       }
       __syncthreads();
 

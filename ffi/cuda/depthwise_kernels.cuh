@@ -366,8 +366,8 @@ cudaError_t launch_direct_filter(const ConvGeometry& g, const T* x, const T* dy,
                                  typename Num<T>::acc* workspace, cudaStream_t stream) {
   using Acc = typename Num<T>::acc;
   const DirectPlan<I> p = make_direct_plan<I>(g, 2, int64_t(sizeof(Acc)));
-  cudaError_t err = launch(direct_conv_bwd_filter_kernel<T, kLayout, I>,
-                           dim3(grid_blocks(p.items)), dim3(256), stream, p, x, dy, dw, workspace);
+  cudaError_t err = launch(direct_conv_bwd_filter_kernel<T, kLayout, I>, dim3(grid_blocks(p.items)),
+                           dim3(256), stream, p, x, dy, dw, workspace);
   if (err != cudaSuccess || p.splits == 1) return err;
   const int64_t elems = g.O * g.gemm_k();
   return launch(sum_partials_kernel<T>, dim3(grid_blocks(ceil_div_pos(elems, 256))), dim3(256),
@@ -379,8 +379,7 @@ cudaError_t direct_conv_bwd_filter(const ConvGeometry& g, const T* x, const T* d
                                    typename Num<T>::acc* workspace, cudaStream_t stream,
                                    int index_bits = 0) {
   // No workspace where the plan needs one: refuse rather than write through a null pointer.
-  if (workspace == nullptr && direct_filter_workspace_bytes<T>(g) > 0)
-    return cudaErrorInvalidValue;
+  if (workspace == nullptr && direct_filter_workspace_bytes<T>(g) > 0) return cudaErrorInvalidValue;
   const bool small = index_bits == 0 ? direct_fits_int32(g) : index_bits == 32;
   if (g.p.layout == kNHWC)
     return small ? launch_direct_filter<T, kNHWC, int32_t>(g, x, dy, dw, workspace, stream)
