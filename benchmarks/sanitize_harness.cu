@@ -190,25 +190,27 @@ void run_conv(const ConvCase& k, int64_t layout, bool tf32, const char* dtype, b
   }
   Buffer<T> x(x_elems, 1), w(w_elems, 2), dy(y_elems, 3), bias_y(g.O, 4), bias_x(g.C, 5);
   Buffer<T> y(y_elems), dx(x_elems), dw(w_elems);
-  if (conv_takes_direct_kernels(g)) {
+  const bool direct = conv_takes_direct_kernels(g);
+  if (direct) {
     report("direct forward", k.name, dtype, lname,
            launch_conv_direct<T>(g, 0, x.ptr, w.ptr, bias_y.ptr, y.ptr, nullptr));
     report("direct bwd_data", k.name, dtype, lname,
            launch_conv_direct<T>(g, 1, dy.ptr, w.ptr, bias_x.ptr, dx.ptr, nullptr));
-    report("direct bwd_filter", k.name, dtype, lname,
-           launch_conv_direct<T>(g, 2, x.ptr, dy.ptr, nullptr, dw.ptr, nullptr));
-    return;
+  } else {
+    report("forward", k.name, dtype, lname,
+           launch_conv_forward<T>(g, x.ptr, w.ptr, bias_y.ptr, y.ptr, mma, nullptr));
+    report("forward (no bias)", k.name, dtype, lname,
+           launch_conv_forward<T>(g, x.ptr, w.ptr, nullptr, y.ptr, mma, nullptr));
+    report("bwd_data", k.name, dtype, lname,
+           launch_conv_bwd_data<T>(g, dy.ptr, w.ptr, bias_x.ptr, dx.ptr, mma, nullptr));
   }
-  report("forward", k.name, dtype, lname,
-         launch_conv_forward<T>(g, x.ptr, w.ptr, bias_y.ptr, y.ptr, mma, nullptr));
-  report("forward (no bias)", k.name, dtype, lname,
-         launch_conv_forward<T>(g, x.ptr, w.ptr, nullptr, y.ptr, mma, nullptr));
-  report("bwd_data", k.name, dtype, lname,
-         launch_conv_bwd_data<T>(g, dy.ptr, w.ptr, bias_x.ptr, dx.ptr, mma, nullptr));
+  // bwd_filter of both kinds goes through the plan (direct shapes: the direct kernel, split).
   const FilterPlanSize plan = conv_bwd_filter_plan<T>(g, mma);
   // The workspace exactly as the handler asks XLA for it.
   void* ws = plan.workspace_bytes > 0 ? device_alloc(size_t(plan.workspace_bytes)) : nullptr;
-  report(plan.splits > 1 ? "bwd_filter (split)" : "bwd_filter", k.name, dtype, lname,
+  const char* what = direct ? (plan.splits > 1 ? "direct bwd_filter (split)" : "direct bwd_filter")
+                            : (plan.splits > 1 ? "bwd_filter (split)" : "bwd_filter");
+  report(what, k.name, dtype, lname,
          launch_conv_bwd_filter<T>(g, x.ptr, dy.ptr, dw.ptr, ws, mma, nullptr));
   if (ws) device_free(ws);
 }

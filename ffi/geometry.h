@@ -229,7 +229,8 @@ JAXCONV_HD const char* make_pool_geometry(const PoolParams& p, Dims4 x, PoolGeom
 }
 
 // ---------------------------------------------------------------------------------------------
-// Index math of the CUDA kernels, kept here so CPU tests (tests/test_cuda_build.py) exercise it.
+// Index math shared by the CPU and CUDA kernels, kept here so CPU tests (tests/test_geometry.py)
+// exercise it against brute force.
 
 // Mixed-radix digits of a reduction index k = (a * r1 + b) * r2 + c with b < r1, c < r2.
 // The implicit GEMMs walk their reduction in steps of a fixed size; keeping k as digits turns
@@ -295,6 +296,45 @@ JAXCONV_HD PhaseTaps phase_taps(int64_t rho, int64_t stride, int64_t pad_lo, int
   int64_t first = (r / g) % step * inverse_mod((dilation / g) % step, step) % step;
   int64_t count = first < k ? (k - 1 - first) / step + 1 : 0;
   return {first, step, count};
+}
+
+// One axis of bwd_data's stride phase rho, the one place both platforms take it from (the CPU
+// pass of ffi/cpu/conv_pack.cc, the CUDA passes through conv2d_problem.cuh's transposed_axis).
+// dx position i reads dy position o = (i + pad_lo - t*dilation) / s through tap t when the
+// division is exact. Phase rho (0 <= rho < s) holds the dx positions i = rho + s*u, u >= 0; its
+// taps are phase_taps(rho, ...) t = first + q*step, q < count, and tap slot q reads
+//   o = u + in0 + q*in_q,   in0 = (rho + pad_lo - first*dilation) / s (exact),
+//                           in_q = -step*dilation/s = -dilation/gcd(s, dilation),
+// one stride-1 correlation of dy per phase with no tap that would multiply a zero.
+struct BwdDataPhaseAxis {
+  int64_t out0, out_step;      // dx positions out0 + out_step*u (rho, s)
+  int64_t in0, in_q;           // dy position u + in0 + q*in_q for tap slot q (0, 0 when no taps)
+  int64_t first, step, count;  // tap slot q multiplies kernel cell first + q*step, q < count
+};
+JAXCONV_HD BwdDataPhaseAxis bwd_data_phase_axis(int64_t rho, int64_t stride, int64_t pad_lo,
+                                                int64_t dilation, int64_t k) {
+  const PhaseTaps t = phase_taps(rho, stride, pad_lo, dilation, k);
+  if (t.count == 0) return {rho, stride, 0, 0, t.first, t.step, 0};
+  return {rho,
+          stride,
+          (rho + pad_lo - t.first * dilation) / stride,
+          -(t.step * dilation) / stride,
+          t.first,
+          t.step,
+          t.count};
+}
+// dx positions of phase rho in a dx axis of `size`: rho + s*u < size (0 when rho >= size).
+JAXCONV_HD int64_t bwd_data_phase_rows(int64_t rho, int64_t stride, int64_t size) {
+  return rho < size ? (size - 1 - rho) / stride + 1 : 0;
+}
+// Phases that hold any dx position, min(s, size): phase rho >= size is empty.
+JAXCONV_HD int64_t bwd_data_phases(int64_t stride, int64_t size) {
+  return stride < size ? stride : size;
+}
+// The most taps any phase has: ceil(k / step), step = s / gcd(s, d) (the same for every phase).
+JAXCONV_HD int64_t bwd_data_tap_slots(int64_t stride, int64_t dilation, int64_t k) {
+  const int64_t step = phase_taps(0, stride, 0, dilation, k).step;
+  return (k + step - 1) / step;
 }
 
 // Max-pool backward as a gather: the outputs o whose window [o*s - pad_lo, o*s - pad_lo +

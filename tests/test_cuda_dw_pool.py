@@ -390,6 +390,10 @@ DIRECT_CASES = {
     "c4_groups2": conv_case(2, 4, 6, 6, 6, 3, stride=(2, 1), pads=((1, 0), (0, 1)), groups=2),
     "c2_dilated_stride3": conv_case(1, 2, 11, 10, 3, 3, stride=3, dilation=2, pads=(2, 1)),
     "kernel_larger_than_image": conv_case(1, 2, 2, 2, 4, 5, pads=2, groups=2),
+    # Positions enough for bwd_filter's split (plan_direct_filter): 2 splits in NCHW, 4 in NHWC
+    # (test_direct_filter_split_plan checks the counts).
+    "dw_split_positions": conv_case(2, 2, 48, 48, 2, 3, pads=1, groups=2),
+    "stem_c3_split_positions": conv_case(2, 3, 30, 30, 4, 3, pads=1),
 }
 
 
@@ -511,3 +515,127 @@ def test_emulated_direct_conv_fuzz(emu):
         )
         layout = ["NCHW", "NHWC"][(draw // 2) % 2]
         _check_direct(emu, c, layout, [DTYPES[draw % 4]], ((32, 64)[(draw // 4) % 2],), seed=draw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The direct bwd_filter's split over positions (plan_direct_filter): a function of the shape
+# only, enough blocks for an H100, partial sums added in split order.
+
+H100_SMS = 132
+
+
+def _filter_plan(emu, c, layout, dtype="float32"):
+    """plan_direct_filter as the launch uses it: dict of channel_lanes, items, splits, chunk,
+    blocks, workspace (bytes)."""
+    from emulation import layout_shapes
+
+    xs, ws = layout_shapes({**c, "layout": layout})
+    out = (ctypes.c_int64 * 6)()
+    rc = emu.emu_direct_filter_plan(
+        DTYPE_CODES[dtype], vec(xs), vec(ws), vec(conv_attrs(c, layout)), out
+    )
+    assert rc == 0, rc
+    return dict(zip(("channel_lanes", "items", "splits", "chunk", "blocks", "workspace"), out))
+
+
+def _bench_direct_cases():
+    """Every MobileNet layer and the ResNet-50 stem of the bench, at its GPU batch."""
+    from jaxconv.bench import cases
+
+    out = {}
+    for case in cases("mobilenet", "gpu") + cases("resnet50", "gpu")[:1]:
+        assert case.groups == case.c or case.c <= 4, case.name  # takes the direct kernels
+        out[f"{case.set}/{case.name}"] = conv_case(
+            case.n,
+            case.c,
+            case.h,
+            case.w,
+            case.out_channels,
+            case.kernel,
+            stride=case.stride,
+            pads=case.padding,
+            groups=case.groups,
+        )
+    return out
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_direct_filter_fills_an_h100_on_every_bench_shape(emu, layout):
+    """Issue 21 item 4: the direct bwd_filter of every MobileNet / ResNet-stem shape of the bench
+    launches at least 4 blocks per SM of a 132-SM H100 (before the split: 9 blocks for the
+    32-channel 3x3 depthwise layer in NHWC), and the split covers the positions exactly."""
+    for name, c in _bench_direct_cases().items():
+        positions = (
+            c["n"]
+            * ((c["h"] + sum(c["pads"][0]) - c["k"][0]) // c["stride"][0] + 1)
+            * ((c["w"] + sum(c["pads"][1]) - c["k"][1]) // c["stride"][1] + 1)
+        )
+        for dtype in DTYPES:
+            f = _filter_plan(emu, c, layout, dtype)
+            assert f["blocks"] == f["items"] * f["splits"], (name, f)
+            assert f["blocks"] >= 4 * H100_SMS, (name, layout, dtype, f)
+            # No empty split, none missing.
+            assert (f["splits"] - 1) * f["chunk"] < positions <= f["splits"] * f["chunk"], (name, f)
+            acc = 8 if dtype == "float64" else 4
+            o, kg = c["o"], c["c"] // c["groups"] * c["k"][0] * c["k"][1]
+            want_ws = f["splits"] * o * kg * acc if f["splits"] > 1 else 0
+            assert f["workspace"] == want_ws, (name, f)
+
+
+def test_direct_filter_split_plan(emu):
+    """The split cases of DIRECT_CASES do split (so test_emulated_direct_conv_kernels checks the
+    partial sums and their second pass), and tiny reductions do not."""
+    assert _filter_plan(emu, DIRECT_CASES["dw_split_positions"], "NCHW")["splits"] == 2
+    assert _filter_plan(emu, DIRECT_CASES["dw_split_positions"], "NHWC")["splits"] == 4
+    assert _filter_plan(emu, DIRECT_CASES["stem_c3_split_positions"], "NHWC")["splits"] == 3
+    tiny = _filter_plan(emu, DIRECT_CASES["dw_3x3_pad1"], "NHWC")
+    assert tiny["splits"] == 1 and tiny["workspace"] == 0
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_direct_filter_split_is_bitwise_deterministic(emu, layout):
+    """Random (not grid) values, so that the summation order shows in the bits: repeated runs,
+    and runs whose emulated grid holds another number of blocks (each block then loops over
+    other (item, split) pairs), give identical bits; the values match a float64 reference."""
+    import jax
+
+    from reference import assert_close, ref_conv2d
+
+    c = DIRECT_CASES["dw_split_positions"]
+    assert _filter_plan(emu, c, layout)["splits"] > 1
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((c["n"], c["c"], c["h"], c["w"]))
+    w = rng.standard_normal((c["o"], c["c"] // c["groups"]) + c["k"])
+    kw = dict(stride=c["stride"], padding=c["pads"], dilation=c["dilation"], groups=c["groups"])
+    y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), jnp.asarray(x), jnp.asarray(w))
+    dy = rng.standard_normal(y.shape)
+    (dw_ref,) = vjp(jnp.asarray(dy))[1:]
+    if layout == "NHWC":
+        x, dy, dw_ref = (
+            x.transpose(0, 2, 3, 1),
+            dy.transpose(0, 2, 3, 1),
+            dw_ref.transpose(2, 3, 1, 0),
+        )
+    xa, dya = (np.ascontiguousarray(a, np.float32) for a in (x, dy))
+    w_shape = (c["o"], c["c"] // c["groups"]) + c["k"] if layout == "NCHW" else c["k"] + (1, c["o"])
+    runs = []
+    for max_blocks in (MAX_BLOCKS, MAX_BLOCKS, 5, 1):
+        got = np.full(w_shape, np.nan, np.float32)
+        rc = emu.emu_direct_conv(
+            2,
+            0,
+            vec(xa.shape),
+            vec(w_shape),
+            vec(conv_attrs(c, layout)),
+            ptr(xa),
+            ptr(dya),
+            None,
+            ptr(got),
+            0,
+            max_blocks,
+        )
+        assert rc == 0, rc
+        runs.append(got)
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other.view(np.uint32), runs[0].view(np.uint32))
+    assert_close(jnp.asarray(runs[0]), jnp.asarray(dw_ref).astype("float32"), "float32")

@@ -65,6 +65,40 @@ def test_phase_taps_are_the_taps_reaching_each_phase(probe):
                         assert [first + q * step for q in range(count)] == taps, (rho, s, pad, d, k)
 
 
+def test_bwd_data_phase_axis_is_the_transposed_conv_by_phase(probe):
+    # dx position i reads dy position o = (i + pad - t*d) / s through tap t when the division
+    # is exact and o is any integer (range checks are the kernels'). Phase rho's axis must give
+    # exactly the (i, t, o) of its dx positions, taps in increasing order; its companions the
+    # phases that hold a dx position and the most taps a phase has.
+    for s in range(1, 6):
+        for d in range(1, 5):
+            for pad in range(-3, 5):
+                for k in range(1, 7):
+                    for size in (1, 2, 5, 9):
+                        counts, nonempty = [], 0
+                        for rho in range(s):
+                            axis = (rho, s, pad, d, k, size)
+                            out0, out_step, in0, in_q, first, step, count, rows, phases, slots = (
+                                call(probe.probe_bwd_data_phase_axis, *axis, n_out=10)
+                            )
+                            want = [
+                                (i, t, (i + pad - t * d) // s)
+                                for i in range(rho, size, s)
+                                for t in range(k)
+                                if (i + pad - t * d) % s == 0
+                            ]
+                            got = [
+                                (out0 + out_step * u, first + q * step, u + in0 + q * in_q)
+                                for u in range(rows)
+                                for q in range(count)
+                            ]
+                            assert got == want, axis
+                            assert (out0, out_step) == (rho, s)
+                            counts.append(count)
+                            nonempty += rows > 0
+                        assert phases == nonempty and slots == max(counts), (s, d, pad, k, size)
+
+
 def test_inverse_mod(probe):
     for m in range(1, 40):
         for a in range(m):

@@ -18,8 +18,8 @@
 //
 // bwd_data is the same engine as forward ("a pass"): dx[h] = sum over taps kh of
 // dy[(h + pt - kh*d) / s] * w[kh], where only taps with (h + pt - kh*d) divisible by s count.
-// Splitting dx rows by phase r = (h + pt) mod s leaves, per phase, a stride-1 correlation of dy
-// with the taps kh*d = r (mod s) only (likewise along w): s^2 small dense convolutions instead
+// Splitting dx rows by phase r = h mod s leaves, per phase, a stride-1 correlation of dy
+// with the taps kh*d = r + pt (mod s) only (likewise along w): s^2 small dense convolutions instead
 // of one over a zero-inserted dy, so no multiply-by-zero is ever issued. With stride 1 there is
 // one phase and dx is written in place.
 //
@@ -74,9 +74,9 @@ struct Conv {
 
   Pass forward_pass() const;
 
-  // Phase (rh, rw) of bwd_data; see the file comment. Along h: dx row h = s*u' + r - pt for
-  // integer u'; tap kh belongs to phase r when kh*d = r (mod s), and reads dy row
-  // u' - (kh*d - r)/s. The grid starts at the first such row inside dx.
+  // Phase (rh, rw) of bwd_data; see the file comment. Along h: dx rows h = rh + s*u, which
+  // read dy row (h + pt - kh*d)/s through the taps kh whose division is exact (geometry.h's
+  // bwd_data_phase_axis, shared with the CUDA passes). Phase rh >= H is empty.
   Pass bwd_data_phase(int64_t rh, int64_t rw) const;
 
   // Weight of pass output channel co, pass input channel ci, tap (th, tw), group grp.

@@ -45,9 +45,8 @@ Pass Conv<T>::forward_pass() const {
   return ps;
 }
 
-// Phase (rh, rw) of bwd_data; see the file comment. Along h: dx row h = s*u' + r - pt for
-// integer u'; tap kh belongs to phase r when kh*d = r (mod s), and reads dy row
-// u' - (kh*d - r)/s. The grid starts at the first such row inside dx.
+// Phase (rh, rw) of bwd_data: the dx cells (rh + s_h*u, rw + s_w*v), each axis from
+// geometry.h's bwd_data_phase_axis (shared with the CUDA passes); see the file comment.
 template <typename T>
 Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
   Pass ps;
@@ -59,18 +58,17 @@ Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
   ps.Cout = Cg;
   ps.step_h = 1;
   ps.step_w = 1;
+  // Grid row u of the phase is dx row out0 + s*u; tap slot q reads dy row u + in0 + q*in_q and
+  // multiplies kernel cell first + q*step.
   auto axis = [](int64_t r, int64_t s, int64_t pad, int64_t d, int64_t k, int64_t size,
                  int64_t* first, int64_t* count, std::vector<int64_t>* off,
                  std::vector<int64_t>* cell) {
-    int64_t u_lo = ceil_div(pad - r, s), u_hi = floor_div(size - 1 + pad - r, s);
-    *first = s * u_lo + r - pad;
-    *count = std::max<int64_t>(0, u_hi - u_lo + 1);
-    // The taps of phase r: t*d = r (mod s), in increasing t (geometry.h's phase_taps).
-    const PhaseTaps taps = phase_taps(r, s, 0, d, k);
-    for (int64_t q = 0; q < taps.count; ++q) {
-      const int64_t t = taps.first + q * taps.step;
-      off->push_back(u_lo - (t * d - r) / s);
-      cell->push_back(t);
+    const BwdDataPhaseAxis a = bwd_data_phase_axis(r, s, pad, d, k);
+    *first = a.out0;
+    *count = bwd_data_phase_rows(r, s, size);
+    for (int64_t q = 0; q < a.count; ++q) {
+      off->push_back(a.in0 + q * a.in_q);
+      cell->push_back(a.first + q * a.step);
     }
   };
   axis(rh, g.p.stride_h, g.p.pad_top, g.p.dilation_h, g.KH, g.H, &ps.h0, &ps.U, &ps.off_h,

@@ -1,7 +1,7 @@
 // CUDA convolution handlers: forward, bwd_data (= transposed convolution) and bwd_filter.
 //
 // Same targets, attributes and validation as ffi/cpu/conv2d.cc (ffi_common.h rebuilds and checks
-// the geometry); the kernels are in conv2d_kernels.cuh, conv2d_mma.cuh and
+// the geometry); the kernels are in conv2d_kernels.cuh (its level headers), conv2d_mma.cuh and
 // depthwise_kernels.cuh, reached through the launchers of launchers.h, which kernel_units.cu
 // instantiates in units of their own (this file compiles no kernel). Work is enqueued on the
 // stream XLA gives the call and never synchronized here.
@@ -125,20 +125,15 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
                                            static_cast<const T*>(dy.untyped_data()), nullptr,
                                            static_cast<T*>(dw->untyped_data()), *mem, stream));
     }
-    if (conv_takes_direct_kernels(g))
-      return check_cuda(kTarget,
-                        launch_conv_direct<T>(g, 2, static_cast<const T*>(x.untyped_data()),
-                                              static_cast<const T*>(dy.untyped_data()), nullptr,
-                                              static_cast<T*>(dw->untyped_data()), stream));
-    // Kernel and split plan: functions of the shape, dtype, layout, allow_tf32 and
-    // tensor_cores only.
+    // Kernel (direct for depthwise / few channels, else an implicit GEMM) and split plan:
+    // functions of the shape, dtype, layout, allow_tf32 and tensor_cores only.
     const bool tensor_cores = has_tensor_cores();
     const FilterPlanSize plan = conv_bwd_filter_plan<T>(g, tensor_cores);
     void* workspace = nullptr;
     if (plan.workspace_bytes > 0) {
       // Device memory from XLA's allocator, released when this call returns; XLA orders later
       // users of it after the work enqueued here on the same stream. Without it, fail: another
-      // plan would sum in another order (conv2d_kernels.cuh, "split plan").
+      // plan would sum in another order (split_reduce.cuh).
       auto mem = scratch.Allocate(size_t(plan.workspace_bytes), 256);
       if (!mem.has_value())
         return ffi::Error(

@@ -1,8 +1,8 @@
 // Building blocks of the CUDA kernels: storage/accumulation types, the launch helper, the grid
 // size rule.
 //
-// The kernel headers (this one, conv2d_kernels.cuh, max_pool2d_kernels.cuh) contain no XLA code,
-// so they compile in two ways:
+// The kernel headers (this one, conv2d_*.cuh, depthwise_kernels.cuh, max_pool2d_kernels.cuh)
+// contain no XLA code, so they compile in two ways:
 //   - with nvcc, for the real module (conv2d.cu, max_pool2d.cu include them);
 //   - with a host C++ compiler under JAXCONV_CUDA_EMULATION, where tests/cuda_emulation/emulate.h
 //     has already defined dim3, threadIdx/blockIdx, __syncthreads and `launch` (blocks run one
@@ -20,6 +20,15 @@
 #include <cuda_fp16.h>
 
 #include "../geometry.h"
+
+// `#pragma unroll` under nvcc; nothing on the host compiler of the emulation.
+#if !defined(JAXCONV_UNROLL)
+#if defined(__CUDACC__)
+#define JAXCONV_UNROLL _Pragma("unroll")
+#else
+#define JAXCONV_UNROLL
+#endif
+#endif
 
 #if !defined(JAXCONV_CUDA_EMULATION)
 #include <cuda_runtime.h>

@@ -8,13 +8,14 @@
 //                    pass; the tensor-core pass is extern here       orders)
 //   2 pass_mma_large the tensor-core pass, 128 x 128 tile         4 (float32) or 6 (16-bit)
 //   3 pass_mma_small the tensor-core pass, 64 x 64 tile           4 or 6
-//   4 filter         conv_bwd_filter_plan / launch_conv_bwd_filter: the SIMT bwd_filter
-//                    and the partial-sum kernel; tensor-core bwd_filter extern   5
+//   4 filter         conv_bwd_filter_plan / launch_conv_bwd_filter: the SIMT bwd_filter,
+//                    the direct (depthwise / few-channel) bwd_filter and the
+//                    partial-sum kernel; tensor-core bwd_filter extern          9
 //   5 filter_mma_large  tensor-core bwd_filter, 128 x 128         4
 //   6 filter_mma_small  tensor-core bwd_filter, 64 x 64           4
-//   7 direct         launch_conv_direct (depthwise_kernels.cuh) and launch_conv_fft
-//                    (fft_conv.cuh); with dtype 0 also the launchers' non-template
-//                    functions                                    12 + 1 (FFT; none for f64)
+//   7 direct         launch_conv_direct (depthwise_kernels.cuh: forward and bwd_data) and
+//                    launch_conv_fft (fft_conv.cuh); with dtype 0 also the launchers'
+//                    non-template functions                       8 + 1 (FFT; none for f64)
 //   8 pool           the three max-pool launchers                 12
 //
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (the emulation's codes). Families 2, 3, 5
@@ -99,8 +100,14 @@ cudaError_t launch_conv_bwd_data(const ConvGeometry& g, const T* dy, const T* w,
   return conv2d_backward_data<T>(g, dy, w, bias, dx, stream,
                                  PassOptions{tensor_cores, g.p.allow_tf32 != 0});
 }
+// bwd_filter: the direct kernel (depthwise_kernels.cuh) where conv_takes_direct_kernels,
+// else the implicit GEMMs; both split over positions by a shape-only plan.
 template <typename T>
 FilterPlanSize conv_bwd_filter_plan(const ConvGeometry& g, bool tensor_cores) {
+  if (direct_conv_applies(g)) {
+    using Acc = typename Num<T>::acc;
+    return {direct_filter_workspace_bytes<T>(g), plan_direct_filter(g, sizeof(Acc)).splits};
+  }
   const FilterLauncher<T> launcher(g, PassOptions{tensor_cores, g.p.allow_tf32 != 0});
   return {launcher.workspace_bytes(), launcher.p.splits};
 }
@@ -108,6 +115,8 @@ template <typename T>
 cudaError_t launch_conv_bwd_filter(const ConvGeometry& g, const T* x, const T* dy, T* dw,
                                    void* workspace, bool tensor_cores, cudaStream_t stream) {
   using Acc = typename Num<T>::acc;
+  if (direct_conv_applies(g))
+    return direct_conv_bwd_filter<T>(g, x, dy, dw, static_cast<Acc*>(workspace), stream);
   const FilterLauncher<T> launcher(g, PassOptions{tensor_cores, g.p.allow_tf32 != 0});
   return launcher.run(x, dy, dw, static_cast<Acc*>(workspace), stream);
 }

@@ -26,14 +26,15 @@ namespace jaxconv::cuda {
 // ---- Convolution ------------------------------------------------------------------------------
 // `tensor_cores`: the device has mma.sync/cp.async (sm_80+). Whether float32 may round to TF32
 // is the geometry's own attribute, g.p.allow_tf32. The kernel and tile follow from these and the
-// shape (choose_pass_kernel / choose_filter_kernel in conv2d_kernels.cuh).
+// shape (choose_pass_kernel / choose_filter_kernel in conv2d_plan.cuh).
 
 // Depthwise (groups == C) and few-channel (C <= 4) convolutions take the direct kernels
 // (depthwise_kernels.cuh) in all three directions; the others the implicit GEMMs below.
 bool conv_takes_direct_kernels(const ConvGeometry& g);
 
-// which: 0 forward (a = x, b = w, out = y), 1 bwd_data (a = dy, b = w, out = dx), 2 bwd_filter
-// (a = x, b = dy, out = dw, bias null). Only where conv_takes_direct_kernels(g).
+// which: 0 forward (a = x, b = w, out = y), 1 bwd_data (a = dy, b = w, out = dx). Only where
+// conv_takes_direct_kernels(g). Their bwd_filter, which needs a workspace for its split, goes
+// through conv_bwd_filter_plan / launch_conv_bwd_filter like every other shape.
 template <typename T>
 cudaError_t launch_conv_direct(const ConvGeometry& g, int which, const T* a, const T* b,
                                const T* bias, T* out, cudaStream_t stream);
@@ -60,6 +61,7 @@ cudaError_t launch_conv_bwd_data(const ConvGeometry& g, const T* dy, const T* w,
 // bwd_filter in two calls, so that the caller allocates the partial sums between them. The
 // plan (kernel, split count) is a function of the shape, dtype, layout, allow_tf32 and
 // tensor_cores only, so both calls see the same one. workspace_bytes == 0: no workspace.
+// Direct shapes (conv_takes_direct_kernels) run the direct kernel, split the same way.
 struct FilterPlanSize {
   int64_t workspace_bytes;
   int64_t splits;
@@ -73,7 +75,7 @@ cudaError_t launch_conv_bwd_filter(const ConvGeometry& g, const T* x, const T* d
                                    void* workspace, bool tensor_cores, cudaStream_t stream);
 
 // The handler's message when XLA's scratch allocator cannot give bwd_filter its workspace
-// (conv2d_kernels.cuh, filter_workspace_error).
+// (split_reduce.cuh, filter_workspace_error).
 std::string conv_bwd_filter_workspace_error(const char* target, int64_t bytes, int64_t splits);
 
 // ---- Max pooling ------------------------------------------------------------------------------

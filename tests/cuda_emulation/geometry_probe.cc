@@ -58,4 +58,23 @@ void probe_tap_outputs(int64_t t, int64_t stride, int64_t pad_lo, int64_t dilati
   range[1] = r.hi;
 }
 
+// bwd_data_phase_axis(rho, ...) and its companions: out = {out0, out_step, in0, in_q, first,
+// step, count, rows (bwd_data_phase_rows), phases (bwd_data_phases), tap slots
+// (bwd_data_tap_slots)}.
+void probe_bwd_data_phase_axis(int64_t rho, int64_t stride, int64_t pad_lo, int64_t dilation,
+                               int64_t k, int64_t size, int64_t* out) {
+  const jaxconv::BwdDataPhaseAxis a =
+      jaxconv::bwd_data_phase_axis(rho, stride, pad_lo, dilation, k);
+  const int64_t v[] = {a.out0,
+                       a.out_step,
+                       a.in0,
+                       a.in_q,
+                       a.first,
+                       a.step,
+                       a.count,
+                       jaxconv::bwd_data_phase_rows(rho, stride, size),
+                       jaxconv::bwd_data_phases(stride, size),
+                       jaxconv::bwd_data_tap_slots(stride, dilation, k)};
+  for (int i = 0; i < 10; ++i) out[i] = v[i];
+}
 }  // extern "C"

@@ -7,6 +7,7 @@
 #include "emulate.h"
 
 #include <cstring>
+#include <vector>
 
 #include "cuda/depthwise_kernels.cuh"
 #include "cuda/max_pool2d_kernels.cuh"
@@ -133,9 +134,37 @@ int emu_direct_conv(int which, int dtype, const int64_t* x_dims, const int64_t* 
       if (which == 2) std::memset(out, 0, size_t(g.O * g.gemm_k()) * sizeof(T));
       return 0;
     }
+    if (which == 2) {  // as the handler: the plan's workspace, then the launch
+      using Acc = typename Num<T>::acc;
+      std::vector<Acc> workspace(size_t(direct_filter_workspace_bytes<T>(g)) / sizeof(Acc));
+      return status(direct_conv_bwd_filter<T>(
+          g, static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out),
+          workspace.empty() ? nullptr : workspace.data(), nullptr, index_bits));
+    }
     return status(direct_conv<T>(g, which, static_cast<const T*>(a), static_cast<const T*>(b),
                                  static_cast<const T*>(bias), static_cast<T*>(out), nullptr,
                                  index_bits));
+  });
+}
+
+// The direct bwd_filter's plan (plan_direct_filter, as the launch uses it) for dtype:
+// out = {channel_lanes, items, splits, chunk, blocks, workspace bytes}. Returns 3 when the
+// geometry does not take the direct kernels.
+int emu_direct_filter_plan(int dtype, const int64_t* x_dims, const int64_t* w_dims,
+                           const int64_t* attrs, int64_t* out) {
+  ConvParams p{attrs[0], attrs[1], attrs[2], attrs[3], attrs[4],
+               attrs[5], attrs[6], attrs[7], attrs[8], attrs[9]};
+  ConvGeometry g;
+  if (make_conv_geometry(p, activation_dims(p.layout, x_dims), weight_dims(p.layout, w_dims), &g))
+    return 1;
+  if (!direct_conv_applies(g)) return 3;
+  return dispatch(dtype, [&](auto zero) -> int {
+    using T = decltype(zero);
+    const DirectFilterPlan f = plan_direct_filter(g, sizeof(typename Num<T>::acc));
+    const int64_t v[] = {f.channel_lanes, f.items,  f.splits,
+                         f.chunk,         f.blocks, direct_filter_workspace_bytes<T>(g)};
+    for (int i = 0; i < 6; ++i) out[i] = v[i];
+    return 0;
   });
 }
 
