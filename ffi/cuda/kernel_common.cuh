@@ -21,21 +21,60 @@
 
 #include "../geometry.h"
 
+// Unroll a loop with a compile-time trip count (nvcc); nothing on the host emulation. Defined
+// identically in conv2d_kernels.cuh (a repeated identical definition is allowed).
+#if defined(__CUDACC__)
+#define JAXCONV_UNROLL _Pragma("unroll")
+#else
+#define JAXCONV_UNROLL
+#endif
+
 #if !defined(JAXCONV_CUDA_EMULATION)
 #include <cuda_runtime.h>
 
 namespace jaxconv::cuda {
-// Launches kernel<<<grid, block, 0, stream>>>(args...) and returns the launch error (bad
-// configuration, no device, no kernel image for this GPU, ...). Errors of the kernel itself
+// Launches kernel<<<grid, block, smem_bytes, stream>>>(args...) (smem_bytes: dynamic shared
+// memory per block) and returns the launch error (bad configuration, no device, no kernel image
+// for this GPU, more shared memory than the kernel may have, ...). Errors of the kernel itself
 // surface at the next synchronization, which XLA performs.
+template <typename... Params, typename... Args>
+cudaError_t launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block, int smem_bytes,
+                               cudaStream_t stream, Args... args) {
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+  return cudaGetLastError();
+}
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
                    Args... args) {
-  kernel<<<grid, block, 0, stream>>>(args...);
-  return cudaGetLastError();
+  return launch_with_shared(kernel, grid, block, 0, stream, args...);
 }
 }  // namespace jaxconv::cuda
+
+// The block's dynamic shared memory as `unsigned char name[]`, 16-byte aligned, of the size the
+// launch gives (launch_dynamic_shared). The emulation's version is a pointer to the running
+// block's buffer (emulate.h), whose size it checks.
+#define JAXCONV_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+#define JAXCONV_DYNAMIC_SHARED(name) unsigned char* const name = ::emu::dynamic_shared()
 #endif
+
+namespace jaxconv::cuda {
+
+// Launches with smem_bytes of dynamic shared memory: above the 48 KB every kernel may have,
+// after opting the kernel in to that size (cudaFuncAttributeMaxDynamicSharedMemorySize; sm_80
+// allows up to 163 KB, sm_90 227 KB, per block).
+template <typename... Params, typename... Args>
+cudaError_t launch_dynamic_shared(void (*kernel)(Params...), dim3 grid, dim3 block,
+                                  int smem_bytes, cudaStream_t stream, Args... args) {
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_with_shared(kernel, grid, block, smem_bytes, stream, args...);
+}
+}  // namespace jaxconv::cuda
 
 namespace jaxconv::cuda {
 

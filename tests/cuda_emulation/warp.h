@@ -47,6 +47,7 @@ inline thread_local Warp* this_warp = nullptr;
 inline thread_local int this_lane = 0;
 inline thread_local int exchange_buffer = 0;
 inline std::atomic<int> kernel_errors{0};
+inline void check_shared_access(const void* p, int bytes);  // emulate.h: dynamic shared bounds
 
 // Every lane's `mine`, gathered; valid until this lane's next warp operation.
 template <typename V>
@@ -78,6 +79,7 @@ inline float warp_shfl(float v, int src_lane) { return warp_exchange(v)[src_lane
 // ---- ldmatrix ----------------------------------------------------------------------------------
 
 inline void warp_ldmatrix(uint32_t* r, int matrices, bool trans, const void* row) {
+  check_shared_access(row, 16);
   const Gathered<const void*> rows = warp_exchange(row);
   const int l = this_lane;
   for (int j = 0; j < matrices; ++j) {
@@ -183,6 +185,7 @@ struct CopyQueue {
 inline thread_local CopyQueue copy_queue;
 
 inline void cp_async(void* dst, const void* src, int src_bytes) {
+  check_shared_access(dst, 16);
   copy_queue.open.push_back({dst, src, src_bytes});
 }
 inline void cp_async_commit() {
