@@ -60,30 +60,30 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     conv_filter_mma_kernel(FilterParams p, MmaLoads loads, const T* __restrict__ x,
                            const T* __restrict__ dy, T* __restrict__ dw,
                            float* __restrict__ partial) {
-  using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
-  using Bits = typename MmaOf<T>::Bits;
-  constexpr MmaKind kKind = MmaOf<T>::kind;
+  using Types = MmaKernelTypes<T, Cfg>;
+  using S = typename Types::S;
+  using Bits = typename Types::Bits;
+  constexpr MmaKind kKind = Types::kKind;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
   constexpr int kThreads = Cfg::kThreads;
-  constexpr bool kKMajor = kLayout == kNHWC;         // both operands staged by position rows
-  constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
-  constexpr int BK = kMmaRowBytes / int(sizeof(S));  // positions per stage
-  constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
-  constexpr int kAPitch = kKMajor ? mma_k_major_pitch<S>(BM) : kMmaPitchBytes;
-  constexpr int kBPitch = kKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
-  static_assert(BK * kAPitch <= BM * kMmaPitchBytes && BK * kBPitch <= BN * kMmaPitchBytes,
-                "k-major tiles fit the stage buffers");
-  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
+  constexpr bool kKMajor = kLayout == kNHWC;  // both operands staged by position rows
+  constexpr int kVec = Types::kVec, BK = Types::BK, kE = Types::kE;  // BK: positions per stage
+  constexpr int kChunksA = Types::kChunksA, kChunksB = Types::kChunksB;
+  constexpr int kAPitch = kKMajor ? mma_k_major_pitch<S>(BM) : kMmaRowBytes;
+  constexpr int kBPitch = kKMajor ? mma_k_major_pitch<S>(BN) : kMmaRowBytes;
+  static_assert(
+      !kKMajor || (BK * kAPitch == Cfg::kAStageBytes && BK * kBPitch == Cfg::kBStageBytes),
+      "k-major tiles fit the stage buffers");
 
-  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
-  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
+  JAXCONV_DYNAMIC_SHARED(smem);  // Cfg::kSharedBytes: the A stages, then the B stages
+  unsigned char* const As = smem;
+  unsigned char* const Bs = smem + Cfg::kStages * Cfg::kAStageBytes;
   // Per tile, per column k: channel offset into x (-1 past Kg), the tap's offsets
   // kh * dilation_h - pad_top and kw * dilation_w - pad_left, and the offset within dW.
   __shared__ Index col_x[BN], col_dh[BN], col_dw[BN], col_w[BN];
 
-  const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
-  const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
-  const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
+  const MmaThread me = mma_thread<Cfg>();
+  const int tid = me.tid, lane = me.lane, warp_m0 = me.warp_m0, warp_n0 = me.warp_n0;
   // Position digits (n, oh, ow), radices (OH, OW).
   const Digits3 stage_step = split_index(BK, p.OH, p.OW), unit_step = split_index(1, p.OH, p.OW);
   const Index x_h = Index(p.H), x_w = Index(p.W), s_h = Index(p.stride_h), s_w = Index(p.stride_w);
@@ -152,7 +152,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         const bool chunk_live = (a_live >> l) & 1u;
         if constexpr (kKMajor) {  // one position, kVec output channels from a_chan[l]
           const int c = (e % (BM / kVec)) * kVec;
-          unsigned char* dst = &As[stage][a_p0[l] * kAPitch + c * int(sizeof(S))];
+          unsigned char* dst =
+              As + stage * Cfg::kAStageBytes + mma_tile_offset<kAPitch, kE>(a_p0[l], c / kVec);
           if (loads.a_vector) {  // Og % kVec == 0: the whole chunk is live or not
             const Index off = chunk_live ? dy_offset(a_pd[l], pos, a_chan[l]) : Index(-1);
             cp_async_16(dst, dy + (off < 0 ? 0 : off), off >= 0);
@@ -168,7 +169,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           }
         } else {  // one output channel, kVec positions
           const int r = e / 4;
-          unsigned char* dst = &As[stage][r * kMmaPitchBytes + (e % 4) * 16];
+          unsigned char* dst =
+              As + stage * Cfg::kAStageBytes + mma_tile_offset<kMmaRowBytes, kE>(r, e % 4);
           if (loads.a_vector) {
             const Index off = chunk_live ? dy_offset(a_pd[l], pos, a_chan[l]) : Index(-1);
             cp_async_16(dst, dy + (off < 0 ? 0 : off), off >= 0);
@@ -192,7 +194,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         const bool chunk_live = (b_live >> l) & 1u;
         if constexpr (kKMajor) {  // one position, kVec columns k
           const int c = (e % (BN / kVec)) * kVec;
-          unsigned char* dst = &Bs[stage][b_p0[l] * kBPitch + c * int(sizeof(S))];
+          unsigned char* dst =
+              Bs + stage * Cfg::kBStageBytes + mma_tile_offset<kBPitch, kE>(b_p0[l], c / kVec);
           if (loads.b_vector) {  // Cg % kVec == 0: one tap, consecutive ci, all live or not
             const Index off =
                 chunk_live ? x_offset(b_pd[l], pos, b_x[l], b_dh[l], b_dw[l]) : Index(-1);
@@ -210,7 +213,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           }
         } else {  // one column k, kVec positions (gathered: x is not contiguous along them)
           const int c = e / 4;
-          unsigned char* dst = &Bs[stage][c * kMmaPitchBytes + (e % 4) * 16];
+          unsigned char* dst =
+              Bs + stage * Cfg::kBStageBytes + mma_tile_offset<kMmaRowBytes, kE>(c, e % 4);
           Digits3 d = b_pd[l];
           JAXCONV_UNROLL
           for (int i = 0; i < kVec; ++i) {
@@ -227,7 +231,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
     float acc[MI][NI][4];
     mma_mainloop<kKind, Cfg, MmaOperands<kKMajor, kAPitch, kKMajor, kBPitch>>(
-        acc, (p_end - p_begin + BK - 1) / BK, load_stage, As[0], Bs[0], warp_m0, warp_n0, lane);
+        acc, (p_end - p_begin + BK - 1) / BK, load_stage, As, Bs, warp_m0, warp_n0, lane);
 
     mma_store_filter_tile<T, Cfg, Index>(p, acc, col_x, col_w, g, m0, split, dw, partial, warp_m0,
                                          warp_n0, lane);
@@ -248,31 +252,30 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // one carry per digit. A chunk is live while its position is below p_end (one compare against
 // the block-uniform count of positions left) and, for x, while ih, iw are inside the image.
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads)
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     conv_filter_mma_pos_kernel(FilterParams p, const T* __restrict__ x, const T* __restrict__ dy,
                                T* __restrict__ dw, float* __restrict__ partial) {
-  using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
-  constexpr MmaKind kKind = MmaOf<T>::kind;
+  using Types = MmaKernelTypes<T, Cfg>;
+  using S = typename Types::S;
+  constexpr MmaKind kKind = Types::kKind;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
   constexpr int kThreads = Cfg::kThreads;
-  constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
-  constexpr int BK = kMmaRowBytes / int(sizeof(S));  // positions per stage
-  constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
+  constexpr int kVec = Types::kVec, BK = Types::BK, kE = Types::kE;  // BK: positions per stage
+  constexpr int kChunksA = Types::kChunksA, kChunksB = Types::kChunksB;
   constexpr int kAPitch = mma_k_major_pitch<S>(BM), kBPitch = mma_k_major_pitch<S>(BN);
   constexpr int kARowChunks = BM / kVec, kBRowChunks = BN / kVec;  // chunks per position row
-  static_assert(BK * kAPitch <= BM * kMmaPitchBytes && BK * kBPitch <= BN * kMmaPitchBytes,
+  static_assert(BK * kAPitch == Cfg::kAStageBytes && BK * kBPitch == Cfg::kBStageBytes,
                 "k-major tiles fit the stage buffers");
   static_assert(kThreads % kARowChunks == 0 && kThreads % kBRowChunks == 0,
                 "a thread's chunks share their columns");
-  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
 
-  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
-  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
+  JAXCONV_DYNAMIC_SHARED(smem);  // Cfg::kSharedBytes: the A stages, then the B stages
+  unsigned char* const As = smem;
+  unsigned char* const Bs = smem + Cfg::kStages * Cfg::kAStageBytes;
   __shared__ int col_x[BN], col_dh[BN], col_dw[BN], col_w[BN];
 
-  const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
-  const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
-  const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
+  const MmaThread me = mma_thread<Cfg>();
+  const int tid = me.tid, lane = me.lane, warp_m0 = me.warp_m0, warp_n0 = me.warp_n0;
   const int oh_count = int(p.OH), ow_count = int(p.OW), x_h = int(p.H), x_w = int(p.W);
   const int s_h = int(p.stride_h), s_w = int(p.stride_w);
   // BK positions as digits (n, oh, ow) (each below its radix: at most one carry per digit) and
@@ -328,13 +331,18 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
     // Shared destinations a constant distance apart (see the pass's tap kernel); a
     // predicated-off chunk forms its source address but cp.async reads nothing there.
-    const int a_dst = (tid / kARowChunks) * kAPitch + (tid % kARowChunks) * 16;
-    const int b_dst = (tid / kBRowChunks) * kBPitch + (tid % kBRowChunks) * 16;
+    // (The swizzle repeats every 8 rows, 4 for float32; chunk l sits a multiple of that past
+    // chunk 0.)
+    const int a_dst = mma_tile_offset<kAPitch, kE>(tid / kARowChunks, tid % kARowChunks);
+    const int b_dst = mma_tile_offset<kBPitch, kE>(tid / kBRowChunks, tid % kBRowChunks);
+    static_assert((kThreads / kARowChunks) % (kE == 2 ? 8 : 4) == 0 &&
+                      (kThreads / kBRowChunks) % (kE == 2 ? 8 : 4) == 0,
+                  "a thread's chunks share their swizzle");
     constexpr int kADstStep = (kThreads / kARowChunks) * kAPitch;
     constexpr int kBDstStep = (kThreads / kBRowChunks) * kBPitch;
     auto load_stage = [&](int stage, int) {
-      unsigned char* a_stage = As[stage] + a_dst;
-      unsigned char* b_stage = Bs[stage] + b_dst;
+      unsigned char* a_stage = (As + stage * Cfg::kAStageBytes) + a_dst;
+      unsigned char* b_stage = (Bs + stage * Cfg::kBStageBytes) + b_dst;
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksA; ++l) {
         cp_async_16(a_stage + l * kADstStep, dy + a_off[l], a_row[l] < left);
@@ -363,8 +371,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
     float acc[MI][NI][4];
     mma_mainloop<kKind, Cfg, MmaOperands<true, kAPitch, true, kBPitch>>(
-        acc, int((p_end - p_begin + BK - 1) / BK), load_stage, As[0], Bs[0], warp_m0, warp_n0,
-        lane);
+        acc, int((p_end - p_begin + BK - 1) / BK), load_stage, As, Bs, warp_m0, warp_n0, lane);
 
     mma_store_filter_tile<T, Cfg, int>(p, acc, col_x, col_w, g, m0, split, dw, partial, warp_m0,
                                        warp_n0, lane);

@@ -93,8 +93,9 @@ cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T*
                               bool index32, cudaStream_t stream) {
   const MmaLoads loads = mma_filter_loads(p, x, dy);
   if (index32 && mma_filter_pos_applies(p, loads))
-    return launch(conv_filter_mma_pos_kernel<T, Cfg>, dim3(grid_blocks(p.tiles)),
-                  dim3(Cfg::kThreads), stream, p, x, dy, dw, partial);
+    return launch_dynamic_shared(conv_filter_mma_pos_kernel<T, Cfg>, dim3(grid_blocks(p.tiles)),
+                                 dim3(Cfg::kThreads), Cfg::kSharedBytes, stream, p, x, dy, dw,
+                                 partial);
   void (*kernel)(FilterParams, MmaLoads, const T*, const T*, T*, float*);
   if (p.layout == kNHWC)
     kernel = index32 ? conv_filter_mma_kernel<T, Cfg, kNHWC, int32_t>
@@ -102,8 +103,8 @@ cudaError_t launch_filter_mma(const FilterParams& p, const T* x, const T* dy, T*
   else
     kernel = index32 ? conv_filter_mma_kernel<T, Cfg, kNCHW, int32_t>
                      : conv_filter_mma_kernel<T, Cfg, kNCHW, int64_t>;
-  return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, x, dy,
-                dw, partial);
+  return launch_dynamic_shared(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads),
+                               Cfg::kSharedBytes, stream, p, loads, x, dy, dw, partial);
 }
 
 // The pass kernel instantiation for one layout / B staging, by index width.
@@ -129,8 +130,8 @@ cudaError_t launch_pass_mma(PassParams p, const T* in, const T* w, const T* bias
                                        : conv_pass_mma_tap_kernel<T, Cfg, false>;
     else
       tap_kernel = conv_pass_mma_tap_kernel<T, Cfg, false>;
-    return launch(tap_kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, in, w,
-                  bias, out);
+    return launch_dynamic_shared(tap_kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads),
+                                 Cfg::kSharedBytes, stream, p, in, w, bias, out);
   }
   void (*kernel)(PassParams, MmaLoads, const T*, const T*, const T*, T*);
   if (p.layout == kNHWC) {
@@ -142,8 +143,8 @@ cudaError_t launch_pass_mma(PassParams p, const T* in, const T* w, const T* bias
   } else {
     kernel = pass_mma_kernel<T, Cfg, kNCHW, false>(index32);
   }
-  return launch(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads), stream, p, loads, in, w,
-                bias, out);
+  return launch_dynamic_shared(kernel, dim3(grid_blocks(p.tiles)), dim3(Cfg::kThreads),
+                               Cfg::kSharedBytes, stream, p, loads, in, w, bias, out);
 }
 
 }  // namespace jaxconv::cuda

@@ -7,6 +7,7 @@
 
 namespace jaxconv::cuda {
 
+// The reduction of a block tile: `steps` stages of kMmaRowBytes of k each, loaded in order by
 // load_stage(buffer, s) (cp.async into As/Bs + buffer * stage bytes; plain shared stores for
 // gathers) up to Cfg::kStages - 1 stages ahead of the one multiplied, with one barrier per
 // stage. One commit group per stage, so at the top of iteration s (kStages - 1 + s groups
@@ -17,13 +18,16 @@ namespace jaxconv::cuda {
 // (MI * 16) x (NI * 8) piece at (warp_m0, warp_n0) into acc (float32, zeroed here). Leaves no
 // cp.async group in flight; the caller must __syncthreads before the buffers are written again
 // (the next tile's first loads). Step: int for the int32 kernels (32-bit loop counters).
+// Stage s lives in buffer s % kStages; the loop runs kStages stages per iteration, unrolled, so
+// that every buffer offset (of the stage multiplied and of the one loaded) is a constant and
+// the shared addresses of the fragments are per-lane registers plus immediates.
 template <MmaKind kKind, typename Cfg, typename Ops, typename Step, typename LoadStage>
 __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], Step steps,
                                              LoadStage&& load_stage, const unsigned char* As,
                                              const unsigned char* Bs, int warp_m0, int warp_n0,
                                              int lane) {
   constexpr int MI = Cfg::MI, NI = Cfg::NI;
-  constexpr int kAStageBytes = Cfg::BM * kMmaPitchBytes, kBStageBytes = Cfg::BN * kMmaPitchBytes;
+  constexpr int kAStageBytes = Cfg::kAStageBytes, kBStageBytes = Cfg::kBStageBytes;
   JAXCONV_UNROLL
   for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
   for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
@@ -35,33 +39,43 @@ __device__ __forceinline__ void mma_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], 
     if (s < steps) load_stage(s, Step(s));
     cp_async_commit();  // possibly empty, so that group g is always stage g
   }
-  int read = 0, write = kStages - 1;  // buffers of stage s and of stage s + kStages - 1
-  for (Step s = 0; s < steps; ++s) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage s is in shared memory; stage s - 1 is read by every warp
-    if (s + (kStages - 1) < steps) load_stage(write, s + (kStages - 1));
-    cp_async_commit();  // possibly empty, as above
-    write = write == kStages - 1 ? 0 : write + 1;
-
-    const unsigned char* a_tile = As + read * kAStageBytes;
-    const unsigned char* b_tile = Bs + read * kBStageBytes;
-    read = read == kStages - 1 ? 0 : read + 1;
+  for (Step s0 = 0; s0 < steps; s0 += kStages) {
     JAXCONV_UNROLL
-    for (int ks = 0; ks < 2; ++ks) {  // two mma k-steps of 32 bytes
-      uint32_t a[MI][4], b[NI][2];
-      load_a_fragments<kKind, MI, Ops::kAKMajor, Ops::kAPitch>(a, a_tile, warp_m0, ks, lane);
-      load_b_fragments<kKind, NI, Ops::kBKMajor, Ops::kBPitch>(b, b_tile, warp_n0, ks, lane);
-      if constexpr (kKind == MmaKind::kTf32) {
+    for (int u = 0; u < kStages; ++u) {
+      const Step s = s0 + u;
+      if (s >= steps) break;
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // stage s is in shared memory; stage s - 1 is read by every warp
+      if (s + (kStages - 1) < steps) load_stage((u + kStages - 1) % kStages, s + (kStages - 1));
+      cp_async_commit();  // possibly empty, as above
+
+      const unsigned char* a_tile = As + u * kAStageBytes;
+      const unsigned char* b_tile = Bs + u * kBStageBytes;
+      // Fragments double-buffered: k-step 1's are read from shared memory before k-step 0's
+      // multiplies are issued, so the ldmatrix latency overlaps the tensor-core work.
+      uint32_t a[2][MI][4], b[2][NI][2];
+      load_a_fragments<kKind, MI, Ops::kAKMajor, Ops::kAPitch>(a[0], a_tile, warp_m0, 0, lane);
+      load_b_fragments<kKind, NI, Ops::kBKMajor, Ops::kBPitch>(b[0], b_tile, warp_n0, 0, lane);
+      JAXCONV_UNROLL
+      for (int ks = 0; ks < 2; ++ks) {  // two mma k-steps of 32 bytes
+        if (ks + 1 < 2) {
+          load_a_fragments<kKind, MI, Ops::kAKMajor, Ops::kAPitch>(a[(ks + 1) & 1], a_tile, warp_m0,
+                                                                   ks + 1, lane);
+          load_b_fragments<kKind, NI, Ops::kBKMajor, Ops::kBPitch>(b[(ks + 1) & 1], b_tile, warp_n0,
+                                                                   ks + 1, lane);
+        }
+        if constexpr (kKind == MmaKind::kTf32) {
+          JAXCONV_UNROLL
+          for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
+          for (int q = 0; q < 4; ++q) a[ks][i][q] = to_tf32(a[ks][i][q]);
+          JAXCONV_UNROLL
+          for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
+          for (int q = 0; q < 2; ++q) b[ks][j][q] = to_tf32(b[ks][j][q]);
+        }
         JAXCONV_UNROLL
         for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
-        for (int q = 0; q < 4; ++q) a[i][q] = to_tf32(a[i][q]);
-        JAXCONV_UNROLL
-        for (int j = 0; j < NI; ++j) JAXCONV_UNROLL
-        for (int q = 0; q < 2; ++q) b[j][q] = to_tf32(b[j][q]);
+        for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[ks][i], b[ks][j]);
       }
-      JAXCONV_UNROLL
-      for (int i = 0; i < MI; ++i) JAXCONV_UNROLL
-      for (int j = 0; j < NI; ++j) mma<kKind>(acc[i][j], a[i], b[j]);
     }
   }
   cp_async_wait<0>();  // the trailing empty groups

@@ -72,6 +72,61 @@ __device__ __forceinline__ void mma_store_pass_tile(const PassParams& p,
       });
 }
 
+// The pass epilogue through shared memory, for 16-bit T (the tap kernel): each warp writes its
+// accumulators, bias added and rounded, as pairs of T into a [BM][BN] tile of T in the stage
+// buffers (rows padded by 16 bytes: the 8 rows x 4 lanes of one store hit 32 distinct banks),
+// then each thread copies 8 consecutive channels of one row to `out` as one 16-byte store
+// (vec_out: out 16-byte aligned and every row offset and channel start a multiple of 8), else
+// element by element, skipping rows with row_out < 0 and channels past Cout. The values are
+// those of mma_store_pass_tile bit for bit. Starts with a barrier (warps may still read the
+// last stage); the caller's barrier before the next tile protects the tile.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void mma_store_pass_tile_staged(
+    const PassParams& p, const float (&acc)[Cfg::MI][Cfg::NI][4], const int* row_out, int64_t g,
+    int64_t n0, const T* __restrict__ bias, T* __restrict__ out, bool vec_out, unsigned char* smem,
+    int warp_m0, int warp_n0, int lane, int tid) {
+  static_assert(sizeof(T) == 2, "pairs of 16-bit values");
+  constexpr int BM = Cfg::BM, BN = Cfg::BN;
+  constexpr int kPitch = BN * 2 + 16;
+  static_assert(BM * kPitch <= Cfg::kSharedBytes, "the staged tile fits the stage buffers");
+  static_assert((BM * BN / 8) % Cfg::kThreads == 0, "each thread copies the same chunks");
+  const int cout = int(p.Cout), chan0 = int(g * p.Cout + n0);
+  __syncthreads();
+  struct alignas(4) Pair {
+    T lo, hi;
+  };
+  const int grp = lane / 4, t4 = lane % 4;
+  JAXCONV_UNROLL
+  for (int j = 0; j < Cfg::NI; ++j) {
+    const int c = warp_n0 + j * 8 + 2 * t4;
+    float b0 = 0.0f, b1 = 0.0f;
+    if (bias) {
+      if (n0 + c < cout) b0 = Num<T>::load(bias[chan0 + c]);
+      if (n0 + c + 1 < cout) b1 = Num<T>::load(bias[chan0 + c + 1]);
+    }
+    JAXCONV_UNROLL
+    for (int i = 0; i < Cfg::MI; ++i) JAXCONV_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      *reinterpret_cast<Pair*>(smem + (warp_m0 + i * 16 + grp + 8 * h) * kPitch + c * 2) =
+          Pair{Num<T>::store(acc[i][j][2 * h] + b0), Num<T>::store(acc[i][j][2 * h + 1] + b1)};
+    }
+  }
+  __syncthreads();
+  JAXCONV_UNROLL
+  for (int l = 0; l < BM * BN / 8 / Cfg::kThreads; ++l) {
+    const int e = tid + l * Cfg::kThreads, r = e / (BN / 8), c = (e % (BN / 8)) * 8;
+    const int o = row_out[r];
+    if (o < 0 || n0 + c >= cout) continue;
+    const unsigned char* src = smem + r * kPitch + c * 2;
+    T* dst = out + (o + chan0 + c);
+    if (vec_out && n0 + c + 8 <= cout) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int q = 0; q < 8 && n0 + c + q < cout; ++q) dst[q] = reinterpret_cast<const T*>(src)[q];
+    }
+  }
+}
+
 // Index: int32_t where every operand has fewer than 2^31 elements (mma_index_32), else
 // int64_t. Offsets are formed only for elements inside their tensor (bounds are checked on the
 // positions first), so each one is below that tensor's size.
@@ -79,29 +134,28 @@ template <typename T, typename Cfg, int kLayout, bool kBKMajor, typename Index>
 __global__ void __launch_bounds__(Cfg::kThreads)
     conv_pass_mma_kernel(PassParams p, MmaLoads loads, const T* __restrict__ in,
                          const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out) {
-  using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
-  using Bits = typename MmaOf<T>::Bits;
-  constexpr MmaKind kKind = MmaOf<T>::kind;
+  using Types = MmaKernelTypes<T, Cfg>;
+  using S = typename Types::S;
+  using Bits = typename Types::Bits;
+  constexpr MmaKind kKind = Types::kKind;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
   constexpr int kThreads = Cfg::kThreads;
   constexpr bool kChannelsLast = kLayout == kNHWC;
-  constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
-  constexpr int BK = kMmaRowBytes / int(sizeof(S));  // k per stage
-  constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
-  constexpr int kBPitch = kBKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
+  constexpr int kVec = Types::kVec, BK = Types::BK, kE = Types::kE;  // BK: k per stage
+  constexpr int kChunksA = Types::kChunksA, kChunksB = Types::kChunksB;
+  constexpr int kBPitch = kBKMajor ? mma_k_major_pitch<S>(BN) : kMmaRowBytes;
   static_assert(!kBKMajor || sizeof(S) == 2, "ldmatrix.trans splits 32-bit values");
-  static_assert(!kBKMajor || BK * kBPitch <= BN * kMmaPitchBytes, "k-major B fits");
-  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
+  static_assert(!kBKMajor || BK * kBPitch == Cfg::kBStageBytes, "k-major B fills a stage");
 
-  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
-  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
+  JAXCONV_DYNAMIC_SHARED(smem);  // Cfg::kSharedBytes: the A stages, then the B stages
+  unsigned char* const As = smem;
+  unsigned char* const Bs = smem + Cfg::kStages * Cfg::kAStageBytes;
   // Per tile and output row: image offset (-1 past the grid), in position before the tap
   // offset, out offset (-1 outside `out`).
   __shared__ Index row_in[BM], row_ih[BM], row_iw[BM], row_out[BM];
 
-  const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
-  const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
-  const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
+  const MmaThread me = mma_thread<Cfg>();
+  const int tid = me.tid, lane = me.lane, warp_m0 = me.warp_m0, warp_n0 = me.warp_n0;
   // k digits: NCHW (ci, th, tw) radices (TH, TW); NHWC (th, tw, ci) radices (TW, Cin).
   const int64_t r1 = kChannelsLast ? p.TW : p.TH, r2 = kChannelsLast ? p.Cin : p.TW;
   const Digits3 stage_step = split_index(BK, r1, r2), unit_step = split_index(1, r1, r2);
@@ -185,7 +239,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksA; ++l) {
         const int e = tid + l * kThreads, r = e / 4;
-        unsigned char* dst = &As[stage][r * kMmaPitchBytes + (e % 4) * 16];
+        unsigned char* dst =
+            As + stage * Cfg::kAStageBytes + mma_tile_offset<kMmaRowBytes, kE>(r, e % 4);
         if (loads.a_vector) {
           const Index off = in_offset(l, tap_of(a_k[l], k0 + a_k0[l]));
           cp_async_16(dst, in + (off < 0 ? 0 : off), off >= 0);
@@ -208,7 +263,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         if (kBKMajor) {
           // One k, 8 consecutive output channels from b_chan[l].
           const int kk = e / (BN / 8), c = (e % (BN / 8)) * 8;
-          unsigned char* dst = &Bs[stage][kk * kBPitch + c * 2];
+          unsigned char* dst =
+              Bs + stage * Cfg::kBStageBytes + mma_tile_offset<kBPitch, 2>(kk, c / 8);
           const Tap t = tap_of(b_k[l], k0 + b_k0[l]);
           if (loads.b_vector) {
             const bool live = t.chan >= 0 && chunk_live;
@@ -226,7 +282,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         } else {
           // One output channel, kVec consecutive k.
           const int c = e / 4;
-          unsigned char* dst = &Bs[stage][c * kMmaPitchBytes + (e % 4) * 16];
+          unsigned char* dst =
+              Bs + stage * Cfg::kBStageBytes + mma_tile_offset<kMmaRowBytes, kE>(c, e % 4);
           const Index co = b_chan[l] * w_co;
           if (loads.b_vector) {
             const Tap t = tap_of(b_k[l], k0 + b_k0[l]);
@@ -250,11 +307,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     };
 
     float acc[MI][NI][4];
-    mma_mainloop<kKind, Cfg, MmaOperands<false, kMmaPitchBytes, kBKMajor, kBPitch>>(
-        acc, (p.K + BK - 1) / BK, load_stage, As[0], Bs[0], warp_m0, warp_n0, lane);
+    mma_mainloop<kKind, Cfg, MmaOperands<false, kMmaRowBytes, kBKMajor, kBPitch>>(
+        acc, (p.K + BK - 1) / BK, load_stage, As, Bs, warp_m0, warp_n0, lane);
 
-    mma_store_pass_tile<T, Cfg>(p, acc, row_out, g, n0, Index(p.os.c), bias, out, warp_m0,
-                                warp_n0, lane);
+    mma_store_pass_tile<T, Cfg>(p, acc, row_out, g, n0, Index(p.os.c), bias, out, warp_m0, warp_n0,
+                                lane);
     __syncthreads();  // the next tile rewrites the row tables
   }
 }
@@ -274,29 +331,31 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // and ci) to the per-chunk bases; the predicates change only when the tap does. All counters
 // and offsets are int32.
 template <typename T, typename Cfg, bool kBKMajor>
-__global__ void __launch_bounds__(Cfg::kThreads)
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     conv_pass_mma_tap_kernel(PassParams p, const T* __restrict__ in, const T* __restrict__ w,
                              const T* __restrict__ bias, T* __restrict__ out) {
-  using S = typename std::conditional<sizeof(T) == 2, T, float>::type;
-  constexpr MmaKind kKind = MmaOf<T>::kind;
+  using Types = MmaKernelTypes<T, Cfg>;
+  using S = typename Types::S;
+  constexpr MmaKind kKind = Types::kKind;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, MI = Cfg::MI, NI = Cfg::NI;
   constexpr int kThreads = Cfg::kThreads;
-  constexpr int kVec = 16 / int(sizeof(S));          // elements per 16-byte chunk
-  constexpr int BK = kMmaRowBytes / int(sizeof(S));  // k per stage
-  constexpr int kChunksA = BM * 4 / kThreads, kChunksB = BN * 4 / kThreads;
-  constexpr int kBPitch = kBKMajor ? mma_k_major_pitch<S>(BN) : kMmaPitchBytes;
+  constexpr int kVec = Types::kVec, BK = Types::BK, kE = Types::kE;  // BK: k per stage
+  constexpr int kChunksA = Types::kChunksA, kChunksB = Types::kChunksB;
+  constexpr int kBPitch = kBKMajor ? mma_k_major_pitch<S>(BN) : kMmaRowBytes;
   static_assert(!kBKMajor || sizeof(S) == 2, "ldmatrix.trans splits 32-bit values");
-  static_assert(!kBKMajor || BK * kBPitch <= BN * kMmaPitchBytes, "k-major B fits");
-  static_assert(kChunksA <= 32 && kChunksB <= 32, "one mask bit per chunk");
+  static_assert(!kBKMajor || BK * kBPitch == Cfg::kBStageBytes, "k-major B fills a stage");
 
-  __shared__ __align__(16) unsigned char As[Cfg::kStages][BM * kMmaPitchBytes];
-  __shared__ __align__(16) unsigned char Bs[Cfg::kStages][BN * kMmaPitchBytes];
+  JAXCONV_DYNAMIC_SHARED(smem);  // Cfg::kSharedBytes: the A stages, then the B stages
+  unsigned char* const As = smem;
+  unsigned char* const Bs = smem + Cfg::kStages * Cfg::kAStageBytes;
   __shared__ int row_out[BM];  // per output row: out offset, -1 outside `out`
 
-  const int tid = int(threadIdx.x), lane = lane_index(), warp = tid / 32;
-  const int warp_m0 = (warp % Cfg::kWarpsM) * Cfg::kWarpRows;
-  const int warp_n0 = (warp / Cfg::kWarpsM) * Cfg::kWarpCols;
+  const MmaThread me = mma_thread<Cfg>();
+  const int tid = me.tid, lane = me.lane, warp_m0 = me.warp_m0, warp_n0 = me.warp_n0;
   const int cin = int(p.Cin), w_ci = int(p.w_ci);
+  // 16-byte output stores: out aligned, and every row offset and group start a multiple of 8.
+  const bool vec_out = (reinterpret_cast<uintptr_t>(out) & 15) == 0 && p.Cout % 8 == 0 &&
+                       p.os.n % 8 == 0 && p.os.h % 8 == 0 && p.os.w % 8 == 0;
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const MmaPassTile t = mma_pass_tile(p, tile, BM, BN);
@@ -320,8 +379,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       if (m < p.M) {
         const MmaPassRow row = mma_pass_row(p, t, m);
         const int64_t ih0 = row.u * ah.step + ah.off0, iw0 = row.v * aw.step + aw.off0;
-        a_base[l] =
-            int(row.n * p.is.n + ih0 * p.is.h + iw0 * p.is.w + g * p.Cin + (e % 4) * kVec);
+        a_base[l] = int(row.n * p.is.n + ih0 * p.is.h + iw0 * p.is.w + g * p.Cin + (e % 4) * kVec);
         for (int64_t q = 0; q < ah.count; ++q) {
           const int64_t ih = ih0 + q * ah.off_q;
           if (ih >= 0 && ih < p.Hin) a_mh[l] |= 1u << q;
@@ -372,14 +430,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
     // Shared destinations: chunk l lies a constant distance past chunk 0 (kThreads is a
     // multiple of the chunks per row), so each stage forms one address per operand.
-    const int a_dst = (tid / 4) * kMmaPitchBytes + (tid % 4) * 16;
-    constexpr int kADstStep = (kThreads / 4) * kMmaPitchBytes;
-    const int b_dst = kBKMajor ? (tid / (BN / 8)) * kBPitch + (tid % (BN / 8)) * 16 : a_dst;
+    // The swizzle repeats every 8 rows, and chunk l sits kThreads / 4 (n-major) or
+    // kThreads / (BN / 8) (k-major) rows past chunk 0, a multiple of 8.
+    const int a_dst = mma_tile_offset<kMmaRowBytes, kE>(tid / 4, tid % 4);
+    constexpr int kADstStep = (kThreads / 4) * kMmaRowBytes;
+    const int b_dst =
+        kBKMajor ? mma_tile_offset<kBPitch, 2>(tid / (BN / 8), tid % (BN / 8)) : a_dst;
     constexpr int kBDstStep = kBKMajor ? (kThreads / (BN / 8)) * kBPitch : kADstStep;
+    static_assert((kThreads / 4) % 8 == 0 && (kThreads / (BN / 8)) % 8 == 0,
+                  "a thread's chunks share their swizzle");
     static_assert(kThreads % (BN / 8) == 0, "B chunks a constant distance apart");
     auto load_stage = [&](int stage, int) {
-      unsigned char* a_stage = As[stage] + a_dst;
-      unsigned char* b_stage = Bs[stage] + b_dst;
+      unsigned char* a_stage = (As + stage * Cfg::kAStageBytes) + a_dst;
+      unsigned char* b_stage = (Bs + stage * Cfg::kBStageBytes) + b_dst;
       JAXCONV_UNROLL
       for (int l = 0; l < kChunksA; ++l)
         cp_async_16(a_stage + l * kADstStep, in + (a_base[l] + a_tap), a_pred[l]);
@@ -405,10 +468,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     };
 
     float acc[MI][NI][4];
-    mma_mainloop<kKind, Cfg, MmaOperands<false, kMmaPitchBytes, kBKMajor, kBPitch>>(
-        acc, steps, load_stage, As[0], Bs[0], warp_m0, warp_n0, lane);
+    mma_mainloop<kKind, Cfg, MmaOperands<false, kMmaRowBytes, kBKMajor, kBPitch>>(
+        acc, steps, load_stage, As, Bs, warp_m0, warp_n0, lane);
 
-    mma_store_pass_tile<T, Cfg>(p, acc, row_out, g, n0, 1, bias, out, warp_m0, warp_n0, lane);
+    if constexpr (sizeof(T) == 2)
+      mma_store_pass_tile_staged<T, Cfg>(p, acc, row_out, g, n0, bias, out, vec_out, smem, warp_m0,
+                                         warp_n0, lane, tid);
+    else
+      mma_store_pass_tile<T, Cfg>(p, acc, row_out, g, n0, 1, bias, out, warp_m0, warp_n0, lane);
     __syncthreads();  // the next tile rewrites row_out and the stage buffers
   }
 }

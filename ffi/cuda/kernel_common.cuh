@@ -9,9 +9,10 @@
 //     after another, the threads of a block as real threads). tests/emulation.py builds them
 //     so, and the test files run the kernels against the oracles on machines without a GPU.
 // Kernels therefore use only: __global__/__device__/__forceinline__, __shared__ arrays of fixed
-// size, __syncthreads, threadIdx.x/blockIdx.x/gridDim.x, and the warp-level operations defined
-// at the end of this file (mma.sync, ldmatrix, cp.async, shuffles): inline PTX on the device,
-// tests/cuda_emulation/warp.h on the host. No atomics.
+// size, dynamic shared memory through JAXCONV_DYNAMIC_SHARED, __syncthreads,
+// threadIdx.x/blockIdx.x/gridDim.x, and the warp-level operations defined at the end of this file
+// (mma.sync, ldmatrix, cp.async, shuffles): inline PTX on the device, tests/cuda_emulation/warp.h
+// on the host. No atomics.
 #pragma once
 
 #include <cstdint>
@@ -60,13 +61,13 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 
 namespace jaxconv::cuda {
 
-// Launches with smem_bytes of dynamic shared memory: above the 48 KB every kernel may have,
-// after opting the kernel in to that size (cudaFuncAttributeMaxDynamicSharedMemorySize; sm_80
-// allows up to 163 KB, sm_90 227 KB, per block).
+// Launches with smem_bytes of dynamic shared memory, after opting the kernel in to that size
+// (cudaFuncAttributeMaxDynamicSharedMemorySize; sm_80 allows up to 163 KB, sm_90 227 KB, per
+// block). Without the opt-in a kernel gets 48 KB less its static shared memory.
 template <typename... Params, typename... Args>
-cudaError_t launch_dynamic_shared(void (*kernel)(Params...), dim3 grid, dim3 block,
-                                  int smem_bytes, cudaStream_t stream, Args... args) {
-  if (smem_bytes > 48 * 1024) {
+cudaError_t launch_dynamic_shared(void (*kernel)(Params...), dim3 grid, dim3 block, int smem_bytes,
+                                  cudaStream_t stream, Args... args) {
+  if (smem_bytes > 0) {
     const cudaError_t err =
         cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);

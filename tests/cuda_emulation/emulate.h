@@ -112,7 +112,8 @@ cudaError_t launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block,
   if (smem_bytes > emu::kDefaultDynamicShared) {
     std::lock_guard<std::mutex> lock(emu::attribute_mutex);
     const auto it = emu::max_dynamic_shared.find(reinterpret_cast<const void*>(kernel));
-    if (it == emu::max_dynamic_shared.end() || it->second < smem_bytes) return cudaErrorInvalidValue;
+    if (it == emu::max_dynamic_shared.end() || it->second < smem_bytes)
+      return cudaErrorInvalidValue;
   }
   const unsigned blocks = grid.x < emu::max_blocks ? grid.x : emu::max_blocks;
   emu::grid_size = {blocks, 1, 1};

@@ -171,8 +171,8 @@ int probe_dynamic_shared(int mode, int bytes, int launch_bytes, int opt_in, cons
 
 // launch_dynamic_shared, the kernels' helper, which opts in above 48 KB by itself.
 int probe_launch_dynamic_shared(int bytes, int launch_bytes, const float* src, float* out) {
-  const int s = status(launch_dynamic_shared(dynamic_shared_kernel, dim3(1), dim3(32),
-                                             launch_bytes, nullptr, 0, bytes, src, out));
+  const int s = status(launch_dynamic_shared(dynamic_shared_kernel, dim3(1), dim3(32), launch_bytes,
+                                             nullptr, 0, bytes, src, out));
   cudaFuncSetAttribute(reinterpret_cast<const void*>(dynamic_shared_kernel),
                        cudaFuncAttributeMaxDynamicSharedMemorySize, 0);
   return s;
