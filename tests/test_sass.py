@@ -205,12 +205,13 @@ def _main_loop(sass):
 
 
 # Instructions per HMMA of the main loop, for the kernels serving 16-byte NHWC operands of
-# 16-bit types: the figures measured at this commit (nvcc 13, sm_90: 4.1-4.5 for 128x128,
-# 6.8-7.5 for 64x64) as a regression bound. Issue 21's targets, 4 and 6, are not met yet: the
-# loops still hold the per-stage generic-to-shared address conversion, the ring-buffer
-# counters and the tap / position carry code. TF32 kernels convert each fragment register
-# (cvt.rna) in the loop and report their figure.
-ITER_LOOP_BOUNDS = {"MmaTile<128": 4.6, "MmaTile<64": 7.6}
+# 16-bit types: the figures measured at this commit (nvcc 13, sm_90, 4-stage loop unrolled by
+# the stage count: 128x128 pass 3.9 (n-major B) / 4.1 (k-major B), bwd_filter 3.9; 64x64 pass
+# 5.6 / 6.0, bwd_filter 6.3) as a regression bound. Issue 21's targets are 4 and 6: the k-major
+# 128x128 pass (3.6 without the shared-memory epilogue, whose registers change the loop's
+# schedule) and the 64x64 bwd_filter (its per-chunk position carries) miss them by 0.1 and 0.3.
+# TF32 kernels convert each fragment register (cvt.rna) in the loop and report their figure.
+ITER_LOOP_BOUNDS = {"MmaTile<128": 4.2, "MmaTile<64": 6.4}
 
 
 def test_mma_main_loop_instructions_per_hmma():

@@ -83,14 +83,17 @@ __device__ __forceinline__ void mma_store_pass_tile(const PassParams& p,
 template <typename T, typename Cfg>
 __device__ __forceinline__ void mma_store_pass_tile_staged(
     const PassParams& p, const float (&acc)[Cfg::MI][Cfg::NI][4], const int* row_out, int64_t g,
-    int64_t n0, const T* __restrict__ bias, T* __restrict__ out, bool vec_out, unsigned char* smem,
-    int warp_m0, int warp_n0, int lane, int tid) {
+    int64_t n0, const T* __restrict__ bias, T* __restrict__ out, unsigned char* smem, int warp_m0,
+    int warp_n0, int lane, int tid) {
   static_assert(sizeof(T) == 2, "pairs of 16-bit values");
   constexpr int BM = Cfg::BM, BN = Cfg::BN;
   constexpr int kPitch = BN * 2 + 16;
   static_assert(BM * kPitch <= Cfg::kSharedBytes, "the staged tile fits the stage buffers");
   static_assert((BM * BN / 8) % Cfg::kThreads == 0, "each thread copies the same chunks");
   const int cout = int(p.Cout), chan0 = int(g * p.Cout + n0);
+  // 16-byte output stores: out aligned, and every row offset and group start a multiple of 8.
+  const bool vec_out = (reinterpret_cast<uintptr_t>(out) & 15) == 0 && p.Cout % 8 == 0 &&
+                       p.os.n % 8 == 0 && p.os.h % 8 == 0 && p.os.w % 8 == 0;
   __syncthreads();
   struct alignas(4) Pair {
     T lo, hi;
@@ -353,9 +356,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const MmaThread me = mma_thread<Cfg>();
   const int tid = me.tid, lane = me.lane, warp_m0 = me.warp_m0, warp_n0 = me.warp_n0;
   const int cin = int(p.Cin), w_ci = int(p.w_ci);
-  // 16-byte output stores: out aligned, and every row offset and group start a multiple of 8.
-  const bool vec_out = (reinterpret_cast<uintptr_t>(out) & 15) == 0 && p.Cout % 8 == 0 &&
-                       p.os.n % 8 == 0 && p.os.h % 8 == 0 && p.os.w % 8 == 0;
 
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const MmaPassTile t = mma_pass_tile(p, tile, BM, BN);
@@ -472,8 +472,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         acc, steps, load_stage, As, Bs, warp_m0, warp_n0, lane);
 
     if constexpr (sizeof(T) == 2)
-      mma_store_pass_tile_staged<T, Cfg>(p, acc, row_out, g, n0, bias, out, vec_out, smem, warp_m0,
-                                         warp_n0, lane, tid);
+      mma_store_pass_tile_staged<T, Cfg>(p, acc, row_out, g, n0, bias, out, smem, warp_m0, warp_n0,
+                                         lane, tid);
     else
       mma_store_pass_tile<T, Cfg>(p, acc, row_out, g, n0, 1, bias, out, warp_m0, warp_n0, lane);
     __syncthreads();  // the next tile rewrites row_out and the stage buffers
