@@ -106,6 +106,35 @@ def test_emulated_mma_tap_kernel(conv_emu, name, tile):
         assert_close(jnp.asarray(got), r["dx"].astype(dtype), dtype)
 
 
+@pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
+def test_emulated_mma_tap_kernel_odd_output_channels(conv_emu, tile):
+    """bwd_data through the tap kernel with 20 pass output channels (dx channels): the staged
+    epilogue's 16-byte stores do not apply (20 % 8 != 0), it stores element by element, and the
+    tile's channels past 20 are not written."""
+    c = dict(conv_case(1, 20, 7, 6, 32, 3, pads=1), layout="NHWC")
+    rng = np.random.default_rng(3)
+    x = grid_values(rng, (1, 20, 7, 6))
+    w = grid_values(rng, (32, 20, 3, 3))
+    bias_dx = grid_values(rng, (20,))
+    y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, padding=c["pads"]), x, w)
+    dy = grid_values(rng, y.shape)
+    dx = nhwc(vjp(dy)[0] + bias_dx.reshape(1, -1, 1, 1))
+    for dtype in ("bfloat16", "float16"):
+        args = (1, c, nhwc(x).shape, hwio(w).shape)
+        assert _takes_tap_kernel(conv_emu, 1, c, nhwc(x).shape, hwio(w).shape, dtype) == 1
+        got = emu_conv(
+            conv_emu,
+            *args,
+            as_dtype(nhwc(dy), dtype),
+            as_dtype(hwio(w), dtype),
+            as_dtype(bias_dx, dtype),
+            dx.shape,
+            dtype,
+            force_tile=tile,
+        )
+        assert_close(jnp.asarray(got), dx.astype(dtype), dtype)
+
+
 def test_tap_kernel_applies_only_where_a_stage_stays_in_one_tap(conv_emu):
     """Input channels per group not a multiple of the stage's k (16 with 16-bit types), NCHW,
     or int64-sized operands keep the general kernel."""
@@ -160,3 +189,57 @@ def test_emulated_mma_filter_pos_kernel(conv_emu, name, tile):
             force_tile=tile,
         )
         assert_close(jnp.asarray(got), dw.astype(dtype), dtype)
+
+
+def _bank_counts(lib):
+    out = vec([0, 0, 0, 0])
+    lib.emu_bank_counts(out)
+    return dict(zip(("ldmatrix", "ldmatrix_conflicts", "stores", "store_conflicts"), out))
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["swizzled", "plain_rows"])
+@pytest.mark.parametrize("tile", [MMA_LARGE, MMA_SMALL], ids=["128x128", "64x64"])
+def test_emulated_mma_shared_layouts_have_no_bank_conflicts(conv_emu, tile, plain):
+    """The XOR-swizzled stage layouts (conv2d_mma_tile.cuh: mma_tile_offset) serve every
+    ldmatrix / ldmatrix.trans and every warp's 16-byte cp.async stores without bank conflicts,
+    counted by the emulation (warp.h), in the forward (k-major B), bwd_data (n-major B) and
+    bwd_filter (both k-major) kernels; the same kernels on plain, unswizzled rows (a test switch
+    of the emulation) still compute the right values but conflict, which shows the counts can
+    tell."""
+    name = "tap_c32_o32_3x3"
+    c = dict(TAP_CASES[name], layout="NHWC")
+    r = _oracle(name)
+    dtype = "bfloat16"
+    xa, wa, ba, bxa, dya = (as_dtype(r[k], dtype) for k in ("x", "w", "bias", "bias_dx", "dy"))
+    dw = _filter_oracle(name)
+    runs = {
+        "forward": (0, xa, wa, ba, r["y"].shape, r["w"].shape, r["y"]),
+        "bwd_data": (1, dya, wa, bxa, r["x"].shape, r["w"].shape, r["dx"]),
+        "bwd_filter": (2, xa, dya, None, dw.shape, dw.shape, dw),
+    }
+    try:
+        for direction, (which, a, b, bias, out_shape, w_shape, want) in runs.items():
+            conv_emu.emu_bank_counting(1, int(plain))
+            got = emu_conv(
+                conv_emu,
+                which,
+                c,
+                r["x"].shape,
+                w_shape,
+                a,
+                b,
+                bias,
+                out_shape,
+                dtype,
+                force_tile=tile,
+            )
+            counts = _bank_counts(conv_emu)
+            assert_close(jnp.asarray(got), want.astype(dtype), dtype)
+            assert counts["ldmatrix"] > 0 and counts["stores"] > 0, (direction, counts)
+            conflicts = counts["ldmatrix_conflicts"] + counts["store_conflicts"]
+            if plain:
+                assert counts["ldmatrix_conflicts"] > 0, (direction, counts)
+            else:
+                assert conflicts == 0, (direction, counts)
+    finally:
+        conv_emu.emu_bank_counting(0, 0)

@@ -142,3 +142,43 @@ def test_emulated_cp_async_groups(warp_probe):
 def test_emulated_cp_async_left_in_flight_fails_the_launch(warp_probe):
     src, out = np.zeros(128, np.float32), np.zeros(32, np.float32)
     assert warp_probe.probe_cp_async_unwaited(ptr(src), ptr(out)) == 2
+
+
+# Dynamic shared memory (emulate.h): the launch's size is the block's buffer, checked.
+_KB = 1024
+
+
+def _dynamic(warp_probe, mode, bytes_, launch_bytes, opt_in):
+    src = np.arange(bytes_ // 4, dtype=np.float32)
+    out = np.full(bytes_ // 4, np.nan, np.float32)
+    rc = warp_probe.probe_dynamic_shared(mode, bytes_, launch_bytes, opt_in, ptr(src), ptr(out))
+    return rc, src, out
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["cp_async", "plain_store", "ldmatrix"])
+@pytest.mark.parametrize("size", [16 * _KB, 60 * _KB, 227 * _KB])
+def test_emulated_dynamic_shared_memory(warp_probe, mode, size):
+    rc, src, out = _dynamic(warp_probe, mode, size, size, size)
+    assert rc == 0
+    np.testing.assert_array_equal(out, src)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["cp_async", "plain_store", "ldmatrix"])
+def test_emulated_dynamic_shared_memory_too_small_fails_the_launch(warp_probe, mode):
+    # The kernel fills 60 KB; the launch gives 16 bytes less.
+    assert _dynamic(warp_probe, mode, 60 * _KB, 60 * _KB - 16, 60 * _KB)[0] == 2
+
+
+def test_emulated_dynamic_shared_memory_needs_the_opt_in_above_48_kb(warp_probe):
+    assert _dynamic(warp_probe, 0, 48 * _KB, 48 * _KB, 0)[0] == 0  # the default limit
+    assert _dynamic(warp_probe, 0, 60 * _KB, 60 * _KB, 0)[0] == 1  # no opt-in
+    assert _dynamic(warp_probe, 0, 60 * _KB, 60 * _KB, 56 * _KB)[0] == 1  # opted in to less
+    assert _dynamic(warp_probe, 0, 60 * _KB, 60 * _KB, 228 * _KB)[0] == 1  # past sm_90's 227 KB
+
+
+def test_launch_dynamic_shared_opts_in_by_itself(warp_probe):
+    src = np.arange(100 * _KB // 4, dtype=np.float32)
+    out = np.full_like(src, np.nan)
+    assert warp_probe.probe_launch_dynamic_shared(100 * _KB, 100 * _KB, ptr(src), ptr(out)) == 0
+    np.testing.assert_array_equal(out, src)
+    assert warp_probe.probe_launch_dynamic_shared(100 * _KB, 228 * _KB, ptr(src), ptr(out)) == 1

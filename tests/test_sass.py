@@ -205,33 +205,54 @@ def _main_loop(sass):
 
 
 # Instructions per HMMA of the main loop, for the kernels serving 16-byte NHWC operands of
-# 16-bit types: the figures measured at this commit (nvcc 13, sm_90: 4.1-4.5 for 128x128,
-# 6.8-7.5 for 64x64) as a regression bound. Issue 21's targets, 4 and 6, are not met yet: the
-# loops still hold the per-stage generic-to-shared address conversion, the ring-buffer
-# counters and the tap / position carry code. TF32 kernels convert each fragment register
-# (cvt.rna) in the loop and report their figure.
-ITER_LOOP_BOUNDS = {"MmaTile<128": 4.6, "MmaTile<64": 7.6}
+# 16-bit types: the figures measured at this commit (nvcc 13, sm_90, 4-stage loop unrolled by
+# the stage count: 128x128 pass 3.9 (n-major B) / 4.1 (k-major B), bwd_filter 3.9; 64x64 pass
+# 5.6 / 6.0, bwd_filter 6.3) as a regression bound. Issue 21's targets are 4 and 6: the k-major
+# 128x128 pass (3.6 without the shared-memory epilogue, whose registers change the loop's
+# schedule) and the 64x64 bwd_filter (its per-chunk position carries) miss them by 0.1 and 0.3.
+# TF32 kernels convert each fragment register (cvt.rna) in the loop and report their figure.
+ITER_LOOP_BOUNDS = {"MmaTile<128": 4.2, "MmaTile<64": 6.4}
 
 
 def test_mma_main_loop_instructions_per_hmma():
     rows, over = [], []
-    for name, (sass, _) in sorted(_sm90().items()):
+    for name, (sass, usage) in sorted(_sm90().items()):
         if "mma" not in name or "HMMA" not in sass:
             continue
         loop = _main_loop(sass)
         assert loop is not None, name
         n, h = loop
-        rows.append((n / h, n, h, name))
+        regs = re.search(r"REG:(\d+)", usage)
+        smem = re.search(r"SHARED:(\d+)", usage)
+        rows.append(
+            (n / h, n, h, regs.group(1) if regs else "?", smem.group(1) if smem else "?", name)
+        )
         iterator = "mma_tap_kernel" in name or "mma_pos_kernel" in name
         if iterator and "<float," not in name:
             bound = next(b for tile, b in ITER_LOOP_BOUNDS.items() if tile in name)
             if n / h > bound:
                 over.append(f"{n / h:.2f} > {bound}: {name}")
-    print("\ninstr/HMMA  instr  HMMA  kernel")
-    for ratio, n, h, name in sorted(rows, reverse=True):
-        print(f"{ratio:10.2f} {n:6d} {h:5d}  {name.split('(')[0]}")
+    # Static shared memory only: the stage buffers are dynamic (MmaTile::kSharedBytes).
+    print("\ninstr/HMMA  instr  HMMA  regs  static-smem  kernel")
+    for ratio, n, h, regs, smem, name in sorted(rows, reverse=True):
+        print(f"{ratio:10.2f} {n:6d} {h:5d} {regs:>5} {smem:>12}  {name.split('(')[0]}")
     assert rows
     assert not over, "\n".join(over)
+
+
+def test_small_tile_iterator_kernels_fit_three_blocks_per_sm():
+    """The 64x64 iterator kernels are compiled for three 128-thread blocks per SM
+    (MmaTile::kMinBlocks): at most 168 registers a thread, with no local memory
+    (test_no_local_memory)."""
+    kernels = {
+        k: v
+        for k, v in _sm90().items()
+        if ("mma_tap_kernel" in k or "mma_pos_kernel" in k) and "MmaTile<64" in k
+    }
+    assert kernels
+    for name, (_, usage) in kernels.items():
+        regs = re.search(r"REG:(\d+)", usage)
+        assert regs and int(regs.group(1)) <= 168, (name, usage)
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,10 @@
 //     after another, the threads of a block as real threads). tests/emulation.py builds them
 //     so, and the test files run the kernels against the oracles on machines without a GPU.
 // Kernels therefore use only: __global__/__device__/__forceinline__, __shared__ arrays of fixed
-// size, __syncthreads, threadIdx.x/blockIdx.x/gridDim.x, and the warp-level operations defined
-// at the end of this file (mma.sync, ldmatrix, cp.async, shuffles): inline PTX on the device,
-// tests/cuda_emulation/warp.h on the host. No atomics.
+// size, dynamic shared memory through JAXCONV_DYNAMIC_SHARED, __syncthreads,
+// threadIdx.x/blockIdx.x/gridDim.x, and the warp-level operations defined at the end of this file
+// (mma.sync, ldmatrix, cp.async, shuffles): inline PTX on the device, tests/cuda_emulation/warp.h
+// on the host. No atomics.
 #pragma once
 
 #include <cstdint>
@@ -21,7 +22,7 @@
 
 #include "../geometry.h"
 
-// `#pragma unroll` under nvcc; nothing on the host compiler of the emulation.
+// Unroll a loop with a compile-time trip count (nvcc); nothing on the host emulation.
 #if !defined(JAXCONV_UNROLL)
 #if defined(__CUDACC__)
 #define JAXCONV_UNROLL _Pragma("unroll")
@@ -34,17 +35,48 @@
 #include <cuda_runtime.h>
 
 namespace jaxconv::cuda {
-// Launches kernel<<<grid, block, 0, stream>>>(args...) and returns the launch error (bad
-// configuration, no device, no kernel image for this GPU, ...). Errors of the kernel itself
+// Launches kernel<<<grid, block, smem_bytes, stream>>>(args...) (smem_bytes: dynamic shared
+// memory per block) and returns the launch error (bad configuration, no device, no kernel image
+// for this GPU, more shared memory than the kernel may have, ...). Errors of the kernel itself
 // surface at the next synchronization, which XLA performs.
+template <typename... Params, typename... Args>
+cudaError_t launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block, int smem_bytes,
+                               cudaStream_t stream, Args... args) {
+  kernel<<<grid, block, smem_bytes, stream>>>(args...);
+  return cudaGetLastError();
+}
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
                    Args... args) {
-  kernel<<<grid, block, 0, stream>>>(args...);
-  return cudaGetLastError();
+  return launch_with_shared(kernel, grid, block, 0, stream, args...);
 }
 }  // namespace jaxconv::cuda
+
+// The block's dynamic shared memory as `unsigned char name[]`, 16-byte aligned, of the size the
+// launch gives (launch_dynamic_shared). The emulation's version is a pointer to the running
+// block's buffer (emulate.h), whose size it checks.
+#define JAXCONV_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+#define JAXCONV_DYNAMIC_SHARED(name) unsigned char* const name = ::emu::dynamic_shared()
 #endif
+
+namespace jaxconv::cuda {
+
+// Launches with smem_bytes of dynamic shared memory, after opting the kernel in to that size
+// (cudaFuncAttributeMaxDynamicSharedMemorySize; sm_80 allows up to 163 KB, sm_90 227 KB, per
+// block). Without the opt-in a kernel gets 48 KB less its static shared memory.
+template <typename... Params, typename... Args>
+cudaError_t launch_dynamic_shared(void (*kernel)(Params...), dim3 grid, dim3 block, int smem_bytes,
+                                  cudaStream_t stream, Args... args) {
+  if (smem_bytes > 0) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_with_shared(kernel, grid, block, smem_bytes, stream, args...);
+}
+}  // namespace jaxconv::cuda
 
 namespace jaxconv::cuda {
 

@@ -12,6 +12,14 @@
 // such operation.
 //
 // __syncthreads_or is two barriers around an atomic OR (below).
+// Dynamic shared memory (JAXCONV_DYNAMIC_SHARED in kernel_common.cuh, the device's
+// `extern __shared__`) is one buffer per block of exactly the launch's dynamic size, followed by
+// a guard region of kDynamicSharedGuard bytes filled with a pattern: a cp.async or ldmatrix
+// that touches the guard, or a plain store found in it when the block ends, is a kernel error
+// (the launch fails), so a kernel launched with too small a size fails its test. As on the
+// device, a launch asking for more than 48 KB needs cudaFuncSetAttribute(kernel,
+// cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first (else cudaErrorInvalidValue), and
+// that attribute is at most 227 KB (sm_90's opt-in limit).
 //
 // What this cannot check: timing, coalescing, bank conflicts, occupancy, register limits,
 // divergence within a warp outside the warp operations, and device numerics such as FMA
@@ -24,7 +32,10 @@
 #include <cuda_fp16.h>
 
 #include <barrier>
+#include <map>
+#include <mutex>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -49,7 +60,40 @@ inline thread_local Index thread_index, block_index;
 inline Index grid_size;
 inline std::barrier<>* block_barrier = nullptr;
 inline unsigned max_blocks = 3;
+
+constexpr int kDefaultDynamicShared = 48 * 1024;  // without the opt-in attribute
+constexpr int kMaxDynamicShared = 227 * 1024;     // sm_90: 232448 bytes per block, opted in
+constexpr int kDynamicSharedGuard = 64 * 1024;
+constexpr unsigned char kGuardByte = 0xA5;
+struct DynamicShared {
+  unsigned char* base = nullptr;
+  size_t bytes = 0;
+};
+inline DynamicShared dynamic_shared_block;  // the running block's (one block runs at a time)
+inline std::mutex attribute_mutex;
+inline std::map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute per kernel
+
+inline unsigned char* dynamic_shared() { return dynamic_shared_block.base; }
+
+// An access of `bytes` at p that reaches past the dynamic size into the guard is an error.
+inline void check_shared_access(const void* p, int bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const DynamicShared& d = dynamic_shared_block;
+  if (d.base && c + bytes > d.base + d.bytes && c < d.base + d.bytes + kDynamicSharedGuard)
+    kernel_errors.fetch_add(1);
+}
 }  // namespace emu
+
+// The runtime's entry point, as the kernels' launch helper calls it on the device: records the
+// kernel's dynamic shared memory limit.
+extern "C" inline cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr,
+                                                   int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value > emu::kMaxDynamicShared) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(emu::attribute_mutex);
+  emu::max_dynamic_shared[func] = value;
+  return cudaSuccess;
+}
 
 #define threadIdx (::emu::thread_index)
 #define blockIdx (::emu::block_index)
@@ -78,18 +122,35 @@ inline int __syncthreads_or(int predicate) {
 
 namespace jaxconv::cuda {
 
+// Launches with `smem_bytes` of dynamic shared memory per block (see the top of this file).
 template <typename... Params, typename... Args>
-cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t, Args... args) {
+cudaError_t launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block, int smem_bytes,
+                               cudaStream_t, Args... args) {
   if (grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1 || block.x == 0 || grid.x == 0)
     return cudaErrorInvalidConfiguration;  // the kernels only use 1-d launches
+  if (smem_bytes < 0) return cudaErrorInvalidValue;
+  if (smem_bytes > emu::kDefaultDynamicShared) {
+    std::lock_guard<std::mutex> lock(emu::attribute_mutex);
+    const auto it = emu::max_dynamic_shared.find(reinterpret_cast<const void*>(kernel));
+    if (it == emu::max_dynamic_shared.end() || it->second < smem_bytes)
+      return cudaErrorInvalidValue;
+  }
   const unsigned blocks = grid.x < emu::max_blocks ? grid.x : emu::max_blocks;
   emu::grid_size = {blocks, 1, 1};
   std::barrier<> barrier(block.x);
   emu::block_barrier = &barrier;
   emu::kernel_errors = 0;
+  // 16-byte aligned, as the device's dynamic shared memory is (at least).
+  std::vector<uint64_t> smem_store((size_t(smem_bytes) + emu::kDynamicSharedGuard + 15) / 8);
+  auto* smem = reinterpret_cast<unsigned char*>(smem_store.data());
+  smem += (16 - reinterpret_cast<uintptr_t>(smem) % 16) % 16;
   for (unsigned b = 0; b < blocks; ++b) {
     emu::block_or[0].store(0);
     emu::block_or[1].store(0);
+    // Fresh contents each block (garbage, as on the device), then the guard pattern.
+    std::memset(smem, 0x5A, size_t(smem_bytes));
+    std::memset(smem + smem_bytes, emu::kGuardByte, emu::kDynamicSharedGuard);
+    emu::dynamic_shared_block = {smem_bytes ? smem : nullptr, size_t(smem_bytes)};
     std::vector<std::unique_ptr<emu::Warp>> warps;
     for (unsigned first = 0; first < block.x; first += emu::kWarpSize)
       warps.push_back(std::make_unique<emu::Warp>(
@@ -106,9 +167,21 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
         emu::end_thread();
       });
     for (std::thread& th : threads) th.join();
+    for (int i = 0; i < emu::kDynamicSharedGuard; ++i)
+      if (smem[smem_bytes + i] != emu::kGuardByte) {
+        emu::kernel_errors.fetch_add(1);  // a plain store past the dynamic size
+        break;
+      }
   }
+  emu::dynamic_shared_block = {};
   emu::block_barrier = nullptr;
   return emu::kernel_errors ? cudaErrorLaunchFailure : cudaSuccess;
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                   Args... args) {
+  return launch_with_shared(kernel, grid, block, 0, stream, args...);
 }
 
 }  // namespace jaxconv::cuda

@@ -218,4 +218,22 @@ int emu_pool(int which, int dtype, const int64_t* x_dims, const int64_t* attrs, 
   });
 }
 
+// Bank conflict counting (warp.h): emu_bank_counting(enable, plain_layout) resets the counts and
+// sets the switches; emu_bank_counts(out) gives ldmatrix instructions, their extra wavefronts,
+// warp-wide cp.async stores, their extra wavefronts.
+void emu_bank_counting(int enable, int plain_layout) {
+  emu::count_banks = enable != 0;
+  emu::plain_shared_layout = plain_layout != 0;
+  emu::bank_counts.ldmatrix = 0;
+  emu::bank_counts.ldmatrix_conflicts = 0;
+  emu::bank_counts.stores = 0;
+  emu::bank_counts.store_conflicts = 0;
+}
+void emu_bank_counts(int64_t* out) {
+  out[0] = emu::bank_counts.ldmatrix;
+  out[1] = emu::bank_counts.ldmatrix_conflicts;
+  out[2] = emu::bank_counts.stores;
+  out[3] = emu::bank_counts.store_conflicts;
+}
+
 }  // extern "C"

@@ -14,6 +14,15 @@
 // fails its test. A thread that ends with copies neither committed nor waited for counts as a
 // kernel error (the launch then fails).
 //
+// Shared-memory bank conflicts are counted while emu::count_banks is set (a test switch): each
+// ldmatrix matrix (8 rows of 16 bytes) and each warp-wide 16-byte cp.async shared store (in
+// quarter warps of 8 lanes, as the hardware serves 128-bit accesses) takes as many wavefronts as
+// the most distinct 4-byte words any one of the 32 banks holds among its addresses; the extra
+// wavefronts are the conflicts. A warp's n-th cp.async of every lane counts as one instruction
+// (the kernels issue the same sequence in every lane). Plain shared loads and stores are not
+// counted. emu::plain_shared_layout (a test switch) asks the kernels' tile layout
+// (conv2d_mma_tile.cuh) for unswizzled rows, so that a test can show the counts see conflicts.
+//
 // JAXCONV_EMU_WRONG_FRAGMENT_LAYOUT (a compile-time switch for tests only) swaps the roles of
 // a[1] and a[2] in the 16-bit mma's A fragment (rows g+8 <-> columns +8): a kernel that is
 // right under the true layout must then compute wrong results, which shows that the tests can
@@ -25,7 +34,10 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <array>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -38,8 +50,11 @@ constexpr int kSlotBytes = 64;  // the largest per-lane operand set: mma's a, b 
 
 struct Warp {
   explicit Warp(int lanes) : barrier(lanes), lanes(lanes) {}
+  ~Warp();  // counts the bank conflicts of the warp's cp.async stores
   std::barrier<> barrier;
   int lanes;
+  std::mutex store_mutex;
+  std::map<long, std::array<uintptr_t, 32>> stores;  // n-th cp.async -> each lane's address
   alignas(64) unsigned char slots[2][kWarpSize][kSlotBytes];
 };
 
@@ -47,6 +62,30 @@ inline thread_local Warp* this_warp = nullptr;
 inline thread_local int this_lane = 0;
 inline thread_local int exchange_buffer = 0;
 inline std::atomic<int> kernel_errors{0};
+
+inline bool count_banks = false, plain_shared_layout = false;
+struct BankCounts {
+  std::atomic<long> ldmatrix{0}, ldmatrix_conflicts{0}, stores{0}, store_conflicts{0};
+};
+inline BankCounts bank_counts;
+inline thread_local long cp_async_issued = 0;  // this thread's cp.async count in the launch
+
+// Extra wavefronts of one shared access by `n` addresses of `bytes` (4-byte aligned) each.
+inline long bank_conflicts(const uintptr_t* addr, int n, int bytes) {
+  std::map<int, std::vector<uintptr_t>> words;  // bank -> distinct word addresses
+  for (int i = 0; i < n; ++i)
+    for (int b = 0; b < bytes; b += 4) {
+      const uintptr_t word = (addr[i] + b) / 4;
+      auto& in_bank = words[int(word % 32)];
+      bool seen = false;
+      for (uintptr_t w : in_bank) seen = seen || w == word;
+      if (!seen) in_bank.push_back(word);
+    }
+  size_t most = 0;
+  for (const auto& kv : words) most = kv.second.size() > most ? kv.second.size() : most;
+  return long(most) - 1;
+}
+inline void check_shared_access(const void* p, int bytes);  // emulate.h: dynamic shared bounds
 
 // Every lane's `mine`, gathered; valid until this lane's next warp operation.
 template <typename V>
@@ -78,8 +117,17 @@ inline float warp_shfl(float v, int src_lane) { return warp_exchange(v)[src_lane
 // ---- ldmatrix ----------------------------------------------------------------------------------
 
 inline void warp_ldmatrix(uint32_t* r, int matrices, bool trans, const void* row) {
+  check_shared_access(row, 16);
   const Gathered<const void*> rows = warp_exchange(row);
   const int l = this_lane;
+  if (count_banks && l == 0) {
+    for (int j = 0; j < matrices; ++j) {
+      uintptr_t a[8];
+      for (int i = 0; i < 8; ++i) a[i] = reinterpret_cast<uintptr_t>(rows[8 * j + i]);
+      bank_counts.ldmatrix_conflicts += bank_conflicts(a, 8, 16);
+    }
+    bank_counts.ldmatrix += 1;
+  }
   for (int j = 0; j < matrices; ++j) {
     uint16_t v[2];
     for (int e = 0; e < 2; ++e) {
@@ -183,6 +231,11 @@ struct CopyQueue {
 inline thread_local CopyQueue copy_queue;
 
 inline void cp_async(void* dst, const void* src, int src_bytes) {
+  check_shared_access(dst, 16);
+  if (count_banks) {
+    std::lock_guard<std::mutex> lock(this_warp->store_mutex);
+    this_warp->stores[cp_async_issued++][this_lane] = reinterpret_cast<uintptr_t>(dst);
+  }
   copy_queue.open.push_back({dst, src, src_bytes});
 }
 inline void cp_async_commit() {
@@ -207,8 +260,17 @@ inline void end_thread() {
   for (const auto& grp : copy_queue.groups) pending = pending || !grp.empty();
   if (pending) kernel_errors.fetch_add(1);
   copy_queue = CopyQueue{};
+  cp_async_issued = 0;
   exchange_buffer = 0;
   this_warp = nullptr;
+}
+
+inline Warp::~Warp() {
+  for (const auto& [n, lanes_addr] : stores) {
+    for (int q = 0; q < lanes; q += 8)
+      bank_counts.store_conflicts += bank_conflicts(lanes_addr.data() + q, 8, 16);
+    bank_counts.stores += 1;
+  }
 }
 
 }  // namespace emu

@@ -96,7 +96,32 @@ __global__ void cp_async_unwaited_kernel(const float* src, float* out) {
   out[l] = 0.0f;
 }
 
-int status(cudaError_t err) { return err == cudaSuccess ? 0 : 2; }
+// Dynamic shared memory: the block's 32 threads fill its first `bytes` bytes from src (mode 0:
+// cp.async, mode 1: plain stores, mode 2: cp.async then an ldmatrix of the last 128 bytes per
+// lane group), then copy them back to out.
+__global__ void dynamic_shared_kernel(int mode, int bytes, const float* src, float* out) {
+  JAXCONV_DYNAMIC_SHARED(smem);
+  const int l = lane_index();
+  for (int off = l * 16; off < bytes; off += 32 * 16) {
+    if (mode == 1)
+      for (int i = 0; i < 4; ++i) reinterpret_cast<float*>(smem + off)[i] = src[off / 4 + i];
+    else
+      cp_async_16(smem + off, src + off / 4, true);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  if (mode == 2) {
+    uint32_t r[4];
+    ldmatrix<4>(r, smem + bytes - 128 + (l % 8) * 16);
+  }
+  for (int off = l * 16; off < bytes; off += 32 * 16)
+    for (int i = 0; i < 4; ++i) out[off / 4 + i] = reinterpret_cast<const float*>(smem + off)[i];
+}
+
+int status(cudaError_t err) {
+  return err == cudaSuccess ? 0 : err == cudaErrorInvalidValue ? 1 : 2;
+}
 
 }  // namespace
 
@@ -126,6 +151,31 @@ int probe_cp_async_unwaited(const float* src, float* out) {
 // A warp-wide operation in a block of 48 threads (a partial second warp) is a launch error.
 int probe_partial_warp(const float* v, float* out) {
   return status(launch(shfl_kernel, dim3(1), dim3(48), nullptr, 1, v, out));
+}
+
+// dynamic_shared_kernel filling `bytes` in a launch of `launch_bytes` dynamic shared memory,
+// after cudaFuncSetAttribute(MaxDynamicSharedMemorySize, opt_in) where opt_in > 0 (-> 1 if the
+// attribute is refused). 0: ran, 1: refused (cudaErrorInvalidValue), 2: the kernel failed.
+int probe_dynamic_shared(int mode, int bytes, int launch_bytes, int opt_in, const float* src,
+                         float* out) {
+  if (opt_in > 0 &&
+      cudaFuncSetAttribute(reinterpret_cast<const void*>(dynamic_shared_kernel),
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, opt_in) != cudaSuccess)
+    return 1;
+  const int s = status(launch_with_shared(dynamic_shared_kernel, dim3(1), dim3(32), launch_bytes,
+                                          nullptr, mode, bytes, src, out));
+  cudaFuncSetAttribute(reinterpret_cast<const void*>(dynamic_shared_kernel),
+                       cudaFuncAttributeMaxDynamicSharedMemorySize, 0);  // the next probe's own
+  return s;
+}
+
+// launch_dynamic_shared, the kernels' helper, which opts in above 48 KB by itself.
+int probe_launch_dynamic_shared(int bytes, int launch_bytes, const float* src, float* out) {
+  const int s = status(launch_dynamic_shared(dynamic_shared_kernel, dim3(1), dim3(32), launch_bytes,
+                                             nullptr, 0, bytes, src, out));
+  cudaFuncSetAttribute(reinterpret_cast<const void*>(dynamic_shared_kernel),
+                       cudaFuncAttributeMaxDynamicSharedMemorySize, 0);
+  return s;
 }
 
 }  // extern "C"
