@@ -61,8 +61,11 @@ using GemmPacked = void (*)(int64_t M, int64_t N, int64_t K, const S* A, int64_t
                             int64_t panel_stride, S* C, int64_t ldc, bool accumulate);
 
 struct KernelTable {
-  const char* capability;  // "baseline", "avx2", "avx512"
+  const char* capability;  // "baseline", "avx2", "avx512", "avx512_bf16"
   GemmPacked<float> gemm_f32;
+  // The same GEMM for float32 operands that hold bfloat16 values (gemm_bf16.cc: vdpbf16ps, bf16
+  // pairs along K, float32 accumulation); null except in the avx512_bf16 table.
+  GemmPacked<float> gemm_bf16;
   GemmPacked<double> gemm_f64;
   DepthwiseKernels<float> depthwise_f32;
   DepthwiseKernels<double> depthwise_f64;
@@ -133,6 +136,7 @@ struct KernelTable {
   namespace cap {                           \
   const KernelTable& kernel_table();        \
   void add_gemm_kernels(KernelTable*);      \
+  void add_bf16_gemm_kernels(KernelTable*); \
   void add_depthwise_kernels(KernelTable*); \
   void add_pool_kernels(KernelTable*);      \
   void add_winograd_kernels(KernelTable*);  \
