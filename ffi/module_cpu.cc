@@ -90,7 +90,8 @@ NB_MODULE(_jaxconv_cpu, m) {
   m.def("conv_algorithm", &conv_algorithm, nb::arg("direction"), nb::arg("float64"), nb::arg("x"),
         nb::arg("w"), nb::arg("attrs"));
   // The instruction-set capability whose kernels run (kernel_table.h): "baseline", "avx2",
-  // "avx512" or "avx512_bf16". Raises ValueError when JAXCONV_CPU_CAPABILITY is not a capability this CPU has.
+  // "avx512" or "avx512_bf16". Raises ValueError when JAXCONV_CPU_CAPABILITY is not a
+  // capability this CPU has.
   m.def("cpu_capability", []() -> std::string {
     const std::string& err = jaxconv::cpu_capability_error();
     if (!err.empty()) throw nb::value_error(err.c_str());

@@ -32,8 +32,9 @@ except ImportError as _err:
     ) from _err
 
 # The CPU kernels' instruction set, chosen once: the highest the CPU has, or the one the
-# environment variable JAXCONV_CPU_CAPABILITY (baseline, avx2, avx512, avx512_bf16) names. A value that is not
-# a capability of this CPU fails the import with a ValueError naming it.
+# environment variable JAXCONV_CPU_CAPABILITY (baseline, avx2, avx512, avx512_bf16) names. A
+# value that is not a capability of this CPU fails the import with a ValueError naming it.
+CPU_CAPABILITY_ENV = "JAXCONV_CPU_CAPABILITY"
 CPU_CAPABILITY: str = _jaxconv_cpu.cpu_capability()
 
 

@@ -11,7 +11,7 @@ def conv_algorithm(
 
 def cpu_capability() -> str:
     """The instruction-set capability whose kernels run: "baseline", "avx2", "avx512" or
-    "avx512_bf16".""""
+    "avx512_bf16"."""
 
 def cpu_capabilities() -> list[str]:
     """Every capability this CPU and build can run, lowest first."""

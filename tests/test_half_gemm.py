@@ -83,8 +83,8 @@ def check_directions(backend, shape, layout, dtype):
     """Forward, bwd_data (input gradient) and bwd_filter (weight gradient) within the bound."""
     n, c, o, h, w_, k, s, p = shape
     x64, w64 = _arrays(shape, layout, dtype, seed=hash((shape, layout)) % 2**32)
-    conv = lambda x, w: jaxconv.conv2d(x, w, stride=s, padding=p, layout=layout)  # noqa: E731
-    ref = lambda x, w: ref_conv2d(x, w, stride=(s, s), padding=((p, p), (p, p)), layout=layout)  # noqa: E731
+    conv = lambda x, w: jaxconv.conv2d(x, w, stride=s, padding=p, layout=layout)
+    ref = lambda x, w: ref_conv2d(x, w, stride=(s, s), padding=((p, p), (p, p)), layout=layout)
     x, w = on(backend, jnp.asarray(x64, dtype), jnp.asarray(w64, dtype))
     y = jax.jit(conv)(x, w)
     assert y.dtype == jnp.dtype(dtype)

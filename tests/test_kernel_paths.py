@@ -314,7 +314,9 @@ def test_unknown_capability_fails_import(backend, value):
 
 @pytest.mark.cpu_only("JAXCONV_CPU_CAPABILITY is read by the CPU module")
 def test_capability_the_cpu_lacks_fails_import(backend):
-    missing = [c for c in ("avx2", "avx512", "avx512_bf16") if c not in jaxconv._ffi.cpu_capabilities()]
+    missing = [
+        c for c in ("avx2", "avx512", "avx512_bf16") if c not in jaxconv._ffi.cpu_capabilities()
+    ]
     if not missing:
         pytest.skip("this CPU has every capability: none to ask for that it lacks")
     proc = run_python("-c", "import jaxconv", env={CAPABILITY_ENV: missing[-1]})
