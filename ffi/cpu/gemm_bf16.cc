@@ -42,9 +42,9 @@ namespace {
 
 #define JAXCONV_BF16 __attribute__((target("avx512bf16")))
 
-constexpr int kMR = 8;        // rows of the tile
-constexpr int64_t kL = 16;    // float32 lanes = columns of a panel
-constexpr int64_t kMC = 64;   // rows of A converted per block (stays in L1/L2 with its K)
+constexpr int kMR = 8;       // rows of the tile
+constexpr int64_t kL = 16;   // float32 lanes = columns of a panel
+constexpr int64_t kMC = 64;  // rows of A converted per block (stays in L1/L2 with its K)
 
 // Per-thread buffers of bf16 pairs (one 32-bit slot per pair). std::vector<float> so the
 // instantiation the linker keeps is the baseline objects' own (kernel_table.h).
@@ -73,8 +73,8 @@ JAXCONV_BF16 void convert_b(int64_t panels, int64_t K, const float* Bp, int64_t 
     const float* panel = Bp + p * panel_stride;
     uint32_t* dst = out + p * KP * kL;
     for (int64_t j = 0; j < KP; ++j) {
-      __m512bh both = _mm512_cvtne2ps_pbh(panel_row(panel, 2 * j + 1, K),
-                                          panel_row(panel, 2 * j, K));
+      __m512bh both =
+          _mm512_cvtne2ps_pbh(panel_row(panel, 2 * j + 1, K), panel_row(panel, 2 * j, K));
       _mm512_storeu_si512(dst + j * kL, _mm512_permutexvar_epi16(idx, (__m512i)both));
     }
   }
@@ -94,8 +94,7 @@ JAXCONV_BF16 void convert_a(int64_t rows, int64_t K, const float* A, int64_t lda
       // Masked tail: nothing past A's row is read; the pad value at K (odd K) is zero.
       const int64_t n = K - k, n0 = std::min<int64_t>(n, 16), n1 = n - n0;
       const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n0) - 1), src + k);
-      const __m512 hi =
-          _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n1) - 1), src + k + 16);
+      const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n1) - 1), src + k + 16);
       const int64_t keep = 2 * KP - k;  // values up to the pair boundary
       _mm512_mask_storeu_epi16(dst + k, static_cast<__mmask32>((uint64_t(1) << keep) - 1),
                                (__m512i)_mm512_cvtne2ps_pbh(hi, lo));

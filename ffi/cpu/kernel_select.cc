@@ -44,7 +44,8 @@ Capability machine_capability() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return kBaseline;
   const bool osxsave = c & (1u << 27), fma = c & (1u << 12), avx = c & (1u << 28);
-  if (!osxsave || !avx || !fma) return kBaseline;
+  const bool f16c = c & (1u << 29);  // half_convert.cc's vcvtph2ps (every AVX2 CPU has it)
+  if (!osxsave || !avx || !fma || !f16c) return kBaseline;
   const uint64_t xcr0 = read_xcr0();
   if ((xcr0 & 0x6) != 0x6) return kBaseline;  // SSE + YMM state
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return kBaseline;

@@ -16,6 +16,7 @@ const KernelTable& kernel_table() {
     // "cpu_avx2" -> "avx2"
     t.capability = JAXCONV_STR(JAXCONV_CPU_CAPABILITY) + 4;
     add_gemm_kernels(&t);
+    add_half_convert_kernels(&t);
     add_depthwise_kernels(&t);
     add_pool_kernels(&t);
     add_winograd_kernels(&t);

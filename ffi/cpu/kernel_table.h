@@ -66,6 +66,9 @@ struct KernelTable {
   // The same GEMM for float32 operands that hold bfloat16 values (gemm_bf16.cc: vdpbf16ps, bf16
   // pairs along K, float32 accumulation); null except in the avx512_bf16 table.
   GemmPacked<float> gemm_bf16;
+  // n float16 values (raw bits) widened to float32, exactly (half_convert.cc: F16C where the
+  // capability has it); the packing of float16 operands (conv_pack.h's copy_widen).
+  void (*widen_f16)(float* dst, const uint16_t* src, int64_t n);
   GemmPacked<double> gemm_f64;
   DepthwiseKernels<float> depthwise_f32;
   DepthwiseKernels<double> depthwise_f64;
@@ -132,15 +135,16 @@ struct KernelTable {
 };
 
 // Each capability's table and the parts its kernel files fill in.
-#define JAXCONV_DECLARE_CAPABILITY(cap)     \
-  namespace cap {                           \
-  const KernelTable& kernel_table();        \
-  void add_gemm_kernels(KernelTable*);      \
-  void add_bf16_gemm_kernels(KernelTable*); \
-  void add_depthwise_kernels(KernelTable*); \
-  void add_pool_kernels(KernelTable*);      \
-  void add_winograd_kernels(KernelTable*);  \
-  void add_fft_kernels(KernelTable*);       \
+#define JAXCONV_DECLARE_CAPABILITY(cap)        \
+  namespace cap {                              \
+  const KernelTable& kernel_table();           \
+  void add_gemm_kernels(KernelTable*);         \
+  void add_bf16_gemm_kernels(KernelTable*);    \
+  void add_half_convert_kernels(KernelTable*); \
+  void add_depthwise_kernels(KernelTable*);    \
+  void add_pool_kernels(KernelTable*);         \
+  void add_winograd_kernels(KernelTable*);     \
+  void add_fft_kernels(KernelTable*);          \
   }
 JAXCONV_DECLARE_CAPABILITY(cpu_baseline)
 JAXCONV_DECLARE_CAPABILITY(cpu_avx2)
