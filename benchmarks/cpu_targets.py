@@ -11,6 +11,10 @@ capability, lax timed again in each, so every ratio is same-process):
   2. bfloat16, ResNet-50, both layouts, fwd and fwd+bwd, under avx512 (bf16 widened to float32)
      and avx512_bf16 (vdpbf16ps), where the CPU has them.
 
+and, for the Winograd retune, the ResNet-50 3x3 rows (float32, both layouts, fwd and fwd+bwd,
+top capability) once per JAXCONV_CPU_CONV_ALGO=direct|winograd2|winograd4|auto, printing per
+row the fastest algorithm and the one auto takes (E: auto within 5% of the fastest);
+
 and then checks, per run (the issue judges over two runs; both are printed):
 
   A. every LeNet and ResNet-50 row >= 1.2x lax in float32 (top capability, both layouts, both
@@ -113,6 +117,37 @@ def check(f32, bf16, caps):
     return checks
 
 
+def algo_sweep(args, out_dir, run):
+    """E: the 3x3 ResNet-50 rows under each forced algorithm; auto should be the fastest."""
+    times, chosen = {}, {}
+    for algo in ("direct", "winograd2", "winograd4", "auto"):
+        path = os.path.join(out_dir, f"algo_{algo}_run{run}.json")
+        cmd = [sys.executable, "-m", "jaxconv.bench", "--set", "resnet50", "--filter", "3x3"]
+        cmd += ["--json", path] + (["--quick"] if args.quick else [])
+        print("$ JAXCONV_CPU_CONV_ALGO=" + algo, " ".join(cmd), file=sys.stderr, flush=True)
+        env = {**os.environ, "JAXCONV_CPU_CONV_ALGO": algo}
+        subprocess.run(cmd, check=True, stdout=sys.stderr, env=env)
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                k = (r["name"], r["layout"], r["mode"])
+                # jaxconv time relative to lax in the same process: comparable across processes
+                times.setdefault(k, {})[algo] = 1.0 / r["ratio"]
+                if algo == "auto":
+                    chosen[k] = r["algorithm"]
+    checks = []
+    for k, t in times.items():
+        best = min(("direct", "winograd2", "winograd4"), key=lambda a: t[a])
+        detail = {a: round(1.0 / v, 2) for a, v in t.items()}  # ratio vs lax per algorithm
+        checks.append(
+            (
+                f"E: {k[0]} {k[1]} {k[2]}: fastest {best}, auto took {chosen[k]}",
+                t["auto"] <= 1.05 * t[best],
+                detail,
+            )
+        )
+    return checks
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=2)
@@ -138,7 +173,7 @@ def main(argv=None):
         bf16 = bench(
             args, os.path.join(args.out, f"bf16_run{run}.json"), "bfloat16", ["resnet50"], bf16_caps
         )
-        checks = check(f32, bf16, f32_caps)
+        checks = check(f32, bf16, f32_caps) + algo_sweep(args, args.out, run)
         print(f"\nrun {run} ({os.popen('uptime').read().strip()}):")
         for name, passed, detail in checks:
             print(f"  [{'pass' if passed else 'MISS'}] {name}" + (f": {detail}" if detail else ""))
