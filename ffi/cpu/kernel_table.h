@@ -1,9 +1,9 @@
 // One table of the CPU kernels that have vector code, chosen once at load time.
 //
-// Each kernel file with vector code (gemm.cc, depthwise_kernels.cc, max_pool2d_kernels.cc,
-// winograd.cc, fft.cc, kernel_table.cc) is compiled once per instruction-set capability by CMake,
-// as its own object library with flags for that capability and JAXCONV_CPU_CAPABILITY set to a
-// namespace name:
+// Each kernel file with vector code (gemm.cc, gemm_bf16.cc, half_convert.cc,
+// depthwise_kernels.cc, max_pool2d_kernels.cc, winograd.cc, fft.cc, kernel_table.cc) is compiled
+// once per instruction-set capability by CMake, as its own object library with flags for that
+// capability and JAXCONV_CPU_CAPABILITY set to a namespace name:
 //
 //   capability    namespace      flags
 //   baseline      cpu_baseline   (x86-64 / the compiler's default)
@@ -11,6 +11,9 @@
 //   AVX-512       cpu_avx512     the AVX2 flags, -mf16c, -mavx512{f,dq,bw,vl}
 //                                (auto-vectorizer kept at 256 bits; explicit 512-bit code where
 //                                it pays: the GEMM micro-kernel)
+//   avx512_bf16   (cpu_avx512)   not a build of its own: the avx512 table plus gemm_bf16,
+//                                functions with target("avx512bf16") in the avx512 objects,
+//                                chosen by kernel_select.cc when cpuid reports AVX512_BF16
 //
 // so every function is defined once per capability, in that namespace. Each capability's
 // kernel_table() fills a KernelTable with its own functions; kernels() (kernel_select.cc,
