@@ -36,8 +36,11 @@ inline ffi::Error invalid(const std::string& target, const std::string& msg) {
 // failures without naming the target; a table keeps jaxconv's "target: attribute" messages.)
 template <typename Params>
 struct IntAttr {
+  // Through an alias: nvcc's front end rewrites `int64_t Params::* member` as
+  // `int64_t (Params::* member)`, for which the host compiler warns (-Wparentheses).
+  using Member = int64_t Params::*;
   const char* name;
-  int64_t Params::* member;
+  Member member;
   bool required = true;
   int64_t fallback = 0;
 };

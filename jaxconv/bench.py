@@ -165,6 +165,7 @@ def cases(set_name: str, device: str) -> list[Case]:
             _conv("large", "RepLKNet dw27x27 512 @14", 2, 512, 14, 512, 27, groups=512),
             _conv("large", "RepLKNet dw13x13 1024 @7", 2, 1024, 7, 1024, 13, groups=1024),
             _conv("large", "AlexNet 11x11/4 3->64", 2, 3, 224, 64, 11, stride=4, padding=2),
+            _conv("large", "dense 11x11 64->64 @56", 2, 64, 56, 64, 11),
             _conv("large", "dense 13x13 64->64 @28", 2, 64, 28, 64, 13),
             _conv("large", "dense 15x15 128->128 @28", 2, 128, 28, 128, 15),
         ]

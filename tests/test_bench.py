@@ -154,7 +154,7 @@ def test_full_shape_sets_match_the_issue():
     depthwise = [(c.kernel, c.h) for c in large if c.groups == c.c == c.out_channels > 1]
     assert depthwise == [(7, 56), (7, 14), (31, 56), (31, 28), (27, 14), (13, 7)]
     dense = [(c.kernel, c.stride, c.h) for c in large if c.groups == 1]
-    assert dense == [(11, 4, 224), (13, 1, 28), (15, 1, 28)]
+    assert dense == [(11, 4, 224), (11, 1, 56), (13, 1, 28), (15, 1, 28)]
 
 
 def test_rows_name_the_algorithm_the_cpu_takes(quick_json):

@@ -277,9 +277,9 @@ def test_non_finite_values_take_the_direct_path(backend, monkeypatch, bad, where
             "need stride 1",
         ),
         (
-            "dense",
-            lambda x, w: jaxconv.conv2d(x, jnp.ones((8, 8, 3, 3), x.dtype), padding=1),
-            "depthwise only",
+            "dense stride 2",
+            lambda x, w: jaxconv.conv2d(x, jnp.ones((8, 8, 3, 3), x.dtype), stride=2, padding=1),
+            "need stride 1",
         ),
         (
             "float64",

@@ -189,6 +189,9 @@ POOLS = {
     # past the row's end computed and dropped): LeNet's 10 -> 5, and 3 interior columns padded.
     "LeNet 2x2/2 10x10": (16, 10, 10, (2, 2), (2, 2), ((0, 0), (0, 0)), (1, 1)),
     "3x3/1 pad 1, 5 columns": (3, 4, 5, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    # Dilated rows over a 2-row input: output row 0's taps (rows -1 and 2) are both padding, so
+    # its interior columns take the all-padding branch (-inf, index -1) beside a vector row.
+    "rows of padding only, wide rows": (2, 2, 40, (2, 2), (1, 1), ((1, 2), (0, 0)), (3, 1)),
 }
 
 
@@ -240,7 +243,10 @@ def test_pool_paths(backend, name, layout, dtype):
     expect = np.zeros((n_, c_, h_ * w_))
     for ni in range(n_):
         for ci in range(c_):
-            np.add.at(expect[ni, ci], ii[ni, ci].reshape(-1), gi[ni, ci].reshape(-1))
+            # An index of -1 (a window of padding only) sends nothing (numpy would read it as
+            # the plane's last cell).
+            sel = ii[ni, ci].reshape(-1) >= 0
+            np.add.at(expect[ni, ci], ii[ni, ci].reshape(-1)[sel], gi[ni, ci].reshape(-1)[sel])
     expect = expect.reshape(n_, c_, h_, w_)
     if layout == "NHWC":
         expect = expect.transpose(0, 2, 3, 1)

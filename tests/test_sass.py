@@ -247,6 +247,8 @@ def test_mma_main_loop_instructions_per_hmma():
         "max_pool_fwd_kernel",
         "max_pool_bwd_kernel",
         "direct_conv_",
+        "fft_depthwise",
+        "fft_filter_sum_kernel",
     ],
 )
 def test_no_local_memory(family):

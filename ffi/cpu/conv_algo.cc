@@ -9,7 +9,7 @@
 // The kernels decline (and the caller runs direct) on inf or NaN operands, float64, or an
 // empty problem.
 //
-// Cost model (depthwise, the only FFT kernels so far), in units of one direct multiply-add:
+// Cost model (depthwise; the dense one is further down), in units of one direct multiply-add:
 //   direct = N * C * OH * OW * KH * KW
 //   fft    = N * ceil(C/16) * tiles * P*Q * (kFftLog * log2(P*Q) + kFftPoint)     (per direction)
 //          + ceil(C/16) * P*Q * kFftLog * log2(P*Q) / 2   (filter spectra or bwd_filter's inverse)
@@ -48,30 +48,8 @@ constexpr int64_t kChannelsPerTransform = 16;
 
 // Transform sizes: products of 2, 3 and 5 up to kFftMaxSide.
 const std::vector<int64_t>& smooth_sizes() {
-  static const std::vector<int64_t> sizes = [] {
-    std::vector<int64_t> s;
-    for (int64_t n = 2; n <= kFftMaxSide; ++n) {
-      int64_t m = n;
-      for (int64_t f : {2, 3, 5})
-        while (m % f == 0) m /= f;
-      if (m == 1) s.push_back(n);
-    }
-    return s;
-  }();
+  static const std::vector<int64_t> sizes = fft_sizes(kFftMaxSide, {2, 3, 5});
   return sizes;
-}
-
-int64_t effective(int64_t k, int64_t d) { return (k - 1) * d + 1; }
-
-// The extent of the correlation's output (the tiled plane) per direction.
-void out_extent(const ConvGeometry& g, ConvDirection dir, int64_t* U, int64_t* V) {
-  if (dir == ConvDirection::kBackwardData) {
-    *U = g.H;
-    *V = g.W;
-  } else {  // forward writes y; bwd_filter tiles the positions of dy
-    *U = g.OH;
-    *V = g.OW;
-  }
 }
 
 double transform_cost(int64_t P, int64_t Q) {
@@ -80,35 +58,12 @@ double transform_cost(int64_t P, int64_t Q) {
   return cache * pq * (kFftLog * std::log2(pq) + kFftPoint);
 }
 
-// The cheapest plan for a U x V output and a KEh x KEw effective kernel (invalid when the
-// kernel does not fit a transform).
-FftPlan best_plan(int64_t U, int64_t V, int64_t KEh, int64_t KEw, double* cost) {
-  FftPlan best;
-  double best_cost = 0;
-  for (int64_t P : smooth_sizes()) {
-    if (P < KEh) continue;
-    const int64_t TH = std::min(U, P - KEh + 1);
-    for (int64_t Q : smooth_sizes()) {
-      if (Q < KEw) continue;
-      const int64_t TW = std::min(V, Q - KEw + 1);
-      const int64_t tiles = ((U + TH - 1) / TH) * ((V + TW - 1) / TW);
-      const double c = double(tiles) * transform_cost(P, Q);
-      if (!best.valid() || c < best_cost) {
-        best = {P, Q, TH, TW};
-        best_cost = c;
-      }
-      if (TW == V) break;  // a larger whole-width transform only costs more
-    }
-    if (TH == U) break;  // likewise along the rows
-  }
-  *cost = best_cost;
-  return best;
-}
-
 FftPlan fft_plan(const ConvGeometry& g, ConvDirection dir, double* cost) {
   int64_t U, V;
-  out_extent(g, dir, &U, &V);
-  return best_plan(U, V, effective(g.KH, g.p.dilation_h), effective(g.KW, g.p.dilation_w), cost);
+  fft_out_extent(g, dir, &U, &V);
+  return best_fft_plan(U, V, effective_kernel(g.KH, g.p.dilation_h),
+                       effective_kernel(g.KW, g.p.dilation_w), smooth_sizes(), transform_cost,
+                       cost);
 }
 
 // Whether the FFT is cheaper than the direct kernel by the model.
@@ -127,15 +82,114 @@ bool fft_pays(const ConvGeometry& g, ConvDirection dir, const FftPlan& pl, doubl
   return kFftMargin * fft < direct;
 }
 
+// ---- Dense and grouped FFT (fft_dense.cc) ---------------------------------------------------
+// Units: one multiply-add of the dense direct kernel (the implicit GEMM, near the FMA roof).
+//   fft = items * (ceil(Cin/16) + ceil(Cout/16)) * c(P,Q) * kDenseTransform     (stages A, C)
+//       + ceil(filter planes/16) * c(P,Q) * kDenseTransform        (filter spectra, or dw's
+//       inverse)
+//       + items * K * G*Ci*Co8 * 4 * kDenseGemm           (a complex GEMM per frequency, stage B)
+//       + batches * K * G*Ci*Co8 * 8 bytes * kDenseByte   (the filter spectra streamed per batch)
+// with K = P * (Q/2 + 1) frequencies, items = N * tiles, Co8 = Co rounded up to 8, c(P,Q) the
+// depthwise model's transform cost (above; in direct depthwise multiply-adds, each about
+// kDenseTransform dense ones). Constants from same-run measurements (docs/design.md).
+constexpr double kDenseTransform = 3.0;
+constexpr double kDenseGemm = 1.5;
+constexpr double kDenseByte = 0.5;
+// Winograd F(4x4, 3x3) does 4x fewer multiplies than direct; its transforms take some back.
+constexpr double kWinogradGain = 2.5;
+// The spectra of one batch of items (fft_dense.cc's kBatchBytes) and the bound on the filter
+// spectra (or bwd_filter's sums), which the plan must keep.
+constexpr double kDenseBatchBytes = double(int64_t(32) << 20);
+constexpr double kDenseSpectraBytes = double(int64_t(1) << 30);
+
+struct DenseShape {
+  int64_t in, out, G, Ci, Co;  // transformed input / output channels; per-group GEMM sides
+};
+
+DenseShape dense_shape(const ConvGeometry& g, ConvDirection dir) {
+  if (dir == ConvDirection::kBackwardData)
+    return {g.O, g.C, g.groups(), g.out_per_group(), g.in_per_group()};
+  return {g.C, g.O, g.groups(), g.in_per_group(), g.out_per_group()};
+}
+
+double dense_spectra_bytes(const DenseShape& s, int64_t P, int64_t Q) {
+  const int64_t co8 = (s.Co + 7) / 8 * 8;
+  return double(P * (Q / 2 + 1)) * double(s.G * s.Ci * co8) * 8.0;
+}
+
+double dense_cost(const ConvGeometry& g, ConvDirection dir, int64_t P, int64_t Q, int64_t tiles) {
+  const DenseShape s = dense_shape(g, dir);
+  const double items = double(g.N * tiles), K = double(P * (Q / 2 + 1));
+  const double co8 = double((s.Co + 7) / 8 * 8), gemm_cols = double(s.G * s.Ci) * co8;
+  const double c = transform_cost(P, Q) * kDenseTransform;
+  double planes = gemm_cols;  // the filter spectra; bwd_filter: the O * Ci8 planes of its sums
+  if (dir == ConvDirection::kBackwardFilter)
+    planes = double(g.O) * double((g.in_per_group() + 7) / 8 * 8);
+  const double per_item = K * 2.0 * double(s.in + s.out + 48) * 4.0;
+  const double batch = std::max(1.0, std::min(items, std::floor(kDenseBatchBytes / per_item)));
+  return items * double((s.in + 15) / 16 + (s.out + 15) / 16) * c + std::ceil(planes / 16) * c +
+         items * K * gemm_cols * 4.0 * kDenseGemm +
+         std::ceil(items / batch) * K * gemm_cols * 8.0 * kDenseByte;
+}
+
+// The cheapest dense plan whose filter spectra stay under kDenseSpectraBytes (invalid if none).
+FftPlan fft_dense_plan(const ConvGeometry& g, ConvDirection dir, double* cost) {
+  int64_t U, V;
+  fft_out_extent(g, dir, &U, &V);
+  const int64_t KEh = effective_kernel(g.KH, g.p.dilation_h),
+                KEw = effective_kernel(g.KW, g.p.dilation_w);
+  const DenseShape s = dense_shape(g, dir);
+  FftPlan best;
+  double best_cost = 0;
+  for (int64_t P : smooth_sizes()) {
+    if (P < KEh) continue;
+    const int64_t TH = std::min(U, P - KEh + 1);
+    for (int64_t Q : smooth_sizes()) {
+      if (Q < KEw) continue;
+      const int64_t TW = std::min(V, Q - KEw + 1);
+      if (dense_spectra_bytes(s, P, Q) <= kDenseSpectraBytes) {
+        const int64_t tiles = ((U + TH - 1) / TH) * ((V + TW - 1) / TW);
+        const double c = dense_cost(g, dir, P, Q, tiles);
+        if (!best.valid() || c < best_cost) {
+          best = {P, Q, TH, TW};
+          best_cost = c;
+        }
+      }
+      if (TW == V) break;
+    }
+    if (TH == U) break;
+  }
+  *cost = best_cost;
+  return best;
+}
+
+bool fft_depthwise(const ConvGeometry& g) {
+  return g.in_per_group() == 1 && g.out_per_group() == 1;
+}
+
+// Whether the dense FFT is cheaper than the direct kernel by the model, or than Winograd where
+// Winograd's shape rule holds (3x3 stride 1: then the FFT must win by kWinogradGain more; the
+// FFT measured up to 1.4x direct on 3x3 64 -> 64 @56, where Winograd F(4x4) runs).
+bool fft_dense_pays(const ConvGeometry& g, double fft) {
+  double direct =
+      double(g.N) * double(g.O) * double(g.OH * g.OW) * double(g.in_per_group() * g.KH * g.KW);
+  if (winograd_applicable(g)) direct /= kWinogradGain;
+  return kFftMargin * fft < direct;
+}
+
 }  // namespace
 
 const char* fft_inapplicable(const ConvGeometry& g, ConvDirection dir, bool float64) {
   if (float64) return "float64 runs the direct kernels only";
   if (g.p.stride_h != 1 || g.p.stride_w != 1) return "the FFT kernels need stride 1";
-  if (g.in_per_group() != 1 || g.out_per_group() != 1)
-    return "the FFT kernels are depthwise only (one input and one output channel per group)";
   double cost;
-  if (!fft_plan(g, dir, &cost).valid())
+  if (!fft_depthwise(g) && !fft_dense_plan(g, dir, &cost).valid()) {
+    if (effective_kernel(g.KH, g.p.dilation_h) > kFftMaxSide ||
+        effective_kernel(g.KW, g.p.dilation_w) > kFftMaxSide)
+      return "the dilated kernel is larger than the largest transform (128)";
+    return "the filter spectra of this dense layer would exceed 1 GiB";
+  }
+  if (fft_depthwise(g) && !fft_plan(g, dir, &cost).valid())
     return "the dilated kernel is larger than the largest transform (128)";
   return nullptr;
 }
@@ -147,8 +201,9 @@ AlgoChoice choose_conv_algo(const ConvGeometry& g, ConvDirection dir, bool float
   const bool forced_fft = algo == ConvAlgo::kFft;
   if ((algo == ConvAlgo::kAuto || forced_fft) && !fft_inapplicable(g, dir, float64)) {
     double cost;
-    const FftPlan pl = fft_plan(g, dir, &cost);
-    if (forced_fft || fft_pays(g, dir, pl, cost)) {
+    const bool dense = !fft_depthwise(g);
+    const FftPlan pl = dense ? fft_dense_plan(g, dir, &cost) : fft_plan(g, dir, &cost);
+    if (forced_fft || (dense ? fft_dense_pays(g, cost) : fft_pays(g, dir, pl, cost))) {
       c.kind = AlgoChoice::kFft;
       c.fft = pl;
       return c;

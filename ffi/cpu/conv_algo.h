@@ -45,8 +45,6 @@ inline ffi::Error check_conv_algo_env(const char* target) {
                              "' is not one of auto, direct, winograd, winograd2, winograd4, fft");
 }
 
-enum class ConvDirection { kForward, kBackwardData, kBackwardFilter };
-
 struct AlgoChoice {
   enum Kind { kDirect, kWinograd, kFft } kind = kDirect;
   int winograd_tile = 0;  // 2 or 4 for kWinograd

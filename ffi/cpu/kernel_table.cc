@@ -18,7 +18,13 @@ const KernelTable& kernel_table() {
     add_gemm_kernels(&t);
     add_half_convert_kernels(&t);
     add_depthwise_kernels(&t);
+#if JAXCONV_CPU_POOL_FROM_AVX2
+    // The avx512 table: AVX2's pool kernels, faster here than the same source built for AVX-512
+    // (ffi/CMakeLists.txt, which leaves max_pool2d_kernels.cc out of the avx512 objects).
+    cpu_avx2::add_pool_kernels(&t);
+#else
     add_pool_kernels(&t);
+#endif
     add_winograd_kernels(&t);
     add_fft_kernels(&t);
     return t;

@@ -7,7 +7,10 @@
 // stream XLA gives the call and never synchronized here.
 #include <cstdint>
 
+#include <type_traits>
+
 #include "cuda_ffi.h"
+#include "fft_conv_choice.h"
 #include "launchers.h"
 
 namespace jaxconv::cuda {
@@ -34,6 +37,16 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
+    // FFT (depthwise, stride 1) where the choice takes it, or an error where it is forced and
+    // cannot run (fft_conv_choice.h).
+    const CudaAlgoChoice algo =
+        choose_cuda_conv_algo(g, ConvDirection::kForward, std::is_same_v<T, double>);
+    if (!algo.error.empty()) return invalid(kTarget, algo.error);
+    if (algo.fft.valid())
+      return check_cuda(kTarget, launch_conv_fft<T>(
+                                     g, 0, algo.fft, static_cast<const T*>(x.untyped_data()),
+                                     static_cast<const T*>(w.untyped_data()), bias_or_null<T>(bias),
+                                     static_cast<T*>(y->untyped_data()), nullptr, stream));
     if (conv_takes_direct_kernels(g))  // depthwise or <= 4 input channels
       return check_cuda(kTarget, launch_conv_direct<T>(
                                      g, 0, static_cast<const T*>(x.untyped_data()),
@@ -56,6 +69,14 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
   if (g.N == 0) return ffi::Error::Success();
   return dispatch_float(dy.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
+    const CudaAlgoChoice algo =
+        choose_cuda_conv_algo(g, ConvDirection::kBackwardData, std::is_same_v<T, double>);
+    if (!algo.error.empty()) return invalid(kTarget, algo.error);
+    if (algo.fft.valid())
+      return check_cuda(kTarget, launch_conv_fft<T>(
+                                     g, 1, algo.fft, static_cast<const T*>(dy.untyped_data()),
+                                     static_cast<const T*>(w.untyped_data()), bias_or_null<T>(bias),
+                                     static_cast<T*>(dx->untyped_data()), nullptr, stream));
     if (conv_takes_direct_kernels(g))
       return check_cuda(kTarget, launch_conv_direct<T>(
                                      g, 1, static_cast<const T*>(dy.untyped_data()),
@@ -86,6 +107,24 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
   }
   return dispatch_float(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
+    const CudaAlgoChoice algo =
+        choose_cuda_conv_algo(g, ConvDirection::kBackwardFilter, std::is_same_v<T, double>);
+    if (!algo.error.empty()) return invalid(kTarget, algo.error);
+    if (algo.fft.valid()) {
+      // The per-tile tap sums (fft_conv.cuh), from XLA's allocator like the split plan's partial
+      // sums below; without them the call fails (another algorithm would sum in another order).
+      const int64_t bytes = cuda_fft_workspace_bytes(g, ConvDirection::kBackwardFilter, algo.fft);
+      auto mem = scratch.Allocate(size_t(bytes), 256);
+      if (!mem.has_value())
+        return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                          std::string(kTarget) +
+                              ": cannot allocate the FFT bwd_filter workspace (" +
+                              std::to_string(bytes) + " bytes)");
+      return check_cuda(kTarget,
+                        launch_conv_fft<T>(g, 2, algo.fft, static_cast<const T*>(x.untyped_data()),
+                                           static_cast<const T*>(dy.untyped_data()), nullptr,
+                                           static_cast<T*>(dw->untyped_data()), *mem, stream));
+    }
     if (conv_takes_direct_kernels(g))
       return check_cuda(kTarget,
                         launch_conv_direct<T>(g, 2, static_cast<const T*>(x.untyped_data()),

@@ -12,8 +12,9 @@
 //                    and the partial-sum kernel; tensor-core bwd_filter extern   5
 //   5 filter_mma_large  tensor-core bwd_filter, 128 x 128         4
 //   6 filter_mma_small  tensor-core bwd_filter, 64 x 64           4
-//   7 direct         launch_conv_direct (depthwise_kernels.cuh); with dtype 0 also the
-//                    launchers' non-template functions           12
+//   7 direct         launch_conv_direct (depthwise_kernels.cuh) and launch_conv_fft
+//                    (fft_conv.cuh); with dtype 0 also the launchers' non-template
+//                    functions                                    12 + 1 (FFT; none for f64)
 //   8 pool           the three max-pool launchers                 12
 //
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (the emulation's codes). Families 2, 3, 5
@@ -33,6 +34,7 @@
 
 #include "conv2d_kernels.cuh"
 #include "depthwise_kernels.cuh"
+#include "fft_conv.cuh"
 #include "max_pool2d_kernels.cuh"
 
 #if !defined(JAXCONV_UNIT) || !defined(JAXCONV_UNIT_DTYPE)
@@ -115,6 +117,13 @@ cudaError_t launch_conv_direct(const ConvGeometry& g, int which, const T* a, con
   return direct_conv<T>(g, which, a, b, bias, out, stream);
 }
 template <typename T>
+cudaError_t launch_conv_fft(const ConvGeometry& g, int which, const FftPlan& plan, const T* a,
+                            const T* b, const T* bias, T* out, void* workspace,
+                            cudaStream_t stream) {
+  return fft_depthwise_conv<T>(g, which, plan, a, b, bias, out, static_cast<float*>(workspace),
+                               stream);
+}
+template <typename T>
 cudaError_t launch_max_pool_forward(const PoolGeometry& g, const T* x, T* y, int32_t* idx,
                                     cudaStream_t stream) {
   return max_pool2d_forward<T>(g, x, y, idx, stream);
@@ -146,9 +155,11 @@ cudaError_t launch_max_pool_backward(const PoolGeometry& g, const T* dy, const i
 #define JAXCONV_FILTER_MMA(T, Tile)                                                            \
   template cudaError_t launch_filter_mma<T, Tile>(const FilterParams&, const T*, const T*, T*, \
                                                   float*, bool, cudaStream_t);
-#define JAXCONV_DIRECT(T)                                                                  \
-  template cudaError_t launch_conv_direct<T>(const ConvGeometry&, int, const T*, const T*, \
-                                             const T*, T*, cudaStream_t);
+#define JAXCONV_DIRECT(T)                                                                     \
+  template cudaError_t launch_conv_direct<T>(const ConvGeometry&, int, const T*, const T*,    \
+                                             const T*, T*, cudaStream_t);                     \
+  template cudaError_t launch_conv_fft<T>(const ConvGeometry&, int, const FftPlan&, const T*, \
+                                          const T*, const T*, T*, void*, cudaStream_t);
 #define JAXCONV_POOL(T)                                                                           \
   template cudaError_t launch_max_pool_forward<T>(const PoolGeometry&, const T*, T*, int32_t*,    \
                                                   cudaStream_t);                                  \

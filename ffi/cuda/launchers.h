@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <string>
 
+#include "../fft_plan.h"
 #include "../geometry.h"
 
 namespace jaxconv::cuda {
@@ -36,6 +37,15 @@ bool conv_takes_direct_kernels(const ConvGeometry& g);
 template <typename T>
 cudaError_t launch_conv_direct(const ConvGeometry& g, int which, const T* a, const T* b,
                                const T* bias, T* out, cudaStream_t stream);
+
+// FFT depthwise convolution (fft_conv.cuh), stride 1: which 0 forward, 1 bwd_data, 2
+// bwd_filter, operands as launch_conv_direct, with the plan from choose_cuda_conv_algo
+// (fft_conv_choice.h). bwd_filter needs a workspace of cuda_fft_workspace_bytes (256-byte
+// aligned); the others take null. Float64 is never planned (returns cudaErrorInvalidValue).
+template <typename T>
+cudaError_t launch_conv_fft(const ConvGeometry& g, int which, const FftPlan& plan, const T* a,
+                            const T* b, const T* bias, T* out, void* workspace,
+                            cudaStream_t stream);
 
 // y = conv(x, w) + bias; bias (O,) or null.
 template <typename T>

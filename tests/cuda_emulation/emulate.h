@@ -11,6 +11,8 @@
 // threads t = 32w .. 32w + 31 of a block form warp w and meet at a per-warp barrier in each
 // such operation.
 //
+// __syncthreads_or is two barriers around an atomic OR (below).
+//
 // What this cannot check: timing, coalescing, bank conflicts, occupancy, register limits,
 // divergence within a warp outside the warp operations, and device numerics such as FMA
 // contraction or the tensor cores' internal summation order.
@@ -55,6 +57,25 @@ inline unsigned max_blocks = 3;
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
+// __syncthreads_or(p): a barrier that returns non-zero to every thread iff some thread of the
+// block passed a non-zero p. Call k of a block ORs into slot k % 2; between the two barriers
+// (every thread has ORed, none has started call k + 1) thread 0 clears the other slot, which
+// every thread finished reading before call k's first barrier. launch() clears both slots
+// before each block; each block's threads are new, so their call counts start at 0.
+namespace emu {
+inline std::atomic<int> block_or[2];
+inline thread_local unsigned block_or_calls = 0;
+}  // namespace emu
+inline int __syncthreads_or(int predicate) {
+  const unsigned slot = emu::block_or_calls++ & 1;
+  if (predicate) emu::block_or[slot].fetch_or(1);
+  emu::block_barrier->arrive_and_wait();
+  const int any = emu::block_or[slot].load();
+  if (threadIdx.x == 0) emu::block_or[slot ^ 1].store(0);
+  emu::block_barrier->arrive_and_wait();
+  return any;
+}
+
 namespace jaxconv::cuda {
 
 template <typename... Params, typename... Args>
@@ -67,6 +88,8 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   emu::block_barrier = &barrier;
   emu::kernel_errors = 0;
   for (unsigned b = 0; b < blocks; ++b) {
+    emu::block_or[0].store(0);
+    emu::block_or[1].store(0);
     std::vector<std::unique_ptr<emu::Warp>> warps;
     for (unsigned first = 0; first < block.x; first += emu::kWarpSize)
       warps.push_back(std::make_unique<emu::Warp>(
