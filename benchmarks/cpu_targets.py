@@ -11,8 +11,8 @@ capability, lax timed again in each, so every ratio is same-process):
   2. bfloat16, ResNet-50, both layouts, fwd and fwd+bwd, under avx512 (bf16 widened to float32)
      and avx512_bf16 (vdpbf16ps), where the CPU has them.
 
-and, for the Winograd retune, the ResNet-50 3x3 rows (float32, both layouts, fwd and fwd+bwd,
-top capability) once per JAXCONV_CPU_CONV_ALGO=direct|winograd2|winograd4|auto, printing per
+and, for the Winograd retune, the ResNet-50 3x3 rows (float32 and bfloat16, both layouts, fwd
+and fwd+bwd, top capability) once per JAXCONV_CPU_CONV_ALGO=direct|winograd2|winograd4|auto, printing per
 row the fastest algorithm and the one auto takes (E: auto within 5% of the fastest);
 
 and then checks, per run (the issue judges over two runs; both are printed):
@@ -117,13 +117,13 @@ def check(f32, bf16, caps):
     return checks
 
 
-def algo_sweep(args, out_dir, run):
+def algo_sweep(args, out_dir, run, dtype="float32"):
     """E: the 3x3 ResNet-50 rows under each forced algorithm; auto should be the fastest."""
     times, chosen = {}, {}
     for algo in ("direct", "winograd2", "winograd4", "auto"):
-        path = os.path.join(out_dir, f"algo_{algo}_run{run}.json")
+        path = os.path.join(out_dir, f"algo_{dtype}_{algo}_run{run}.json")
         cmd = [sys.executable, "-m", "jaxconv.bench", "--set", "resnet50", "--filter", "3x3"]
-        cmd += ["--json", path] + (["--quick"] if args.quick else [])
+        cmd += ["--dtype", dtype, "--json", path] + (["--quick"] if args.quick else [])
         print("$ JAXCONV_CPU_CONV_ALGO=" + algo, " ".join(cmd), file=sys.stderr, flush=True)
         env = {**os.environ, "JAXCONV_CPU_CONV_ALGO": algo}
         subprocess.run(cmd, check=True, stdout=sys.stderr, env=env)
@@ -140,7 +140,7 @@ def algo_sweep(args, out_dir, run):
         detail = {a: round(1.0 / v, 2) for a, v in t.items()}  # ratio vs lax per algorithm
         checks.append(
             (
-                f"E: {k[0]} {k[1]} {k[2]}: fastest {best}, auto took {chosen[k]}",
+                f"E: {dtype} {k[0]} {k[1]} {k[2]}: fastest {best}, auto took {chosen[k]}",
                 t["auto"] <= 1.05 * t[best],
                 detail,
             )
@@ -174,6 +174,9 @@ def main(argv=None):
             args, os.path.join(args.out, f"bf16_run{run}.json"), "bfloat16", ["resnet50"], bf16_caps
         )
         checks = check(f32, bf16, f32_caps) + algo_sweep(args, args.out, run)
+        # bfloat16: direct runs on vdpbf16ps (avx512_bf16), Winograd in float32: the
+        # crossover differs from float32's
+        checks += algo_sweep(args, args.out, run, "bfloat16")
         print(f"\nrun {run} ({os.popen('uptime').read().strip()}):")
         for name, passed, detail in checks:
             print(f"  [{'pass' if passed else 'MISS'}] {name}" + (f": {detail}" if detail else ""))
