@@ -12,8 +12,8 @@ capability, lax timed again in each, so every ratio is same-process):
      and avx512_bf16 (vdpbf16ps), where the CPU has them.
 
 and, for the Winograd retune, the ResNet-50 3x3 rows (float32 and bfloat16, both layouts, fwd
-and fwd+bwd, top capability) once per JAXCONV_CPU_CONV_ALGO=direct|winograd2|winograd4|auto, printing per
-row the fastest algorithm and the one auto takes (E: auto within 5% of the fastest);
+and fwd+bwd, top capability) once per JAXCONV_CPU_CONV_ALGO=direct|winograd2|winograd4|auto,
+printing per row the fastest algorithm and the one auto takes (E: auto within 5% of the fastest);
 
 and then checks, per run (the issue judges over two runs; both are printed):
 
