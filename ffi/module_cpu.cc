@@ -89,8 +89,9 @@ NB_MODULE(_jaxconv_cpu, m) {
   });
   m.def("conv_algorithm", &conv_algorithm, nb::arg("direction"), nb::arg("float64"), nb::arg("x"),
         nb::arg("w"), nb::arg("attrs"));
-  // The instruction-set capability whose kernels run (kernel_table.h): "baseline", "avx2" or
-  // "avx512". Raises ValueError when JAXCONV_CPU_CAPABILITY is not a capability this CPU has.
+  // The instruction-set capability whose kernels run (kernel_table.h): "baseline", "avx2",
+  // "avx512" or "avx512_bf16". Raises ValueError when JAXCONV_CPU_CAPABILITY is not a
+  // capability this CPU has.
   m.def("cpu_capability", []() -> std::string {
     const std::string& err = jaxconv::cpu_capability_error();
     if (!err.empty()) throw nb::value_error(err.c_str());
@@ -101,5 +102,16 @@ NB_MODULE(_jaxconv_cpu, m) {
     std::vector<std::string> names;
     for (const char* n : jaxconv::cpu_capabilities()) names.emplace_back(n);
     return names;
+  });
+  // The GEMM each storage type's direct convolutions run on under the active capability:
+  // "float32" / "float64" (the packed micro-kernel of gemm.cc; half types widened to float32)
+  // or "vdpbf16ps" (gemm_bf16.cc).
+  m.def("cpu_gemm_kernels", []() {
+    nb::dict d;
+    d["float32"] = "float32";
+    d["float64"] = "float64";
+    d["float16"] = "float32";
+    d["bfloat16"] = jaxconv::kernels().gemm_bf16 ? "vdpbf16ps" : "float32";
+    return d;
   });
 }

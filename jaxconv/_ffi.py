@@ -32,14 +32,23 @@ except ImportError as _err:
     ) from _err
 
 # The CPU kernels' instruction set, chosen once: the highest the CPU has, or the one the
-# environment variable JAXCONV_CPU_CAPABILITY (baseline, avx2, avx512) names. A value that is not
-# a capability of this CPU fails the import with a ValueError naming it.
+# environment variable JAXCONV_CPU_CAPABILITY (baseline, avx2, avx512, avx512_bf16) names. A
+# value that is not a capability of this CPU fails the import with a ValueError naming it.
+CPU_CAPABILITY_ENV = "JAXCONV_CPU_CAPABILITY"
 CPU_CAPABILITY: str = _jaxconv_cpu.cpu_capability()
 
 
 def cpu_capability() -> str:
-    """The instruction set of the CPU kernels that run: "baseline", "avx2" or "avx512"."""
+    """The instruction set of the CPU kernels that run: "baseline", "avx2", "avx512" or
+    "avx512_bf16" (avx512 with the bfloat16 GEMM on vdpbf16ps)."""
     return CPU_CAPABILITY
+
+
+def cpu_gemm_kernels() -> dict[str, str]:
+    """{dtype name: the GEMM its direct (im2col) convolutions run on under the active
+    capability}: "float32" (half types widened), "float64", or "vdpbf16ps" for bfloat16 under
+    avx512_bf16."""
+    return dict(_jaxconv_cpu.cpu_gemm_kernels())
 
 
 def cpu_capabilities() -> tuple[str, ...]:

@@ -10,7 +10,11 @@ def conv_algorithm(
     """The CPU algorithm (direct, winograd2/4, "fft PxQ/THxTW") one conv call would take."""
 
 def cpu_capability() -> str:
-    """The instruction-set capability whose kernels run: "baseline", "avx2" or "avx512"."""
+    """The instruction-set capability whose kernels run: "baseline", "avx2", "avx512" or
+    "avx512_bf16"."""
 
 def cpu_capabilities() -> list[str]:
     """Every capability this CPU and build can run, lowest first."""
+
+def cpu_gemm_kernels() -> dict[str, str]:
+    """{dtype name: the GEMM its direct convolutions run on}: "float32", "float64", "vdpbf16ps"."""

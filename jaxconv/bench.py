@@ -4,6 +4,8 @@
                             [--layout NCHW|NHWC|both] [--dtype float32|bfloat16]
                             [--device cpu|gpu] [--quick] [--json PATH] [--plot PNG]
     python -m jaxconv.bench --from-json RESULTS.json --plot PNG    (redraw a saved run)
+    python -m jaxconv.bench --capabilities avx2,avx512,avx512_bf16 [other options]
+                            (one child process per CPU capability, then a comparison table)
 
 For every shape, four functions are jax.jit-compiled: jaxconv and lax, forward and forward+backward
 (jax.grad of the output's sum w.r.t. the input, and the weights for convolutions). The lax
@@ -19,6 +21,13 @@ forward+backward (bwd_data and bwd_filter each cost one forward). Pooling report
 traffic: the input read and output written forward, plus the output-sized cotangent read and
 input-sized gradient written for forward+backward (jaxconv's int32 indices, written only when a
 gradient is taken, are not counted).
+
+--capabilities a,b,... (or "all": every capability this CPU has) runs the same bench once per
+CPU kernel capability, each in a child process with JAXCONV_CPU_CAPABILITY set (the variable is
+read once per process), then prints per row jaxconv's time and ratio under each capability and
+its speed relative to the first one named; lax is timed again in every child, so every ratio is
+a same-process ratio. --json then holds {"capabilities", "runs": {capability: that run's
+document}, "comparison": rows}.
 
 --json PATH is rewritten after every row (whole, through a temporary file renamed over it), with
 "complete": false until the last row: a run that is killed or interrupted (Ctrl-C: exit status
@@ -657,6 +666,11 @@ def parse_args(argv=None):
         help="draw the ratio per layer to this image (needs matplotlib)",
     )
     p.add_argument(
+        "--capabilities",
+        default=None,
+        help="comma-separated CPU capabilities (or 'all') to compare, one child process each",
+    )
+    p.add_argument(
         "--from-json",
         dest="from_json",
         default=None,
@@ -665,8 +679,107 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _child_argv(args: argparse.Namespace, json_path: str) -> list[str]:
+    """The options of this run for one capability's child (no --capabilities, --plot)."""
+    out = ["--set", args.set, "--layout", args.layout, "--dtype", args.dtype]
+    out += ["--device", args.device, "--mode", args.mode, "--json", json_path]
+    if args.quick:
+        out.append("--quick")
+    if args.budget is not None:
+        out += ["--budget", str(args.budget)]
+    if args.filter is not None:
+        out += ["--filter", args.filter]
+    return out
+
+
+def compare_rows(runs: dict[str, dict]) -> list[dict]:
+    """One row per (set, layer, layout, mode) present in every run: jaxconv_ms and ratio per
+    capability, and speedup = first capability's jaxconv_ms / this one's."""
+    caps = list(runs)
+    key = lambda r: (r["set"], r["name"], r["layout"], r["mode"])
+    per = {c: {key(r): r for r in runs[c]["results"]} for c in caps}
+    rows = []
+    for k in per[caps[0]]:
+        if not all(k in per[c] for c in caps):
+            continue
+        first = per[caps[0]][k]["jaxconv_ms"]
+        rows.append(
+            {
+                "set": k[0],
+                "name": k[1],
+                "layout": k[2],
+                "mode": k[3],
+                "dtype": per[caps[0]][k]["dtype"],
+                "jaxconv_ms": {c: per[c][k]["jaxconv_ms"] for c in caps},
+                "ratio": {c: per[c][k]["ratio"] for c in caps},
+                "speedup": {c: first / per[c][k]["jaxconv_ms"] for c in caps},
+                "algorithm": {c: per[c][k].get("algorithm", "") for c in caps},
+            }
+        )
+    return rows
+
+
+def compare_table(rows: list[dict], caps: list[str]) -> str:
+    head = f"{'set':<9} {'layer':<31} {'layout':<6} {'mode':<7} " + " ".join(
+        f"{c + ' ms (vs lax)':>24}" for c in caps
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = " ".join(
+            f"{r['jaxconv_ms'][c]:>10.3f} ({r['ratio'][c]:4.2f}x) {r['speedup'][c]:5.2f}x"
+            for c in caps
+        )
+        lines.append(f"{r['set']:<9} {r['name']:<31} {r['layout']:<6} {r['mode']:<7} {cells}")
+    lines += ["", f"per capability: jaxconv ms (lax_ms / jaxconv_ms) speed vs {caps[0]}"]
+    for c in caps[1:]:
+        sp = [r["speedup"][c] for r in rows]
+        if sp:
+            lines.append(
+                f"  {c} vs {caps[0]}: geomean {geomean(sp):.2f}x, min {min(sp):.2f}x "
+                f"({sum(v < 1 for v in sp)} of {len(sp)} rows slower)"
+            )
+    return "\n".join(lines)
+
+
+def run_capabilities(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+
+    caps = (
+        list(jaxconv._ffi.cpu_capabilities())
+        if args.capabilities == "all"
+        else [c.strip() for c in args.capabilities.split(",") if c.strip()]
+    )
+    runs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for cap in caps:
+            path = os.path.join(tmp, f"{cap}.json")
+            print(f"== {jaxconv._ffi.CPU_CAPABILITY_ENV}={cap}", file=sys.stderr, flush=True)
+            env = {**os.environ, jaxconv._ffi.CPU_CAPABILITY_ENV: cap}
+            proc = subprocess.run(
+                [sys.executable, "-m", "jaxconv.bench", *_child_argv(args, path)],
+                env=env,
+                stdout=sys.stderr,  # each child's own table; stdout keeps the comparison
+            )
+            if proc.returncode != 0:
+                print(f"the run under {cap} failed (exit {proc.returncode})", file=sys.stderr)
+                return proc.returncode
+            with open(path) as f:
+                runs[cap] = json.load(f)
+    rows = compare_rows(runs)
+    print(compare_table(rows, caps))
+    if args.json_path:
+        write_json(
+            {"schema": 1, "capabilities": caps, "runs": runs, "comparison": rows}, args.json_path
+        )
+        print(f"wrote {args.json_path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.capabilities:
+        return run_capabilities(args)
     if args.from_json:
         with open(args.from_json) as f:
             doc = json.load(f)

@@ -255,7 +255,8 @@ def test_pool_paths(backend, name, layout, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Every instruction-set capability this CPU has (baseline, avx2, avx512: ffi/cpu/kernel_table.h).
+# Every instruction-set capability this CPU has (baseline, avx2, avx512, avx512_bf16:
+# ffi/cpu/kernel_table.h).
 # The tests above run the one chosen for this machine; a child process forced to each other one
 # by JAXCONV_CPU_CAPABILITY runs the paths whose kernels differ per capability: GEMM micro-tile
 # and panel tails (o = 5, 17, 130), K slices, stride phases and col2im, depthwise with a channel
@@ -299,7 +300,7 @@ def test_paths_under_every_capability(backend, capability):
 def test_capabilities_reported():
     """The default is the highest capability the CPU has; the list starts at the baseline."""
     caps = jaxconv._ffi.cpu_capabilities()
-    assert caps[0] == "baseline" and set(caps) <= {"baseline", "avx2", "avx512"}
+    assert caps[0] == "baseline" and set(caps) <= {"baseline", "avx2", "avx512", "avx512_bf16"}
     import os
 
     if not os.environ.get(CAPABILITY_ENV):
@@ -313,13 +314,15 @@ def test_unknown_capability_fails_import(backend, value):
     assert proc.returncode != 0
     assert (
         f"ValueError: environment variable {CAPABILITY_ENV}='{value}' is not one of "
-        "baseline, avx2, avx512"
+        "baseline, avx2, avx512, avx512_bf16"
     ) in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.cpu_only("JAXCONV_CPU_CAPABILITY is read by the CPU module")
 def test_capability_the_cpu_lacks_fails_import(backend):
-    missing = [c for c in ("avx2", "avx512") if c not in jaxconv._ffi.cpu_capabilities()]
+    missing = [
+        c for c in ("avx2", "avx512", "avx512_bf16") if c not in jaxconv._ffi.cpu_capabilities()
+    ]
     if not missing:
         pytest.skip("this CPU has every capability: none to ask for that it lacks")
     proc = run_python("-c", "import jaxconv", env={CAPABILITY_ENV: missing[-1]})

@@ -96,8 +96,9 @@ void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const 
         for (int64_t k0 = 0; k0 < Kg; k0 += KB) {
           const int64_t kn = std::min(KB, Kg - k0);
           for (int64_t o0 = 0; o0 < Og; o0 += oslice)
-            gemm_packed(kn, pn, std::min(oslice, Og - o0), wp.data() + (grp * Kg + k0) * Og + o0,
-                        Og, Bp + o0 * NR, Og * NR, C, pn, o0 > 0);
+            gemm_packed_for<T>(kn, pn, std::min(oslice, Og - o0),
+                               wp.data() + (grp * Kg + k0) * Og + o0, Og, Bp + o0 * NR, Og * NR, C,
+                               pn, o0 > 0);
           for (int64_t k = k0; k < k0 + kn; ++k) {
             const int64_t ci = k / taps, th = (k % taps) / ps.TW(), tw = k % ps.TW();
             int64_t vlo, vhi;
@@ -140,9 +141,9 @@ void Conv<T>::backward_data_col2im(const ParallelRunner& pr, const T* dy, const 
         for (int64_t k0 = 0; k0 < Kg; k0 += KB) {
           const int64_t kn = std::min(KB, Kg - k0);
           for (int64_t o0 = 0; o0 < Og; o0 += oslice)
-            gemm_packed(pn, kn, std::min(oslice, Og - o0), A + o0, lda,
-                        wp.data() + ((grp * kpanels + k0 / NR) * Og + o0) * NR, Og * NR, C, kn,
-                        o0 > 0);
+            gemm_packed_for<T>(pn, kn, std::min(oslice, Og - o0), A + o0, lda,
+                               wp.data() + ((grp * kpanels + k0 / NR) * Og + o0) * NR, Og * NR, C,
+                               kn, o0 > 0);
           for (int64_t p = p0; p < p0 + pn; ++p) {
             const int64_t oh = p / g.OW, ow = p % g.OW;
             const Acc* crow = C + (p - p0) * kn;

@@ -103,7 +103,7 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
             gather_row_run(ps, x + r.n * xs.n + (grp * Cg + ci) * xs.c, r, th, tw, vlo, vhi,
                            im + (k - k0) * pc + r.at);
         }
-        gemm_packed(kn, Og, pc, im, pc, dyop, pc * NR, part + k0 * Og, Og, true);
+        gemm_packed_for<T>(kn, Og, pc, im, pc, dyop, pc * NR, part + k0 * Og, Og, true);
       } else if (row_pack) {
         // B = all im2col columns as panels over the slice's positions, from rows of
         // kRowChunk positions at a time: [pos][k] -> panels [k / NR][pos][k % NR].
@@ -124,11 +124,11 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
             }
           }
         }
-        gemm_packed(Og, kn, pc, dyop, pc, im, pc * NR, part + k0, Kg, true);
+        gemm_packed_for<T>(Og, kn, pc, dyop, pc, im, pc * NR, part + k0, Kg, true);
       } else {
         // B = im2col columns k0 .. k0+kn as panels over the slice's positions.
         pack_col_panels_nhwc(ps, x, grp, q0, pc, k0, kn, im);
-        gemm_packed(Og, kn, pc, dyop, pc, im, pc * NR, part + k0, Kg, true);
+        gemm_packed_for<T>(Og, kn, pc, dyop, pc, im, pc * NR, part + k0, Kg, true);
       }
     }
   });

@@ -63,11 +63,11 @@ void Conv<T>::run_pass_nchw(const ParallelRunner& pr, const Pass& ps, const T* i
     }
     const Acc* Ag = A + grp * Cout * K;
     Acc* Bp = scratch<Acc, kPackedOperand>(round_up(cols, NR) * kc_max);
-    if (K == 0) gemm_packed(Cout, cols, 0, Ag, K, Bp, 0, C, ldc, acc);
+    if (K == 0) gemm_packed_for<T>(Cout, cols, 0, Ag, K, Bp, 0, C, ldc, acc);
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
       pack_colT_panels(ps, in, grp, k0, kc, runs, Bp);
-      gemm_packed(Cout, cols, kc, Ag + k0, K, Bp, kc * NR, C, ldc, acc || k0 > 0);
+      gemm_packed_for<T>(Cout, cols, kc, Ag + k0, K, Bp, kc * NR, C, ldc, acc || k0 > 0);
     }
     if (!direct) store_nchw(ps, C, ldc, runs, grp, out, bias);
   });
@@ -110,7 +110,7 @@ void Conv<T>::run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* i
       ldc = Cout;
     }
     const Acc* Bg = Bw + grp * panels * NR * K;
-    if (K == 0) gemm_packed(rows, Cout, 0, Bg, 0, Bg, 0, C, ldc, acc);
+    if (K == 0) gemm_packed_for<T>(rows, Cout, 0, Bg, 0, Bg, 0, C, ldc, acc);
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
       const Acc* Ablk;
@@ -124,7 +124,7 @@ void Conv<T>::run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* i
         Ablk = At;
         lda = kc;
       }
-      gemm_packed(rows, Cout, kc, Ablk, lda, Bg + k0 * NR, K * NR, C, ldc, acc || k0 > 0);
+      gemm_packed_for<T>(rows, Cout, kc, Ablk, lda, Bg + k0 * NR, K * NR, C, ldc, acc || k0 > 0);
     }
     if (!direct) store_nhwc(ps, C, ldc, q0, rows, grp, out, bias);
   });

@@ -39,6 +39,13 @@ inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 // keeps GCC from turning the tail loop back into a call.)
 template <typename T, typename Acc>
 inline void copy_widen(Acc* dst, const T* src, int64_t len, int64_t stride) {
+  if constexpr (std::is_same_v<T, f16_t> && std::is_same_v<Acc, float>) {
+    // float16: the capability's widening (F16C where it has it; kernel_table.h).
+    if (stride == 1 && len >= 8) {
+      kernels().widen_f16(dst, reinterpret_cast<const uint16_t*>(src), len);
+      return;
+    }
+  }
   if constexpr (std::is_same_v<T, Acc>) {
     if (stride == 1) {
       if (len > 32) {

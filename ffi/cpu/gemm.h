@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernel_table.h"
 
@@ -26,6 +27,22 @@ inline void gemm_packed(int64_t M, int64_t N, int64_t K, const double* A, int64_
                         const double* Bp, int64_t panel_stride, double* C, int64_t ldc,
                         bool accumulate) {
   kernels().gemm_f64(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+}
+
+// The GEMM of a convolution of storage type T, on operands packed from T's values (widened to
+// float32 exactly, for the half types): bfloat16 runs on vdpbf16ps where the CPU has it (the
+// avx512_bf16 table, gemm_bf16.cc); everything else on gemm_packed. Only operands that hold
+// T's values may come here (not Winograd's transformed tiles, which a bf16 pair would round).
+template <typename T, typename S>
+inline void gemm_packed_for(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* Bp,
+                            int64_t panel_stride, S* C, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    if (const GemmPacked<float> bf16 = kernels().gemm_bf16) {
+      bf16(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
+      return;
+    }
+  }
+  gemm_packed(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
 }
 
 }  // namespace jaxconv

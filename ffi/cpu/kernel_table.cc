@@ -16,6 +16,7 @@ const KernelTable& kernel_table() {
     // "cpu_avx2" -> "avx2"
     t.capability = JAXCONV_STR(JAXCONV_CPU_CAPABILITY) + 4;
     add_gemm_kernels(&t);
+    add_half_convert_kernels(&t);
     add_depthwise_kernels(&t);
 #if JAXCONV_CPU_POOL_FROM_AVX2
     // The avx512 table: AVX2's pool kernels, faster here than the same source built for AVX-512

@@ -1,9 +1,9 @@
 // One table of the CPU kernels that have vector code, chosen once at load time.
 //
-// Each kernel file with vector code (gemm.cc, depthwise_kernels.cc, max_pool2d_kernels.cc,
-// winograd.cc, fft.cc, kernel_table.cc) is compiled once per instruction-set capability by CMake,
-// as its own object library with flags for that capability and JAXCONV_CPU_CAPABILITY set to a
-// namespace name:
+// Each kernel file with vector code (gemm.cc, gemm_bf16.cc, half_convert.cc,
+// depthwise_kernels.cc, max_pool2d_kernels.cc, winograd.cc, fft.cc, kernel_table.cc) is compiled
+// once per instruction-set capability by CMake, as its own object library with flags for that
+// capability and JAXCONV_CPU_CAPABILITY set to a namespace name:
 //
 //   capability    namespace      flags
 //   baseline      cpu_baseline   (x86-64 / the compiler's default)
@@ -11,6 +11,9 @@
 //   AVX-512       cpu_avx512     the AVX2 flags, -mf16c, -mavx512{f,dq,bw,vl}
 //                                (auto-vectorizer kept at 256 bits; explicit 512-bit code where
 //                                it pays: the GEMM micro-kernel)
+//   avx512_bf16   (cpu_avx512)   not a build of its own: the avx512 table plus gemm_bf16,
+//                                functions with target("avx512bf16") in the avx512 objects,
+//                                chosen by kernel_select.cc when cpuid reports AVX512_BF16
 //
 // so every function is defined once per capability, in that namespace. Each capability's
 // kernel_table() fills a KernelTable with its own functions; kernels() (kernel_select.cc,
@@ -61,8 +64,14 @@ using GemmPacked = void (*)(int64_t M, int64_t N, int64_t K, const S* A, int64_t
                             int64_t panel_stride, S* C, int64_t ldc, bool accumulate);
 
 struct KernelTable {
-  const char* capability;  // "baseline", "avx2", "avx512"
+  const char* capability;  // "baseline", "avx2", "avx512", "avx512_bf16"
   GemmPacked<float> gemm_f32;
+  // The same GEMM for float32 operands that hold bfloat16 values (gemm_bf16.cc: vdpbf16ps, bf16
+  // pairs along K, float32 accumulation); null except in the avx512_bf16 table.
+  GemmPacked<float> gemm_bf16;
+  // n float16 values (raw bits) widened to float32, exactly (half_convert.cc: F16C where the
+  // capability has it); the packing of float16 operands (conv_pack.h's copy_widen).
+  void (*widen_f16)(float* dst, const uint16_t* src, int64_t n);
   GemmPacked<double> gemm_f64;
   DepthwiseKernels<float> depthwise_f32;
   DepthwiseKernels<double> depthwise_f64;
@@ -129,14 +138,16 @@ struct KernelTable {
 };
 
 // Each capability's table and the parts its kernel files fill in.
-#define JAXCONV_DECLARE_CAPABILITY(cap)     \
-  namespace cap {                           \
-  const KernelTable& kernel_table();        \
-  void add_gemm_kernels(KernelTable*);      \
-  void add_depthwise_kernels(KernelTable*); \
-  void add_pool_kernels(KernelTable*);      \
-  void add_winograd_kernels(KernelTable*);  \
-  void add_fft_kernels(KernelTable*);       \
+#define JAXCONV_DECLARE_CAPABILITY(cap)        \
+  namespace cap {                              \
+  const KernelTable& kernel_table();           \
+  void add_gemm_kernels(KernelTable*);         \
+  void add_bf16_gemm_kernels(KernelTable*);    \
+  void add_half_convert_kernels(KernelTable*); \
+  void add_depthwise_kernels(KernelTable*);    \
+  void add_pool_kernels(KernelTable*);         \
+  void add_winograd_kernels(KernelTable*);     \
+  void add_fft_kernels(KernelTable*);          \
   }
 JAXCONV_DECLARE_CAPABILITY(cpu_baseline)
 JAXCONV_DECLARE_CAPABILITY(cpu_avx2)
