@@ -55,8 +55,10 @@ __device__ __forceinline__ void mma_store_filter_tile(
 // With splits == 1 the tile is rounded into dw; otherwise it is stored, float32, into
 // partial[split] (laid out like dw) for sum_partials_kernel, which adds the splits in order.
 // Index as for the pass kernel: int32_t where x, dy and dw each have fewer than 2^31 elements.
+// Compiled for one block per SM: with no minimum, ptxas capped the int64 NHWC 64x64 instance
+// at 168 registers and spilled 8 bytes (test_sass's no-local-memory check).
 template <typename T, typename Cfg, int kLayout, typename Index>
-__global__ void __launch_bounds__(Cfg::kThreads)
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
     conv_filter_mma_kernel(FilterParams p, MmaLoads loads, const T* __restrict__ x,
                            const T* __restrict__ dy, T* __restrict__ dw,
                            float* __restrict__ partial) {
