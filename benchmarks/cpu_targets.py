@@ -1,6 +1,7 @@
 """The CPU round-3 targets (issue 23), measured and judged in one command on a QUIET machine:
 
     python benchmarks/cpu_targets.py [--runs 2] [--out benchmarks/results/cpu_targets]
+                                     [--budget S] (seconds per case, passed to every bench run)
                                      [--quick]   (a seconds-long smoke run of the script itself)
 
 Each run executes, with `python -m jaxconv.bench --capabilities ...` (one child process per CPU
@@ -53,6 +54,8 @@ def bench(args, out_json, dtype, sets, caps):
         cmd += ["--capabilities", ",".join(caps), "--json", path]
         if args.quick:
             cmd.append("--quick")
+        if args.budget is not None:
+            cmd += ["--budget", str(args.budget)]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=sys.stderr)
         with open(path) as f:
@@ -124,6 +127,7 @@ def algo_sweep(args, out_dir, run, dtype="float32"):
         path = os.path.join(out_dir, f"algo_{dtype}_{algo}_run{run}.json")
         cmd = [sys.executable, "-m", "jaxconv.bench", "--set", "resnet50", "--filter", "3x3"]
         cmd += ["--dtype", dtype, "--json", path] + (["--quick"] if args.quick else [])
+        cmd += ["--budget", str(args.budget)] if args.budget is not None else []
         print("$ JAXCONV_CPU_CONV_ALGO=" + algo, " ".join(cmd), file=sys.stderr, flush=True)
         env = {**os.environ, "JAXCONV_CPU_CONV_ALGO": algo}
         subprocess.run(cmd, check=True, stdout=sys.stderr, env=env)
@@ -153,6 +157,9 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu_targets"))
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--budget", type=float, default=None, help="passed to every bench run (default: bench's)"
+    )
     args = p.parse_args(argv)
     import jaxconv
 
