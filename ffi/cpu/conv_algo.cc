@@ -10,7 +10,7 @@
 // empty problem.
 //
 // Cost model (depthwise; the dense one is further down), in units of one direct multiply-add:
-//   direct = N * C * OH * OW * KH * KW
+//   direct = N * C * OH * OW * KH * KW    (times the layout's and direction's factors below)
 //   fft    = N * ceil(C/16) * tiles * P*Q * (kFftLog * log2(P*Q) + kFftPoint)     (per direction)
 //          + ceil(C/16) * P*Q * kFftLog * log2(P*Q) / 2   (filter spectra or bwd_filter's inverse)
 // where one complex transform serves 16 channels (two per complex lane). The constants are
@@ -34,10 +34,15 @@ constexpr double kFftPoint = 175.0;
 // (90x90 measured 1.3-1.9x the per-point cost of 64x64, yet beat 60x60 tiles of 30x30.)
 constexpr double kFftCachePoints = 8192.0;
 // NCHW costs more on both sides: the direct depthwise kernels per tap (phase rows, one plane
-// at a time: 1.45-5x NHWC's on the measured shapes, 1.45x at 7x7 on 56x56) and the FFT per
-// point (its lanes gathered a plane apart: 1.0-1.4x). The model takes the low end of the first
-// and the high end of the second.
+// at a time) and the FFT per point (its lanes gathered a plane apart: 1.0-1.4x, the model takes
+// the high end). The direct kernel's extra grows as the planes narrow (short rows): fitted to
+// same-run direct/FFT timings of depthwise 3x3 .. 13x13 on 7 .. 56 wide planes (docs/design.md),
+// its cost per tap is kDirectNchw times NHWC's on planes at least kNchwNarrowWidth wide and
+// kDirectNchw * kNchwNarrowWidth / width on narrower ones (fitted: 2.4x at 28, 4.7x at 14, 9x at
+// 7, forward), and bwd_data's another kDirectNchwBwdData (it measured 1.5-3x the forward's).
 constexpr double kDirectNchw = 1.5;
+constexpr double kNchwNarrowWidth = 42.0;
+constexpr double kDirectNchwBwdData = 1.5;
 // The direct NHWC depthwise bwd_filter costs about half its forward per tap (0.55-0.65x
 // measured on 9x9 at 28 and 13x13 at 14), while the FFT's bwd_filter costs about its forward.
 constexpr double kDirectBwdFilterNhwc = 0.55;
@@ -74,7 +79,10 @@ bool fft_pays(const ConvGeometry& g, ConvDirection dir, const FftPlan& pl, doubl
   fft += blocks * double(pl.P * pl.Q) * kFftLog * std::log2(double(pl.P * pl.Q)) / 2;
   double direct = double(g.N) * double(g.C) * double(g.OH * g.OW) * double(g.KH * g.KW);
   if (g.p.layout == kNCHW) {
-    direct *= kDirectNchw;
+    int64_t U, V;
+    fft_out_extent(g, dir, &U, &V);  // the direct kernel's output plane
+    direct *= kDirectNchw * std::max(1.0, kNchwNarrowWidth / double(V));
+    if (dir == ConvDirection::kBackwardData) direct *= kDirectNchwBwdData;
     fft *= kFftNchw;
   } else if (dir == ConvDirection::kBackwardFilter) {
     direct *= kDirectBwdFilterNhwc;
