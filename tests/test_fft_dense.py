@@ -37,7 +37,8 @@ def _operands(rng, n, c, o, groups, h, w, k, layout):
 # (N, C, O, groups, H, W, (KH, KW), padding, dilation, expected plan: "whole" or "tiles").
 # Channel counts off the 16 of one transform and the 8 of one vector; grouped layers with
 # per-group sides off 8 (the GEMM's vectors cross groups), a channel multiplier (1 -> 3 per
-# group); asymmetric padding; dilation; odd transform sizes (the plans below, by the cost model).
+# group); per-group outputs a multiple of 8 (NHWC bwd_filter's swapped sums); asymmetric padding;
+# dilation; odd transform sizes (the plans below, by the cost model).
 CASES = [
     (1, 6, 8, 1, 4, 4, (7, 7), ((3, 3), (3, 3)), (1, 1), "whole"),  # 10x10 transforms
     (2, 5, 7, 1, 13, 17, (5, 5), ((2, 2), (1, 3)), (1, 2), "tiles"),  # 18x15, 9x25
@@ -46,6 +47,8 @@ CASES = [
     (1, 4, 12, 4, 15, 15, (5, 3), ((2, 2), (1, 1)), (1, 1), "tiles"),  # 20x5, 12x5
     (1, 3, 10, 1, 120, 90, (3, 3), ((1, 1), (1, 1)), (1, 1), "tiles"),  # 12x20
     (1, 6, 4, 2, 140, 20, (9, 3), ((8, 8), (1, 4)), (2, 1), "tiles"),  # 64x10, 64x12
+    # per-group outputs a multiple of 8: NHWC bwd_filter's S in the swapped (ci, o) layout
+    (2, 6, 24, 3, 11, 9, (5, 5), ((2, 2), (2, 2)), (1, 1), "tiles"),  # 15x9
 ]
 
 

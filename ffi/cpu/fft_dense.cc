@@ -183,8 +183,10 @@ void gemm_frequency(const DenseCorr& cr, int64_t B, const float* X, const float*
 
 // S[o][ci] += sum over m < B of conj(D[m][o]) * X[m][ci] for MR rows o and NR vectors of ci: D
 // scalars (re at d + m*ds + r, im at + dim), X vectors (re at x + m*xs + n*8, im at + xim), S
-// rows of s_row floats (im at + sim).
-template <int MR, int NR>
+// rows of s_row floats (im at + sim). Swapped (the HWIO layout of S, rows ci and vectors of o):
+// d holds the X scalars and x the D vectors; conj(D)*X has the same re part and the negated im
+// part of conj(X)*D, which is what the unswapped arithmetic gives with the roles exchanged.
+template <int MR, int NR, bool Swapped = false>
 void filter_block(int64_t B, const float* d, int64_t ds, int64_t dim, const float* x, int64_t xs,
                   int64_t xim, float* s, int64_t s_row, int64_t sim) {
   V8 ar[MR][NR], ai[MR][NR];
@@ -204,8 +206,13 @@ void filter_block(int64_t B, const float* d, int64_t ds, int64_t dim, const floa
       for (int n = 0; n < NR; ++n) {  // conj(D) * X, one fused multiply-add per term
         ar[r][n] = ar[r][n] + dr * xr[n];
         ar[r][n] = ar[r][n] + di * xi[n];
-        ai[r][n] = ai[r][n] + dr * xi[n];
-        ai[r][n] = ai[r][n] - di * xr[n];
+        if constexpr (Swapped) {
+          ai[r][n] = ai[r][n] - dr * xi[n];
+          ai[r][n] = ai[r][n] + di * xr[n];
+        } else {
+          ai[r][n] = ai[r][n] + dr * xi[n];
+          ai[r][n] = ai[r][n] - di * xr[n];
+        }
       }
     }
   }
@@ -385,7 +392,8 @@ bool dense_fft_backward_data(const ParallelRunner& pr, const ConvGeometry& g, co
 // dy[n, o, u, v] (g = o / Co): the x patch and the zero-padded dy tile of every item give
 // S[k][o][ci] = sum over items of conj(D[k][o]) * X[k][g*Ci + ci], whose inverse read at the taps
 // is dw (as in the depthwise bwd_filter). S rows: plane p = o*CiP + ci, CiP = Ci rounded up to 8
-// (the lanes past Ci are never read).
+// (the lanes past Ci are never read); HWIO dw where each 8 o lie in one group ("swapped"):
+// p = ci*OP + o, OP = Cout rounded up to 8 (lanes past Cout never read).
 template <typename T>
 bool dense_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, const FftPlan& pl,
                                const T* x, const T* dy, T* dw) {
@@ -398,8 +406,12 @@ bool dense_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, 
   cr.is = g.x_strides(), cr.os = g.y_strides();
   cr.pl = pl;
   if (!all_finite(pr, x, cr.N * cr.is.n) || !all_finite(pr, dy, cr.N * cr.os.n)) return false;
+  const Strides4 ws = g.w_strides();
+  // HWIO dw (o innermost) takes the swapped layout of S where its vectors stay in one group.
+  const bool swapped = ws.n == 1 && cr.Cout > 1 && (cr.G == 1 || cr.Co % kL == 0);
   const int64_t K = cr.K(), Qh = cr.Qh(), xp = row_pad(cr.Cin), dp = row_pad(cr.Cout);
-  const int64_t CiP = round_up(cr.Ci, kL), civ = CiP / kL, sp = round_up(cr.Cout * CiP, kPair);
+  const int64_t CiP = round_up(cr.Ci, kL), OP = round_up(cr.Cout, kL);
+  const int64_t sp = round_up(swapped ? cr.Ci * OP : cr.Cout * CiP, kPair);
   const int64_t items = cr.items(), per_item = K * 2 * (xp + dp) * int64_t(sizeof(float));
   const int64_t B = std::max<int64_t>(1, std::min(items, kBatchBytes / per_item));
   const LinePlan rows = make_line_plan(pl.Q), cols = make_line_plan(pl.P);
@@ -407,6 +419,8 @@ bool dense_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, 
   float* const X = call_buffer<2>(size_t(K * B * 2 * xp));
   float* const D = call_buffer<3>(size_t(K * B * 2 * dp));
   std::memset(S, 0, size_t(K * 2 * sp) * sizeof(float));
+  // Per group: rows (o, or ci when swapped) in pairs by vectors (8 ci, or 8 o) in pairs.
+  const int64_t nrows = swapped ? cr.Ci : cr.Co, nvec = swapped ? cr.Cov() : CiP / kL;
   for (int64_t i0 = 0; i0 < items; i0 += B) {
     const int64_t nb = std::min(B, items - i0);
     spectra_of_items(pr, cr, rows, cols, x, cr.is, cr.Cin, cr.Hin, cr.Win, cr.pad_h, cr.pad_w, true,
@@ -418,13 +432,27 @@ bool dense_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, 
         const float* Dk = D + k * nb * 2 * dp;
         float* Sk = S + k * 2 * sp;
         for (int64_t gr = 0; gr < cr.G; ++gr)
-          for (int64_t r = 0; r < cr.Co; r += 2)
-            for (int64_t v = 0; v < civ; v += 2) {
+          for (int64_t r = 0; r < nrows; r += 2)
+            for (int64_t v = 0; v < nvec; v += 2) {
+              const bool two_r = r + 1 < nrows, two_v = v + 1 < nvec;
+              if (swapped) {  // S[ci][o]: X scalars of group gr's row ci, D vectors of its o
+                const float* xs = Xk + gr * cr.Ci + r;
+                const float* dv = Dk + gr * cr.Co + v * kL;
+                float* s = Sk + r * OP + gr * cr.Co + v * kL;
+                if (two_r && two_v)
+                  filter_block<2, 2, true>(nb, xs, 2 * xp, xp, dv, 2 * dp, dp, s, OP, sp);
+                else if (two_r)
+                  filter_block<2, 1, true>(nb, xs, 2 * xp, xp, dv, 2 * dp, dp, s, OP, sp);
+                else if (two_v)
+                  filter_block<1, 2, true>(nb, xs, 2 * xp, xp, dv, 2 * dp, dp, s, OP, sp);
+                else
+                  filter_block<1, 1, true>(nb, xs, 2 * xp, xp, dv, 2 * dp, dp, s, OP, sp);
+                continue;
+              }
               const int64_t o = gr * cr.Co + r;
               const float* d = Dk + o;
               const float* xv = Xk + gr * cr.Ci + v * kL;
               float* s = Sk + o * CiP + v * kL;
-              const bool two_r = r + 1 < cr.Co, two_v = v + 1 < civ;
               if (two_r && two_v)
                 filter_block<2, 2>(nb, d, 2 * dp, dp, xv, 2 * xp, xp, s, CiP, sp);
               else if (two_r)
@@ -437,20 +465,29 @@ bool dense_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, 
       }
     });
   }
-  const Strides4 ws = g.w_strides();
   const float scale = 1.0f / float(pl.P * pl.Q);
-  const int64_t nt = g.KH * g.KW;
-  // HWIO (o innermost): the 16 planes of a task are 16 ci of one o, so written straight into dw
-  // every tap of every plane is its own cache line, shared with the 15 other tasks that write
-  // its other o (the NHWC bwd_filter measured ~1.8x NCHW's on 15x15 128 -> 128 @28). There the
-  // taps go to Dt[(o*Ci + ci)*taps + t] first (contiguous per task) and a blocked transpose
-  // below writes dw a 16-o row at a time. OIHW keeps the direct write (contiguous taps).
-  const bool hwio = ws.n == 1 && cr.Cout > 1;
-  float* const Dt = hwio ? call_buffer<4>(size_t(cr.Cout * cr.Ci * nt)) : nullptr;
+  // Unswapped, plane p = o*CiP + ci: OIHW dw takes a plane's taps contiguous. Swapped, plane
+  // p = ci*OP + o: each 8 lanes are 8 consecutive o of one ci, one contiguous HWIO store per tap
+  // (written plane by plane instead, every tap of every plane was its own cache line, shared by
+  // the 16 tasks holding its other o: NHWC bwd_filter ran 1.8x NCHW's time).
   pr.run(sp / kPair, [&](int64_t blk) {
     Buf b = thread_buf<0>(pl);
     load_half(S, 2 * sp, sp, blk * kPair, pl, &b);
     fft2_inverse(rows, cols, pl.Q, cr.KEh, &b);
+    if (swapped) {
+      for (int half = 0; half < 2; ++half) {
+        const int64_t p = blk * kPair + half * kL, ci = p / OP, o0 = p % OP;
+        if (ci >= cr.Ci || o0 >= cr.Cout) continue;
+        const int n = int(std::min<int64_t>(kL, cr.Cout - o0));
+        const float* plane = half == 0 ? b.re : b.im;
+        for (int64_t kh = 0; kh < g.KH; ++kh)
+          for (int64_t kw = 0; kw < g.KW; ++kw) {
+            const V8 v = load(plane + (kh * g.p.dilation_h * pl.Q + kw * g.p.dilation_w) * kL);
+            store_lanes(dw + o0 + ci * ws.c + kh * ws.h + kw * ws.w, 1, n, scale * v);
+          }
+      }
+      return;
+    }
     for (int l = 0; l < kPair; ++l) {
       const int64_t p = blk * kPair + l, o = p / CiP, ci = p % CiP;
       if (o >= cr.Cout || ci >= cr.Ci) continue;
@@ -458,26 +495,10 @@ bool dense_fft_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, 
       for (int64_t kh = 0; kh < g.KH; ++kh)
         for (int64_t kw = 0; kw < g.KW; ++kw) {
           const float v = plane[(kh * g.p.dilation_h * pl.Q + kw * g.p.dilation_w) * kL + l % kL];
-          if (hwio)
-            Dt[(o * cr.Ci + ci) * nt + kh * g.KW + kw] = v * scale;
-          else
-            dw[o * ws.n + ci * ws.c + kh * ws.h + kw * ws.w] = Num<T>::store(v * scale);
+          dw[o * ws.n + ci * ws.c + kh * ws.h + kw * ws.w] = Num<T>::store(v * scale);
         }
     }
   });
-  if (hwio) {
-    // Task (16 o, ci): reads 16 contiguous runs of taps, writes 16 consecutive o per tap.
-    const int64_t ob = (cr.Cout + 15) / 16;
-    pr.run(ob * cr.Ci, [&](int64_t task) {
-      const int64_t o0 = task / cr.Ci * 16, o1 = std::min(cr.Cout, o0 + 16), ci = task % cr.Ci;
-      for (int64_t kh = 0; kh < g.KH; ++kh)
-        for (int64_t kw = 0; kw < g.KW; ++kw) {
-          T* d = dw + ci * ws.c + kh * ws.h + kw * ws.w;
-          const float* src = Dt + ci * nt + kh * g.KW + kw;
-          for (int64_t o = o0; o < o1; ++o) d[o] = Num<T>::store(src[o * cr.Ci * nt]);
-        }
-    });
-  }
   return true;
 }
 
