@@ -188,18 +188,20 @@ def test_bf16_f2_exact_on_small_integers(backend, monkeypatch):
 
 
 def test_bf16_auto_takes_f2_where_its_gemm_is_bf16(backend, monkeypatch):
-    """Where F(2x2) runs its GEMMs on vdpbf16ps, auto gives bfloat16 F(2x2) (F(4x4) would be
-    float32 GEMMs at the same precision): 64 channels @16x16 is F(4x4) for float32."""
+    """Where F(2x2) runs its GEMMs on vdpbf16ps, auto gives bfloat16 F(2x2) on wide layers
+    (256 channels @14, batch 8: F(4x4) in float32) and keeps F(4x4) on narrow ones (64 @16)."""
     _cpu_only(backend)
     from jaxconv import _jaxconv_cpu
 
     monkeypatch.setenv(ALGO_ENV, "auto")
     attrs = [1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
-    args = ("fwd", False, [8, 64, 16, 16], [64, 64, 3, 3], attrs)
-    assert _jaxconv_cpu.conv_algorithm(*args) == "winograd4"
+    wide = ("fwd", False, [8, 256, 14, 14], [256, 256, 3, 3], attrs)
+    narrow = ("fwd", False, [8, 64, 16, 16], [64, 64, 3, 3], attrs)
+    assert _jaxconv_cpu.conv_algorithm(*wide) == "winograd4"
     bf16_gemm = jaxconv._ffi.cpu_gemm_kernels()["bfloat16"] == "vdpbf16ps"
     want = "winograd2" if bf16_gemm else "winograd4"
-    assert _jaxconv_cpu.conv_algorithm(*args, bfloat16=True) == want
+    assert _jaxconv_cpu.conv_algorithm(*wide, bfloat16=True) == want
+    assert _jaxconv_cpu.conv_algorithm(*narrow, bfloat16=True) == "winograd4"
 
 
 _CHILD = (

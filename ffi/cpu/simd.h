@@ -132,6 +132,13 @@ __attribute__((always_inline)) inline void store_narrow(T* p, V<Acc> v) {
 template <typename T>
 __attribute__((always_inline)) inline V<float> load_lanes(const T* p, int64_t stride, int lanes) {
   if (stride == 1 && lanes == kLanes<float>) return load_widen<T, float>(p);
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    // Gather the raw bits, widen as one vector (the scalar conversion per lane was the larger
+    // part of NCHW's gathers).
+    VU16 h{};
+    for (int l = 0; l < lanes; ++l) h[l] = p[l * stride].bits;
+    return widen_bf16(h);
+  }
   float tmp[kLanes<float>] = {};
   for (int l = 0; l < lanes; ++l) tmp[l] = Num<T>::load(p[l * stride]);
   return load(tmp);
@@ -140,6 +147,11 @@ template <typename T>
 __attribute__((always_inline)) inline void store_lanes(T* p, int64_t stride, int lanes,
                                                        V<float> v) {
   if (stride == 1 && lanes == kLanes<float>) return store_narrow<T, float>(p, v);
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    const VU16 h = narrow_bf16(v);  // round as one vector, scatter the bits
+    for (int l = 0; l < lanes; ++l) p[l * stride].bits = h[l];
+    return;
+  }
   float tmp[kLanes<float>];
   store(tmp, v);
   for (int l = 0; l < lanes; ++l) p[l * stride] = Num<T>::store(tmp[l]);
