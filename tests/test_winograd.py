@@ -140,7 +140,9 @@ def check_half(backend, shape, layout, dtype, algo):
     relative errors."""
     n, c, o, h, w_, p = shape
     rng = np.random.default_rng(hash((shape, layout, dtype)) % 2**32)
-    x64, w64 = _layout_arrays(rng.standard_normal((n, c, h, w_)), rng.standard_normal((o, c, 3, 3)), layout)
+    x64, w64 = _layout_arrays(
+        rng.standard_normal((n, c, h, w_)), rng.standard_normal((o, c, 3, 3)), layout
+    )
     x64, w64 = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float64)) for a in (x64, w64))
     x, w = on(backend, jnp.asarray(x64, dtype), jnp.asarray(w64, dtype))
     pad = ((p, p), (p, p))

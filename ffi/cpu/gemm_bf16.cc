@@ -104,9 +104,9 @@ JAXCONV_BF16 void convert_a(int64_t rows, int64_t K, const float* A, int64_t lda
 
 // One MR x NP-panel tile over KP pairs: C[0:MR, 0:nr] (+)= A * B (columns past nr not stored).
 template <int MR, int NP>
-JAXCONV_BF16 void micro_kernel_bf16(int64_t KP, const uint32_t* A, int64_t lda,
-                                    const uint32_t* Bq, int64_t panel_stride, float* C,
-                                    int64_t ldc, bool accumulate, int64_t nr) {
+JAXCONV_BF16 void micro_kernel_bf16(int64_t KP, const uint32_t* A, int64_t lda, const uint32_t* Bq,
+                                    int64_t panel_stride, float* C, int64_t ldc, bool accumulate,
+                                    int64_t nr) {
   __m512 c[NP][MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
@@ -139,8 +139,8 @@ JAXCONV_BF16 void micro_kernel_bf16(int64_t KP, const uint32_t* A, int64_t lda,
   }
 }
 
-using TileFn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*, int64_t,
-                        bool, int64_t);
+using TileFn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
+                        int64_t, bool, int64_t);
 template <int NP, int... R>
 constexpr std::array<TileFn, sizeof...(R)> tiles(std::integer_sequence<int, R...>) {
   return {&micro_kernel_bf16<R + 1, NP>...};  // [rows - 1]: 1 .. kMR rows
@@ -190,8 +190,7 @@ JAXCONV_BF16 void gemm_bf16_pairs(int64_t M, int64_t N, int64_t KP, const uint32
     const auto& t = nr > kL ? tiles2 : tiles1;
     for (int64_t i = 0; i < M; i += kMR)
       t[std::min<int64_t>(kMR, M - i) - 1](KP, A + i * lda, lda, Bq + p * panel_stride,
-                                           panel_stride, C + i * ldc + p * kL, ldc, accumulate,
-                                           nr);
+                                           panel_stride, C + i * ldc + p * kL, ldc, accumulate, nr);
   }
 }
 

@@ -33,8 +33,10 @@
 // in double and rounded once). F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses
 // about one more decimal digit than F(2x2,3x3); tests/test_winograd.py states and checks the
 // bounds. Half types are widened to float32 when the input patch is loaded and rounded once when
-// the output is stored. A non-finite input or weight spreads differently through the transforms
-// (inf - inf = NaN across a whole tile), so such calls take the direct algorithm.
+// the output is stored. bfloat16 F(2x2) under avx512_bf16 also rounds V and U to bfloat16 pairs
+// for its GEMMs on vdpbf16ps (gemm_stage's P; bound 4 * 2^-9 of max|y|, docs/design.md). A
+// non-finite input or weight spreads differently through the transforms (inf - inf = NaN across a
+// whole tile), so such calls take the direct algorithm.
 #include "winograd.h"
 
 #include "gemm.h"
