@@ -52,7 +52,7 @@ const Target kTargets[] = {
 // pad_bottom, pad_left, pad_right, groups, layout). Reads JAXCONV_CPU_CONV_ALGO like a call.
 std::string conv_algorithm(const std::string& direction, bool float64,
                            const std::vector<int64_t>& x, const std::vector<int64_t>& w,
-                           const std::vector<int64_t>& attrs) {
+                           const std::vector<int64_t>& attrs, bool bfloat16) {
   using namespace jaxconv;
   if (x.size() != 4 || w.size() != 4 || attrs.size() != 10)
     throw std::invalid_argument("conv_algorithm: x and w need 4 dims, attrs 10 values");
@@ -76,7 +76,7 @@ std::string conv_algorithm(const std::string& direction, bool float64,
   if (conv_algo() == ConvAlgo::kFft)
     if (const char* why = fft_inapplicable(g, dir, float64))
       throw std::invalid_argument(std::string("conv_algorithm: ") + why);
-  return algo_name(choose_conv_algo(g, dir, float64));
+  return algo_name(choose_conv_algo(g, dir, float64, bfloat16));
 }
 
 }  // namespace
@@ -88,7 +88,7 @@ NB_MODULE(_jaxconv_cpu, m) {
     return d;
   });
   m.def("conv_algorithm", &conv_algorithm, nb::arg("direction"), nb::arg("float64"), nb::arg("x"),
-        nb::arg("w"), nb::arg("attrs"));
+        nb::arg("w"), nb::arg("attrs"), nb::arg("bfloat16") = false);
   // The instruction-set capability whose kernels run (kernel_table.h): "baseline", "avx2",
   // "avx512" or "avx512_bf16". Raises ValueError when JAXCONV_CPU_CAPABILITY is not a
   // capability this CPU has.

@@ -5,7 +5,12 @@ def registrations() -> dict[str, Any]:
     """{full FFI target name: handler capsule}, one entry per CPU target."""
 
 def conv_algorithm(
-    direction: str, float64: bool, x: list[int], w: list[int], attrs: list[int]
+    direction: str,
+    float64: bool,
+    x: list[int],
+    w: list[int],
+    attrs: list[int],
+    bfloat16: bool = False,
 ) -> str:
     """The CPU algorithm (direct, winograd2/4, "fft PxQ/THxTW") one conv call would take."""
 

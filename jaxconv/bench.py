@@ -330,7 +330,15 @@ def algorithm(cs: Case, layout: Any, mode: str, dtype: Any, device: Any) -> str:
     w = [cs.out_channels, cs.c // cs.groups, cs.kernel, cs.kernel]
     dirs = ("fwd",) if mode == "fwd" else ("fwd", "bwd_data", "bwd_filter")
     names = [
-        _jaxconv_cpu.conv_algorithm(d, jnp.dtype(dtype) == jnp.float64, x, w, attrs) for d in dirs
+        _jaxconv_cpu.conv_algorithm(
+            d,
+            jnp.dtype(dtype) == jnp.float64,
+            x,
+            w,
+            attrs,
+            bfloat16=jnp.dtype(dtype) == jnp.bfloat16,
+        )
+        for d in dirs
     ]
     return names[0] if len(set(names)) == 1 else " / ".join(names)
 

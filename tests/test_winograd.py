@@ -16,9 +16,11 @@ import pytest
 
 import jaxconv
 
-from reference import on, random_array, ref_conv2d, ref_conv_transpose2d, tol
+from child import run_python
+from reference import on, random_array, ref_conv2d, ref_conv_transpose2d
 
 ALGO_ENV = "JAXCONV_CPU_CONV_ALGO"
+CAPABILITY_ENV = "JAXCONV_CPU_CAPABILITY"
 # Relative bound per algorithm: max abs error over max abs reference value.
 BOUND = {"direct": 2e-6, "winograd2": 2e-6, "winograd4": 2e-5}
 
@@ -101,22 +103,133 @@ def test_conv_transpose_stride1_within_bound(backend, monkeypatch, layout, algo)
     assert _rel_err(y, y_ref) <= BOUND[algo]
 
 
+# Half types: bound on max|err| / max|y| (y: the float64 result on the same, exactly
+# representable inputs). Every path rounds y once to the storage type (relative u_T = 2^-9
+# bfloat16, 2^-12 float16 to nearest, at most u_T * max|y|); the float32 stages add the float32
+# bounds above. The bfloat16 F(2x2) GEMM stage (avx512_bf16: vdpbf16ps) also rounds the
+# transformed tiles V and filters U to bfloat16, each a relative 2^-9: M[e]'s error is then at
+# most 2 * 2^-9 * sum |V U|, and the output transform adds up to 4 (of 16) such M terms per
+# output. Against max|y| that measured <= 2.3 * 2^-9 on these shapes (standard-normal data,
+# K up to 64 * 9), so the stated bound is 4 * 2^-9. F(4x4) would multiply the same roundings
+# by its larger constants (28-35 * 2^-9 measured), so bfloat16 F(4x4) keeps the float32 stage.
+U_HALF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+def half_bound(dtype, algo):
+    """The relative bound for a half-type Winograd call under the active capability."""
+    bf16_gemm = (
+        dtype == "bfloat16"
+        and algo == "winograd2"
+        and jaxconv._ffi.cpu_gemm_kernels()["bfloat16"] == "vdpbf16ps"
+    )
+    return 4 * 2.0**-9 if bf16_gemm else U_HALF[dtype] + BOUND[algo]
+
+
+# (N, C, O, H, W, padding): odd Cin (the pair padding), channels off the panels, partial tiles,
+# a K (64 * 9 / 2 pairs) past one K slice of pairs only in the bwd_data of the last.
+HALF_SHAPES = [
+    (2, 16, 16, 10, 10, 1),
+    (1, 37, 21, 9, 7, 1),
+    (2, 64, 48, 8, 8, 1),
+    (1, 300, 40, 6, 6, 1),
+]
+
+
+def check_half(backend, shape, layout, dtype, algo):
+    """Forward and bwd_data of one half-type Winograd call within half_bound; returns the two
+    relative errors."""
+    n, c, o, h, w_, p = shape
+    rng = np.random.default_rng(hash((shape, layout, dtype)) % 2**32)
+    x64, w64 = _layout_arrays(
+        rng.standard_normal((n, c, h, w_)), rng.standard_normal((o, c, 3, 3)), layout
+    )
+    x64, w64 = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float64)) for a in (x64, w64))
+    x, w = on(backend, jnp.asarray(x64, dtype), jnp.asarray(w64, dtype))
+    pad = ((p, p), (p, p))
+    conv = lambda x, w: jaxconv.conv2d(x, w, padding=p, layout=layout)
+    y = jax.jit(conv)(x, w)
+    y_ref = ref_conv2d(jnp.asarray(x64), jnp.asarray(w64), padding=pad, layout=layout)
+    assert y.dtype == jnp.dtype(dtype) and y.shape == y_ref.shape
+    bound = half_bound(dtype, algo)
+    e_fwd = _rel_err(y, y_ref)
+    assert e_fwd <= bound, (e_fwd / 2.0**-9, bound / 2.0**-9)
+    r64 = np.asarray(jnp.asarray(rng.standard_normal(y_ref.shape), dtype).astype(jnp.float64))
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(conv(x, w) * r64.astype(dtype))))(x)
+    dx_ref = jax.grad(
+        lambda x: jnp.sum(ref_conv2d(x, jnp.asarray(w64), padding=pad, layout=layout) * r64)
+    )(jnp.asarray(x64))
+    assert dx.dtype == jnp.dtype(dtype)
+    e_bwd = _rel_err(dx, dx_ref)
+    assert e_bwd <= bound, (e_bwd / 2.0**-9, bound / 2.0**-9)
+    return e_fwd, e_bwd
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
-def test_half_types_through_float32(backend, monkeypatch, dtype, algo):
-    rng = np.random.default_rng(3)
-    x = random_array(rng, (2, 16, 10, 10), dtype)
-    w = random_array(rng, (16, 16, 3, 3), dtype)
-    x, w = on(backend, x, w)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+def test_half_types_within_bound(backend, monkeypatch, shape, layout, algo, dtype):
     monkeypatch.setenv(ALGO_ENV, algo)
-    y = jaxconv.conv2d(x, w, padding=1)
-    y_ref = ref_conv2d(x, w, padding=((1, 1), (1, 1)))
-    assert y.dtype == jnp.dtype(dtype)
-    rtol, atol = tol(dtype)
-    # Values of O(sqrt(144)) = O(12): the half type's relative tolerance, scaled.
-    np.testing.assert_allclose(
-        np.asarray(y, np.float64), np.asarray(y_ref, np.float64), rtol=rtol, atol=12 * atol
-    )
+    check_half(backend, shape, layout, dtype, algo)
+
+
+def test_bf16_f2_exact_on_small_integers(backend, monkeypatch):
+    """Values in {-1, 0, 1}, 8 channels: every y is an integer of at most 72, exact in
+    bfloat16. F(2x2)'s transformed tiles are small integers and its transformed filters
+    quarters of at most 9/4, exact as bfloat16 pairs, and every product and sum is exact in
+    float32: so the bfloat16 GEMM stage (and the float32 one) must give y exactly. (F(4x4)'s 1/6
+    and 1/24 leave ~1e-5 where y = 0.)"""
+    algo = "winograd2"
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.integers(-1, 2, (2, 8, 6, 6)), jnp.bfloat16)
+    w = jnp.asarray(rng.integers(-1, 2, (8, 8, 3, 3)), jnp.bfloat16)
+    monkeypatch.setenv(ALGO_ENV, algo)
+    y = jaxconv.conv2d(*on(backend, x, w), padding=1)
+    y_ref = ref_conv2d(x.astype(jnp.float64), w.astype(jnp.float64), padding=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(np.asarray(y, np.float64), np.asarray(y_ref))
+
+
+def test_bf16_auto_takes_f2_where_its_gemm_is_bf16(backend, monkeypatch):
+    """Where F(2x2) runs its GEMMs on vdpbf16ps, auto gives bfloat16 F(2x2) on wide layers
+    (256 channels @14, batch 8: F(4x4) in float32) and keeps F(4x4) on narrow ones (64 @16)."""
+    _cpu_only(backend)
+    from jaxconv import _jaxconv_cpu
+
+    monkeypatch.setenv(ALGO_ENV, "auto")
+    attrs = [1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    wide = ("fwd", False, [8, 256, 14, 14], [256, 256, 3, 3], attrs)
+    narrow = ("fwd", False, [8, 64, 16, 16], [64, 64, 3, 3], attrs)
+    assert _jaxconv_cpu.conv_algorithm(*wide) == "winograd4"
+    bf16_gemm = jaxconv._ffi.cpu_gemm_kernels()["bfloat16"] == "vdpbf16ps"
+    want = "winograd2" if bf16_gemm else "winograd4"
+    assert _jaxconv_cpu.conv_algorithm(*wide, bfloat16=True) == want
+    assert _jaxconv_cpu.conv_algorithm(*narrow, bfloat16=True) == "winograd4"
+
+
+_CHILD = (
+    "import os, jax; jax.config.update('jax_enable_x64', True);"
+    "import jaxconv, test_winograd as t;"
+    "cap = os.environ['JAXCONV_CPU_CAPABILITY'];"
+    "assert jaxconv._ffi.cpu_capability() == cap;"
+    "e = [];"
+    "[(os.environ.__setitem__('JAXCONV_CPU_CONV_ALGO', a), "
+    "e.append(t.check_half('cpu', t.HALF_SHAPES[i], lay, d, a))) "
+    "for a in ('winograd2', 'winograd4') for i in (1, 3) "
+    "for lay in ('NCHW', 'NHWC') for d in ('bfloat16', 'float16')];"
+    "print('ok', max(max(p) for p in e) / 2.0**-9)"
+)
+
+
+def _other_capabilities():
+    active = jaxconv._ffi.cpu_capability()
+    return [c for c in jaxconv._ffi.cpu_capabilities() if c != active]
+
+
+@pytest.mark.cpu_only("the capabilities are instruction sets of the CPU kernels")
+@pytest.mark.parametrize("capability", _other_capabilities())
+def test_half_types_within_bound_under_every_capability(backend, capability):
+    proc = run_python("-c", _CHILD, env={CAPABILITY_ENV: capability, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
 def _cpu_only(backend):

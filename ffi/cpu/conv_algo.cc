@@ -202,7 +202,7 @@ const char* fft_inapplicable(const ConvGeometry& g, ConvDirection dir, bool floa
   return nullptr;
 }
 
-AlgoChoice choose_conv_algo(const ConvGeometry& g, ConvDirection dir, bool float64) {
+AlgoChoice choose_conv_algo(const ConvGeometry& g, ConvDirection dir, bool float64, bool bfloat16) {
   AlgoChoice c;
   const ConvAlgo algo = conv_algo();
   if (algo == ConvAlgo::kDirect || algo == ConvAlgo::kInvalid) return c;
@@ -221,9 +221,10 @@ AlgoChoice choose_conv_algo(const ConvGeometry& g, ConvDirection dir, bool float
     return c;
   // Winograd's correlation: forward x -> y (Cg -> Og onto OH x OW); bwd_data dy -> dx.
   const bool fwd = dir == ConvDirection::kForward;
-  const int tile = kernels().winograd_tile(algo, g.N, fwd ? g.in_per_group() : g.out_per_group(),
-                                           fwd ? g.out_per_group() : g.in_per_group(),
-                                           fwd ? g.OH : g.H, fwd ? g.OW : g.W);
+  const int tile =
+      kernels().winograd_tile(algo, g.N, fwd ? g.in_per_group() : g.out_per_group(),
+                              fwd ? g.out_per_group() : g.in_per_group(), fwd ? g.OH : g.H,
+                              fwd ? g.OW : g.W, bfloat16 && kernels().gemm_bf16_pairs != nullptr);
   if (tile != 0) {
     c.kind = AlgoChoice::kWinograd;
     c.winograd_tile = tile;

@@ -55,8 +55,11 @@ struct AlgoChoice {
 const char* fft_inapplicable(const ConvGeometry& g, ConvDirection dir, bool float64);
 
 // The algorithm for this call under JAXCONV_CPU_CONV_ALGO (read here). Non-finite operands
-// are found later by the kernels, which then decline and the caller runs direct.
-AlgoChoice choose_conv_algo(const ConvGeometry& g, ConvDirection dir, bool float64);
+// are found later by the kernels, which then decline and the caller runs direct. bfloat16:
+// the call's storage type is bfloat16 (Winograd's tile rule then knows whether F(2x2) runs its
+// GEMMs on vdpbf16ps).
+AlgoChoice choose_conv_algo(const ConvGeometry& g, ConvDirection dir, bool float64,
+                            bool bfloat16 = false);
 
 // An error when JAXCONV_CPU_CONV_ALGO=fft forces FFT on a call it cannot run.
 ffi::Error check_forced_algo(const char* target, const ConvGeometry& g, ConvDirection dir,

@@ -14,7 +14,8 @@ namespace jaxconv {
 template <typename T>
 void Conv<T>::backward_data(const ParallelRunner& pr, const T* dy, const T* w, const T* bias,
                             T* dx) const {
-  const AlgoChoice algo = choose_conv_algo(g, ConvDirection::kBackwardData, kDouble);
+  const AlgoChoice algo =
+      choose_conv_algo(g, ConvDirection::kBackwardData, kDouble, std::is_same_v<T, bf16_t>);
   if (algo.kind == AlgoChoice::kFft &&
       kernels().fft<T>().backward_data(pr, g, algo.fft, dy, w, bias, dx))
     return;

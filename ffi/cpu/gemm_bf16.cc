@@ -104,7 +104,7 @@ JAXCONV_BF16 void convert_a(int64_t rows, int64_t K, const float* A, int64_t lda
 
 // One MR x NP-panel tile over KP pairs: C[0:MR, 0:nr] (+)= A * B (columns past nr not stored).
 template <int MR, int NP>
-JAXCONV_BF16 void micro_kernel_bf16(int64_t KP, const uint32_t* A, const uint32_t* Bq,
+JAXCONV_BF16 void micro_kernel_bf16(int64_t KP, const uint32_t* A, int64_t lda, const uint32_t* Bq,
                                     int64_t panel_stride, float* C, int64_t ldc, bool accumulate,
                                     int64_t nr) {
   __m512 c[NP][MR];
@@ -119,7 +119,7 @@ JAXCONV_BF16 void micro_kernel_bf16(int64_t KP, const uint32_t* A, const uint32_
     if constexpr (NP > 1) b1v = (__m512bh)_mm512_loadu_si512(b1 + j * kL);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[r * KP + j]));
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(A[r * lda + j]));
       c[0][r] = _mm512_dpbf16_ps(c[0][r], ar, b0v);
       if constexpr (NP > 1) c[1][r] = _mm512_dpbf16_ps(c[1][r], ar, b1v);
     }
@@ -139,8 +139,8 @@ JAXCONV_BF16 void micro_kernel_bf16(int64_t KP, const uint32_t* A, const uint32_
   }
 }
 
-using TileFn = void (*)(int64_t, const uint32_t*, const uint32_t*, int64_t, float*, int64_t, bool,
-                        int64_t);
+using TileFn = void (*)(int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t, float*,
+                        int64_t, bool, int64_t);
 template <int NP, int... R>
 constexpr std::array<TileFn, sizeof...(R)> tiles(std::integer_sequence<int, R...>) {
   return {&micro_kernel_bf16<R + 1, NP>...};  // [rows - 1]: 1 .. kMR rows
@@ -168,9 +168,29 @@ JAXCONV_BF16 void gemm_bf16_kernel(int64_t M, int64_t N, int64_t K, const float*
       const int64_t nr = std::min(2 * kL, N - p * kL);
       const auto& t = nr > kL ? tiles2 : tiles1;
       for (int64_t i = 0; i < mb; i += kMR)
-        t[std::min<int64_t>(kMR, mb - i) - 1](KP, Aq + i * KP, Bq + p * pstride, pstride,
+        t[std::min<int64_t>(kMR, mb - i) - 1](KP, Aq + i * KP, KP, Bq + p * pstride, pstride,
                                               C + (m0 + i) * ldc + p * kL, ldc, accumulate, nr);
     }
+  }
+}
+
+// Winograd's GEMM stage (winograd.cc), on operands it rounded to pairs itself: A rows of KP
+// pairs lda pairs apart, B panels of KP pair rows panel_stride pairs apart. No conversion here:
+// the transformed tiles are written as pairs by the input transform, the transformed filter
+// once per call. Each pair of panels runs down all the rows (B stays in L1 across them).
+JAXCONV_BF16 void gemm_bf16_pairs(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_t lda,
+                                  const uint32_t* Bq, int64_t panel_stride, float* C, int64_t ldc,
+                                  bool accumulate) {
+  static constexpr auto tiles1 = tiles<1>(std::make_integer_sequence<int, kMR>{});
+  static constexpr auto tiles2 = tiles<2>(std::make_integer_sequence<int, kMR>{});
+  if (M <= 0 || N <= 0) return;
+  const int64_t panels = (N + kL - 1) / kL;
+  for (int64_t p = 0; p < panels; p += 2) {
+    const int64_t nr = std::min(2 * kL, N - p * kL);
+    const auto& t = nr > kL ? tiles2 : tiles1;
+    for (int64_t i = 0; i < M; i += kMR)
+      t[std::min<int64_t>(kMR, M - i) - 1](KP, A + i * lda, lda, Bq + p * panel_stride,
+                                           panel_stride, C + i * ldc + p * kL, ldc, accumulate, nr);
   }
 }
 
@@ -178,7 +198,10 @@ JAXCONV_BF16 void gemm_bf16_kernel(int64_t M, int64_t N, int64_t K, const float*
 
 }  // namespace
 
-void add_bf16_gemm_kernels(KernelTable* table) { table->gemm_bf16 = gemm_bf16_kernel; }
+void add_bf16_gemm_kernels(KernelTable* table) {
+  table->gemm_bf16 = gemm_bf16_kernel;
+  table->gemm_bf16_pairs = gemm_bf16_pairs;
+}
 
 #else
 

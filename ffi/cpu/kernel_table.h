@@ -69,6 +69,13 @@ struct KernelTable {
   // The same GEMM for float32 operands that hold bfloat16 values (gemm_bf16.cc: vdpbf16ps, bf16
   // pairs along K, float32 accumulation); null except in the avx512_bf16 table.
   GemmPacked<float> gemm_bf16;
+  // Winograd's bfloat16 GEMM stage (gemm_bf16.cc, vdpbf16ps): C[M x N] (+)= A * B on operands
+  // already rounded to bf16 pairs along K (one uint32_t per pair): A rows of KP pairs, lda
+  // pairs apart; B panels of KP x 16 pairs (pair row j of panel p: the 16 columns' pairs
+  // (B[2j, c], B[2j+1, c])), panel_stride pairs apart. Null except in the avx512_bf16 table.
+  void (*gemm_bf16_pairs)(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_t lda,
+                          const uint32_t* Bq, int64_t panel_stride, float* C, int64_t ldc,
+                          bool accumulate);
   // n float16 values (raw bits) widened to float32, exactly (half_convert.cc: F16C where the
   // capability has it); the packing of float16 operands (conv_pack.h's copy_widen).
   void (*widen_f16)(float* dst, const uint16_t* src, int64_t n);

@@ -75,12 +75,39 @@ __attribute__((always_inline)) inline void store(S* p, V<S> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// bfloat16 <-> float32 on 8-lane vectors, as cpu_common.h's scalar bf16_to_float and
+// float_to_bf16 (widening: the 16 bits become the top half; narrowing: round to nearest even,
+// NaN kept quiet), in integer vector operations that every capability vectorizes: the scalar
+// loops they replace were not (one value per iteration through the stack).
+typedef uint32_t VU32 __attribute__((vector_size(32)));
+typedef uint16_t VU16 __attribute__((vector_size(16)));
+__attribute__((always_inline)) inline V<float> widen_bf16(VU16 h) {
+  const VU32 u = __builtin_convertvector(h, VU32) << 16;
+  V<float> v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+// The bf16 bits of each lane in the low 16 bits of a 32-bit lane.
+__attribute__((always_inline)) inline VU32 bf16_bits(V<float> v) {
+  VU32 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const VU32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+}
+__attribute__((always_inline)) inline VU16 narrow_bf16(V<float> v) {
+  return __builtin_convertvector(bf16_bits(v), VU16);
+}
+
 // kLanes<Acc> contiguous elements of storage type T, widened to Acc (Num<T>::acc); the narrowing
 // store rounds like Num<T>::store.
 template <typename T, typename Acc = typename Num<T>::acc>
 __attribute__((always_inline)) inline V<Acc> load_widen(const T* p) {
   if constexpr (std::is_same_v<T, Acc>) {
     return load(p);
+  } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<Acc, float>) {
+    VU16 h;
+    std::memcpy(&h, p, sizeof(h));
+    return widen_bf16(h);
   } else {
     Acc tmp[kLanes<Acc>];
     for (int l = 0; l < kLanes<Acc>; ++l) tmp[l] = Num<T>::load(p[l]);
@@ -91,6 +118,9 @@ template <typename T, typename Acc = typename Num<T>::acc>
 __attribute__((always_inline)) inline void store_narrow(T* p, V<Acc> v) {
   if constexpr (std::is_same_v<T, Acc>) {
     store(p, v);
+  } else if constexpr (std::is_same_v<T, bf16_t> && std::is_same_v<Acc, float>) {
+    const VU16 h = narrow_bf16(v);
+    std::memcpy(p, &h, sizeof(h));
   } else {
     Acc tmp[kLanes<Acc>];
     store(tmp, v);
@@ -102,6 +132,13 @@ __attribute__((always_inline)) inline void store_narrow(T* p, V<Acc> v) {
 template <typename T>
 __attribute__((always_inline)) inline V<float> load_lanes(const T* p, int64_t stride, int lanes) {
   if (stride == 1 && lanes == kLanes<float>) return load_widen<T, float>(p);
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    // Gather the raw bits, widen as one vector (the scalar conversion per lane was the larger
+    // part of NCHW's gathers).
+    VU16 h{};
+    for (int l = 0; l < lanes; ++l) h[l] = p[l * stride].bits;
+    return widen_bf16(h);
+  }
   float tmp[kLanes<float>] = {};
   for (int l = 0; l < lanes; ++l) tmp[l] = Num<T>::load(p[l * stride]);
   return load(tmp);
@@ -110,6 +147,11 @@ template <typename T>
 __attribute__((always_inline)) inline void store_lanes(T* p, int64_t stride, int lanes,
                                                        V<float> v) {
   if (stride == 1 && lanes == kLanes<float>) return store_narrow<T, float>(p, v);
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    const VU16 h = narrow_bf16(v);  // round as one vector, scatter the bits
+    for (int l = 0; l < lanes; ++l) p[l * stride].bits = h[l];
+    return;
+  }
   float tmp[kLanes<float>];
   store(tmp, v);
   for (int l = 0; l < lanes; ++l) p[l * stride] = Num<T>::store(tmp[l]);

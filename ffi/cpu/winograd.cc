@@ -33,8 +33,10 @@
 // in double and rounded once). F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses
 // about one more decimal digit than F(2x2,3x3); tests/test_winograd.py states and checks the
 // bounds. Half types are widened to float32 when the input patch is loaded and rounded once when
-// the output is stored. A non-finite input or weight spreads differently through the transforms
-// (inf - inf = NaN across a whole tile), so such calls take the direct algorithm.
+// the output is stored. bfloat16 F(2x2) under avx512_bf16 also rounds V and U to bfloat16 pairs
+// for its GEMMs on vdpbf16ps (gemm_stage's P; bound 4 * 2^-9 of max|y|, docs/design.md). A
+// non-finite input or weight spreads differently through the transforms (inf - inf = NaN across a
+// whole tile), so such calls take the direct algorithm.
 #include "winograd.h"
 
 #include "gemm.h"
@@ -148,14 +150,18 @@ constexpr int64_t NR = kPanelWidth<float>;
 constexpr int64_t kKC = 256;  // K-slice per GEMM call (as conv_pack.h's kKC)
 
 // Input transform of tiles [q0, q0 + nt) of group grp, 8 channels at a time, into
-// V[e][row0 + t][ci] (e planes `plane` rows apart, rows Cin apart: the GEMMs' A operands).
-template <typename T, int M>
+// V[e][row0 + t][ci] (e planes `plane` rows apart: the GEMMs' A operands). P (bf16 pairs, see
+// gemm_stage): V's elements are bfloat16 (uint16_t bits, rounded once here), rows 2*KP apart
+// with a zero at Cin when Cin is odd; else float32, rows Cin apart.
+template <typename T, int M, bool P>
 __attribute__((always_inline)) inline void input_stage(const Job<T>& jb, int64_t grp, int64_t q0,
-                                                       int64_t nt, float* Vb, int64_t plane,
+                                                       int64_t nt, float* Vbuf, int64_t plane,
                                                        int64_t row0) {
   using W = Wino<M>;
+  using E = std::conditional_t<P, uint16_t, float>;
   constexpr int A = W::kA, A2 = A * A;
-  const int64_t Cin = jb.Cin;
+  const int64_t Cin = jb.Cin, ld = P ? (Cin + 1) / 2 * 2 : Cin;
+  E* const Vb = reinterpret_cast<E*>(Vbuf);
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t q = q0 + t, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
     const int64_t ih0 = tu * M - jb.pad_h, iw0 = tv * M - jb.pad_w;
@@ -179,11 +185,24 @@ __attribute__((always_inline)) inline void input_stage(const Job<T>& jb, int64_t
       for (int j = 0; j < A; ++j) W::input(&d[0][j], A, &tmp[0][j], A);
 #pragma GCC unroll 6
       for (int i = 0; i < A; ++i) W::input(&tmp[i][0], 1, &v[i][0], 1);
-      float* dst = Vb + (row0 + t) * Cin + c0;
+      // Lanes past Cin hold zeros (zero inputs through a linear transform): with P they write
+      // the pad of an odd Cin.
+      const int64_t out_lanes = std::min<int64_t>(kLanes<float>, ld - c0);
+      E* dst = Vb + (row0 + t) * ld + c0;
+      // (Whole vectors as fixed-size copies: a copy of a variable length compiled to a byte
+      // loop through the stack, the hottest code of a 64-channel layer under perf.)
       for (int e = 0; e < A2; ++e) {
-        float lane_vals[kLanes<float>];
-        std::memcpy(lane_vals, &v[e / A][e % A], sizeof(V8));
-        std::memcpy(dst + e * plane * Cin, lane_vals, lanes * sizeof(float));
+        if constexpr (P) {
+          const VU16 h = narrow_bf16(v[e / A][e % A]);
+          if (out_lanes == kLanes<float>)
+            std::memcpy(dst + e * plane * ld, &h, sizeof(h));
+          else
+            std::memcpy(dst + e * plane * ld, &h, out_lanes * sizeof(E));
+        } else if (out_lanes == kLanes<float>) {
+          std::memcpy(dst + e * plane * ld, &v[e / A][e % A], sizeof(V8));
+        } else {
+          std::memcpy(dst + e * plane * ld, &v[e / A][e % A], out_lanes * sizeof(E));
+        }
       }
     }
   }
@@ -208,9 +227,13 @@ __attribute__((always_inline)) inline void output_stage(const Job<T>& jb, int64_
       V8 m[A][A], tmp[M][A], y[M][M];
       const float* src = Mb + (row0 + t) * Cout + c0;
       for (int e = 0; e < A2; ++e) {
-        float lane_vals[kLanes<float>] = {};
-        std::memcpy(lane_vals, src + e * plane * Cout, lanes * sizeof(float));
-        std::memcpy(&m[e / A][e % A], lane_vals, sizeof(V8));
+        if (lanes == kLanes<float>) {  // whole vectors: a fixed-size copy (see input_stage)
+          std::memcpy(&m[e / A][e % A], src + e * plane * Cout, sizeof(V8));
+        } else {
+          float lane_vals[kLanes<float>] = {};
+          std::memcpy(lane_vals, src + e * plane * Cout, lanes * sizeof(float));
+          std::memcpy(&m[e / A][e % A], lane_vals, sizeof(V8));
+        }
       }
 #pragma GCC unroll 6
       for (int j = 0; j < A; ++j) W::output(&m[0][j], A, &tmp[0][j], A);
@@ -255,27 +278,74 @@ __attribute__((always_inline)) inline void filter_stage(const float* wt_grp, int
 }
 
 // M[e] (rows x Cout) = V[e] (rows x Cin) * U[e] (Cin x Cout), K sliced for the cache.
+//
+// P: the bfloat16 GEMM stage (F(2x2) on bfloat16 data where the CPU has vdpbf16ps). V[e] and
+// U[e] are rounded to bfloat16 and multiplied on gemm_bf16_pairs (kernel_table.h) with float32
+// accumulation: V[e] rows of KP = ceil(Cin/2) pairs (the input transform writes them), U[e]
+// panels of KP x NR pairs (pair_filter). The two roundings (relative 2^-9 each) are the only
+// change from the float32 stage; the output transform stays float32. F(4x4) keeps float32 for
+// bfloat16 data (its G, B and A constants amplify those roundings ~8x; see choose_tile).
+constexpr int64_t kKP = kKC / 2;  // K-slice in pairs: the float32 slice's bytes of B
+template <bool P>
 inline void gemm_stage(int64_t rows, int64_t Cin, int64_t Cout, const float* Ve, const float* Up,
                        float* Me) {
-  for (int64_t k0 = 0; k0 < Cin; k0 += kKC) {
-    const int64_t kc = std::min(kKC, Cin - k0);
-    gemm_packed(rows, Cout, kc, Ve + k0, Cin, Up + k0 * NR, Cin * NR, Me, Cout, k0 > 0);
+  if constexpr (P) {
+    const int64_t KP = (Cin + 1) / 2;
+    const auto* Vq = reinterpret_cast<const uint32_t*>(Ve);
+    const auto* Uq = reinterpret_cast<const uint32_t*>(Up);
+    const auto gemm = kernels().gemm_bf16_pairs;
+    for (int64_t k0 = 0; k0 < KP; k0 += kKP) {
+      const int64_t kc = std::min(kKP, KP - k0);
+      gemm(rows, Cout, kc, Vq + k0, KP, Uq + k0 * NR, KP * NR, Me, Cout, k0 > 0);
+    }
+  } else {
+    for (int64_t k0 = 0; k0 < Cin; k0 += kKC) {
+      const int64_t kc = std::min(kKC, Cin - k0);
+      gemm_packed(rows, Cout, kc, Ve + k0, Cin, Up + k0 * NR, Cin * NR, Me, Cout, k0 > 0);
+    }
   }
+}
+
+// U[e]'s float32 panels ([panel][ci][NR], filter_stage) -> bf16 pair panels
+// [panel][j][NR] (pair row j: for each column c the pair (U[2j][c], U[2j+1][c]), low half
+// first; zero past Cin), as gemm_bf16_pairs reads B.
+inline void pair_filter(const float* Uf, int64_t Cin, int64_t panels, float* Uout) {
+  const int64_t KP = (Cin + 1) / 2;
+  auto* out = reinterpret_cast<uint32_t*>(Uout);
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t j = 0; j < KP; ++j) {
+      const float* lo = Uf + (p * Cin + 2 * j) * NR;
+      for (int64_t h = 0; h < NR; h += kLanes<float>) {
+        V8 a, b{};
+        std::memcpy(&a, lo + h, sizeof(V8));
+        if (2 * j + 1 < Cin) std::memcpy(&b, lo + NR + h, sizeof(V8));
+        const VU32 pair = bf16_bits(a) | (bf16_bits(b) << 16);
+        std::memcpy(out + (p * KP + j) * NR + h, &pair, sizeof(pair));
+      }
+    }
+}
+
+// Floats of scratch for one e's V (rows x Cin) and U (Cin x panels*NR), float32 or pairs.
+template <bool P>
+constexpr int64_t v_row_slots(int64_t Cin) {
+  return P ? (Cin + 1) / 2 : Cin;
 }
 
 // Blocked schedule, one task = one block of tiles through all three stages, with V and M in
 // per-thread scratch (V[e][tile][ci], M[e][tile][co]) and the transformed filter of all e
 // (`filt`, [grp][e][panels][ci][NR]) shared.
-template <typename T, int M>
+template <typename T, int M, bool P>
 __attribute__((always_inline)) inline void block_body(const Job<T>& jb, const float* filt,
-                                                      int64_t grp, int64_t q0, int64_t nt) {
+                                                      int64_t U_slots, int64_t grp, int64_t q0,
+                                                      int64_t nt) {
   constexpr int A2 = (M + 2) * (M + 2);
-  float* Vb = scratch<0>(A2 * nt * jb.Cin);
+  const int64_t row = v_row_slots<P>(jb.Cin);
+  float* Vb = scratch<0>(A2 * nt * row);
   float* Mb = scratch<1>(A2 * nt * jb.Cout);
-  input_stage<T, M>(jb, grp, q0, nt, Vb, nt, 0);
+  input_stage<T, M, P>(jb, grp, q0, nt, Vb, nt, 0);
   for (int e = 0; e < A2; ++e)
-    gemm_stage(nt, jb.Cin, jb.Cout, Vb + e * nt * jb.Cin,
-               filt + (grp * A2 + e) * jb.panels * jb.Cin * NR, Mb + e * nt * jb.Cout);
+    gemm_stage<P>(nt, jb.Cin, jb.Cout, Vb + e * nt * row, filt + (grp * A2 + e) * U_slots,
+                  Mb + e * nt * jb.Cout);
   output_stage<T, M>(jb, grp, q0, nt, Mb, nt, 0);
 }
 
@@ -323,13 +393,20 @@ bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
 // interleaved runs (min of 9, 2-core Zen 4 at load 200-365), F(2x2) between the two; 128
 // channels at 28x28 (196 tiles) likewise preferred F(4x4) forward. 512 channels at 7x7 (16
 // tiles) stays direct: both tiles were slower there.
-int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, int64_t V) {
+int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, int64_t V,
+                bool bf16_gemm) {
   if (algo == ConvAlgo::kDirect) return 0;
   if (algo == ConvAlgo::kWinograd2) return 2;
   if (algo == ConvAlgo::kWinograd4) return 4;
   auto tiles = [&](int64_t m) { return N * ((U + m - 1) / m) * ((V + m - 1) / m); };
   auto waste = [](int64_t n, int64_t m) { return double((n + m - 1) / m * m) / double(n); };
   const int64_t C = std::max(Cin, Cout);
+  // bfloat16 with F(2x2) on vdpbf16ps: its GEMMs (4 products per output at twice the float32
+  // rate) beat F(4x4)'s float32 ones (2.25 per output) once they dominate the transforms. Batch
+  // 8, same run (2-core Zen 4, load ~200): forward 256 @14 took 3.6 / 4.6 ms (NHWC / NCHW)
+  // against F(4x4)'s 4.8 / 5.7, 512 @7 6.2 / 9.3 against direct's 7.4 / 11.9; 128 @28 7.0 /
+  // 10.7 against 6.5 / 8.7 and 64 @56 9.0 / 16.4 against 4.2 / 12.4 stay with F(4x4).
+  if (bf16_gemm && std::min(Cin, Cout) >= 192 && 4 * tiles(2) >= C) return 2;
   const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 && 4 * tiles(4) >= C;
   const int tile = f4 ? 4 : 2;
   if (algo == ConvAlgo::kWinograd) return tile;
@@ -337,13 +414,15 @@ int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, 
   return tile;
 }
 
-template <typename T, int M>
+template <typename T, int M, bool P>
 void run(const ParallelRunner& pr, const Job<T>& jb) {
   constexpr int A2 = (M + 2) * (M + 2);
   const int64_t Cin = jb.Cin, Cout = jb.Cout, U_size = jb.panels * Cin * NR;
+  // Floats per e of the GEMM's V rows and U (pairs take half, rounded up to whole pairs).
+  const int64_t row = v_row_slots<P>(Cin), U_slots = jb.panels * v_row_slots<P>(Cin) * NR;
   // Tiles per block: V and M scratch (a^2 * tiles * (Cin + Cout) floats) within ~1.5 MB, a
   // multiple of the micro-kernel's 6 rows, 12 to 96.
-  const int64_t per_tile = A2 * (Cin + Cout) * int64_t(sizeof(float));
+  const int64_t per_tile = A2 * (row + Cout) * int64_t(sizeof(float));
   int64_t tblk = std::max<int64_t>(12, std::min<int64_t>(96, (3 << 19) / per_tile / 6 * 6));
   // The blocked schedule reads all of U once per block; the whole schedule writes and reads V
   // and M for all tiles once. Take the one that moves fewer bytes (U re-read per block vs.
@@ -353,7 +432,7 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
   if (blocked) {
     while (tblk > 12 && jb.G * ((jb.Q + tblk - 1) / tblk) < 2 * pr.num_threads()) tblk -= 6;
     thread_local std::vector<float> filt;  // kept between calls: no page faults per call
-    filt.resize(std::max<size_t>(filt.size(), jb.G * A2 * U_size));
+    filt.resize(std::max<size_t>(filt.size(), jb.G * A2 * U_slots));
     // (Thread-local buffers are reached through plain pointers inside the tasks: there, the
     // name would mean the worker thread's own instance.)
     float* const fp = filt.data();
@@ -361,34 +440,45 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
       const int64_t grp = task / A2;
       const int e = int(task % A2);
       const float* wt = jb.wt + grp * Cin * 9 * jb.panels * NR;
-      float* dst = fp + task * U_size;
-      filter_stage<M>(wt, Cin, jb.panels, e, dst);
+      float* dst = fp + task * U_slots;
+      if constexpr (P) {
+        float* Uf = scratch<2>(U_size);
+        filter_stage<M>(wt, Cin, jb.panels, e, Uf);
+        pair_filter(Uf, Cin, jb.panels, dst);
+      } else {
+        filter_stage<M>(wt, Cin, jb.panels, e, dst);
+      }
     });
     const int64_t blocks = (jb.Q + tblk - 1) / tblk;
     pr.run(jb.G * blocks, [&](int64_t task) {
       const int64_t grp = task / blocks, b = task % blocks;
       const int64_t q0 = b * tblk, nt = std::min(jb.Q, q0 + tblk) - q0;
-      block_body<T, M>(jb, fp, grp, q0, nt);
+      block_body<T, M, P>(jb, fp, U_slots, grp, q0, nt);
     });
     return;
   }
   // Whole schedule, per group: all tiles' V, then one task per e (its U[e] transformed into
   // per-thread scratch, which stays in L2 for its GEMM), then all tiles' output.
   thread_local std::vector<float> vm;
-  vm.resize(std::max<size_t>(vm.size(), A2 * jb.Q * (Cin + Cout)));
+  vm.resize(std::max<size_t>(vm.size(), A2 * jb.Q * (row + Cout)));
   float* Vb = vm.data();
-  float* Mb = Vb + A2 * jb.Q * Cin;
+  float* Mb = Vb + A2 * jb.Q * row;
   const int64_t blk = 48, blocks = (jb.Q + blk - 1) / blk;
   for (int64_t grp = 0; grp < jb.G; ++grp) {
     pr.run(blocks, [&](int64_t b) {
       const int64_t q0 = b * blk, nt = std::min(jb.Q, q0 + blk) - q0;
-      input_stage<T, M>(jb, grp, q0, nt, Vb, jb.Q, q0);
+      input_stage<T, M, P>(jb, grp, q0, nt, Vb, jb.Q, q0);
     });
     pr.run(A2, [&](int64_t e) {
       float* Up = scratch<2>(U_size);
       const float* wt = jb.wt + grp * Cin * 9 * jb.panels * NR;
       filter_stage<M>(wt, Cin, jb.panels, int(e), Up);
-      gemm_stage(jb.Q, Cin, Cout, Vb + e * jb.Q * Cin, Up, Mb + e * jb.Q * Cout);
+      if constexpr (P) {
+        float* Uq = scratch<3>(U_slots);
+        pair_filter(Up, Cin, jb.panels, Uq);
+        Up = Uq;
+      }
+      gemm_stage<P>(jb.Q, Cin, Cout, Vb + e * jb.Q * row, Up, Mb + e * jb.Q * Cout);
     });
     pr.run(blocks, [&](int64_t b) {
       const int64_t q0 = b * blk, nt = std::min(jb.Q, q0 + blk) - q0;
@@ -446,10 +536,16 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
         }
     });
     jb.wt = wtp;
-    if (tile == 2)
-      run<T, 2>(pr, jb);
-    else
-      run<T, 4>(pr, jb);
+    if (tile == 4) {
+      run<T, 4, false>(pr, jb);
+    } else if constexpr (std::is_same_v<T, bf16_t>) {
+      if (kernels().gemm_bf16_pairs)
+        run<T, 2, true>(pr, jb);
+      else
+        run<T, 2, false>(pr, jb);
+    } else {
+      run<T, 2, false>(pr, jb);
+    }
     return true;
   }
 }

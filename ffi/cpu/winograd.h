@@ -20,10 +20,11 @@ inline bool winograd_applicable(const ConvGeometry& g) {
 }
 
 // Winograd's tile rule (winograd.cc): 2 or 4, or 0 for the direct algorithm, for a correlation
-// with Cin input and Cout output channels per group onto a U x V plane. Only the one algorithm
+// with Cin input and Cout output channels per group onto a U x V plane; bf16_gemm: bfloat16
+// data whose F(2x2) GEMMs run on vdpbf16ps (F(4x4) stays float32). Only the one algorithm
 // choice (conv_algo.cc) calls it.
 using WinogradTileRule = int (*)(ConvAlgo, int64_t N, int64_t Cin, int64_t Cout, int64_t U,
-                                 int64_t V);
+                                 int64_t V, bool bf16_gemm);
 
 // The Winograd kernels of one storage type, run with the tile the algorithm choice took. Each
 // returns true when it computed the whole result, false when the caller must run the direct
