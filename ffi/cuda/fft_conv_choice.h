@@ -1,12 +1,15 @@
-// The CUDA convolution's algorithm choice between the direct depthwise kernels
-// (depthwise_kernels.cuh) and the FFT kernel (fft_conv.cuh), per call and direction. Host code
+// The CUDA convolution's algorithm choice between the direct kernels (depthwise_kernels.cuh,
+// the implicit GEMMs) and the FFT kernels (fft_conv.cuh for depthwise, fft_conv_dense.cuh for
+// dense and grouped layers), per call and direction. Host code
 // only (no device code, no XLA header): conv2d.cu asks it before launching, and the emulation
 // tests (tests/cuda_emulation/fft_kernels.cc) ask it the same question.
 //
 // Applicability is the CPU's (../fft_plan.h, fft_depthwise_inapplicable: depthwise, stride 1,
 // not float64, all three directions) plus the GPU's own limit: a dilated kernel of at most
 // kCudaFftMaxSide per axis (one 64 x 64 complex float transform is the block's 32 KiB of
-// static shared memory).
+// static shared memory). Dense / grouped (cuda_fft_dense_inapplicable): stride 1, not float64,
+// forward and bwd_data only, the same kernel limit, and a workspace within
+// kCudaFftDenseMaxWorkspace.
 //
 // The environment variable JAXCONV_CUDA_CONV_ALGO takes the values of the CPU's
 // JAXCONV_CPU_CONV_ALGO, read on every call (a getenv is a short scan of the environment):
@@ -237,9 +240,10 @@ struct CudaAlgoChoice {
   std::string error;  // non-empty: the handler fails the call with this message
 };
 
-// The algorithm of this call under JAXCONV_CUDA_CONV_ALGO (read here). Only meaningful where
-// the direct depthwise kernels would run (conv_takes_direct_kernels); non-finite operands are
-// found by the FFT kernel itself, which then computes the affected tiles directly.
+// The algorithm of this call under JAXCONV_CUDA_CONV_ALGO (read here): depthwise calls by the
+// depthwise model, the others (dense, grouped, channel multiplier) by the dense one. Non-finite
+// operands are found by the FFT kernels themselves, which then compute directly (the depthwise
+// kernel the affected tiles, the dense kernels the whole call).
 inline CudaAlgoChoice choose_cuda_conv_algo(const ConvGeometry& g, ConvDirection dir,
                                             bool float64) {
   CudaAlgoChoice c;
