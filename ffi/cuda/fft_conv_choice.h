@@ -161,7 +161,7 @@ inline constexpr int64_t kCudaFftDenseMaxWorkspace = int64_t(512) << 20;
 //   FFT: 5 PQ log2(PQ) flops per 2-d transform (shared-memory radix-2, SIMT) over the
 //   N * tiles * (data + result) planes and the result * data_per_group filters; the
 //   per-frequency complex GEMM, 8 flops per complex multiply-add, at a SIMT rate; the workspace
-//   written and read once each at memory bandwidth; a fixed cost for the five launches.
+//   written and read once each at memory bandwidth; a fixed cost for the launches.
 inline constexpr double kCudaDenseDirectRate = 100e12;    // flop/s
 inline constexpr double kCudaDenseTransformRate = 8e12;   // flop/s
 inline constexpr double kCudaDenseGemmRate = 25e12;       // flop/s

@@ -22,13 +22,16 @@
 //              (Y[-k] = conj Y[k]), conj(Y) forward transformed by fft2d_dif: its real part is
 //              the inverse transform of Y (as in fft_conv.cuh step 4), the circular correlation,
 //              exact on the tile's cells by overlap-save; store those (+ bias).
+//   5. direct  with the flag set only (below): every output directly.
 //
 // Non-finite operands: one inf or NaN would spread NaN over the whole plane through the
 // transforms and the channel sum. Kernels 1 and 2 note any inf or NaN they load in the flag
-// (__syncthreads_or per block, one store by thread 0); kernel 4 reads it, and when set computes
-// every tile directly from global memory (channels, then taps in (kh, kw) order, taps outside
-// the plane skipped as the direct kernels do), so the output is non-finite exactly where the
-// direct convolution's is. Per call, on the device: no host sync.
+// (__syncthreads_or per block, one store by thread 0); kernel 4 returns at once when it is set,
+// and kernel 5, which returns at once when it is clear, then computes every output directly
+// from global memory (channels, then taps in (kh, kw) order, taps outside the plane skipped as
+// the direct kernels do), so the output is non-finite exactly where the direct convolution's
+// is. Per call, on the device: no host sync. (Two kernels, not a branch in one: the direct loop
+// in the transform kernel made ptxas spill in its 16-bit instantiations.)
 //
 // Deterministic: fixed summation orders (butterflies, the GEMM's k loop, the direct taps), no
 // atomics (the flag is only ever set to 1).
@@ -217,74 +220,85 @@ __global__ void __launch_bounds__(kFftThreads) fft_dense_gemm_kernel(FftDensePar
   }
 }
 
-// 4: inverse transforms and the tiles' valid cells (or, with the flag set, the direct sum).
+// 4: inverse transforms and the tiles' valid cells; nothing when the flag is set (kernel 5).
 template <typename T>
 __global__ void __launch_bounds__(kFftThreads)
-    fft_dense_output_kernel(FftDenseParams p, const T* in, const T* w, const T* bias, T* out) {
+    fft_dense_output_kernel(FftDenseParams p, const T* bias, T* out) {
   __shared__ float2 buf[kCudaFftMaxSide * kCudaFftMaxSide];
   __shared__ float2 twiddle[kCudaFftMaxSide / 2];
+  if (*p.flag != 0) return;  // written by kernels 1 and 2, earlier on the stream; uniform
   const FftConvParams& t = p.t;
   const int P = 1 << t.logP, Q = 1 << t.logQ, PQ = P * Q;
-  fft_dense_twiddles(twiddle, t.logN);
-  const bool direct = *p.flag != 0;  // written by kernels 1 and 2, earlier on the stream
-  __syncthreads();
+  fft_dense_twiddles(twiddle, t.logN);  // ordered before use by the first __syncthreads below
   const int64_t items = int64_t(p.M) * p.result;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int cr = int(item % p.result);
     const int m = int(item / p.result);
     const int tile = m % t.tiles, n = m / t.tiles;
     const int u0 = (tile / t.tiles_w) * t.TH, v0 = (tile % t.tiles_w) * t.TW;
+    for (int idx = threadIdx.x; idx < PQ; idx += kFftThreads) {
+      const int k1 = idx >> t.logQ, k2 = idx & (Q - 1);
+      float2 z;
+      if (k2 < p.Qh) {
+        z = p.y[(int64_t(k1 * p.Qh + k2) * p.M + m) * p.result + cr];
+        z.y = -z.y;  // conj(Y[k])
+      } else {       // conj(Y[k]) = Y[-k], which lies in the stored half
+        z = p.y[(int64_t(((P - k1) & (P - 1)) * p.Qh + (Q - k2)) * p.M + m) * p.result + cr];
+      }
+      buf[idx] = z;
+    }
+    __syncthreads();
+    fft2d_dif(buf, twiddle, t.logP, t.logQ, t.logN);
     const float b = bias != nullptr ? Num<T>::load(bias[cr]) : 0.f;
     T* out_nc = out + int64_t(n) * t.out_s.n + int64_t(cr) * t.out_s.c;
-    if (!direct) {
-      for (int idx = threadIdx.x; idx < PQ; idx += kFftThreads) {
-        const int k1 = idx >> t.logQ, k2 = idx & (Q - 1);
-        float2 z;
-        if (k2 < p.Qh) {
-          z = p.y[(int64_t(k1 * p.Qh + k2) * p.M + m) * p.result + cr];
-          z.y = -z.y;  // conj(Y[k])
-        } else {     // conj(Y[k]) = Y[-k], which lies in the stored half
-          z = p.y[(int64_t(((P - k1) & (P - 1)) * p.Qh + (Q - k2)) * p.M + m) * p.result + cr];
+    for (int idx = threadIdx.x; idx < t.TH * t.TW; idx += kFftThreads) {
+      const int u = idx / t.TW, v = idx - u * t.TW;
+      if (u0 + u >= t.outH || v0 + v >= t.outW) continue;
+      const float y = buf[(fft_bit_reverse(u, t.logP) << t.logQ) + fft_bit_reverse(v, t.logQ)].x;
+      out_nc[int64_t(u0 + u) * t.out_s.h + int64_t(v0 + v) * t.out_s.w] = Num<T>::store(y + b);
+    }
+    __syncthreads();  // buf is rewritten by the next item
+  }
+}
+
+// 5: with the flag set (some operand is not finite), every output directly: one thread per
+// output element, data channels of its group in order, then taps in (kh, kw) order, taps
+// outside the plane skipped (as the direct kernels do: an inf times a padding zero would be
+// NaN). Nothing when the flag is clear.
+template <typename T>
+__global__ void __launch_bounds__(kFftThreads)
+    fft_dense_direct_kernel(FftDenseParams p, const T* in, const T* w, const T* bias, T* out) {
+  if (*p.flag == 0) return;
+  const FftConvParams& t = p.t;
+  const int64_t plane = int64_t(t.outH) * t.outW;
+  const int64_t total = int64_t(p.M / t.tiles) * p.result * plane;
+  for (int64_t i = int64_t(blockIdx.x) * kFftThreads + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * kFftThreads) {
+    // i = (n * result + cr) * plane + h * outW + w
+    const int64_t pos = i % plane, nc = i / plane;
+    const int cr = int(nc % p.result), n = int(nc / p.result);
+    const int oh = int(pos / t.outW), ow = int(pos % t.outW);
+    const int grp = cr / p.crg;
+    float acc = 0.f;
+    for (int cl = 0; cl < p.cdg; ++cl) {
+      const T* in_c = in + int64_t(n) * t.in_s.n + int64_t(grp * p.cdg + cl) * t.in_s.c;
+      const T* w_rc = w + fft_dense_weight_offset(p, cr, cl);
+      for (int i2 = 0; i2 < t.KH; ++i2) {
+        const int ih = oh + i2 * t.dh - t.pad_h;
+        if (ih < 0 || ih >= t.inH) continue;
+        const int kh = t.flip ? t.KH - 1 - i2 : i2;
+        for (int j = 0; j < t.KW; ++j) {
+          const int iw = ow + j * t.dw - t.pad_w;
+          if (iw < 0 || iw >= t.inW) continue;
+          const int kw = t.flip ? t.KW - 1 - j : j;
+          acc += Num<T>::load(in_c[int64_t(ih) * t.in_s.h + int64_t(iw) * t.in_s.w]) *
+                 Num<T>::load(w_rc[kh * t.w_h + kw * t.w_w]);
         }
-        buf[idx] = z;
-      }
-      __syncthreads();
-      fft2d_dif(buf, twiddle, t.logP, t.logQ, t.logN);
-      for (int idx = threadIdx.x; idx < t.TH * t.TW; idx += kFftThreads) {
-        const int u = idx / t.TW, v = idx - u * t.TW;
-        if (u0 + u >= t.outH || v0 + v >= t.outW) continue;
-        const float y = buf[(fft_bit_reverse(u, t.logP) << t.logQ) + fft_bit_reverse(v, t.logQ)].x;
-        out_nc[int64_t(u0 + u) * t.out_s.h + int64_t(v0 + v) * t.out_s.w] = Num<T>::store(y + b);
-      }
-      __syncthreads();  // buf is rewritten by the next item
-    } else {
-      // Some operand is not finite: the tile directly, data channels of the group in order,
-      // then taps in (kh, kw) order, taps outside the plane skipped.
-      const int grp = cr / p.crg;
-      for (int idx = threadIdx.x; idx < t.TH * t.TW; idx += kFftThreads) {
-        const int u = idx / t.TW, v = idx - u * t.TW;
-        if (u0 + u >= t.outH || v0 + v >= t.outW) continue;
-        float acc = 0.f;
-        for (int cl = 0; cl < p.cdg; ++cl) {
-          const T* in_c =
-              in + int64_t(n) * t.in_s.n + int64_t(grp * p.cdg + cl) * t.in_s.c;
-          const T* w_rc = w + fft_dense_weight_offset(p, cr, cl);
-          for (int i = 0; i < t.KH; ++i) {
-            const int ih = u0 + u + i * t.dh - t.pad_h;
-            if (ih < 0 || ih >= t.inH) continue;
-            const int kh = t.flip ? t.KH - 1 - i : i;
-            for (int j = 0; j < t.KW; ++j) {
-              const int iw = v0 + v + j * t.dw - t.pad_w;
-              if (iw < 0 || iw >= t.inW) continue;
-              const int kw = t.flip ? t.KW - 1 - j : j;
-              acc += Num<T>::load(in_c[int64_t(ih) * t.in_s.h + int64_t(iw) * t.in_s.w]) *
-                     Num<T>::load(w_rc[kh * t.w_h + kw * t.w_w]);
-            }
-          }
-        }
-        out_nc[int64_t(u0 + u) * t.out_s.h + int64_t(v0 + v) * t.out_s.w] = Num<T>::store(acc + b);
       }
     }
+    const float b = bias != nullptr ? Num<T>::load(bias[cr]) : 0.f;
+    out[int64_t(n) * t.out_s.n + int64_t(cr) * t.out_s.c + int64_t(oh) * t.out_s.h +
+        int64_t(ow) * t.out_s.w] = Num<T>::store(acc + b);
   }
 }
 
@@ -349,7 +363,11 @@ cudaError_t fft_dense_conv(const ConvGeometry& g, int which, const FftPlan& pl, 
     err = launch(fft_dense_gemm_kernel<T>, dim3(grid_blocks(gemm_items)), dim3(kFftThreads), stream,
                  p);
     if (err != cudaSuccess) return err;
-    return launch(fft_dense_output_kernel<T>, dim3(grid_blocks(int64_t(p.M) * p.result)),
+    err = launch(fft_dense_output_kernel<T>, dim3(grid_blocks(int64_t(p.M) * p.result)),
+                 dim3(kFftThreads), stream, p, bias, out);
+    if (err != cudaSuccess) return err;
+    const int64_t outputs = int64_t(g.N) * p.result * p.t.outH * p.t.outW;
+    return launch(fft_dense_direct_kernel<T>, dim3(grid_blocks(ceil_div_pos(outputs, kFftThreads))),
                   dim3(kFftThreads), stream, p, a, b, bias, out);
   }
 }
