@@ -1,6 +1,6 @@
 """The CUDA dense / grouped FFT convolution (ffi/cuda/fft_conv_dense.cuh) and its choice
 (ffi/cuda/fft_conv_choice.h) under the host emulation (tests/cuda_emulation/fft_dense_kernels.cc):
-forward and bwd_data (stride-1 conv_transpose2d) against float64 references (lax through
+forward, bwd_data (stride-1 conv_transpose2d) and bwd_filter against float64 references (lax through
 reference.ref_conv2d and its VJP) as max |err| / max |y| for standard-normal float32 operands,
 dense and grouped, dilation, several transform sizes and tiles, both layouts; the non-finite
 fallback; the forced-algorithm errors; the auto choice on the shape rule; determinism.
@@ -58,22 +58,23 @@ def _operands(c, seed=0):
     f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
     y, vjp = jax.vjp(lambda x_, w_: ref_conv2d(x_, w_, **kw), f64(x), f64(w))
     dy = f32(y.shape)
-    dx, _ = vjp(f64(dy))
+    dx, dw = vjp(f64(dy))
     bo, bc = f32((c["o"],)), f32((c["c"],))
     y = np.asarray(y) + bo.reshape(1, -1, 1, 1)
     dx = np.asarray(dx) + bc.reshape(1, -1, 1, 1)
-    return dict(x=x, w=w, dy=dy, bo=bo, bc=bc, y=y, dx=dx)
+    return dict(x=x, w=w, dy=dy, bo=bo, bc=bc, y=y, dx=dx, dw=np.asarray(dw))
 
 
 def _run(emu, c, layout, which, a, w, bias, out_shape, plan=(0, 0, 0, 0), dtype="float32",
          max_blocks=3):  # fmt: skip
-    """emu_fft_dense_conv on NCHW / OIHW arrays (forward a = x, bwd_data a = dy); the result as
-    NCHW float64."""
+    """emu_fft_dense_conv on NCHW / OIHW arrays (forward a = x, w; bwd_data a = dy, w;
+    bwd_filter a = x, w = dy); the result as NCHW (OIHW) float64."""
     xs, ws, act, wgt = _layout(c, layout)
     conv = lambda v: (
         None if v is None else np.ascontiguousarray(np.asarray(v).astype(NP_DTYPES[dtype]))
     )
-    out = np.full(act(np.zeros(out_shape)).shape, np.nan, NP_DTYPES[dtype])
+    out_map = wgt if which == 2 else act
+    out = np.full(out_map(np.zeros(out_shape)).shape, np.nan, NP_DTYPES[dtype])
     rc = emu.emu_fft_dense_conv(
         which,
         DTYPE_CODES[dtype],
@@ -82,20 +83,26 @@ def _run(emu, c, layout, which, a, w, bias, out_shape, plan=(0, 0, 0, 0), dtype=
         vec(conv_attrs(dict(c, layout=layout))),
         vec(plan),
         ptr(conv(act(a))),
-        ptr(conv(wgt(w))),
+        ptr(conv(act(w) if which == 2 else wgt(w))),
         ptr(conv(bias)),
         ptr(out),
         ctypes.c_uint(max_blocks),
     )
     assert rc == 0, f"emu_fft_dense_conv returned {rc}"
     back = (lambda v: v) if layout == "NCHW" else (lambda v: np.transpose(v, (0, 3, 1, 2)))
+    if which == 2 and layout == "NHWC":
+        back = lambda v: np.transpose(v, (3, 2, 0, 1))  # HWIO -> OIHW
     return back(out.astype(np.float64))
 
 
 def _check(emu, c, layout, which, plan=(0, 0, 0, 0), max_blocks=3):
     o = _operands(c)
-    a, bias, want = (o["x"], o["bo"], o["y"]) if which == 0 else (o["dy"], o["bc"], o["dx"])
-    got = _run(emu, c, layout, which, a, o["w"], bias, want.shape, plan, max_blocks=max_blocks)
+    a, b, bias, want = {
+        0: (o["x"], o["w"], o["bo"], o["y"]),
+        1: (o["dy"], o["w"], o["bc"], o["dx"]),
+        2: (o["x"], o["dy"], None, o["dw"]),
+    }[which]
+    got = _run(emu, c, layout, which, a, b, bias, want.shape, plan, max_blocks=max_blocks)
     err = np.max(np.abs(got - want)) / np.max(np.abs(want))
     assert err <= TOL, f"max|err|/max|y| = {err:.3g}"
 
@@ -128,7 +135,7 @@ def _resolve(c, plan):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("which", [0, 1, 2])
 @pytest.mark.parametrize("name", list(CASES))
 def test_fft_dense_float32_error(emu, name, layout, which):
     c, plan = CASES[name]
@@ -153,6 +160,35 @@ def test_fft_dense_non_finite_falls_back_to_direct(emu, which):
     assert not fin.all()
     np.testing.assert_array_equal(np.isfinite(got), fin)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_fft_dense_bwd_filter_non_finite_falls_back_to_direct(emu):
+    """An inf in x and a NaN in dy: dw is non-finite exactly where the float64 direct sum over
+    the positions the direct kernel visits is, and equal to it elsewhere."""
+    c = conv_case(1, 4, 8, 8, 4, 3, pads=1, groups=2)
+    o = _operands(c)
+    x, dy = o["x"].copy(), o["dy"].copy()
+    x[0, 0, 0, 0] = np.inf  # group 0
+    dy[0, 3, 5, 5] = np.nan  # output channel 3, group 1
+    want = np.zeros(o["w"].shape)
+    for oc in range(4):
+        for cl in range(2):
+            cin = (oc // 2) * 2 + cl
+            for kh in range(3):
+                for kw in range(3):
+                    s = 0.0
+                    for u in range(8):
+                        for v in range(8):
+                            ih, iw = u + kh - 1, v + kw - 1
+                            if 0 <= ih < 8 and 0 <= iw < 8:
+                                s += x[0, cin, ih, iw] * dy[0, oc, u, v]
+                    want[oc, cl, kh, kw] = s
+    got = _run(emu, c, "NCHW", 2, x, dy, None, want.shape, (8, 8, 6, 6))
+    fin = np.isfinite(want)
+    assert not fin.all() and fin.any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isfinite(got), fin)
     np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)
 
 
@@ -227,7 +263,8 @@ def _choice(emu, which, c, dtype="float32"):
 FORCED_ERRORS = {
     "stride2": (0, conv_case(1, 4, 16, 16, 8, 5, stride=2, pads=2), "float32", "need stride 1"),
     "float64": (1, conv_case(1, 4, 16, 16, 8, 5, pads=2), "float64", "float64 runs the direct"),
-    "bwd_filter": (2, conv_case(1, 4, 16, 16, 8, 5, pads=2), "float32", "bwd_filter stays"),
+    "bwd_filter_stride2": (2, conv_case(1, 4, 16, 16, 8, 5, stride=2, pads=2), "float32",
+                           "need stride 1"),  # fmt: skip
     "kernel_over_64": (0, conv_case(1, 2, 70, 70, 2, 33, dilation=2, pads=32), "float32", "(64)"),
     "workspace": (0, conv_case(64, 512, 64, 64, 512, 7, pads=3), "float32", "512 MiB"),
 }
@@ -262,6 +299,8 @@ def test_auto_choice_follows_the_shape_rule(emu, monkeypatch):
         c = conv_case(n, ch, hw, hw, ch, k, pads=k // 2)
         for which in (0, 1, 2):
             assert _choice(emu, which, c)[0] == 0, (n, ch, hw, k, which)
+    c = conv_case(32, 64, 56, 56, 64, 11, pads=5)
+    assert _choice(emu, 2, c)[0] == 4  # bwd_filter: the same model
     # Forced, a 3x3 layer runs the dense FFT; direct never does.
     c = conv_case(2, 16, 14, 14, 16, 3, pads=1)
     monkeypatch.setenv("JAXCONV_CUDA_CONV_ALGO", "fft")

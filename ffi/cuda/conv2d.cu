@@ -144,6 +144,15 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
     const CudaAlgoChoice algo =
         choose_cuda_conv_algo(g, ConvDirection::kBackwardFilter, std::is_same_v<T, double>);
     if (!algo.error.empty()) return invalid(kTarget, algo.error);
+    if (algo.fft.valid() && algo.dense) {
+      void* ws = nullptr;
+      JAXCONV_RETURN_IF_ERROR(dense_fft_workspace(scratch, algo, kTarget, &ws));
+      return check_cuda(kTarget,
+                        launch_conv_fft_dense<T>(g, 2, algo.fft,
+                                                 static_cast<const T*>(x.untyped_data()),
+                                                 static_cast<const T*>(dy.untyped_data()), nullptr,
+                                                 static_cast<T*>(dw->untyped_data()), ws, stream));
+    }
     if (algo.fft.valid()) {
       // The per-tile tap sums (fft_conv.cuh), from XLA's allocator like the split plan's partial
       // sums below; without them the call fails (another algorithm would sum in another order).

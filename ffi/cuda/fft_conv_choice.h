@@ -8,8 +8,7 @@
 // not float64, all three directions) plus the GPU's own limit: a dilated kernel of at most
 // kCudaFftMaxSide per axis (one 64 x 64 complex float transform is the block's 32 KiB of
 // static shared memory). Dense / grouped (cuda_fft_dense_inapplicable): stride 1, not float64,
-// forward and bwd_data only, the same kernel limit, and a workspace within
-// kCudaFftDenseMaxWorkspace.
+// the same kernel limit, and a workspace within kCudaFftDenseMaxWorkspace.
 //
 // The environment variable JAXCONV_CUDA_CONV_ALGO takes the values of the CPU's
 // JAXCONV_CPU_CONV_ALGO, read on every call (a getenv is a short scan of the environment):
@@ -108,11 +107,12 @@ inline int64_t cuda_fft_workspace_bytes(const ConvGeometry& g, ConvDirection dir
   return pl.tiles(g.OH, g.OW) * g.C * g.KH * g.KW * int64_t(sizeof(float));
 }
 
-// ---- Dense and grouped FFT (fft_conv_dense.cuh): forward and bwd_data, stride 1 ---------------
+// ---- Dense and grouped FFT (fft_conv_dense.cuh): all three directions, stride 1 ---------------
 //
 // Per direction the GEMM's "data" channels (transformed tiles) and "result" channels (inverse
 // transformed): forward x (C) -> y (O), bwd_data dy (O) -> dx (C); the reduction per frequency
-// runs over the data channels of one group.
+// runs over the data channels of one group. bwd_filter: data x (C), result dy (O), the
+// reduction over the rows m, the output (O, C/groups) filter planes.
 struct CudaDenseChannels {
   int64_t data, result, data_per_group, result_per_group;
 };
@@ -126,7 +126,8 @@ inline CudaDenseChannels cuda_dense_channels(const ConvGeometry& g, ConvDirectio
 // non-finite flag, an int), then three complex float arrays, each 256-byte aligned:
 //   X[f][m][cd]         data spectra, m = n * tiles + tile, cd the data channel
 //   Wf[f][cr][cd_local] filter spectra (conjugated, scaled by 1 / PQ)
-//   Y[f][m][cr]         result spectra
+//   Y[f][m][cr]         result spectra (bwd_filter: dy's tiles' spectra)
+// (bwd_filter: Wf holds the summed S[f][o][cl], the same size.)
 // over the half spectrum f = k1 * (Q/2 + 1) + k2, k2 <= Q/2 (the rest is Hermitian).
 struct CudaDenseWorkspace {
   int64_t freqs = 0, rows = 0;  // F = P * (Q/2 + 1), M = N * tiles
@@ -222,8 +223,6 @@ inline const char* cuda_fft_dense_inapplicable(const ConvGeometry& g, ConvDirect
                                                bool float64) {
   if (float64) return "float64 runs the direct kernels only";
   if (g.p.stride_h != 1 || g.p.stride_w != 1) return "the FFT kernels need stride 1";
-  if (dir == ConvDirection::kBackwardFilter)
-    return "the dense / grouped FFT runs forward and bwd_data only (bwd_filter stays direct)";
   double cost;
   bool fits;
   const FftPlan pl = cuda_fft_dense_plan(g, dir, &cost, &fits);

@@ -76,31 +76,40 @@ __device__ __forceinline__ void fft_dense_twiddles(float2* twiddle, int logN) {
     twiddle[j] = fft_unit_root(j, 1 << logN);
 }
 
-// 1: the tiles' half spectra.
-template <typename T>
+// 1: the tiles' half spectra. kDy (bwd_filter's second operand): the dy tile itself
+// (dy[u0 + r][v0 + s], r < TH, s < TW, inside the dy plane) of every result channel, to Y.
+template <typename T, bool kDy>
 __global__ void __launch_bounds__(kFftThreads)
     fft_dense_data_kernel(FftDenseParams p, const T* in) {
   __shared__ float2 buf[kCudaFftMaxSide * kCudaFftMaxSide];
   __shared__ float2 twiddle[kCudaFftMaxSide / 2];
   const FftConvParams& t = p.t;
   const int Q = 1 << t.logQ, PQ = (1 << t.logP) * Q;
+  const int channels = kDy ? p.result : p.data;
+  const Strides4 st = kDy ? t.out_s : t.in_s;
+  float2* dst = kDy ? p.y : p.x;
   fft_dense_twiddles(twiddle, t.logN);  // ordered before use by the __syncthreads_or below
-  const int64_t items = int64_t(p.M) * p.data;
+  const int64_t items = int64_t(p.M) * channels;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    // item = m * data + cd: channel fastest, so that neighbouring blocks store neighbouring
+    // item = m * channels + cd: channel fastest, so that neighbouring blocks store neighbouring
     // X[f][m][cd] (and read neighbouring NHWC channels).
-    const int cd = int(item % p.data);
-    const int m = int(item / p.data);
+    const int cd = int(item % channels);
+    const int m = int(item / channels);
     const int tile = m % t.tiles, n = m / t.tiles;
     const int u0 = (tile / t.tiles_w) * t.TH, v0 = (tile % t.tiles_w) * t.TW;
-    const T* in_nc = in + int64_t(n) * t.in_s.n + int64_t(cd) * t.in_s.c;
+    const T* in_nc = in + int64_t(n) * st.n + int64_t(cd) * st.c;
     int bad = 0;
     for (int idx = threadIdx.x; idx < PQ; idx += kFftThreads) {
       const int r = idx >> t.logQ, s = idx & (Q - 1);
-      const int ih = u0 + r - t.pad_h, iw = v0 + s - t.pad_w;
       float re = 0.f;
-      if (r < t.RH && s < t.RW && ih >= 0 && ih < t.inH && iw >= 0 && iw < t.inW)
-        re = Num<T>::load(in_nc[int64_t(ih) * t.in_s.h + int64_t(iw) * t.in_s.w]);
+      if (kDy) {
+        if (r < t.TH && s < t.TW && u0 + r < t.outH && v0 + s < t.outW)
+          re = Num<T>::load(in_nc[int64_t(u0 + r) * st.h + int64_t(v0 + s) * st.w]);
+      } else {
+        const int ih = u0 + r - t.pad_h, iw = v0 + s - t.pad_w;
+        if (r < t.RH && s < t.RW && ih >= 0 && ih < t.inH && iw >= 0 && iw < t.inW)
+          re = Num<T>::load(in_nc[int64_t(ih) * st.h + int64_t(iw) * st.w]);
+      }
       bad |= !fft_finite(re);
       buf[(fft_bit_reverse(r, t.logP) << t.logQ) + fft_bit_reverse(s, t.logQ)] =
           make_float2(re, 0.f);
@@ -109,7 +118,7 @@ __global__ void __launch_bounds__(kFftThreads)
     fft2d_dit(buf, twiddle, t.logP, t.logQ, t.logN);
     for (int f = threadIdx.x; f < p.F; f += kFftThreads) {
       const int k1 = f / p.Qh, k2 = f - k1 * p.Qh;
-      p.x[(int64_t(f) * p.M + m) * p.data + cd] = buf[(k1 << t.logQ) + k2];
+      dst[(int64_t(f) * p.M + m) * channels + cd] = buf[(k1 << t.logQ) + k2];
     }
     __syncthreads();  // buf is rewritten by the next item
   }
@@ -302,14 +311,163 @@ __global__ void __launch_bounds__(kFftThreads)
   }
 }
 
+// ---- bwd_filter ------------------------------------------------------------------------------
+// dw[o][cl][kh][kw] = sum over n and the dy positions (u, v) of
+// x[n][g*cdg + cl][u + kh*dh - pad_h][v + kw*dw - pad_w] * dy[n][o][u][v]: per tile m the
+// correlation of the x patch with the dy tile read at the taps (kh*dh, kw*dw), summed over the
+// rows m. In spectra, S[f][o][cl] = sum over m of X[f][m][g*cdg + cl] * conj(D[f][m][o])
+// (kernel 1 for X, kernel 1 in dy mode for D in the Y array), then one inverse per (o, cl).
+
+// 3f: per (frequency, group, 32 o x 32 cl block) S = sum over m, in ascending m, staged in
+// 16-row chunks; S goes to the Wf array ([f][o][cl], the forward filter spectra's layout).
+template <typename T>
+__global__ void __launch_bounds__(kFftThreads) fft_dense_filter_gemm_kernel(FftDenseParams p) {
+  __shared__ float2 As[kFftGemmK][kFftGemmTile + 1];  // D chunk: [m][o]
+  __shared__ float2 Bs[kFftGemmK][kFftGemmTile + 1];  // X chunk: [m][cl]
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int groups = p.result / p.crg;
+  const int ot = (p.crg + kFftGemmTile - 1) / kFftGemmTile;
+  const int ct = (p.cdg + kFftGemmTile - 1) / kFftGemmTile;
+  const int64_t items = int64_t(p.F) * groups * ot * ct;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    // item = ((f * groups + grp) * ot + ob) * ct + cb
+    const int cb = int(item % ct);
+    int64_t rest = item / ct;
+    const int ob = int(rest % ot);
+    rest /= ot;
+    const int grp = int(rest % groups);
+    const int f = int(rest / groups);
+    const int o0 = ob * kFftGemmTile, c0 = cb * kFftGemmTile;
+    const float2* D = p.y + int64_t(f) * p.M * p.result + int64_t(grp) * p.crg;
+    const float2* X = p.x + int64_t(f) * p.M * p.data + int64_t(grp) * p.cdg;
+    float2 acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) acc[i][j] = make_float2(0.f, 0.f);
+    for (int k0 = 0; k0 < p.M; k0 += kFftGemmK) {
+      for (int e = tid; e < kFftGemmTile * kFftGemmK; e += kFftThreads) {
+        const int kk = e / kFftGemmTile, col = e % kFftGemmTile;  // col fastest: channels
+        const bool kin = k0 + kk < p.M;
+        As[kk][col] = kin && o0 + col < p.crg ? D[int64_t(k0 + kk) * p.result + o0 + col]
+                                              : make_float2(0.f, 0.f);
+        Bs[kk][col] = kin && c0 + col < p.cdg ? X[int64_t(k0 + kk) * p.data + c0 + col]
+                                              : make_float2(0.f, 0.f);
+      }
+      __syncthreads();
+      for (int kk = 0; kk < kFftGemmK; ++kk) {
+        const float2 a[2] = {As[kk][ty], As[kk][ty + 16]};
+        const float2 b[2] = {Bs[kk][tx], Bs[kk][tx + 16]};
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {  // X * conj(D)
+            acc[i][j].x += b[j].x * a[i].x + b[j].y * a[i].y;
+            acc[i][j].y += b[j].y * a[i].x - b[j].x * a[i].y;
+          }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int o = o0 + ty + 16 * i, cl = c0 + tx + 16 * j;
+        if (o < p.crg && cl < p.cdg)
+          p.wf[(int64_t(f) * p.result + int64_t(grp) * p.crg + o) * p.cdg + cl] = acc[i][j];
+      }
+  }
+}
+
+// 4f: per (o, cl) the inverse of S (conj(S) through fft2d_dif, real part, / PQ) read at the
+// taps; nothing when the flag is set (5f).
+template <typename T>
+__global__ void __launch_bounds__(kFftThreads)
+    fft_dense_filter_output_kernel(FftDenseParams p, T* dw) {
+  __shared__ float2 buf[kCudaFftMaxSide * kCudaFftMaxSide];
+  __shared__ float2 twiddle[kCudaFftMaxSide / 2];
+  if (*p.flag != 0) return;
+  const FftConvParams& t = p.t;
+  const int P = 1 << t.logP, Q = 1 << t.logQ, PQ = P * Q;
+  const float scale = 1.f / float(PQ);
+  fft_dense_twiddles(twiddle, t.logN);
+  const int64_t items = int64_t(p.result) * p.cdg;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int cl = int(item % p.cdg);
+    const int o = int(item / p.cdg);
+    const float2* S = p.wf + int64_t(o) * p.cdg + cl;  // S[f] at S[f * result * cdg]
+    const int64_t fs = int64_t(p.result) * p.cdg;
+    for (int idx = threadIdx.x; idx < PQ; idx += kFftThreads) {
+      const int k1 = idx >> t.logQ, k2 = idx & (Q - 1);
+      float2 z;
+      if (k2 < p.Qh) {
+        z = S[int64_t(k1 * p.Qh + k2) * fs];
+        z.y = -z.y;
+      } else {
+        z = S[int64_t(((P - k1) & (P - 1)) * p.Qh + (Q - k2)) * fs];
+      }
+      buf[idx] = z;
+    }
+    __syncthreads();
+    fft2d_dif(buf, twiddle, t.logP, t.logQ, t.logN);
+    for (int tap = threadIdx.x; tap < t.KH * t.KW; tap += kFftThreads) {
+      const int kh = tap / t.KW, kw = tap - kh * t.KW;
+      const float v = buf[(fft_bit_reverse(kh * t.dh, t.logP) << t.logQ) +
+                          fft_bit_reverse(kw * t.dw, t.logQ)]
+                          .x;
+      dw[int64_t(o) * p.w_o + int64_t(cl) * p.w_i + kh * t.w_h + kw * t.w_w] =
+          Num<T>::store(v * scale);
+    }
+    __syncthreads();
+  }
+}
+
+// 5f: with the flag set, every tap directly: one thread per (o, cl, kh, kw), images then dy
+// positions in order, positions whose x falls outside the plane skipped.
+template <typename T>
+__global__ void __launch_bounds__(kFftThreads)
+    fft_dense_filter_direct_kernel(FftDenseParams p, const T* x, const T* dy, T* dw) {
+  if (*p.flag == 0) return;
+  const FftConvParams& t = p.t;
+  const int taps = t.KH * t.KW;
+  const int64_t total = int64_t(p.result) * p.cdg * taps;
+  const int images = p.M / t.tiles;
+  for (int64_t i = int64_t(blockIdx.x) * kFftThreads + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * kFftThreads) {
+    const int tap = int(i % taps);
+    const int64_t oc = i / taps;
+    const int cl = int(oc % p.cdg), o = int(oc / p.cdg);
+    const int kh = tap / t.KW, kw = tap - kh * t.KW;
+    const int c = (o / p.crg) * p.cdg + cl;
+    float acc = 0.f;
+    for (int n = 0; n < images; ++n) {
+      const T* x_c = x + int64_t(n) * t.in_s.n + int64_t(c) * t.in_s.c;
+      const T* dy_o = dy + int64_t(n) * t.out_s.n + int64_t(o) * t.out_s.c;
+      for (int u = 0; u < t.outH; ++u) {
+        const int ih = u + kh * t.dh - t.pad_h;
+        if (ih < 0 || ih >= t.inH) continue;
+        for (int v = 0; v < t.outW; ++v) {
+          const int iw = v + kw * t.dw - t.pad_w;
+          if (iw < 0 || iw >= t.inW) continue;
+          acc += Num<T>::load(x_c[int64_t(ih) * t.in_s.h + int64_t(iw) * t.in_s.w]) *
+                 Num<T>::load(dy_o[int64_t(u) * t.out_s.h + int64_t(v) * t.out_s.w]);
+        }
+      }
+    }
+    dw[int64_t(o) * p.w_o + int64_t(cl) * p.w_i + kh * t.w_h + kw * t.w_w] = Num<T>::store(acc);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// The kernels' parameters for direction `which` (0 forward, 1 bwd_data) under plan `pl` with
+// The kernels' parameters for direction `which` (0 forward, 1 bwd_data, 2 bwd_filter) under plan `pl` with
 // the workspace at `ws` (cuda_dense_workspace(g, dir, pl).bytes of it, 256-byte aligned).
 inline FftDenseParams make_fft_dense_params(const ConvGeometry& g, int which, const FftPlan& pl,
                                             void* ws) {
-  const ConvDirection dir = which == 1 ? ConvDirection::kBackwardData : ConvDirection::kForward;
+  const ConvDirection dir = which == 1   ? ConvDirection::kBackwardData
+                            : which == 2 ? ConvDirection::kBackwardFilter
+                                         : ConvDirection::kForward;
   const CudaDenseChannels ch = cuda_dense_channels(g, dir);
   const CudaDenseWorkspace lay = cuda_dense_workspace(g, dir, pl);
   FftDenseParams p{};
@@ -333,7 +491,8 @@ inline FftDenseParams make_fft_dense_params(const ConvGeometry& g, int which, co
   return p;
 }
 
-// which 0: a = x, b = w, out = y (bias per O); 1: a = dy, b = w, out = dx (bias per C).
+// which 0: a = x, b = w, out = y (bias per O); 1: a = dy, b = w, out = dx (bias per C);
+// 2: a = x, b = dy, out = dw (bias null).
 template <typename T>
 cudaError_t fft_dense_conv(const ConvGeometry& g, int which, const FftPlan& pl, const T* a,
                            const T* b, const T* bias, T* out, void* workspace,
@@ -342,14 +501,38 @@ cudaError_t fft_dense_conv(const ConvGeometry& g, int which, const FftPlan& pl, 
     return cudaErrorInvalidValue;  // float64 stays direct (cuda_fft_dense_inapplicable)
   } else {
     if (!pl.valid() || pl.P > kCudaFftMaxSide || pl.Q > kCudaFftMaxSide || which < 0 ||
-        which > 1 || workspace == nullptr)
+        which > 2 || workspace == nullptr)
       return cudaErrorInvalidValue;
     const FftDenseParams p = make_fft_dense_params(g, which, pl, workspace);
+    if (which == 2) {
+      if (int64_t(p.result) * p.cdg == 0) return cudaSuccess;
+      cudaError_t err = launch(fft_dense_reset_kernel<T>, dim3(1), dim3(1), stream, p.flag);
+      if (err == cudaSuccess)
+        err = launch(fft_dense_data_kernel<T, false>, dim3(grid_blocks(int64_t(p.M) * p.data)),
+                     dim3(kFftThreads), stream, p, a);
+      if (err == cudaSuccess)
+        err = launch(fft_dense_data_kernel<T, true>, dim3(grid_blocks(int64_t(p.M) * p.result)),
+                     dim3(kFftThreads), stream, p, b);
+      const int64_t items = int64_t(p.F) * (p.result / p.crg) *
+                            ceil_div_pos(p.crg, kFftGemmTile) * ceil_div_pos(p.cdg, kFftGemmTile);
+      if (err == cudaSuccess)
+        err = launch(fft_dense_filter_gemm_kernel<T>, dim3(grid_blocks(items)), dim3(kFftThreads),
+                     stream, p);
+      if (err == cudaSuccess)
+        err = launch(fft_dense_filter_output_kernel<T>,
+                     dim3(grid_blocks(int64_t(p.result) * p.cdg)), dim3(kFftThreads), stream, p,
+                     out);
+      if (err != cudaSuccess) return err;
+      const int64_t taps = int64_t(p.result) * p.cdg * p.t.KH * p.t.KW;
+      return launch(fft_dense_filter_direct_kernel<T>,
+                    dim3(grid_blocks(ceil_div_pos(taps, kFftThreads))), dim3(kFftThreads), stream,
+                    p, a, b, out);
+    }
     if (int64_t(p.M) * p.result == 0) return cudaSuccess;
     cudaError_t err = launch(fft_dense_reset_kernel<T>, dim3(1), dim3(1), stream, p.flag);
     if (err != cudaSuccess) return err;
     if (int64_t(p.M) * p.data > 0) {
-      err = launch(fft_dense_data_kernel<T>, dim3(grid_blocks(int64_t(p.M) * p.data)),
+      err = launch(fft_dense_data_kernel<T, false>, dim3(grid_blocks(int64_t(p.M) * p.data)),
                    dim3(kFftThreads), stream, p, a);
       if (err != cudaSuccess) return err;
     }

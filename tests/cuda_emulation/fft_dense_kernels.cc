@@ -57,14 +57,14 @@ int emu_dense_choice(int which, int dtype, const int64_t* x_dims, const int64_t*
 }
 
 // The dense FFT for direction `which` (0 forward: a = x, b = w, out = y; 1 bwd_data: a = dy,
-// b = w, out = dx), bias null or per result channel. plan: P, Q, TH, TW, or all zero for the
+// b = w, out = dx; 2 bwd_filter: a = x, b = dy, out = dw), bias null or per result channel. plan: P, Q, TH, TW, or all zero for the
 // plan the choice would use (cuda_fft_dense_plan). The workspace is allocated here and filled
 // with NaN, so that a spectrum read before it is written fails the comparison.
 int emu_fft_dense_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
                        const int64_t* attrs, const int64_t* plan, const void* a, const void* b,
                        const void* bias, void* out, unsigned max_blocks) {
   ConvGeometry g;
-  if (!geometry(x_dims, w_dims, attrs, &g) || which < 0 || which > 1) return 1;
+  if (!geometry(x_dims, w_dims, attrs, &g) || which < 0 || which > 2) return 1;
   if (cuda_fft_dense_inapplicable(g, direction(which), dtype == 1)) return 3;
   FftPlan pl;
   if (plan[0] == 0) {
