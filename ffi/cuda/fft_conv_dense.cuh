@@ -1,7 +1,7 @@
 // FFT convolution on CUDA for dense and grouped layers (every group with more than one input or
-// output channel; depthwise stays in fft_conv.cuh): stride 1, any dilation, forward and bwd_data
-// (so stride-1 conv_transpose2d), NCHW and NHWC, float32 (float16 / bfloat16 loaded and computed
-// in float32). bwd_filter stays direct. The plan, the workspace layout and the choice are in
+// output channel; depthwise stays in fft_conv.cuh): stride 1, any dilation, forward, bwd_data
+// (so stride-1 conv_transpose2d) and bwd_filter (kernels 3f-5f below), NCHW and NHWC, float32
+// (float16 / bfloat16 loaded and computed in float32). The plan, the workspace layout and the choice are in
 // fft_conv_choice.h; the correlation each direction computes is in ../fft_plan.h; the 2-d
 // transforms (fft2d_dit / fft2d_dif, one block of kFftThreads threads on a P x Q shared array)
 // are fft_conv.cuh's.
