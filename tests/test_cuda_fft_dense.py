@@ -114,10 +114,14 @@ def _check(emu, c, layout, which, plan=(0, 0, 0, 0), max_blocks=3):
 CASES = {
     "dense_5x5": (conv_case(2, 3, 12, 12, 4, 5, pads=2), (0, 0, 0, 0)),
     "dense_tiles_16": (conv_case(2, 3, 21, 19, 5, 5, pads=2), (16, 16, 12, 12)),
-    "dense_rect_tiles": (conv_case(1, 4, 20, 17, 3, (3, 5), pads=((1, 2), (2, 0))),
-                         (8, 32, 6, 28)),  # fmt: skip
-    "grouped_dilated": (conv_case(2, 6, 13, 11, 4, 3, dilation=(2, 3), pads=3, groups=2),
-                        (16, 16, 0, 0)),  # fmt: skip
+    "dense_rect_tiles": (
+        conv_case(1, 4, 20, 17, 3, (3, 5), pads=((1, 2), (2, 0))),
+        (8, 32, 6, 28),
+    ),
+    "grouped_dilated": (
+        conv_case(2, 6, 13, 11, 4, 3, dilation=(2, 3), pads=3, groups=2),
+        (16, 16, 0, 0),
+    ),
     "channel_multiplier": (conv_case(1, 3, 10, 10, 6, 3, pads=1, groups=3), (16, 8, 14, 6)),
     "negative_pads": (conv_case(1, 2, 12, 12, 3, 3, pads=((-1, 2), (1, -2))), (8, 8, 6, 6)),
     "kernel_larger_than_image": (conv_case(1, 2, 3, 3, 2, 5, pads=2), (0, 0, 0, 0)),
@@ -153,9 +157,9 @@ def test_fft_dense_non_finite_falls_back_to_direct(emu, which):
     w = o["w"].copy()
     a[0, 1, 4, 4] = np.inf
     w[3, 0, 0, 0] = np.nan  # group 1's second output channel, tap (0, 0)
-    want = _direct(a, w, o["bo"] if which == 0 else o["bc"], c, which)
-    got = _run(emu, c, "NCHW", which, a, w, o["bo"] if which == 0 else o["bc"], want.shape,
-               (16, 16, 0, 0) if False else (16, 16, 14, 14))  # fmt: skip
+    bias = o["bo"] if which == 0 else o["bc"]
+    want = _direct(a, w, bias, c, which)
+    got = _run(emu, c, "NCHW", which, a, w, bias, want.shape, (16, 16, 14, 14))
     fin = np.isfinite(want)
     assert not fin.all()
     np.testing.assert_array_equal(np.isfinite(got), fin)
@@ -263,8 +267,12 @@ def _choice(emu, which, c, dtype="float32"):
 FORCED_ERRORS = {
     "stride2": (0, conv_case(1, 4, 16, 16, 8, 5, stride=2, pads=2), "float32", "need stride 1"),
     "float64": (1, conv_case(1, 4, 16, 16, 8, 5, pads=2), "float64", "float64 runs the direct"),
-    "bwd_filter_stride2": (2, conv_case(1, 4, 16, 16, 8, 5, stride=2, pads=2), "float32",
-                           "need stride 1"),  # fmt: skip
+    "bwd_filter_stride2": (
+        2,
+        conv_case(1, 4, 16, 16, 8, 5, stride=2, pads=2),
+        "float32",
+        "need stride 1",
+    ),
     "kernel_over_64": (0, conv_case(1, 2, 70, 70, 2, 33, dilation=2, pads=32), "float32", "(64)"),
     "workspace": (0, conv_case(64, 512, 64, 64, 512, 7, pads=3), "float32", "512 MiB"),
 }

@@ -45,8 +45,7 @@ ffi::Error dense_fft_workspace(ffi::ScratchAllocator& scratch, const CudaAlgoCho
 }
 
 ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
-                         ffi::AnyBuffer w,
-                         ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                         ffi::AnyBuffer w, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dFwd;
   ConvGeometry g;
@@ -84,9 +83,8 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
   });
 }
 
-ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                             ffi::AnyBuffer dy, ffi::AnyBuffer w,
-                             ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
+ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer dy,
+                             ffi::AnyBuffer w, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
                              ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dBwdData;
   ConvGeometry g;
@@ -147,11 +145,10 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
     if (algo.fft.valid() && algo.dense) {
       void* ws = nullptr;
       JAXCONV_RETURN_IF_ERROR(dense_fft_workspace(scratch, algo, kTarget, &ws));
-      return check_cuda(kTarget,
-                        launch_conv_fft_dense<T>(g, 2, algo.fft,
-                                                 static_cast<const T*>(x.untyped_data()),
-                                                 static_cast<const T*>(dy.untyped_data()), nullptr,
-                                                 static_cast<T*>(dw->untyped_data()), ws, stream));
+      return check_cuda(
+          kTarget, launch_conv_fft_dense<T>(g, 2, algo.fft, static_cast<const T*>(x.untyped_data()),
+                                            static_cast<const T*>(dy.untyped_data()), nullptr,
+                                            static_cast<T*>(dw->untyped_data()), ws, stream));
     }
     if (algo.fft.valid()) {
       // The per-tile tap sums (fft_conv.cuh), from XLA's allocator like the split plan's partial

@@ -117,8 +117,7 @@ struct CudaDenseChannels {
   int64_t data, result, data_per_group, result_per_group;
 };
 inline CudaDenseChannels cuda_dense_channels(const ConvGeometry& g, ConvDirection dir) {
-  if (dir == ConvDirection::kBackwardData)
-    return {g.O, g.C, g.out_per_group(), g.in_per_group()};
+  if (dir == ConvDirection::kBackwardData) return {g.O, g.C, g.out_per_group(), g.in_per_group()};
   return {g.C, g.O, g.in_per_group(), g.out_per_group()};
 }
 
@@ -163,11 +162,11 @@ inline constexpr int64_t kCudaFftDenseMaxWorkspace = int64_t(512) << 20;
 //   N * tiles * (data + result) planes and the result * data_per_group filters; the
 //   per-frequency complex GEMM, 8 flops per complex multiply-add, at a SIMT rate; the workspace
 //   written and read once each at memory bandwidth; a fixed cost for the launches.
-inline constexpr double kCudaDenseDirectRate = 100e12;    // flop/s
-inline constexpr double kCudaDenseTransformRate = 8e12;   // flop/s
-inline constexpr double kCudaDenseGemmRate = 25e12;       // flop/s
-inline constexpr double kCudaDenseBandwidth = 2.5e12;     // byte/s
-inline constexpr double kCudaDenseLaunches = 5 * 4e-6;    // s
+inline constexpr double kCudaDenseDirectRate = 100e12;   // flop/s
+inline constexpr double kCudaDenseTransformRate = 8e12;  // flop/s
+inline constexpr double kCudaDenseGemmRate = 25e12;      // flop/s
+inline constexpr double kCudaDenseBandwidth = 2.5e12;    // byte/s
+inline constexpr double kCudaDenseLaunches = 5 * 4e-6;   // s
 // The FFT must win by this factor before auto takes it. Smaller than the depthwise margin: with
 // the filter transforms (result * data_per_group planes) in the cost, the model already leans
 // towards direct at small batches.
@@ -233,10 +232,10 @@ inline const char* cuda_fft_dense_inapplicable(const ConvGeometry& g, ConvDirect
 }
 
 struct CudaAlgoChoice {
-  FftPlan fft;        // valid: run the FFT kernel with this plan; else the direct kernels
+  FftPlan fft;         // valid: run the FFT kernel with this plan; else the direct kernels
   bool dense = false;  // fft valid: the dense / grouped FFT (fft_conv_dense.cuh), else depthwise
   int64_t workspace_bytes = 0;  // dense: cuda_dense_workspace(...).bytes
-  std::string error;  // non-empty: the handler fails the call with this message
+  std::string error;            // non-empty: the handler fails the call with this message
 };
 
 // The algorithm of this call under JAXCONV_CUDA_CONV_ALGO (read here): depthwise calls by the

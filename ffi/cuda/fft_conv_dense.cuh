@@ -1,9 +1,9 @@
 // FFT convolution on CUDA for dense and grouped layers (every group with more than one input or
 // output channel; depthwise stays in fft_conv.cuh): stride 1, any dilation, forward, bwd_data
 // (so stride-1 conv_transpose2d) and bwd_filter (kernels 3f-5f below), NCHW and NHWC, float32
-// (float16 / bfloat16 loaded and computed in float32). The plan, the workspace layout and the choice are in
-// fft_conv_choice.h; the correlation each direction computes is in ../fft_plan.h; the 2-d
-// transforms (fft2d_dit / fft2d_dif, one block of kFftThreads threads on a P x Q shared array)
+// (float16 / bfloat16 loaded and computed in float32). The plan, the workspace layout and the
+// choice are in fft_conv_choice.h; the correlation each direction computes is in ../fft_plan.h; the
+// 2-d transforms (fft2d_dit / fft2d_dif, one block of kFftThreads threads on a P x Q shared array)
 // are fft_conv.cuh's.
 //
 // Overlap-save over tiles of the output plane, then per frequency a GEMM over channels:
@@ -45,16 +45,16 @@
 namespace jaxconv::cuda {
 
 struct FftDenseParams {
-  FftConvParams t;              // per-plane geometry (make_fft_conv_params); t.C, t.items unused
-  int32_t data, result;         // channels of the transformed input / the output
-  int32_t cdg, crg;             // per group
-  int32_t M, F, Qh;             // rows (N * tiles), half-spectrum frequencies, Q/2 + 1
-  int64_t w_o, w_i;             // weight strides of its logical (O, I) axes
-  int32_t bwd;                  // bwd_data: data channel = o, result channel = c
-  float2* x;                    // X[f][m][cd]
-  float2* wf;                   // Wf[f][cr][cl]
-  float2* y;                    // Y[f][m][cr]
-  int* flag;                    // set: some operand holds inf or NaN
+  FftConvParams t;       // per-plane geometry (make_fft_conv_params); t.C, t.items unused
+  int32_t data, result;  // channels of the transformed input / the output
+  int32_t cdg, crg;      // per group
+  int32_t M, F, Qh;      // rows (N * tiles), half-spectrum frequencies, Q/2 + 1
+  int64_t w_o, w_i;      // weight strides of its logical (O, I) axes
+  int32_t bwd;           // bwd_data: data channel = o, result channel = c
+  float2* x;             // X[f][m][cd]
+  float2* wf;            // Wf[f][cr][cl]
+  float2* y;             // Y[f][m][cr]
+  int* flag;             // set: some operand holds inf or NaN
 };
 
 // The weight's element for result channel cr and data channel cl of cr's group.
@@ -199,8 +199,8 @@ __global__ void __launch_bounds__(kFftThreads) fft_dense_gemm_kernel(FftDensePar
       for (int e = tid; e < kFftGemmTile * kFftGemmK; e += kFftThreads) {
         const int row = e / kFftGemmK, kk = e % kFftGemmK;
         const bool kin = k0 + kk < p.cdg;
-        As[kk][row] = kin && m0 + row < p.M ? X[int64_t(m0 + row) * p.data + k0 + kk]
-                                            : make_float2(0.f, 0.f);
+        As[kk][row] =
+            kin && m0 + row < p.M ? X[int64_t(m0 + row) * p.data + k0 + kk] : make_float2(0.f, 0.f);
         Bs[kk][row] = kin && n0 + row < p.crg ? B[int64_t(n0 + row) * p.cdg + k0 + kk]
                                               : make_float2(0.f, 0.f);
       }
@@ -412,9 +412,9 @@ __global__ void __launch_bounds__(kFftThreads)
     fft2d_dif(buf, twiddle, t.logP, t.logQ, t.logN);
     for (int tap = threadIdx.x; tap < t.KH * t.KW; tap += kFftThreads) {
       const int kh = tap / t.KW, kw = tap - kh * t.KW;
-      const float v = buf[(fft_bit_reverse(kh * t.dh, t.logP) << t.logQ) +
-                          fft_bit_reverse(kw * t.dw, t.logQ)]
-                          .x;
+      const float v =
+          buf[(fft_bit_reverse(kh * t.dh, t.logP) << t.logQ) + fft_bit_reverse(kw * t.dw, t.logQ)]
+              .x;
       dw[int64_t(o) * p.w_o + int64_t(cl) * p.w_i + kh * t.w_h + kw * t.w_w] =
           Num<T>::store(v * scale);
     }
@@ -461,8 +461,8 @@ __global__ void __launch_bounds__(kFftThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// The kernels' parameters for direction `which` (0 forward, 1 bwd_data, 2 bwd_filter) under plan `pl` with
-// the workspace at `ws` (cuda_dense_workspace(g, dir, pl).bytes of it, 256-byte aligned).
+// The kernels' parameters for direction `which` (0 forward, 1 bwd_data, 2 bwd_filter) under plan
+// `pl` with the workspace at `ws` (cuda_dense_workspace(g, dir, pl).bytes of it, 256-byte aligned).
 inline FftDenseParams make_fft_dense_params(const ConvGeometry& g, int which, const FftPlan& pl,
                                             void* ws) {
   const ConvDirection dir = which == 1   ? ConvDirection::kBackwardData
@@ -500,8 +500,8 @@ cudaError_t fft_dense_conv(const ConvGeometry& g, int which, const FftPlan& pl, 
   if constexpr (std::is_same_v<T, double>) {
     return cudaErrorInvalidValue;  // float64 stays direct (cuda_fft_dense_inapplicable)
   } else {
-    if (!pl.valid() || pl.P > kCudaFftMaxSide || pl.Q > kCudaFftMaxSide || which < 0 ||
-        which > 2 || workspace == nullptr)
+    if (!pl.valid() || pl.P > kCudaFftMaxSide || pl.Q > kCudaFftMaxSide || which < 0 || which > 2 ||
+        workspace == nullptr)
       return cudaErrorInvalidValue;
     const FftDenseParams p = make_fft_dense_params(g, which, pl, workspace);
     if (which == 2) {
@@ -513,15 +513,15 @@ cudaError_t fft_dense_conv(const ConvGeometry& g, int which, const FftPlan& pl, 
       if (err == cudaSuccess)
         err = launch(fft_dense_data_kernel<T, true>, dim3(grid_blocks(int64_t(p.M) * p.result)),
                      dim3(kFftThreads), stream, p, b);
-      const int64_t items = int64_t(p.F) * (p.result / p.crg) *
-                            ceil_div_pos(p.crg, kFftGemmTile) * ceil_div_pos(p.cdg, kFftGemmTile);
+      const int64_t items = int64_t(p.F) * (p.result / p.crg) * ceil_div_pos(p.crg, kFftGemmTile) *
+                            ceil_div_pos(p.cdg, kFftGemmTile);
       if (err == cudaSuccess)
         err = launch(fft_dense_filter_gemm_kernel<T>, dim3(grid_blocks(items)), dim3(kFftThreads),
                      stream, p);
       if (err == cudaSuccess)
-        err = launch(fft_dense_filter_output_kernel<T>,
-                     dim3(grid_blocks(int64_t(p.result) * p.cdg)), dim3(kFftThreads), stream, p,
-                     out);
+        err =
+            launch(fft_dense_filter_output_kernel<T>, dim3(grid_blocks(int64_t(p.result) * p.cdg)),
+                   dim3(kFftThreads), stream, p, out);
       if (err != cudaSuccess) return err;
       const int64_t taps = int64_t(p.result) * p.cdg * p.t.KH * p.t.KW;
       return launch(fft_dense_filter_direct_kernel<T>,
@@ -541,8 +541,8 @@ cudaError_t fft_dense_conv(const ConvGeometry& g, int which, const FftPlan& pl, 
                    dim3(kFftThreads), stream, p, b);
       if (err != cudaSuccess) return err;
     }
-    const int64_t gemm_items = int64_t(p.F) * (p.result / p.crg) *
-                               ceil_div_pos(p.M, kFftGemmTile) * ceil_div_pos(p.crg, kFftGemmTile);
+    const int64_t gemm_items = int64_t(p.F) * (p.result / p.crg) * ceil_div_pos(p.M, kFftGemmTile) *
+                               ceil_div_pos(p.crg, kFftGemmTile);
     err = launch(fft_dense_gemm_kernel<T>, dim3(grid_blocks(gemm_items)), dim3(kFftThreads), stream,
                  p);
     if (err != cudaSuccess) return err;

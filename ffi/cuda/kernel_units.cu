@@ -135,8 +135,8 @@ cudaError_t launch_conv_fft(const ConvGeometry& g, int which, const FftPlan& pla
                                stream);
 }
 template <typename T>
-cudaError_t launch_conv_fft_dense(const ConvGeometry& g, int which, const FftPlan& plan,
-                                  const T* a, const T* b, const T* bias, T* out, void* workspace,
+cudaError_t launch_conv_fft_dense(const ConvGeometry& g, int which, const FftPlan& plan, const T* a,
+                                  const T* b, const T* bias, T* out, void* workspace,
                                   cudaStream_t stream) {
   return fft_dense_conv<T>(g, which, plan, a, b, bias, out, workspace, stream);
 }
@@ -176,9 +176,9 @@ cudaError_t launch_max_pool_backward(const PoolGeometry& g, const T* dy, const i
   template cudaError_t launch_conv_direct<T>(const ConvGeometry&, int, const T*, const T*,    \
                                              const T*, T*, cudaStream_t);                     \
   template cudaError_t launch_conv_fft<T>(const ConvGeometry&, int, const FftPlan&, const T*, \
-                                          const T*, const T*, T*, void*, cudaStream_t);   \
-  template cudaError_t launch_conv_fft_dense<T>(const ConvGeometry&, int, const FftPlan&,    \
-                                                const T*, const T*, const T*, T*, void*,    \
+                                          const T*, const T*, T*, void*, cudaStream_t);       \
+  template cudaError_t launch_conv_fft_dense<T>(const ConvGeometry&, int, const FftPlan&,     \
+                                                const T*, const T*, const T*, T*, void*,      \
                                                 cudaStream_t);
 #define JAXCONV_POOL(T)                                                                           \
   template cudaError_t launch_max_pool_forward<T>(const PoolGeometry&, const T*, T*, int32_t*,    \

@@ -57,9 +57,10 @@ int emu_dense_choice(int which, int dtype, const int64_t* x_dims, const int64_t*
 }
 
 // The dense FFT for direction `which` (0 forward: a = x, b = w, out = y; 1 bwd_data: a = dy,
-// b = w, out = dx; 2 bwd_filter: a = x, b = dy, out = dw), bias null or per result channel. plan: P, Q, TH, TW, or all zero for the
-// plan the choice would use (cuda_fft_dense_plan). The workspace is allocated here and filled
-// with NaN, so that a spectrum read before it is written fails the comparison.
+// b = w, out = dx; 2 bwd_filter: a = x, b = dy, out = dw), bias null or per result channel. plan:
+// P, Q, TH, TW, or all zero for the plan the choice would use (cuda_fft_dense_plan). The workspace
+// is allocated here and filled with NaN, so that a spectrum read before it is written fails the
+// comparison.
 int emu_fft_dense_conv(int which, int dtype, const int64_t* x_dims, const int64_t* w_dims,
                        const int64_t* attrs, const int64_t* plan, const void* a, const void* b,
                        const void* bias, void* out, unsigned max_blocks) {
@@ -89,9 +90,9 @@ int emu_fft_dense_conv(int which, int dtype, const int64_t* x_dims, const int64_
   void* ws = reinterpret_cast<void*>((addr + 255) / 256 * 256);
   const auto run = [&](auto zero) -> int {
     using T = decltype(zero);
-    const cudaError_t err = fft_dense_conv<T>(
-        g, which, pl, static_cast<const T*>(a), static_cast<const T*>(b),
-        static_cast<const T*>(bias), static_cast<T*>(out), ws, nullptr);
+    const cudaError_t err =
+        fft_dense_conv<T>(g, which, pl, static_cast<const T*>(a), static_cast<const T*>(b),
+                          static_cast<const T*>(bias), static_cast<T*>(out), ws, nullptr);
     return err == cudaSuccess ? 0 : 2;
   };
   if (g.N == 0) return 0;
