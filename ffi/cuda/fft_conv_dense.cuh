@@ -292,10 +292,14 @@ __global__ void __launch_bounds__(kFftThreads)
     for (int cl = 0; cl < p.cdg; ++cl) {
       const T* in_c = in + int64_t(n) * t.in_s.n + int64_t(grp * p.cdg + cl) * t.in_s.c;
       const T* w_rc = w + fft_dense_weight_offset(p, cr, cl);
+      // Tap loops kept rolled: unrolled, ptxas spilled 8 bytes of the float instantiation to
+      // the stack (test_sass forbids local memory); the fallback only runs on non-finite data.
+#pragma unroll 1
       for (int i2 = 0; i2 < t.KH; ++i2) {
         const int ih = oh + i2 * t.dh - t.pad_h;
         if (ih < 0 || ih >= t.inH) continue;
         const int kh = t.flip ? t.KH - 1 - i2 : i2;
+#pragma unroll 1
         for (int j = 0; j < t.KW; ++j) {
           const int iw = ow + j * t.dw - t.pad_w;
           if (iw < 0 || iw >= t.inW) continue;
