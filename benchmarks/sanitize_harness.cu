@@ -28,8 +28,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "cuda/fft_conv_choice.h"
 #include "cuda/launchers.h"
 
 using namespace jaxconv;
@@ -203,6 +205,31 @@ void run_conv(const ConvCase& k, int64_t layout, bool tf32, const char* dtype, b
            launch_conv_forward<T>(g, x.ptr, w.ptr, nullptr, y.ptr, mma, nullptr));
     report("bwd_data", k.name, dtype, lname,
            launch_conv_bwd_data<T>(g, dy.ptr, w.ptr, bias_x.ptr, dx.ptr, mma, nullptr));
+  }
+  // The dense FFT (fft_conv_dense.cuh) on the stride-1 dense / grouped cases, all three
+  // directions, with the plan the choice would use and its workspace exactly as the handler asks
+  // XLA for it (float64 never runs it; the large case is left out, slow under the emulation).
+  if constexpr (!std::is_same_v<T, double>) {
+    for (int which = 0; which < 3 && !k.large && k.groups != k.c; ++which) {
+      const ConvDirection dir = which == 2   ? ConvDirection::kBackwardFilter
+                                : which == 1 ? ConvDirection::kBackwardData
+                                             : ConvDirection::kForward;
+      if (cuda_fft_dense_inapplicable(g, dir, false)) break;
+      double cost;
+      bool fits;
+      const FftPlan pl = cuda_fft_dense_plan(g, dir, &cost, &fits);
+      void* fws = device_alloc(size_t(cuda_dense_workspace(g, dir, pl).bytes));
+      cudaError_t err;
+      if (which == 0)
+        err = launch_conv_fft_dense<T>(g, 0, pl, x.ptr, w.ptr, bias_y.ptr, y.ptr, fws, nullptr);
+      else if (which == 1)
+        err = launch_conv_fft_dense<T>(g, 1, pl, dy.ptr, w.ptr, bias_x.ptr, dx.ptr, fws, nullptr);
+      else
+        err = launch_conv_fft_dense<T>(g, 2, pl, x.ptr, dy.ptr, nullptr, dw.ptr, fws, nullptr);
+      const char* names[] = {"fft dense forward", "fft dense bwd_data", "fft dense bwd_filter"};
+      report(names[which], k.name, dtype, lname, err);
+      device_free(fws);
+    }
   }
   // bwd_filter of both kinds goes through the plan (direct shapes: the direct kernel, split).
   const FilterPlanSize plan = conv_bwd_filter_plan<T>(g, mma);

@@ -290,7 +290,7 @@ def _choice(emu, which, c, layout="NCHW", dtype="float32"):
 
 FORCED_ERRORS = {
     "stride2": (0, _dw(1, 4, 16, 16, 5, stride=2, pads=2), "float32", "need stride 1"),
-    "dense": (0, conv_case(1, 4, 16, 16, 8, 5, pads=2), "float32", "depthwise only"),
+    # (dense and grouped calls run fft_conv_dense.cuh: tests/test_cuda_fft_dense.py)
     "float64": (1, _dw(1, 4, 16, 16, 5, pads=2), "float64", "float64 runs the direct"),
     "bwd_filter_float64": (2, _dw(1, 4, 16, 16, 5, pads=2), "float64", "float64 runs the direct"),
     "kernel_over_64": (0, _dw(1, 2, 70, 70, 33, dilation=2, pads=32), "float32", "(64)"),

@@ -270,6 +270,7 @@ def test_small_tile_iterator_kernels_fit_three_blocks_per_sm():
         "direct_conv_",
         "fft_depthwise",
         "fft_filter_sum_kernel",
+        "fft_dense_",
     ],
 )
 def test_no_local_memory(family):

@@ -28,8 +28,24 @@ bool has_tensor_cores() {
   return major >= 8;
 }
 
-ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                         ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+// The dense FFT's workspace (fft_conv_choice.h, cuda_dense_workspace; bounded by
+// kCudaFftDenseMaxWorkspace when planned) from XLA's allocator, released when the call returns,
+// like bwd_filter's partial sums below. Without it the call fails rather than switching to the
+// direct kernels, which would sum in another order.
+ffi::Error dense_fft_workspace(ffi::ScratchAllocator& scratch, const CudaAlgoChoice& algo,
+                               const char* target, void** ws) {
+  auto mem = scratch.Allocate(size_t(algo.workspace_bytes), 256);
+  if (!mem.has_value())
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string(target) + ": cannot allocate the dense FFT workspace (" +
+                          std::to_string(algo.workspace_bytes) +
+                          " bytes); JAXCONV_CUDA_CONV_ALGO=direct avoids it");
+  *ws = *mem;
+  return ffi::Error::Success();
+}
+
+ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                         ffi::AnyBuffer w, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                          ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dFwd;
   ConvGeometry g;
@@ -42,6 +58,14 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
     const CudaAlgoChoice algo =
         choose_cuda_conv_algo(g, ConvDirection::kForward, std::is_same_v<T, double>);
     if (!algo.error.empty()) return invalid(kTarget, algo.error);
+    if (algo.fft.valid() && algo.dense) {
+      void* ws = nullptr;
+      JAXCONV_RETURN_IF_ERROR(dense_fft_workspace(scratch, algo, kTarget, &ws));
+      return check_cuda(kTarget, launch_conv_fft_dense<T>(
+                                     g, 0, algo.fft, static_cast<const T*>(x.untyped_data()),
+                                     static_cast<const T*>(w.untyped_data()), bias_or_null<T>(bias),
+                                     static_cast<T*>(y->untyped_data()), ws, stream));
+    }
     if (algo.fft.valid())
       return check_cuda(kTarget, launch_conv_fft<T>(
                                      g, 0, algo.fft, static_cast<const T*>(x.untyped_data()),
@@ -59,8 +83,8 @@ ffi::Error Conv2dFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   });
 }
 
-ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w,
-                             ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
+ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer dy,
+                             ffi::AnyBuffer w, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> dx,
                              ffi::Dictionary attrs) {
   constexpr const char* kTarget = targets::kConv2dBwdData;
   ConvGeometry g;
@@ -72,6 +96,14 @@ ffi::Error Conv2dBwdDataImpl(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuf
     const CudaAlgoChoice algo =
         choose_cuda_conv_algo(g, ConvDirection::kBackwardData, std::is_same_v<T, double>);
     if (!algo.error.empty()) return invalid(kTarget, algo.error);
+    if (algo.fft.valid() && algo.dense) {
+      void* ws = nullptr;
+      JAXCONV_RETURN_IF_ERROR(dense_fft_workspace(scratch, algo, kTarget, &ws));
+      return check_cuda(kTarget, launch_conv_fft_dense<T>(
+                                     g, 1, algo.fft, static_cast<const T*>(dy.untyped_data()),
+                                     static_cast<const T*>(w.untyped_data()), bias_or_null<T>(bias),
+                                     static_cast<T*>(dx->untyped_data()), ws, stream));
+    }
     if (algo.fft.valid())
       return check_cuda(kTarget, launch_conv_fft<T>(
                                      g, 1, algo.fft, static_cast<const T*>(dy.untyped_data()),
@@ -110,6 +142,14 @@ ffi::Error Conv2dBwdFilterImpl(cudaStream_t stream, ffi::ScratchAllocator scratc
     const CudaAlgoChoice algo =
         choose_cuda_conv_algo(g, ConvDirection::kBackwardFilter, std::is_same_v<T, double>);
     if (!algo.error.empty()) return invalid(kTarget, algo.error);
+    if (algo.fft.valid() && algo.dense) {
+      void* ws = nullptr;
+      JAXCONV_RETURN_IF_ERROR(dense_fft_workspace(scratch, algo, kTarget, &ws));
+      return check_cuda(
+          kTarget, launch_conv_fft_dense<T>(g, 2, algo.fft, static_cast<const T*>(x.untyped_data()),
+                                            static_cast<const T*>(dy.untyped_data()), nullptr,
+                                            static_cast<T*>(dw->untyped_data()), ws, stream));
+    }
     if (algo.fft.valid()) {
       // The per-tile tap sums (fft_conv.cuh), from XLA's allocator like the split plan's partial
       // sums below; without them the call fails (another algorithm would sum in another order).
@@ -157,19 +197,21 @@ namespace ffi = xla::ffi;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv2dFwdCuda, cuda::Conv2dFwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // w
-                                  .Arg<ffi::AnyBuffer>()  // bias, (O,) or (0,)
-                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ctx<ffi::ScratchAllocator>()  // dense FFT workspace
+                                  .Arg<ffi::AnyBuffer>()         // x
+                                  .Arg<ffi::AnyBuffer>()         // w
+                                  .Arg<ffi::AnyBuffer>()         // bias, (O,) or (0,)
+                                  .Ret<ffi::AnyBuffer>()         // y
                                   .Attrs());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv2dBwdDataCuda, cuda::Conv2dBwdDataImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // w
-                                  .Arg<ffi::AnyBuffer>()  // bias, (C,) or (0,)
-                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Ctx<ffi::ScratchAllocator>()  // dense FFT workspace
+                                  .Arg<ffi::AnyBuffer>()         // dy
+                                  .Arg<ffi::AnyBuffer>()         // w
+                                  .Arg<ffi::AnyBuffer>()         // bias, (C,) or (0,)
+                                  .Ret<ffi::AnyBuffer>()         // dx
                                   .Attrs());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv2dBwdFilterCuda, cuda::Conv2dBwdFilterImpl,

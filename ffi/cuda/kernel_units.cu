@@ -14,8 +14,9 @@
 //   5 filter_mma_large  tensor-core bwd_filter, 128 x 128         4
 //   6 filter_mma_small  tensor-core bwd_filter, 64 x 64           4
 //   7 direct         launch_conv_direct (depthwise_kernels.cuh: forward and bwd_data) and
-//                    launch_conv_fft (fft_conv.cuh); with dtype 0 also the launchers'
-//                    non-template functions                       8 + 1 (FFT; none for f64)
+//                    launch_conv_fft (fft_conv.cuh), launch_conv_fft_dense
+//                    (fft_conv_dense.cuh); with dtype 0 also the launchers'
+//                    non-template functions               8 + 1 + 5 (FFT; none for f64)
 //   8 pool           the three max-pool launchers                 12
 //
 // dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16 (the emulation's codes). Families 2, 3, 5
@@ -36,6 +37,7 @@
 #include "conv2d_kernels.cuh"
 #include "depthwise_kernels.cuh"
 #include "fft_conv.cuh"
+#include "fft_conv_dense.cuh"
 #include "max_pool2d_kernels.cuh"
 
 #if !defined(JAXCONV_UNIT) || !defined(JAXCONV_UNIT_DTYPE)
@@ -133,6 +135,12 @@ cudaError_t launch_conv_fft(const ConvGeometry& g, int which, const FftPlan& pla
                                stream);
 }
 template <typename T>
+cudaError_t launch_conv_fft_dense(const ConvGeometry& g, int which, const FftPlan& plan, const T* a,
+                                  const T* b, const T* bias, T* out, void* workspace,
+                                  cudaStream_t stream) {
+  return fft_dense_conv<T>(g, which, plan, a, b, bias, out, workspace, stream);
+}
+template <typename T>
 cudaError_t launch_max_pool_forward(const PoolGeometry& g, const T* x, T* y, int32_t* idx,
                                     cudaStream_t stream) {
   return max_pool2d_forward<T>(g, x, y, idx, stream);
@@ -168,7 +176,10 @@ cudaError_t launch_max_pool_backward(const PoolGeometry& g, const T* dy, const i
   template cudaError_t launch_conv_direct<T>(const ConvGeometry&, int, const T*, const T*,    \
                                              const T*, T*, cudaStream_t);                     \
   template cudaError_t launch_conv_fft<T>(const ConvGeometry&, int, const FftPlan&, const T*, \
-                                          const T*, const T*, T*, void*, cudaStream_t);
+                                          const T*, const T*, T*, void*, cudaStream_t);       \
+  template cudaError_t launch_conv_fft_dense<T>(const ConvGeometry&, int, const FftPlan&,     \
+                                                const T*, const T*, const T*, T*, void*,      \
+                                                cudaStream_t);
 #define JAXCONV_POOL(T)                                                                           \
   template cudaError_t launch_max_pool_forward<T>(const PoolGeometry&, const T*, T*, int32_t*,    \
                                                   cudaStream_t);                                  \

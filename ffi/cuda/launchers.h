@@ -48,6 +48,15 @@ cudaError_t launch_conv_fft(const ConvGeometry& g, int which, const FftPlan& pla
                             const T* b, const T* bias, T* out, void* workspace,
                             cudaStream_t stream);
 
+// Dense / grouped FFT convolution (fft_conv_dense.cuh), stride 1: which 0 forward, 1 bwd_data,
+// 2 bwd_filter (a = x, b = dy, out = dw, bias null), otherwise operands as launch_conv_direct, with
+// the plan from choose_cuda_conv_algo (its `dense` set) and a workspace of its workspace_bytes
+// (256-byte aligned). Float64 is never planned.
+template <typename T>
+cudaError_t launch_conv_fft_dense(const ConvGeometry& g, int which, const FftPlan& plan, const T* a,
+                                  const T* b, const T* bias, T* out, void* workspace,
+                                  cudaStream_t stream);
+
 // y = conv(x, w) + bias; bias (O,) or null.
 template <typename T>
 cudaError_t launch_conv_forward(const ConvGeometry& g, const T* x, const T* w, const T* bias, T* y,
