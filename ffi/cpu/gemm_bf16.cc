@@ -146,38 +146,11 @@ constexpr std::array<TileFn, sizeof...(R)> tiles(std::integer_sequence<int, R...
   return {&micro_kernel_bf16<R + 1, NP>...};  // [rows - 1]: 1 .. kMR rows
 }
 
-JAXCONV_BF16 void gemm_bf16_kernel(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                                   const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
-                                   bool accumulate) {
-  static constexpr auto tiles1 = tiles<1>(std::make_integer_sequence<int, kMR>{});
-  static constexpr auto tiles2 = tiles<2>(std::make_integer_sequence<int, kMR>{});
-  if (M <= 0 || N <= 0) return;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(float) * N);
-    return;
-  }
-  const int64_t KP = (K + 1) / 2, panels = (N + kL - 1) / kL, pstride = KP * kL;
-  uint32_t* Bq = reinterpret_cast<uint32_t*>(pair_buffer(0, panels * pstride));
-  uint32_t* Aq = reinterpret_cast<uint32_t*>(pair_buffer(1, kMC * KP));
-  convert_b(panels, K, Bp, panel_stride, Bq);
-  for (int64_t m0 = 0; m0 < M; m0 += kMC) {
-    const int64_t mb = std::min(kMC, M - m0);
-    convert_a(mb, K, A + m0 * lda, lda, Aq);
-    for (int64_t p = 0; p < panels; p += 2) {
-      const int64_t nr = std::min(2 * kL, N - p * kL);
-      const auto& t = nr > kL ? tiles2 : tiles1;
-      for (int64_t i = 0; i < mb; i += kMR)
-        t[std::min<int64_t>(kMR, mb - i) - 1](KP, Aq + i * KP, KP, Bq + p * pstride, pstride,
-                                              C + (m0 + i) * ldc + p * kL, ldc, accumulate, nr);
-    }
-  }
-}
-
-// Winograd's GEMM stage (winograd.cc), on operands it rounded to pairs itself: A rows of KP
-// pairs lda pairs apart, B panels of KP pair rows panel_stride pairs apart. No conversion here:
-// the transformed tiles are written as pairs by the input transform, the transformed filter
-// once per call. Each pair of panels runs down all the rows (B stays in L1 across them).
+// C (+)= A * B on operands already rounded to pairs: A rows of KP pairs lda pairs apart, B
+// panels of KP pair rows panel_stride pairs apart. gemm_bf16_kernel calls it after converting;
+// Winograd's GEMM stage (winograd.cc) calls it directly, its input transform having written the
+// tiles as pairs and the filter transform rounded once per call. Each pair of panels runs down
+// all the rows (B stays in L1 across them).
 JAXCONV_BF16 void gemm_bf16_pairs(int64_t M, int64_t N, int64_t KP, const uint32_t* A, int64_t lda,
                                   const uint32_t* Bq, int64_t panel_stride, float* C, int64_t ldc,
                                   bool accumulate) {
@@ -191,6 +164,26 @@ JAXCONV_BF16 void gemm_bf16_pairs(int64_t M, int64_t N, int64_t KP, const uint32
     for (int64_t i = 0; i < M; i += kMR)
       t[std::min<int64_t>(kMR, M - i) - 1](KP, A + i * lda, lda, Bq + p * panel_stride,
                                            panel_stride, C + i * ldc + p * kL, ldc, accumulate, nr);
+  }
+}
+
+JAXCONV_BF16 void gemm_bf16_kernel(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                   const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
+                                   bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(float) * N);
+    return;
+  }
+  const int64_t KP = (K + 1) / 2, panels = (N + kL - 1) / kL, pstride = KP * kL;
+  uint32_t* Bq = reinterpret_cast<uint32_t*>(pair_buffer(0, panels * pstride));
+  uint32_t* Aq = reinterpret_cast<uint32_t*>(pair_buffer(1, kMC * KP));
+  convert_b(panels, K, Bp, panel_stride, Bq);
+  for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+    const int64_t mb = std::min(kMC, M - m0);
+    convert_a(mb, K, A + m0 * lda, lda, Aq);
+    gemm_bf16_pairs(mb, N, KP, Aq, KP, Bq, pstride, C + m0 * ldc, ldc, accumulate);
   }
 }
 
