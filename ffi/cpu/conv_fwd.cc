@@ -134,7 +134,9 @@ template <typename T>
 void Conv<T>::run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, const T* w,
                        bool transposed, const T* bias, T* out) const {
   if (ps.N * ps.U * ps.V == 0) return;
-  std::vector<Acc> wpack;
+  // Kept between calls (the calling thread's own): a fresh vector per call had the kernel map
+  // and zero megabytes of pages every call. Tasks reach it through wmat.
+  thread_local std::vector<Acc> wpack;
   const Acc* wmat;
   // Forward NCHW with float weights: OIHW rows are already the A operand.
   if (kSame && !transposed && ps.layout == kNCHW) {

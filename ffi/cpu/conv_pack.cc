@@ -95,13 +95,39 @@ void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const 
   if (ps.layout == kNCHW) {
     out->resize(G * Cout * K);
     Acc* base = out->data();
-    pr.run(G * Cout, [&](int64_t task) {
-      int64_t grp = task / Cout, co = task % Cout;
-      Acc* row = base + (grp * Cout + co) * K;
-      for (int64_t ci = 0; ci < ps.Cin; ++ci)
-        for (int64_t th = 0; th < ps.TH(); ++th)
-          for (int64_t tw = 0; tw < ps.TW(); ++tw)
-            row[k_index(ps, ci, th, tw)] = weight(w, ps, transposed, grp, co, ci, th, tw);
+    // A task fills kRows consecutive rows, co innermost: transposed (bwd_data), row co reads
+    // w[ci][co] down a column of OIHW, and neighbouring co share that column's cache lines
+    // (one row per task read a whole line per weight: 40% of a 1x1 2048 -> 512 @7 bwd_data
+    // under perf).
+    constexpr int64_t kRows = 16;
+    const int64_t blocks = (Cout + kRows - 1) / kRows;
+    pr.run(G * blocks, [&](int64_t task) {
+      const int64_t grp = task / blocks, co0 = task % blocks * kRows;
+      const int64_t rows = std::min(kRows, Cout - co0);
+      Acc* row0 = base + (grp * Cout + co0) * K;
+      // weight(): w[(grp*Og + o)*ws.n + c*ws.c + tap], (o, c) = (ci, co) transposed, else
+      // (co, ci); the per-element index arithmetic of weight() cost as much as the copy.
+      const int64_t co_step = transposed ? ws.c : ws.n, ci_step = transposed ? ws.n : ws.c;
+      const T* wg = w + grp * Og * ws.n + co0 * co_step;
+      // Gathered kCols k at a time into a tile, then stored row by row: the rows are K apart,
+      // often a multiple of 4 KiB, and 16 interleaved single-float store streams that far apart
+      // share one L1 set.
+      constexpr int64_t kCols = 64;
+      Acc tile[kRows][kCols];
+      int64_t ci = 0, th = 0, tw = 0;  // k = (ci*TH + th)*TW + tw, walked with counters
+      for (int64_t k0 = 0; k0 < K; k0 += kCols) {
+        const int64_t kn = std::min(kCols, K - k0);
+        for (int64_t k = k0; k < k0 + kn; ++k) {
+          const T* src = wg + ci * ci_step + ps.kh_of[th] * ws.h + ps.kw_of[tw] * ws.w;
+          for (int64_t r = 0; r < rows; ++r) tile[r][k - k0] = Num<T>::load(src[r * co_step]);
+          if (++tw == ps.TW()) {
+            tw = 0;
+            if (++th == ps.TH()) th = 0, ++ci;
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(row0 + r * K + k0, tile[r], kn * sizeof(Acc));
+      }
     });
   } else {
     const int64_t panels = (Cout + NR - 1) / NR;
