@@ -1,15 +1,15 @@
 """The kernels' internal code paths, each forced by a shape, checked against lax (on every
 backend; the paths named are the CPU's, and the same shapes reach the CUDA tiles' edges).
 
-The fast CPU convolution splits work by shape: K-slices of the reduction (K > 384), column
-blocks that run across images (output planes under 128 cells) or split an image, row blocks,
-in-place 1x1 operands, the indirect forward GEMM (im2col read from x: unpadded NCHW small
-planes, NHWC with few channels), whole-row im2col copies in NHWC, stride phases of bwd_data (with taps
-that some phases lack) or its scatter form (col2im: small outputs, few input channels), the
-depthwise kernel, panel and micro-tile edges (channel counts that are not multiples of 6, 12 or
-16), and every instruction-set capability the CPU has (JAXCONV_CPU_CAPABILITY). Every case here is
-small, but chosen so that one of those paths is taken; values, input gradients and weight
-gradients are compared with lax at HIGHEST precision.
+The fast CPU convolution splits work by shape: K-slices of the reduction (K > 384), column blocks
+that run across images (output planes under 128 cells) or split an image, row blocks, in-place 1x1
+operands, the indirect forward GEMM (im2col read from x: unpadded NCHW small planes, NHWC with few
+channels), whole-row im2col copies in NHWC, stride phases of bwd_data (with taps that some phases
+lack) or its scatter form (col2im: small outputs, few input channels), the depthwise kernel, panel
+and micro-tile edges (channel counts that are not multiples of 6, 12 or 16), and every
+instruction-set capability the CPU has (JAXCONV_CPU_CAPABILITY). Every case here is small, but
+chosen so that one of those paths is taken; values, input gradients and weight gradients are
+compared with lax at HIGHEST precision.
 """
 
 import jax
