@@ -66,6 +66,12 @@ GEOMETRIES = {
     "even_kernel_SAME": ConvCase(kernel=(2, 4), padding="SAME"),
     "even_kernel_SAME_stride2": ConvCase(h=7, w=6, kernel=(4, 2), stride=2, padding="SAME"),
     "batch_of_one_wide_channels": ConvCase(n=1, c=8, o=5, h=3, w=3, padding=1),
+    # LeNet's C3 and C5 shapes, scaled down (NCHW forward on the indirect GEMM: a tile stored
+    # transposed, and a 1x1 output plane written in place), with and without bias.
+    "lenet_c3_valid": ConvCase(n=3, c=6, h=14, w=14, o=16, kernel=(5, 5)),
+    "lenet_c3_odd_channels": ConvCase(n=2, c=6, h=9, w=10, o=17, kernel=(5, 5)),
+    "lenet_c5_one_cell": ConvCase(n=4, c=16, h=5, w=5, o=24, kernel=(5, 5)),
+    "lenet_c5_one_cell_k4x5": ConvCase(n=3, c=5, h=4, w=5, o=20, kernel=(4, 5)),
 }
 
 

@@ -1,14 +1,15 @@
 """The kernels' internal code paths, each forced by a shape, checked against lax (on every
 backend; the paths named are the CPU's, and the same shapes reach the CUDA tiles' edges).
 
-The fast CPU convolution splits work by shape: K-slices of the reduction (K > 384), column
-blocks that run across images (output planes under 128 cells) or split an image, row blocks,
-in-place 1x1 operands, whole-row im2col copies in NHWC, stride phases of bwd_data (with taps
-that some phases lack) or its scatter form (col2im: small outputs, few input channels), the
-depthwise kernel, panel and micro-tile edges (channel counts that are not multiples of 6, 12 or
-16), and every instruction-set capability the CPU has (JAXCONV_CPU_CAPABILITY). Every case here is
-small, but chosen so that one of those paths is taken; values, input gradients and weight
-gradients are compared with lax at HIGHEST precision.
+The fast CPU convolution splits work by shape: K-slices of the reduction (K > 384), column blocks
+that run across images (output planes under 128 cells) or split an image, row blocks, in-place 1x1
+operands, the indirect forward GEMM (im2col read from x: unpadded NCHW small planes, NHWC with few
+channels), whole-row im2col copies in NHWC, stride phases of bwd_data (with taps that some phases
+lack) or its scatter form (col2im: small outputs, few input channels), the depthwise kernel, panel
+and micro-tile edges (channel counts that are not multiples of 6, 12 or 16), and every
+instruction-set capability the CPU has (JAXCONV_CPU_CAPABILITY). Every case here is small, but
+chosen so that one of those paths is taken; values, input gradients and weight gradients are
+compared with lax at HIGHEST precision.
 """
 
 import jax
@@ -63,6 +64,16 @@ CASES = {
     "planes >= 128 split, odd channel counts": C(
         n=2, c=3, h=12, w=40, o=130, kernel=(2, 2), padding=((0, 1), (1, 0)), dilation=(2, 1)
     ),
+    # Forward on the indirect GEMM (NCHW, no tap in the padding, output planes under 128 cells,
+    # a panel's worth of output channels per group): the im2col read straight from x, tiles
+    # [position][channel] stored transposed (two panels, the second 3 columns wide; 180
+    # positions in blocks of 48, the last ending in a 4-row tile), or written in place when the
+    # output plane is one cell (LeNet's C5), here with K in two slices and 40 channels (a panel
+    # pair and a half-empty panel). "col2im LeNet-like" below is LeNet's C3 forward.
+    "indirect strided dilated grouped, panel tail": C(
+        n=3, c=6, h=13, w=12, o=38, kernel=(3, 2), stride=(2, 1), dilation=(1, 2), groups=2
+    ),
+    "indirect 1x1 output plane, K sliced": C(n=5, c=17, h=5, w=5, o=40, kernel=(5, 5)),
     # bwd_data in scatter form (output much smaller than input):
     "col2im LeNet-like": C(n=3, c=6, h=14, w=14, o=16, kernel=(5, 5)),
     "col2im strided grouped padded": C(
@@ -119,6 +130,8 @@ def test_conv_paths_float32(backend, name, layout):
         "stride 3 phases",
         "col2im LeNet-like",
         "few channels stem 3->40 7x7/2",
+        "indirect strided dilated grouped, panel tail",
+        "indirect 1x1 output plane, K sliced",
     ],
 )
 def test_conv_paths_other_dtypes(backend, name, dtype, layout):
@@ -260,7 +273,8 @@ def test_pool_paths(backend, name, layout, dtype):
 # The tests above run the one chosen for this machine; a child process forced to each other one
 # by JAXCONV_CPU_CAPABILITY runs the paths whose kernels differ per capability: GEMM micro-tile
 # and panel tails (o = 5, 17, 130), K slices, stride phases and col2im, depthwise with a channel
-# tail, pooling registers and tails, and Winograd's transforms, each checked against lax.
+# tail, pooling registers and tails, Winograd's transforms, and the indirect GEMM's tiles (float32
+# and float64), each checked against lax.
 
 CAPABILITY_ENV = "JAXCONV_CPU_CAPABILITY"
 _CAPABILITY_CHECKS = (
@@ -270,9 +284,12 @@ _CAPABILITY_CHECKS = (
     "[t._check(t.CASES[n], 'cpu', lay, jnp.float32) for n in "
     "('plain 3x3', '1x1 in place, K sliced', 'planes >= 128 split, odd channel counts', "
     "'stride 3 phases', 'col2im strided grouped padded', 'depthwise anisotropic, channel tail', "
-    "'depthwise 21x21 on the FFT') for lay in ('NCHW', 'NHWC')];"
+    "'depthwise 21x21 on the FFT', 'indirect strided dilated grouped, panel tail', "
+    "'indirect 1x1 output plane, K sliced', 'col2im LeNet-like') for lay in ('NCHW', 'NHWC')];"
     "[t._check(t.CASES[n], 'cpu', 'NHWC', jnp.float64) for n in ('K sliced, small planes across "
     "images', 'depthwise stride 2')];"
+    "[t._check(t.CASES[n], 'cpu', 'NCHW', jnp.float64) for n in ('indirect strided dilated "
+    "grouped, panel tail', 'indirect 1x1 output plane, K sliced')];"
     "[t.test_pool_paths('cpu', n, lay, jnp.float32) for n in ('3x3/2 pad 1', '37 channels') "
     "for lay in ('NCHW', 'NHWC')];"
     "mp = pytest.MonkeyPatch();"

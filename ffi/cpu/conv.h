@@ -97,8 +97,16 @@ struct Conv {
   // The pass's weights as the GEMM wants them, for every group:
   //   NCHW: A[grp][co][k] (rows of the output channels)                 size G*Cout*K
   //   NHWC: B panels[grp]: panel co/NR holds [k][co % NR]              size G*ceil(Cout/NR)*NR*K
-  void pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w, bool transposed,
-                         std::vector<Acc>* out) const;
+  // Returns the packed weights (scratch<Acc, kWeights> of the calling thread, or w itself where
+  // it already is the operand: forward NCHW, T == Acc).
+  const Acc* pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w,
+                               bool transposed) const;
+
+  // Forward weights as B panels (the NHWC layout above) in either layout, from the
+  // contiguous runs the weight layouts have: HWIO's output channels of one reduction index k
+  // (k*O apart), OIHW's reduction row of one output channel (K long, transposed into the
+  // panel's column). Size G*ceil(Cout/NR)*NR*K, written whole (tail columns zero).
+  void pack_forward_panels(const ParallelRunner& pr, const Pass& ps, const T* w, Acc* out) const;
 
   // ------------------------------------------------------------------------------------------
   // Packing straight from the activations.
@@ -143,6 +151,11 @@ struct Conv {
   void store_nchw(const Pass& ps, const Acc* C, int64_t ldc, const std::vector<Run>& runs,
                   int64_t grp, T* out, const T* bias) const;
 
+  // NCHW output from a tile C[row][co] (ldc) for grid positions q0 .. q0 + rows (the indirect
+  // pass's tiles).
+  void store_rows_nchw(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, int64_t rows,
+                       int64_t grp, T* out, const T* bias) const;
+
   // NHWC tile C[row][co] (ldc) for grid positions q0 .. q0 + rows.
   void store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, int64_t rows, int64_t grp,
                   T* out, const T* bias) const;
@@ -157,6 +170,16 @@ struct Conv {
   // NHWC: per task, a block of grid rows (positions, across images) of one group; B = weights.
   void run_pass_nhwc(const ParallelRunner& pr, const Pass& ps, const T* in, const Acc* Bw,
                      const T* bias, T* out) const;
+
+  // The forward pass with A read straight from the activations (gemm_indirect; float32 and
+  // float64): rows are output positions, B = pack_forward_panels' weights. Taken when every tap
+  // of every position lands inside the input (no padding to read as zeros) and, in NCHW, when
+  // packing the im2col would cost more than the GEMM (indirect_pass). NCHW computes its tiles
+  // [position][channel] into scratch and stores them transposed (in place for 1x1 output
+  // planes, where y[n][co] is the tile's layout).
+  bool indirect_pass(const Pass& ps, bool transposed) const;
+  void run_pass_indirect(const ParallelRunner& pr, const Pass& ps, const T* in, const Acc* Bw,
+                         const T* bias, T* out) const;
 
   void run_pass(const ParallelRunner& pr, const Pass& ps, const T* in, const T* w, bool transposed,
                 const T* bias, T* out) const;

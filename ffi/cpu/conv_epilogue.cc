@@ -24,6 +24,24 @@ void Conv<T>::store_nchw(const Pass& ps, const Acc* C, int64_t ldc, const std::v
   }
 }
 
+// NCHW output from a tile C[row][co] (ldc) for grid positions q0 .. q0 + rows: per channel,
+// the block's runs of one grid row, each a contiguous store (read down the tile's column).
+template <typename T>
+void Conv<T>::store_rows_nchw(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, int64_t rows,
+                              int64_t grp, T* out, const T* bias) const {
+  thread_local std::vector<Run> runs;
+  grid_runs(q0, q0 + rows, ps.U, ps.V, &runs);
+  for (int64_t co = 0; co < ps.Cout; ++co) {
+    const Acc b = bias ? Num<T>::load(bias[grp * ps.Cout + co]) : Acc(0);
+    for (const Run& r : runs) {
+      T* dst = out_cell(ps, out, r.n, grp * ps.Cout + co, r.u, r.v);
+      const Acc* src = C + r.at * ldc + co;
+      for (int64_t i = 0; i < r.len; ++i)
+        dst[i * ps.w_spacing * ps.os.w] = Num<T>::store(src[i * ldc] + b);
+    }
+  }
+}
+
 // NHWC tile C[row][co] (ldc) for grid positions q0 .. q0 + rows.
 template <typename T>
 void Conv<T>::store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, int64_t rows,
@@ -40,11 +58,13 @@ void Conv<T>::store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, 
   }
 }
 
-#define JAXCONV_INSTANTIATE(T)                                                             \
-  template void Conv<T>::store_nchw(const Pass& ps, const Acc* C, int64_t ldc,             \
-                                    const std::vector<Run>& runs, int64_t grp, T* out,     \
-                                    const T* bias) const;                                  \
-  template void Conv<T>::store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0, \
+#define JAXCONV_INSTANTIATE(T)                                                                    \
+  template void Conv<T>::store_nchw(const Pass& ps, const Acc* C, int64_t ldc,                    \
+                                    const std::vector<Run>& runs, int64_t grp, T* out,            \
+                                    const T* bias) const;                                         \
+  template void Conv<T>::store_rows_nchw(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0,   \
+                                         int64_t rows, int64_t grp, T* out, const T* bias) const; \
+  template void Conv<T>::store_nhwc(const Pass& ps, const Acc* C, int64_t ldc, int64_t q0,        \
                                     int64_t rows, int64_t grp, T* out, const T* bias) const;
 JAXCONV_FOR_EACH_STORAGE_TYPE(JAXCONV_INSTANTIATE)
 #undef JAXCONV_INSTANTIATE

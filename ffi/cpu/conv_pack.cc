@@ -88,17 +88,33 @@ Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const {
 // The pass's weights as the GEMM wants them, for every group:
 //   NCHW: A[grp][co][k] (rows of the output channels)                 size G*Cout*K
 //   NHWC: B panels[grp]: panel co/NR holds [k][co % NR]              size G*ceil(Cout/NR)*NR*K
+// in the calling thread's kWeights scratch: grow-only, so a call neither allocates nor
+// page-faults a fresh buffer (1x1 2048 -> 512 has 4 MB of float32 weights), and written whole,
+// so nothing needs zeroing first.
 template <typename T>
-void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w,
-                                bool transposed, std::vector<Acc>* out) const {
+const typename Conv<T>::Acc* Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps,
+                                                        const T* w, bool transposed) const {
   const int64_t K = ps.K(), G = ps.G, Cout = ps.Cout;
+  if (ps.layout == kNCHW && !transposed) {
+    // Forward NCHW: OIHW rows are already the A operand (half types: widened as one
+    // contiguous copy; pack_pass_weights' strided weight() per element took ~10% of a
+    // bfloat16 1x1 512 -> 2048 @7 forward under perf).
+    if constexpr (kSame) return reinterpret_cast<const Acc*>(w);
+    const int64_t n = G * Cout * K;
+    constexpr int64_t kChunk = 1 << 15;
+    Acc* const dst = scratch<Acc, kWeights>(n);
+    pr.run((n + kChunk - 1) / kChunk, [&](int64_t c) {
+      const int64_t lo = c * kChunk;
+      copy_widen(dst + lo, w + lo, std::min(kChunk, n - lo), 1);
+    });
+    return dst;
+  }
   if (ps.layout == kNCHW) {
-    out->resize(G * Cout * K);
-    Acc* base = out->data();
+    Acc* base = scratch<Acc, kWeights>(G * Cout * K);
     // A task fills kRows consecutive rows, co innermost: transposed (bwd_data), row co reads
     // w[ci][co] down a column of OIHW, and neighbouring co share that column's cache lines
-    // (one row per task read a whole line per weight: 40% of a 1x1 2048 -> 512 @7 bwd_data
-    // under perf).
+    // (with one row per task, the pack took 19% of a 1x1 512 -> 2048 @7 bwd_data's samples
+    // under perf, the GEMM 27%; this form: 9% against 28%).
     constexpr int64_t kRows = 16;
     const int64_t blocks = (Cout + kRows - 1) / kRows;
     pr.run(G * blocks, [&](int64_t task) {
@@ -129,24 +145,83 @@ void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const 
           std::memcpy(row0 + r * K + k0, tile[r], kn * sizeof(Acc));
       }
     });
-  } else {
-    const int64_t panels = (Cout + NR - 1) / NR;
-    out->resize(G * panels * NR * K);
-    Acc* base = out->data();
-    pr.run(G * panels, [&](int64_t task) {
-      int64_t grp = task / panels, p = task % panels;
-      Acc* panel = base + (grp * panels + p) * K * NR;
-      int64_t c0 = p * NR, nr = std::min(NR, Cout - c0);
-      for (int64_t th = 0; th < ps.TH(); ++th)
-        for (int64_t tw = 0; tw < ps.TW(); ++tw)
-          for (int64_t ci = 0; ci < ps.Cin; ++ci) {
-            Acc* dst = panel + k_index(ps, ci, th, tw) * NR;
-            for (int64_t j = 0; j < nr; ++j)
-              dst[j] = weight(w, ps, transposed, grp, c0 + j, ci, th, tw);
-            for (int64_t j = nr; j < NR; ++j) dst[j] = Acc(0);
-          }
-    });
+    return base;
   }
+  const int64_t panels = (Cout + NR - 1) / NR;
+  Acc* base = scratch<Acc, kWeights>(G * panels * NR * K);
+  if (!transposed) {
+    pack_forward_panels(pr, ps, w, base);
+    return base;
+  }
+  pr.run(G * panels, [&](int64_t task) {
+    int64_t grp = task / panels, p = task % panels;
+    Acc* panel = base + (grp * panels + p) * K * NR;
+    int64_t c0 = p * NR, nr = std::min(NR, Cout - c0);
+    for (int64_t th = 0; th < ps.TH(); ++th)
+      for (int64_t tw = 0; tw < ps.TW(); ++tw)
+        for (int64_t ci = 0; ci < ps.Cin; ++ci) {
+          Acc* dst = panel + k_index(ps, ci, th, tw) * NR;
+          for (int64_t j = 0; j < nr; ++j)
+            dst[j] = weight(w, ps, transposed, grp, c0 + j, ci, th, tw);
+          for (int64_t j = nr; j < NR; ++j) dst[j] = Acc(0);
+        }
+  });
+  return base;
+}
+
+// Forward weights as B panels, k in the pass's order (k_index): NHWC k = (kh, kw, ci), whose
+// HWIO offset is k*O + o; NCHW k = (ci, kh, kw), whose OIHW offset is o*K + k.
+template <typename T>
+void Conv<T>::pack_forward_panels(const ParallelRunner& pr, const Pass& ps, const T* w,
+                                  Acc* out) const {
+  const int64_t K = ps.K(), Cout = ps.Cout, panels = (Cout + NR - 1) / NR;
+  // NHWC: per task a block of kBlock reduction rows of one group, each row read once along its
+  // output channels and dealt out NR at a time, so both sides move in long runs (per panel
+  // kBlock*NR consecutive values). By panels instead, every copy read NR values 4*O bytes
+  // from the last (4 MB of 2048 -> 512 weights: one page per row) and took 4% of a 1x1
+  // 512 -> 2048 @7 forward under perf.
+  constexpr int64_t kBlock = 32;
+  const int64_t kblocks = (K + kBlock - 1) / kBlock;
+  auto nhwc_rows = [&](int64_t task) {
+    const int64_t grp = task / kblocks, k0 = (task % kblocks) * kBlock;
+    const int64_t k1 = std::min(K, k0 + kBlock);
+    Acc* dst_g = out + grp * panels * K * NR;
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* src = w + k * ws.c + grp * Cout;
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t c0 = p * NR, nr = std::min(NR, Cout - c0);
+        Acc* dst = dst_g + p * K * NR + k * NR;
+        copy_widen(dst, src + c0, nr, 1);
+        zero(dst + nr, NR - nr);
+      }
+    }
+  };
+  // NCHW: per task one panel, output channel j's row (K consecutive values) into column j.
+  auto nchw_panel = [&](int64_t task) {
+    const int64_t grp = task / panels, c0 = (task % panels) * NR;
+    const int64_t nr = std::min(NR, Cout - c0);
+    Acc* dst = out + task * K * NR;
+    if (nr < NR)
+      for (int64_t k = 0; k < K; ++k) zero(dst + k * NR + nr, NR - nr);
+    for (int64_t j = 0; j < nr; ++j) {
+      const T* src = w + (grp * Cout + c0 + j) * ws.n;
+      for (int64_t k = 0; k < K; ++k) dst[k * NR + j] = Num<T>::load(src[k]);
+    }
+  };
+  const bool nhwc = ps.layout == kNHWC;
+  const int64_t tasks = ps.G * (nhwc ? kblocks : panels);
+  auto run = [&](const auto& fn) {
+    // Small weights (LeNet's 16 x 150) in one go: a pool dispatch would cost more than the copy.
+    if (ps.G * panels * K * NR < (int64_t(1) << 15)) {
+      for (int64_t t = 0; t < tasks; ++t) fn(t);
+    } else {
+      pr.run(tasks, fn);
+    }
+  };
+  if (nhwc)
+    run(nhwc_rows);
+  else
+    run(nchw_panel);
 }
 
 // NCHW: Col^T rows k in [k0, k0 + kc) for grid positions `runs` (the block's columns), into
@@ -268,8 +343,10 @@ void Conv<T>::pack_col_panels_nhwc(const Pass& ps, const T* x, int64_t grp, int6
 #define JAXCONV_INSTANTIATE(T)                                                                     \
   template Pass Conv<T>::forward_pass() const;                                                     \
   template Pass Conv<T>::bwd_data_phase(int64_t rh, int64_t rw) const;                             \
-  template void Conv<T>::pack_pass_weights(const ParallelRunner& pr, const Pass& ps, const T* w,   \
-                                           bool transposed, std::vector<Acc>* out) const;          \
+  template const typename Conv<T>::Acc* Conv<T>::pack_pass_weights(                                \
+      const ParallelRunner& pr, const Pass& ps, const T* w, bool transposed) const;                \
+  template void Conv<T>::pack_forward_panels(const ParallelRunner& pr, const Pass& ps, const T* w, \
+                                             Acc* out) const;                                      \
   template void Conv<T>::pack_colT_panels(const Pass& ps, const T* in, int64_t grp, int64_t k0,    \
                                           int64_t kc, const std::vector<Run>& runs, Acc* Bp)       \
       const;                                                                                       \

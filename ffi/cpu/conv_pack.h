@@ -20,6 +20,8 @@ enum ScratchSlot {
   kTile,           // an output tile computed in scratch before its epilogue
   kGatherLine,     // one im2col row gathered run by run before it is dealt out to panels
   kSlab,           // col2im's float32 accumulator for one (image, group) of dx (half types)
+  kWeights,        // a pass's packed weights, on the calling thread for the whole call (the
+                   // pool's threads read it); never reused by a task, whose slots are above
 };
 template <typename A, ScratchSlot Slot>
 A* scratch(size_t n) {

@@ -11,6 +11,10 @@
 // micro-kernel sweeps down an MC-row block of A held in L2; the loops here are
 //   for each MC-row block of A:  for each B panel:  for each MR-row tile:  micro-kernel.
 //
+// The same loops serve gemm_indirect (gemm.h): the micro-kernels read A through an addressing
+// policy (InPlaceA: A + r*lda + k; IndirectA: rows[r] + koff[k]), so the forward convolution can
+// feed its im2col to the micro-kernel without packing it.
+//
 // Compiled once per capability (kernel_table.h): for baseline x86-64 GCC's vector extensions
 // become SSE2 pairs; with AVX2+FMA one ymm register per vector, a*b+c contracted to vfmadd.
 //
@@ -46,26 +50,48 @@ namespace {
 
 constexpr int kMR = 6;
 
+// How the micro-kernels read A[r][k]. In place: row r at A + r*lda, element k at +k (the packed
+// GEMM). Indirect: row r at rows[r], element k at +koff[k] (gemm_indirect: an implicit-GEMM
+// operand read straight from the activations, one row pointer per output position and one
+// offset per reduction index, so nothing is packed). The k loop adds one load of koff[k] per
+// step, shared by the MR rows; with InPlace, off(k) = k compiles to the plain GEMM.
+template <typename S>
+struct InPlaceA {
+  const S* A;
+  int64_t lda;
+  const S* row(int r) const { return A + r * lda; }
+  int64_t off(int64_t k) const { return k; }
+  InPlaceA from(int64_t i) const { return {A + i * lda, lda}; }
+};
+template <typename S>
+struct IndirectA {
+  const S* const* rows;
+  const int64_t* koff;
+  const S* row(int r) const { return rows[r]; }
+  int64_t off(int64_t k) const { return koff[k]; }
+  IndirectA from(int64_t i) const { return {rows + i, koff}; }
+};
+
 // One MR x NR tile: C[0:MR, 0:nr] (+)= A[0:MR, 0:K] * Bpanel[0:K, 0:NR]. Rows past `mr` of A are
 // never read: MR is the compile-time row count of this instantiation (mr == MR). Columns past nr
 // are computed (the panel is zero-padded) but not stored.
-template <typename S, int MR>
-__attribute__((always_inline)) inline void micro_kernel(int64_t K, const S* A, int64_t lda,
-                                                        const S* Bp, S* C, int64_t ldc,
-                                                        bool accumulate, int64_t nr) {
+template <typename S, int MR, typename AOp>
+__attribute__((always_inline)) inline void micro_kernel(int64_t K, AOp A, const S* Bp, S* C,
+                                                        int64_t ldc, bool accumulate, int64_t nr) {
   constexpr int L = kLanes<S>, NR = 2 * L;
   V<S> c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) c0[r] = c1[r] = V<S>{};
   const S* a[MR];
 #pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) a[r] = A + r * lda;
+  for (int r = 0; r < MR; ++r) a[r] = A.row(r);
 #pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k) {
     V<S> b0 = load(Bp + k * NR), b1 = load(Bp + k * NR + L);
+    const int64_t o = A.off(k);
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      S ar = a[r][k];
+      S ar = a[r][o];
       c0[r] += b0 * ar;
       c1[r] += b1 * ar;
     }
@@ -116,9 +142,9 @@ __attribute__((always_inline)) inline void store_first(S* p, int64_t n, V512<S> 
 // One MR x (NP panels) tile: C[0:MR, 0:nr] (+)= A[0:MR, 0:K] * [panel 0 | panel 1][0:K, :],
 // nr <= NP * L columns (a panel is L = one zmm of columns, zero-padded past N; columns past nr
 // are computed but never stored). Panel 1 starts panel_stride elements after panel 0.
-template <typename S, int MR, int NP>
-void micro_kernel_512(int64_t K, const S* A, int64_t lda, const S* Bp, int64_t panel_stride, S* C,
-                      int64_t ldc, bool accumulate, int64_t nr) {
+template <typename S, int MR, int NP, typename AOp>
+void micro_kernel_512(int64_t K, AOp A, const S* Bp, int64_t panel_stride, S* C, int64_t ldc,
+                      bool accumulate, int64_t nr) {
   constexpr int L = kLanes512<S>;
   V512<S> c[NP][MR];
 #pragma GCC unroll 16
@@ -127,15 +153,16 @@ void micro_kernel_512(int64_t K, const S* A, int64_t lda, const S* Bp, int64_t p
     for (int p = 0; p < NP; ++p) c[p][r] = V512<S>{};
   const S* a[MR];
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) a[r] = A + r * lda;
+  for (int r = 0; r < MR; ++r) a[r] = A.row(r);
   const S* b1 = Bp + (NP > 1 ? panel_stride : 0);
   for (int64_t k = 0; k < K; ++k) {
     V512<S> b0v, b1v;
     std::memcpy(&b0v, Bp + k * L, sizeof(b0v));
     if constexpr (NP > 1) std::memcpy(&b1v, b1 + k * L, sizeof(b1v));
+    const int64_t o = A.off(k);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const S ar = a[r][k];
+      const S ar = a[r][o];
       c[0][r] += b0v * ar;
       if constexpr (NP > 1) c[1][r] += b1v * ar;
     }
@@ -163,23 +190,22 @@ void micro_kernel_512(int64_t K, const S* A, int64_t lda, const S* Bp, int64_t p
 }
 
 // Row-tail tiles (1 .. kMR512 - 1 rows) of NP panels, by row count.
-template <typename S, int NP, int... R>
+template <typename S, int NP, typename AOp, int... R>
 constexpr auto row_tail_kernels(std::integer_sequence<int, R...>) {
-  return std::array<void (*)(int64_t, const S*, int64_t, const S*, int64_t, S*, int64_t, bool,
-                             int64_t),
-                    sizeof...(R)>{&micro_kernel_512<S, R + 1, NP>...};
+  return std::array<void (*)(int64_t, AOp, const S*, int64_t, S*, int64_t, bool, int64_t),
+                    sizeof...(R)>{&micro_kernel_512<S, R + 1, NP, AOp>...};
 }
 
-template <typename S>
-void gemm_packed_kernel_512(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* Bp,
-                            int64_t panel_stride, S* C, int64_t ldc, bool accumulate) {
+template <typename S, typename AOp>
+void gemm_512(int64_t M, int64_t N, int64_t K, AOp A, const S* Bp, int64_t panel_stride, S* C,
+              int64_t ldc, bool accumulate) {
   constexpr int64_t L = kLanes512<S>;
   static_assert(L == kPanelWidth<S>, "a packed panel is one zmm register");
   constexpr int64_t MC = 8 * kMR512;  // MC x K of A stays in L2 (K <= a few hundred)
   static constexpr auto tails1 =
-      row_tail_kernels<S, 1>(std::make_integer_sequence<int, kMR512 - 1>{});
+      row_tail_kernels<S, 1, AOp>(std::make_integer_sequence<int, kMR512 - 1>{});
   static constexpr auto tails2 =
-      row_tail_kernels<S, 2>(std::make_integer_sequence<int, kMR512 - 1>{});
+      row_tail_kernels<S, 2, AOp>(std::make_integer_sequence<int, kMR512 - 1>{});
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::memset(C + i * ldc, 0, sizeof(S) * N);
@@ -195,27 +221,25 @@ void gemm_packed_kernel_512(int64_t M, int64_t N, int64_t K, const S* A, int64_t
       int64_t i = m0;
       if (nr > L) {
         for (; i + kMR512 <= m1; i += kMR512)
-          micro_kernel_512<S, kMR512, 2>(K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc,
+          micro_kernel_512<S, kMR512, 2>(K, A.from(i), bp, panel_stride, cp + i * ldc, ldc,
                                          accumulate, nr);
         if (i < m1)
-          tails2[m1 - i - 1](K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc, accumulate,
-                             nr);
+          tails2[m1 - i - 1](K, A.from(i), bp, panel_stride, cp + i * ldc, ldc, accumulate, nr);
       } else {
         for (; i + kMR512 <= m1; i += kMR512)
-          micro_kernel_512<S, kMR512, 1>(K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc,
+          micro_kernel_512<S, kMR512, 1>(K, A.from(i), bp, panel_stride, cp + i * ldc, ldc,
                                          accumulate, nr);
         if (i < m1)
-          tails1[m1 - i - 1](K, A + i * lda, lda, bp, panel_stride, cp + i * ldc, ldc, accumulate,
-                             nr);
+          tails1[m1 - i - 1](K, A.from(i), bp, panel_stride, cp + i * ldc, ldc, accumulate, nr);
       }
     }
   }
 }
 #endif  // __AVX512F__
 
-template <typename S>
-void gemm_packed_kernel(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* Bp,
-                        int64_t panel_stride, S* C, int64_t ldc, bool accumulate) {
+template <typename S, typename AOp>
+void gemm_vec(int64_t M, int64_t N, int64_t K, AOp A, const S* Bp, int64_t panel_stride, S* C,
+              int64_t ldc, bool accumulate) {
   constexpr int64_t NR = 2 * kLanes<S>;
   // Rows of A per block: MC x K of A (K <= a few hundred) stays in L2 while every panel of B
   // passes over it.
@@ -234,39 +258,48 @@ void gemm_packed_kernel(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda
       S* cp = C + p * NR;
       int64_t i = m0;
       for (; i + kMR <= m1; i += kMR)
-        micro_kernel<S, kMR>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
+        micro_kernel<S, kMR>(K, A.from(i), bp, cp + i * ldc, ldc, accumulate, nr);
       switch (m1 - i) {
-        case 5:
-          micro_kernel<S, 5>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
-          break;
-        case 4:
-          micro_kernel<S, 4>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
-          break;
-        case 3:
-          micro_kernel<S, 3>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
-          break;
-        case 2:
-          micro_kernel<S, 2>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
-          break;
-        case 1:
-          micro_kernel<S, 1>(K, A + i * lda, lda, bp, cp + i * ldc, ldc, accumulate, nr);
-          break;
+        case 5: micro_kernel<S, 5>(K, A.from(i), bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 4: micro_kernel<S, 4>(K, A.from(i), bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 3: micro_kernel<S, 3>(K, A.from(i), bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 2: micro_kernel<S, 2>(K, A.from(i), bp, cp + i * ldc, ldc, accumulate, nr); break;
+        case 1: micro_kernel<S, 1>(K, A.from(i), bp, cp + i * ldc, ldc, accumulate, nr); break;
         default: break;
       }
     }
   }
 }
 
+// The table's entry points: A in place, or indirect (kernel_table.h).
+template <typename S>
+void gemm_packed_kernel(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* Bp,
+                        int64_t panel_stride, S* C, int64_t ldc, bool accumulate) {
+#if defined(__AVX512F__)
+  gemm_512(M, N, K, InPlaceA<S>{A, lda}, Bp, panel_stride, C, ldc, accumulate);
+#else
+  gemm_vec(M, N, K, InPlaceA<S>{A, lda}, Bp, panel_stride, C, ldc, accumulate);
+#endif
+}
+
+template <typename S>
+void gemm_indirect_kernel(int64_t M, int64_t N, int64_t K, const S* const* rows,
+                          const int64_t* koff, const S* Bp, int64_t panel_stride, S* C, int64_t ldc,
+                          bool accumulate) {
+#if defined(__AVX512F__)
+  gemm_512(M, N, K, IndirectA<S>{rows, koff}, Bp, panel_stride, C, ldc, accumulate);
+#else
+  gemm_vec(M, N, K, IndirectA<S>{rows, koff}, Bp, panel_stride, C, ldc, accumulate);
+#endif
+}
+
 }  // namespace
 
 void add_gemm_kernels(KernelTable* table) {
-#if defined(__AVX512F__)
-  table->gemm_f32 = gemm_packed_kernel_512<float>;
-  table->gemm_f64 = gemm_packed_kernel_512<double>;
-#else
   table->gemm_f32 = gemm_packed_kernel<float>;
   table->gemm_f64 = gemm_packed_kernel<double>;
-#endif
+  table->gemm_indirect_f32 = gemm_indirect_kernel<float>;
+  table->gemm_indirect_f64 = gemm_indirect_kernel<double>;
 }
 
 }  // namespace jaxconv::JAXCONV_CPU_CAPABILITY

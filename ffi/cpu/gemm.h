@@ -29,6 +29,21 @@ inline void gemm_packed(int64_t M, int64_t N, int64_t K, const double* A, int64_
   kernels().gemm_f64(M, N, K, A, lda, Bp, panel_stride, C, ldc, accumulate);
 }
 
+// C[M x N] (+)= A * Bp with A[r][k] = rows[r][koff[k]]: the forward convolution's im2col read
+// straight from the activations (rows[r]: output position r's first input cell, koff[k]: where
+// reduction index k lies from it), for passes whose taps all land inside the input (conv_fwd.cc).
+inline void gemm_indirect(int64_t M, int64_t N, int64_t K, const float* const* rows,
+                          const int64_t* koff, const float* Bp, int64_t panel_stride, float* C,
+                          int64_t ldc, bool accumulate) {
+  kernels().gemm_indirect_f32(M, N, K, rows, koff, Bp, panel_stride, C, ldc, accumulate);
+}
+
+inline void gemm_indirect(int64_t M, int64_t N, int64_t K, const double* const* rows,
+                          const int64_t* koff, const double* Bp, int64_t panel_stride, double* C,
+                          int64_t ldc, bool accumulate) {
+  kernels().gemm_indirect_f64(M, N, K, rows, koff, Bp, panel_stride, C, ldc, accumulate);
+}
+
 // The GEMM of a convolution of storage type T, on operands packed from T's values (widened to
 // float32 exactly, for the half types): bfloat16 runs on vdpbf16ps where the CPU has it (the
 // avx512_bf16 table, gemm_bf16.cc); everything else on gemm_packed. Only operands that hold

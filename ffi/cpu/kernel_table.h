@@ -63,6 +63,13 @@ template <typename S>
 using GemmPacked = void (*)(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* Bp,
                             int64_t panel_stride, S* C, int64_t ldc, bool accumulate);
 
+// The same GEMM with A read indirectly (gemm.cc): A[r][k] = rows[r][koff[k]], a row pointer per
+// row of C and an offset per reduction index (gemm.h's gemm_indirect).
+template <typename S>
+using GemmIndirect = void (*)(int64_t M, int64_t N, int64_t K, const S* const* rows,
+                              const int64_t* koff, const S* Bp, int64_t panel_stride, S* C,
+                              int64_t ldc, bool accumulate);
+
 struct KernelTable {
   const char* capability;  // "baseline", "avx2", "avx512", "avx512_bf16"
   GemmPacked<float> gemm_f32;
@@ -80,6 +87,8 @@ struct KernelTable {
   // capability has it); the packing of float16 operands (conv_pack.h's copy_widen).
   void (*widen_f16)(float* dst, const uint16_t* src, int64_t n);
   GemmPacked<double> gemm_f64;
+  GemmIndirect<float> gemm_indirect_f32;
+  GemmIndirect<double> gemm_indirect_f64;
   DepthwiseKernels<float> depthwise_f32;
   DepthwiseKernels<double> depthwise_f64;
   DepthwiseKernels<f16_t> depthwise_f16;
