@@ -452,8 +452,21 @@ bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
 // many 4x4 tiles as channels: ResNet-50's 3x3 256-channel layer at 14x14, batch 4 (64 tiles),
 // ran forward in 0.28-0.57x and forward+backward in 0.75-0.82x the direct time in two
 // interleaved runs (min of 9, 2-core Zen 4 at load 200-365), F(2x2) between the two; 128
-// channels at 28x28 (196 tiles) likewise preferred F(4x4) forward. 512 channels at 7x7 (16
-// tiles) stays direct: both tiles were slower there.
+// channels at 28x28 (196 tiles) likewise preferred F(4x4) forward.
+//
+// Many channels on few tiles: F(4x4) also from 32 tiles of 4x4 whatever the channel count, on
+// the panels schedule (run()), whose filter transform (about a^2 * Cin * Cout * 5.4
+// multiply-adds) is small next to its GEMMs (a^2 * Q * Cin * Cout) from Q = 32 on. Same-run
+// ratios to lax, forward / bwd_data, NCHW and NHWC (2-core Zen 4, load 5-7): ResNet-50's 512 @7
+// at batch 8 (32 tiles) F(4x4) 1.85 / 1.83, 1.72 / 1.75 against direct's 1.42 / 0.99, 0.99 /
+// 1.28; batch 16 F(4x4) 1.53 / 1.85, 2.55 / 1.79 against 1.21 / 0.85, 1.01 / 1.20; 256 @14 at
+// batch 2 (32 tiles) F(4x4) 1.47 / 2.00, 1.44 / 2.45 against 1.07 / 1.26, 0.94 / 1.44. Below 32
+// tiles the winner depends on layout and direction, which this rule does not see, so it stays
+// direct there: 512 @7 at batch 4 (16 tiles) forward NCHW direct 14.2 ms, F(2x2) 15.4, F(4x4)
+// 14.6; batch 2 forward NCHW direct 9.7 ms against F(2x2)'s 15.5 but bwd_data NHWC 9.5 against
+// 11.2 and F(4x4) 12.1; batch 1 forward NCHW direct 3.1 ms against 9.9 / 15.1 (bwd_data NCHW
+// loses 11.2 to F(2x2)'s 5.5); 256 @14 at batch 1 (16 tiles) forward NCHW direct 2.8 ms, F(4x4)
+// 3.0.
 int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, int64_t V,
                 bool bf16_gemm) {
   if (algo == ConvAlgo::kDirect) return 0;
@@ -468,7 +481,7 @@ int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, 
   // against F(4x4)'s 4.8 / 5.7, 512 @7 6.2 / 9.3 against direct's 7.4 / 11.9; 128 @28 7.0 /
   // 10.7 against 6.5 / 8.7 and 64 @56 9.0 / 16.4 against 4.2 / 12.4 stay with F(4x4).
   if (bf16_gemm && std::min(Cin, Cout) >= 192 && 4 * tiles(2) >= C) return 2;
-  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 && 4 * tiles(4) >= C;
+  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 && (4 * tiles(4) >= C || tiles(4) >= 32);
   const int tile = f4 ? 4 : 2;
   if (algo == ConvAlgo::kWinograd) return tile;
   if (std::min(Cin, Cout) < 32 || (!f4 && tiles(2) < C)) return 0;
@@ -510,8 +523,8 @@ void run_panels(const ParallelRunner& pr, const Job<T>& jb, float* Vb, float* Mb
   constexpr int A2 = (M + 2) * (M + 2);
   // K-slice: the slice's U for all e (A2 * KS * 32 floats, 256 or 288 KiB) and its gathered
   // taps stay in L2 next to the task's M columns.
-  const char* ks_env = std::getenv("JAXCONV_WINO_KS");  // TEMPORARY (measurement)
-  const int64_t KS = ks_env ? std::atoi(ks_env) : (A2 == 16 ? 128 : 64);
+  // (32, 64, 128 and 256 measured alike for 512 @7, batch 8, F(4x4).)
+  constexpr int64_t KS = A2 == 16 ? 128 : 64;
   const int64_t Cin = jb.Cin, Cout = jb.Cout, Q = jb.Q, row = v_row_slots<P>(Cin);
   const int64_t blk = 48, blocks = (Q + blk - 1) / blk, pairs = (jb.panels + 1) / 2;
   for (int64_t grp = 0; grp < jb.G; ++grp) {
@@ -560,13 +573,11 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
   // multiple of the micro-kernel's 6 rows, 12 to 96.
   const int64_t per_tile = A2 * (row + Cout) * int64_t(sizeof(float));
   int64_t tblk = std::max<int64_t>(12, std::min<int64_t>(96, (3 << 19) / per_tile / 6 * 6));
-  const char* sched_env = std::getenv("JAXCONV_WINO_SCHED");  // TEMPORARY (measurement)
-  const int sched = sched_env ? std::atoi(sched_env) : 0;
   // Panels when U (a^2 * Cin * Cout floats) is over twice V and M together (a^2 * Q * (Cin +
-  // Cout)): 3x3 512 -> 512 @7, batch 8, F(4x4) (U 8x V + M) ran forward 1.7-1.9x faster than
-  // blocked or whole, both layouts, same run (2-core Zen 4, load ~6); 256 @14 (U = V + M) and
-  // 128 @28 ran 1.2-1.8x slower than whole, which re-reads far less of V.
-  if (sched == 3 || (sched == 0 && Cin * Cout > 2 * jb.Q * (Cin + Cout))) {
+  // Cout)): 3x3 512 -> 512 @7, batch 8, F(4x4) (U 8x V + M) ran 1.6-2.1x faster than blocked
+  // or whole, forward and bwd_data, both layouts, same runs (2-core Zen 4, load ~6); 256 @14
+  // (U = V + M) and 128 @28 forward ran 1.2-1.9x slower than whole, which re-reads less of V.
+  if (Cin * Cout > 2 * jb.Q * (Cin + Cout)) {
     thread_local std::vector<float> vm;
     vm.resize(std::max<size_t>(vm.size(), A2 * jb.Q * (row + Cout)));
     float* const Vb = vm.data();
@@ -576,10 +587,8 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
   // The blocked schedule reads all of U once per block; the whole schedule writes and reads V
   // and M for all tiles once. Take the one that moves fewer bytes (U re-read per block vs.
   // 2 (V + M)), i.e. blocked when Cin*Cout <= 2 * tblk * (Cin + Cout), or when U fits in L2.
-  bool blocked =
+  const bool blocked =
       Cin * Cout <= 2 * tblk * (Cin + Cout) || A2 * U_size * int64_t(sizeof(float)) <= (512 << 10);
-  if (sched == 1) blocked = true;
-  if (sched == 2) blocked = false;
   float* const Uf = transform_filter<T, M>(pr, jb);
   // U of (grp, e) for the GEMMs: Uf's float32 panels, or (P) their bf16 pairs.
   float* filt = Uf;
