@@ -225,7 +225,7 @@ _CHILD = (
     "e = [];"
     "[(os.environ.__setitem__('JAXCONV_CPU_CONV_ALGO', a), "
     "e.append(t.check_half('cpu', t.HALF_SHAPES[i], lay, d, a))) "
-    "for a in ('winograd2', 'winograd4') for i in (1, 3) "
+    "for a in ('winograd2', 'winograd4') for i in (1, 3, 4) "
     "for lay in ('NCHW', 'NHWC') for d in ('bfloat16', 'float16')];"
     "print('ok', max(max(p) for p in e) / 2.0**-9)"
 )
