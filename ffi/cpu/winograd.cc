@@ -460,7 +460,8 @@ bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
 // ratios to lax, forward / bwd_data, NCHW and NHWC (2-core Zen 4, load 5-7): ResNet-50's 512 @7
 // at batch 8 (32 tiles) F(4x4) 1.85 / 1.83, 1.72 / 1.75 against direct's 1.42 / 0.99, 0.99 /
 // 1.28; batch 16 F(4x4) 1.53 / 1.85, 2.55 / 1.79 against 1.21 / 0.85, 1.01 / 1.20; 256 @14 at
-// batch 2 (32 tiles) F(4x4) 1.47 / 2.00, 1.44 / 2.45 against 1.07 / 1.26, 0.94 / 1.44. Below 32
+// batch 2 (32 tiles) F(4x4) 1.47 / 2.00, 1.44 / 2.45 against 1.07 / 1.26, 0.94 / 1.44; 512 @28
+// at batch 1 (49 tiles) F(4x4) 2.19 / 1.78, 2.93 / 2.59 against 1.12 / 1.13, 1.06 / 1.27. Below 32
 // tiles the winner depends on layout and direction, which this rule does not see, so it stays
 // direct there: 512 @7 at batch 4 (16 tiles) forward NCHW direct 14.2 ms, F(2x2) 15.4, F(4x4)
 // 14.6; batch 2 forward NCHW direct 9.7 ms against F(2x2)'s 15.5 but bwd_data NHWC 9.5 against
