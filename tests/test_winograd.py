@@ -27,12 +27,20 @@ BOUND = {"direct": 2e-6, "winograd2": 2e-6, "winograd4": 2e-5}
 # (N, C, O, H, W, padding, groups): odd planes (partial last tiles), asymmetric and large
 # padding (tiles starting outside the input, pad > kernel), groups, channel counts that are not
 # multiples of the 8-channel vectors or the 16-column GEMM panels.
+#
+# The last two have many channels on few tiles (ResNet-50's 3x3 512 @7 class, smaller), which
+# winograd.cc runs on its panels schedule: Cin = 201 ends in a partial K-slice (slices of 64 for
+# F(4x4), 128 for F(2x2)), Cout = 170 in a panel pair of one partial panel (10 columns), and the
+# grouped one (72 -> 40 per group) loops the schedule over groups (F(4x4); its F(2x2) takes the
+# whole schedule).
 SHAPES = [
     (2, 16, 24, 9, 11, ((1, 1), (1, 1)), 1),
     (1, 40, 36, 14, 14, ((1, 1), (1, 1)), 1),
     (2, 12, 20, 7, 10, ((0, 2), (3, 1)), 2),
     (2, 32, 32, 6, 5, ((0, 0), (0, 0)), 1),
     (1, 5, 3, 5, 7, ((4, 3), (0, 5)), 1),
+    (2, 201, 170, 7, 7, ((1, 1), (1, 1)), 1),
+    (1, 144, 80, 7, 7, ((1, 1), (1, 1)), 2),
 ]
 
 
@@ -126,12 +134,15 @@ def half_bound(dtype, algo):
 
 
 # (N, C, O, H, W, padding): odd Cin (the pair padding), channels off the panels, partial tiles,
-# a K (64 * 9 / 2 pairs) past one K slice of pairs only in the bwd_data of the last.
+# a K (64 * 9 / 2 pairs) past one K slice of pairs only in the bwd_data of the last; the last,
+# many channels on a 7x7 plane, runs the panels schedule (odd Cin: its last K-slice of pairs
+# ends in the pad).
 HALF_SHAPES = [
     (2, 16, 16, 10, 10, 1),
     (1, 37, 21, 9, 7, 1),
     (2, 64, 48, 8, 8, 1),
     (1, 300, 40, 6, 6, 1),
+    (1, 201, 170, 7, 7, 1),
 ]
 
 
@@ -214,7 +225,7 @@ _CHILD = (
     "e = [];"
     "[(os.environ.__setitem__('JAXCONV_CPU_CONV_ALGO', a), "
     "e.append(t.check_half('cpu', t.HALF_SHAPES[i], lay, d, a))) "
-    "for a in ('winograd2', 'winograd4') for i in (1, 3) "
+    "for a in ('winograd2', 'winograd4') for i in (1, 3, 4) "
     "for lay in ('NCHW', 'NHWC') for d in ('bfloat16', 'float16')];"
     "print('ok', max(max(p) for p in e) / 2.0**-9)"
 )
@@ -323,3 +334,47 @@ def test_auto_takes_f4_on_14x14_with_a_quarter_as_many_tiles_as_channels(
         assert not np.array_equal(got["auto"], got["direct"])
     want = ref_conv2d(x64, w64, padding=((1, 1), (1, 1)), layout=layout)
     assert _rel_err(got["auto"], want) <= BOUND["winograd4"]
+
+
+def _algorithm(direction, n, c, hw, layout):
+    """The CPU kernels' algorithm for a 3x3 c -> c, pad 1 call on n x c x hw x hw."""
+    from jaxconv import _jaxconv_cpu
+
+    attrs = [1, 1, 1, 1, 1, 1, 1, 1, 1, 0 if layout == "NCHW" else 1]
+    return _jaxconv_cpu.conv_algorithm(direction, False, [n, c, hw, hw], [c, c, 3, 3], attrs)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_auto_takes_f4_from_32_tiles_on_many_channels(backend, monkeypatch, layout):
+    """Many channels on few tiles (choose_tile's measured thresholds): F(4x4) from 32 4x4 tiles
+    (ResNet-50's 512 @7 at batch 8 and 16, 256 @14 at batch 2), forward and bwd_data; direct
+    below that (512 @7 at batch 4 and 1, 256 @14 at batch 1), where the winner depends on layout
+    and direction; the ResNet-50 rows at batch 8 that took F(4x4) before keep it."""
+    _cpu_only(backend)
+    monkeypatch.setenv(ALGO_ENV, "auto")
+    for d in ("fwd", "bwd_data"):
+        for n, c, hw in ((8, 512, 7), (16, 512, 7), (2, 256, 14), (8, 256, 14), (8, 128, 28)):
+            assert _algorithm(d, n, c, hw, layout) == "winograd4", (d, n, c, hw)
+        for n, c, hw in ((4, 512, 7), (1, 512, 7), (1, 256, 14)):
+            assert _algorithm(d, n, c, hw, layout) == "direct", (d, n, c, hw)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_resnet50_512_at_7_within_bound(backend, monkeypatch, layout):
+    """The class itself (3x3 512 -> 512 @7, batch 8): auto's F(4x4) on the panels schedule,
+    forward and bwd_data within F(4x4)'s bound against float64."""
+    rng = np.random.default_rng(13)
+    x64, w64 = _layout_arrays(
+        rng.standard_normal((8, 512, 7, 7)), rng.standard_normal((512, 512, 3, 3)), layout
+    )
+    x64, w64 = jnp.asarray(x64), jnp.asarray(w64)
+    x, w = on(backend, x64.astype(jnp.float32), w64.astype(jnp.float32))
+    pad = ((1, 1), (1, 1))
+    monkeypatch.setenv(ALGO_ENV, "auto")
+    conv = lambda x, w: jaxconv.conv2d(x, w, padding=1, layout=layout)
+    y_ref = ref_conv2d(x64, w64, padding=pad, layout=layout)
+    assert _rel_err(jax.jit(conv)(x, w), y_ref) <= BOUND["winograd4"]
+    r = jnp.asarray(rng.standard_normal(y_ref.shape))
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(conv(x, w) * r.astype(jnp.float32))))(x)
+    dx_ref = jax.grad(lambda x: jnp.sum(ref_conv2d(x, w64, padding=pad, layout=layout) * r))(x64)
+    assert _rel_err(dx, dx_ref) <= BOUND["winograd4"]

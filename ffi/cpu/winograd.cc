@@ -25,9 +25,14 @@
 //
 // Schedules: "blocked" runs each block of tiles through all three stages in per-thread scratch
 // (V and M stay in L2) against U transformed once for all e; "whole" transforms every tile's
-// input first, then gives each task one e (its U[e] made in L2 right before its GEMM over all
-// tiles), then transforms every output. Blocked re-reads all of U per block, whole moves V and
-// M through memory once: the smaller traffic is chosen (see run()).
+// input first, then gives each task one e (its GEMM over all tiles against that U[e]), then
+// transforms every output; "panels" (few tiles, many channels: U = a^2 * Cin * Cout floats far
+// larger than V and M) transforms every tile's input, then gives each task 32 output channels,
+// whose U it makes K-slice by K-slice in L2 for all e right before their GEMMs over all tiles,
+// then transforms every output. Blocked and whole transform the filter once per call for all e
+// (transform_filter: each weight read once, written a^2 times into U); blocked re-reads all of
+// U per block, whole moves V and M through memory once, panels never writes U out but reads V
+// once per 32 output channels (see run() for the choice).
 //
 // Precision: the transforms run in float32 (U[e] as 9 multiply-adds with coefficients formed
 // in double and rounded once). F(4x4,3x3) has larger constants (up to 8 in A, 5 in B) and loses
@@ -48,6 +53,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace jaxconv::JAXCONV_CPU_CAPABILITY {
@@ -134,6 +140,16 @@ struct Wino<4> {
 // ---------------------------------------------------------------------------------------------
 // One call: the correlation above, its filter, and how its tiles are blocked.
 
+// The filter f[grp][co][ci][th][tw] of the correlation, read in place from the weight tensor:
+// w0[grp * sg + co * sco + ci * sci + (th * 3 + tw) * stap] (any layout and direction: the
+// taps of a 3x3 filter are equally spaced in OIHW and HWIO, and bwd_data's flip is a negative
+// stap from the last tap).
+template <typename T>
+struct Filter {
+  const T* w0;
+  int64_t sg, sco, sci, stap;
+};
+
 template <typename T>
 struct Job {
   int64_t N, G, Cin, Cout, Hin, Win, U, V, pad_h, pad_w;
@@ -142,8 +158,8 @@ struct Job {
   const T* in;
   T* out;
   const T* bias;
-  const float* wt;  // the filter as [grp][ci][th*3 + tw][co], co padded to panels*NR with zeros
-  int64_t panels;   // ceil(Cout / NR)
+  Filter<T> f;
+  int64_t panels;  // ceil(Cout / NR)
 };
 
 constexpr int64_t NR = kPanelWidth<float>;
@@ -248,33 +264,78 @@ __attribute__((always_inline)) inline void output_stage(const Job<T>& jb, int64_
   }
 }
 
-// U[e] = (G f G^T)[i][j] for e = (i, j) = sum over (a, b) of G[i][a] G[j][b] f[a][b], for all
-// (ci, co) of group grp, as B panels (panel stride Cin*NR): 9 multiply-adds per element on
-// 16-channel rows of wt. The coefficients are formed in double and rounded once.
-template <int M>
-__attribute__((always_inline)) inline void filter_stage(const float* wt_grp, int64_t Cin,
-                                                        int64_t panels, int e, float* Up) {
-  constexpr int A = Wino<M>::kA;
-  float c[9];
-  for (int a = 0; a < 3; ++a)
-    for (int b = 0; b < 3; ++b) c[a * 3 + b] = float(Wino<M>::kG[e / A][a] * Wino<M>::kG[e % A][b]);
-  const int64_t cols = panels * NR;
-  for (int64_t ci = 0; ci < Cin; ++ci) {
-    const float* src = wt_grp + ci * 9 * cols;
-    for (int64_t p = 0; p < panels; ++p) {
-      V8 u0{}, u1{};
-      for (int k = 0; k < 9; ++k) {
-        V8 w0, w1;
-        std::memcpy(&w0, src + k * cols + p * NR, sizeof(V8));
-        std::memcpy(&w1, src + k * cols + p * NR + kLanes<float>, sizeof(V8));
-        u0 += c[k] * w0;
-        u1 += c[k] * w1;
+// f[grp][co][ci][tap] for ci in [c0, c1) and co in [o0, o0 + ncol), widened to float, as
+// rows L[ci - c0][tap][0, ldl) (co - o0 along the row, zeros from ncol to ldl). The three loops
+// (co, ci, tap) are nested by stride, the smallest innermost, so the weights are read in order
+// whatever the layout: co in HWIO forward, ci in HWIO bwd_data, the taps in OIHW.
+template <typename T>
+void gather_filter(const Filter<T>& f, int64_t grp, int64_t c0, int64_t c1, int64_t o0,
+                   int64_t ncol, float* L, int64_t ldl) {
+  const T* w = f.w0 + grp * f.sg + o0 * f.sco + c0 * f.sci;
+  struct Dim {
+    int64_t n, ws, ls;  // extent, stride in w, stride in L
+  } d[3] = {{ncol, f.sco, 1}, {c1 - c0, f.sci, 9 * ldl}, {9, f.stap, ldl}};
+  auto wider = [](const Dim& a, const Dim& b) { return std::abs(a.ws) > std::abs(b.ws); };
+  if (wider(d[1], d[0])) std::swap(d[0], d[1]);  // d[0] the widest stride, d[2] the narrowest
+  if (wider(d[2], d[1])) std::swap(d[1], d[2]);
+  if (wider(d[1], d[0])) std::swap(d[0], d[1]);
+  for (int64_t a = 0; a < d[0].n; ++a)
+    for (int64_t b = 0; b < d[1].n; ++b) {
+      const T* src = w + a * d[0].ws + b * d[1].ws;
+      float* dst = L + a * d[0].ls + b * d[1].ls;
+      if constexpr (std::is_same_v<T, float>) {
+        if (d[2].ws == 1 && d[2].ls == 1) {  // HWIO forward: whole rows
+          std::memcpy(dst, src, d[2].n * sizeof(float));
+          continue;
+        }
       }
-      float* dst = Up + p * Cin * NR + ci * NR;
-      std::memcpy(dst, &u0, sizeof(V8));
-      std::memcpy(dst + kLanes<float>, &u1, sizeof(V8));
+      for (int64_t c = 0; c < d[2].n; ++c) dst[c * d[2].ls] = float(Num<T>::load(src[c * d[2].ws]));
     }
-  }
+  if (ncol < ldl)
+    for (int64_t r = 0; r < (c1 - c0) * 9; ++r)
+      std::memset(L + r * ldl + ncol, 0, (ldl - ncol) * sizeof(float));
+}
+
+// U[e] = (G f G^T)[i][j] for e = (i, j): sum over the taps (a, b) of G[i][a] G[j][b] f[a][b],
+// with each coefficient formed in double and rounded once (kCoef), zero ones skipped.
+template <int M>
+struct FilterCoef {
+  float c[(M + 2) * (M + 2)][9];
+};
+template <int M>
+constexpr FilterCoef<M> filter_coef() {
+  constexpr int A = M + 2;
+  FilterCoef<M> r{};
+  for (int e = 0; e < A * A; ++e)
+    for (int k = 0; k < 9; ++k)
+      r.c[e][k] = float(Wino<M>::kG[e / A][k / 3] * Wino<M>::kG[e % A][k % 3]);
+  return r;
+}
+template <int M>
+constexpr FilterCoef<M> kCoef = filter_coef<M>();
+
+// The filter transform of every e at once, for rows ci in [0, n) of L (gather_filter's
+// [ci][tap][ldl], np panels of NR columns used): U[e] as B panels at Ue + e * e_stride, panel p
+// p_stride further, row ci at ci * NR. Each 8-column vector of the 9 taps is loaded once for
+// all a^2 outputs (one U[e] per pass would read the taps a^2 times).
+template <int M>
+void filter_all(const float* L, int64_t ldl, int64_t n, int64_t np, float* Ue, int64_t e_stride,
+                int64_t p_stride) {
+  constexpr int A2 = (M + 2) * (M + 2);
+  for (int64_t ci = 0; ci < n; ++ci)
+    for (int64_t h = 0; h < np * NR; h += kLanes<float>) {
+      V8 f[9];
+      for (int k = 0; k < 9; ++k) std::memcpy(&f[k], L + (ci * 9 + k) * ldl + h, sizeof(V8));
+      float* dst = Ue + (h / NR) * p_stride + ci * NR + h % NR;
+#pragma GCC unroll 36
+      for (int e = 0; e < A2; ++e) {
+        V8 u{};
+#pragma GCC unroll 9
+        for (int k = 0; k < 9; ++k)
+          if (kCoef<M>.c[e][k] != 0.0f) u += kCoef<M>.c[e][k] * f[k];
+        std::memcpy(dst + e * e_stride, &u, sizeof(V8));
+      }
+    }
 }
 
 // M[e] (rows x Cout) = V[e] (rows x Cin) * U[e] (Cin x Cout), K sliced for the cache.
@@ -306,7 +367,7 @@ inline void gemm_stage(int64_t rows, int64_t Cin, int64_t Cout, const float* Ve,
   }
 }
 
-// U[e]'s float32 panels ([panel][ci][NR], filter_stage) -> bf16 pair panels
+// U[e]'s float32 panels ([panel][ci][NR], filter_all) -> bf16 pair panels
 // [panel][j][NR] (pair row j: for each column c the pair (U[2j][c], U[2j+1][c]), low half
 // first; zero past Cin), as gemm_bf16_pairs reads B.
 inline void pair_filter(const float* Uf, int64_t Cin, int64_t panels, float* Uout) {
@@ -391,8 +452,22 @@ bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
 // many 4x4 tiles as channels: ResNet-50's 3x3 256-channel layer at 14x14, batch 4 (64 tiles),
 // ran forward in 0.28-0.57x and forward+backward in 0.75-0.82x the direct time in two
 // interleaved runs (min of 9, 2-core Zen 4 at load 200-365), F(2x2) between the two; 128
-// channels at 28x28 (196 tiles) likewise preferred F(4x4) forward. 512 channels at 7x7 (16
-// tiles) stays direct: both tiles were slower there.
+// channels at 28x28 (196 tiles) likewise preferred F(4x4) forward.
+//
+// Many channels on few tiles: F(4x4) also from 32 tiles of 4x4 whatever the channel count, on
+// the panels schedule (run()), whose filter transform (about a^2 * Cin * Cout * 5.4
+// multiply-adds) is small next to its GEMMs (a^2 * Q * Cin * Cout) from Q = 32 on. Same-run
+// ratios to lax, forward / bwd_data, NCHW and NHWC (2-core Zen 4, load 5-7): ResNet-50's 512 @7
+// at batch 8 (32 tiles) F(4x4) 1.85 / 1.83, 1.72 / 1.75 against direct's 1.42 / 0.99, 0.99 /
+// 1.28; batch 16 F(4x4) 1.53 / 1.85, 2.55 / 1.79 against 1.21 / 0.85, 1.01 / 1.20; 256 @14 at
+// batch 2 (32 tiles) F(4x4) 1.47 / 2.00, 1.44 / 2.45 against 1.07 / 1.26, 0.94 / 1.44; 512 @28
+// at batch 1 (49 tiles) F(4x4) 2.19 / 1.78, 2.93 / 2.59 against 1.12 / 1.13, 1.06 / 1.27. Below 32
+// tiles the winner depends on layout and direction, which this rule does not see, so it stays
+// direct there: 512 @7 at batch 4 (16 tiles) forward NCHW direct 14.2 ms, F(2x2) 15.4, F(4x4)
+// 14.6; batch 2 forward NCHW direct 9.7 ms against F(2x2)'s 15.5 but bwd_data NHWC 9.5 against
+// 11.2 and F(4x4) 12.1; batch 1 forward NCHW direct 3.1 ms against 9.9 / 15.1 (bwd_data NCHW
+// loses 11.2 to F(2x2)'s 5.5); 256 @14 at batch 1 (16 tiles) forward NCHW direct 2.8 ms, F(4x4)
+// 3.0.
 int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, int64_t V,
                 bool bf16_gemm) {
   if (algo == ConvAlgo::kDirect) return 0;
@@ -407,11 +482,86 @@ int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, 
   // against F(4x4)'s 4.8 / 5.7, 512 @7 6.2 / 9.3 against direct's 7.4 / 11.9; 128 @28 7.0 /
   // 10.7 against 6.5 / 8.7 and 64 @56 9.0 / 16.4 against 4.2 / 12.4 stay with F(4x4).
   if (bf16_gemm && std::min(Cin, Cout) >= 192 && 4 * tiles(2) >= C) return 2;
-  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 && 4 * tiles(4) >= C;
+  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 && (4 * tiles(4) >= C || tiles(4) >= 32);
   const int tile = f4 ? 4 : 2;
   if (algo == ConvAlgo::kWinograd) return tile;
   if (std::min(Cin, Cout) < 32 || (!f4 && tiles(2) < C)) return 0;
   return tile;
+}
+
+// The transformed filter of every group and e for the blocked and whole schedules, float32
+// ([grp][e][panels][Cin][NR], e planes U_size floats apart): tasks over blocks of 16 input
+// channels, each gathering its rows of the weights once (gather_filter) and transforming them
+// for all e (filter_all). Returns Uf.
+template <typename T, int M>
+float* transform_filter(const ParallelRunner& pr, const Job<T>& jb) {
+  constexpr int A2 = (M + 2) * (M + 2);
+  constexpr int64_t kCiBlock = 16;
+  const int64_t Cin = jb.Cin, cols = jb.panels * NR, U_size = jb.panels * Cin * NR;
+  const int64_t nb = (Cin + kCiBlock - 1) / kCiBlock;
+  thread_local std::vector<float> uf;  // kept between calls: no page faults per call
+  uf.resize(std::max<size_t>(uf.size(), jb.G * A2 * U_size));
+  // (Thread-local buffers are reached through plain pointers inside the tasks: there, the
+  // name would mean the worker thread's own instance.)
+  float* const Uf = uf.data();
+  pr.run(jb.G * nb, [&](int64_t task) {
+    const int64_t grp = task / nb, c0 = task % nb * kCiBlock, n = std::min(kCiBlock, Cin - c0);
+    float* L = scratch<4>(kCiBlock * 9 * cols);
+    gather_filter(jb.f, grp, c0, c0 + n, 0, jb.Cout, L, cols);
+    filter_all<M>(L, cols, n, jb.panels, Uf + grp * A2 * U_size + c0 * NR, U_size, Cin * NR);
+  });
+  return Uf;
+}
+
+// Panel schedule, per group: all tiles' V (vq: Q rows per e), then one task per pair of B
+// panels (32 output channels) that, K-slice by K-slice, gathers and transforms its columns of the
+// filter for all e into per-thread scratch and runs every e's GEMM over all tiles against it,
+// then all tiles' output. U never leaves L2 and each weight is read once, at the price of
+// reading V once per panel pair (from L3: V is small when there are few tiles). For many
+// channels on few tiles, where U (a^2 * Cin * Cout) dwarfs V and M (a^2 * Q * (Cin + Cout)).
+template <typename T, int M, bool P>
+void run_panels(const ParallelRunner& pr, const Job<T>& jb, float* Vb, float* Mb) {
+  constexpr int A2 = (M + 2) * (M + 2);
+  // K-slice: the slice's U for all e (A2 * KS * 32 floats, 256 or 288 KiB) and its gathered
+  // taps stay in L2 next to the task's M columns.
+  // (32, 64, 128 and 256 measured alike for 512 @7, batch 8, F(4x4).)
+  constexpr int64_t KS = A2 == 16 ? 128 : 64;
+  const int64_t Cin = jb.Cin, Cout = jb.Cout, Q = jb.Q, row = v_row_slots<P>(Cin);
+  const int64_t blk = 48, blocks = (Q + blk - 1) / blk, pairs = (jb.panels + 1) / 2;
+  for (int64_t grp = 0; grp < jb.G; ++grp) {
+    pr.run(blocks, [&](int64_t b) {
+      const int64_t q0 = b * blk, nt = std::min(Q, q0 + blk) - q0;
+      input_stage<T, M, P>(jb, grp, q0, nt, Vb, Q, q0);
+    });
+    pr.run(pairs, [&](int64_t pp) {
+      const int64_t o0 = pp * 2 * NR, ncol = std::min(2 * NR, Cout - o0);
+      const int64_t np = (ncol + NR - 1) / NR;
+      float* L = scratch<4>(KS * 9 * 2 * NR);
+      float* Us = scratch<5>(A2 * 2 * KS * NR);
+      for (int64_t k0 = 0; k0 < Cin; k0 += KS) {
+        const int64_t kc = std::min(KS, Cin - k0);
+        gather_filter(jb.f, grp, k0, k0 + kc, o0, ncol, L, 2 * NR);
+        filter_all<M>(L, 2 * NR, kc, np, Us, np * kc * NR, kc * NR);
+        for (int e = 0; e < A2; ++e) {
+          float* Me = Mb + e * Q * Cout + o0;
+          const float* Ue = Us + e * np * kc * NR;
+          if constexpr (P) {
+            const int64_t kp = (kc + 1) / 2;  // k0 is even: the slice starts on a pair
+            auto* Uq = reinterpret_cast<uint32_t*>(scratch<6>(np * kp * NR));
+            pair_filter(Ue, kc, np, reinterpret_cast<float*>(Uq));
+            const auto* Vq = reinterpret_cast<const uint32_t*>(Vb + e * Q * row) + k0 / 2;
+            kernels().gemm_bf16_pairs(Q, ncol, kp, Vq, row, Uq, kp * NR, Me, Cout, k0 > 0);
+          } else {
+            gemm_packed(Q, ncol, kc, Vb + e * Q * row + k0, row, Ue, kc * NR, Me, Cout, k0 > 0);
+          }
+        }
+      }
+    });
+    pr.run(blocks, [&](int64_t b) {
+      const int64_t q0 = b * blk, nt = std::min(Q, q0 + blk) - q0;
+      output_stage<T, M>(jb, grp, q0, nt, Mb, Q, q0);
+    });
+  }
 }
 
 template <typename T, int M, bool P>
@@ -424,41 +574,46 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
   // multiple of the micro-kernel's 6 rows, 12 to 96.
   const int64_t per_tile = A2 * (row + Cout) * int64_t(sizeof(float));
   int64_t tblk = std::max<int64_t>(12, std::min<int64_t>(96, (3 << 19) / per_tile / 6 * 6));
+  // Panels when U (a^2 * Cin * Cout floats) is over twice V and M together (a^2 * Q * (Cin +
+  // Cout)): 3x3 512 -> 512 @7, batch 8, F(4x4) (U 8x V + M) ran 1.6-2.1x faster than blocked
+  // or whole, forward and bwd_data, both layouts, same runs (2-core Zen 4, load ~6); 256 @14
+  // (U = V + M) and 128 @28 forward ran 1.2-1.9x slower than whole, which re-reads less of V.
+  if (Cin * Cout > 2 * jb.Q * (Cin + Cout)) {
+    thread_local std::vector<float> vm;
+    vm.resize(std::max<size_t>(vm.size(), A2 * jb.Q * (row + Cout)));
+    float* const Vb = vm.data();
+    run_panels<T, M, P>(pr, jb, Vb, Vb + A2 * jb.Q * row);
+    return;
+  }
   // The blocked schedule reads all of U once per block; the whole schedule writes and reads V
   // and M for all tiles once. Take the one that moves fewer bytes (U re-read per block vs.
   // 2 (V + M)), i.e. blocked when Cin*Cout <= 2 * tblk * (Cin + Cout), or when U fits in L2.
   const bool blocked =
       Cin * Cout <= 2 * tblk * (Cin + Cout) || A2 * U_size * int64_t(sizeof(float)) <= (512 << 10);
+  float* const Uf = transform_filter<T, M>(pr, jb);
+  // U of (grp, e) for the GEMMs: Uf's float32 panels, or (P) their bf16 pairs.
+  float* filt = Uf;
+  if constexpr (P) {
+    thread_local std::vector<float> pairs;
+    pairs.resize(std::max<size_t>(pairs.size(), jb.G * A2 * U_slots));
+    float* const pp = pairs.data();
+    pr.run(jb.G * A2, [&](int64_t task) {
+      pair_filter(Uf + task * U_size, Cin, jb.panels, pp + task * U_slots);
+    });
+    filt = pp;
+  }
   if (blocked) {
     while (tblk > 12 && jb.G * ((jb.Q + tblk - 1) / tblk) < 2 * pr.num_threads()) tblk -= 6;
-    thread_local std::vector<float> filt;  // kept between calls: no page faults per call
-    filt.resize(std::max<size_t>(filt.size(), jb.G * A2 * U_slots));
-    // (Thread-local buffers are reached through plain pointers inside the tasks: there, the
-    // name would mean the worker thread's own instance.)
-    float* const fp = filt.data();
-    pr.run(jb.G * A2, [&](int64_t task) {
-      const int64_t grp = task / A2;
-      const int e = int(task % A2);
-      const float* wt = jb.wt + grp * Cin * 9 * jb.panels * NR;
-      float* dst = fp + task * U_slots;
-      if constexpr (P) {
-        float* Uf = scratch<2>(U_size);
-        filter_stage<M>(wt, Cin, jb.panels, e, Uf);
-        pair_filter(Uf, Cin, jb.panels, dst);
-      } else {
-        filter_stage<M>(wt, Cin, jb.panels, e, dst);
-      }
-    });
     const int64_t blocks = (jb.Q + tblk - 1) / tblk;
     pr.run(jb.G * blocks, [&](int64_t task) {
       const int64_t grp = task / blocks, b = task % blocks;
       const int64_t q0 = b * tblk, nt = std::min(jb.Q, q0 + tblk) - q0;
-      block_body<T, M, P>(jb, fp, U_slots, grp, q0, nt);
+      block_body<T, M, P>(jb, filt, U_slots, grp, q0, nt);
     });
     return;
   }
-  // Whole schedule, per group: all tiles' V, then one task per e (its U[e] transformed into
-  // per-thread scratch, which stays in L2 for its GEMM), then all tiles' output.
+  // Whole schedule, per group: all tiles' V, then one task per e (its GEMM over all tiles),
+  // then all tiles' output.
   thread_local std::vector<float> vm;
   vm.resize(std::max<size_t>(vm.size(), A2 * jb.Q * (row + Cout)));
   float* Vb = vm.data();
@@ -470,15 +625,8 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
       input_stage<T, M, P>(jb, grp, q0, nt, Vb, jb.Q, q0);
     });
     pr.run(A2, [&](int64_t e) {
-      float* Up = scratch<2>(U_size);
-      const float* wt = jb.wt + grp * Cin * 9 * jb.panels * NR;
-      filter_stage<M>(wt, Cin, jb.panels, int(e), Up);
-      if constexpr (P) {
-        float* Uq = scratch<3>(U_slots);
-        pair_filter(Up, Cin, jb.panels, Uq);
-        Up = Uq;
-      }
-      gemm_stage<P>(jb.Q, Cin, Cout, Vb + e * jb.Q * row, Up, Mb + e * jb.Q * Cout);
+      gemm_stage<P>(jb.Q, Cin, Cout, Vb + e * jb.Q * row, filt + (grp * A2 + e) * U_slots,
+                    Mb + e * jb.Q * Cout);
     });
     pr.run(blocks, [&](int64_t b) {
       const int64_t q0 = b * blk, nt = std::min(jb.Q, q0 + blk) - q0;
@@ -488,11 +636,11 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
 }
 
 // Shared by both kernels: the correlation (see the file comment) with filter f.
-template <typename T, typename F>
+template <typename T>
 bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int64_t Cout,
                int64_t Hin, int64_t Win, int64_t U, int64_t V, int64_t pad_h, int64_t pad_w,
-               int64_t layout, int tile, const T* in, const T* w, int64_t w_count, const F& f,
-               const T* bias, T* out) {
+               int64_t layout, int tile, const T* in, const T* w, int64_t w_count,
+               const Filter<T>& f, const T* bias, T* out) {
   if constexpr (std::is_same_v<T, double>) {
     return false;  // float64 stays on the direct algorithm (Winograd would lose precision)
   } else {
@@ -518,24 +666,8 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
     jb.in = in;
     jb.out = out;
     jb.bias = bias;
+    jb.f = f;
     jb.panels = (Cout + NR - 1) / NR;
-    // The filter in float as [grp][ci][tap][co] (co contiguous, zero-padded to whole panels),
-    // whatever the layout and direction: the filter transforms then read whole vectors.
-    const int64_t cols = jb.panels * NR;
-    thread_local std::vector<float> wt;
-    wt.resize(std::max<size_t>(wt.size(), G * Cin * 9 * cols));
-    float* const wtp = wt.data();  // not `wt` inside the tasks: that is each worker's own
-    pr.run(G * Cin, [&](int64_t task) {
-      const int64_t grp = task / Cin, ci = task % Cin;
-      float* dst = wtp + task * 9 * cols;
-      for (int th = 0; th < 3; ++th)
-        for (int tw = 0; tw < 3; ++tw) {
-          float* row = dst + (th * 3 + tw) * cols;
-          for (int64_t co = 0; co < Cout; ++co) row[co] = f(grp, co, ci, th, tw);
-          for (int64_t co = Cout; co < cols; ++co) row[co] = 0.0f;
-        }
-    });
-    jb.wt = wtp;
     if (tile == 4) {
       run<T, 4, false>(pr, jb);
     } else if constexpr (std::is_same_v<T, bf16_t>) {
@@ -558,9 +690,8 @@ bool winograd_forward(const ParallelRunner& pr, const ConvGeometry& g, int tile,
   if (!applicable(g)) return false;
   const Strides4 ws = g.w_strides();
   const int64_t Og = g.out_per_group();
-  auto f = [&](int64_t grp, int64_t co, int64_t ci, int th, int tw) {
-    return double(Num<T>::load(w[(grp * Og + co) * ws.n + ci * ws.c + th * ws.h + tw * ws.w]));
-  };
+  // f[grp][co][ci][tap] = w[grp * Og + co][ci][tap] (taps ws.w apart: ws.h = 3 * ws.w).
+  const Filter<T> f{w, Og * ws.n, ws.n, ws.c, ws.w};
   return correlate<T>(pr, g.N, g.groups(), g.in_per_group(), Og, g.H, g.W, g.OH, g.OW, g.p.pad_top,
                       g.p.pad_left, g.p.layout, tile, x, w, g.O * g.in_per_group() * 9, f, bias, y);
 }
@@ -571,11 +702,9 @@ bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, int
   if (!applicable(g)) return false;
   const Strides4 ws = g.w_strides();
   const int64_t Og = g.out_per_group();
-  // Correlation input channel ci = conv output channel o; output channel co = conv input c.
-  auto f = [&](int64_t grp, int64_t co, int64_t ci, int th, int tw) {
-    return double(
-        Num<T>::load(w[(grp * Og + ci) * ws.n + co * ws.c + (2 - th) * ws.h + (2 - tw) * ws.w]));
-  };
+  // Correlation input channel ci = conv output channel o; output channel co = conv input c;
+  // tap (th, tw) = w's (2 - th, 2 - tw), i.e. tap 8 - k: from w's last tap backwards.
+  const Filter<T> f{w + 8 * ws.w, Og * ws.n, ws.c, ws.n, -ws.w};
   return correlate<T>(pr, g.N, g.groups(), Og, g.in_per_group(), g.OH, g.OW, g.H, g.W,
                       2 - g.p.pad_top, 2 - g.p.pad_left, g.p.layout, tile, dy, w,
                       g.O * g.in_per_group() * 9, f, bias, dx);
