@@ -323,3 +323,212 @@ def test_auto_takes_f4_on_14x14_with_a_quarter_as_many_tiles_as_channels(
         assert not np.array_equal(got["auto"], got["direct"])
     want = ref_conv2d(x64, w64, padding=((1, 1), (1, 1)), layout=layout)
     assert _rel_err(got["auto"], want) <= BOUND["winograd4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bwd_filter (the weight gradient): the adjoint of the forward's tiles, dw = G^T [(A dY A^T) ⊙
+# (B^T d B)] G summed over tiles (ffi/cpu/winograd.cc, run_filter). Each weight is a sum over
+# N * OH * OW products; the float32 transforms and the K = tiles GEMMs round along the way.
+# Bounds on max|err| / max|dw| against the float64 oracle, standard-normal x and dy (measured on
+# FILTER_SHAPES: see BOUND_DW's comment in the module docstring of the change, docs/design.md).
+BOUND_DW = {"direct": 2e-6, "winograd2": 2e-6, "winograd4": 2e-5}
+
+# SHAPES plus: many tiles and few output blocks (the tiles cut into ranges summed in order),
+# wide channels (Mw in several blocks), pad 2 with Cin = 24 (a half-filled last panel of V).
+FILTER_SHAPES = SHAPES + [
+    (3, 16, 16, 64, 64, ((1, 1), (1, 1)), 1),
+    (1, 96, 96, 8, 8, ((1, 1), (1, 1)), 1),
+    (1, 24, 8, 13, 6, ((2, 2), (2, 2)), 1),
+]
+
+
+def check_filter_gradient(backend, shape, layout, algo, dtype="float32"):
+    """dw of one conv2d call (cotangent r) against the float64 oracle; returns the relative
+    error, asserted within BOUND_DW (plus the storage type's rounding for half types)."""
+    n, c, o, h, w_, pad, groups = shape
+    rng = np.random.default_rng(hash((shape, layout, dtype, "dw")) % 2**32)
+    x64, w64 = _layout_arrays(
+        rng.standard_normal((n, c, h, w_)), rng.standard_normal((o, c // groups, 3, 3)), layout
+    )
+    # float64 copies of the values the call sees (exact in dtype).
+    x64, w64 = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float64)) for a in (x64, w64))
+    ref = lambda w: ref_conv2d(jnp.asarray(x64), w, padding=pad, groups=groups, layout=layout)
+    y_ref, ref_vjp = jax.vjp(ref, jnp.asarray(w64))
+    r64 = np.asarray(jnp.asarray(rng.standard_normal(y_ref.shape), dtype).astype(jnp.float64))
+    (dw_ref,) = ref_vjp(jnp.asarray(r64))
+    x, w, r = on(backend, jnp.asarray(x64, dtype), jnp.asarray(w64, dtype), jnp.asarray(r64, dtype))
+    conv = lambda x, w: jaxconv.conv2d(x, w, padding=pad, groups=groups, layout=layout)
+    dw = jax.jit(lambda x, w, r: jax.vjp(lambda w: conv(x, w), w)[1](r)[0])(x, w, r)
+    assert dw.dtype == jnp.dtype(dtype) and dw.shape == dw_ref.shape
+    bound = BOUND_DW[algo] + (U_HALF[dtype] if dtype in U_HALF else 0.0)
+    err = _rel_err(dw, dw_ref)
+    assert err <= bound, (err, bound)
+    return err
+
+
+def _algorithm(direction, shape, layout, bfloat16=False):
+    from jaxconv import _jaxconv_cpu
+
+    n, c, o, h, w_, ((pt, pb), (pl, pr)), groups = shape
+    attrs = [1, 1, 1, 1, pt, pb, pl, pr, groups, 0 if layout == "NCHW" else 1]
+    return _jaxconv_cpu.conv_algorithm(
+        direction, False, [n, c, h, w_], [o, c // groups, 3, 3], attrs, bfloat16=bfloat16
+    )
+
+
+@pytest.mark.parametrize("algo", ["direct", "winograd2", "winograd4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize(
+    "shape", FILTER_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"_g{s[6]}"
+)
+def test_filter_gradient_within_bound(backend, monkeypatch, shape, layout, algo):
+    monkeypatch.setenv(ALGO_ENV, algo)
+    if backend == "cpu":
+        assert _algorithm("bwd_filter", shape, layout) == algo
+    check_filter_gradient(backend, shape, layout, algo)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("i", [1, 2, 6])
+def test_filter_gradient_half_types_within_bound(backend, monkeypatch, i, layout, algo, dtype):
+    """Half types: x and dy widened to float32, dw rounded once to the storage type."""
+    monkeypatch.setenv(ALGO_ENV, algo)
+    check_filter_gradient(backend, FILTER_SHAPES[i], layout, algo, dtype)
+
+
+def test_filter_gradient_batch_one_and_one_tile(backend, monkeypatch):
+    """Batch 1 with a 3x3 output (one F(4x4) tile, mostly past the plane; one full and three
+    partial F(2x2) tiles) and a 1x1 output (pad 0 on a 3x3 input)."""
+    for algo in ("winograd2", "winograd4"):
+        monkeypatch.setenv(ALGO_ENV, algo)
+        check_filter_gradient(backend, (1, 8, 6, 3, 3, ((1, 1), (1, 1)), 1), "NHWC", algo)
+        check_filter_gradient(backend, (1, 8, 6, 3, 3, ((0, 0), (0, 0)), 1), "NCHW", algo)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_filter_gradient_check_grads(backend, monkeypatch, layout):
+    """check_grads (reverse mode, float32: a loose tolerance for the finite differences) with
+    the weight gradient on Winograd."""
+    from jax.test_util import check_grads
+
+    rng = np.random.default_rng(8)
+    x, w = _layout_arrays(
+        rng.standard_normal((1, 6, 7, 6)), rng.standard_normal((4, 6, 3, 3)), layout
+    )
+    x, w = on(backend, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    for algo in ("winograd2", "winograd4"):
+        monkeypatch.setenv(ALGO_ENV, algo)
+        f = lambda x, w: jaxconv.conv2d(x, w, padding=1, layout=layout)
+        check_grads(f, (x, w), order=1, modes=["rev"], atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+def test_filter_gradient_forcing_changes_bits_only_where_applicable(backend, monkeypatch):
+    """Forced Winograd changes dw's bits on a 3x3 stride-1 float32 layer (it runs), not on a
+    stride-2 or float64 one (direct there)."""
+    _cpu_only(backend)
+    rng = np.random.default_rng(13)
+    x = random_array(rng, (2, 16, 12, 12), jnp.float32)
+    w = random_array(rng, (16, 16, 3, 3), jnp.float32)
+
+    def dw(algo, x, w, s=1):
+        monkeypatch.setenv(ALGO_ENV, algo)
+        f = lambda w: jaxconv.conv2d(x, w, stride=s, padding=1)
+        y, vjp = jax.vjp(f, w)
+        return np.asarray(vjp(jnp.roll(y, 1))[0])
+
+    direct = dw("direct", x, w)
+    for algo in ("winograd2", "winograd4"):
+        assert not np.array_equal(dw(algo, x, w), direct), algo
+    np.testing.assert_array_equal(dw("winograd4", x, w, 2), dw("direct", x, w, 2))
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    np.testing.assert_array_equal(dw("winograd4", x64, w64), dw("direct", x64, w64))
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+@pytest.mark.parametrize("where", ["x", "dy"])
+def test_filter_gradient_non_finite_takes_the_direct_path(backend, monkeypatch, bad, where):
+    """A non-finite x or dy would spread across whole transforms: such calls run direct, so dw
+    matches the float64 oracle's pattern of inf and NaN."""
+    rng = np.random.default_rng(6)
+    x = np.asarray(rng.standard_normal((1, 8, 8, 8)), np.float32)
+    w = np.asarray(rng.standard_normal((8, 8, 3, 3)), np.float32)
+    r = np.asarray(rng.standard_normal((1, 8, 8, 8)), np.float32)
+    (x if where == "x" else r)[0, 3, 4, 4] = bad
+    monkeypatch.setenv(ALGO_ENV, "winograd4")
+    pad = ((1, 1), (1, 1))
+    xd, wd, rd = on(backend, jnp.asarray(x), jnp.asarray(w), jnp.asarray(r))
+    dw = np.asarray(jax.vjp(lambda w: jaxconv.conv2d(xd, w, padding=1), wd)[1](rd)[0])
+    ref = jax.vjp(
+        lambda w: ref_conv2d(jnp.asarray(x, jnp.float64), w, padding=pad),
+        jnp.asarray(w, jnp.float64),
+    )[1](jnp.asarray(r, jnp.float64))[0]
+    ref = np.asarray(ref)
+    np.testing.assert_array_equal(np.isnan(dw), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(dw), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(dw), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(dw[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
+_DETERMINISM_CHILD = (
+    "import os, sys; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]});"
+    "import jax, numpy as np, jax.numpy as jnp, jaxconv, test_winograd as t;"
+    "x, w, r = t.determinism_operands(sys.argv[1]);"
+    "np.save(sys.argv[2], np.asarray(t.filter_gradient(x, w, r, sys.argv[1])))"
+)
+
+
+def determinism_operands(layout):
+    rng = np.random.default_rng(21)
+    x, w = _layout_arrays(
+        rng.standard_normal((3, 40, 34, 34)), rng.standard_normal((40, 40, 3, 3)), layout
+    )
+    r = rng.standard_normal((3, 40, 34, 34))
+    if layout == "NHWC":
+        r = r.transpose(0, 2, 3, 1)
+    return tuple(jnp.asarray(a, jnp.float32) for a in (x, w, r))
+
+
+def filter_gradient(x, w, r, layout):
+    return jax.vjp(lambda w: jaxconv.conv2d(x, w, padding=1, layout=layout), w)[1](r)[0]
+
+
+@pytest.mark.cpu_only("the thread count is the CPU kernels' (XLA's intra-op pool)")
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_filter_gradient_bits_do_not_depend_on_threads(
+    backend, monkeypatch, tmp_path, layout, algo
+):
+    """Winograd's dw sums each weight in an order fixed by the shape (tile ranges, K slices):
+    the bits are the same run after run and in a child process pinned to one CPU (a one-thread
+    pool). 3 x 34 x 34 with 40 channels: F(2x2) has 867 tiles (2 ranges), F(4x4) 243 (1)."""
+    monkeypatch.setenv(ALGO_ENV, algo)
+    x, w, r = determinism_operands(layout)
+    f = jax.jit(filter_gradient, static_argnums=3)
+    first = np.asarray(f(x, w, r, layout))
+    np.testing.assert_array_equal(np.asarray(f(x, w, r, layout)), first)
+    out = tmp_path / "dw.npy"
+    proc = run_python(
+        "-c", _DETERMINISM_CHILD, layout, str(out), env={ALGO_ENV: algo, "JAX_PLATFORMS": "cpu"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(out).view(np.uint32), first.view(np.uint32))
+
+
+def test_auto_choice_for_the_weight_gradient(backend, monkeypatch):
+    """Auto's bwd_filter tile on ResNet-50's 3x3 rows (batch 8; docs/design.md's timings)."""
+    _cpu_only(backend)
+    monkeypatch.setenv(ALGO_ENV, "auto")
+    same = ((1, 1), (1, 1))
+    want = {
+        64: ("winograd4", 56),
+        128: ("winograd4", 28),
+        256: ("winograd4", 14),
+        512: ("winograd2", 7),
+    }
+    for c, (algo, hw) in want.items():
+        for layout in ("NCHW", "NHWC"):
+            got = _algorithm("bwd_filter", (8, c, c, hw, hw, same, 1), layout)
+            assert got == algo, (c, layout, got)

@@ -24,6 +24,9 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
       kernels().fft<T>().backward_filter(pr, g, algo.fft, x, dy, dw))
     return;
   if (depthwise_applicable(g)) return depthwise_backward_filter<T>(pr, g, x, dy, dw);
+  if (algo.kind == AlgoChoice::kWinograd &&
+      kernels().winograd<T>().backward_filter(pr, g, algo.winograd_tile, x, dy, dw))
+    return;
   const Pass ps = forward_pass();
   const int64_t G = ps.G, Kg = ps.K(), J = ps.U * ps.V, Q = ps.N * J;
   // Slices of equal length (784 positions: 4 x 196, not 3 x 256 + 16, whose last GEMM would
