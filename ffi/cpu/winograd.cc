@@ -482,7 +482,14 @@ int choose_tile(ConvAlgo algo, ConvDirection dir, int64_t N, int64_t Cin, int64_
   // 10.7 against 6.5 / 8.7 and 64 @56 9.0 / 16.4 against 4.2 / 12.4 stay with F(4x4).
   if (dir == ConvDirection::kBackwardFilter) bf16_gemm = false;  // its GEMMs stay float32
   if (bf16_gemm && std::min(Cin, Cout) >= 192 && 4 * tiles(2) >= C) return 2;
-  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 && 4 * tiles(4) >= C;
+  // bwd_filter's tiles are its GEMMs' K, not their rows: few tiles cost it only the per-call
+  // load and store of each C tile, so F(4x4) needs no tile count there. Batch 8, bwd_filter
+  // alone, same run (2-core Zen 4, load ~6), F(4x4) / F(2x2) / direct in ms, NCHW | NHWC:
+  // 64 @56 39.5 / 55.9 / 42.7 | 24.0 / 27.9 / 37.1; 128 @28 16.5 / 27.3 / 29.0 | 15.5 / 24.8 /
+  // 35.2; 256 @14 23.7 / 28.1 / 42.4 | 23.5 / 26.4 / 48.4; 512 @7 (4 tiles per image) 25.7 /
+  // 32.0 / 57.9 | 28.0 / 35.8 / 60.0.
+  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 &&
+                  (dir == ConvDirection::kBackwardFilter || 4 * tiles(4) >= C);
   const int tile = f4 ? 4 : 2;
   if (algo == ConvAlgo::kWinograd) return tile;
   if (std::min(Cin, Cout) < 32 || (!f4 && tiles(2) < C)) return 0;
