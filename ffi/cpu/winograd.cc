@@ -181,6 +181,7 @@ struct Job {
   int64_t TU, TV, Q;  // tiles along u, v; Q = N*TU*TV tiles in all
   Strides4 is, os;
   const T* in;
+  int64_t in_size;  // elements of in (N * is.n): the row loads of transform_patch stay inside
   T* out;
   const T* bias;
   const float* wt;  // the filter as [grp][ci][th*3 + tw][co], co padded to panels*NR with zeros
@@ -189,6 +190,31 @@ struct Job {
 
 constexpr int64_t NR = kPanelWidth<float>;
 constexpr int64_t kKC = 256;  // K-slice per GEMM call (as conv_pack.h's kKC)
+
+// Transposes 8 vectors in place (r[k][l] -> r[l][k]): the unpack / shuffle / lane-swap network
+// of an 8 x 8 float transpose, written as GCC shuffles (vunpck*, vshufps, vperm2f128 on AVX).
+__attribute__((always_inline)) inline void transpose8(V8 (&r)[8]) {
+  typedef int32_t VI __attribute__((vector_size(32)));
+  const VI lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const VI q0 = {0, 1, 8, 9, 4, 5, 12, 13}, q1 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const VI h0 = {0, 1, 2, 3, 8, 9, 10, 11}, h1 = {4, 5, 6, 7, 12, 13, 14, 15};
+  V8 t[8], s[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shuffle(r[k], r[k + 1], lo);
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi);
+  }
+  // s[0..3]: rows 0-3 of columns (0,4), (1,5), (2,6), (3,7); s[4..7] rows 4-7 of the same.
+  for (int b = 0; b < 8; b += 4) {
+    s[b] = __builtin_shuffle(t[b], t[b + 2], q0);
+    s[b + 1] = __builtin_shuffle(t[b], t[b + 2], q1);
+    s[b + 2] = __builtin_shuffle(t[b + 1], t[b + 3], q0);
+    s[b + 3] = __builtin_shuffle(t[b + 1], t[b + 3], q1);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = __builtin_shuffle(s[k], s[k + 4], h0);
+    r[k + 4] = __builtin_shuffle(s[k], s[k + 4], h1);
+  }
+}
 
 // The input patch of tile q (of group grp): the image's channel 0 of the group, the patch's
 // top-left corner (ih0, iw0) in the input, and the rows/columns of the patch inside the input,
@@ -224,7 +250,25 @@ __attribute__((always_inline)) inline void transform_patch(const Job<T>& jb, con
   using W = Wino<M>;
   constexpr int A = W::kA;
   V8 d[A][A], tmp[A][A];
-  for (int i = 0; i < A; ++i)
+  // NCHW (channels a plane apart, columns contiguous): per patch row, 8 columns of each of the
+  // 8 channels as one load, transposed to 8 channel vectors per column (gathering 8 lanes a
+  // plane apart is 8 scalar loads, stores and a stalled vector reload per cell). The 8 columns
+  // start at the patch's first column inside the input; those past its last are dropped, so a
+  // row may run into the next one, never past the end of the input (else: the gathers).
+  const bool rows = jb.is.w == 1 && jb.is.c != 1;
+  const int64_t col0 = pt.iw0 + pt.jlo;
+  for (int i = 0; i < A; ++i) {
+    if (rows && i >= pt.ilo && i < pt.ihi) {
+      const int64_t at = pt.base - jb.in + c0 * jb.is.c + (pt.ih0 + i) * jb.is.h + col0;
+      if (at + (lanes - 1) * jb.is.c + kLanes<float> <= jb.in_size) {
+        V8 r[8];
+        for (int ch = 0; ch < 8; ++ch)
+          r[ch] = ch < lanes ? load_widen<T, float>(jb.in + at + ch * jb.is.c) : V8{};
+        transpose8(r);
+        for (int j = 0; j < A; ++j) d[i][j] = j >= pt.jlo && j < pt.jhi ? r[j - pt.jlo] : V8{};
+        continue;
+      }
+    }
     for (int j = 0; j < A; ++j) {
       if (i < pt.ilo || i >= pt.ihi || j < pt.jlo || j >= pt.jhi) {
         d[i][j] = V8{};
@@ -234,6 +278,7 @@ __attribute__((always_inline)) inline void transform_patch(const Job<T>& jb, con
                        jb.is.c, lanes);
       }
     }
+  }
 #pragma GCC unroll 6
   for (int j = 0; j < A; ++j) W::input(&d[0][j], A, &tmp[0][j], A);
 #pragma GCC unroll 6
@@ -599,40 +644,16 @@ constexpr int64_t kMwBlockBytes = 640 << 10;
 constexpr int64_t kTilesPerSplit = 384;
 constexpr int64_t kMaxSplits = 4;
 
-// Transposes 8 vectors in place (r[k][l] -> r[l][k]): the unpack / shuffle / lane-swap network
-// of an 8 x 8 float transpose, written as GCC shuffles (vunpck*, vshufps, vperm2f128 on AVX).
-__attribute__((always_inline)) inline void transpose8(V8 (&r)[8]) {
-  typedef int32_t VI __attribute__((vector_size(32)));
-  const VI lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-  const VI q0 = {0, 1, 8, 9, 4, 5, 12, 13}, q1 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const VI h0 = {0, 1, 2, 3, 8, 9, 10, 11}, h1 = {4, 5, 6, 7, 12, 13, 14, 15};
-  V8 t[8], s[8];
-  for (int k = 0; k < 8; k += 2) {
-    t[k] = __builtin_shuffle(r[k], r[k + 1], lo);
-    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi);
-  }
-  // s[0..3]: rows 0-3 of columns (0,4), (1,5), (2,6), (3,7); s[4..7] rows 4-7 of the same.
-  for (int b = 0; b < 8; b += 4) {
-    s[b] = __builtin_shuffle(t[b], t[b + 2], q0);
-    s[b + 1] = __builtin_shuffle(t[b], t[b + 2], q1);
-    s[b + 2] = __builtin_shuffle(t[b + 1], t[b + 3], q0);
-    s[b + 3] = __builtin_shuffle(t[b + 1], t[b + 3], q1);
-  }
-  for (int k = 0; k < 4; ++k) {
-    r[k] = __builtin_shuffle(s[k], s[k + 4], h0);
-    r[k + 4] = __builtin_shuffle(s[k], s[k + 4], h1);
-  }
-}
-
 // Z = A dY A^T of tiles [q0, q0 + nt) of group grp (q0 a multiple of 8), 8 tiles by 8 output
 // channels at a time, into Z[e][o][q] (rows of Qp >= Q tiles, e planes Cout rows apart; the
 // tiles of a last group of 8 past Q written as zeros). NHWC loads 8 channels of a cell and
 // transposes 8 tiles' worth in registers; NCHW gathers 8 tiles' cells of one channel.
 template <typename T, int M>
-void dy_stage(const Job<T>& jb, const T* dy, const Strides4& ys, int64_t grp, int64_t q0,
-              int64_t nt, float* Z, int64_t Qp) {
+void dy_stage(const Job<T>& jb, const T* dy, const Strides4& ys, int64_t dy_size, int64_t grp,
+              int64_t q0, int64_t nt, float* Z, int64_t Qp) {
   using W = Wino<M>;
   constexpr int A = W::kA, A2 = A * A, L = kLanes<float>;
+  typedef int32_t VI __attribute__((vector_size(32)));
   const int64_t Cout = jb.Cout;
   for (int64_t t0 = 0; t0 < nt; t0 += L) {
     // Per lane (tile): its (0, 0) cell of channel 0 of the group, and the rows/columns of its
@@ -649,6 +670,11 @@ void dy_stage(const Job<T>& jb, const T* dy, const Strides4& ys, int64_t grp, in
       iu[k] = int(std::min<int64_t>(M, jb.U - tu * M));
       iv[k] = int(std::min<int64_t>(M, jb.V - tv * M));
     }
+    // NCHW's lane masks: all ones where tile k has cell (i, j) inside the plane.
+    VI mask[M][M];
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < M; ++j)
+        for (int k = 0; k < L; ++k) mask[i][j][k] = i < iu[k] && j < iv[k] ? -1 : 0;
     for (int64_t c0 = 0; c0 < Cout; c0 += L) {
       const int lanes = int(std::min<int64_t>(L, Cout - c0));
       V8 y[L][M][M];  // [channel][i][j], the lanes are the 8 tiles
@@ -664,16 +690,29 @@ void dy_stage(const Job<T>& jb, const T* dy, const Strides4& ys, int64_t grp, in
             for (int ch = 0; ch < L; ++ch) y[ch][i][j] = r[ch];
           }
       } else {
+        // Rows: per (channel, row i), 8 columns of each tile's row as one load, transposed to
+        // one vector of 8 tiles per column j; cells outside a tile's part of the plane masked
+        // to zero (what they read is other finite dy, as long as the loads stay inside dy;
+        // else the cells are gathered one by one).
         for (int ch = 0; ch < lanes; ++ch)
-          for (int i = 0; i < M; ++i)
+          for (int i = 0; i < M; ++i) {
+            const int64_t off = (c0 + ch) * ys.c + i * ys.h;
+            bool inside = true;
+            for (int k = 0; k < L; ++k) inside &= (base[k] - dy) + off + L <= dy_size;
+            if (inside) {
+              V8 r[L];
+              for (int k = 0; k < L; ++k) r[k] = load_widen<T, float>(base[k] + off);
+              transpose8(r);
+              for (int j = 0; j < M; ++j) y[ch][i][j] = (V8)((VI)r[j] & mask[i][j]);
+              continue;
+            }
             for (int j = 0; j < M; ++j) {
               float cell[L];
               for (int k = 0; k < L; ++k)
-                cell[k] = i < iu[k] && j < iv[k]
-                              ? Num<T>::load(base[k][(c0 + ch) * ys.c + i * ys.h + j * ys.w])
-                              : 0.0f;
+                cell[k] = i < iu[k] && j < iv[k] ? Num<T>::load(base[k][off + j * ys.w]) : 0.0f;
               std::memcpy(&y[ch][i][j], cell, sizeof(V8));
             }
+          }
       }
       for (int ch = 0; ch < lanes; ++ch) {
         V8 tmp[A][M], z[A][A];
@@ -779,7 +818,7 @@ void run_filter(const ParallelRunner& pr, const Job<T>& jb, const T* dy, const S
       if (task % 2 == 0)
         input_panels<T, M>(jb, grp, q0, nt, Vp, cpanels);
       else
-        dy_stage<T, M>(jb, dy, ys, grp, q0, nt, Z, Qp);
+        dy_stage<T, M>(jb, dy, ys, jb.N * ys.n, grp, q0, nt, Z, Qp);
     });
     pr.run(S * oblocks * cblocks, [&](int64_t task) {
       const int64_t s = task / (oblocks * cblocks), ob_i = (task / cblocks) % oblocks,
@@ -843,6 +882,7 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
     jb.is = is;
     jb.os = activation_strides(layout, G * Cout, U, V);
     jb.in = in;
+    jb.in_size = N * is.n;
     jb.out = out;
     jb.bias = bias;
     jb.panels = (Cout + NR - 1) / NR;
@@ -937,6 +977,7 @@ bool winograd_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, i
     jb.is = xs;
     jb.os = ys;
     jb.in = x;
+    jb.in_size = g.N * xs.n;
     if (tile == 4)
       run_filter<T, 4>(pr, jb, dy, ys, dw, g.w_strides());
     else
