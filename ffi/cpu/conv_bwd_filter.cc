@@ -16,7 +16,9 @@ namespace jaxconv {
 // dY^T). Tasks then own a block of the im2col side (NCHW: rows k of dW^T; NHWC: columns k)
 // and a contiguous range of slices; when there are too few blocks to keep every thread busy
 // the slices are split into ranges summed into separate partial buffers, added at the end in
-// a fixed order, so results never depend on scheduling.
+// a fixed order, so results never depend on scheduling. Before it, the one algorithm choice
+// may send the call to the FFT, the depthwise kernel or (3x3 stride 1) Winograd (winograd.cc),
+// each of which may decline (non-finite values), leaving it here.
 template <typename T>
 void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T* dw) const {
   const AlgoChoice algo = choose_conv_algo(g, ConvDirection::kBackwardFilter, kDouble);

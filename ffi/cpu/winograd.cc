@@ -1,7 +1,7 @@
 // Winograd F(m x m, 3x3) convolution (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 // Networks", 2016) for 3x3 stride-1 dilation-1 layers, m = 2 or 4.
 //
-// Both kernels handled here are one stride-1 3x3 correlation
+// Forward and bwd_data are one stride-1 3x3 correlation
 //
 //   out[n, grp*Cout + co, u, v] = bias + sum over (ci, th, tw) of
 //       in[n, grp*Cin + ci, u + th - pad_h, v + tw - pad_w] * f[grp][co][ci][th][tw]
@@ -37,6 +37,10 @@
 // for its GEMMs on vdpbf16ps (gemm_stage's P; bound 4 * 2^-9 of max|y|, docs/design.md). A
 // non-finite input or weight spreads differently through the transforms (inf - inf = NaN across a
 // whole tile), so such calls take the direct algorithm.
+//
+// bwd_filter (run_filter, below) is the adjoint of the forward's tiles: the same input
+// transform V, a transform A dY A^T of dy's m x m cells, a^2 GEMMs whose reduction runs over
+// the tiles, and G^T . G from a x a to the 3 x 3 filter (its comment has the algebra).
 #include "winograd.h"
 
 #include "gemm.h"
