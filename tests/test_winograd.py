@@ -1,8 +1,9 @@
 """Winograd F(2x2,3x3) and F(4x4,3x3) on the CPU (ffi/cpu/winograd.cc).
 
 3x3 stride-1 dilation-1 convolutions (forward, bwd_data = the input gradient and
-conv_transpose2d, and bwd_filter = the weight gradient) may run on Winograd; JAXCONV_CPU_CONV_ALGO picks the algorithm per call:
-auto (default), direct, winograd (tile by shape), winograd2, winograd4.
+conv_transpose2d, and bwd_filter = the weight gradient) may run on Winograd;
+JAXCONV_CPU_CONV_ALGO picks the algorithm per call: auto (default), direct, winograd (tile by
+shape), winograd2, winograd4.
 
 Error bounds, as max |got - ref| / max |ref| against a float64 lax reference, standard-normal
 inputs, float32 (measured on these shapes: direct <= 7.6e-7, F(2x2) <= 3.4e-7, F(4x4) <= 4.5e-6):
