@@ -533,10 +533,10 @@ int choose_tile(ConvAlgo algo, ConvDirection dir, int64_t N, int64_t Cin, int64_
   if (bf16_gemm && std::min(Cin, Cout) >= 192 && 4 * tiles(2) >= C) return 2;
   // bwd_filter's tiles are its GEMMs' K, not their rows: few tiles cost it only the per-call
   // load and store of each C tile, so F(4x4) needs no tile count there. Batch 8, bwd_filter
-  // alone, same run (2-core Zen 4, load ~6), F(4x4) / F(2x2) / direct in ms, NCHW | NHWC:
-  // 64 @56 39.5 / 55.9 / 42.7 | 24.0 / 27.9 / 37.1; 128 @28 16.5 / 27.3 / 29.0 | 15.5 / 24.8 /
-  // 35.2; 256 @14 23.7 / 28.1 / 42.4 | 23.5 / 26.4 / 48.4; 512 @7 (4 tiles per image) 25.7 /
-  // 32.0 / 57.9 | 28.0 / 35.8 / 60.0.
+  // alone, same run (2-core Zen 4, load ~3.6), F(4x4) / F(2x2) / direct in ms, NCHW | NHWC:
+  // 64 @56 16.0 / 21.1 / 20.9 | 14.9 / 19.5 / 23.8; 128 @28 8.4 / 15.6 / 19.9 | 9.1 / 15.8 /
+  // 19.7; 256 @14 8.9 / 10.9 / 20.0 | 4.5 / 5.4 / 10.0; 512 @7 (4 tiles per image) 6.0 / 7.0 /
+  // 13.7 | 14.4 / 17.7 / 26.9.
   const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 &&
                   (dir == ConvDirection::kBackwardFilter || 4 * tiles(4) >= C);
   const int tile = f4 ? 4 : 2;
