@@ -532,8 +532,8 @@ def test_filter_gradient_bits_do_not_depend_on_threads(
 
 def test_auto_choice_for_the_weight_gradient(backend, monkeypatch):
     """Auto's bwd_filter tile on ResNet-50's 3x3 rows, batch 8 (choose_tile's timings): F(4x4)
-    on all four, 512 @7 included (4 tiles per image, where the forward stays direct); direct
-    under 32 channels, and F(2x2) where F(4x4) would waste much of its edge tiles (10x10)."""
+    on all four, 512 @7 included (4 tiles per image); direct under 32 channels, and F(2x2)
+    where F(4x4) would waste much of its edge tiles (10x10)."""
     _cpu_only(backend)
     monkeypatch.setenv(ALGO_ENV, "auto")
     same = ((1, 1), (1, 1))
@@ -541,6 +541,14 @@ def test_auto_choice_for_the_weight_gradient(backend, monkeypatch):
         for layout in ("NCHW", "NHWC"):
             got = _algorithm("bwd_filter", (8, c, c, hw, hw, same, 1), layout)
             assert got == "winograd4", (c, layout, got)
-    assert _algorithm("fwd", (8, 512, 512, 7, 7, same, 1), "NCHW") == "direct"
+    # The forward and bwd_data of 512 @7 take F(4x4) only against the weaker direct layout.
+    row = (8, 512, 512, 7, 7, same, 1)
+    assert [_algorithm(d, row, lay) for d in ("fwd", "bwd_data") for lay in ("NCHW", "NHWC")] == [
+        "direct",
+        "winograd4",
+        "winograd4",
+        "direct",
+    ]
+    assert _algorithm("fwd", (4, 512, 512, 7, 7, same, 1), "NHWC") == "direct"
     assert _algorithm("bwd_filter", (8, 16, 16, 56, 56, same, 1), "NCHW") == "direct"
     assert _algorithm("bwd_filter", (8, 64, 64, 10, 10, same, 1), "NHWC") == "winograd2"

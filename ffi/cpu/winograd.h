@@ -23,11 +23,12 @@ inline bool winograd_applicable(const ConvGeometry& g) {
 
 // Winograd's tile rule (winograd.cc): 2 or 4, or 0 for the direct algorithm, for a correlation
 // with Cin input and Cout output channels per group onto a U x V plane, in direction dir
-// (bwd_filter: the forward's correlation, whose filter is the result); bf16_gemm: bfloat16
+// (bwd_filter: the forward's correlation, whose filter is the result) and layout (nhwc: the
+// direct kernels it competes with differ by layout); bf16_gemm: bfloat16
 // data whose F(2x2) GEMMs run on vdpbf16ps (F(4x4) and bwd_filter stay float32). Only the one
 // algorithm choice (conv_algo.cc) calls it.
-using WinogradTileRule = int (*)(ConvAlgo, ConvDirection dir, int64_t N, int64_t Cin, int64_t Cout,
-                                 int64_t U, int64_t V, bool bf16_gemm);
+using WinogradTileRule = int (*)(ConvAlgo, ConvDirection dir, bool nhwc, int64_t N, int64_t Cin,
+                                 int64_t Cout, int64_t U, int64_t V, bool bf16_gemm);
 
 // The Winograd kernels of one storage type, run with the tile the algorithm choice took. Each
 // returns true when it computed the whole result, false when the caller must run the direct
