@@ -1,12 +1,17 @@
 """Winograd F(2x2,3x3) and F(4x4,3x3) on the CPU (ffi/cpu/winograd.cc).
 
-3x3 stride-1 dilation-1 convolutions (forward, and bwd_data = the input gradient and
-conv_transpose2d) may run on Winograd; JAXCONV_CPU_CONV_ALGO picks the algorithm per call:
-auto (default), direct, winograd (tile by shape), winograd2, winograd4.
+3x3 stride-1 dilation-1 convolutions (forward, bwd_data = the input gradient and
+conv_transpose2d, and bwd_filter = the weight gradient) may run on Winograd;
+JAXCONV_CPU_CONV_ALGO picks the algorithm per call: auto (default), direct, winograd (tile by
+shape), winograd2, winograd4.
 
 Error bounds, as max |got - ref| / max |ref| against a float64 lax reference, standard-normal
 inputs, float32 (measured on these shapes: direct <= 7.6e-7, F(2x2) <= 3.4e-7, F(4x4) <= 4.5e-6):
 F(4x4)'s larger transform constants (up to 8 in A^T, 5 in B^T) cost about one decimal digit.
+
+The weight gradient (bwd_filter) runs on Winograd too, as the adjoint of the forward's tiles
+(BOUND_DW below: the same bounds; measured direct <= 5.5e-7, F(2x2) <= 6.2e-7, F(4x4) <= 6.8e-6),
+in a summation order fixed by the shape (the same bits with one thread or two).
 """
 
 import jax
@@ -227,6 +232,11 @@ _CHILD = (
     "e.append(t.check_half('cpu', t.HALF_SHAPES[i], lay, d, a))) "
     "for a in ('winograd2', 'winograd4') for i in (1, 3, 4) "
     "for lay in ('NCHW', 'NHWC') for d in ('bfloat16', 'float16')];"
+    # bwd_filter: its transforms (NCHW rows, NHWC transposes, partial tiles) per capability.
+    "[(os.environ.__setitem__('JAXCONV_CPU_CONV_ALGO', a), "
+    "t.check_filter_gradient('cpu', t.FILTER_SHAPES[i], lay, a, d)) "
+    "for a in ('winograd2', 'winograd4') for i in (0, 2, 4, 7) "
+    "for lay in ('NCHW', 'NHWC') for d in ('float32', 'bfloat16')];"
     "print('ok', max(max(p) for p in e) / 2.0**-9)"
 )
 
@@ -239,6 +249,8 @@ def _other_capabilities():
 @pytest.mark.cpu_only("the capabilities are instruction sets of the CPU kernels")
 @pytest.mark.parametrize("capability", _other_capabilities())
 def test_half_types_within_bound_under_every_capability(backend, capability):
+    """Half-type forward and bwd_data, and float32/bfloat16 bwd_filter, under each other
+    instruction-set capability (a child process per capability)."""
     proc = run_python("-c", _CHILD, env={CAPABILITY_ENV: capability, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -336,7 +348,7 @@ def test_auto_takes_f4_on_14x14_with_a_quarter_as_many_tiles_as_channels(
     assert _rel_err(got["auto"], want) <= BOUND["winograd4"]
 
 
-def _algorithm(direction, n, c, hw, layout):
+def _algorithm_square(direction, n, c, hw, layout):
     """The CPU kernels' algorithm for a 3x3 c -> c, pad 1 call on n x c x hw x hw."""
     from jaxconv import _jaxconv_cpu
 
@@ -354,9 +366,9 @@ def test_auto_takes_f4_from_32_tiles_on_many_channels(backend, monkeypatch, layo
     monkeypatch.setenv(ALGO_ENV, "auto")
     for d in ("fwd", "bwd_data"):
         for n, c, hw in ((8, 512, 7), (16, 512, 7), (2, 256, 14), (8, 256, 14), (8, 128, 28)):
-            assert _algorithm(d, n, c, hw, layout) == "winograd4", (d, n, c, hw)
+            assert _algorithm_square(d, n, c, hw, layout) == "winograd4", (d, n, c, hw)
         for n, c, hw in ((4, 512, 7), (1, 512, 7), (1, 256, 14)):
-            assert _algorithm(d, n, c, hw, layout) == "direct", (d, n, c, hw)
+            assert _algorithm_square(d, n, c, hw, layout) == "direct", (d, n, c, hw)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -378,3 +390,217 @@ def test_resnet50_512_at_7_within_bound(backend, monkeypatch, layout):
     dx = jax.jit(jax.grad(lambda x: jnp.sum(conv(x, w) * r.astype(jnp.float32))))(x)
     dx_ref = jax.grad(lambda x: jnp.sum(ref_conv2d(x, w64, padding=pad, layout=layout) * r))(x64)
     assert _rel_err(dx, dx_ref) <= BOUND["winograd4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bwd_filter (the weight gradient): the adjoint of the forward's tiles, dw = G^T [(A dY A^T) ⊙
+# (B^T d B)] G summed over tiles (ffi/cpu/winograd.cc, run_filter). Each weight is a sum over
+# N * OH * OW products; the float32 transforms and the K = tiles GEMMs round along the way.
+# Bounds on max|err| / max|dw| against the float64 oracle, standard-normal x and dy; measured on
+# FILTER_SHAPES, both layouts: direct <= 5.5e-7, F(2x2) <= 6.2e-7, F(4x4) <= 6.8e-6 (its
+# constants cost the same decimal digit as in the forward, whose bounds are reused).
+BOUND_DW = {"direct": 2e-6, "winograd2": 2e-6, "winograd4": 2e-5}
+
+# SHAPES plus: many tiles and few output blocks (the tiles cut into ranges summed in order),
+# wide channels (Mw in several blocks), pad 2 with Cin = 24 (a half-filled last panel of V).
+FILTER_SHAPES = SHAPES + [
+    (3, 16, 16, 64, 64, ((1, 1), (1, 1)), 1),
+    (1, 96, 96, 8, 8, ((1, 1), (1, 1)), 1),
+    (1, 24, 8, 13, 6, ((2, 2), (2, 2)), 1),
+]
+
+
+def check_filter_gradient(backend, shape, layout, algo, dtype="float32"):
+    """dw of one conv2d call (cotangent r) against the float64 oracle; returns the relative
+    error, asserted within BOUND_DW (plus the storage type's rounding for half types)."""
+    n, c, o, h, w_, pad, groups = shape
+    rng = np.random.default_rng(hash((shape, layout, dtype, "dw")) % 2**32)
+    x64, w64 = _layout_arrays(
+        rng.standard_normal((n, c, h, w_)), rng.standard_normal((o, c // groups, 3, 3)), layout
+    )
+    # float64 copies of the values the call sees (exact in dtype).
+    x64, w64 = (np.asarray(jnp.asarray(a, dtype).astype(jnp.float64)) for a in (x64, w64))
+    ref = lambda w: ref_conv2d(jnp.asarray(x64), w, padding=pad, groups=groups, layout=layout)
+    y_ref, ref_vjp = jax.vjp(ref, jnp.asarray(w64))
+    r64 = np.asarray(jnp.asarray(rng.standard_normal(y_ref.shape), dtype).astype(jnp.float64))
+    (dw_ref,) = ref_vjp(jnp.asarray(r64))
+    x, w, r = on(backend, jnp.asarray(x64, dtype), jnp.asarray(w64, dtype), jnp.asarray(r64, dtype))
+    conv = lambda x, w: jaxconv.conv2d(x, w, padding=pad, groups=groups, layout=layout)
+    dw = jax.jit(lambda x, w, r: jax.vjp(lambda w: conv(x, w), w)[1](r)[0])(x, w, r)
+    assert dw.dtype == jnp.dtype(dtype) and dw.shape == dw_ref.shape
+    bound = BOUND_DW[algo] + (U_HALF[dtype] if dtype in U_HALF else 0.0)
+    err = _rel_err(dw, dw_ref)
+    assert err <= bound, (err, bound)
+    return err
+
+
+def _algorithm(direction, shape, layout, bfloat16=False):
+    from jaxconv import _jaxconv_cpu
+
+    n, c, o, h, w_, ((pt, pb), (pl, pr)), groups = shape
+    attrs = [1, 1, 1, 1, pt, pb, pl, pr, groups, 0 if layout == "NCHW" else 1]
+    return _jaxconv_cpu.conv_algorithm(
+        direction, False, [n, c, h, w_], [o, c // groups, 3, 3], attrs, bfloat16=bfloat16
+    )
+
+
+@pytest.mark.parametrize("algo", ["direct", "winograd2", "winograd4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize(
+    "shape", FILTER_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + f"_g{s[6]}"
+)
+def test_filter_gradient_within_bound(backend, monkeypatch, shape, layout, algo):
+    monkeypatch.setenv(ALGO_ENV, algo)
+    if backend == "cpu":
+        assert _algorithm("bwd_filter", shape, layout) == algo
+    check_filter_gradient(backend, shape, layout, algo)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("i", [1, 2, 6])
+def test_filter_gradient_half_types_within_bound(backend, monkeypatch, i, layout, algo, dtype):
+    """Half types: x and dy widened to float32, dw rounded once to the storage type."""
+    monkeypatch.setenv(ALGO_ENV, algo)
+    check_filter_gradient(backend, FILTER_SHAPES[i], layout, algo, dtype)
+
+
+def test_filter_gradient_batch_one_and_one_tile(backend, monkeypatch):
+    """Batch 1 with a 3x3 output (one F(4x4) tile, mostly past the plane; one full and three
+    partial F(2x2) tiles) and a 1x1 output (pad 0 on a 3x3 input)."""
+    for algo in ("winograd2", "winograd4"):
+        monkeypatch.setenv(ALGO_ENV, algo)
+        check_filter_gradient(backend, (1, 8, 6, 3, 3, ((1, 1), (1, 1)), 1), "NHWC", algo)
+        check_filter_gradient(backend, (1, 8, 6, 3, 3, ((0, 0), (0, 0)), 1), "NCHW", algo)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_filter_gradient_check_grads(backend, monkeypatch, layout):
+    """check_grads (reverse mode, float32: a loose tolerance for the finite differences) with
+    the weight gradient on Winograd."""
+    from jax.test_util import check_grads
+
+    rng = np.random.default_rng(8)
+    x, w = _layout_arrays(
+        rng.standard_normal((1, 6, 7, 6)), rng.standard_normal((4, 6, 3, 3)), layout
+    )
+    x, w = on(backend, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    for algo in ("winograd2", "winograd4"):
+        monkeypatch.setenv(ALGO_ENV, algo)
+        f = lambda x, w: jaxconv.conv2d(x, w, padding=1, layout=layout)
+        check_grads(f, (x, w), order=1, modes=["rev"], atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+def test_filter_gradient_forcing_changes_bits_only_where_applicable(backend, monkeypatch):
+    """Forced Winograd changes dw's bits on a 3x3 stride-1 float32 layer (it runs), not on a
+    stride-2 or float64 one (direct there)."""
+    _cpu_only(backend)
+    rng = np.random.default_rng(13)
+    x = random_array(rng, (2, 16, 12, 12), jnp.float32)
+    w = random_array(rng, (16, 16, 3, 3), jnp.float32)
+
+    def dw(algo, x, w, s=1):
+        monkeypatch.setenv(ALGO_ENV, algo)
+        f = lambda w: jaxconv.conv2d(x, w, stride=s, padding=1)
+        y, vjp = jax.vjp(f, w)
+        return np.asarray(vjp(jnp.roll(y, 1))[0])
+
+    direct = dw("direct", x, w)
+    for algo in ("winograd2", "winograd4"):
+        assert not np.array_equal(dw(algo, x, w), direct), algo
+    np.testing.assert_array_equal(dw("winograd4", x, w, 2), dw("direct", x, w, 2))
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    np.testing.assert_array_equal(dw("winograd4", x64, w64), dw("direct", x64, w64))
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+@pytest.mark.parametrize("where", ["x", "dy"])
+def test_filter_gradient_non_finite_takes_the_direct_path(backend, monkeypatch, bad, where):
+    """A non-finite x or dy would spread across whole transforms: such calls run direct, so dw
+    matches the float64 oracle's pattern of inf and NaN."""
+    rng = np.random.default_rng(6)
+    x = np.asarray(rng.standard_normal((1, 8, 8, 8)), np.float32)
+    w = np.asarray(rng.standard_normal((8, 8, 3, 3)), np.float32)
+    r = np.asarray(rng.standard_normal((1, 8, 8, 8)), np.float32)
+    (x if where == "x" else r)[0, 3, 4, 4] = bad
+    monkeypatch.setenv(ALGO_ENV, "winograd4")
+    pad = ((1, 1), (1, 1))
+    xd, wd, rd = on(backend, jnp.asarray(x), jnp.asarray(w), jnp.asarray(r))
+    dw = np.asarray(jax.vjp(lambda w: jaxconv.conv2d(xd, w, padding=1), wd)[1](rd)[0])
+    ref = jax.vjp(
+        lambda w: ref_conv2d(jnp.asarray(x, jnp.float64), w, padding=pad),
+        jnp.asarray(w, jnp.float64),
+    )[1](jnp.asarray(r, jnp.float64))[0]
+    ref = np.asarray(ref)
+    np.testing.assert_array_equal(np.isnan(dw), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(dw), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(dw), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(dw[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
+_DETERMINISM_CHILD = (
+    "import os, sys; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]});"
+    "import jax, numpy as np, jax.numpy as jnp, jaxconv, test_winograd as t;"
+    "x, w, r = t.determinism_operands(sys.argv[1]);"
+    "np.save(sys.argv[2], np.asarray(t.filter_gradient(x, w, r, sys.argv[1])))"
+)
+
+
+def determinism_operands(layout):
+    rng = np.random.default_rng(21)
+    x, w = _layout_arrays(
+        rng.standard_normal((3, 40, 34, 34)), rng.standard_normal((40, 40, 3, 3)), layout
+    )
+    r = rng.standard_normal((3, 40, 34, 34))
+    if layout == "NHWC":
+        r = r.transpose(0, 2, 3, 1)
+    return tuple(jnp.asarray(a, jnp.float32) for a in (x, w, r))
+
+
+def filter_gradient(x, w, r, layout):
+    return jax.vjp(lambda w: jaxconv.conv2d(x, w, padding=1, layout=layout), w)[1](r)[0]
+
+
+@pytest.mark.cpu_only("the thread count is the CPU kernels' (XLA's intra-op pool)")
+@pytest.mark.parametrize("algo", ["winograd2", "winograd4"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_filter_gradient_bits_do_not_depend_on_threads(
+    backend, monkeypatch, tmp_path, layout, algo
+):
+    """Winograd's dw sums each weight in an order fixed by the shape (tile ranges, K slices):
+    the bits are the same run after run and in a child process pinned to one CPU (a one-thread
+    pool). 3 x 34 x 34 with 40 channels: F(2x2) has 867 tiles (2 ranges), F(4x4) 243 (1)."""
+    monkeypatch.setenv(ALGO_ENV, algo)
+    x, w, r = determinism_operands(layout)
+    f = jax.jit(filter_gradient, static_argnums=3)
+    first = np.asarray(f(x, w, r, layout))
+    np.testing.assert_array_equal(np.asarray(f(x, w, r, layout)), first)
+    out = tmp_path / "dw.npy"
+    proc = run_python(
+        "-c", _DETERMINISM_CHILD, layout, str(out), env={ALGO_ENV: algo, "JAX_PLATFORMS": "cpu"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(out).view(np.uint32), first.view(np.uint32))
+
+
+def test_auto_choice_for_the_weight_gradient(backend, monkeypatch):
+    """Auto's bwd_filter tile on ResNet-50's 3x3 rows, batch 8 (choose_tile's timings): F(4x4)
+    on all four, 512 @7 included (4 tiles per image); direct under 32 channels, and F(2x2)
+    where F(4x4) would waste much of its edge tiles (10x10)."""
+    _cpu_only(backend)
+    monkeypatch.setenv(ALGO_ENV, "auto")
+    same = ((1, 1), (1, 1))
+    for c, hw in ((64, 56), (128, 28), (256, 14), (512, 7)):
+        for layout in ("NCHW", "NHWC"):
+            got = _algorithm("bwd_filter", (8, c, c, hw, hw, same, 1), layout)
+            assert got == "winograd4", (c, layout, got)
+    # The forward and bwd_data of 512 @7 (32 tiles of 4x4): F(4x4) in both layouts.
+    row = (8, 512, 512, 7, 7, same, 1)
+    for d in ("fwd", "bwd_data"):
+        for lay in ("NCHW", "NHWC"):
+            assert _algorithm(d, row, lay) == "winograd4", (d, lay)
+    assert _algorithm("fwd", (4, 512, 512, 7, 7, same, 1), "NHWC") == "direct"
+    assert _algorithm("bwd_filter", (8, 16, 16, 56, 56, same, 1), "NCHW") == "direct"
+    assert _algorithm("bwd_filter", (8, 64, 64, 10, 10, same, 1), "NHWC") == "winograd2"

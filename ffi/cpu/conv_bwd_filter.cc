@@ -16,7 +16,9 @@ namespace jaxconv {
 // dY^T). Tasks then own a block of the im2col side (NCHW: rows k of dW^T; NHWC: columns k)
 // and a contiguous range of slices; when there are too few blocks to keep every thread busy
 // the slices are split into ranges summed into separate partial buffers, added at the end in
-// a fixed order, so results never depend on scheduling.
+// a fixed order, so results never depend on scheduling. Before it, the one algorithm choice
+// may send the call to the FFT, the depthwise kernel or (3x3 stride 1) Winograd (winograd.cc),
+// each of which may decline (non-finite values), leaving it here.
 template <typename T>
 void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy, T* dw) const {
   const AlgoChoice algo = choose_conv_algo(g, ConvDirection::kBackwardFilter, kDouble);
@@ -24,6 +26,9 @@ void Conv<T>::backward_filter(const ParallelRunner& pr, const T* x, const T* dy,
       kernels().fft<T>().backward_filter(pr, g, algo.fft, x, dy, dw))
     return;
   if (depthwise_applicable(g)) return depthwise_backward_filter<T>(pr, g, x, dy, dw);
+  if (algo.kind == AlgoChoice::kWinograd &&
+      kernels().winograd<T>().backward_filter(pr, g, algo.winograd_tile, x, dy, dw))
+    return;
   const Pass ps = forward_pass();
   const int64_t G = ps.G, Kg = ps.K(), J = ps.U * ps.V, Q = ps.N * J;
   // Slices of equal length (784 positions: 4 x 196, not 3 x 256 + 16, whose last GEMM would

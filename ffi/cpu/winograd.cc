@@ -1,7 +1,7 @@
 // Winograd F(m x m, 3x3) convolution (Lavin & Gray, "Fast Algorithms for Convolutional Neural
 // Networks", 2016) for 3x3 stride-1 dilation-1 layers, m = 2 or 4.
 //
-// Both kernels handled here are one stride-1 3x3 correlation
+// Forward and bwd_data are one stride-1 3x3 correlation
 //
 //   out[n, grp*Cout + co, u, v] = bias + sum over (ci, th, tw) of
 //       in[n, grp*Cin + ci, u + th - pad_h, v + tw - pad_w] * f[grp][co][ci][th][tw]
@@ -42,6 +42,10 @@
 // for its GEMMs on vdpbf16ps (gemm_stage's P; bound 4 * 2^-9 of max|y|, docs/design.md). A
 // non-finite input or weight spreads differently through the transforms (inf - inf = NaN across a
 // whole tile), so such calls take the direct algorithm.
+//
+// bwd_filter (run_filter, below) is the adjoint of the forward's tiles: the same input
+// transform V, a transform A dY A^T of dy's m x m cells, a^2 GEMMs whose reduction runs over
+// the tiles, and G^T . G from a x a to the 3 x 3 filter (its comment has the algebra).
 #include "winograd.h"
 
 #include "gemm.h"
@@ -97,6 +101,24 @@ struct Wino<2> {
     o[0] = m0 + m1 + m2;
     o[os] = m1 - m2 - m3;
   }
+  // bwd_filter's transposes (see run_filter): A y (m -> a values), i.e. o[k] = sum over i of
+  // A^T[i][k] y[i], and G^T m (a -> 3), o[k] = sum over i of G[i][k] m[i].
+  template <typename S>
+  __attribute__((always_inline)) static void grad_output(const S* y, int ys, S* o, int os) {
+    const S y0 = y[0], y1 = y[ys];
+    o[0] = y0;
+    o[os] = y0 + y1;
+    o[2 * os] = y0 - y1;
+    o[3 * os] = -y1;
+  }
+  template <typename S>
+  __attribute__((always_inline)) static void grad_filter(const S* m, int ms, S* o, int os) {
+    const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms];
+    const S p = 0.5f * (m1 + m2);
+    o[0] = m0 + p;
+    o[os] = 0.5f * (m1 - m2);
+    o[2 * os] = p + m3;
+  }
 };
 
 // F(4x4,3x3), interpolation points 0, +-1, +-2, inf:
@@ -135,6 +157,29 @@ struct Wino<4> {
     o[2 * os] = p12 + 4.0f * p34;
     o[3 * os] = n12 + 8.0f * n34 + m5;
   }
+  // bwd_filter's transposes, as Wino<2>'s: columns of A^T (A y) and of G (G^T m).
+  template <typename S>
+  __attribute__((always_inline)) static void grad_output(const S* y, int ys, S* o, int os) {
+    const S y0 = y[0], y1 = y[ys], y2 = y[2 * ys], y3 = y[3 * ys];
+    const S p = y0 + y2, q = y1 + y3;                       // columns 1, 2: p +- q
+    const S r = y0 + 4.0f * y2, t = 2.0f * y1 + 8.0f * y3;  // columns 3, 4: r +- t
+    o[0] = y0;
+    o[os] = p + q;
+    o[2 * os] = p - q;
+    o[3 * os] = r + t;
+    o[4 * os] = r - t;
+    o[5 * os] = y3;
+  }
+  template <typename S>
+  __attribute__((always_inline)) static void grad_filter(const S* m, int ms, S* o, int os) {
+    const S m0 = m[0], m1 = m[ms], m2 = m[2 * ms], m3 = m[3 * ms], m4 = m[4 * ms], m5 = m[5 * ms];
+    const S p12 = m1 + m2, n12 = m1 - m2, p34 = m3 + m4, n34 = m3 - m4;
+    constexpr float k4 = 1.0f / 4, k6 = float(1.0 / 6), k12 = float(1.0 / 12),
+                    k24 = float(1.0 / 24);
+    o[0] = k4 * m0 - k6 * p12 + k24 * p34;
+    o[os] = k12 * n34 - k6 * n12;
+    o[2 * os] = k6 * (p34 - p12) + m5;
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -156,6 +201,7 @@ struct Job {
   int64_t TU, TV, Q;  // tiles along u, v; Q = N*TU*TV tiles in all
   Strides4 is, os;
   const T* in;
+  int64_t in_size;  // elements of in (N * is.n): the row loads of transform_patch stay inside
   T* out;
   const T* bias;
   Filter<T> f;
@@ -164,6 +210,100 @@ struct Job {
 
 constexpr int64_t NR = kPanelWidth<float>;
 constexpr int64_t kKC = 256;  // K-slice per GEMM call (as conv_pack.h's kKC)
+
+// Transposes 8 vectors in place (r[k][l] -> r[l][k]): the unpack / shuffle / lane-swap network
+// of an 8 x 8 float transpose, written as GCC shuffles (vunpck*, vshufps, vperm2f128 on AVX).
+__attribute__((always_inline)) inline void transpose8(V8 (&r)[8]) {
+  typedef int32_t VI __attribute__((vector_size(32)));
+  const VI lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const VI q0 = {0, 1, 8, 9, 4, 5, 12, 13}, q1 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const VI h0 = {0, 1, 2, 3, 8, 9, 10, 11}, h1 = {4, 5, 6, 7, 12, 13, 14, 15};
+  V8 t[8], s[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shuffle(r[k], r[k + 1], lo);
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi);
+  }
+  // s[0..3]: rows 0-3 of columns (0,4), (1,5), (2,6), (3,7); s[4..7] rows 4-7 of the same.
+  for (int b = 0; b < 8; b += 4) {
+    s[b] = __builtin_shuffle(t[b], t[b + 2], q0);
+    s[b + 1] = __builtin_shuffle(t[b], t[b + 2], q1);
+    s[b + 2] = __builtin_shuffle(t[b + 1], t[b + 3], q0);
+    s[b + 3] = __builtin_shuffle(t[b + 1], t[b + 3], q1);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = __builtin_shuffle(s[k], s[k + 4], h0);
+    r[k + 4] = __builtin_shuffle(s[k], s[k + 4], h1);
+  }
+}
+
+// The input patch of tile q (of group grp): the image's channel 0 of the group, the patch's
+// top-left corner (ih0, iw0) in the input, and the rows/columns of the patch inside the input,
+// [ilo, ihi) x [jlo, jhi) (the rest reads as zero).
+template <typename T>
+struct Patch {
+  const T* base;
+  int64_t ih0, iw0;
+  int ilo, ihi, jlo, jhi;
+};
+
+template <typename T>
+__attribute__((always_inline)) inline Patch<T> patch(const Job<T>& jb, int64_t grp, int64_t q,
+                                                     int A) {
+  const int64_t M = A - 2;
+  const int64_t n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
+  Patch<T> p;
+  p.base = jb.in + n * jb.is.n + grp * jb.Cin * jb.is.c;
+  p.ih0 = tu * M - jb.pad_h;
+  p.iw0 = tv * M - jb.pad_w;
+  p.ilo = int(std::max<int64_t>(0, -p.ih0));
+  p.ihi = int(std::min<int64_t>(A, jb.Hin - p.ih0));
+  p.jlo = int(std::max<int64_t>(0, -p.iw0));
+  p.jhi = int(std::min<int64_t>(A, jb.Win - p.iw0));
+  return p;
+}
+
+// V = B^T d B of one patch, for channels [c0, c0 + lanes) of the group (zero past lanes).
+template <typename T, int M>
+__attribute__((always_inline)) inline void transform_patch(const Job<T>& jb, const Patch<T>& pt,
+                                                           int64_t c0, int lanes,
+                                                           V8 (&v)[M + 2][M + 2]) {
+  using W = Wino<M>;
+  constexpr int A = W::kA;
+  V8 d[A][A], tmp[A][A];
+  // NCHW (channels a plane apart, columns contiguous): per patch row, 8 columns of each of the
+  // 8 channels as one load, transposed to 8 channel vectors per column (gathering 8 lanes a
+  // plane apart is 8 scalar loads, stores and a stalled vector reload per cell). The 8 columns
+  // start at the patch's first column inside the input; those past its last are dropped, so a
+  // row may run into the next one, never past the end of the input (else: the gathers).
+  const bool rows = jb.is.w == 1 && jb.is.c != 1;
+  const int64_t col0 = pt.iw0 + pt.jlo;
+  for (int i = 0; i < A; ++i) {
+    if (rows && i >= pt.ilo && i < pt.ihi) {
+      const int64_t at = pt.base - jb.in + c0 * jb.is.c + (pt.ih0 + i) * jb.is.h + col0;
+      if (at + (lanes - 1) * jb.is.c + kLanes<float> <= jb.in_size) {
+        V8 r[8];
+        for (int ch = 0; ch < 8; ++ch)
+          r[ch] = ch < lanes ? load_widen<T, float>(jb.in + at + ch * jb.is.c) : V8{};
+        transpose8(r);
+        for (int j = 0; j < A; ++j) d[i][j] = j >= pt.jlo && j < pt.jhi ? r[j - pt.jlo] : V8{};
+        continue;
+      }
+    }
+    for (int j = 0; j < A; ++j) {
+      if (i < pt.ilo || i >= pt.ihi || j < pt.jlo || j >= pt.jhi) {
+        d[i][j] = V8{};
+      } else {
+        d[i][j] =
+            load_lanes(pt.base + c0 * jb.is.c + (pt.ih0 + i) * jb.is.h + (pt.iw0 + j) * jb.is.w,
+                       jb.is.c, lanes);
+      }
+    }
+  }
+#pragma GCC unroll 6
+  for (int j = 0; j < A; ++j) W::input(&d[0][j], A, &tmp[0][j], A);
+#pragma GCC unroll 6
+  for (int i = 0; i < A; ++i) W::input(&tmp[i][0], 1, &v[i][0], 1);
+}
 
 // Input transform of tiles [q0, q0 + nt) of group grp, 8 channels at a time, into
 // V[e][row0 + t][ci] (e planes `plane` rows apart: the GEMMs' A operands). P (bf16 pairs, see
@@ -179,28 +319,11 @@ __attribute__((always_inline)) inline void input_stage(const Job<T>& jb, int64_t
   const int64_t Cin = jb.Cin, ld = P ? (Cin + 1) / 2 * 2 : Cin;
   E* const Vb = reinterpret_cast<E*>(Vbuf);
   for (int64_t t = 0; t < nt; ++t) {
-    const int64_t q = q0 + t, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU, tv = q % jb.TV;
-    const int64_t ih0 = tu * M - jb.pad_h, iw0 = tv * M - jb.pad_w;
-    const T* base = jb.in + n * jb.is.n + grp * Cin * jb.is.c;
-    // Rows/columns of the patch inside the input: [ilo, ihi) x [jlo, jhi).
-    const int ilo = int(std::max<int64_t>(0, -ih0)), ihi = int(std::min<int64_t>(A, jb.Hin - ih0));
-    const int jlo = int(std::max<int64_t>(0, -iw0)), jhi = int(std::min<int64_t>(A, jb.Win - iw0));
+    const Patch<T> pt = patch(jb, grp, q0 + t, A);
     for (int64_t c0 = 0; c0 < Cin; c0 += kLanes<float>) {
       const int lanes = int(std::min<int64_t>(kLanes<float>, Cin - c0));
-      V8 d[A][A], tmp[A][A], v[A][A];
-      for (int i = 0; i < A; ++i)
-        for (int j = 0; j < A; ++j) {
-          if (i < ilo || i >= ihi || j < jlo || j >= jhi) {
-            d[i][j] = V8{};
-          } else {
-            d[i][j] = load_lanes(base + c0 * jb.is.c + (ih0 + i) * jb.is.h + (iw0 + j) * jb.is.w,
-                                 jb.is.c, lanes);
-          }
-        }
-#pragma GCC unroll 6
-      for (int j = 0; j < A; ++j) W::input(&d[0][j], A, &tmp[0][j], A);
-#pragma GCC unroll 6
-      for (int i = 0; i < A; ++i) W::input(&tmp[i][0], 1, &v[i][0], 1);
+      V8 v[A][A];
+      transform_patch<T, M>(jb, pt, c0, lanes, v);
       // Lanes past Cin hold zeros (zero inputs through a linear transform): with P they write
       // the pad of an odd Cin.
       const int64_t out_lanes = std::min<int64_t>(kLanes<float>, ld - c0);
@@ -468,8 +591,8 @@ bool all_finite(const ParallelRunner& pr, const T* p, int64_t count) {
 // 11.2 and F(4x4) 12.1; batch 1 forward NCHW direct 3.1 ms against 9.9 / 15.1 (bwd_data NCHW
 // loses 11.2 to F(2x2)'s 5.5); 256 @14 at batch 1 (16 tiles) forward NCHW direct 2.8 ms, F(4x4)
 // 3.0.
-int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, int64_t V,
-                bool bf16_gemm) {
+int choose_tile(ConvAlgo algo, ConvDirection dir, int64_t N, int64_t Cin, int64_t Cout, int64_t U,
+                int64_t V, bool bf16_gemm) {
   if (algo == ConvAlgo::kDirect) return 0;
   if (algo == ConvAlgo::kWinograd2) return 2;
   if (algo == ConvAlgo::kWinograd4) return 4;
@@ -481,8 +604,16 @@ int choose_tile(ConvAlgo algo, int64_t N, int64_t Cin, int64_t Cout, int64_t U, 
   // 8, same run (2-core Zen 4, load ~200): forward 256 @14 took 3.6 / 4.6 ms (NHWC / NCHW)
   // against F(4x4)'s 4.8 / 5.7, 512 @7 6.2 / 9.3 against direct's 7.4 / 11.9; 128 @28 7.0 /
   // 10.7 against 6.5 / 8.7 and 64 @56 9.0 / 16.4 against 4.2 / 12.4 stay with F(4x4).
+  if (dir == ConvDirection::kBackwardFilter) bf16_gemm = false;  // its GEMMs stay float32
   if (bf16_gemm && std::min(Cin, Cout) >= 192 && 4 * tiles(2) >= C) return 2;
-  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 && (4 * tiles(4) >= C || tiles(4) >= 32);
+  // bwd_filter's tiles are its GEMMs' K, not their rows: few tiles cost it only the per-call
+  // load and store of each C tile, so F(4x4) needs no tile count there. Batch 8, bwd_filter
+  // alone, same run (2-core Zen 4, load ~3.6), F(4x4) / F(2x2) / direct in ms, NCHW | NHWC:
+  // 64 @56 16.0 / 21.1 / 20.9 | 14.9 / 19.5 / 23.8; 128 @28 8.4 / 15.6 / 19.9 | 9.1 / 15.8 /
+  // 19.7; 256 @14 8.9 / 10.9 / 20.0 | 4.5 / 5.4 / 10.0; 512 @7 (4 tiles per image) 6.0 / 7.0 /
+  // 13.7 | 14.4 / 17.7 / 26.9.
+  const bool f4 = waste(U, 4) * waste(V, 4) <= 1.31 &&
+                  (dir == ConvDirection::kBackwardFilter || 4 * tiles(4) >= C || tiles(4) >= 32);
   const int tile = f4 ? 4 : 2;
   if (algo == ConvAlgo::kWinograd) return tile;
   if (std::min(Cin, Cout) < 32 || (!f4 && tiles(2) < C)) return 0;
@@ -635,6 +766,245 @@ void run(const ParallelRunner& pr, const Job<T>& jb) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// bwd_filter: the adjoint of the forward's per-tile algorithm.
+//
+// A tile's output Y = A^T [U ⊙ V] A with U = G f G^T is linear in the filter f, so the
+// gradient of <dY, Y> with respect to f is, per tile,
+//
+//   df = G^T [ (A dY A^T) ⊙ V ] G        (V = B^T d B: the forward's input transform)
+//
+// with dY the tile's m x m cells of dy (zero past the output plane's edge: the forward drops
+// those cells) and d its a x a input patch (zero outside x), exactly as the forward reads them.
+// Summed over all tiles t of all images, per frequency e (a^2 of them):
+//
+//   Mw[e][o][c] = sum over t of Z[e][o][t] * V[e][t][c]    (Z = A dY A^T: a GEMM with K = tiles)
+//   dw[o][c]    = G^T Mw[.][o][c] G                         (a x a -> 3 x 3, per (o, c))
+//
+// So the multiplications are a^2 GEMMs (Cout x tiles) * (tiles x Cin) of the packed
+// micro-kernel, A = Z[e] rows [o][t] (the dy transform writes them tile-contiguous: 8 tiles are
+// the 8 lanes of its vectors) and B = V[e] in panels [c / NR][t][NR] (the input transform writes
+// 8 channels of one tile at a time, as the forward's). Both transforms run for all tiles of a
+// group first ("whole" schedule); then each task owns a block of Mw (ob rows x cb columns, for
+// all e: within kMwBlockBytes, so it stays in L2), runs its a^2 GEMMs over all tiles (K sliced by
+// kKC, accumulated in slice order) and applies G^T . G to its block straight into dw. Where
+// Mw has too few blocks for the threads and there are many tiles, the tiles are cut into S
+// equal ranges by shape alone (never by thread count), each range's Mw summed into its own
+// buffer; a last pass adds the S buffers in range order and transforms. Every element's sum
+// order is thus a function of the shape only: results do not depend on the thread count.
+constexpr int64_t kMwBlockBytes = 640 << 10;
+constexpr int64_t kTilesPerSplit = 384;
+constexpr int64_t kMaxSplits = 4;
+
+// Z = A dY A^T of tiles [q0, q0 + nt) of group grp (q0 a multiple of 8), 8 tiles by 8 output
+// channels at a time, into Z[e][o][q] (rows of Qp >= Q tiles, e planes Cout rows apart; the
+// tiles of a last group of 8 past Q written as zeros). NHWC loads 8 channels of a cell and
+// transposes 8 tiles' worth in registers; NCHW gathers 8 tiles' cells of one channel.
+template <typename T, int M>
+void dy_stage(const Job<T>& jb, const T* dy, const Strides4& ys, int64_t dy_size, int64_t grp,
+              int64_t q0, int64_t nt, float* Z, int64_t Qp) {
+  using W = Wino<M>;
+  constexpr int A = W::kA, A2 = A * A, L = kLanes<float>;
+  typedef int32_t VI __attribute__((vector_size(32)));
+  const int64_t Cout = jb.Cout;
+  for (int64_t t0 = 0; t0 < nt; t0 += L) {
+    // Per lane (tile): its (0, 0) cell of channel 0 of the group, and the rows/columns of its
+    // m x m cells inside the output plane (0 for lanes past nt).
+    const T* base[L];
+    int iu[L], iv[L];
+    for (int k = 0; k < L; ++k) {
+      base[k] = dy;
+      iu[k] = iv[k] = 0;
+      if (t0 + k >= nt) continue;
+      const int64_t q = q0 + t0 + k, n = q / (jb.TU * jb.TV), tu = (q / jb.TV) % jb.TU,
+                    tv = q % jb.TV;
+      base[k] = dy + n * ys.n + grp * Cout * ys.c + tu * M * ys.h + tv * M * ys.w;
+      iu[k] = int(std::min<int64_t>(M, jb.U - tu * M));
+      iv[k] = int(std::min<int64_t>(M, jb.V - tv * M));
+    }
+    // NCHW's lane masks: all ones where tile k has cell (i, j) inside the plane.
+    VI mask[M][M];
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < M; ++j)
+        for (int k = 0; k < L; ++k) mask[i][j][k] = i < iu[k] && j < iv[k] ? -1 : 0;
+    for (int64_t c0 = 0; c0 < Cout; c0 += L) {
+      const int lanes = int(std::min<int64_t>(L, Cout - c0));
+      V8 y[L][M][M];  // [channel][i][j], the lanes are the 8 tiles
+      if (ys.c == 1) {
+        for (int i = 0; i < M; ++i)
+          for (int j = 0; j < M; ++j) {
+            V8 r[L];
+            for (int k = 0; k < L; ++k)
+              r[k] = i < iu[k] && j < iv[k]
+                         ? load_lanes(base[k] + c0 + i * ys.h + j * ys.w, 1, lanes)
+                         : V8{};
+            transpose8(r);
+            for (int ch = 0; ch < L; ++ch) y[ch][i][j] = r[ch];
+          }
+      } else {
+        // Rows: per (channel, row i), 8 columns of each tile's row as one load, transposed to
+        // one vector of 8 tiles per column j; cells outside a tile's part of the plane masked
+        // to zero (what they read is other finite dy, as long as the loads stay inside dy;
+        // else the cells are gathered one by one).
+        for (int ch = 0; ch < lanes; ++ch)
+          for (int i = 0; i < M; ++i) {
+            const int64_t off = (c0 + ch) * ys.c + i * ys.h;
+            bool inside = true;
+            for (int k = 0; k < L; ++k) inside &= (base[k] - dy) + off + L <= dy_size;
+            if (inside) {
+              V8 r[L];
+              for (int k = 0; k < L; ++k) r[k] = load_widen<T, float>(base[k] + off);
+              transpose8(r);
+              for (int j = 0; j < M; ++j) y[ch][i][j] = (V8)((VI)r[j] & mask[i][j]);
+              continue;
+            }
+            for (int j = 0; j < M; ++j) {
+              float cell[L];
+              for (int k = 0; k < L; ++k)
+                cell[k] = i < iu[k] && j < iv[k] ? Num<T>::load(base[k][off + j * ys.w]) : 0.0f;
+              std::memcpy(&y[ch][i][j], cell, sizeof(V8));
+            }
+          }
+      }
+      for (int ch = 0; ch < lanes; ++ch) {
+        V8 tmp[A][M], z[A][A];
+#pragma GCC unroll 4
+        for (int j = 0; j < M; ++j) W::grad_output(&y[ch][0][j], M, &tmp[0][j], M);
+#pragma GCC unroll 6
+        for (int i = 0; i < A; ++i) W::grad_output(&tmp[i][0], 1, &z[i][0], 1);
+        float* dst = Z + (c0 + ch) * Qp + q0 + t0;
+        for (int e = 0; e < A2; ++e) std::memcpy(dst + e * Cout * Qp, &z[e / A][e % A], sizeof(V8));
+      }
+    }
+  }
+}
+
+// V = B^T d B of tiles [q0, q0 + nt) of group grp into B panels: V[e] is cpanels panels of
+// Q x NR (V[e][c / NR][q][c % NR]), zero past Cin.
+template <typename T, int M>
+void input_panels(const Job<T>& jb, int64_t grp, int64_t q0, int64_t nt, float* Vp,
+                  int64_t cpanels) {
+  constexpr int A = M + 2, A2 = A * A, L = kLanes<float>;
+  const int64_t Cin = jb.Cin, Q = jb.Q, e_stride = cpanels * Q * NR;
+  for (int64_t t = 0; t < nt; ++t) {
+    const Patch<T> pt = patch(jb, grp, q0 + t, A);
+    for (int64_t c0 = 0; c0 < Cin; c0 += L) {
+      const int lanes = int(std::min<int64_t>(L, Cin - c0));
+      V8 v[A][A];
+      transform_patch<T, M>(jb, pt, c0, lanes, v);
+      float* dst = Vp + (c0 / NR) * Q * NR + (q0 + t) * NR + c0 % NR;
+      // The second half of a last panel that Cin does not reach: zeros.
+      const bool pad_half = c0 % NR == 0 && c0 + L >= Cin;
+      for (int e = 0; e < A2; ++e) {
+        std::memcpy(dst + e * e_stride, &v[e / A][e % A], sizeof(V8));
+        if (pad_half) std::memset(dst + e * e_stride + L, 0, sizeof(V8));
+      }
+    }
+  }
+}
+
+// dw[o][c] = G^T Mw[.][o][c] G for rows [0, on) and columns [0, cn) of an Mw block (rows ld
+// apart, e planes e_stride apart), each Mw value the sum of S buffers s_stride apart (added in
+// buffer order); dw points at the block's (o, c) = (0, 0), strides ws.
+template <typename T, int M>
+void filter_out(const float* Mw, int64_t e_stride, int64_t S, int64_t s_stride, int64_t ld,
+                int64_t on, int64_t cn, T* dw, const Strides4& ws) {
+  using W = Wino<M>;
+  constexpr int A = W::kA, A2 = A * A, L = kLanes<float>;
+  for (int64_t o = 0; o < on; ++o)
+    for (int64_t c = 0; c < cn; c += L) {
+      const int lanes = int(std::min<int64_t>(L, cn - c));
+      V8 m[A][A], tmp[3][A], f[3][3];
+      for (int e = 0; e < A2; ++e) {
+        const float* src = Mw + e * e_stride + o * ld + c;  // rows hold whole vectors (ld % 8 == 0)
+        V8 acc = load(src);
+        for (int64_t s = 1; s < S; ++s) acc += load(src + s * s_stride);
+        m[e / A][e % A] = acc;
+      }
+#pragma GCC unroll 6
+      for (int j = 0; j < A; ++j) W::grad_filter(&m[0][j], A, &tmp[0][j], A);
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i) W::grad_filter(&tmp[i][0], 1, &f[i][0], 1);
+      T* dst = dw + o * ws.n + c * ws.c;
+      for (int kh = 0; kh < 3; ++kh)
+        for (int kw = 0; kw < 3; ++kw)
+          store_lanes(dst + kh * ws.h + kw * ws.w, ws.c, lanes, f[kh][kw]);
+    }
+}
+
+template <typename T, int M>
+void run_filter(const ParallelRunner& pr, const Job<T>& jb, const T* dy, const Strides4& ys, T* dw,
+                const Strides4& ws) {
+  constexpr int A2 = (M + 2) * (M + 2);
+  const int64_t Cin = jb.Cin, Cout = jb.Cout, Q = jb.Q, Qp = (Q + 7) / 8 * 8;
+  const int64_t cpanels = (Cin + NR - 1) / NR, Cinp = cpanels * NR;
+  // Blocks of Mw: ob rows (a multiple of 8) x cb columns (of whole panels), halving the larger
+  // side until a block's a^2 planes fit kMwBlockBytes.
+  int64_t ob = (Cout + 7) / 8 * 8, cb = Cinp;
+  while (A2 * ob * cb * int64_t(sizeof(float)) > kMwBlockBytes) {
+    if (cb >= ob && cb > NR)
+      cb = (cb / 2 + NR - 1) / NR * NR;
+    else if (ob > 8)
+      ob = (ob / 2 + 7) / 8 * 8;
+    else
+      break;
+  }
+  const int64_t oblocks = (Cout + ob - 1) / ob, cblocks = (Cinp + cb - 1) / cb;
+  // Tile ranges (shape only: see above): under 4 blocks of Mw, up to 4 ranges of at least
+  // kTilesPerSplit tiles.
+  const int64_t S = jb.G * oblocks * cblocks >= 4
+                        ? 1
+                        : std::max<int64_t>(1, std::min(kMaxSplits, Q / kTilesPerSplit));
+  thread_local std::vector<float> buf;
+  const int64_t v_size = A2 * cpanels * Q * NR, z_size = A2 * Cout * Qp,
+                p_size = S > 1 ? S * A2 * Cout * Cinp : 0;
+  buf.resize(std::max<size_t>(buf.size(), v_size + z_size + p_size));
+  float* const Vp = buf.data();
+  float* const Z = Vp + v_size;
+  float* const Pw = Z + z_size;
+  const int64_t blk = 48, blocks = (Q + blk - 1) / blk;  // a multiple of 8 (dy_stage)
+  for (int64_t grp = 0; grp < jb.G; ++grp) {
+    T* const dw_grp = dw + grp * Cout * ws.n;
+    pr.run(2 * blocks, [&](int64_t task) {
+      const int64_t b = task / 2, q0 = b * blk, nt = std::min(Q, q0 + blk) - q0;
+      if (task % 2 == 0)
+        input_panels<T, M>(jb, grp, q0, nt, Vp, cpanels);
+      else
+        dy_stage<T, M>(jb, dy, ys, jb.N * ys.n, grp, q0, nt, Z, Qp);
+    });
+    pr.run(S * oblocks * cblocks, [&](int64_t task) {
+      const int64_t s = task / (oblocks * cblocks), ob_i = (task / cblocks) % oblocks,
+                    cb_i = task % cblocks;
+      const int64_t o0 = ob_i * ob, on = std::min(Cout, o0 + ob) - o0;
+      const int64_t c0 = cb_i * cb, cn = std::min(Cin, c0 + cb) - c0;
+      const int64_t k0 = Q * s / S, k1 = Q * (s + 1) / S;
+      // S == 1: this task's block in per-thread scratch ([e][ob][cb]); else its place in
+      // range s's buffer ([s][e][Cout][Cinp]).
+      float* const Mw =
+          S == 1 ? scratch<4>(A2 * ob * cb) : Pw + s * A2 * Cout * Cinp + o0 * Cinp + c0;
+      const int64_t e_stride = S == 1 ? ob * cb : Cout * Cinp, ld = S == 1 ? cb : Cinp;
+      for (int e = 0; e < A2; ++e) {
+        const float* Ze = Z + (e * Cout + o0) * Qp;
+        const float* Ve = Vp + (e * cpanels + c0 / NR) * Q * NR;
+        for (int64_t k = k0; k < k1; k += kKC) {
+          const int64_t kc = std::min(kKC, k1 - k);
+          gemm_packed(on, cn, kc, Ze + k, Qp, Ve + k * NR, Q * NR, Mw + e * e_stride, ld, k > k0);
+        }
+      }
+      if (S == 1)
+        filter_out<T, M>(Mw, e_stride, 1, 0, ld, on, cn, dw_grp + o0 * ws.n + c0 * ws.c, ws);
+    });
+    if (S > 1) {
+      constexpr int64_t kRows = 8;
+      pr.run((Cout + kRows - 1) / kRows, [&](int64_t b) {
+        const int64_t o0 = b * kRows, on = std::min(Cout, o0 + kRows) - o0;
+        filter_out<T, M>(Pw + o0 * Cinp, Cout * Cinp, S, A2 * Cout * Cinp, Cinp, on, Cin,
+                         dw_grp + o0 * ws.n, ws);
+      });
+    }
+  }
+}
+
 // Shared by both kernels: the correlation (see the file comment) with filter f.
 template <typename T>
 bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int64_t Cout,
@@ -664,6 +1034,7 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
     jb.is = is;
     jb.os = activation_strides(layout, G * Cout, U, V);
     jb.in = in;
+    jb.in_size = N * is.n;
     jb.out = out;
     jb.bias = bias;
     jb.f = f;
@@ -710,16 +1081,58 @@ bool winograd_backward_data(const ParallelRunner& pr, const ConvGeometry& g, int
                       g.O * g.in_per_group() * 9, f, bias, dx);
 }
 
+// dw of the forward's correlation (see run_filter), in float32 for every storage type but
+// float64 (which declines, as correlate does).
+template <typename T>
+bool winograd_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, int tile, const T* x,
+                              const T* dy, T* dw) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    if (!applicable(g) || (tile != 2 && tile != 4) || g.N * g.OH * g.OW == 0) return false;
+    const Strides4 xs = activation_strides(g.p.layout, g.C, g.H, g.W);
+    const Strides4 ys = activation_strides(g.p.layout, g.O, g.OH, g.OW);
+    if (!all_finite(pr, x, g.N * xs.n) || !all_finite(pr, dy, g.N * ys.n)) return false;
+    Job<T> jb{};
+    jb.N = g.N;
+    jb.G = g.groups();
+    jb.Cin = g.in_per_group();
+    jb.Cout = g.out_per_group();
+    jb.Hin = g.H;
+    jb.Win = g.W;
+    jb.U = g.OH;
+    jb.V = g.OW;
+    jb.pad_h = g.p.pad_top;
+    jb.pad_w = g.p.pad_left;
+    jb.TU = (g.OH + tile - 1) / tile;
+    jb.TV = (g.OW + tile - 1) / tile;
+    jb.Q = g.N * jb.TU * jb.TV;
+    jb.is = xs;
+    jb.os = ys;
+    jb.in = x;
+    jb.in_size = g.N * xs.n;
+    if (tile == 4)
+      run_filter<T, 4>(pr, jb, dy, ys, dw, g.w_strides());
+    else
+      run_filter<T, 2>(pr, jb, dy, ys, dw, g.w_strides());
+    return true;
+  }
+}
+
 }  // namespace
 
-// forward / backward_data for every storage type (float64 always declines: see correlate), and
-// the tile rule the one algorithm choice (conv_algo.cc) asks.
+// forward / backward_data / backward_filter for every storage type (float64 always declines:
+// see correlate), and the tile rule the one algorithm choice (conv_algo.cc) asks.
 void add_winograd_kernels(KernelTable* t) {
   t->winograd_tile = choose_tile;
-  t->winograd_f32 = {winograd_forward<float>, winograd_backward_data<float>};
-  t->winograd_f64 = {winograd_forward<double>, winograd_backward_data<double>};
-  t->winograd_f16 = {winograd_forward<f16_t>, winograd_backward_data<f16_t>};
-  t->winograd_bf16 = {winograd_forward<bf16_t>, winograd_backward_data<bf16_t>};
+  t->winograd_f32 = {winograd_forward<float>, winograd_backward_data<float>,
+                     winograd_backward_filter<float>};
+  t->winograd_f64 = {winograd_forward<double>, winograd_backward_data<double>,
+                     winograd_backward_filter<double>};
+  t->winograd_f16 = {winograd_forward<f16_t>, winograd_backward_data<f16_t>,
+                     winograd_backward_filter<f16_t>};
+  t->winograd_bf16 = {winograd_forward<bf16_t>, winograd_backward_data<bf16_t>,
+                      winograd_backward_filter<bf16_t>};
 }
 
 }  // namespace jaxconv::JAXCONV_CPU_CAPABILITY

@@ -1,8 +1,10 @@
-// Winograd convolution for 3x3 stride-1 dilation-1 layers on the CPU: forward and bwd_data
-// (which, at stride 1, is itself a 3x3 convolution of dy with the flipped, transposed filter).
+// Winograd convolution for 3x3 stride-1 dilation-1 layers on the CPU: forward, bwd_data
+// (which, at stride 1, is itself a 3x3 convolution of dy with the flipped, transposed filter)
+// and bwd_filter (the adjoint of the forward's per-tile algorithm).
 // winograd.cc holds the algorithm and is compiled once per capability; its entry points are
 // reached through the kernel table (kernel_table.h: kernels().winograd<T>()). The direct
-// implicit-GEMM passes (conv_fwd.cc, conv_bwd_data.cc) remain the fallback and the reference.
+// implicit-GEMM passes (conv_fwd.cc, conv_bwd_data.cc, conv_bwd_filter.cc) remain the fallback
+// and the reference.
 #pragma once
 
 #include <cstdint>
@@ -20,11 +22,12 @@ inline bool winograd_applicable(const ConvGeometry& g) {
 }
 
 // Winograd's tile rule (winograd.cc): 2 or 4, or 0 for the direct algorithm, for a correlation
-// with Cin input and Cout output channels per group onto a U x V plane; bf16_gemm: bfloat16
-// data whose F(2x2) GEMMs run on vdpbf16ps (F(4x4) stays float32). Only the one algorithm
-// choice (conv_algo.cc) calls it.
-using WinogradTileRule = int (*)(ConvAlgo, int64_t N, int64_t Cin, int64_t Cout, int64_t U,
-                                 int64_t V, bool bf16_gemm);
+// with Cin input and Cout output channels per group onto a U x V plane, in direction dir
+// (bwd_filter: the forward's correlation, whose filter is the result); bf16_gemm: bfloat16 data
+// whose F(2x2) GEMMs run on vdpbf16ps (F(4x4) and bwd_filter stay float32). Only the one
+// algorithm choice (conv_algo.cc) calls it.
+using WinogradTileRule = int (*)(ConvAlgo, ConvDirection dir, int64_t N, int64_t Cin, int64_t Cout,
+                                 int64_t U, int64_t V, bool bf16_gemm);
 
 // The Winograd kernels of one storage type, run with the tile the algorithm choice took. Each
 // returns true when it computed the whole result, false when the caller must run the direct
@@ -35,6 +38,8 @@ struct WinogradKernels {
                   const T* bias, T* y);
   bool (*backward_data)(const ParallelRunner&, const ConvGeometry&, int tile, const T* dy,
                         const T* w, const T* bias, T* dx);
+  bool (*backward_filter)(const ParallelRunner&, const ConvGeometry&, int tile, const T* x,
+                          const T* dy, T* dw);
 };
 
 }  // namespace jaxconv
