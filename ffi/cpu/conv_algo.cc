@@ -221,10 +221,10 @@ AlgoChoice choose_conv_algo(const ConvGeometry& g, ConvDirection dir, bool float
   // Winograd's correlation: forward x -> y (Cg -> Og onto OH x OW); bwd_data dy -> dx;
   // bwd_filter the forward's (its tiles are the forward's, its result the filter).
   const bool fwd = dir != ConvDirection::kBackwardData;
-  const int tile = kernels().winograd_tile(
-      algo, dir, g.N, fwd ? g.in_per_group() : g.out_per_group(),
-      fwd ? g.out_per_group() : g.in_per_group(), fwd ? g.OH : g.H, fwd ? g.OW : g.W,
-      bfloat16 && kernels().gemm_bf16_pairs != nullptr);
+  const int tile =
+      kernels().winograd_tile(algo, dir, g.N, fwd ? g.in_per_group() : g.out_per_group(),
+                              fwd ? g.out_per_group() : g.in_per_group(), fwd ? g.OH : g.H,
+                              fwd ? g.OW : g.W, bfloat16 && kernels().gemm_bf16_pairs != nullptr);
   if (tile != 0) {
     c.kind = AlgoChoice::kWinograd;
     c.winograd_tile = tile;
