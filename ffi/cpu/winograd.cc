@@ -1005,6 +1005,34 @@ void run_filter(const ParallelRunner& pr, const Job<T>& jb, const T* dy, const S
   }
 }
 
+// The tiles of one correlation of `in` (N x G*Cin x Hin x Win in `layout`) onto a U x V plane
+// of G*Cout channels, m x m tiles (m = tile) whose patches start at (tu*m - pad_h, tv*m - pad_w):
+// the part of a Job that the forward-style passes (correlate) and bwd_filter share.
+template <typename T>
+Job<T> tiled_job(int64_t layout, int tile, int64_t N, int64_t G, int64_t Cin, int64_t Cout,
+                 int64_t Hin, int64_t Win, int64_t U, int64_t V, int64_t pad_h, int64_t pad_w,
+                 const T* in) {
+  Job<T> jb{};
+  jb.N = N;
+  jb.G = G;
+  jb.Cin = Cin;
+  jb.Cout = Cout;
+  jb.Hin = Hin;
+  jb.Win = Win;
+  jb.U = U;
+  jb.V = V;
+  jb.pad_h = pad_h;
+  jb.pad_w = pad_w;
+  jb.TU = (U + tile - 1) / tile;
+  jb.TV = (V + tile - 1) / tile;
+  jb.Q = N * jb.TU * jb.TV;
+  jb.is = activation_strides(layout, G * Cin, Hin, Win);
+  jb.os = activation_strides(layout, G * Cout, U, V);
+  jb.in = in;
+  jb.in_size = N * jb.is.n;
+  return jb;
+}
+
 // Shared by both kernels: the correlation (see the file comment) with filter f.
 template <typename T>
 bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int64_t Cout,
@@ -1017,24 +1045,7 @@ bool correlate(const ParallelRunner& pr, int64_t N, int64_t G, int64_t Cin, int6
     if ((tile != 2 && tile != 4) || N * U * V == 0 || Cin == 0) return false;
     const Strides4 is = activation_strides(layout, G * Cin, Hin, Win);
     if (!all_finite(pr, w, w_count) || !all_finite(pr, in, N * is.n)) return false;
-    Job<T> jb;
-    jb.N = N;
-    jb.G = G;
-    jb.Cin = Cin;
-    jb.Cout = Cout;
-    jb.Hin = Hin;
-    jb.Win = Win;
-    jb.U = U;
-    jb.V = V;
-    jb.pad_h = pad_h;
-    jb.pad_w = pad_w;
-    jb.TU = (U + tile - 1) / tile;
-    jb.TV = (V + tile - 1) / tile;
-    jb.Q = N * jb.TU * jb.TV;
-    jb.is = is;
-    jb.os = activation_strides(layout, G * Cout, U, V);
-    jb.in = in;
-    jb.in_size = N * is.n;
+    Job<T> jb = tiled_job(layout, tile, N, G, Cin, Cout, Hin, Win, U, V, pad_h, pad_w, in);
     jb.out = out;
     jb.bias = bias;
     jb.f = f;
@@ -1093,24 +1104,9 @@ bool winograd_backward_filter(const ParallelRunner& pr, const ConvGeometry& g, i
     const Strides4 xs = activation_strides(g.p.layout, g.C, g.H, g.W);
     const Strides4 ys = activation_strides(g.p.layout, g.O, g.OH, g.OW);
     if (!all_finite(pr, x, g.N * xs.n) || !all_finite(pr, dy, g.N * ys.n)) return false;
-    Job<T> jb{};
-    jb.N = g.N;
-    jb.G = g.groups();
-    jb.Cin = g.in_per_group();
-    jb.Cout = g.out_per_group();
-    jb.Hin = g.H;
-    jb.Win = g.W;
-    jb.U = g.OH;
-    jb.V = g.OW;
-    jb.pad_h = g.p.pad_top;
-    jb.pad_w = g.p.pad_left;
-    jb.TU = (g.OH + tile - 1) / tile;
-    jb.TV = (g.OW + tile - 1) / tile;
-    jb.Q = g.N * jb.TU * jb.TV;
-    jb.is = xs;
-    jb.os = ys;
-    jb.in = x;
-    jb.in_size = g.N * xs.n;
+    const Job<T> jb =
+        tiled_job(g.p.layout, tile, g.N, g.groups(), g.in_per_group(), g.out_per_group(), g.H, g.W,
+                  g.OH, g.OW, g.p.pad_top, g.p.pad_left, x);
     if (tile == 4)
       run_filter<T, 4>(pr, jb, dy, ys, dw, g.w_strides());
     else
