@@ -260,6 +260,17 @@ def _cpu_only(backend):
         pytest.skip("the algorithm choice is the CPU kernel's")
 
 
+def _assert_forcing_changes_bits_only_where_applicable(run, x, w):
+    """run(algo, x, w, stride) under each forced algorithm: Winograd changes the float32 stride-1
+    bits (it runs) and leaves stride 2 and float64 exactly direct's (it declines there)."""
+    direct = run("direct", x, w)
+    for algo in ("winograd2", "winograd4"):
+        assert not np.array_equal(run(algo, x, w), direct), algo
+    np.testing.assert_array_equal(run("winograd4", x, w, 2), run("direct", x, w, 2))
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    np.testing.assert_array_equal(run("winograd4", x64, w64), run("direct", x64, w64))
+
+
 def test_forcing_changes_the_algorithm_only_where_applicable(backend, monkeypatch):
     """Winograd rounds differently from the direct GEMM, so forcing it must change the bits of a
     3x3 stride-1 float32 result, and must not change those of a float64 or stride-2 one."""
@@ -273,12 +284,7 @@ def test_forcing_changes_the_algorithm_only_where_applicable(backend, monkeypatc
         monkeypatch.setenv(ALGO_ENV, algo)
         return np.asarray(conv(x, w, s))
 
-    direct = run("direct", x, w)
-    for algo in ("winograd2", "winograd4"):
-        assert not np.array_equal(run(algo, x, w), direct), algo
-    np.testing.assert_array_equal(run("winograd4", x, w, 2), run("direct", x, w, 2))
-    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
-    np.testing.assert_array_equal(run("winograd4", x64, w64), run("direct", x64, w64))
+    _assert_forcing_changes_bits_only_where_applicable(run, x, w)
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
@@ -506,12 +512,7 @@ def test_filter_gradient_forcing_changes_bits_only_where_applicable(backend, mon
         y, vjp = jax.vjp(f, w)
         return np.asarray(vjp(jnp.roll(y, 1))[0])
 
-    direct = dw("direct", x, w)
-    for algo in ("winograd2", "winograd4"):
-        assert not np.array_equal(dw(algo, x, w), direct), algo
-    np.testing.assert_array_equal(dw("winograd4", x, w, 2), dw("direct", x, w, 2))
-    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
-    np.testing.assert_array_equal(dw("winograd4", x64, w64), dw("direct", x64, w64))
+    _assert_forcing_changes_bits_only_where_applicable(dw, x, w)
 
 
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
