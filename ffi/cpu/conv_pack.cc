@@ -109,9 +109,9 @@ const typename Conv<T>::Acc* Conv<T>::pack_pass_weights(const ParallelRunner& pr
     });
     return dst;
   }
-  if (ps.layout == kNCHW) {
+  if (ps.layout == kNCHW) {  // transposed: bwd_data (the forward returned above)
     Acc* base = scratch<Acc, kWeights>(G * Cout * K);
-    // A task fills kRows consecutive rows, co innermost: transposed (bwd_data), row co reads
+    // A task fills kRows consecutive rows, co innermost: row co reads
     // w[ci][co] down a column of OIHW, and neighbouring co share that column's cache lines
     // (with one row per task, the pack took 19% of a 1x1 512 -> 2048 @7 bwd_data's samples
     // under perf, the GEMM 27%; this form: 9% against 28%).
@@ -121,9 +121,9 @@ const typename Conv<T>::Acc* Conv<T>::pack_pass_weights(const ParallelRunner& pr
       const int64_t grp = task / blocks, co0 = task % blocks * kRows;
       const int64_t rows = std::min(kRows, Cout - co0);
       Acc* row0 = base + (grp * Cout + co0) * K;
-      // weight(): w[(grp*Og + o)*ws.n + c*ws.c + tap], (o, c) = (ci, co) transposed, else
-      // (co, ci); the per-element index arithmetic of weight() cost as much as the copy.
-      const int64_t co_step = transposed ? ws.c : ws.n, ci_step = transposed ? ws.n : ws.c;
+      // weight(), transposed: w[(grp*Og + ci)*ws.n + co*ws.c + tap] (its per-element index
+      // arithmetic cost as much as the copy).
+      const int64_t co_step = ws.c, ci_step = ws.n;
       const T* wg = w + grp * Og * ws.n + co0 * co_step;
       // Gathered kCols k at a time into a tile, then stored row by row: the rows are K apart,
       // often a multiple of 4 KiB, and 16 interleaved single-float store streams that far apart
